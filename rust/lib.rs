@@ -1,0 +1,28 @@
+//! cheapest_core: the per-request hot work of the cheapest service.
+//!
+//! Each concern is plain Rust in its own module, unit-tested without Python.
+//! The PyO3 layer lives in `py/` and is compiled only with the `python`
+//! feature (maturin turns it on), so `cargo test` needs no interpreter.
+
+pub mod keys;
+pub mod ratelimit;
+pub mod sse;
+pub mod tokens;
+
+#[cfg(feature = "python")]
+mod py;
+
+#[cfg(feature = "python")]
+use pyo3::prelude::*;
+
+#[cfg(feature = "python")]
+#[pymodule]
+fn _cheapest_core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    py::errors::register(m)?;
+    py::keys::register(m)?;
+    py::tokens::register(m)?;
+    py::ratelimit::register(m)?;
+    py::sse::register(m)?;
+    Ok(())
+}

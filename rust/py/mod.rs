@@ -1,0 +1,6 @@
+//! PyO3 wrappers: argument conversion, GIL release and error mapping only.
+pub mod errors;
+pub mod keys;
+pub mod ratelimit;
+pub mod sse;
+pub mod tokens;

@@ -1,0 +1,1 @@
+//! sse (to be written)
