@@ -1,0 +1,1 @@
+"""Fixtures: a real Granian server on loopback, accounts and keys."""
