@@ -9,6 +9,8 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 HOST ?= 127.0.0.1
 PORT ?= 8000
 WORKERS ?= 1
+# Models, the LMDB store and secrets live here (see README: Configuration).
+export CHEAPEST_DATA_DIR ?= $(CURDIR)/.data
 
 .PHONY: setup build serve test test-rust test-python stubtest bench clean
 
