@@ -1,0 +1,160 @@
+"""Service settings: environment variables `CHEAPEST_*` over a TOML file named by `CHEAPEST_CONFIG`.
+
+Settings are converted once, at start (`get_settings()` caches them); nothing reads the environment per request.
+
+Environment variables (all optional; default in brackets):
+
+    CHEAPEST_CONFIG                 path of a TOML file with any of the settings below            [none]
+    CHEAPEST_DATA_DIR               data directory: LMDB store, models, rate-limit table, secrets [~/.local/share/cheapest]
+    CHEAPEST_HOST / _PORT / _WORKERS   `cheapest serve` address and worker processes              [127.0.0.1 / 8000 / 1]
+    CHEAPEST_MODEL_BACKEND          "onnx" (the converted model) or "fixed" (instant fixed output) [onnx]
+    CHEAPEST_MODEL_DIR              model directory served by the onnx backend  [<data>/models/SmolLM2-135M-Instruct]
+    CHEAPEST_MODEL_THREADS          ONNX Runtime intra-op threads (0 = its default)                [0]
+    CHEAPEST_FIXED_TEXT             the fixed backend's completion text        ["The capital of France is Paris."]
+    CHEAPEST_FIXED_TOKENS           fixed backend: completion length in words, cycling the text (0 = the text once) [0]
+    CHEAPEST_FIXED_DELAY            fixed backend: seconds per generated word (to observe streaming)  [0]
+    CHEAPEST_MAX_BODY_BYTES         request bodies above this get 413                              [1048576]
+    CHEAPEST_DEFAULT_MAX_TOKENS     completion budget when a request sets none (clamped to context)[1024]
+    CHEAPEST_USAGE_FLUSH_INTERVAL   seconds between usage flushes of a worker to LMDB              [1.0]
+    CHEAPEST_KEY_PEPPER             server secret for key hashing (>= 16 bytes) [generated once into <data>/secrets/pepper]
+    CHEAPEST_DEFAULT_PLAN           plan of new accounts                                           [free]
+    CHEAPEST_LMDB_MAP_SIZE          LMDB map size in bytes                                         [1 GiB]
+    CHEAPEST_RATELIMIT_CAPACITY     slots in the shared rate-limit table                           [65536]
+    CHEAPEST_REQUEST_LOG            1/0: one JSON metadata line per request on stdout              [1]
+
+TOML-only tables (defaults shown):
+
+    [plans.free]   rpm = 20,  tpm = 20000, price_usd_month = 0
+    [plans.standard] rpm = 60, tpm = 3333 ...      [plans.pro] rpm = 200, tpm = 13333 ...
+    [prices."SmolLM2-135M-Instruct"]  prompt_usd_per_mtok = 0.0, completion_usd_per_mtok = 0.0
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+
+
+class PlanConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    rpm: int
+    tpm: int
+    price_usd_month: float = 0.0
+    budget_usd: float | None = None
+    budget_window: str | None = None  # "5h" | "8h" | "1d" | "30d"
+
+
+class PriceConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """USD per million tokens, as providers quote them."""
+
+    prompt_usd_per_mtok: float = 0.0
+    completion_usd_per_mtok: float = 0.0
+
+    def cost_micro(self, prompt_tokens: int, completion_tokens: int) -> int:
+        """Integer micro-dollars for one request, rounded up (1 USD per Mtok = 1 micro-dollar per token)."""
+        pico = round(self.prompt_usd_per_mtok * 1_000_000) * prompt_tokens + round(
+            self.completion_usd_per_mtok * 1_000_000
+        ) * completion_tokens
+        return -(-pico // 1_000_000)
+
+
+DEFAULT_PLANS = {
+    "free": PlanConfig(rpm=20, tpm=20_000),
+    "standard": PlanConfig(rpm=60, tpm=3_333, price_usd_month=5.0),
+    "pro": PlanConfig(rpm=200, tpm=13_333, price_usd_month=20.0),
+}
+
+
+class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    data_dir: str = ""
+    host: str = "127.0.0.1"
+    port: int = 8000
+    workers: int = 1
+    model_backend: str = "onnx"
+    model_dir: str = ""
+    model_threads: int = 0
+    fixed_text: str = "The capital of France is Paris."
+    fixed_tokens: int = 0
+    fixed_delay: float = 0.0
+    max_body_bytes: int = 1 << 20
+    default_max_tokens: int = 1024
+    usage_flush_interval: float = 1.0
+    key_pepper: str = ""
+    default_plan: str = "free"
+    lmdb_map_size: int = 1 << 30
+    ratelimit_capacity: int = 65536
+    request_log: bool = True
+    plans: dict[str, PlanConfig] = msgspec.field(default_factory=lambda: dict(DEFAULT_PLANS))
+    prices: dict[str, PriceConfig] = msgspec.field(default_factory=dict)
+
+    @property
+    def data_path(self) -> Path:
+        return Path(self.data_dir)
+
+    def price(self, model: str) -> PriceConfig:
+        return self.prices.get(model) or PriceConfig()
+
+    def plan(self, name: str) -> PlanConfig:
+        return self.plans.get(name) or self.plans.get(self.default_plan) or DEFAULT_PLANS["free"]
+
+
+_SCALARS = {
+    name: typ
+    for name, typ in (
+        ("data_dir", str), ("host", str), ("port", int), ("workers", int), ("model_backend", str),
+        ("model_dir", str), ("model_threads", int), ("fixed_text", str), ("fixed_tokens", int), ("fixed_delay", float), ("max_body_bytes", int),
+        ("default_max_tokens", int), ("usage_flush_interval", float), ("key_pepper", str),
+        ("default_plan", str), ("lmdb_map_size", int), ("ratelimit_capacity", int), ("request_log", bool),
+    )
+}
+
+
+def _default_data_dir() -> str:
+    try:  # the model-supply module owns the one definition of the data directory
+        from cheapest.inference.pull import data_dir
+    except ImportError:
+        env = os.environ.get("CHEAPEST_DATA_DIR")
+        return env or str(Path.home() / ".local" / "share" / "cheapest")
+    return str(data_dir())
+
+
+def load_settings(environ: dict[str, str] | None = None) -> Settings:
+    """Build Settings from a TOML file (CHEAPEST_CONFIG) overlaid with CHEAPEST_* variables."""
+    env = os.environ if environ is None else environ
+    raw: dict[str, Any] = {}
+    path = env.get("CHEAPEST_CONFIG")
+    if path:
+        with open(path, "rb") as f:
+            raw.update(tomllib.load(f))
+    for name in _SCALARS:
+        value = env.get("CHEAPEST_" + name.upper())
+        if value is not None and value != "":
+            raw[name] = value
+    if "plans" in raw:  # configured plans extend the defaults
+        raw["plans"] = {**{k: msgspec.to_builtins(v) for k, v in DEFAULT_PLANS.items()}, **raw["plans"]}
+    try:
+        settings = msgspec.convert(raw, Settings, strict=False)
+    except msgspec.ValidationError as exc:
+        raise SystemExit(f"invalid configuration: {exc}") from None
+    if not settings.data_dir:
+        settings = msgspec.structs.replace(settings, data_dir=_default_data_dir())
+    if not settings.model_dir:
+        settings = msgspec.structs.replace(
+            settings, model_dir=str(Path(settings.data_dir) / "models" / DEFAULT_MODEL)
+        )
+    if settings.model_backend not in ("onnx", "fixed"):
+        raise SystemExit("invalid configuration: model_backend must be 'onnx' or 'fixed'")
+    if settings.default_plan not in settings.plans:
+        raise SystemExit("invalid configuration: default_plan names no configured plan")
+    return settings
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return load_settings()
