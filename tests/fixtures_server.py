@@ -1,1 +1,170 @@
-"""Fixtures: a real Granian server on loopback, accounts and keys."""
+"""Fixtures: a real Granian server on loopback (own data dir, N workers, fixed/tiny/real model), accounts, keys.
+
+`serve(...)` starts `python -m granian --interface rsgi cheapest.server:app` as a subprocess and waits for
+/readyz; its stdout (the per-request log lines) goes to a file the test can read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class ServerProcess:
+    proc: subprocess.Popen[bytes]
+    port: int
+    data_dir: Path
+    env: dict[str, str]
+    stdout_path: Path
+    stderr_path: Path
+    workers: int
+    keys: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def v1(self) -> str:
+        return self.base_url + "/v1"
+
+    def request_log(self) -> list[dict[str, object]]:
+        """The JSON request lines on the server's stdout (anything else there fails the parse on purpose)."""
+        lines = self.stdout_path.read_text().splitlines()
+        return [json.loads(line) for line in lines if line.startswith("{")]
+
+    def output(self) -> str:
+        return self.stdout_path.read_text() + self.stderr_path.read_text()
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return int(self.proc.returncode)
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "cheapest.cli", *args], env=self.env, capture_output=True,
+                              text=True, timeout=60, check=False)
+
+    def create_account(self, email: str | None = None, plan: str | None = None) -> tuple[str, str]:
+        """An account through the store (same code as the CLI) -> (account_id, mk)."""
+        from cheapest.store import accounts, open_store
+        from cheapest.store.secrets import load_pepper
+
+        store = open_store(self.data_dir)
+        try:
+            account, mk = accounts.create_account(
+                store, email or f"user{time.monotonic_ns()}@example.test", plan or "free",
+                load_pepper(self.data_dir, self.env.get("CHEAPEST_KEY_PEPPER", "")))
+        finally:
+            store.close()
+        return account.id, mk
+
+    def create_key(self, mk: str, **body: object) -> dict[str, object]:
+        r = httpx.post(self.base_url + "/api/keys", json={"name": "test", **body},
+                       headers={"Authorization": f"Bearer {mk}"}, timeout=10)
+        assert r.status_code == 201, r.text
+        return dict(r.json())
+
+
+def start_server(tmp: Path, *, workers: int = 1, backend: str = "fixed", model_dir: Path | None = None,
+                 extra_env: dict[str, str] | None = None, ready_timeout: float = 120.0) -> ServerProcess:
+    data = tmp / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHEAPEST_")}
+    env.update({
+        "CHEAPEST_DATA_DIR": str(data),
+        "CHEAPEST_MODEL_BACKEND": backend,
+        "CHEAPEST_USAGE_FLUSH_INTERVAL": "0.2",
+        "PYTHONUNBUFFERED": "1",
+    })
+    if model_dir is not None:
+        env["CHEAPEST_MODEL_DIR"] = str(model_dir)
+    env.update(extra_env or {})
+    out, err = tmp / "server.stdout", tmp / "server.stderr"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "granian", "--interface", "rsgi", "--host", "127.0.0.1", "--port", str(port),
+         "--workers", str(workers), "--no-ws", "cheapest.server:app"],
+        env=env, cwd=tmp, stdout=out.open("wb"), stderr=err.open("wb"), start_new_session=True,
+    )
+    server = ServerProcess(proc, port, data, env, out, err, workers)
+    deadline = time.monotonic() + ready_timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{server.output()[-3000:]}")
+        try:
+            if httpx.get(server.base_url + "/readyz", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            server.stop(signal.SIGKILL)
+            raise RuntimeError(f"server not ready in {ready_timeout}s:\n{server.output()[-3000:]}")
+        time.sleep(0.1)
+    if workers > 1:  # every worker must be up before tests count on all of them
+        time.sleep(0.5)
+    return server
+
+
+@pytest.fixture
+def server_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., ServerProcess]]:
+    started: list[ServerProcess] = []
+
+    def make(**kw: object) -> ServerProcess:
+        s = start_server(tmp_path_factory.mktemp("server"), **kw)  # type: ignore[arg-type]
+        started.append(s)
+        return s
+
+    yield make
+    for s in started:
+        s.stop()
+
+
+@pytest.fixture(scope="session")
+def fixed_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """One worker, the instant fixed engine; shared by the fast API tests (each uses its own account)."""
+    s = start_server(tmp_path_factory.mktemp("fixed-server"))
+    yield s
+    s.stop()
+
+
+@dataclass
+class ApiAccount:
+    server: ServerProcess
+    account_id: str
+    mk: str
+    sk: str
+    key_id: str
+
+
+@pytest.fixture
+def api_account(fixed_server: ServerProcess) -> ApiAccount:
+    """A fresh account on the shared fixed server: its management key and one inference key."""
+    account_id, mk = fixed_server.create_account()
+    key = fixed_server.create_key(mk)
+    return ApiAccount(fixed_server, account_id, mk, str(key["key"]), str(key["id"]))

@@ -1,0 +1,107 @@
+"""The LMDB store, the usage meter and the settings loader, without a server."""
+
+from __future__ import annotations
+
+import multiprocessing
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from cheapest.config import PriceConfig, load_settings
+from cheapest.store import AccountRecord, KeyLimits, KeyRecord, StoreError, UsageCounter, open_store
+from cheapest.store.metering import UsageMeter, hour_of
+from cheapest.store.secrets import load_pepper
+
+
+def _account(i: int = 0) -> AccountRecord:
+    return AccountRecord(id=f"acct_{i:04d}", email=f"u{i}@example.test", created_at=1, plan="free")
+
+
+def _key(i: int, account: str = "acct_0000", kind: str = "sk") -> KeyRecord:
+    return KeyRecord(id=f"key_{i:04d}", account_id=account, kind=kind, hash=bytes([i]) * 32,  # type: ignore[arg-type]
+                     hint="sk_…abcd", name=f"k{i}", created_at=1)
+
+
+def test_accounts_and_keys_round_trip(tmp_path: Path) -> None:
+    store = open_store(tmp_path)
+    store.create_account(_account())
+    with pytest.raises(StoreError):
+        store.create_account(msgspec.structs.replace(_account(), id="acct_other", email="U0@EXAMPLE.test"))
+    assert store.find_account_by_email("U0@example.test") == _account()
+    for i in range(5):
+        store.create_key(_key(i))
+    with pytest.raises(StoreError):
+        store.create_key(_key(9, account="acct_missing"))
+    assert store.find_key_by_hash(bytes([3]) * 32) == _key(3)
+    assert [k.id for k in store.list_keys("acct_0000", limit=2)] == ["key_0000", "key_0001"]
+    assert [k.id for k in store.list_keys("acct_0000", after="key_0001", limit=10)] == ["key_0002", "key_0003",
+                                                                                      "key_0004"]
+    changed = msgspec.structs.replace(_key(2), disabled=True, limits=KeyLimits(rpm=5))
+    store.put_key(changed)
+    assert store.get_key("key_0002") == changed
+    with pytest.raises(StoreError):
+        store.put_key(msgspec.structs.replace(changed, hash=b"x" * 32))
+    assert store.delete_key("key_0002") and not store.delete_key("key_0002")
+    assert store.find_key_by_hash(bytes([2]) * 32) is None
+    assert len(store.list_keys("acct_0000")) == 4
+    store.close()
+
+
+def _add_usage(path: str, n: int) -> None:
+    store = open_store(path)
+    meter = UsageMeter(store, interval=0.01)
+    meter.start()
+    for i in range(n):
+        meter.record("key_a", "m", 3, 5, 7, ts=7200.0 + (i % 2) * 3600)
+    meter.stop()
+    store.close()
+
+
+def test_usage_totals_exact_across_processes(tmp_path: Path) -> None:
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_add_usage, args=(str(tmp_path), 500)) for _ in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    store = open_store(tmp_path)
+    rows = list(store.usage(["key_a"]))
+    assert [(r.hour, r.counter) for r in rows] == [
+        (7200, UsageCounter(1000, 3000, 5000, 7000)),
+        (10800, UsageCounter(1000, 3000, 5000, 7000)),
+    ]
+    assert [r.hour for r in store.usage(["key_a"], start=10800)] == [10800]
+    assert list(store.usage(["key_a"], start=0, end=7200)) == []
+    store.close()
+
+
+def test_hour_bucket() -> None:
+    assert hour_of(7199.9) == 3600 and hour_of(7200) == 7200
+
+
+def test_pepper_generated_once_private(tmp_path: Path) -> None:
+    a = load_pepper(tmp_path)
+    assert load_pepper(tmp_path) == a and len(a) == 32
+    assert (tmp_path / "secrets" / "pepper").stat().st_mode & 0o777 == 0o600
+    assert load_pepper(tmp_path, "x" * 20) == b"x" * 20
+    with pytest.raises(SystemExit):
+        load_pepper(tmp_path, "short")
+
+
+def test_settings_env_over_toml(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('port = 9000\nworkers = 3\n[plans.team]\nrpm = 500\ntpm = 90000\n'
+                   '[prices."M"]\nprompt_usd_per_mtok = 0.5\ncompletion_usd_per_mtok = 2.0\n')
+    s = load_settings({"CHEAPEST_CONFIG": str(cfg), "CHEAPEST_PORT": "9100", "CHEAPEST_DATA_DIR": str(tmp_path),
+                       "CHEAPEST_REQUEST_LOG": "0"})
+    assert (s.port, s.workers, s.request_log) == (9100, 3, False)
+    assert s.plans["team"].rpm == 500 and s.plans["free"].rpm > 0  # defaults kept
+    assert s.model_dir == str(tmp_path / "models" / "SmolLM2-135M-Instruct")
+    # 1000 prompt tokens at $0.5/Mtok = 500 micro-dollars; 3 completion tokens at $2/Mtok = 6.
+    assert s.price("M").cost_micro(1000, 3) == 506
+    assert s.price("other") == PriceConfig() and PriceConfig().cost_micro(10, 10) == 0
+    assert PriceConfig(0.1, 0.0).cost_micro(1, 0) == 1  # rounds up, never down to free
+    with pytest.raises(SystemExit):
+        load_settings({"CHEAPEST_PORT": "not-a-number", "CHEAPEST_DATA_DIR": str(tmp_path)})
