@@ -1,0 +1,398 @@
+"""Stripe: Checkout through the SDK against a loopback Stripe, signed webhooks applied exactly once."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import multiprocessing
+import random
+import tempfile
+import time
+from pathlib import Path
+
+import lmdb
+import pytest
+import stripe
+from hypothesis import given, settings as hsettings, strategies as st
+
+from cheapest.billing.checkout import CheckoutUnavailable, UnknownPlan, create_checkout_session, stripe_client
+from cheapest.billing.ledger import PaymentLedger, SubscriptionView
+from cheapest.billing.settings import BillingNotConfigured, BillingSettings
+from cheapest.billing.stripe_events import WebhookRejected, handle_webhook
+from stripe_fake import FakeStripe
+
+SECRET = "whsec_test_" + "k" * 32
+API_KEY = "sk_test_cheapest"
+PRICES = {"price_standard_m": 900, "price_pro_m": 2900}
+CARD = "4242424242424242"  # canary: never stored, wherever it appears in a payload
+
+
+def open_env(path: Path) -> lmdb.Environment:
+    return lmdb.open(str(path), map_size=64 << 20, max_dbs=16, subdir=True)
+
+
+def sign(payload: bytes, timestamp: int, secret: str = SECRET) -> str:
+    """Stripe's scheme, computed here from the endpoint secret (not with the SDK under test)."""
+    mac = hmac.new(secret.encode(), f"{timestamp}.".encode() + payload, hashlib.sha256).hexdigest()
+    return f"t={timestamp},v1={mac}"
+
+
+def body(event: dict) -> bytes:
+    return json.dumps(event, indent=2).encode()
+
+
+@pytest.fixture
+def cfg() -> BillingSettings:
+    return BillingSettings(stripe_secret_key=API_KEY, stripe_webhook_secret=SECRET,
+                           stripe_prices={"standard": "price_standard_m", "pro": "price_pro_m"})
+
+
+@pytest.fixture
+def ledger(tmp_path: Path):
+    env = open_env(tmp_path / "lmdb")
+    yield PaymentLedger(env)
+    env.close()
+
+
+@pytest.fixture
+def fake():
+    with FakeStripe(API_KEY, PRICES) as server:
+        yield server
+
+
+def paid_subscription(fake: FakeStripe, cfg: BillingSettings, account: str, plan: str, now: int):
+    s = BillingSettings(**{**_fields(cfg), "stripe_api_base": fake.url})
+    session = create_checkout_session(s, account_id=account, plan=plan, customer_email="payer@example.com")
+    return session, fake.complete_session(session.id, now)
+
+
+def _fields(cfg: BillingSettings) -> dict:
+    return {f: getattr(cfg, f) for f in cfg.__struct_fields__}
+
+
+def deliver(ledger, cfg, event: dict, ts: int | None = None, now: float | None = None):
+    raw = body(event)
+    return handle_webhook(ledger, cfg, raw, sign(raw, int(time.time()) if ts is None else ts), now=now)
+
+
+# -- Checkout ------------------------------------------------------------------------------------------
+def test_checkout_session_created_through_the_sdk(fake, cfg):
+    s = BillingSettings(**{**_fields(cfg), "stripe_api_base": fake.url})
+    session = create_checkout_session(s, account_id="acct_1", plan="pro", customer_email="a@example.com")
+    assert session.url == f"https://checkout.stripe.com/c/pay/{session.id}"
+    assert session.id.startswith("cs_test_")
+    (req,) = fake.requests
+    assert req["path"] == "/v1/checkout/sessions"
+    assert req["headers"]["authorization"] == f"Bearer {API_KEY}"
+    p = req["params"]
+    assert p["mode"] == "subscription"
+    assert p["line_items"] == [{"price": "price_pro_m", "quantity": "1"}]
+    assert p["client_reference_id"] == "acct_1"
+    assert p["metadata"] == {"account_id": "acct_1", "plan": "pro"}
+    assert p["subscription_data"] == {"metadata": {"account_id": "acct_1", "plan": "pro"}}
+    assert p["customer_email"] == "a@example.com"
+    assert "{CHECKOUT_SESSION_ID}" in p["success_url"]
+
+
+def test_checkout_unknown_plan_makes_no_call(fake, cfg):
+    s = BillingSettings(**{**_fields(cfg), "stripe_api_base": fake.url})
+    with pytest.raises(UnknownPlan):
+        create_checkout_session(s, account_id="acct_1", plan="platinum")
+    assert fake.requests == []
+
+
+def test_checkout_stripe_refusals_are_typed(fake, cfg):
+    bad_key = BillingSettings(**{**_fields(cfg), "stripe_api_base": fake.url, "stripe_secret_key": "sk_test_x"})
+    with pytest.raises(CheckoutUnavailable) as err:
+        create_checkout_session(bad_key, account_id="acct_1", plan="pro")
+    assert err.value.status == 401
+    # A price the operator configured but Stripe does not know.
+    bad_price = BillingSettings(**{**_fields(cfg), "stripe_api_base": fake.url,
+                                   "stripe_prices": {"pro": "price_gone"}})
+    with pytest.raises(CheckoutUnavailable) as err:
+        create_checkout_session(bad_price, account_id="acct_1", plan="pro")
+    assert (err.value.status, err.value.code) == (400, "resource_missing")
+    with pytest.raises(BillingNotConfigured):
+        create_checkout_session(BillingSettings(stripe_prices={"pro": "p"}), account_id="a", plan="pro")
+
+
+def test_fake_replays_idempotent_requests(fake):
+    client = stripe_client(API_KEY, fake.url)
+    params = {"mode": "subscription", "success_url": "https://x/s", "line_items": [{"price": "price_pro_m",
+                                                                                    "quantity": 1}]}
+    a = client.v1.checkout.sessions.create(params=params, options={"idempotency_key": "k1"})
+    b = client.v1.checkout.sessions.create(params=params, options={"idempotency_key": "k1"})
+    c = client.v1.checkout.sessions.create(params=params, options={"idempotency_key": "k2"})
+    assert a.id == b.id != c.id
+    assert client.v1.checkout.sessions.retrieve(a.id).id == a.id
+
+
+# -- Webhook signatures --------------------------------------------------------------------------------
+def test_valid_webhooks_activate_the_plan(fake, cfg, ledger):
+    now = int(time.time())
+    session, events = paid_subscription(fake, cfg, "acct_1", "pro", now)
+    results = [deliver(ledger, cfg, e).result for e in events]
+    assert results[0] == "applied" and "duplicate" not in results
+    sub = ledger.subscription("acct_1")
+    assert sub is not None
+    assert (sub.plan, sub.status) == ("pro", "active")
+    assert sub.current_period_end == now + 30 * 86_400
+    assert sub.subscription_id == fake.sessions[session.id]["subscription"]
+    assert sub.effective_status(now) == "active"
+    (payment,) = ledger.journal("acct_1")
+    assert (payment.kind, payment.amount_minor, payment.currency, payment.micro_usd) == (
+        "stripe_invoice_paid", 2900, "usd", 0)
+    assert ledger.balance("acct_1") == 0  # a subscription payment buys the plan, not credits
+
+
+def _assert_nothing_recorded(ledger: PaymentLedger, event: dict) -> None:
+    assert ledger.event(event["id"]) is None
+    assert ledger.subscription("acct_1") is None
+    assert ledger.journal("acct_1") == []
+
+
+def test_tampered_body_is_refused(fake, cfg, ledger):
+    event = paid_subscription(fake, cfg, "acct_1", "pro", int(time.time()))[1][1]
+    raw = body(event)
+    header = sign(raw, int(time.time()))
+    tampered = raw.replace(b'"amount_paid": 2900', b'"amount_paid": 2901')
+    assert tampered != raw
+    with pytest.raises(WebhookRejected) as err:
+        handle_webhook(ledger, cfg, tampered, header)
+    assert err.value.reason_code == "bad_signature"
+    _assert_nothing_recorded(ledger, event)
+
+
+@pytest.mark.parametrize("header", [
+    "missing", "wrong_secret", "no_v1", "garbage", "v0_only",
+])
+def test_bad_signature_headers_are_refused(fake, cfg, ledger, header):
+    event = paid_subscription(fake, cfg, "acct_1", "pro", int(time.time()))[1][0]
+    raw, t = body(event), int(time.time())
+    value = {
+        "missing": None,
+        "wrong_secret": sign(raw, t, "whsec_someone_else"),
+        "no_v1": f"t={t}",
+        "garbage": "t=abc,v1=zz",
+        "v0_only": sign(raw, t).replace("v1=", "v0="),
+    }[header]
+    with pytest.raises(WebhookRejected) as err:
+        handle_webhook(ledger, cfg, raw, value)
+    assert err.value.reason_code == "bad_signature"
+    assert "amount" not in str(err.value) and event["id"] not in str(err.value)
+    _assert_nothing_recorded(ledger, event)
+
+
+@pytest.mark.parametrize(("offset", "expected"), [
+    (-301, "bad_signature"), (-200, None), (60, None), (299, None), (301, "timestamp_in_future"),
+    (86_400, "timestamp_in_future"),
+])
+def test_timestamp_window(fake, cfg, ledger, offset, expected):
+    now = int(time.time())
+    event = paid_subscription(fake, cfg, "acct_1", "pro", now)[1][0]
+    if expected is None:
+        assert deliver(ledger, cfg, event, ts=now + offset, now=now).result == "applied"
+        return
+    with pytest.raises(WebhookRejected) as err:
+        deliver(ledger, cfg, event, ts=now + offset, now=now)
+    assert err.value.reason_code == expected
+    _assert_nothing_recorded(ledger, event)
+
+
+def test_signed_but_malformed_events_are_refused(cfg, ledger):
+    for raw in (b"not json", b'{"id": "evt_1"}', b'{"id": "x", "object": "event", "type": "t", "created": 1, '
+                                                   b'"data": {"object": {}}}'):
+        with pytest.raises(WebhookRejected) as err:
+            handle_webhook(ledger, cfg, raw, sign(raw, int(time.time())))
+        assert err.value.reason_code == "malformed_event"
+    with pytest.raises(BillingNotConfigured):
+        handle_webhook(ledger, BillingSettings(), b"{}", sign(b"{}", int(time.time())))
+
+
+def test_replayed_webhook_changes_nothing(fake, cfg, ledger):
+    events = paid_subscription(fake, cfg, "acct_1", "pro", int(time.time()))[1]
+    raw = body(events[1])  # invoice.paid
+    header = sign(raw, int(time.time()))
+    assert handle_webhook(ledger, cfg, raw, header).result == "applied"
+    before = (ledger.subscription("acct_1"), ledger.journal("acct_1"))
+    for _ in range(3):  # a captured request sent again, and Stripe's own retries with a fresh signature
+        assert handle_webhook(ledger, cfg, raw, header).result == "duplicate"
+        assert deliver(ledger, cfg, events[1]).result == "duplicate"
+    assert (ledger.subscription("acct_1"), ledger.journal("acct_1")) == before
+    assert len(ledger.journal("acct_1")) == 1
+
+
+def test_unknown_types_and_accounts_are_recorded_once(cfg, ledger):
+    ev = FakeStripe.event("charge.refunded", {"id": "ch_1", "object": "charge"}, int(time.time()))
+    assert deliver(ledger, cfg, ev).result == "ignored"
+    assert deliver(ledger, cfg, ev).result == "duplicate"
+    stranger = FakeStripe.event("customer.subscription.updated", {
+        "id": "sub_x", "object": "subscription", "customer": "cus_x", "status": "active", "metadata": {},
+        "items": {"data": []}}, int(time.time()))
+    assert deliver(ledger, cfg, stranger).result == "unmatched"
+
+
+# -- Order independence --------------------------------------------------------------------------------
+def lifecycle(fake: FakeStripe, cfg: BillingSettings, t0: int) -> list[dict]:
+    """A year in a subscription's life: signup, renewal, a failed payment, recovery, cancellation."""
+    _, events = paid_subscription(fake, cfg, "acct_1", "standard", t0)
+    sub = next(iter(fake.subscriptions))
+    events += fake.renew(sub, t0 + 30 * 86_400)
+    events += fake.fail_payment(sub, t0 + 60 * 86_400)
+    events += fake.renew(sub, t0 + 61 * 86_400)
+    events += fake.cancel(sub, t0 + 80 * 86_400)
+    return events
+
+
+def apply_all(cfg: BillingSettings, events: list[dict]) -> tuple[SubscriptionView | None, list]:
+    with tempfile.TemporaryDirectory() as d:
+        env = open_env(Path(d))
+        try:
+            led = PaymentLedger(env)
+            for e in events:
+                deliver(led, cfg, e)
+            return led.subscription("acct_1"), led.journal("acct_1")
+        finally:
+            env.close()
+
+
+def test_out_of_order_and_duplicated_events_converge(fake, cfg):
+    t0 = int(time.time()) - 81 * 86_400
+    events = lifecycle(fake, cfg, t0)
+    in_order, journal = apply_all(cfg, events)
+    assert in_order is not None
+    assert (in_order.status, in_order.plan) == ("canceled", "standard")
+    assert len(journal) == 3  # signup + two renewals; the failed attempt paid nothing
+    assert apply_all(cfg, events[::-1]) == (in_order, journal)
+    # Mid-life snapshot: a late, older "active" must not undo a newer "past_due".
+    upto_failure = events[:8]
+    state, _ = apply_all(cfg, upto_failure[::-1] + upto_failure[:3])
+    assert state is not None and state.status == "past_due"
+    assert state.current_period_end == t0 + 60 * 86_400
+
+
+_LIFECYCLE: dict[str, object] = {}
+
+
+@hsettings(max_examples=25, deadline=None)
+@given(st.data())
+def test_any_delivery_order_with_duplicates_converges(data):
+    cfg = BillingSettings(stripe_secret_key=API_KEY, stripe_webhook_secret=SECRET,
+                          stripe_prices={"standard": "price_standard_m", "pro": "price_pro_m"})
+    if not _LIFECYCLE:
+        with FakeStripe(API_KEY, PRICES) as fake:
+            events = lifecycle(fake, cfg, int(time.time()) - 81 * 86_400)
+        _LIFECYCLE.update(events=events, expected=apply_all(cfg, events))
+    events, expected = _LIFECYCLE["events"], _LIFECYCLE["expected"]
+    assert isinstance(events, list)
+    extra = data.draw(st.lists(st.sampled_from(events), max_size=6))
+    order = data.draw(st.permutations(events + extra))
+    assert apply_all(cfg, order) == expected
+
+
+# -- Concurrency: two worker processes, one LMDB env ---------------------------------------------------
+def _webhook_worker(path: str, cfg_json: bytes, deliveries: list[tuple[bytes, str]], barrier, out) -> None:
+    import msgspec
+
+    env = open_env(Path(path))
+    led = PaymentLedger(env)
+    cfg = msgspec.json.decode(cfg_json, type=BillingSettings)
+    results = []
+    barrier.wait()
+    for raw, header in deliveries:
+        results.append(handle_webhook(led, cfg, raw, header).result)
+    out.put(results)
+    env.close()
+
+
+def test_two_processes_apply_each_event_once(fake, cfg, tmp_path):
+    import msgspec
+
+    now = int(time.time())
+    events = []
+    for n in range(8):
+        events += paid_subscription(fake, cfg, f"acct_{n}", random.choice(["standard", "pro"]), now)[1]
+    deliveries = [(body(e), sign(body(e), now)) for e in events]
+    ctx = multiprocessing.get_context("spawn")
+    barrier, out = ctx.Barrier(2), ctx.Queue()
+    path = str(tmp_path / "shared")
+    procs = [ctx.Process(target=_webhook_worker, args=(path, msgspec.json.encode(cfg), deliveries, barrier, out))
+             for _ in range(2)]
+    for p in procs:
+        p.start()
+    a, b = out.get(timeout=120), out.get(timeout=120)
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    assert len(a) == len(b) == len(events)
+    for ra, rb in zip(a, b):  # per event: one worker applied it, the other found it recorded
+        assert [ra, rb].count("duplicate") == 1
+        assert {ra, rb} - {"duplicate"} <= {"applied", "unchanged"}
+    env = open_env(Path(path))
+    try:
+        led = PaymentLedger(env)
+        for n in range(8):
+            assert len(led.journal(f"acct_{n}")) == 1  # one invoice each, journaled once
+            sub = led.subscription(f"acct_{n}")
+            assert sub is not None and sub.status == "active"
+        assert all(led.event(e["id"]) is not None for e in events)
+    finally:
+        env.close()
+
+
+# -- Privacy -------------------------------------------------------------------------------------------
+def test_no_card_number_or_payload_is_stored(fake, cfg, tmp_path):
+    env = open_env(tmp_path / "lmdb")
+    led = PaymentLedger(env)
+    _, events = paid_subscription(fake, cfg, "acct_1", "pro", int(time.time()))
+    for e in events:
+        # Stripe never sends a full card number; if one ever appeared, it must still not be kept.
+        e["data"]["object"]["payment_method_details"] = {"card": {"number": CARD, "last4": CARD[-4:]}}
+        deliver(led, cfg, e)
+    env.sync(True)
+    env.close()
+    stored = b"".join(p.read_bytes() for p in (tmp_path / "lmdb").iterdir())
+    assert CARD.encode() not in stored
+    assert b"payer@example.com" not in stored and b"Pat Payer" not in stored
+
+
+class _Mirror:
+    """What the accounts store will do: mirror changes into its own records in the same transaction."""
+
+    def __init__(self, env: lmdb.Environment) -> None:
+        self.db = env.open_db(b"mirror")
+
+    def on_credit(self, txn, account_id, micro_usd, ref):
+        txn.put(b"credit:" + ref.encode(), str(micro_usd).encode(), db=self.db)
+
+    def on_subscription(self, txn, account_id, view):
+        n = int(txn.get(b"subs:" + account_id.encode(), b"0", db=self.db))
+        txn.put(b"subs:" + account_id.encode(), str(n + 1).encode(), db=self.db)
+        txn.put(b"status:" + account_id.encode(), (view.status or "").encode(), db=self.db)
+
+
+def test_sink_sees_each_change_once(fake, cfg, tmp_path):
+    env = open_env(tmp_path / "lmdb")
+    mirror = _Mirror(env)
+    led = PaymentLedger(env, sink=mirror)
+    _, events = paid_subscription(fake, cfg, "acct_1", "pro", int(time.time()))
+    for e in events:
+        deliver(led, cfg, e)
+
+    def mirrored() -> tuple[int, bytes]:
+        with env.begin() as txn:
+            return int(txn.get(b"subs:acct_1", db=mirror.db)), txn.get(b"status:acct_1", db=mirror.db)
+
+    calls, status = mirrored()
+    assert status == b"active" and calls >= 2  # created (incomplete), then active
+    for e in events[::-1]:
+        assert deliver(led, cfg, e).result == "duplicate"
+    assert mirrored() == (calls, status)
+    with led.write() as txn:
+        assert led.credit(txn, "acct_1", 5_000_000, "grant:welcome")
+        assert not led.credit(txn, "acct_1", 5_000_000, "grant:welcome")
+    with env.begin() as txn:
+        assert txn.get(b"credit:grant:welcome", db=mirror.db) == b"5000000"
+    assert led.balance("acct_1") == 5_000_000
+    env.close()
