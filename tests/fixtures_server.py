@@ -92,8 +92,9 @@ class ServerProcess:
 
 
 def start_server(tmp: Path, *, workers: int = 1, backend: str = "fixed", model_dir: Path | None = None,
-                 extra_env: dict[str, str] | None = None, ready_timeout: float = 120.0) -> ServerProcess:
-    data = tmp / "data"
+                 extra_env: dict[str, str] | None = None, ready_timeout: float = 120.0,
+                 data_dir: Path | None = None) -> ServerProcess:
+    data = data_dir or tmp / "data"
     data.mkdir(parents=True, exist_ok=True)
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("CHEAPEST_")}
