@@ -1,0 +1,75 @@
+"""What one worker process holds: store, pepper, rate limiter, usage meter, engine. Opened after fork."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from pathlib import Path
+
+import cheapest_core
+
+from cheapest.config import Settings
+from cheapest.inference.types import Engine
+from cheapest.store import Store, open_store
+from cheapest.store.metering import UsageMeter
+from cheapest.store.secrets import load_pepper
+
+log = logging.getLogger("cheapest.http")
+
+
+def load_configured_engine(settings: Settings) -> Engine:
+    if settings.model_backend == "fixed":
+        from cheapest.config import DEFAULT_MODEL
+        from cheapest.inference.fixed import FixedEngine
+
+        return FixedEngine(Path(settings.model_dir).name or DEFAULT_MODEL, settings.fixed_text,
+                           tokens=settings.fixed_tokens, delay=settings.fixed_delay)
+    from cheapest.inference.engine import load_engine
+
+    return load_engine(settings.model_dir, threads=settings.model_threads or None)
+
+
+class WorkerState:
+    def __init__(self, settings: Settings) -> None:
+        from cheapest.privacy.hardening import disable_core_dumps
+
+        disable_core_dumps()  # this process will hold prompts and completions in memory
+        self.settings = settings
+        data = settings.data_path
+        data.mkdir(parents=True, exist_ok=True)
+        self.store: Store = open_store(data, settings.lmdb_map_size)
+        self.pepper = load_pepper(data, settings.key_pepper)
+        self.limiter = cheapest_core.RateLimiter(str(data / "ratelimit.bin"), settings.ratelimit_capacity)
+        self.meter = UsageMeter(self.store, settings.usage_flush_interval)
+        self.meter.start()
+        self.engine: Engine | None = None
+        self.engine_failed = False
+        self._engine_lock = threading.Lock()
+
+    def load_engine(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        """Load the engine (fixed: now; onnx: in a thread, /readyz says when it is ready)."""
+        if self.settings.model_backend == "fixed" or loop is None:
+            self._load()
+        else:
+            loop.run_in_executor(None, self._load)
+
+    def _load(self) -> None:
+        with self._engine_lock:
+            if self.engine is not None:
+                return
+            try:
+                self.engine = load_configured_engine(self.settings)
+            except Exception as exc:
+                self.engine_failed = True
+                log.error("model failed to load: %s", type(exc).__name__)
+                raise
+
+    def close(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        self.meter.stop()
+        if self.engine is not None and loop is not None and not loop.is_closed():
+            try:
+                loop.run_until_complete(self.engine.close())
+            except Exception:
+                log.exception("engine close failed")
+        self.store.close()
