@@ -108,11 +108,12 @@ def start_server(tmp: Path, *, workers: int = 1, backend: str = "fixed", model_d
         env["CHEAPEST_MODEL_DIR"] = str(model_dir)
     env.update(extra_env or {})
     out, err = tmp / "server.stdout", tmp / "server.stderr"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "granian", "--interface", "rsgi", "--host", "127.0.0.1", "--port", str(port),
-         "--workers", str(workers), "--no-ws", "cheapest.server:app"],
-        env=env, cwd=tmp, stdout=out.open("wb"), stderr=err.open("wb"), start_new_session=True,
-    )
+    with out.open("wb") as stdout, err.open("wb") as stderr:  # the child keeps its own copies
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "granian", "--interface", "rsgi", "--host", "127.0.0.1", "--port", str(port),
+             "--workers", str(workers), "--no-ws", "cheapest.server:app"],
+            env=env, cwd=tmp, stdout=stdout, stderr=stderr, start_new_session=True,
+        )
     server = ServerProcess(proc, port, data, env, out, err, workers)
     deadline = time.monotonic() + ready_timeout
     while True:

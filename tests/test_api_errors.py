@@ -69,7 +69,7 @@ def test_bad_bodies_name_the_field_never_the_value(api_account: ApiAccount) -> N
         ({"model": MODEL, "messages": MSG, "max_tokens": CANARY}, "max_tokens"),
         ({"model": MODEL, "messages": MSG, "temperature": 9}, "temperature"),
         ({"model": MODEL, "messages": [{"role": "user", "content": [{"type": CANARY, "text": "x"}]}]},
-         "messages[0].content"),
+         "messages[0].content[0].type"),
         ({"model": MODEL}, None),
         ({"model": MODEL, "messages": MSG, "n": 2}, "n"),
     ]

@@ -109,8 +109,8 @@ async def _collect(run: _Run, gen: AsyncIterator[Delta | Finish]) -> tuple[str, 
 async def _generate_all(run: _Run, prompt_ids: list[int], params: SamplingParams) -> tuple[str, str]:
     gen = run.engine.generate(prompt_ids, params)
     try:
-        if run.engine.provider == "fixed" or run.req.watch_disconnect is None:
-            return await _collect(run, gen)  # instant: nothing to watch
+        if getattr(run.engine, "instant", False) or run.req.watch_disconnect is None:
+            return await _collect(run, gen)  # an engine that never waits: nothing to watch
         # A slow engine: stop generating if the client goes away before the answer is ready.
         work = asyncio.ensure_future(_collect(run, gen))
         watcher = asyncio.ensure_future(run.req.watch_disconnect())

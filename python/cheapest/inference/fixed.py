@@ -24,6 +24,7 @@ class FixedEngine:
         self._pieces = [w if i == 0 else " " + w for i, w in enumerate(words)]
         self._tokens = tokens or len(self._pieces)
         self._delay = delay
+        self.instant = delay == 0  # answers without ever suspending: the HTTP layer need not watch for disconnects
 
     def render_chat(self, messages: Sequence[tuple[str, str]]) -> str:
         body = "".join(f"<|im_start|>{role}\n{content}<|im_end|>\n" for role, content in messages)

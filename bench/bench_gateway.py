@@ -1,0 +1,156 @@
+"""Gateway overhead: the full server (auth, rate limiting, metering, log line; the instant fixed engine) vs a
+bare Granian RSGI app that returns the same bytes. Same worker count, one run, load from `wrk` (POST, Lua).
+
+    python bench/bench_gateway.py [--duration 10] [--workers 1]
+
+Reports requests/s at 16 connections and p50/p99 latency at 1 connection for both, and the ratios the issue
+sets goals for (<= 0.15 ms p50 added; >= 0.5x bare req/s). Under pytest it runs once, briefly, as a smoke test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "tests"))
+
+from fixtures_server import free_port, start_server  # noqa: E402
+
+MODEL = "SmolLM2-135M-Instruct"
+BODY = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "What is the capital of France?"}],
+                   "max_tokens": 16})
+
+
+class BareApp:
+    """The peer: reads the body, answers the fixed bytes. Nothing else."""
+
+    def __init__(self) -> None:
+        self.body = os.environb.get(b"BENCH_BARE_BODY", b"{}")
+        self.headers = [("content-type", "application/json")]
+
+    async def __rsgi__(self, scope, proto):  # type: ignore[no-untyped-def]
+        await proto()
+        proto.response_bytes(200, self.headers, self.body)
+
+
+bare_app = BareApp()
+
+_LUA = """wrk.method = "POST"
+wrk.body = {body}
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer {key}"
+"""
+
+
+def _seconds(value: str) -> float:
+    m = re.fullmatch(r"([\d.]+)(us|ms|s|m)", value)
+    assert m, value
+    return float(m.group(1)) * {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0}[m.group(2)]
+
+
+def wrk(url: str, key: str, connections: int, duration: float, tmp: Path) -> dict[str, float]:
+    script = tmp / "post.lua"
+    script.write_text(_LUA.format(body=json.dumps(BODY), key=key))
+    out = subprocess.run(
+        ["wrk", "-t", str(min(2, connections)), "-c", str(connections), "-d", f"{duration}s", "--latency",
+         "-s", str(script), url], capture_output=True, text=True, check=True).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    lat = dict(re.findall(r"^\s+(50|99)%\s+(\S+)", out, re.M))
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return {"rps": rps, "p50_ms": _seconds(lat["50"]) * 1e3, "p99_ms": _seconds(lat["99"]) * 1e3,
+            "errors": float(non2xx.group(1)) if non2xx else 0.0}
+
+
+def start_bare(body: bytes, workers: int, tmp: Path) -> tuple[subprocess.Popen[bytes], int]:
+    port = free_port()
+    env = {**os.environ, "BENCH_BARE_BODY": body.decode(), "PYTHONPATH": str(HERE)}
+    proc = subprocess.Popen([sys.executable, "-m", "granian", "--interface", "rsgi", "--host", "127.0.0.1",
+                             "--port", str(port), "--workers", str(workers), "--no-ws", "bench_gateway:bare_app"],
+                            env=env, cwd=tmp, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(100):
+        try:
+            httpx.post(f"http://127.0.0.1:{port}/", content=b"{}", timeout=1)
+            return proc, port
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError("bare server did not start")
+
+
+def run(duration: float = 10.0, workers: int = 1) -> dict[str, dict[str, float]]:
+    if shutil.which("wrk") is None:
+        raise RuntimeError("wrk is not installed (apt-get install wrk)")
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        cfg = tmp / "bench.toml"
+        cfg.write_text("[plans.bench]\nrpm = 1000000000\ntpm = 1000000000\n")
+        # Request log lines go to a file, as they would to a collector in production.
+        server = start_server(tmp / "gateway", workers=workers,
+                              extra_env={"CHEAPEST_CONFIG": str(cfg), "CHEAPEST_USAGE_FLUSH_INTERVAL": "1.0"})
+        bare = None
+        try:
+            _, mk = server.create_account(plan="bench")
+            sk = str(server.create_key(mk)["key"])
+            url = server.v1 + "/chat/completions"
+            reply = httpx.post(url, content=BODY, headers={"Authorization": f"Bearer {sk}",
+                                                           "content-type": "application/json"})
+            assert reply.status_code == 200, reply.text
+            bare, port = start_bare(reply.content, workers, tmp)
+            bare_url = f"http://127.0.0.1:{port}/v1/chat/completions"
+            results: dict[str, dict[str, float]] = {}
+            for name, target in (("bare", bare_url), ("gateway", url)):
+                wrk(target, sk, 4, min(2.0, duration), tmp)  # warm-up
+                results[name] = {**{f"c16_{k}": v for k, v in wrk(target, sk, 16, duration, tmp).items()},
+                                 **{f"c1_{k}": v for k, v in wrk(target, sk, 1, duration, tmp).items()}}
+            results["reply_bytes"] = {"n": float(len(reply.content))}
+            log_lines = len(server.request_log())
+            results["gateway"]["logged_requests"] = float(log_lines)
+            return results
+        finally:
+            server.stop()
+            if bare is not None:
+                bare.terminate()
+                bare.wait(10)
+
+
+def report(r: dict[str, dict[str, float]]) -> str:
+    b, g = r["bare"], r["gateway"]
+    return "\n".join([
+        f"reply {int(r['reply_bytes']['n'])} bytes; 16 connections req/s: gateway {g['c16_rps']:.0f}, "
+        f"bare {b['c16_rps']:.0f} -> ratio {g['c16_rps'] / b['c16_rps']:.2f}x (goal >= 0.5x)",
+        f"1 connection p50: gateway {g['c1_p50_ms']:.3f} ms, bare {b['c1_p50_ms']:.3f} ms -> added "
+        f"{g['c1_p50_ms'] - b['c1_p50_ms']:.3f} ms (goal <= 0.15 ms)",
+        f"1 connection p99: gateway {g['c1_p99_ms']:.3f} ms, bare {b['c1_p99_ms']:.3f} ms",
+        f"non-2xx: gateway {int(g['c16_errors'] + g['c1_errors'])}, bare {int(b['c16_errors'] + b['c1_errors'])}",
+    ])
+
+
+def test_gateway_overhead_smoke() -> None:
+    import pytest
+
+    if shutil.which("wrk") is None:
+        pytest.skip("wrk is not installed")
+    r = run(duration=1.0)
+    print(report(r))
+    assert r["gateway"]["c16_errors"] == 0 and r["gateway"]["c16_rps"] > 0  # correctness only, never timing
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--duration", type=float, default=10.0)
+    ap.add_argument("--workers", type=int, default=1)
+    a = ap.parse_args()
+    res = run(a.duration, a.workers)
+    print(json.dumps(res, indent=1))
+    print(report(res))
