@@ -1,0 +1,442 @@
+"""The ONNX engine on the tiny random-weight model: generation, sampling, stop strings, streaming text,
+continuous batching and cancellation, checked against an independent greedy loop over the same graph."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import tokenizers
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cheapest.inference.chat import ChatTemplate, ChatTemplateError
+from cheapest.inference.engine import OnnxEngine, StopText, _Output, load_engine
+from cheapest.inference.loader import read_model_dir
+from cheapest.inference.sampling import Sampler
+from cheapest.inference.types import ContextLengthError, Delta, EngineError, Finish, SamplingParams
+
+GRAPHS = ["model.onnx", "model_fp32.onnx"]  # fused (shared KV buffer) and plain reference (concat cache)
+
+
+@pytest.fixture(scope="module", params=GRAPHS)
+def engine(request: pytest.FixtureRequest, tiny_model_dir: Path) -> Iterator[OnnxEngine]:
+    eng = load_engine(tiny_model_dir, threads=2, graph=request.param, max_batch=8)
+    yield eng
+    asyncio.run(eng.close())
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer(tiny_model_dir: Path) -> tokenizers.Tokenizer:
+    return tokenizers.Tokenizer.from_file(str(tiny_model_dir / "tokenizer.json"))
+
+
+async def _collect(eng: OnnxEngine, ids: list[int], params: SamplingParams) -> tuple[list[Delta], Finish]:
+    deltas: list[Delta] = []
+    async for item in eng.generate(ids, params):
+        if isinstance(item, Finish):
+            return deltas, item
+        deltas.append(item)
+    raise AssertionError("no Finish")
+
+
+def _run(eng: OnnxEngine, ids: list[int], params: SamplingParams) -> tuple[str, Finish]:
+    deltas, finish = asyncio.run(_collect(eng, ids, params))
+    return "".join(d.text for d in deltas), finish
+
+
+def _prompt(eng: OnnxEngine, text: str) -> list[int]:
+    return eng.encode(eng.render_chat([("user", text)]))
+
+
+def _reference(eng: OnnxEngine, ids: list[int], params: SamplingParams) -> list[int]:
+    """The tokens a request should get, by recomputing the whole sequence every step (no KV cache, no
+    batching, a fresh session) and drawing with the same seeded sampler."""
+    spec = eng.spec
+    session = ort.InferenceSession(str(spec.graph_path), providers=["CPUExecutionProvider"])
+    names = {i.name for i in session.get_inputs()}
+    sampler = Sampler(params)
+    seq = list(ids)
+    out: list[int] = []
+    for _ in range(min(params.max_tokens, spec.context_length - len(ids))):
+        length = len(seq)
+        feeds: dict[str, np.ndarray] = {"input_ids": np.asarray([seq], np.int64)}
+        if "attention_mask" in names:
+            feeds["attention_mask"] = np.ones((1, length), np.int64)
+        if "position_ids" in names:
+            feeds["position_ids"] = np.arange(length, dtype=np.int64)[None, :]
+        for i in range(spec.num_layers):
+            for kind in ("key", "value"):
+                feeds[f"past_key_values.{i}.{kind}"] = np.zeros((1, spec.num_kv_heads, 0, spec.head_dim), np.float32)
+        (logits,) = session.run(["logits"], feeds)
+        token = sampler(logits[0, -1])
+        out.append(token)
+        if token in spec.eos_token_ids:
+            break
+        seq.append(token)
+    return out
+
+
+def _reference_greedy(eng: OnnxEngine, ids: list[int], n: int) -> list[int]:
+    return _reference(eng, ids, SamplingParams(max_tokens=n, temperature=0.0))
+
+
+def _expected_text(hf_tokenizer: tokenizers.Tokenizer, eng: OnnxEngine, tokens: list[int]) -> str:
+    if tokens and tokens[-1] in eng.spec.eos_token_ids:
+        tokens = tokens[:-1]
+    return str(hf_tokenizer.decode(tokens, skip_special_tokens=False))
+
+
+GREEDY = SamplingParams(max_tokens=24, temperature=0.0)
+PROMPTS = ["hello", "a somewhat longer prompt, with punctuation!", "é", "0123456789 " * 4, "日本語のテスト"]
+
+
+# --- generation ---------------------------------------------------------------------------------------------------
+
+
+def test_greedy_matches_an_uncached_reference_and_is_deterministic(
+    engine: OnnxEngine, hf_tokenizer: tokenizers.Tokenizer
+) -> None:
+    ids = _prompt(engine, "hello there")
+    text, finish = _run(engine, ids, GREEDY)
+    expected_tokens = _reference_greedy(engine, ids, GREEDY.max_tokens)
+    assert finish.completion_tokens == len(expected_tokens)
+    assert finish.reason == ("stop" if expected_tokens[-1] in engine.spec.eos_token_ids else "length")
+    assert text == _expected_text(hf_tokenizer, engine, expected_tokens)
+    assert _run(engine, ids, GREEDY) == (text, finish)
+
+
+def test_seed_reproduces_a_sampled_completion(engine: OnnxEngine) -> None:
+    ids = _prompt(engine, "tell me something")
+    for params in (
+        SamplingParams(max_tokens=20, temperature=1.0, seed=7),
+        SamplingParams(max_tokens=20, temperature=0.8, top_p=0.9, top_k=40, seed=123),
+    ):
+        first = _run(engine, ids, params)
+        assert _run(engine, ids, params) == first
+    outputs = {_run(engine, ids, SamplingParams(max_tokens=20, temperature=1.5, seed=s))[0] for s in range(6)}
+    assert len(outputs) > 1  # different seeds explore different continuations
+
+
+def test_max_tokens_ends_with_length(engine: OnnxEngine) -> None:
+    ids = _prompt(engine, "count")
+    reference = _reference_greedy(engine, ids, 5)
+    deltas, finish = asyncio.run(_collect(engine, ids, SamplingParams(max_tokens=5, temperature=0.0)))
+    if len(reference) == 5 and reference[-1] not in engine.spec.eos_token_ids:
+        assert finish == Finish("length", 5)
+    assert [d.completion_tokens for d in deltas] == list(range(1, finish.completion_tokens + 1))
+
+
+def test_stop_string_across_token_boundary_is_never_emitted(engine: OnnxEngine) -> None:
+    ids = _prompt(engine, "hello world")
+    deltas, _ = asyncio.run(_collect(engine, ids, SamplingParams(max_tokens=40, temperature=0.0)))
+    full = "".join(d.text for d in deltas)
+    # A stop string made of the end of one token's text and the start of the next one's.
+    stop, cut = None, -1
+    pos = 0
+    for left, right in zip(deltas, deltas[1:]):
+        pos += len(left.text)
+        if left.text and right.text:
+            candidate = left.text[-2:] + right.text[:2]
+            if full.find(candidate) == pos - len(left.text[-2:]):
+                stop, cut = candidate, full.find(candidate)
+                break
+    assert stop is not None, "the tiny model's greedy output should have two consecutive non-empty pieces"
+    stopped, finish = asyncio.run(_collect(engine, ids, SamplingParams(max_tokens=40, temperature=0.0,
+                                                                           stop=("never-there", stop))))
+    text = "".join(d.text for d in stopped)
+    assert text == full[:cut]
+    assert finish.reason == "stop"
+    assert stop not in text
+    assert finish.completion_tokens <= len(deltas)
+
+
+def test_context_length_error_before_any_work(engine: OnnxEngine) -> None:
+    asyncio.run(_wait_idle(engine))  # the previous test's sequence leaves just after its Finish is delivered
+    steps = engine.decode_steps
+
+    async def main() -> None:
+        agen = engine.generate([5] * engine.context_length, GREEDY)
+        with pytest.raises(ContextLengthError) as err:
+            await agen.__anext__()
+        assert err.value.prompt_tokens == engine.context_length
+        assert str(engine.context_length) in str(err.value)
+
+    asyncio.run(main())
+    assert engine.decode_steps == steps
+    assert engine.active_sequences == 0
+
+
+def test_long_prompt_near_the_context_is_cut_by_length(engine: OnnxEngine) -> None:
+    ids = [5] * (engine.context_length - 3)
+    _, finish = _run(engine, ids, SamplingParams(max_tokens=50, temperature=0.0))
+    assert finish.completion_tokens <= 3
+
+
+def test_stream_concatenates_to_the_full_decode(engine: OnnxEngine, hf_tokenizer: tokenizers.Tokenizer) -> None:
+    """Sampled outputs of the random model are mostly byte tokens: multi-byte characters split across tokens and
+    stray bytes (U+FFFD) both occur; the streamed pieces must add up to exactly what decode() gives for the
+    tokens an uncached run with the same seed draws."""
+    ids = _prompt(engine, "日本語")
+    saw_multibyte = False
+    for seed in range(6):
+        params = SamplingParams(max_tokens=30, temperature=1.2, seed=seed)
+        deltas, finish = asyncio.run(_collect(engine, ids, params))
+        tokens = _reference(engine, ids, params)
+        text = "".join(d.text for d in deltas)
+        assert text == _expected_text(hf_tokenizer, engine, tokens)
+        assert finish.completion_tokens == len(tokens)
+        saw_multibyte |= any(ord(c) > 0x7F and c != "\ufffd" for c in text)
+    assert saw_multibyte
+
+
+def test_output_pipeline_streams_multibyte_characters_exactly(hf_tokenizer: tokenizers.Tokenizer,
+                                                               engine: OnnxEngine) -> None:
+    """The engine's per-sequence text pipeline, fed token by token: split characters are held until complete."""
+    text = "héllo wörld 日本語 テスト 😀 ok"
+    tokens = hf_tokenizer.encode(text, add_special_tokens=False).ids
+    items: list[Delta | Finish | BaseException] = []
+    out = _Output(engine.tokenizer.decoder(), SamplingParams(max_tokens=len(tokens)), frozenset(), len(tokens),
+                  items.append)
+    done = [out.accept(t) for t in tokens]
+    assert done == [False] * (len(tokens) - 1) + [True]
+    pieces = [i.text for i in items if isinstance(i, Delta)]
+    assert "".join(pieces) == hf_tokenizer.decode(tokens) == text
+    assert all("\ufffd" not in p for p in pieces)
+    assert items[-1] == Finish("length", len(tokens))
+
+
+# --- batching -----------------------------------------------------------------------------------------------------
+
+
+def test_batched_results_equal_unbatched(engine: OnnxEngine, hf_tokenizer: tokenizers.Tokenizer) -> None:
+    prompts = [_prompt(engine, p) for p in PROMPTS]
+    params = [SamplingParams(max_tokens=n, temperature=0.0) for n in (24, 9, 17, 30, 4)]
+    alone = [_run(engine, ids, p) for ids, p in zip(prompts, params)]
+    steps_before = engine.decode_steps
+
+    async def together() -> list[tuple[list[Delta], Finish]]:
+        return await asyncio.gather(*(_collect(engine, ids, p) for ids, p in zip(prompts, params)))
+
+    batched = [("".join(d.text for d in deltas), fin) for deltas, fin in asyncio.run(together())]
+    assert batched == alone
+    # They really ran together: fewer steps than the sum of their lengths.
+    assert engine.decode_steps - steps_before < sum(f.completion_tokens for _, f in alone)
+    for ids, p, (text, _) in zip(prompts, params, alone):
+        assert text == _expected_text(hf_tokenizer, engine, _reference_greedy(engine, ids, p.max_tokens))
+
+
+def test_sequences_join_and_leave_between_steps(engine: OnnxEngine) -> None:
+    """Staggered arrivals with different lengths; each result equals its solo run."""
+    prompts = [_prompt(engine, p) for p in PROMPTS]
+    params = SamplingParams(max_tokens=12, temperature=0.0)
+    alone = [_run(engine, ids, params) for ids in prompts]
+
+    async def staggered() -> list[tuple[str, Finish]]:
+        async def one(i: int, ids: list[int]) -> tuple[str, Finish]:
+            await asyncio.sleep(0.01 * i)
+            deltas, fin = await _collect(engine, ids, params)
+            return "".join(d.text for d in deltas), fin
+
+        return await asyncio.gather(*(one(i, ids) for i, ids in enumerate(prompts)))
+
+    assert asyncio.run(staggered()) == alone
+
+
+def test_cancelled_consumer_frees_its_slot(engine: OnnxEngine) -> None:
+    ids = _prompt(engine, "go on")
+    long = SamplingParams(max_tokens=400, temperature=1.0, seed=1)
+
+    async def main() -> None:
+        agen = engine.generate(ids, long)
+        seen = [await agen.__anext__() for _ in range(3)]
+        assert all(isinstance(s, Delta) for s in seen)
+        assert engine.active_sequences == 1
+        await agen.aclose()
+        await _wait_idle(engine)
+        steps = engine.decode_steps
+        await asyncio.sleep(0.05)
+        assert engine.decode_steps == steps  # nothing runs for the dropped sequence
+
+        task = asyncio.create_task(_collect(engine, ids, long))
+        while engine.decode_steps < steps + 3:
+            await asyncio.sleep(0.001)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await _wait_idle(engine)
+        # The freed slot serves the next request normally.
+        _, fin = await _collect(engine, ids, SamplingParams(max_tokens=3, temperature=0.0))
+        assert fin.completion_tokens <= 3
+
+    asyncio.run(main())
+
+
+async def _wait_idle(engine: OnnxEngine) -> None:
+    for _ in range(2000):
+        if engine.active_sequences == 0:
+            return
+        await asyncio.sleep(0.001)
+    raise AssertionError("the sequence still holds a slot")
+
+
+def test_generation_does_not_block_the_event_loop(engine: OnnxEngine) -> None:
+    ids = _prompt(engine, "hello")
+
+    async def main() -> tuple[int, int]:
+        ticks = 0
+        stop = asyncio.Event()
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while not stop.is_set():
+                ticks += 1
+                await asyncio.sleep(0)
+
+        t = asyncio.create_task(ticker())
+        _, fin = await _collect(engine, ids, SamplingParams(max_tokens=60, temperature=1.0, seed=3))
+        stop.set()
+        await t
+        return ticks, fin.completion_tokens
+
+    ticks, produced = asyncio.run(main())
+    assert ticks > produced  # the loop kept turning between tokens
+
+
+def test_closed_engine_raises_engine_error(tiny_model_dir: Path) -> None:
+    eng = load_engine(tiny_model_dir, threads=1)
+
+    async def main() -> None:
+        await eng.close()
+        with pytest.raises(EngineError):
+            await _collect(eng, [5, 6], GREEDY)
+
+    asyncio.run(main())
+
+
+def test_engine_reports_metadata(engine: OnnxEngine, tiny_model_dir: Path) -> None:
+    spec = read_model_dir(tiny_model_dir)
+    assert engine.provider == "CPUExecutionProvider"
+    assert engine.context_length == spec.context_length
+    assert engine.model_id
+    assert spec.kv_layout in ("shared_buffer", "concat")
+
+
+def test_default_graph_is_the_fused_one(tiny_model_dir: Path) -> None:
+    assert read_model_dir(tiny_model_dir).graph_path.name == "model.onnx"
+    assert read_model_dir(tiny_model_dir).kv_layout == "shared_buffer"
+    assert read_model_dir(tiny_model_dir, graph="model_fp32.onnx").kv_layout == "concat"
+
+
+# --- sampling -----------------------------------------------------------------------------------------------------
+
+
+def test_sampler_modes() -> None:
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal(1000).astype(np.float32)
+    best = int(np.argmax(logits))
+    assert Sampler(SamplingParams(max_tokens=1, temperature=0.0))(logits) == best
+    assert Sampler(SamplingParams(max_tokens=1, temperature=1.0, top_k=1, seed=1))(logits) == best
+    assert Sampler(SamplingParams(max_tokens=1, temperature=1.0, top_p=1e-9, seed=1))(logits) == best
+    top5 = set(np.argsort(-logits)[:5].tolist())
+    draws = [Sampler(SamplingParams(max_tokens=1, temperature=2.0, top_k=5, seed=s))(logits) for s in range(200)]
+    assert set(draws) <= top5 and len(set(draws)) > 1
+    a = Sampler(SamplingParams(max_tokens=1, temperature=1.0, seed=42))
+    b = Sampler(SamplingParams(max_tokens=1, temperature=1.0, seed=42))
+    assert [a(logits) for _ in range(50)] == [b(logits) for _ in range(50)]
+
+
+def test_sampler_follows_the_distribution() -> None:
+    logits = np.log(np.array([0.5, 0.3, 0.2], np.float32))
+    sampler = Sampler(SamplingParams(max_tokens=1, temperature=1.0, seed=0))
+    counts = np.bincount([sampler(logits) for _ in range(6000)], minlength=3) / 6000
+    assert np.allclose(counts, [0.5, 0.3, 0.2], atol=0.03)
+    nucleus = Sampler(SamplingParams(max_tokens=1, temperature=1.0, top_p=0.75, seed=0))
+    assert {nucleus(logits) for _ in range(300)} == {0, 1}
+
+
+@pytest.mark.parametrize("bad", [dict(temperature=-1.0), dict(top_p=0.0), dict(top_k=-2)])
+def test_sampler_rejects_bad_parameters(bad: dict[str, float]) -> None:
+    with pytest.raises(ValueError):
+        Sampler(SamplingParams(max_tokens=1, **bad))  # type: ignore[arg-type]
+
+
+# --- stop strings -------------------------------------------------------------------------------------------------
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    text=st.text(alphabet="ab\n日😀", max_size=30),
+    cuts=st.lists(st.integers(0, 30), max_size=8),
+    stops=st.lists(st.text(alphabet="ab\n日😀", min_size=1, max_size=4), max_size=3),
+)
+def test_stop_text_streams_exactly_the_text_before_the_first_stop(text: str, cuts: list[int],
+                                                                  stops: list[str]) -> None:
+    bounds = sorted({0, len(text), *(c for c in cuts if c <= len(text))})
+    pieces = [text[a:b] for a, b in zip(bounds, bounds[1:])]
+    matcher = StopText(stops)
+    out, stopped = "", False
+    for piece in pieces:
+        emitted, stopped = matcher.push(piece)
+        out += emitted
+        if stopped:
+            break
+    if not stopped:
+        out += matcher.flush()
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    if hits:
+        # Found as soon as it is complete; nothing from the stop string on is ever emitted.
+        assert stopped and out == text[: min(hits)]
+    else:
+        assert not stopped and out == text
+
+
+# --- chat template ------------------------------------------------------------------------------------------------
+
+SMOLLM_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}"
+    "{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def test_chat_template_renders_like_transformers() -> None:
+    template = ChatTemplate.from_tokenizer_config({"chat_template": SMOLLM_TEMPLATE, "eos_token": "<|im_end|>"})
+    assert template.render([("user", "What is the capital of France?")]) == (
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+        "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
+    )
+    named = ChatTemplate.from_tokenizer_config({
+        "chat_template": [{"name": "default", "template": "{{ bos_token }}{% for m in messages %}{{ m.content | tojson }}"
+                                                          "{% generation %}!{% endgeneration %}{% endfor %}"}],
+        "bos_token": {"content": "<s>", "lstrip": False},
+    })
+    assert named.render([("user", "é\"")]) == '<s>"é\\""!'
+
+
+def test_chat_template_errors_carry_no_message_text() -> None:
+    canary = "canary-9f1c"
+    strict = ChatTemplate("{% for m in messages %}{% if m.role == 'user' %}{{ raise_exception('bad: ' + m.content) }}"
+                          "{% endif %}{% endfor %}")
+    with pytest.raises(ChatTemplateError) as err:
+        strict.render([("user", canary)])
+    assert canary not in str(err.value) and err.value.__cause__ is None
+    sandbox = ChatTemplate("{{ messages.__class__.__mro__ }}")
+    with pytest.raises(ChatTemplateError):
+        sandbox.render([("user", canary)])
+    mutate = ChatTemplate("{{ messages.append(1) }}")
+    with pytest.raises(ChatTemplateError):
+        mutate.render([("user", canary)])
+    with pytest.raises(ChatTemplateError):
+        ChatTemplate.from_tokenizer_config({})
+
+
+def test_scheduler_runs_in_its_own_thread(engine: OnnxEngine) -> None:
+    names = {t.name for t in threading.enumerate()}
+    assert "cheapest-scheduler" in names
