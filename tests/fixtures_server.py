@@ -93,7 +93,7 @@ class ServerProcess:
 
 def start_server(tmp: Path, *, workers: int = 1, backend: str = "fixed", model_dir: Path | None = None,
                  extra_env: dict[str, str] | None = None, ready_timeout: float = 120.0,
-                 data_dir: Path | None = None) -> ServerProcess:
+                 data_dir: Path | None = None, interface: str = "rsgi") -> ServerProcess:
     data = data_dir or tmp / "data"
     data.mkdir(parents=True, exist_ok=True)
     port = free_port()
@@ -110,7 +110,7 @@ def start_server(tmp: Path, *, workers: int = 1, backend: str = "fixed", model_d
     out, err = tmp / "server.stdout", tmp / "server.stderr"
     with out.open("wb") as stdout, err.open("wb") as stderr:  # the child keeps its own copies
         proc = subprocess.Popen(
-            [sys.executable, "-m", "granian", "--interface", "rsgi", "--host", "127.0.0.1", "--port", str(port),
+            [sys.executable, "-m", "granian", "--interface", interface, "--host", "127.0.0.1", "--port", str(port),
              "--workers", str(workers), "--no-ws", "cheapest.server:app"],
             env=env, cwd=tmp, stdout=stdout, stderr=stderr, start_new_session=True,
         )
@@ -170,3 +170,22 @@ def api_account(fixed_server: ServerProcess) -> ApiAccount:
     account_id, mk = fixed_server.create_account()
     key = fixed_server.create_key(mk)
     return ApiAccount(fixed_server, account_id, mk, str(key["key"]), str(key["id"]))
+
+
+_CLIENTS: list[object] = []
+
+
+def sdk(base_url: str, api_key: str) -> "openai.OpenAI":  # type: ignore[name-defined]  # noqa: F821
+    """An official `openai` client (no retries) that the `sdk_clients` fixture closes after the test."""
+    import openai
+
+    client = openai.OpenAI(base_url=base_url, api_key=api_key, max_retries=0, timeout=30)
+    _CLIENTS.append(client)
+    return client
+
+
+@pytest.fixture
+def sdk_clients() -> Iterator[None]:
+    yield
+    while _CLIENTS:
+        _CLIENTS.pop().close()  # type: ignore[attr-defined]

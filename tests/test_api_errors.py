@@ -8,7 +8,9 @@ import httpx
 import openai
 import pytest
 
-from fixtures_server import ApiAccount
+from fixtures_server import ApiAccount, sdk
+
+pytestmark = pytest.mark.usefixtures("sdk_clients")
 
 MODEL = "SmolLM2-135M-Instruct"
 CANARY = "CANARY-91b2-secret-text"
@@ -32,14 +34,14 @@ def _error(r: httpx.Response) -> dict[str, object]:
 def test_auth_errors_sdk(api_account: ApiAccount) -> None:
     acct = api_account
     for bad in ("sk_notarealkey", acct.sk[:-1] + ("A" if acct.sk[-1] != "A" else "B"), "sk_" + "a" * 36):
-        c = openai.OpenAI(base_url=acct.server.v1, api_key=bad, max_retries=0)
+        c = sdk(acct.server.v1, bad)
         with pytest.raises(openai.AuthenticationError):
             c.models.list()
     r = httpx.get(acct.server.v1 + "/models")
     assert r.status_code == 401 and _error(r)["code"] == "invalid_api_key"
     # The management key is the wrong kind for /v1, and the inference key for /api.
     with pytest.raises(openai.PermissionDeniedError, match="sk_"):
-        openai.OpenAI(base_url=acct.server.v1, api_key=acct.mk, max_retries=0).models.list()
+        sdk(acct.server.v1, acct.mk).models.list()
     r = httpx.get(acct.server.base_url + "/api/keys", headers={"Authorization": f"Bearer {acct.sk}"})
     assert r.status_code == 403 and "mk_" in str(_error(r)["message"])
 
@@ -48,7 +50,7 @@ def test_disabled_expired_and_revoked_keys(api_account: ApiAccount) -> None:
     acct = api_account
     auth = {"Authorization": f"Bearer {acct.mk}"}
     base = acct.server.base_url
-    c = openai.OpenAI(base_url=acct.server.v1, api_key=acct.sk, max_retries=0)
+    c = sdk(acct.server.v1, acct.sk)
     assert httpx.patch(f"{base}/api/keys/{acct.key_id}", json={"disabled": True}, headers=auth).status_code == 200
     with pytest.raises(openai.PermissionDeniedError, match="disabled"):
         c.models.list()
@@ -56,7 +58,7 @@ def test_disabled_expired_and_revoked_keys(api_account: ApiAccount) -> None:
     c.models.list()
     expired = acct.server.create_key(acct.mk, expires_at=1)
     with pytest.raises(openai.PermissionDeniedError, match="expired"):
-        openai.OpenAI(base_url=acct.server.v1, api_key=str(expired["key"]), max_retries=0).models.list()
+        sdk(acct.server.v1, str(expired["key"])).models.list()
     assert httpx.delete(f"{base}/api/keys/{acct.key_id}", headers=auth).json()["deleted"] is True
     with pytest.raises(openai.AuthenticationError):
         c.models.list()
@@ -84,13 +86,13 @@ def test_bad_bodies_name_the_field_never_the_value(api_account: ApiAccount) -> N
     r = _post(api_account, b'{"model": "' + CANARY.encode() + b'", messages: [')
     assert r.status_code == 400 and _error(r)["code"] == "invalid_json"
     with pytest.raises(openai.BadRequestError):
-        openai.OpenAI(base_url=api_account.server.v1, api_key=api_account.sk, max_retries=0).chat.completions.create(
+        sdk(api_account.server.v1, api_account.sk).chat.completions.create(
             model=MODEL, messages=[{"role": "user", "content": "x"}], n=3)
 
 
 def test_unknown_model_404_without_echo(api_account: ApiAccount) -> None:
     with pytest.raises(openai.NotFoundError) as info:
-        openai.OpenAI(base_url=api_account.server.v1, api_key=api_account.sk, max_retries=0).chat.completions.create(
+        sdk(api_account.server.v1, api_account.sk).chat.completions.create(
             model=CANARY, messages=[{"role": "user", "content": "x"}])
     assert CANARY not in str(info.value) and info.value.code == "model_not_found"
 
@@ -114,7 +116,7 @@ def test_context_overflow_and_body_limit(api_account: ApiAccount) -> None:
 
 def test_rate_limit_429(api_account: ApiAccount) -> None:
     key = api_account.server.create_key(api_account.mk, limits={"rpm": 2})
-    c = openai.OpenAI(base_url=api_account.server.v1, api_key=str(key["key"]), max_retries=0)
+    c = sdk(api_account.server.v1, str(key["key"]))
     for _ in range(2):
         c.chat.completions.create(model=MODEL, messages=MSG)
     with pytest.raises(openai.RateLimitError) as info:
@@ -125,7 +127,7 @@ def test_rate_limit_429(api_account: ApiAccount) -> None:
     assert h["x-ratelimit-limit-requests"] == "2"
     # TPM: a prompt alone over the limit is refused outright; the estimate counts max_tokens
     key = api_account.server.create_key(api_account.mk, limits={"tpm": 50})
-    c = openai.OpenAI(base_url=api_account.server.v1, api_key=str(key["key"]), max_retries=0)
+    c = sdk(api_account.server.v1, str(key["key"]))
     with pytest.raises(openai.RateLimitError):
         c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "w " * 60}])
     r = c.chat.completions.with_raw_response.create(model=MODEL, messages=MSG, max_tokens=40)
@@ -193,7 +195,7 @@ def test_cli_accounts_create_json(api_account: ApiAccount) -> None:
     body = json.loads(out.stdout)
     assert set(body) == {"account_id", "management_key"} and body["management_key"].startswith("mk_")
     key = api_account.server.create_key(body["management_key"])
-    r = openai.OpenAI(base_url=api_account.server.v1, api_key=str(key["key"]), max_retries=0).chat.completions.create(
+    r = sdk(api_account.server.v1, str(key["key"])).chat.completions.create(
         model=MODEL, messages=MSG)
     assert r.choices[0].message.content
     again = api_account.server.cli("accounts", "create", "--email", "CLI@example.test", "--json")

@@ -9,7 +9,9 @@ import openai
 import pytest
 
 from cheapest.inference.fixed import FixedEngine
-from fixtures_server import ApiAccount
+from fixtures_server import ApiAccount, sdk
+
+pytestmark = pytest.mark.usefixtures("sdk_clients")
 
 MODEL = "SmolLM2-135M-Instruct"
 ANSWER = "The capital of France is Paris."
@@ -17,7 +19,7 @@ QUESTION = "What is the capital of France?"
 
 
 def _client(acct: ApiAccount, key: str | None = None) -> openai.OpenAI:
-    return openai.OpenAI(base_url=acct.server.v1, api_key=key or acct.sk, max_retries=0, timeout=30)
+    return sdk(acct.server.v1, key or acct.sk)
 
 
 def _prompt_tokens(messages: list[tuple[str, str]]) -> int:
@@ -137,3 +139,18 @@ def test_request_log_lines_are_metadata_only(api_account: ApiAccount) -> None:
                               "latency_ms", "stream"}
     assert lines[-1]["status"] == 200 and lines[-1]["model"] == MODEL and lines[-1]["completion_tokens"] == 6
     assert canary not in api_account.server.output()
+
+
+def test_asgi_interface_serves_the_same_api(server_factory) -> None:  # type: ignore[no-untyped-def]
+    server = server_factory(interface="asgi")
+    _, mk = server.create_account()
+    sk = str(server.create_key(mk)["key"])
+    c = sdk(server.v1, sk)
+    assert c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": QUESTION}]
+                                     ).choices[0].message.content == ANSWER
+    chunks = list(c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": QUESTION}],
+                                            stream=True, stream_options={"include_usage": True}))
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == ANSWER
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 6
+    with pytest.raises(openai.AuthenticationError):
+        sdk(server.v1, "sk_bad").models.list()

@@ -147,6 +147,12 @@ class App:
         status = await _pump(resp, transport, proto)
         self._log(req, status)
 
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        """ASGI, for servers and tools that speak only that."""
+        from cheapest.http.asgi import serve_asgi
+
+        await serve_asgi(self, scope, receive, send)
+
     def _log(self, req: Request, status: int) -> None:
         state = self.state
         if state is not None and state.settings.request_log:
