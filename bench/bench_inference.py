@@ -1,0 +1,279 @@
+"""Inference speed: this engine vs llama.cpp and Hugging Face transformers on the same GGUF, same threads.
+
+    python bench/bench_inference.py [--threads 2] [--new-tokens 128] [--prompt-tokens 500] [--concurrency 8]
+                                    [--model-dir DIR] [--gguf FILE] [--peers llama.cpp,transformers]
+
+Measured, per engine, each in its own process (so thread pools and memory do not mix):
+  decode tok/s at batch 1 (greedy, up to --new-tokens new tokens: tokens after the first / time after the first),
+  prefill tok/s on a ~--prompt-tokens prompt (prompt tokens / time to the first token), the resident memory one
+  loaded model adds, and for this engine the aggregate decode tok/s of --concurrency concurrent requests.
+Reported as medians of --repeats runs, with the ratios the inference issue sets goals for: decode and prefill
+>= 1.0x llama.cpp; aggregate at 8 concurrent >= 3x our batch-1 figure.
+
+The peers live in a bench-only virtualenv (they are not project dependencies):
+    python3 -m venv .venv-bench && .venv-bench/bin/pip install llama-cpp-python transformers torch gguf
+A peer that is not installed there is skipped with a message. Prompts are the same token ids for every
+engine (SmolLM2's tokenizer), so prefill work is identical.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+BENCH_PYTHON = REPO / ".venv-bench" / "bin" / "python"
+
+STORY = ("Write a long, detailed story about a lighthouse keeper who finds a map to a hidden island, "
+         "with many characters and places.")
+FILLER = ("The history of the region is long and varied. Farmers grew wheat and barley in the valleys, "
+          "traders brought salt and cloth along the river, and every spring the town held a market where "
+          "people from the hills came to sell wool, cheese and honey. ")
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _median(values: list[float]) -> float:
+    return float(statistics.median(values)) if values else float("nan")
+
+
+# --- workers (run in a subprocess; print one JSON line) --------------------------------------------------------
+
+
+def _token_times(stream: Any) -> list[float]:
+    times = []
+    for _ in stream:
+        times.append(time.perf_counter())
+    return times
+
+
+def _rates(start: float, times: list[float], prompt_len: int) -> dict[str, float]:
+    out = {"ttft_s": times[0] - start, "new_tokens": len(times)}
+    if len(times) > 1:
+        out["decode_tps"] = (len(times) - 1) / (times[-1] - times[0])
+    out["prefill_tps"] = prompt_len / (times[0] - start)
+    return out
+
+
+def worker_ours(args: argparse.Namespace, prompts: dict[str, list[int]]) -> dict[str, Any]:
+    import asyncio
+
+    sys.path.insert(0, str(REPO / "python"))
+    from cheapest.inference.engine import load_engine
+    from cheapest.inference.types import Delta, SamplingParams
+
+    before = _rss_bytes()
+    engine = load_engine(args.model_dir, threads=args.threads, max_batch=max(8, args.concurrency))
+    loaded = _rss_bytes()
+
+    async def one(ids: list[int], max_tokens: int) -> tuple[float, list[float]]:
+        start = time.perf_counter()
+        times = []
+        async for item in engine.generate(ids, SamplingParams(max_tokens=max_tokens, temperature=0.0)):
+            if isinstance(item, Delta):
+                times.append(time.perf_counter())
+        return start, times
+
+    async def run() -> dict[str, Any]:
+        await one(prompts["story"], 8)  # warm-up: first-run allocations and thread pool start
+        decode, prefill, aggregate = [], [], []
+        for _ in range(args.repeats):
+            start, times = await one(prompts["story"], args.new_tokens)
+            decode.append(_rates(start, times, len(prompts["story"]))["decode_tps"])
+            start, times = await one(prompts["long"], 1)
+            prefill.append(len(prompts["long"]) / (times[0] - start))
+            start = time.perf_counter()
+            results = await asyncio.gather(*(one(prompts["story"], args.new_tokens) for _ in range(args.concurrency)))
+            total = sum(len(t) for _, t in results)
+            aggregate.append(total / (max(t[-1] for _, t in results) - start))
+        return {"decode_tps": _median(decode), "prefill_tps": _median(prefill), "aggregate_tps": _median(aggregate),
+                "new_tokens": len(times), "provider": engine.provider}
+
+    result = asyncio.run(run())
+    asyncio.run(engine.close())
+    result["rss_model_bytes"] = loaded - before
+    result["rss_total_bytes"] = _rss_bytes()
+    return result
+
+
+def worker_llama_cpp(args: argparse.Namespace, prompts: dict[str, list[int]]) -> dict[str, Any]:
+    from llama_cpp import Llama
+
+    before = _rss_bytes()
+    llm = Llama(model_path=str(args.gguf), n_ctx=2048, n_threads=args.threads, n_threads_batch=args.threads,
+                n_batch=512, verbose=False)
+    loaded = _rss_bytes()
+
+    def one(ids: list[int], max_tokens: int) -> tuple[float, list[float]]:
+        llm.reset()  # no prompt-prefix reuse between runs
+        start = time.perf_counter()
+        stream = llm.create_completion(ids, max_tokens=max_tokens, temperature=0.0, top_k=1, stream=True)
+        return start, _token_times(stream)
+
+    one(prompts["story"], 8)
+    decode, prefill = [], []
+    for _ in range(args.repeats):
+        start, times = one(prompts["story"], args.new_tokens)
+        decode.append(_rates(start, times, len(prompts["story"]))["decode_tps"])
+        start, times = one(prompts["long"], 1)
+        prefill.append(len(prompts["long"]) / (times[0] - start))
+    return {"decode_tps": _median(decode), "prefill_tps": _median(prefill), "new_tokens": len(times),
+            "rss_model_bytes": loaded - before, "rss_total_bytes": _rss_bytes()}
+
+
+def worker_transformers(args: argparse.Namespace, prompts: dict[str, list[int]]) -> dict[str, Any]:
+    import torch
+    from transformers import AutoModelForCausalLM, StoppingCriteria, StoppingCriteriaList
+
+    torch.set_num_threads(args.threads)
+    before = _rss_bytes()
+    model = AutoModelForCausalLM.from_pretrained(str(Path(args.gguf).parent), gguf_file=Path(args.gguf).name,
+                                                 torch_dtype=torch.float32)
+    model.eval()
+    loaded = _rss_bytes()
+
+    class Clock(StoppingCriteria):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+
+        def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> bool:
+            self.times.append(time.perf_counter())
+            return False
+
+    def one(ids: list[int], max_tokens: int) -> tuple[float, list[float]]:
+        clock = Clock()
+        inputs = torch.tensor([ids])
+        start = time.perf_counter()
+        with torch.inference_mode():
+            model.generate(inputs, attention_mask=torch.ones_like(inputs), max_new_tokens=max_tokens,
+                           do_sample=False, stopping_criteria=StoppingCriteriaList([clock]), pad_token_id=2)
+        return start, clock.times
+
+    one(prompts["story"], 8)
+    decode, prefill = [], []
+    for _ in range(args.repeats):
+        start, times = one(prompts["story"], args.new_tokens)
+        decode.append(_rates(start, times, len(prompts["story"]))["decode_tps"])
+        start, times = one(prompts["long"], 1)
+        prefill.append(len(prompts["long"]) / (times[0] - start))
+    return {"decode_tps": _median(decode), "prefill_tps": _median(prefill), "new_tokens": len(times),
+            "rss_model_bytes": loaded - before, "rss_total_bytes": _rss_bytes()}
+
+
+WORKERS = {"ours": worker_ours, "llama.cpp": worker_llama_cpp, "transformers": worker_transformers}
+PEER_MODULES = {"llama.cpp": "llama_cpp", "transformers": "transformers"}
+
+
+# --- driver -------------------------------------------------------------------------------------------------------
+
+
+def _prompts(model_dir: Path, prompt_tokens: int) -> dict[str, list[int]]:
+    sys.path.insert(0, str(REPO / "python"))
+    from cheapest.inference.chat import ChatTemplate
+    from cheapest.inference.loader import load_tokenizer, read_model_dir
+
+    spec = read_model_dir(model_dir)
+    tok = load_tokenizer(model_dir)
+    template = ChatTemplate.from_tokenizer_config(spec.tokenizer_config)
+    story = tok.encode(template.render([("user", STORY)]), add_special_tokens=False)
+    text = FILLER
+    while len(tok.encode(text, add_special_tokens=False)) < prompt_tokens:
+        text += FILLER
+    ids = tok.encode(template.render([("user", text + " Summarize this.")]), add_special_tokens=False)
+    return {"story": story, "long": ids[-prompt_tokens:] if len(ids) > prompt_tokens else ids}
+
+
+def _run_worker(name: str, args: argparse.Namespace, prompts: dict[str, list[int]]) -> dict[str, Any] | None:
+    python = sys.executable
+    if name != "ours":
+        if not BENCH_PYTHON.exists():
+            print(f"skipping {name}: no bench venv at {BENCH_PYTHON} (see this file's docstring)", file=sys.stderr)
+            return None
+        check = subprocess.run([str(BENCH_PYTHON), "-c", f"import {PEER_MODULES[name]}"], capture_output=True)
+        if check.returncode != 0:
+            print(f"skipping {name}: `{PEER_MODULES[name]}` is not installed in {BENCH_PYTHON.parent.parent}",
+                  file=sys.stderr)
+            return None
+        python = str(BENCH_PYTHON)
+    payload = json.dumps({"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+                          "prompts": prompts})
+    proc = subprocess.run([python, __file__, "--worker", name], input=payload, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO / "python")})
+    if proc.returncode != 0:
+        print(f"{name} failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
+        return None
+    return dict(json.loads(proc.stdout.strip().splitlines()[-1]))
+
+
+def _default_paths(args: argparse.Namespace) -> None:
+    if args.model_dir is None or args.gguf is None:
+        sys.path.insert(0, str(REPO / "python"))
+        from cheapest.inference import pull  # type: ignore[attr-defined]
+
+        model_dir = Path(pull.ensure_default_model())
+        args.model_dir = args.model_dir or model_dir
+        if args.gguf is None:
+            found = sorted(pull.data_dir().glob("**/*.gguf"))
+            if not found:
+                raise SystemExit("no GGUF found in the data directory; pass --gguf")
+            args.gguf = found[0]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--prompt-tokens", type=int, default=500)
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--model-dir", type=Path)
+    parser.add_argument("--gguf", type=Path)
+    parser.add_argument("--peers", default="llama.cpp,transformers")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.worker:
+        payload = json.loads(sys.stdin.read())
+        ns = argparse.Namespace(**payload["args"])
+        print(json.dumps(WORKERS[args.worker](ns, payload["prompts"])))
+        return
+
+    _default_paths(args)
+    prompts = _prompts(args.model_dir, args.prompt_tokens)
+    print(f"threads={args.threads} prompt={len(prompts['long'])} tokens, new={args.new_tokens}, "
+          f"concurrency={args.concurrency}, repeats={args.repeats} (medians)")
+    results: dict[str, dict[str, Any]] = {}
+    for name in ["ours", *[p for p in args.peers.split(",") if p]]:
+        result = _run_worker(name, args, prompts)
+        if result is not None:
+            results[name] = result
+            extra = f"  aggregate@{args.concurrency}={result['aggregate_tps']:.1f}" if "aggregate_tps" in result else ""
+            print(f"{name:>13}: decode {result['decode_tps']:7.1f} tok/s  prefill {result['prefill_tps']:8.1f} tok/s"
+                  f"  model RSS {result['rss_model_bytes'] / 2**20:7.1f} MiB  (new tokens {result['new_tokens']})"
+                  + extra, flush=True)
+    ours = results.get("ours")
+    if ours:
+        print(f"aggregate@{args.concurrency} / batch-1 decode: {ours['aggregate_tps'] / ours['decode_tps']:.2f}x "
+              f"(goal >= 3x)")
+        for peer in ("llama.cpp", "transformers"):
+            if peer in results:
+                print(f"vs {peer}: decode {ours['decode_tps'] / results[peer]['decode_tps']:.2f}x, "
+                      f"prefill {ours['prefill_tps'] / results[peer]['prefill_tps']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
