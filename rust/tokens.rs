@@ -1,1 +1,467 @@
-//! tokens (to be written)
+//! Token counting, encoding and decoding for Hugging Face `tokenizer.json`s.
+//!
+//! Why it is built this way (the performance decisions, in one place):
+//! - The `tokenizers` crate loads every tokenizer.json and stays the
+//!   reference: anything the fast path does not fully support goes to it, and
+//!   `decode` always uses it.
+//! - Counting is the per-request hot path (admission needs the prompt's
+//!   count before anything runs), and the crate spends most of its time on
+//!   offsets, normalized-string bookkeeping and a backtracking regex. For the
+//!   GPT-2 byte-level BPE family (SmolLM2, GPT-2, StarCoder, ...) `FastBpe`
+//!   computes the same ids without them: a hand-written pre-tokenizer scanner
+//!   (`pretok`), merge ranks in an FxHash map keyed by the id pair, and a
+//!   per-call cache of words borrowed from the text (no allocation per word).
+//!   Equality with the crate and with the Python package is proven by tests,
+//!   not assumed.
+//! - Large texts are cut where pieces always break (after a newline or tab
+//!   before a non-space) and the parts are counted on rayon's pool; batches
+//!   go to the pool when their total size pays for the hand-off.
+//! - The incremental decoder of byte-level tokenizers works on bytes, so it
+//!   never splits a UTF-8 character and matches `decode` exactly; other
+//!   decoders re-decode a short window of ids.
+use rayon::prelude::*;
+use rustc_hash::FxHashMap;
+use std::fmt;
+use std::path::Path;
+use std::sync::Arc;
+
+mod bpe;
+mod pretok;
+
+use bpe::{FastBpe, Segment};
+
+/// A tokenizer file is invalid, or ids are out of range. Messages never
+/// contain the text being counted, encoded or decoded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenizerError(pub String);
+
+impl fmt::Display for TokenizerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for TokenizerError {}
+
+/// Texts at least this large are counted in parallel parts of about
+/// `CHUNK` bytes; smaller ones are not worth the hand-off to the pool.
+const PARALLEL_MIN: usize = 256 * 1024;
+const CHUNK: usize = 64 * 1024;
+/// A batch goes to the pool when its texts add up to this many bytes.
+const BATCH_PARALLEL_MIN: usize = 32 * 1024;
+
+/// The bytes every id decodes to under a ByteLevel decoder (what the crate's
+/// `ByteLevel::decode_chain` produces per token before its final lossy UTF-8
+/// conversion), and whether the token is special.
+struct TokenBytes {
+    offsets: Vec<u32>,
+    bytes: Vec<u8>,
+    present: Vec<bool>,
+    special: Vec<bool>,
+}
+
+impl TokenBytes {
+    fn build(tk: &tokenizers::Tokenizer, max_id: u32) -> TokenBytes {
+        let c2b = bpe::char_to_byte();
+        let specials: std::collections::HashSet<String> = tk
+            .get_added_tokens_decoder()
+            .into_values()
+            .filter(|t| t.special)
+            .map(|t| t.content)
+            .collect();
+        let n = max_id as usize + 1;
+        let mut out = TokenBytes {
+            offsets: Vec::with_capacity(n + 1),
+            bytes: Vec::new(),
+            present: vec![false; n],
+            special: vec![false; n],
+        };
+        out.offsets.push(0);
+        for id in 0..n {
+            if let Some(token) = tk.id_to_token(id as u32) {
+                out.present[id] = true;
+                out.special[id] = specials.contains(&token);
+                match bpe::token_bytes(&token, &c2b) {
+                    Some(b) => out.bytes.extend(b),
+                    None => out.bytes.extend(token.as_bytes()),
+                }
+            }
+            out.offsets.push(out.bytes.len() as u32);
+        }
+        out
+    }
+
+    fn get(&self, id: u32) -> Option<(&[u8], bool)> {
+        let i = id as usize;
+        if !*self.present.get(i)? {
+            return None;
+        }
+        Some((&self.bytes[self.offsets[i] as usize..self.offsets[i + 1] as usize], self.special[i]))
+    }
+}
+
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    fast: Option<FastBpe>,
+    token_bytes: Option<TokenBytes>,
+    vocab_size: usize,
+}
+
+/// Per-call cache of words (borrowed from the text) -> their ids.
+struct WordCache<'t> {
+    words: FxHashMap<&'t [u8], (u32, u32)>,
+    ids: Vec<u32>,
+}
+
+impl<'t> WordCache<'t> {
+    fn new() -> Self {
+        WordCache { words: FxHashMap::default(), ids: Vec::new() }
+    }
+
+    /// Ids of `piece`, appended to `out`.
+    #[inline]
+    fn encode(&mut self, fast: &FastBpe, piece: &'t [u8], out: &mut Vec<u32>) {
+        if piece.len() <= 2 {
+            return fast.encode_piece(piece, out);
+        }
+        if let Some(&(start, len)) = self.words.get(piece) {
+            out.extend_from_slice(&self.ids[start as usize..(start + len) as usize]);
+            return;
+        }
+        let before = out.len();
+        fast.encode_piece(piece, out);
+        let start = self.ids.len() as u32;
+        self.ids.extend_from_slice(&out[before..]);
+        self.words.insert(piece, (start, (out.len() - before) as u32));
+    }
+
+    #[inline]
+    fn count(&mut self, fast: &FastBpe, piece: &'t [u8], scratch: &mut Vec<u32>) -> usize {
+        if piece.len() == 1 {
+            return 1;
+        }
+        if let Some(&(_, len)) = self.words.get(piece) {
+            return len as usize;
+        }
+        scratch.clear();
+        fast.encode_piece(piece, scratch);
+        // Only the count is needed later: store no ids.
+        self.words.insert(piece, (0, scratch.len() as u32));
+        scratch.len()
+    }
+}
+
+fn json_error(what: &str, e: &serde_json::Error) -> TokenizerError {
+    // serde_json's messages can quote the input; keep only the position.
+    TokenizerError(format!("{what} (line {}, column {})", e.line(), e.column()))
+}
+
+impl Tokenizer {
+    /// Loads a tokenizer.json given as a string.
+    pub fn from_str(json: &str) -> Result<Tokenizer, TokenizerError> {
+        // The crate reports syntax and schema errors as serde_json errors.
+        let inner: tokenizers::Tokenizer = json.parse().map_err(|e: tokenizers::Error| {
+            let what = "tokenizer.json is not valid JSON or not a tokenizer the tokenizers crate can load";
+            match e.downcast_ref::<serde_json::Error>() {
+                Some(e) => json_error(what, e),
+                None => TokenizerError(what.into()),
+            }
+        })?;
+        Ok(Self::from_crate(inner))
+    }
+
+    /// Loads a tokenizer.json file.
+    pub fn from_file(path: &Path) -> Result<Tokenizer, TokenizerError> {
+        let json = std::fs::read_to_string(path)
+            .map_err(|e| TokenizerError(format!("cannot read tokenizer file {}: {e}", path.display())))?;
+        Self::from_str(&json)
+    }
+
+    fn from_crate(inner: tokenizers::Tokenizer) -> Tokenizer {
+        let shape = serde_json::to_value(&inner).ok();
+        let fast = shape.as_ref().and_then(|json| FastBpe::from_tokenizer(&inner, json));
+        let byte_level_decoder = shape
+            .as_ref()
+            .and_then(|json| json.get("decoder")?.get("type")?.as_str().map(|t| t == "ByteLevel"))
+            .unwrap_or(false);
+        let max_id = inner
+            .get_vocab(true)
+            .values()
+            .copied()
+            .max()
+            .unwrap_or(0);
+        let token_bytes = byte_level_decoder.then(|| TokenBytes::build(&inner, max_id));
+        let vocab_size = inner.get_vocab_size(true);
+        Tokenizer { inner, fast, token_bytes, vocab_size }
+    }
+
+    /// Whether counting and encoding use the exact byte-level BPE fast path.
+    pub fn fast_path(&self) -> bool {
+        self.fast.is_some()
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.vocab_size
+    }
+
+    pub fn token_to_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
+    pub fn id_to_token(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
+    }
+
+    /// `len(encode(text))` with special tokens added, as the Python package's
+    /// `len(Tokenizer.encode(text).ids)`.
+    pub fn count(&self, text: &str) -> usize {
+        let Some(fast) = &self.fast else {
+            return self.crate_encode(text, true).len();
+        };
+        let (pre, post) = fast.special_ids(true);
+        let specials = pre.len() + post.len();
+        if text.len() >= PARALLEL_MIN {
+            return specials
+                + parts(fast, text)
+                    .par_iter()
+                    .map(|seg| count_segment(fast, seg))
+                    .sum::<usize>();
+        }
+        let mut total = specials;
+        let mut cache = WordCache::new();
+        let mut scratch = Vec::new();
+        fast.segments(text, &mut |seg| match seg {
+            Segment::Added(_) => total += 1,
+            Segment::Text(t) => fast.pieces(t, |p| total += cache.count(fast, p.as_bytes(), &mut scratch)),
+        });
+        total
+    }
+
+    /// `count` of every text, on rayon's pool when the batch is large.
+    pub fn count_batch<S: AsRef<str> + Sync>(&self, texts: &[S]) -> Vec<usize> {
+        let total: usize = texts.iter().map(|t| t.as_ref().len()).sum();
+        if texts.len() > 1 && total >= BATCH_PARALLEL_MIN {
+            texts.par_iter().map(|t| self.count(t.as_ref())).collect()
+        } else {
+            texts.iter().map(|t| self.count(t.as_ref())).collect()
+        }
+    }
+
+    pub fn encode(&self, text: &str, add_special_tokens: bool) -> Vec<u32> {
+        let Some(fast) = &self.fast else {
+            return self.crate_encode(text, add_special_tokens);
+        };
+        let (pre, post) = fast.special_ids(add_special_tokens);
+        let mut out = pre.to_vec();
+        if text.len() >= PARALLEL_MIN {
+            let parts: Vec<Vec<u32>> = parts(fast, text)
+                .par_iter()
+                .map(|seg| {
+                    let mut ids = Vec::new();
+                    encode_segment(fast, seg, &mut ids, &mut WordCache::new());
+                    ids
+                })
+                .collect();
+            out.extend(parts.into_iter().flatten());
+        } else {
+            let mut cache = WordCache::new();
+            fast.segments(text, &mut |seg| encode_segment(fast, &seg, &mut out, &mut cache));
+        }
+        out.extend_from_slice(post);
+        out
+    }
+
+    fn crate_encode(&self, text: &str, add_special_tokens: bool) -> Vec<u32> {
+        // The crate fails only on configurations (e.g. a missing unk token),
+        // never on text; its message is dropped as it may quote the input.
+        match self.inner.encode_fast(text, add_special_tokens) {
+            Ok(enc) => enc.get_ids().to_vec(),
+            Err(_) => Vec::new(),
+        }
+    }
+
+    fn check_ids(&self, ids: &[u32]) -> Result<(), TokenizerError> {
+        for &id in ids {
+            let known = match &self.token_bytes {
+                Some(tb) => tb.get(id).is_some(),
+                None => self.inner.id_to_token(id).is_some(),
+            };
+            if !known {
+                return Err(TokenizerError(format!(
+                    "token id {id} is not in the vocabulary (size {})",
+                    self.vocab_size
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String, TokenizerError> {
+        self.check_ids(ids)?;
+        self.inner
+            .decode(ids, skip_special_tokens)
+            .map_err(|_| TokenizerError("the tokenizer's decoder failed".into()))
+    }
+
+    /// A streaming decoder: see `IncrementalDecoder`.
+    pub fn decoder(self: &Arc<Self>, skip_special_tokens: bool) -> IncrementalDecoder {
+        IncrementalDecoder {
+            tk: Arc::clone(self),
+            skip_special_tokens,
+            pending: Vec::new(),
+            ids: Vec::new(),
+            prefix: 0,
+            read: 0,
+        }
+    }
+}
+
+/// The added-token split of `text`, with long plain-text segments cut at
+/// safe places into parts of about `CHUNK` bytes.
+fn parts<'t>(fast: &FastBpe, text: &'t str) -> Vec<Segment<'t>> {
+    let mut out = Vec::new();
+    fast.segments(text, &mut |seg| match seg {
+        Segment::Text(t) if t.len() > 2 * CHUNK => {
+            let b = t.as_bytes();
+            let mut start = 0;
+            let mut p = CHUNK;
+            while p < b.len() {
+                if pretok::is_safe_cut(fast.classes(), b, p) {
+                    out.push(Segment::Text(&t[start..p]));
+                    start = p;
+                    p += CHUNK;
+                } else {
+                    p += 1;
+                }
+            }
+            out.push(Segment::Text(&t[start..]));
+        }
+        seg => out.push(seg),
+    });
+    out
+}
+
+fn count_segment(fast: &FastBpe, seg: &Segment<'_>) -> usize {
+    match seg {
+        Segment::Added(_) => 1,
+        Segment::Text(t) => {
+            let mut n = 0;
+            let mut cache = WordCache::new();
+            let mut scratch = Vec::new();
+            fast.pieces(t, |p| n += cache.count(fast, p.as_bytes(), &mut scratch));
+            n
+        }
+    }
+}
+
+fn encode_segment<'t>(fast: &FastBpe, seg: &Segment<'t>, out: &mut Vec<u32>, cache: &mut WordCache<'t>) {
+    match seg {
+        Segment::Added(id) => out.push(*id),
+        Segment::Text(t) => fast.pieces(t, |p| cache.encode(fast, p.as_bytes(), out)),
+    }
+}
+
+/// Turns token ids into text as they arrive. The concatenation of every
+/// `push` and the final `flush` equals `decode` of all the ids.
+///
+/// Byte-level tokenizers: the bytes of each token are appended to a buffer
+/// and only complete UTF-8 is emitted; invalid bytes become U+FFFD exactly
+/// where `String::from_utf8_lossy` (which the crate's decoder ends with) puts
+/// them. Other decoders: the window of ids since the last emitted text is
+/// re-decoded (as text-generation-inference does) and text is held back while
+/// it ends in U+FFFD.
+pub struct IncrementalDecoder {
+    tk: Arc<Tokenizer>,
+    skip_special_tokens: bool,
+    pending: Vec<u8>,
+    ids: Vec<u32>,
+    prefix: usize,
+    read: usize,
+}
+
+impl IncrementalDecoder {
+    pub fn push(&mut self, id: u32) -> Result<String, TokenizerError> {
+        self.push_many(&[id])
+    }
+
+    pub fn push_many(&mut self, ids: &[u32]) -> Result<String, TokenizerError> {
+        self.tk.check_ids(ids)?;
+        let mut out = String::new();
+        if let Some(tb) = &self.tk.token_bytes {
+            for &id in ids {
+                let (bytes, special) = tb.get(id).expect("checked");
+                if !(special && self.skip_special_tokens) {
+                    self.pending.extend_from_slice(bytes);
+                }
+            }
+            drain_utf8(&mut self.pending, &mut out, false);
+            return Ok(out);
+        }
+        for &id in ids {
+            self.ids.push(id);
+            out.push_str(&self.window(false)?);
+        }
+        Ok(out)
+    }
+
+    pub fn flush(&mut self) -> Result<String, TokenizerError> {
+        let mut out = String::new();
+        if self.tk.token_bytes.is_some() {
+            drain_utf8(&mut self.pending, &mut out, true);
+            return Ok(out);
+        }
+        out.push_str(&self.window(true)?);
+        self.ids.clear();
+        self.prefix = 0;
+        self.read = 0;
+        Ok(out)
+    }
+
+    fn window(&mut self, last: bool) -> Result<String, TokenizerError> {
+        let before = self.tk.decode(&self.ids[self.prefix..self.read], self.skip_special_tokens)?;
+        let now = self.tk.decode(&self.ids[self.prefix..], self.skip_special_tokens)?;
+        if now.len() > before.len() && (last || !now.ends_with('\u{FFFD}')) {
+            if let Some(new) = now.strip_prefix(before.as_str()) {
+                self.prefix = self.read;
+                self.read = self.ids.len();
+                return Ok(new.to_string());
+            }
+        }
+        Ok(String::new())
+    }
+}
+
+/// Moves the complete UTF-8 at the start of `pending` into `out` (invalid
+/// sequences as U+FFFD); an incomplete character at the end stays, unless
+/// `last`, when it also becomes U+FFFD.
+fn drain_utf8(pending: &mut Vec<u8>, out: &mut String, last: bool) {
+    let mut pos = 0;
+    while pos < pending.len() {
+        match std::str::from_utf8(&pending[pos..]) {
+            Ok(s) => {
+                out.push_str(s);
+                pos = pending.len();
+            }
+            Err(e) => {
+                let valid = e.valid_up_to();
+                out.push_str(std::str::from_utf8(&pending[pos..pos + valid]).expect("valid prefix"));
+                pos += valid;
+                match e.error_len() {
+                    Some(n) => {
+                        out.push('\u{FFFD}');
+                        pos += n;
+                    }
+                    None if last => {
+                        out.push('\u{FFFD}');
+                        pos = pending.len();
+                    }
+                    None => break,
+                }
+            }
+        }
+    }
+    pending.drain(..pos);
+}
+
+#[cfg(test)]
+mod tests;

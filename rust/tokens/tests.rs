@@ -1,0 +1,207 @@
+//! The fast path against the `tokenizers` crate, on a byte-level BPE trained
+//! here (nothing is downloaded). The Python tests compare with the Python
+//! package as well.
+use super::*;
+use std::collections::HashSet;
+use std::sync::OnceLock;
+use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
+use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
+use tokenizers::models::TrainerWrapper;
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::digits::Digits;
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::{AddedToken, DecoderWrapper, ModelWrapper, NormalizerWrapper, PostProcessorWrapper};
+use tokenizers::{PreTokenizerWrapper, TokenizerBuilder, TokenizerImpl};
+
+/// xorshift64*: deterministic, no dependency.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
+
+const POOL: &[&str] = &[
+    "a", "e", "t", "the", "The", " ", " ", "  ", "   ", "\n", "\n\n", "\t", "\r\n", "0", "1", "7", "42", "٣", "²",
+    "'s", "'ll", "'", "\"", "(", ")", ":", ";", ".", ",", "!", "?", "-", "_", "=", "==", "é", "ü", "ñ", "ß", "Ω",
+    "日本", "語", "中文", "한국어", "😀", "👍🏽", "🇫🇷", "\u{200d}", "\u{a0}", "\u{3000}", "\u{2028}", "ج", "ש",
+    "def", "return", "self", " x", "<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|im", "end|>", "𝔘", "\u{e000}",
+    "\u{10ffff}", "\u{ffff}", "\u{0301}", "\u{1d7d8}",
+];
+
+fn random_text(rng: &mut Rng, max_parts: usize) -> String {
+    let n = rng.below(max_parts + 1);
+    (0..n).map(|_| POOL[rng.below(POOL.len())]).collect()
+}
+
+fn corpus() -> Vec<String> {
+    let mut lines: Vec<String> = [include_str!("../tokens.rs"), include_str!("bpe.rs"), include_str!("pretok.rs")]
+        .iter()
+        .flat_map(|s| s.lines().map(str::to_string))
+        .collect();
+    let mut rng = Rng(0x5EED);
+    lines.extend((0..3000).map(|_| random_text(&mut rng, 12)));
+    lines
+}
+
+/// A SmolLM2-shaped tokenizer (Digits + ByteLevel, ByteLevel decoder,
+/// special tokens), trained on `corpus()`; returned as tokenizer.json.
+fn trained_json() -> &'static str {
+    static JSON: OnceLock<String> = OnceLock::new();
+    JSON.get_or_init(|| {
+        let pre = PreTokenizerWrapper::Sequence(Sequence::new(vec![
+            Digits::new(true).into(),
+            ByteLevel::new(false, true, true).into(),
+        ]));
+        let mut tk: TokenizerImpl<ModelWrapper, NormalizerWrapper, PreTokenizerWrapper, PostProcessorWrapper, DecoderWrapper> =
+            TokenizerBuilder::new()
+                .with_model(BPE::default().into())
+                .with_pre_tokenizer(Some(pre))
+                .with_decoder(Some(ByteLevelDecoder::default().into()))
+                .build()
+                .unwrap();
+        let specials: Vec<AddedToken> = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+            .iter()
+            .map(|t| AddedToken::from(t.to_string(), true))
+            .collect();
+        let mut trainer: TrainerWrapper = BpeTrainerBuilder::new()
+            .vocab_size(1500)
+            .show_progress(false)
+            .initial_alphabet(ByteLevel::alphabet().into_iter().collect::<HashSet<_>>())
+            .special_tokens(specials)
+            .build()
+            .into();
+        tk.train(&mut trainer, corpus().into_iter()).unwrap();
+        tk.to_string(false).unwrap()
+    })
+}
+
+fn both(json: &str) -> (Arc<Tokenizer>, tokenizers::Tokenizer) {
+    (Arc::new(Tokenizer::from_str(json).unwrap()), json.parse().unwrap())
+}
+
+fn reference(tk: &tokenizers::Tokenizer, text: &str, special: bool) -> Vec<u32> {
+    tk.encode(text, special).unwrap().get_ids().to_vec()
+}
+
+#[test]
+fn fast_path_is_taken_and_exact_on_random_text() {
+    let (ours, theirs) = both(trained_json());
+    assert!(ours.fast_path());
+    let mut rng = Rng(42);
+    for _ in 0..20_000 {
+        let text = random_text(&mut rng, 10);
+        let want = reference(&theirs, &text, true);
+        assert_eq!(ours.encode(&text, true), want, "{text:?}");
+        assert_eq!(ours.count(&text), want.len(), "{text:?}");
+    }
+}
+
+#[test]
+fn long_words_use_the_heap_merge_and_agree() {
+    let (ours, theirs) = both(trained_json());
+    let mut rng = Rng(7);
+    for _ in 0..300 {
+        let unit = POOL[rng.below(POOL.len())];
+        let text = unit.repeat(1 + rng.below(80)) + &random_text(&mut rng, 3);
+        assert_eq!(ours.encode(&text, true), reference(&theirs, &text, true), "{text:?}");
+    }
+}
+
+#[test]
+fn large_texts_counted_in_parallel_parts_agree() {
+    let (ours, theirs) = both(trained_json());
+    let mut rng = Rng(9);
+    let mut text = String::new();
+    while text.len() < 3 * PARALLEL_MIN {
+        text.push_str(include_str!("bpe.rs"));
+        text.push_str(&random_text(&mut rng, 50));
+    }
+    let want = reference(&theirs, &text, true);
+    assert_eq!(ours.count(&text), want.len());
+    assert_eq!(ours.encode(&text, true), want);
+    let batch = vec![text.as_str(), "", "hello 123", &text[..1000]];
+    let counts: Vec<usize> = batch.iter().map(|t| reference(&theirs, t, true).len()).collect();
+    assert_eq!(ours.count_batch(&batch), counts);
+}
+
+#[test]
+fn template_post_processor_and_ignore_merges_shapes() {
+    let mut json: serde_json::Value = serde_json::from_str(trained_json()).unwrap();
+    let bos = json["added_tokens"][0]["id"].as_u64().unwrap();
+    json["post_processor"] = serde_json::json!({
+        "type": "TemplateProcessing",
+        "single": [{"SpecialToken": {"id": "<|endoftext|>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+        "special_tokens": {"<|endoftext|>": {"id": "<|endoftext|>", "ids": [bos], "tokens": ["<|endoftext|>"]}}
+    });
+    json["model"]["ignore_merges"] = serde_json::Value::Bool(true);
+    let (ours, theirs) = both(&json.to_string());
+    assert!(ours.fast_path());
+    let mut rng = Rng(3);
+    for _ in 0..3000 {
+        let text = random_text(&mut rng, 8);
+        for special in [true, false] {
+            assert_eq!(ours.encode(&text, special), reference(&theirs, &text, special), "{text:?}");
+        }
+        assert_eq!(ours.count(&text), reference(&theirs, &text, true).len());
+    }
+}
+
+#[test]
+fn unsupported_shapes_fall_back_to_the_crate() {
+    let mut json: serde_json::Value = serde_json::from_str(trained_json()).unwrap();
+    json["normalizer"] = serde_json::json!({"type": "Lowercase"});
+    let (ours, theirs) = both(&json.to_string());
+    assert!(!ours.fast_path());
+    for text in ["Hello World 123", "", "<|im_start|>user\nHI"] {
+        assert_eq!(ours.encode(text, true), reference(&theirs, text, true));
+        assert_eq!(ours.count(text), reference(&theirs, text, true).len());
+    }
+}
+
+#[test]
+fn incremental_decoding_matches_decode() {
+    let (ours, theirs) = both(trained_json());
+    let mut rng = Rng(11);
+    let vocab = ours.vocab_size() as u64;
+    for round in 0..2000 {
+        // Real encodings (multi-byte characters split across tokens) and
+        // random ids (invalid UTF-8, lone continuation bytes).
+        let ids: Vec<u32> = if round % 2 == 0 {
+            reference(&theirs, &random_text(&mut rng, 10), true)
+        } else {
+            (0..rng.below(12)).map(|_| (rng.next() % vocab) as u32).collect()
+        };
+        for skip in [false, true] {
+            let mut dec = ours.decoder(skip);
+            let mut got = String::new();
+            for &id in &ids {
+                got.push_str(&dec.push(id).unwrap());
+            }
+            got.push_str(&dec.flush().unwrap());
+            assert_eq!(got, theirs.decode(&ids, skip).unwrap(), "{ids:?}");
+            assert_eq!(got, ours.decode(&ids, skip).unwrap());
+        }
+    }
+}
+
+#[test]
+fn errors_name_no_text() {
+    let (ours, _) = both(trained_json());
+    let vocab = ours.vocab_size() as u32;
+    let err = ours.decode(&[1, vocab + 5], false).unwrap_err();
+    assert!(err.0.contains(&format!("{}", vocab + 5)), "{err}");
+    assert!(ours.decoder(false).push(u32::MAX).is_err());
+    let err = Tokenizer::from_str("{\"canary-7f3a\": [1, 2").err().unwrap();
+    assert!(!err.0.contains("canary"), "{err}");
+    let err = Tokenizer::from_str("{\"model\": \"canary-7f3a\"}").err().unwrap();
+    assert!(!err.0.contains("canary"), "{err}");
+    assert!(Tokenizer::from_file(Path::new("/nonexistent/tokenizer.json")).is_err());
+}
