@@ -1,0 +1,191 @@
+"""The fused graph served on CPU and CUDA (`onnx/model.onnx`), built from ONNX Runtime contrib operators.
+
+  embedding     GatherBlockQuantized on the GGUF blocks (Q8_0/Q4_0/Q4_1) or Gather (F16/F32)
+  projections   MatMulNBits on the GGUF blocks as stored (q|k|v and gate|up merged), accuracy_level 4
+                (int8 activations, as llama.cpp does); Q4_1 block minimums applied exactly (quant_blocks.py)
+  norms         SimplifiedLayerNormalization / SkipSimplifiedLayerNormalization (residual adds fused)
+  attention     GroupQueryAttention, packed QKV, rotary inside (do_rotary=1, half-split layout)
+  activation    QuickGelu(alpha=1) = SiLU, times up
+  lm head       MatMulNBits on the (tied) embedding blocks, for the last real token of each row only
+
+Inputs / outputs:
+  input_ids       int64 [B, S]
+  attention_mask  int64 [B, T]   T = past + S (the cache length after this step)
+  position_ids    int64 [B, S]   accepted for I/O compatibility; IGNORED (positions come from attention_mask)
+  past_key_values.{i}.key / .value  float32 [B, n_kv_heads, past, head_dim]
+  -> logits       float32 [B, 1, vocab]   logits of the LAST REAL token of each row only
+  -> present.{i}.key / .value       float32 [B, n_kv_heads, T, head_dim]
+
+Padding convention: RIGHT padding, one cache row per sequence.
+  Row b's real tokens occupy cache slots 0 .. L_b - 1 (L_b = attention_mask[b].sum(), counting this
+  step's tokens), and attention_mask[b] = [1] * L_b + [0] * (T - L_b). Rotary position of a token = its slot.
+  * Prefill (no past, past length 0): S = max prompt length, prompts right-padded with any id; a batch of
+    prompts of different lengths is allowed. Logits are those of slot L_b - 1.
+  * Prefill with a past (chunked prompt / appended turn): batch size 1 only (GroupQueryAttention rule).
+  * Decode (S = 1): one new token per row; its K/V is written at slot L_b - 1, so pass
+    attention_mask[b] = [1] * (old_L_b + 1) + [0] * (T - old_L_b - 1). The `past` tensors may be longer
+    than any row (a preallocated buffer): the present tensors then keep that length
+    (T = past length, ONNX Runtime's shared past/present buffer mode).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .gguf_reader import GGUFModel, GGUFTensor
+from .graph_builder import FLOAT, INT64, MS_DOMAIN, GraphBuilder, rope_tables
+from .quant_blocks import BLOCK, BlockLinear, block_linear, concat_rows
+
+ACCURACY_LEVEL = 4  # int8 activations in MatMulNBits' fast path
+
+
+def _linear(g: GraphBuilder, x: str, lin: BlockLinear, name: str, level: int) -> str:
+    if lin.bits == 0:
+        return g.op("MatMul", [x, g.weight(f"{name}.weight", np.ascontiguousarray(lin.dense.T))], name=name)
+    inputs = [x, g.weight(f"{name}.qweight", lin.codes), g.weight(f"{name}.scales", lin.scales)]
+    zp = lin.packed_zero_points()
+    if zp is not None:
+        inputs.append(g.weight(f"{name}.qzeros", zp))
+    y = g.op("MatMulNBits", inputs, domain=MS_DOMAIN, name=name, K=lin.k, N=lin.n, bits=lin.bits,
+             block_size=BLOCK, accuracy_level=level)
+    if lin.mins is None:
+        return y
+    # Q4_1: + sum over each 32-wide block of x, times the block minimums.
+    blocks = g.op("Reshape", [x, g.const([0, 0, lin.n_blocks, BLOCK])])
+    sums = g.op("ReduceSum", [blocks, g.const([-1])], keepdims=0)
+    corr = g.op("MatMul", [sums, g.weight(f"{name}.mins", np.ascontiguousarray(lin.mins.T))])
+    return g.op("Add", [y, corr])
+
+
+def _linear_group(g: GraphBuilder, x: str, tensors: list[GGUFTensor], name: str, level: int) -> list[str]:
+    """One MatMulNBits for weights sharing an input, split afterwards; separate ones if encodings differ."""
+    parts = [block_linear(t) for t in tensors]
+    merged = concat_rows(parts)
+    if merged is None:
+        return [_linear(g, x, p, f"{name}.{j}", level) for j, p in enumerate(parts)]
+    y = _linear(g, x, merged, name, level)
+    return [y]  # caller splits (GroupQueryAttention takes packed QKV as is)
+
+
+def _embedding(g: GraphBuilder, ids: str, t: GGUFTensor, hidden: int) -> tuple[str, BlockLinear]:
+    lin = block_linear(t)
+    if lin.bits == 0:
+        return g.op("Gather", [g.weight("model.embed_tokens.weight", lin.dense), ids], axis=0), lin
+    # The code tensor [V, K/32, blob] is shared with the MatMulNBits LM head when the embedding is tied.
+    data = g.weight("model.embed_tokens.qweight", lin.codes)
+    if lin.bits == 8:
+        # Blocks run along the last axis: one 32-wide block per [row, block] pair; zero point 128 = default.
+        inputs = [data, ids, g.weight("model.embed_tokens.gather_scales", lin.scales[..., None])]
+        if not np.all(lin.zero_points == 128):
+            inputs.append(g.weight("model.embed_tokens.gather_zeros", lin.zero_points[..., None]))
+        rows = g.op("GatherBlockQuantized", inputs, domain=MS_DOMAIN, bits=8, block_size=BLOCK,
+                    gather_axis=0, quantize_axis=2)
+        return g.op("Reshape", [rows, g.const([0, 0, hidden])]), lin
+    # 4-bit (Q4_0 / Q4_1): gather the packed rows, unpack with plain operators (runs once per step, on
+    # S rows only), then apply scale, zero point and block minimum.
+    packed = g.op("Gather", [data, ids], axis=0)
+    lo = g.op("Unsqueeze", [g.op("BitwiseAnd", [packed, g.const(15, np.uint8)]), g.const([-1])])
+    hi = g.op("Unsqueeze", [g.op("BitShift", [packed, g.const(4, np.uint8)], direction="RIGHT"), g.const([-1])])
+    q = g.op("Cast", [g.op("Reshape", [g.op("Concat", [lo, hi], axis=-1), g.const([0, 0, lin.n_blocks, BLOCK])])],
+             to=FLOAT)
+    zp = g.weight("model.embed_tokens.gather_zeros", lin.zero_points[..., None].astype(np.float32))
+    sc = g.weight("model.embed_tokens.gather_scales", lin.scales[..., None])
+    w = g.op("Mul", [g.op("Sub", [q, g.op("Gather", [zp, ids], axis=0)]), g.op("Gather", [sc, ids], axis=0)])
+    if lin.mins is not None:
+        mins = g.weight("model.embed_tokens.gather_mins", lin.mins[..., None])
+        w = g.op("Add", [w, g.op("Gather", [mins, ids], axis=0)])
+    return g.op("Reshape", [w, g.const([0, 0, hidden])]), lin
+
+
+def build_fused_graph(model: GGUFModel, progress=None, accuracy_level: int = ACCURACY_LEVEL):
+    level = accuracy_level
+    hp = model.hparams
+    g = GraphBuilder("cheapest_llama_fused")
+    input_ids = g.input("input_ids", INT64, ["batch_size", "sequence_length"])
+    attention_mask = g.input("attention_mask", INT64, ["batch_size", "total_sequence_length"])
+    g.input("position_ids", INT64, ["batch_size", "sequence_length"])
+    past = []
+    for i in range(hp.n_layer):
+        k = g.input(f"past_key_values.{i}.key", FLOAT, ["batch_size", hp.n_head_kv, "past_sequence_length", hp.head_dim])
+        v = g.input(f"past_key_values.{i}.value", FLOAT, ["batch_size", hp.n_head_kv, "past_sequence_length", hp.head_dim])
+        past.append((k, v))
+    g.output("logits", FLOAT, ["batch_size", 1, hp.vocab_size])
+
+    # seqlens_k = real tokens per row - 1; total_sequence_length = T (GroupQueryAttention's contract).
+    lengths = g.op("ReduceSum", [attention_mask, g.const([1])], keepdims=0)
+    seqlens_k = g.op("Cast", [g.op("Sub", [lengths, g.const(1)])], to=6)
+    t_len = g.op("Gather", [g.op("Shape", [attention_mask]), g.const(1)], axis=0)
+    total_len = g.op("Cast", [t_len], to=6)
+    cos_t, sin_t = rope_tables(hp.head_dim, hp.rope_theta, hp.context_length)
+    cos = g.weight("rotary.cos_cache", cos_t)
+    sin = g.weight("rotary.sin_cache", sin_t)
+
+    emb_t = model.tensors["token_embd.weight"]
+    h, emb_lin = _embedding(g, input_ids, emb_t, hp.hidden_size)
+
+    eps = float(hp.rms_norm_eps)
+    residual = None
+    pending = h  # value to add to the residual stream before the next norm
+    layers = range(hp.n_layer)
+    for i in (progress(layers, desc="fused graph", unit="layer") if progress else layers):
+        prefix = f"model.layers.{i}"
+        w = g.weight(f"{prefix}.input_layernorm.weight", model.layer(i, "attn_norm").vector())
+        if residual is None:
+            x = g.op("SimplifiedLayerNormalization", [pending, w], axis=-1, epsilon=eps, stash_type=1)
+            residual = pending
+        else:
+            x, _, _, residual = g.op("SkipSimplifiedLayerNormalization", [pending, residual, w], domain=MS_DOMAIN,
+                                     outputs=[g.fresh("norm"), "", "", g.fresh("residual")], epsilon=eps)
+        qkv_t = [model.layer(i, p) for p in ("attn_q", "attn_k", "attn_v")]
+        qkv = _linear_group(g, x, qkv_t, f"{prefix}.attn.qkv_proj", level)
+        gqa_in = qkv + ["", ""] if len(qkv) == 1 else qkv
+        attn, _, _ = g.op("GroupQueryAttention",
+                    gqa_in + [past[i][0], past[i][1], seqlens_k, total_len, cos, sin],
+                    domain=MS_DOMAIN, name=f"{prefix}.attn.gqa",
+                    outputs=[g.fresh("attn"), f"present.{i}.key", f"present.{i}.value"],
+                    num_heads=hp.n_head, kv_num_heads=hp.n_head_kv, do_rotary=1, rotary_interleaved=0)
+        g.output(f"present.{i}.key", FLOAT, ["batch_size", hp.n_head_kv, "total_sequence_length", hp.head_dim])
+        g.output(f"present.{i}.value", FLOAT, ["batch_size", hp.n_head_kv, "total_sequence_length", hp.head_dim])
+        o = _linear(g, attn, block_linear(model.layer(i, "attn_output")), f"{prefix}.attn.o_proj", level)
+
+        w2 = g.weight(f"{prefix}.post_attention_layernorm.weight", model.layer(i, "ffn_norm").vector())
+        x2, _, _, residual = g.op("SkipSimplifiedLayerNormalization", [o, residual, w2], domain=MS_DOMAIN,
+                                  outputs=[g.fresh("norm"), "", "", g.fresh("residual")], epsilon=eps)
+        gu = _linear_group(g, x2, [model.layer(i, "ffn_gate"), model.layer(i, "ffn_up")], f"{prefix}.mlp.gate_up_proj", level)
+        if len(gu) == 1:
+            gate, up = g.op("Split", [gu[0], g.const([hp.intermediate_size, hp.intermediate_size])], outputs=2, axis=-1)
+        else:
+            gate, up = gu
+        act = g.op("Mul", [g.op("QuickGelu", [gate], domain=MS_DOMAIN, alpha=1.0), up])
+        pending = _linear(g, act, block_linear(model.layer(i, "ffn_down")), f"{prefix}.mlp.down_proj", level)
+
+    # Last real token of each row: slot L_b - 1, i.e. index L_b - 1 - past within this step (clipped for
+    # decode rows shorter than the longest one, whose only new token is index 0).
+    s_len = g.op("Gather", [g.op("Shape", [input_ids]), g.const(1)], axis=0)
+    idx = g.op("Sub", [g.op("Sub", [lengths, g.const(1)]), g.op("Sub", [t_len, s_len])])
+    idx = g.op("Max", [g.op("Min", [idx, g.op("Sub", [s_len, g.const(1)])]), g.const(0)])
+    gather_idx = g.op("Expand", [g.op("Reshape", [idx, g.const([-1, 1, 1])]),
+                                 g.op("Concat", [g.op("Shape", [idx]), g.const([1, hp.hidden_size])], axis=0)])
+    last = g.op("GatherElements", [g.op("Add", [pending, residual]), gather_idx], axis=1)
+    wn = g.weight("model.norm.weight", model.tensors["output_norm.weight"].vector())
+    normed = g.op("SimplifiedLayerNormalization", [last, wn], axis=-1, epsilon=eps, stash_type=1)
+    if hp.tie_word_embeddings:
+        head = emb_lin
+    else:
+        head = block_linear(model.tensors["output.weight"])
+    if head is emb_lin and head.bits:
+        inputs = [normed, "model.embed_tokens.qweight", g.weight("lm_head.scales", head.scales)]
+        zp = head.packed_zero_points()
+        if zp is not None:
+            inputs.append(g.weight("lm_head.qzeros", zp))
+        logits = g.op("MatMulNBits", inputs, domain=MS_DOMAIN, name="lm_head", K=head.k, N=head.n, bits=head.bits,
+                      block_size=BLOCK, accuracy_level=level)
+        if head.mins is not None:
+            blocks = g.op("Reshape", [normed, g.const([0, 0, head.n_blocks, BLOCK])])
+            sums = g.op("ReduceSum", [blocks, g.const([-1])], keepdims=0)
+            logits = g.op("Add", [logits, g.op("MatMul", [sums, g.weight("lm_head.mins", np.ascontiguousarray(head.mins.T))])])
+        g.op("Identity", [logits], outputs=["logits"])
+    else:
+        g.op("Identity", [_linear(g, normed, head, "lm_head", level)], outputs=["logits"])
+    g.outputs.sort(key=lambda o: o.name != "logits")
+    return g.model(doc="cheapest fused graph (ONNX Runtime contrib operators)")
