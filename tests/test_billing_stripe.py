@@ -298,11 +298,11 @@ def _webhook_worker(path: str, cfg_json: bytes, deliveries: list[tuple[bytes, st
     env = open_env(Path(path))
     led = PaymentLedger(env)
     cfg = msgspec.json.decode(cfg_json, type=BillingSettings)
-    results = []
-    barrier.wait()
-    for raw, header in deliveries:
-        results.append(handle_webhook(led, cfg, raw, header).result)
-    out.put(results)
+    barrier.wait(timeout=60)
+    try:
+        out.put([handle_webhook(led, cfg, raw, header).result for raw, header in deliveries])
+    except Exception as exc:  # report, so the test fails at once instead of waiting on the queue
+        out.put(repr(exc))
     env.close()
 
 
@@ -325,6 +325,7 @@ def test_two_processes_apply_each_event_once(fake, cfg, tmp_path):
     for p in procs:
         p.join(timeout=60)
         assert p.exitcode == 0
+    assert isinstance(a, list) and isinstance(b, list), (a, b)
     assert len(a) == len(b) == len(events)
     for ra, rb in zip(a, b):  # per event: one worker applied it, the other found it recorded
         assert [ra, rb].count("duplicate") == 1

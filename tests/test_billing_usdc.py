@@ -1,0 +1,293 @@
+"""USDC top-ups verified on a real local EVM (eth-tester + py-evm) with an ERC-20 compiled here by vyper."""
+
+from __future__ import annotations
+
+import multiprocessing
+from pathlib import Path
+from types import SimpleNamespace
+
+import lmdb
+import pytest
+from eth_account import Account
+from eth_account.messages import encode_defunct
+from eth_utils import keccak
+from vyper.compiler import compile_code
+from web3 import EthereumTesterProvider, Web3
+
+from cheapest.billing.ledger import PaymentLedger
+from cheapest.billing.settings import BillingNotConfigured, BillingSettings
+from cheapest.billing.usdc import TopupPending, TopupRejected, claim_message, topup_quote, verify_topup
+
+USD = 1_000_000
+
+
+def open_env(path: Path) -> lmdb.Environment:
+    return lmdb.open(str(path), map_size=64 << 20, max_dbs=16, subdir=True)
+
+
+@pytest.fixture(scope="module")
+def chain():
+    """One chain for the module: compiling and deploying once keeps the suite fast."""
+    compiled = compile_code((Path(__file__).parent / "erc20.vy").read_text(), output_formats=["abi", "bytecode"])
+    w3 = Web3(EthereumTesterProvider())
+    tester = w3.provider.ethereum_tester  # type: ignore[attr-defined]
+    bank = w3.eth.accounts[0]
+    payer, stranger = (Account.from_key(keccak(text=name)) for name in ("payer", "stranger"))
+    for acct in (payer, stranger):
+        tester.add_account(acct.key.to_0x_hex())
+        w3.eth.send_transaction({"from": bank, "to": acct.address, "value": 10**18})
+
+    def deploy(name: str):
+        factory = w3.eth.contract(abi=compiled["abi"], bytecode=compiled["bytecode"])
+        receipt = w3.eth.wait_for_transaction_receipt(factory.constructor(name, 10**15).transact({"from": bank}))
+        token = w3.eth.contract(address=receipt.contractAddress, abi=compiled["abi"])
+        for acct in (payer, stranger):
+            token.functions.transfer(acct.address, 10**12).transact({"from": bank})
+        return token
+
+    usdc, lookalike = deploy("USD Coin"), deploy("USD Coin")
+    receiver = Account.from_key(keccak(text="receiver")).address
+    return SimpleNamespace(w3=w3, tester=tester, usdc=usdc, lookalike=lookalike, payer=payer,
+                           stranger=stranger, receiver=receiver)
+
+
+@pytest.fixture
+def cfg(chain) -> BillingSettings:
+    return BillingSettings(usdc_contract=chain.usdc.address, usdc_receiver=chain.receiver,
+                           chain_id=chain.w3.eth.chain_id, usdc_confirmations=3)
+
+
+@pytest.fixture
+def ledger(tmp_path):
+    env = open_env(tmp_path / "lmdb")
+    yield PaymentLedger(env)
+    env.close()
+
+
+def pay(chain, units: int, *, token=None, to=None, sender=None) -> str:
+    token = chain.usdc if token is None else token
+    sender = chain.payer if sender is None else sender
+    tx = token.functions.transfer(chain.receiver if to is None else to, units).transact({"from": sender.address})
+    return tx.to_0x_hex()
+
+
+def mine(chain, blocks: int) -> None:
+    chain.tester.mine_blocks(blocks)
+
+
+def signed_claim(cfg: BillingSettings, account_id: str, tx_hash: str, signer) -> str:
+    """What a client does with the quote: fill in the hash, sign with the sending wallet (EIP-191)."""
+    template = topup_quote(cfg, account_id, "5").claim_message
+    message = template.replace("{tx_hash}", tx_hash)
+    return Account.sign_message(encode_defunct(text=message), signer.key).signature.to_0x_hex()
+
+
+def verify(chain, cfg, ledger, account_id: str, tx_hash: str, signer=None):
+    sig = signed_claim(cfg, account_id, tx_hash, chain.payer if signer is None else signer)
+    return verify_topup(cfg, ledger, chain.w3, account_id=account_id, tx_hash=tx_hash, signature=sig)
+
+
+def rejected(chain, cfg, ledger, account_id, tx_hash, signer=None) -> str:
+    with pytest.raises(TopupRejected) as err:
+        verify(chain, cfg, ledger, account_id, tx_hash, signer)
+    assert ledger.balance(account_id) == 0 and ledger.journal(account_id) == []
+    return err.value.reason_code
+
+
+# -- quote ---------------------------------------------------------------------------------------------
+def test_quote(cfg, chain):
+    q = topup_quote(cfg, "acct_1", "12.5")
+    assert (q.address, q.token, q.amount_units) == (chain.receiver, chain.usdc.address, 12_500_000)
+    assert q.chain_id == chain.w3.eth.chain_id
+    assert q.claim_message == claim_message("acct_1", q.chain_id, "{tx_hash}")
+    base = topup_quote(BillingSettings(usdc_receiver=chain.receiver), "acct_1", 20)
+    assert (base.chain, base.chain_id, base.token, base.amount_units) == (
+        "base", 8453, "0x833589fCD6eDb6E08f4c7C32D4f71b54bdA02913", 20 * USD)
+    for bad in ("0", "-5", "1.0000001", "abc", "nan", "inf", 10_001, 0.5):
+        with pytest.raises(TopupRejected) as err:
+            topup_quote(cfg, "acct_1", bad)
+        assert err.value.reason_code == "bad_amount"
+    with pytest.raises(BillingNotConfigured):
+        topup_quote(BillingSettings(), "acct_1", 5)
+
+
+def test_settings_from_env():
+    s = BillingSettings.from_env({"CHEAPEST_USDC_RECEIVER": "0x2b5ad5c4795c026514f8317c7a215e218dccd6cf",
+                                  "CHEAPEST_CHAIN_ID": "84532", "CHEAPEST_USDC_CONFIRMATIONS": "5",
+                                  "CHEAPEST_STRIPE_PRICE_PRO": "price_9", "CHEAPEST_USDC_MIN_TOPUP_USD": "2.5"})
+    assert s.usdc_receiver == "0x2B5AD5c4795c026514f8317c7a215E218DcCD6cF"
+    assert (s.chain_id, s.usdc_confirmations, s.stripe_prices, s.usdc_min_topup_micro) == (
+        84532, 5, {"pro": "price_9"}, 2_500_000)
+    assert BillingSettings.from_env({}).usdc_contract == "0x833589fCD6eDb6E08f4c7C32D4f71b54bdA02913"
+    for env in ({"CHEAPEST_USDC_RECEIVER": "0x1234"}, {"CHEAPEST_CHAIN_ID": "base"},
+                {"CHEAPEST_USDC_CONFIRMATIONS": "0"}):
+        with pytest.raises(ValueError):
+            BillingSettings.from_env(env)
+
+
+# -- verify-topup --------------------------------------------------------------------------------------
+def test_valid_topup_credits_the_amount_transferred(chain, cfg, ledger):
+    tx = pay(chain, 7_250_000)  # not the quoted 5 USD: what arrived is what counts
+    mine(chain, 2)
+    result = verify(chain, cfg, ledger, "acct_1", tx)
+    assert (result.credited_units, result.already_credited, result.balance_micro) == (7_250_000, False, 7_250_000)
+    assert ledger.balance("acct_1") == 7_250_000
+    (entry,) = ledger.journal("acct_1")
+    assert (entry.kind, entry.micro_usd) == ("usdc_topup", 7_250_000)
+    assert entry.ref == f"usdc:{cfg.chain_id}:{tx}:{result.log_indexes[0]}"
+    claim = ledger.chain_claim(cfg.chain_id, tx, result.log_indexes[0])
+    assert claim is not None and (claim.account_id, claim.sender) == ("acct_1", chain.payer.address)
+
+
+def test_each_transfer_log_in_a_transaction_is_credited(chain, cfg, ledger):
+    tx = chain.usdc.functions.transfer_split(chain.receiver, 1 * USD, 2 * USD).transact(
+        {"from": chain.payer.address}).to_0x_hex()
+    mine(chain, 2)
+    sig = signed_claim(cfg, "acct_1", tx, chain.payer)  # the message names the hash in lower case...
+    shouting = "0x" + tx[2:].upper()  # ...whatever case the client submits it in
+    result = verify_topup(cfg, ledger, chain.w3, account_id="acct_1", tx_hash=shouting, signature=sig)
+    assert result.credited_units == 3 * USD and len(result.log_indexes) == 2
+    assert len(ledger.journal("acct_1")) == 2
+
+
+def test_lookalike_token_is_refused(chain, cfg, ledger):
+    tx = pay(chain, 5 * USD, token=chain.lookalike)
+    mine(chain, 5)
+    receipt = chain.w3.eth.get_transaction_receipt(tx)
+    # web3 decodes the look-alike's log as a perfectly good USDC Transfer: only the address differs.
+    (decoded,) = chain.usdc.events.Transfer().process_receipt(receipt)
+    assert decoded.args.receiver == chain.receiver and decoded.address != chain.usdc.address
+    assert rejected(chain, cfg, ledger, "acct_1", tx) == "no_transfer"
+
+
+def test_wrong_receiver_is_refused(chain, cfg, ledger):
+    tx = pay(chain, 5 * USD, to=chain.stranger.address)
+    mine(chain, 5)
+    assert rejected(chain, cfg, ledger, "acct_1", tx) == "no_transfer"
+
+
+def test_reverted_transaction_is_refused(chain, cfg, ledger):
+    tx = chain.usdc.functions.transfer(chain.receiver, 10**18).transact(
+        {"from": chain.payer.address, "gas": 200_000}).to_0x_hex()
+    mine(chain, 5)
+    assert chain.w3.eth.get_transaction_receipt(tx).status == 0
+    assert rejected(chain, cfg, ledger, "acct_1", tx) == "reverted"
+
+
+def test_too_few_confirmations_then_enough(chain, ledger):
+    cfg = BillingSettings(usdc_contract=chain.usdc.address, usdc_receiver=chain.receiver,
+                          chain_id=chain.w3.eth.chain_id)  # the default: 12
+    assert cfg.usdc_confirmations == 12
+    tx = pay(chain, 3 * USD)
+    with pytest.raises(TopupPending) as err:
+        verify(chain, cfg, ledger, "acct_1", tx)
+    assert (err.value.confirmations, err.value.required, err.value.retry_after) == (1, 12, 22)
+    mine(chain, 10)
+    with pytest.raises(TopupPending) as err:
+        verify(chain, cfg, ledger, "acct_1", tx)
+    assert (err.value.confirmations, err.value.retry_after) == (11, 2)
+    assert ledger.balance("acct_1") == 0 and ledger.chain_claim(cfg.chain_id, tx, 0) is None
+    mine(chain, 1)
+    assert verify(chain, cfg, ledger, "acct_1", tx).credited_units == 3 * USD
+
+
+def test_replay_credits_nothing_more(chain, cfg, ledger):
+    tx = pay(chain, 4 * USD)
+    mine(chain, 3)
+    assert verify(chain, cfg, ledger, "acct_1", tx).credited_units == 4 * USD
+    again = verify(chain, cfg, ledger, "acct_1", tx)
+    assert (again.credited_units, again.already_credited, again.balance_micro) == (0, True, 4 * USD)
+    # The payer signs the same transfer over to a second account: it was already spent.
+    with pytest.raises(TopupRejected) as err:
+        verify(chain, cfg, ledger, "acct_2", tx)
+    assert err.value.reason_code == "already_claimed"
+    assert ledger.balance("acct_1") == 4 * USD and ledger.balance("acct_2") == 0
+    assert len(ledger.journal("acct_1")) == 1
+
+
+def test_claim_signed_by_another_wallet_is_refused(chain, cfg, ledger):
+    tx = pay(chain, 5 * USD)
+    mine(chain, 3)
+    assert rejected(chain, cfg, ledger, "acct_thief", tx, signer=chain.stranger) == "bad_signature"
+    # A genuine signature for one account does not carry over to another.
+    sig = signed_claim(cfg, "acct_1", tx, chain.payer)
+    with pytest.raises(TopupRejected) as err:
+        verify_topup(cfg, ledger, chain.w3, account_id="acct_thief", tx_hash=tx, signature=sig)
+    assert err.value.reason_code == "bad_signature"
+    assert verify(chain, cfg, ledger, "acct_1", tx).credited_units == 5 * USD
+
+
+def test_wrong_chain_id_is_refused(chain, cfg, ledger):
+    tx = pay(chain, 5 * USD)
+    mine(chain, 3)
+    base = BillingSettings(usdc_contract=chain.usdc.address, usdc_receiver=chain.receiver, chain_id=8453,
+                           usdc_confirmations=3)
+    with pytest.raises(TopupRejected) as err:
+        verify(chain, base, ledger, "acct_1", tx)
+    assert err.value.reason_code == "wrong_chain"
+    assert ledger.balance("acct_1") == 0
+
+
+def test_unknown_transaction(chain, cfg, ledger):
+    assert rejected(chain, cfg, ledger, "acct_1", "0x" + "ab" * 32) == "tx_not_found"
+
+
+@pytest.mark.parametrize("tx_hash", ["0x1234", "ab" * 32, "0x" + "zz" * 32, "0x" + "ab" * 33, "", " 0x" + "ab" * 32])
+def test_malformed_hash(chain, cfg, ledger, tx_hash):
+    with pytest.raises(TopupRejected) as err:
+        verify_topup(cfg, ledger, chain.w3, account_id="a", tx_hash=tx_hash, signature="0x" + "11" * 65)
+    assert err.value.reason_code == "malformed_tx_hash"
+
+
+@pytest.mark.parametrize("signature", [
+    "", "0x", "0x1234", "0x" + "11" * 64, "0x" + "11" * 66, "0x" + "zz" * 65,
+    "0x" + "11" * 64 + "05",  # v out of range
+    "0x" + "ff" * 64 + "1b",  # r, s beyond the curve order
+])
+def test_malformed_signature(chain, cfg, ledger, signature):
+    tx = pay(chain, 1 * USD)
+    mine(chain, 3)
+    with pytest.raises(TopupRejected) as err:
+        verify_topup(cfg, ledger, chain.w3, account_id="acct_1", tx_hash=tx, signature=signature)
+    assert err.value.reason_code == "malformed_signature"
+    assert ledger.balance("acct_1") == 0
+
+
+# -- Concurrency: two worker processes, one LMDB env ---------------------------------------------------
+def _claim_worker(path: str, cfg: BillingSettings, chain, claims: list[tuple[str, str]], barrier, out) -> None:
+    env = open_env(Path(path))  # opened in the worker, after fork
+    led = PaymentLedger(env)
+    barrier.wait(timeout=60)
+    try:
+        out.put([verify_topup(cfg, led, chain.w3, account_id="acct_1", tx_hash=tx, signature=sig).credited_units
+                 for tx, sig in claims])
+    except Exception as exc:  # report, so the test fails at once instead of waiting on the queue
+        out.put(repr(exc))
+    env.close()
+
+
+def test_two_processes_claiming_the_same_transfer_credit_once(chain, cfg, tmp_path):
+    txs = [pay(chain, (n + 1) * USD) for n in range(6)]
+    mine(chain, 3)
+    claims = [(tx, signed_claim(cfg, "acct_1", tx, chain.payer)) for tx in txs]
+    # fork: each worker gets the same local chain (the node they would share over RPC in production).
+    ctx = multiprocessing.get_context("fork")
+    barrier, out = ctx.Barrier(2), ctx.Queue()
+    path = str(tmp_path / "shared")
+    procs = [ctx.Process(target=_claim_worker, args=(path, cfg, chain, claims, barrier, out)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    a, b = out.get(timeout=120), out.get(timeout=120)
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    assert isinstance(a, list) and isinstance(b, list), (a, b)
+    for n, (ca, cb) in enumerate(zip(a, b)):
+        assert sorted([ca, cb]) == [0, (n + 1) * USD]
+    env = open_env(Path(path))
+    try:
+        led = PaymentLedger(env)
+        assert led.balance("acct_1") == sum(range(1, 7)) * USD
+        assert len(led.journal("acct_1")) == 6
+    finally:
+        env.close()
