@@ -93,6 +93,11 @@ def test_checkout_session_created_through_the_sdk(fake, cfg):
     assert p["subscription_data"] == {"metadata": {"account_id": "acct_1", "plan": "pro"}}
     assert p["customer_email"] == "a@example.com"
     assert "{CHECKOUT_SESSION_ID}" in p["success_url"]
+    create_checkout_session(s, account_id="acct_1", plan="standard", customer_email="a@example.com",
+                            customer_id="cus_known")
+    again = fake.requests[-1]["params"]
+    assert again["customer"] == "cus_known" and "customer_email" not in again
+    assert again["line_items"] == [{"price": "price_standard_m", "quantity": "1"}]
 
 
 def test_checkout_unknown_plan_makes_no_call(fake, cfg):

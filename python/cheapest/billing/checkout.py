@@ -2,7 +2,8 @@
 
 Route `POST /api/billing/checkout {plan}` calls (off the event loop: the SDK blocks):
 
-    session = create_checkout_session(settings, account_id=acct.id, plan=body.plan, customer_email=acct.email)
+    session = create_checkout_session(settings, account_id=acct.id, plan=body.plan, customer_email=acct.email,
+                                      customer_id=ledger.subscription(acct.id).customer_id if known)
     -> CheckoutSession(id, url)            answer 200 {"id": ..., "url": ...}
 
 Errors: `UnknownPlan` (ValueError, 400: the plan has no configured price),
@@ -53,8 +54,10 @@ def stripe_client(secret_key: str, api_base: str) -> stripe.StripeClient:
 
 
 def create_checkout_session(settings: BillingSettings, *, account_id: str, plan: str,
-                            customer_email: str | None = None,
+                            customer_email: str | None = None, customer_id: str | None = None,
                             client: stripe.StripeClient | None = None) -> CheckoutSession:
+    """`customer_id`: the account's Stripe customer from an earlier subscription
+    (`ledger.subscription(account_id).customer_id`), so Stripe keeps one customer per account."""
     price = settings.stripe_prices.get(plan)
     if price is None:
         raise UnknownPlan(plan)
@@ -72,7 +75,9 @@ def create_checkout_session(settings: BillingSettings, *, account_id: str, plan:
         "success_url": settings.stripe_success_url,
         "cancel_url": settings.stripe_cancel_url,
     }
-    if customer_email:
+    if customer_id:
+        params["customer"] = customer_id
+    elif customer_email:
         params["customer_email"] = customer_email
     try:
         session = client.v1.checkout.sessions.create(params=params)  # type: ignore[arg-type]
