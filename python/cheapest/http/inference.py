@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
+import os
 import time
 from collections.abc import AsyncIterator, Sequence
 
@@ -196,7 +196,7 @@ async def _complete(state: WorkerState, req: Request, chat: bool) -> Response | 
     params = _sampling(state, engine, p, requested, creq.temperature, creq.top_p, creq.seed, creq.stop)
     admission = ratelimit.admit(state.limiter, key.id, limits, p, params.max_tokens)
     run = _Run(state, req, key, limits, engine, admission, p)
-    rid = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
+    rid = ("chatcmpl-" if chat else "cmpl-") + os.urandom(12).hex()
     created = int(time.time())
     if creq.stream:
         include_usage = creq.stream_options is not None and creq.stream_options.include_usage

@@ -9,7 +9,7 @@ import msgspec
 from cheapest.api.management import (
     CreatedKey, CreateKeyRequest, Deleted, KeyInfo, KeyLimitsBody, KeyList, PatchKeyRequest,
 )
-from cheapest.http.auth import authenticate
+from cheapest.http.auth import authenticate, forget
 from cheapest.http.errors import ApiError, decode_error
 from cheapest.http.request import Request, Response, json_response
 from cheapest.http.state import WorkerState
@@ -103,6 +103,7 @@ async def patch_key(state: WorkerState, req: Request, key_id: str) -> Response:
         changes["expires_at"] = body.expires_at
     key = msgspec.structs.replace(key, **changes)
     state.store.put_key(key)
+    forget(key.hash)
     return json_response(_encode(key_info(key)))
 
 
@@ -110,4 +111,5 @@ async def delete_key(state: WorkerState, req: Request, key_id: str) -> Response:
     account = _auth(state, req)
     key = _owned_key(state, account, key_id)
     state.store.delete_key(key.id)
+    forget(key.hash)
     return json_response(_encode(Deleted(key.id)))

@@ -66,6 +66,9 @@ class WorkerState:
                 raise
 
     def close(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        from cheapest.http.accesslog import flush_request_log
+
+        flush_request_log()
         self.meter.stop()
         if self.engine is not None and loop is not None and not loop.is_closed():
             try:
