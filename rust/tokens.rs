@@ -137,7 +137,7 @@ impl<'t> WordCache<'t> {
 
     #[inline]
     fn count(&mut self, fast: &FastBpe, piece: &'t [u8], scratch: &mut Vec<u32>) -> usize {
-        if piece.len() == 1 {
+        if piece.len() == 1 && !fast.drops_bytes() {
             return 1;
         }
         if let Some(&(_, len)) = self.words.get(piece) {

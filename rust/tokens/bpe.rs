@@ -104,12 +104,16 @@ impl AddedSplitter {
 /// Words at least this long use the heap merge (O(n log n)); shorter ones
 /// the simple scan, which is faster for the usual few-byte words.
 const HEAP_MERGE_MIN: usize = 48;
+/// `byte_id` of a byte the vocabulary has no token for.
+const MISSING: u32 = u32::MAX;
 
 pub struct FastBpe {
     classes: &'static Classes,
     digits: Digits,
     added: AddedSplitter,
     byte_id: [u32; 256],
+    /// Some byte has no token (`MISSING` in `byte_id`).
+    missing: bool,
     /// (left id << 32 | right id) -> (rank, merged id)
     merges: FxHashMap<u64, (u32, u32)>,
     /// `ignore_merges`: words found whole in the vocabulary (as raw bytes).
@@ -157,9 +161,20 @@ impl FastBpe {
             .map(|(k, v)| Some((k.as_str(), u32::try_from(v.as_u64()?).ok()?)))
             .collect::<Option<_>>()?;
         let b2c = byte_to_char();
-        let mut byte_id = [0u32; 256];
+        let mut byte_id = [MISSING; 256];
         for b in 0..256 {
-            byte_id[b] = *vocab.get(b2c[b].to_string().as_str())?;
+            if let Some(id) = vocab.get(b2c[b].to_string().as_str()) {
+                byte_id[b] = *id;
+            }
+        }
+        // A byte without a token is dropped by the crate when there is no
+        // unk token and no byte fallback (SmolLM2 lacks 21, e.g. 0x04, 0xF5):
+        // do the same; with either of those, leave it to the crate.
+        let missing = byte_id.contains(&MISSING);
+        if missing
+            && (!is_null_or(model.get("unk_token"), |_| false) || model.get("byte_fallback").and_then(Value::as_bool) != Some(false))
+        {
+            return None;
         }
         let mut merges = FxHashMap::default();
         merges.reserve(vocab.len());
@@ -214,6 +229,7 @@ impl FastBpe {
             digits,
             added,
             byte_id,
+            missing,
             merges,
             whole_words,
             prefix,
@@ -227,6 +243,11 @@ impl FastBpe {
         } else {
             (&[], &[])
         }
+    }
+
+    /// Whether some bytes have no token and are dropped.
+    pub fn drops_bytes(&self) -> bool {
+        self.missing
     }
 
     pub fn classes(&self) -> &'static Classes {
@@ -251,10 +272,6 @@ impl FastBpe {
 
     /// BPE of one piece; appends its ids to `out`.
     pub fn encode_piece(&self, piece: &[u8], out: &mut Vec<u32>) {
-        if piece.len() == 1 {
-            out.push(self.byte_id[piece[0] as usize]);
-            return;
-        }
         if let Some(words) = &self.whole_words {
             if let Some(id) = words.get(piece) {
                 out.push(*id);
@@ -263,7 +280,21 @@ impl FastBpe {
         }
         let start = out.len();
         out.extend(piece.iter().map(|b| self.byte_id[*b as usize]));
-        if piece.len() >= HEAP_MERGE_MIN {
+        if self.missing {
+            let mut kept = start;
+            for i in start..out.len() {
+                if out[i] != MISSING {
+                    out[kept] = out[i];
+                    kept += 1;
+                }
+            }
+            out.truncate(kept);
+        }
+        let n = out.len() - start;
+        if n < 2 {
+            return;
+        }
+        if n >= HEAP_MERGE_MIN {
             let merged = self.merge_heap(&out[start..]);
             out.truncate(start);
             out.extend(merged);

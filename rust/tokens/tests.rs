@@ -32,7 +32,7 @@ const POOL: &[&str] = &[
     "'s", "'ll", "'", "\"", "(", ")", ":", ";", ".", ",", "!", "?", "-", "_", "=", "==", "é", "ü", "ñ", "ß", "Ω",
     "日本", "語", "中文", "한국어", "😀", "👍🏽", "🇫🇷", "\u{200d}", "\u{a0}", "\u{3000}", "\u{2028}", "ج", "ש",
     "def", "return", "self", " x", "<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|im", "end|>", "𝔘", "\u{e000}",
-    "\u{10ffff}", "\u{ffff}", "\u{0301}", "\u{1d7d8}",
+    "\u{10ffff}", "\u{ffff}", "\u{0301}", "\u{1d7d8}", "\u{4}", "\u{40000}", "\u{7f}",
 ];
 
 fn random_text(rng: &mut Rng, max_parts: usize) -> String {
@@ -152,6 +152,38 @@ fn template_post_processor_and_ignore_merges_shapes() {
         }
         assert_eq!(ours.count(&text), reference(&theirs, &text, true).len());
     }
+}
+
+#[test]
+fn bytes_without_a_token_are_dropped_like_the_crate_does() {
+    // SmolLM2's vocabulary lacks 21 byte symbols (0x04, 0xF1, 0xF5..); the
+    // crate skips them silently when there is no unk token.
+    let mut json: serde_json::Value = serde_json::from_str(trained_json()).unwrap();
+    let b2c = bpe::byte_to_char();
+    let gone: Vec<String> = [0x04u8, 0x06, 0xC0, 0xF1, 0xF5, 0xFF].iter().map(|b| b2c[*b as usize].to_string()).collect();
+    let model = &mut json["model"];
+    let vocab = model["vocab"].as_object_mut().unwrap();
+    vocab.retain(|tok, _| !gone.iter().any(|g| tok.contains(g.as_str())));
+    let merges = model["merges"].as_array_mut().unwrap();
+    merges.retain(|m| {
+        let m = m.as_array().unwrap();
+        !m.iter().any(|side| gone.iter().any(|g| side.as_str().unwrap().contains(g.as_str())))
+    });
+    let (ours, theirs) = both(&json.to_string());
+    assert!(ours.fast_path());
+    let mut rng = Rng(5);
+    for _ in 0..5000 {
+        let text = random_text(&mut rng, 10);
+        let want = reference(&theirs, &text, true);
+        assert_eq!(ours.encode(&text, true), want, "{text:?}");
+        assert_eq!(ours.count(&text), want.len(), "{text:?}");
+    }
+    for text in ["\u{4}", "a\u{4}b", "\u{4}\u{4}", "\u{40000}", "x \u{40000}y"] {
+        assert_eq!(ours.count(text), reference(&theirs, text, true).len(), "{text:?}");
+    }
+    // With an unk token the crate emits it instead: not the fast path's shape.
+    json["model"]["unk_token"] = serde_json::Value::String("a".into());
+    assert!(!Tokenizer::from_str(&json.to_string()).unwrap().fast_path());
 }
 
 #[test]
