@@ -203,7 +203,7 @@ pub fn seconds_to_ns(now: f64) -> Result<u64, RateLimitError> {
     if !(now.is_finite() && now >= 0.0 && now < 1e10) {
         return Err(RateLimitError::Argument("now must be seconds since the epoch, as time.time() gives"));
     }
-    Ok((now * 1e9) as u64)
+    Ok((now * 1e9).round() as u64)
 }
 
 #[repr(C)]
