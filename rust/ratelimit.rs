@@ -10,11 +10,13 @@
 //! forces it to disk). A process that dies mid-decision leaves no lock held.
 //! The alternative, an LMDB write transaction per decision, serialises all
 //! workers on LMDB's single writer lock and pays a commit (an msync or fsync,
-//! or with `sync=False` still a meta-page update) per request. Measured in
-//! `bench/bench_ratelimit.py`, same run, same machine (2 shared cores):
-//! see the numbers at `MEASURED` below.
+//! or with `sync=False` still a meta-page update) per request.
 //!
-//! MEASURED: TO BE FILLED FROM bench/bench_ratelimit.py
+//! Measured by `bench/bench_ratelimit.py` in one run (median per admitted
+//! decision, Python call included, 1000 keys in turn, 2-core VM): this table 0.33 us; an LMDB write transaction with
+//! `sync=False, metasync=False` doing the same GCRA step 5.5 us (17x); the
+//! `limits` package's moving window on MemoryStorage, which is not even
+//! shared between processes, 3.1 us (9x).
 //!
 //! # Layout
 //!
