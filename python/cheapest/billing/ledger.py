@@ -27,7 +27,7 @@ the few fields named in the Structs below.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from typing import Protocol
 
@@ -271,6 +271,46 @@ class PaymentLedger:
     def linked_account(self, txn: lmdb.Transaction, stripe_id: str) -> str | None:
         raw = txn.get(_link_key(stripe_id), db=self._links)
         return None if raw is None else bytes(raw).decode()
+
+    # -- erasure -----------------------------------------------------------------------------------
+    def forget_accounts(self, txn: lmdb.Transaction, account_ids: Collection[str]) -> int:
+        """Erase accounts' payment references (GDPR erasure): journal, subscription state, balance, Stripe
+        links. The once-only records (event ids, chain claims) stay, so a replayed event or transfer still
+        changes nothing, but lose the account id and a transfer's sender. Returns the records touched."""
+        ids = {a.encode() for a in account_ids}
+        if not ids:
+            return 0
+        touched = 0
+        for account in ids:
+            for db in (self._subs, self._credits):
+                touched += bool(txn.delete(account, db=db))
+        with txn.cursor(db=self._journal) as cur:
+            for account in ids:
+                prefix = account + b"\0"
+                ok = cur.set_range(prefix)
+                while ok and cur.key().startswith(prefix):
+                    ok = cur.delete()
+                    touched += 1
+        with txn.cursor(db=self._links) as cur:
+            for key, value in list(cur):
+                if bytes(value) in ids:
+                    txn.delete(key, db=self._links)
+                    touched += 1
+        with txn.cursor(db=self._events) as cur:
+            for key, raw in list(cur):
+                event = _event_dec.decode(raw)
+                if event.account_id is not None and event.account_id.encode() in ids:
+                    txn.put(key, _event_enc.encode(msgspec.structs.replace(event, account_id=None)),
+                            db=self._events)
+                    touched += 1
+        with txn.cursor(db=self._claims) as cur:
+            for key, raw in list(cur):
+                claim = _claim_dec.decode(raw)
+                if claim.account_id.encode() in ids:
+                    txn.put(key, _event_enc.encode(msgspec.structs.replace(claim, account_id="", sender="")),
+                            db=self._claims)
+                    touched += 1
+        return touched
 
 
 def claim_key(chain_id: int, tx_hash: str, log_index: int) -> bytes:

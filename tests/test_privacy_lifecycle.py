@@ -1,0 +1,217 @@
+"""Retention and erasure on a real LMDB store, driven by an explicit clock (`now` is passed in; nothing sleeps)."""
+
+from __future__ import annotations
+
+import multiprocessing
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from cheapest.billing.ledger import ChainClaim, EventRecord, JournalEntry
+from cheapest.privacy.deletion import PROMISED_WITHIN, PURGE_AFTER, delete_account
+from cheapest.privacy.export import export_account
+from cheapest.privacy.retention import (
+    DAY, HOUR, USAGE_KEPT, PeriodicRetention, retention_lock, run_locked, run_retention, usage_cutoff,
+)
+from cheapest.store import Store, UsageCounter, accounts, open_store
+
+PEPPER = b"p" * 32
+NOW = 1_900_000_000  # a fixed "present": every time below is relative to it
+MODEL_A, MODEL_B = "SmolLM2-135M-Instruct", "Other-Model"
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    s = open_store(tmp_path)
+    yield s
+    s.close()
+
+
+def _usage(store: Store, key_id: str, model: str, hour: int, n: int = 1) -> None:
+    store.add_usage({(key_id, model, hour // HOUR * HOUR): UsageCounter(n, 10 * n, 20 * n, 3 * n)})
+
+
+def _account(store: Store, email: str) -> tuple[str, str, str]:
+    account, _ = accounts.create_account(store, email, "free", PEPPER)
+    key, _ = accounts.create_key(store, account.id, "sk", "app", PEPPER)
+    return account.id, key.id, key.hash.hex()
+
+
+def _lmdb_bytes(tmp_path: Path) -> bytes:
+    return (tmp_path / "store" / "data.mdb").read_bytes()
+
+
+def test_usage_older_than_90_days_becomes_anonymous_daily_aggregates(store: Store, tmp_path: Path) -> None:
+    _, k1, _ = _account(store, "a@example.test")
+    _, k2, _ = _account(store, "b@example.test")
+    cutoff = usage_cutoff(NOW)
+    old_day = (NOW - USAGE_KEPT - 5 * DAY) // DAY * DAY
+    # Two keys, two models, several hours of one old day; the hour that ended exactly 90 days ago is old too.
+    for h in (1, 2, 7):
+        _usage(store, k1, MODEL_A, old_day + h * HOUR, n=h)
+        _usage(store, k2, MODEL_A, old_day + h * HOUR, n=10)
+    _usage(store, k2, MODEL_B, old_day + 3 * HOUR, n=4)
+    _usage(store, k1, MODEL_A, cutoff - HOUR, n=5)  # whole hour ended <= now - 90 d
+    _usage(store, k1, MODEL_A, cutoff, n=6)  # its hour is not over 90 days ago: kept
+    _usage(store, k2, MODEL_B, NOW - DAY, n=7)  # recent: kept
+
+    report = run_retention(store, NOW)
+    assert report.usage_rows_rolled_up == 8 and report.accounts_purged == 0
+
+    kept = sorted((r.key_id, r.model, r.hour, r.counter.requests) for r in store.usage([k1, k2]))
+    assert kept == sorted([(k1, MODEL_A, cutoff, 6), (k2, MODEL_B, (NOW - DAY) // HOUR * HOUR, 7)])
+    daily = {(d.day, d.model): d.counter for d in store.daily_usage()}
+    cutoff_day = (cutoff - HOUR) // DAY * DAY
+    assert daily == {
+        (old_day, MODEL_A): UsageCounter(1 + 2 + 7 + 30, 400, 800, 120),
+        (old_day, MODEL_B): UsageCounter(4, 40, 80, 12),
+        (cutoff_day, MODEL_A): UsageCounter(5, 50, 100, 15),
+    }
+    # Idempotent: a second pass (another worker, the CLI) finds nothing more to do and changes nothing.
+    assert run_retention(store, NOW).usage_rows_rolled_up == 0
+    assert {(d.day, d.model): d.counter for d in store.daily_usage()} == daily
+    # Anonymous: an aggregate's stored key and value name no key or account.
+    for d in store.daily_usage():
+        assert set(type(d).__struct_fields__) == {"day", "model", "counter"}
+    # An hour later, the kept row at the cutoff has aged out too, and lands in the same day's aggregate.
+    assert run_retention(store, NOW + HOUR).usage_rows_rolled_up == 1
+    assert [r.hour for r in store.usage([k1])] == []
+
+
+def test_roll_up_in_small_batches_is_exact(store: Store) -> None:
+    _, k1, _ = _account(store, "a@example.test")
+    _, k2, _ = _account(store, "b@example.test")
+    base = (NOW - USAGE_KEPT - 30 * DAY) // DAY * DAY
+    for h in range(0, 24 * 20, 5):
+        _usage(store, k1, MODEL_A, base + h * HOUR)
+        _usage(store, k2, MODEL_A, base + h * HOUR, n=2)
+    rows = len(list(store.usage([k1, k2])))
+    moved = store.roll_up_usage(usage_cutoff(NOW), batch=7)  # type: ignore[call-arg]
+    assert moved == rows and list(store.usage([k1, k2])) == []
+    assert sum(d.counter.requests for d in store.daily_usage()) == 3 * rows // 2
+    assert [d.day for d in store.daily_usage()] == [base + i * DAY for i in range(20)]
+
+
+def _payments(store: Store, account_id: str, other_id: str) -> None:
+    ledger = store.ledger
+    with ledger.write() as txn:
+        ledger.record_payment(txn, account_id, JournalEntry("stripe:invoice:in_1", "stripe_invoice_paid", NOW, 0,
+                                                            500, "usd"))
+        ledger.record_payment(txn, account_id, JournalEntry("usdc:8453:0xabc:1", "usdc_topup", NOW, 5_000_000))
+        ledger.record_payment(txn, other_id, JournalEntry("usdc:8453:0xdef:2", "usdc_topup", NOW, 1_000_000))
+        ledger.merge_subscription(txn, account_id, {"plan": "standard", "status": "active",
+                                                    "customer_id": "cus_PURGEME", "subscription_id": "sub_PURGEME"},
+                                  NOW)
+        ledger.link(txn, "cus_PURGEME", account_id)
+        ledger.link(txn, "cus_OTHER", other_id)
+        ledger.record_event(txn, "evt_1", EventRecord("invoice.paid", NOW, NOW, account_id))
+        ledger.claim_transfer(txn, 8453, "0xabc", 1, ChainClaim(account_id, 5_000_000, "0xSENDERPURGE", 7, NOW))
+        ledger.claim_transfer(txn, 8453, "0xdef", 2, ChainClaim(other_id, 1_000_000, "0xSENDEROTHER", 8, NOW))
+
+
+def test_deleted_account_is_purged_before_30_days_and_usage_stays_anonymous(store: Store, tmp_path: Path) -> None:
+    acct, key, key_hash = _account(store, "Gone.User@example.test")
+    other, other_key, _ = _account(store, "stays@example.test")
+    revoked, _ = accounts.create_key(store, acct, "sk", "old app", PEPPER)
+    for k in (key, revoked.id, other_key):
+        _usage(store, k, MODEL_A, NOW - 2 * DAY, n=3)
+    store.delete_key(revoked.id)  # revoked earlier: its usage is still the account's
+    _payments(store, acct, other)
+    assert len(export_account(store, store.get_account(acct), NOW).payments) == 2  # type: ignore[arg-type]
+
+    deleted_at = NOW - PURGE_AFTER + 1
+    marked = delete_account(store, acct, deleted_at)
+    assert marked is not None and marked.status == "deleted" and marked.deleted_at == deleted_at
+    assert delete_account(store, acct, deleted_at + 500).deleted_at == deleted_at  # type: ignore[union-attr]
+    # Still inside the grace period: nothing is purged yet.
+    assert run_retention(store, NOW).accounts_purged == 0
+    assert store.get_account(acct) is not None
+
+    # A day before the promised 30 days are over, the account data is gone.
+    later = deleted_at + PURGE_AFTER
+    assert later < deleted_at + PROMISED_WITHIN
+    assert run_retention(store, later).accounts_purged == 1
+    assert store.get_account(acct) is None and store.find_account_by_email("gone.user@example.test") is None
+    assert store.get_key(key) is None and store.find_key_by_hash(bytes.fromhex(key_hash)) is None
+    assert store.list_keys(acct) == [] and store.key_history(acct) == []
+    assert list(store.usage([key, revoked.id])) == []
+    ledger = store.ledger
+    assert ledger.journal(acct) == [] and ledger.subscription(acct) is None and ledger.balance(acct) == 0
+    with ledger.write() as txn:
+        assert ledger.linked_account(txn, "cus_PURGEME") is None
+        assert ledger.linked_account(txn, "cus_OTHER") == other
+    # Once-only records stay (a replayed event or transfer still changes nothing) but name nobody.
+    assert ledger.event("evt_1") == EventRecord("invoice.paid", NOW, NOW, None)
+    claim = ledger.chain_claim(8453, "0xabc", 1)
+    assert claim is not None and claim.account_id == "" and claim.sender == ""
+    # Its usage survives only in the anonymous aggregate (6 requests: both of its keys); the other account's
+    # usage and payments are untouched.
+    day = (NOW - 2 * DAY) // DAY * DAY
+    assert [(d.day, d.model, d.counter.requests) for d in store.daily_usage()] == [(day, MODEL_A, 6)]
+    assert [r.counter.requests for r in store.usage([other_key])] == [3]
+    assert [e.ref for e in ledger.journal(other)] == ["usdc:8453:0xdef:2"]
+    assert ledger.chain_claim(8453, "0xdef", 2).sender == "0xSENDEROTHER"  # type: ignore[union-attr]
+    assert store.get_account(other) is not None
+    # The email may be used again for a new account.
+    accounts.create_account(store, "gone.user@example.test", "free", PEPPER)
+
+
+def test_purged_account_leaves_no_readable_trace(store: Store) -> None:
+    """Every table, read through LMDB: neither the account id, its email, its keys nor payment ids remain."""
+    acct, key, key_hash = _account(store, "trace.me@example.test")
+    other, _, _ = _account(store, "keep@example.test")
+    _usage(store, key, MODEL_A, NOW - DAY)
+    _payments(store, acct, other)
+    delete_account(store, acct, NOW - PROMISED_WITHIN)
+    assert run_retention(store, NOW).accounts_purged == 1
+    needles = [acct.encode(), b"trace.me@example.test", key.encode(), bytes.fromhex(key_hash), b"cus_PURGEME",
+               b"sub_PURGEME", b"0xSENDERPURGE", b"in_1"]
+    env = store.env  # type: ignore[attr-defined]
+    with env.begin() as txn:
+        names = [k for k, _ in txn.cursor()]
+        for name in names:
+            db = env.open_db(name, txn=txn, create=False)
+            for k, v in txn.cursor(db=db):
+                for needle in needles:
+                    assert needle not in k and needle not in v, (name, needle)
+
+
+def test_account_without_deletion_time_is_due_at_once(store: Store) -> None:
+    acct, _, _ = _account(store, "legacy@example.test")
+    import msgspec
+
+    store.update_account(acct, lambda a: msgspec.structs.replace(a, status="deleted"))
+    assert run_retention(store, NOW).accounts_purged == 1
+
+
+def _hold_lock(data_dir: str, ready: multiprocessing.synchronize.Event, release: multiprocessing.synchronize.Event) -> None:  # type: ignore[name-defined]
+    with retention_lock(data_dir, blocking=True):
+        ready.set()
+        release.wait(30)
+
+
+def test_one_worker_at_a_time_and_once_per_interval(store: Store, tmp_path: Path) -> None:
+    _, k1, _ = _account(store, "a@example.test")
+    _usage(store, k1, MODEL_A, NOW - USAGE_KEPT - 3 * DAY)
+    ctx = multiprocessing.get_context("spawn")
+    ready, release = ctx.Event(), ctx.Event()
+    holder = ctx.Process(target=_hold_lock, args=(str(tmp_path), ready, release))
+    holder.start()
+    try:
+        assert ready.wait(30)
+        # Another process holds the lock: this worker skips instead of waiting or running twice.
+        assert run_locked(store, tmp_path, NOW, interval=3600, blocking=False) is None
+        assert len(list(store.usage([k1]))) == 1
+    finally:
+        release.set()
+        holder.join(30)
+    job = PeriodicRetention(store, tmp_path, interval=3600, clock=lambda: clock[0])
+    clock = [float(NOW)]
+    first = job.check()
+    assert first is not None and first.usage_rows_rolled_up == 1
+    clock[0] += 3599  # within the interval: any worker skips
+    assert job.check() is None
+    clock[0] += 1
+    second = job.check()
+    assert second is not None and second.usage_rows_rolled_up == 0
