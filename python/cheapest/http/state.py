@@ -11,6 +11,7 @@ import cheapest_core
 
 from cheapest.config import Settings
 from cheapest.inference.types import Engine
+from cheapest.privacy.retention import PeriodicRetention
 from cheapest.store import Store, open_store
 from cheapest.store.metering import UsageMeter
 from cheapest.store.secrets import load_pepper
@@ -24,7 +25,8 @@ def load_configured_engine(settings: Settings) -> Engine:
         from cheapest.inference.fixed import FixedEngine
 
         return FixedEngine(Path(settings.model_dir).name or DEFAULT_MODEL, settings.fixed_text,
-                           tokens=settings.fixed_tokens, delay=settings.fixed_delay)
+                           tokens=settings.fixed_tokens, delay=settings.fixed_delay,
+                           fail_seed=settings.fixed_fail_seed)
     from cheapest.inference.engine import load_engine
 
     return load_engine(settings.model_dir, threads=settings.model_threads or None)
@@ -43,6 +45,8 @@ class WorkerState:
         self.limiter = cheapest_core.RateLimiter(str(data / "ratelimit.bin"), settings.ratelimit_capacity)
         self.meter = UsageMeter(self.store, settings.usage_flush_interval)
         self.meter.start()
+        self.retention = PeriodicRetention(self.store, data, settings.retention_interval)
+        self.retention.start()
         self.engine: Engine | None = None
         self.engine_failed = False
         self._engine_lock = threading.Lock()
@@ -69,6 +73,7 @@ class WorkerState:
         from cheapest.http.accesslog import flush_request_log
 
         flush_request_log()
+        self.retention.stop()
         self.meter.stop()
         if self.engine is not None and loop is not None and not loop.is_closed():
             try:

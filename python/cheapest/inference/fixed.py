@@ -10,20 +10,23 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Sequence
 
-from cheapest.inference.types import ContextLengthError, Delta, Finish, SamplingParams
+from cheapest.inference.types import ContextLengthError, Delta, EngineError, Finish, SamplingParams
 
 
 class FixedEngine:
     provider = "fixed"
 
     def __init__(self, model_id: str, text: str, *, context_length: int = 8192, tokens: int = 0,
-                 delay: float = 0.0) -> None:
+                 delay: float = 0.0, fail_seed: int | None = None) -> None:
         self.model_id = model_id
         self.context_length = context_length
         words = text.split(" ")
         self._pieces = [w if i == 0 else " " + w for i, w in enumerate(words)]
         self._tokens = tokens or len(self._pieces)
         self._delay = delay
+        # Tests only (the fixed backend never serves production): a request with this seed fails after its
+        # first token, to prove an engine failure answers generically and leaves no request text behind.
+        self._fail_seed = fail_seed
         self.instant = delay == 0  # answers without ever suspending: the HTTP layer need not watch for disconnects
 
     def render_chat(self, messages: Sequence[tuple[str, str]]) -> str:
@@ -53,6 +56,8 @@ class FixedEngine:
                     return
             text += piece
             yield Delta(piece, n)
+            if self._fail_seed is not None and params.seed == self._fail_seed:
+                raise EngineError("injected failure")
         yield Finish("stop", self._tokens)
 
     async def close(self) -> None:
