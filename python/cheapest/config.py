@@ -13,6 +13,7 @@ Environment variables (all optional; default in brackets):
     CHEAPEST_FIXED_TEXT             the fixed backend's completion text        ["The capital of France is Paris."]
     CHEAPEST_FIXED_TOKENS           fixed backend: completion length in words, cycling the text (0 = the text once) [0]
     CHEAPEST_FIXED_DELAY            fixed backend: seconds per generated word (to observe streaming)  [0]
+    CHEAPEST_FIXED_FAIL_SEED        fixed backend (tests only): a request with this seed fails mid-generation [none]
     CHEAPEST_MAX_BODY_BYTES         request bodies above this get 413                              [1048576]
     CHEAPEST_DEFAULT_MAX_TOKENS     completion budget when a request sets none (clamped to context)[1024]
     CHEAPEST_USAGE_FLUSH_INTERVAL   seconds between usage flushes of a worker to LMDB              [1.0]
@@ -21,11 +22,15 @@ Environment variables (all optional; default in brackets):
     CHEAPEST_LMDB_MAP_SIZE          LMDB map size in bytes                                         [1 GiB]
     CHEAPEST_RATELIMIT_CAPACITY     slots in the shared rate-limit table                           [65536]
     CHEAPEST_REQUEST_LOG            1/0: one JSON metadata line per request on stdout              [1]
+    CHEAPEST_RETENTION_INTERVAL     seconds between in-server retention runs, one worker at a time (0 = off) [3600]
 
 TOML-only tables (defaults shown):
 
-    [plans.free]   rpm = 20,  tpm = 20000, price_usd_month = 0
-    [plans.standard] rpm = 60, tpm = 3333 ...      [plans.pro] rpm = 200, tpm = 13333 ...
+    [plans.free]     rpm = 20,  tpm = 20000, price_usd_month = 0       (funding "free": no charge)
+    [plans.standard] rpm = 60,  tpm = 3333,  price_usd_month = 5       (funding "subscription", via Stripe)
+    [plans.pro]      rpm = 200, tpm = 13333, price_usd_month = 20      (funding "subscription", via Stripe)
+    [plans.payg]     rpm = 60,  tpm = 10000, funding = "credits"       (each request's cost debits the balance)
+    Any plan may also set budget_usd + budget_window ("5h"|"8h"|"1d"|"30d"): a per-key spend cap per window.
     [prices."SmolLM2-135M-Instruct"]  prompt_usd_per_mtok = 0.0, completion_usd_per_mtok = 0.0
 """
 
@@ -35,7 +40,7 @@ import os
 import tomllib
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 
@@ -43,11 +48,22 @@ DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 
 
 class PlanConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A plan's per-key limits and how it is paid for. `funding`: "free" (no charge), "subscription" (a Stripe
+    subscription must be in good standing), "credits" (usage debits the account's credit balance; an empty
+    balance is refused with 402). Unset: "subscription" when the plan has a monthly price, else "free"."""
+
     rpm: int
     tpm: int
     price_usd_month: float = 0.0
     budget_usd: float | None = None
-    budget_window: str | None = None  # "5h" | "8h" | "1d" | "30d"
+    budget_window: Literal["5h", "8h", "1d", "30d"] | None = None
+    funding: Literal["free", "subscription", "credits"] | None = None
+
+    @property
+    def funded_by(self) -> str:
+        if self.funding is not None:
+            return self.funding
+        return "subscription" if self.price_usd_month > 0 else "free"
 
 
 class PriceConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -68,6 +84,7 @@ DEFAULT_PLANS = {
     "free": PlanConfig(rpm=20, tpm=20_000),
     "standard": PlanConfig(rpm=60, tpm=3_333, price_usd_month=5.0),
     "pro": PlanConfig(rpm=200, tpm=13_333, price_usd_month=20.0),
+    "payg": PlanConfig(rpm=60, tpm=10_000, funding="credits"),
 }
 
 
@@ -82,6 +99,7 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     fixed_text: str = "The capital of France is Paris."
     fixed_tokens: int = 0
     fixed_delay: float = 0.0
+    fixed_fail_seed: int | None = None
     max_body_bytes: int = 1 << 20
     default_max_tokens: int = 1024
     usage_flush_interval: float = 1.0
@@ -90,6 +108,7 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     lmdb_map_size: int = 1 << 30
     ratelimit_capacity: int = 65536
     request_log: bool = True
+    retention_interval: float = 3600.0
     plans: dict[str, PlanConfig] = msgspec.field(default_factory=lambda: dict(DEFAULT_PLANS))
     prices: dict[str, PriceConfig] = msgspec.field(default_factory=dict)
 
@@ -111,6 +130,7 @@ _SCALARS = {
         ("model_dir", str), ("model_threads", int), ("fixed_text", str), ("fixed_tokens", int), ("fixed_delay", float), ("max_body_bytes", int),
         ("default_max_tokens", int), ("usage_flush_interval", float), ("key_pepper", str),
         ("default_plan", str), ("lmdb_map_size", int), ("ratelimit_capacity", int), ("request_log", bool),
+        ("fixed_fail_seed", int), ("retention_interval", float),
     )
 }
 
@@ -152,6 +172,9 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
         raise SystemExit("invalid configuration: model_backend must be 'onnx' or 'fixed'")
     if settings.default_plan not in settings.plans:
         raise SystemExit("invalid configuration: default_plan names no configured plan")
+    for name, plan in settings.plans.items():
+        if (plan.budget_usd is None) != (plan.budget_window is None):
+            raise SystemExit(f"invalid configuration: plan {name} needs both budget_usd and budget_window")
     return settings
 
 

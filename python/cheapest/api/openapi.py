@@ -6,7 +6,7 @@ from typing import Any, NamedTuple
 
 import msgspec
 
-from cheapest.api import chat, completions, management, models
+from cheapest.api import billing, chat, completions, management, models, privacy
 from cheapest.api.common import ErrorResponse
 
 
@@ -36,6 +36,26 @@ OPERATIONS = [
     Operation("patch", "/api/keys/{key_id}", "Change a key's name, limits, expiry or disabled flag",
               management.PatchKeyRequest, management.KeyInfo, "mk"),
     Operation("delete", "/api/keys/{key_id}", "Revoke a key", None, management.Deleted, "mk"),
+    Operation("get", "/api/usage", "Usage per key and model (query: from, to, group_by=hour|day)",
+              None, management.UsageReport, "mk"),
+    Operation("get", "/api/usage/{key_id}", "One key's usage per model (query: from, to, group_by)",
+              None, management.UsageReport, "mk"),
+    Operation("get", "/api/plans", "The plan catalog: limits, prices, budget windows (no auth)",
+              None, billing.PlanList, None),
+    Operation("get", "/api/billing/status", "Plan, subscription status, period end, credit balance, keys",
+              None, billing.BillingStatus, "mk"),
+    Operation("post", "/api/billing/checkout", "A Stripe Checkout session (subscription) for a plan",
+              billing.CheckoutRequest, billing.CheckoutResponse, "mk"),
+    Operation("post", "/api/billing/topup", "Quote a USDC-on-Base top-up: address, token, amount, claim message",
+              billing.TopupRequest, billing.TopupQuote, "mk"),
+    Operation("post", "/api/billing/verify-topup", "Credit a confirmed USDC transfer once (202 while confirming)",
+              billing.VerifyTopupRequest, billing.TopupCredited, "mk"),
+    Operation("post", "/webhooks/stripe", "Stripe events (signed raw body; Stripe-Signature header)",
+              None, billing.WebhookAck, None),
+    Operation("get", "/api/account/export", "GDPR export: account, keys' metadata, subscription, payments, usage",
+              None, privacy.AccountExport, "mk"),
+    Operation("delete", "/api/account", "Delete the account: keys stop at once, data purged within 30 days",
+              None, privacy.AccountDeleted, "mk"),
     Operation("get", "/healthz", "Liveness", None, models.Health, None),
     Operation("get", "/readyz", "Readiness: the model is loaded", None, models.Health, None),
 ]

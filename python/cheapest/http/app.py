@@ -16,7 +16,7 @@ import msgspec
 from cheapest.api.models import Health
 from cheapest.api.openapi import build_openapi
 from cheapest.config import Settings, get_settings
-from cheapest.http import inference, management, ratelimit
+from cheapest.http import billing, inference, management, privacy, ratelimit
 from cheapest.http.accesslog import write_request_log
 from cheapest.http.errors import ApiError, internal_error, method_not_allowed, not_found
 from cheapest.http.request import JSON, ClientGone, Request, Response, StreamResponse, json_response
@@ -56,6 +56,16 @@ ROUTES: dict[str, dict[str, Handler]] = {
     "/v1/models": {"GET": inference.list_models},
     "/v1/usage": {"GET": inference.key_usage},
     "/api/keys": {"POST": management.create_key, "GET": management.list_keys},
+    "/api/usage": {"GET": management.usage},
+    "/api/plans": {"GET": management.plans},
+    "/api/billing/status": {"GET": billing.status},
+    "/api/billing/checkout": {"POST": billing.checkout},
+    "/api/billing/topup": {"POST": billing.topup},
+    "/api/billing/verify-topup": {"POST": billing.verify_topup},
+    "/webhooks/stripe": {"POST": billing.stripe_webhook},
+    "/api/account": {"DELETE": privacy.delete},
+    "/api/account/export": {"GET": privacy.export},
+    "/_test/process": {"GET": privacy.process_check},  # answers only with the fixed (test) backend
     "/healthz": {"GET": healthz},
     "/readyz": {"GET": readyz},
     "/openapi.json": {"GET": openapi},
@@ -63,6 +73,7 @@ ROUTES: dict[str, dict[str, Handler]] = {
 PARAM_ROUTES: dict[str, dict[str, Handler]] = {
     "/v1/models/": {"GET": inference.get_model},
     "/api/keys/": {"GET": management.get_key, "PATCH": management.patch_key, "DELETE": management.delete_key},
+    "/api/usage/": {"GET": management.key_usage},
 }
 
 

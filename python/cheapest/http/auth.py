@@ -6,21 +6,28 @@ import time
 
 import cheapest_core
 
+from cheapest.billing.ledger import SubscriptionView
+from cheapest.config import Settings
 from cheapest.http.errors import ApiError
 from cheapest.store import AccountRecord, KeyRecord, Store
 
 # Why a cache: two LMDB read transactions and two msgpack decodes per request are a fifth of the gateway's
-# per-request cost. Entries live CACHE_TTL seconds, so a revoked, disabled or re-limited key is seen by every
-# worker within that time (the accounts issue asks for 1 s); expiry (`expires_at`) is still checked per request.
-CACHE_TTL = 0.5
+# per-request cost. Why an epoch rather than a short TTL: the store bumps a change counter in the same write
+# transaction as any key or account change (revoke, disable, new limits, a subscription that lapsed), and each
+# request reads it (one small LMDB read) before trusting the cache; on a change the whole cache is dropped. So
+# every worker sees a change on its next request, not "within the TTL", and unchanged keys stay cached for
+# long. CACHE_TTL is only a backstop against a writer that forgot the epoch. Expiry (`expires_at`) is checked
+# per request.
+CACHE_TTL = 30.0
 CACHE_MAX = 10_000
 _cache: dict[bytes, tuple[float, KeyRecord | None, AccountRecord | None]] = {}
+_cache_epoch = -1
 
 _KIND_NAMES = {"sk": "an inference key (sk_...)", "mk": "a management key (mk_...)"}
 
 
 def forget(key_hash: bytes) -> None:
-    """Drop a changed key from this worker's cache at once (other workers see it within CACHE_TTL)."""
+    """Drop a changed key from this worker's cache (the epoch does this too; kept for callers' clarity)."""
     _cache.pop(key_hash, None)
 
 
@@ -39,6 +46,11 @@ def authenticate(store: Store, pepper: bytes, authorization: str | None, kind: s
     if not cheapest_core.check_key(secret):
         raise _unauthorized("Incorrect API key provided.")
     key_hash = cheapest_core.hash_key(secret, pepper)
+    global _cache_epoch
+    epoch = store.epoch()
+    if epoch != _cache_epoch:
+        _cache.clear()
+        _cache_epoch = epoch
     now = time.monotonic()
     hit = _cache.get(key_hash)
     if hit is not None and hit[0] > now:
@@ -51,8 +63,11 @@ def authenticate(store: Store, pepper: bytes, authorization: str | None, kind: s
         _cache[key_hash] = (now + CACHE_TTL, key, account)
     if key is None:
         raise _unauthorized("Incorrect API key provided.")
-    if account is None or account.status != "active":
+    if account is None or account.status == "deleted":
         raise _unauthorized("Incorrect API key provided.")
+    if account.status != "active":
+        raise ApiError(403, "This account is disabled; contact the operator.", type="permission_error",
+                       code="account_disabled")
     if key.kind != kind:
         raise ApiError(403, f"This route needs {_KIND_NAMES[kind]}; you sent {_KIND_NAMES[key.kind]}.",
                        type="permission_error", code="wrong_key_kind")
@@ -61,3 +76,21 @@ def authenticate(store: Store, pepper: bytes, authorization: str | None, kind: s
     if key.expires_at is not None and time.time() >= key.expires_at:
         raise ApiError(403, "This API key has expired.", type="permission_error", code="key_expired")
     return key, account
+
+
+_GOOD_STANDING = frozenset({"none", "active", "trialing", "past_due"})
+
+
+def check_standing(settings: Settings, account: AccountRecord, now: float | None = None) -> None:
+    """Inference keys of a subscription plan work only while the subscription is in good standing: `expired`
+    (a period long over), `canceled` and the unpaid states get 403 until renewed. "none" is a plan the operator
+    assigned without Stripe. Management keys keep working, so the account can see its status and renew."""
+    if account.subscription_status == "none" or settings.plan(account.plan).funded_by != "subscription":
+        return
+    status = SubscriptionView(plan=account.plan, status=account.subscription_status,
+                              current_period_end=account.period_end, subscription_id=None, customer_id=None,
+                              updated_at=0).effective_status(time.time() if now is None else now)
+    if status not in _GOOD_STANDING:
+        raise ApiError(403, f"The subscription for plan {account.plan} is {status}; renew it (POST "
+                       f"/api/billing/checkout) to use this key again.", type="permission_error",
+                       code="subscription_inactive")

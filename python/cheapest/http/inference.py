@@ -16,7 +16,8 @@ from cheapest.api.common import Usage
 from cheapest.api.completions import Completion, CompletionChoice, CompletionRequest
 from cheapest.api.models import KeyUsage, Model, ModelList, ModelUsage, RateLimits
 from cheapest.http import ratelimit
-from cheapest.http.auth import authenticate
+from cheapest.http.auth import authenticate, check_standing
+from cheapest.http.billing import admit_spend
 from cheapest.http.errors import ApiError, decode_error, internal_error
 from cheapest.http.request import ClientGone, Request, Response, StreamResponse, json_response
 from cheapest.http.state import WorkerState
@@ -35,6 +36,7 @@ SSE_HEADERS = [("content-type", "text/event-stream"), ("cache-control", "no-cach
 def _auth(state: WorkerState, req: Request) -> tuple[KeyRecord, AccountRecord, ratelimit.Limits]:
     key, account = authenticate(state.store, state.pepper, req.headers.get("authorization"), "sk")
     req.key_id = key.id
+    check_standing(state.settings, account)
     req.rate_limits = limits = ratelimit.limits_for(state.settings, account, key)
     return key, account, limits
 
@@ -71,7 +73,7 @@ class _Run:
     """One admitted generation: its accounting happens exactly once, however it ends."""
 
     __slots__ = ("state", "req", "key", "limits", "engine", "admission", "prompt_tokens", "completion_tokens",
-                 "settled")
+                 "settled", "debit_to")
 
     def __init__(self, state: WorkerState, req: Request, key: KeyRecord, limits: ratelimit.Limits, engine: Engine,
                  admission: ratelimit.Admission, prompt_tokens: int) -> None:
@@ -79,6 +81,7 @@ class _Run:
         self.admission, self.prompt_tokens = admission, prompt_tokens
         self.completion_tokens = 0
         self.settled = False
+        self.debit_to: str | None = None  # a credit-funded account pays this request's cost
 
     def settle(self) -> None:
         if self.settled:
@@ -88,7 +91,8 @@ class _Run:
         self.req.prompt_tokens, self.req.completion_tokens = p, c
         ratelimit.settle(self.state.limiter, self.key.id, self.limits, self.admission.charged_tokens, p + c)
         model = self.engine.model_id
-        self.state.meter.record(self.key.id, model, p, c, self.state.settings.price(model).cost_micro(p, c))
+        self.state.meter.record(self.key.id, model, p, c, self.state.settings.price(model).cost_micro(p, c),
+                                debit_account=self.debit_to)
 
 
 async def _collect(run: _Run, gen: AsyncIterator[Delta | Finish]) -> tuple[str, str]:
@@ -194,8 +198,10 @@ async def _complete(state: WorkerState, req: Request, chat: bool) -> Response | 
     del prompt
     p = len(prompt_ids)
     params = _sampling(state, engine, p, requested, creq.temperature, creq.top_p, creq.seed, creq.stop)
+    debit_to = admit_spend(state, key, account)  # budgets (429) and credits (402), before any inference
     admission = ratelimit.admit(state.limiter, key.id, limits, p, params.max_tokens)
     run = _Run(state, req, key, limits, engine, admission, p)
+    run.debit_to = debit_to
     rid = ("chatcmpl-" if chat else "cmpl-") + os.urandom(12).hex()
     created = int(time.time())
     if creq.stream:

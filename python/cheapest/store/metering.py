@@ -26,12 +26,15 @@ class UsageMeter:
         self.store = store
         self.interval = interval
         self._pending: dict[UsageKey, UsageCounter] = {}
+        self._debits: dict[str, int] = {}  # account id -> micro-dollars owed by credit-funded accounts
+        self._key_cost: dict[str, int] = {}  # key id -> micro-dollars not flushed yet (budget checks)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def record(self, key_id: str, model: str, prompt_tokens: int, completion_tokens: int, cost_micro: int,
-               ts: float | None = None) -> None:
+               ts: float | None = None, debit_account: str | None = None) -> None:
+        """`debit_account`: a credit-funded account whose balance pays `cost_micro` (debited at the flush)."""
         k = (key_id, model, hour_of(time.time() if ts is None else ts))
         with self._lock:
             c = self._pending.get(k)
@@ -41,18 +44,35 @@ class UsageMeter:
             c.prompt_tokens += prompt_tokens
             c.completion_tokens += completion_tokens
             c.cost_micro += cost_micro
+            if cost_micro:
+                self._key_cost[key_id] = self._key_cost.get(key_id, 0) + cost_micro
+                if debit_account is not None:
+                    self._debits[debit_account] = self._debits.get(debit_account, 0) + cost_micro
+
+    def pending_cost(self, key_id: str) -> int:
+        """This worker's not-yet-flushed spend of a key (admission adds it to the stored spend)."""
+        return self._key_cost.get(key_id, 0)
+
+    def pending_debit(self, account_id: str) -> int:
+        return self._debits.get(account_id, 0)
 
     def flush(self) -> None:
         with self._lock:
             pending, self._pending = self._pending, {}
-        if not pending:
+            debits, self._debits = self._debits, {}
+            key_cost, self._key_cost = self._key_cost, {}
+        if not pending and not debits:
             return
         try:
-            self.store.add_usage(pending)
+            self.store.add_usage(pending, debits)
         except Exception:
             with self._lock:  # keep the deltas for the next try rather than lose billed usage
                 for k, c in pending.items():
                     self._pending.setdefault(k, UsageCounter()).add(c)
+                for a, m in debits.items():
+                    self._debits[a] = self._debits.get(a, 0) + m
+                for kid, m in key_cost.items():
+                    self._key_cost[kid] = self._key_cost.get(kid, 0) + m
             raise
 
     def start(self) -> None:

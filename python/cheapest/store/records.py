@@ -7,6 +7,15 @@ from typing import Literal
 import msgspec
 
 KeyKind = Literal["sk", "mk"]
+BudgetWindow = Literal["5h", "8h", "1d", "30d"]
+BUDGET_WINDOWS: dict[str, int] = {"5h": 5 * 3600, "8h": 8 * 3600, "1d": 86_400, "30d": 30 * 86_400}
+
+
+def window_start(window: str, now: float) -> int:
+    """Budget windows are fixed and aligned to the Unix epoch (UTC): a 1d window resets at 00:00 UTC, a 5h
+    window at every multiple of 5 hours since 1970-01-01T00:00Z, a 30d one every 30 days from then."""
+    length = BUDGET_WINDOWS[window]
+    return int(now) // length * length
 
 
 class KeyLimits(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -15,18 +24,23 @@ class KeyLimits(msgspec.Struct, frozen=True, omit_defaults=True):
     rpm: int | None = None
     tpm: int | None = None
     budget_usd: float | None = None
-    budget_window: Literal["5h", "8h", "1d", "30d"] | None = None
+    budget_window: BudgetWindow | None = None
 
 
 class AccountRecord(msgspec.Struct, frozen=True):
+    """An account. Its spendable credit balance is NOT here: the payment ledger (`billing.ledger`, table
+    pay_credits) is its one owner, so credits and debits stay once-only records beside their journal, and a
+    usage debit never rewrites (and never invalidates cached copies of) this record."""
+
     id: str
     email: str
     created_at: int  # unix seconds
     plan: str
-    status: Literal["active", "deleted"] = "active"
-    subscription_status: str = "none"  # none / active / past_due / expired / canceled
+    status: Literal["active", "disabled", "deleted"] = "active"
+    # Stripe's status mirrored from the ledger (none = operator-assigned plan, no subscription).
+    subscription_status: str = "none"
     period_end: int | None = None
-    credit_micro: int = 0  # integer micro-dollars
+    deleted_at: int | None = None  # set with status "deleted"; the record is purged before 30 days pass
 
 
 class KeyRecord(msgspec.Struct, frozen=True):
@@ -65,4 +79,13 @@ class UsageRow(msgspec.Struct, frozen=True):
     key_id: str
     model: str
     hour: int  # unix seconds at the start of the hour
+    counter: UsageCounter
+
+
+class DailyUsage(msgspec.Struct, frozen=True):
+    """Anonymous aggregate: all keys' usage of one model on one UTC day, once older than 90 days (or of a
+    purged account). It carries no key or account id."""
+
+    day: int  # unix seconds at 00:00 UTC
+    model: str
     counter: UsageCounter
