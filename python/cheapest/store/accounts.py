@@ -6,6 +6,7 @@ import secrets
 import time
 
 import cheapest_core
+import msgspec
 
 from cheapest.store.base import Store
 from cheapest.store.records import AccountRecord, KeyKind, KeyLimits, KeyRecord
@@ -49,3 +50,28 @@ def create_key(
     )
     store.create_key(record)
     return record, secret
+
+
+def find_account(store: Store, id_or_email: str) -> AccountRecord | None:
+    """An account by id (acct_...) or by email."""
+    if "@" in id_or_email:
+        return store.find_account_by_email(id_or_email)
+    return store.get_account(id_or_email)
+
+
+def grant_credit(store: Store, account_id: str, micro_usd: int, ref: str) -> bool:
+    """An operator's credit to the ledger balance (its one owner), once per `ref`; False if `ref` was used."""
+    with store.ledger.write() as txn:
+        return store.ledger.credit(txn, account_id, micro_usd, ref, kind="operator_grant")
+
+
+def set_status(store: Store, account_id: str, status: str) -> AccountRecord | None:
+    """active <-> disabled; a disabled account's keys get 403 on every worker's next request (epoch)."""
+    return store.update_account(account_id, lambda a: msgspec.structs.replace(a, status=status))
+
+
+def set_plan(store: Store, account_id: str, plan: str) -> AccountRecord | None:
+    """An operator-assigned plan: the subscription mirror is reset to "none" (no Stripe subscription needed);
+    a later Stripe event for this account sets plan and status again."""
+    return store.update_account(account_id, lambda a: msgspec.structs.replace(
+        a, plan=plan, subscription_status="none", period_end=None))
