@@ -40,7 +40,8 @@ def register(subparsers) -> None:
     conv = sub.add_parser("convert", help="convert a llama-architecture GGUF into an ONNX model directory")
     conv.add_argument("gguf", type=Path)
     conv.add_argument("dir", type=Path)
-    conv.add_argument("--accuracy-level", type=int, default=4, choices=(0, 1, 4),
-                      help="MatMulNBits accuracy_level of the fused graph (4 = int8 activations, fastest)")
+    conv.add_argument("--accuracy-level", type=int, default=0, choices=(0, 4),
+                      help="MatMulNBits accuracy_level of the fused graph: 0 = fp32 activations (default, "
+                           "matches the fp32 graph), 4 = int8 activations (faster, llama.cpp-like precision)")
     conv.add_argument("--quiet", action="store_true", help="no progress bars")
     conv.set_defaults(func=_convert)

@@ -1,12 +1,19 @@
 """The fused graph served on CPU and CUDA (`onnx/model.onnx`), built from ONNX Runtime contrib operators.
 
   embedding     GatherBlockQuantized on the GGUF blocks (Q8_0/Q4_0/Q4_1) or Gather (F16/F32)
-  projections   MatMulNBits on the GGUF blocks as stored (q|k|v and gate|up merged), accuracy_level 4
-                (int8 activations, as llama.cpp does); Q4_1 block minimums applied exactly (quant_blocks.py)
+  projections   MatMulNBits on the GGUF blocks as stored (q|k|v and gate|up merged); Q4_1 block minimums
+                applied exactly (quant_blocks.py)
   norms         SimplifiedLayerNormalization / SkipSimplifiedLayerNormalization (residual adds fused)
   attention     GroupQueryAttention, packed QKV, rotary inside (do_rotary=1, half-split layout)
   activation    QuickGelu(alpha=1) = SiLU, times up
   lm head       MatMulNBits on the (tied) embedding blocks, for the last real token of each row only
+
+Precision: accuracy_level 0 (default) keeps activations in fp32, so the fused graph computes exactly the GGUF's
+weights in fp32 and matches the reference graph to ~1e-4. accuracy_level 4 quantizes activations to int8 per
+32-block (as llama.cpp does): ~1.6x faster decode, logits off by up to ~2 on SmolLM2 - enough to flip near-ties
+(for "What is the capital of France?" SmolLM2's top two first tokens are 0.08 apart in fp32, and llama.cpp
+itself answers "L'Étoile..." there). Q8_0 has no fast fp32-activation kernel in ONNX Runtime, so at level 0
+an 8-bit LM head runs as two exact 4-bit halves (quant_blocks.split_8bit).
 
 Inputs / outputs:
   input_ids       int64 [B, S]
@@ -34,9 +41,9 @@ import numpy as np
 
 from .gguf_reader import GGUFModel, GGUFTensor
 from .graph_builder import FLOAT, INT64, MS_DOMAIN, GraphBuilder, rope_tables
-from .quant_blocks import BLOCK, BlockLinear, block_linear, concat_rows
+from .quant_blocks import BLOCK, BlockLinear, block_linear, concat_rows, split_8bit
 
-ACCURACY_LEVEL = 4  # int8 activations in MatMulNBits' fast path
+ACCURACY_LEVEL = 0  # fp32 activations; 4 = int8 activations (faster, llama.cpp-like precision)
 
 
 def _linear(g: GraphBuilder, x: str, lin: BlockLinear, name: str, level: int) -> str:
@@ -173,7 +180,12 @@ def build_fused_graph(model: GGUFModel, progress=None, accuracy_level: int = ACC
         head = emb_lin
     else:
         head = block_linear(model.tensors["output.weight"])
-    if head is emb_lin and head.bits:
+    if head.bits == 8 and level == 0:
+        # fp32 activations: two exact 4-bit halves (ONNX Runtime has no fast fp32-activation 8-bit kernel).
+        hi, lo = split_8bit(head)
+        logits = g.op("Add", [_linear(g, normed, hi, "lm_head.hi", level), _linear(g, normed, lo, "lm_head.lo", level)])
+        g.op("Identity", [logits], outputs=["logits"])
+    elif head is emb_lin and head.bits:
         inputs = [normed, "model.embed_tokens.qweight", g.weight("lm_head.scales", head.scales)]
         zp = head.packed_zero_points()
         if zp is not None:
