@@ -34,11 +34,17 @@ def generated_text(rng: random.Random, n_fragments: int) -> str:
 
 
 @cache
+def _stdlib_files() -> list[Path]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    return sorted(p for p in root.rglob("*.py") if not {"site-packages", "dist-packages"} & set(p.parts))
+
+
+@cache
 def python_source(max_bytes: int = 2_000_000) -> str:
-    """Standard-library Python source, in a fixed order, up to `max_bytes`."""
+    """Standard-library Python source, in a fixed order, up to `max_bytes` (about 10 MB at most)."""
     parts: list[str] = []
     size = 0
-    for path in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
+    for path in _stdlib_files():
         text = path.read_text(encoding="utf-8", errors="replace")
         parts.append(text)
         size += len(text.encode())
