@@ -147,6 +147,8 @@ async def checkout(state: WorkerState, req: Request) -> Response:
         raise ApiError(400, "`plan` must name a subscription plan (see GET /api/plans).", param="plan",
                        code="invalid_value")
     settings = billing_settings()
+    if not settings.stripe_secret_key:
+        raise _unavailable()
     sub = state.store.ledger.subscription(account.id)
     try:
         session = await asyncio.to_thread(
