@@ -1,0 +1,306 @@
+"""Canaries: unique strings sent through every route and path of a real two-worker server, then searched for in
+every file of the data directory (LMDB included), everything the workers wrote to stdout/stderr, and the
+temporary directories. Prompts and completions must be found nowhere.
+
+The fixed test backend answers with a completion canary (CHEAPEST_FIXED_TEXT), so completions are proven
+unstored too; the tiny real ONNX model covers the real tokenizer/engine path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from fixtures_server import ServerProcess, sdk
+
+pytestmark = pytest.mark.usefixtures("sdk_clients")
+
+MODEL = "SmolLM2-135M-Instruct"
+FAIL_SEED = 4242
+REQUEST_LOG_FIELDS = {"ts", "key_id", "model", "status", "prompt_tokens", "completion_tokens", "latency_ms", "stream"}
+GENERIC_500 = "The model failed while generating."
+
+
+class Canaries:
+    """Unique strings per path; `needles()` adds forms a leak could take (UTF-16, the bare random part)."""
+
+    def __init__(self) -> None:
+        self.made: dict[str, str] = {}
+
+    def __call__(self, path: str) -> str:
+        c = f"CANARY{secrets.token_hex(6)}{path.replace('-', '')}"
+        self.made[path] = c
+        return c
+
+    def needles(self, extra: Iterable[str] = ()) -> list[bytes]:
+        out: list[bytes] = []
+        for c in [*self.made.values(), *extra]:
+            out += [c.encode(), c.encode("utf-16-le")]
+            out.append(c[6:18].encode())  # the random part alone: catches escaped or re-encoded copies
+        return out
+
+
+def scan(roots: Iterable[Path], needles: list[bytes], newer_than: float = 0.0) -> list[tuple[str, bytes]]:
+    hits: list[tuple[str, bytes]] = []
+    for root in roots:
+        for dirpath, _, files in os.walk(root, onerror=lambda e: None):
+            for name in files:
+                p = Path(dirpath) / name
+                try:
+                    st = p.lstat()
+                    if not p.is_file() or p.is_symlink() or st.st_mtime < newer_than or st.st_size > 256 << 20:
+                        continue
+                    data = p.read_bytes()
+                except OSError:
+                    continue
+                hits += [(str(p), n) for n in needles if n in data]
+    return hits
+
+
+def _auth(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def _chat(content: str, **kw: object) -> dict[str, object]:
+    return {"model": MODEL, "messages": [{"role": "user", "content": content}], "max_tokens": 4, **kw}
+
+
+def _no_text(r: httpx.Response, *canaries: str) -> None:
+    for c in canaries:
+        assert c not in r.text, r.text
+
+
+@pytest.fixture
+def canary_server(server_factory: Callable[..., ServerProcess], tmp_path: Path) -> Iterator[tuple[ServerProcess, Path, str]]:
+    """Two workers, the fixed backend answering with a completion canary, slow enough to disconnect from."""
+    completion = f"COMPLETION{secrets.token_hex(6)} flows back"
+    server_tmp = tmp_path / "server-tmp"
+    server_tmp.mkdir()
+    config = tmp_path / "cheapest.toml"
+    config.write_text(f'[prices."{MODEL}"]\nprompt_usd_per_mtok = 1000.0\ncompletion_usd_per_mtok = 1000.0\n')
+    server = server_factory(workers=2, extra_env={
+        "CHEAPEST_FIXED_TEXT": completion, "CHEAPEST_FIXED_TOKENS": "300", "CHEAPEST_FIXED_DELAY": "0.01",
+        "CHEAPEST_FIXED_FAIL_SEED": str(FAIL_SEED), "CHEAPEST_CONFIG": str(config), "TMPDIR": str(server_tmp),
+    })
+    yield server, server_tmp, completion
+
+
+def _sse_text(r: httpx.Response) -> str:
+    return "".join(
+        (json.loads(line[6:])["choices"] or [{}])[0].get("delta", {}).get("content") or ""
+        for line in r.text.splitlines() if line.startswith("data: {") and '"choices"' in line)
+
+
+def test_canaries_leave_no_trace(canary_server: tuple[ServerProcess, Path, str]) -> None:
+    server, server_tmp, completion = canary_server
+    started = time.time() - 1
+    cn = Canaries()
+    base, v1 = server.base_url, server.v1
+    account_id, mk = server.create_account()
+    sk = str(server.create_key(mk)["key"])
+    word = completion.split()[0]
+
+    # success: chat and text completions, JSON and SSE, via the SDK and raw HTTP
+    c = sdk(v1, sk)
+    r1 = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": cn("sdk-chat")}],
+                                   max_tokens=4)
+    assert word in (r1.choices[0].message.content or "")
+    chunks = list(c.chat.completions.create(model=MODEL, messages=[{"role": "system", "content": cn("sdk-system")},
+                                                                   {"role": "user", "content": cn("sdk-stream")}],
+                                            max_tokens=4, stream=True, stream_options={"include_usage": True}))
+    assert word in "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    r2 = c.completions.create(model=MODEL, prompt=cn("sdk-legacy"), max_tokens=4)
+    assert word in r2.choices[0].text
+    r = httpx.post(v1 + "/completions", json={"model": MODEL, "prompt": cn("raw-legacy-stream"), "max_tokens": 4,
+                                              "stream": True, "stop": [cn("stop-string")]}, headers=_auth(sk))
+    assert r.status_code == 200 and word in r.text
+    r = httpx.post(v1 + "/chat/completions", json=_chat(cn("multi-part"), user=cn("user-field")) | {
+        "messages": [{"role": "user", "content": [{"type": "text", "text": cn("content-part")}]}]}, headers=_auth(sk))
+    assert r.status_code == 200, r.text
+
+    # client disconnect mid-stream (SSE) and before a slow non-streamed answer
+    with httpx.stream("POST", v1 + "/chat/completions", headers=_auth(sk), timeout=10,
+                      json={"model": MODEL, "messages": [{"role": "user", "content": cn("disconnect-stream")}],
+                            "stream": True}) as s:
+        got = []
+        for line in s.iter_lines():
+            got.append(line)
+            if len(got) >= 6:
+                break
+    assert any(word in line for line in got)
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(v1 + "/chat/completions", json=_chat(cn("disconnect-json"), max_tokens=300), headers=_auth(sk),
+                   timeout=httpx.Timeout(10, read=0.3))
+
+    # malformed JSON, wrong types, unknown model, oversize bodies (declared and chunked)
+    for body in (b'{"model": "x", "messages": [{"role": "user", "content": "' + cn("malformed").encode(),
+                 b'{"model": ' + cn("not-json").encode() + b"}", cn("bare-text").encode()):
+        r = httpx.post(v1 + "/chat/completions", content=body, headers=_auth(sk) | {"content-type": "application/json"})
+        assert r.status_code == 400
+        _no_text(r, *cn.made.values())
+    wrong = [
+        {"model": MODEL, "messages": [{"role": cn("role"), "content": "x"}]},
+        {"model": MODEL, "messages": [{"role": "user", "content": {"x": cn("content-dict")}}]},
+        {"model": MODEL, "messages": cn("messages-string")},
+        {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": cn("max-tokens")},
+        {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "temperature": cn("temperature")},
+        {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "stop": {"a": cn("stop-dict")}},
+        {"model": MODEL, "messages": [{"role": "user", "content": [{"type": cn("part-type"), "text": "x"}]}]},
+        {"model": MODEL, "messages": [{"role": "user", "content": cn("extra-n")}], "n": 3},
+        {"model": MODEL, "prompt": {"p": cn("prompt-dict")}},
+    ]
+    for body in wrong:
+        r = httpx.post(v1 + ("/completions" if "prompt" in body else "/chat/completions"), json=body,
+                       headers=_auth(sk))
+        assert r.status_code == 400, (body, r.text)
+        _no_text(r, *cn.made.values())
+    r = httpx.post(v1 + "/chat/completions", json=_chat(cn("prompt-unknown-model")) | {"model": cn("model-name")},
+                   headers=_auth(sk))
+    assert r.status_code == 404
+    _no_text(r, *cn.made.values())
+    big = cn("oversize") + " "
+    r = httpx.post(v1 + "/chat/completions", json=_chat(big * ((1 << 20) // len(big) + 10)), headers=_auth(sk))
+    assert r.status_code == 413
+    chunked = (cn("oversize-chunked").encode() + b" " for _ in range(60_000))  # no content-length
+    r = httpx.post(v1 + "/chat/completions", content=chunked, headers=_auth(sk))
+    assert r.status_code == 413
+
+    # bad, wrong-kind and revoked keys; a canary posing as a key
+    r = httpx.post(v1 + "/chat/completions", json=_chat(cn("bad-key")), headers=_auth("sk_" + cn("as-key")))
+    assert r.status_code == 401
+    r = httpx.post(v1 + "/chat/completions", json=_chat(cn("no-scheme")), headers={"Authorization": cn("header")})
+    assert r.status_code == 401
+    r = httpx.post(v1 + "/chat/completions", json=_chat(cn("wrong-kind")), headers=_auth(mk))
+    assert r.status_code == 403
+    revoked = server.create_key(mk)
+    assert httpx.delete(f"{base}/api/keys/{revoked['id']}", headers=_auth(mk)).status_code == 200
+    r = httpx.post(v1 + "/chat/completions", json=_chat(cn("revoked")), headers=_auth(str(revoked["key"])))
+    assert r.status_code == 401
+
+    # rate limits: requests per minute, and a prompt over the key's tokens per minute
+    limited = str(server.create_key(mk, limits={"rpm": 1})["key"])
+    statuses = [httpx.post(v1 + "/chat/completions", json=_chat(cn(f"rpm-{i}")), headers=_auth(limited)).status_code
+                for i in range(3)]
+    assert statuses[0] == 200 and 429 in statuses[1:]
+    small = str(server.create_key(mk, limits={"tpm": 20})["key"])
+    r = httpx.post(v1 + "/chat/completions", json=_chat(" ".join([cn("tpm")] * 40)), headers=_auth(small))
+    assert r.status_code == 429
+    _no_text(r, *cn.made.values())
+
+    # budget spent (429) and an empty credit balance (402): refused before inference
+    budgeted = str(server.create_key(mk, limits={"budget_usd": 0.000001, "budget_window": "1d"})["key"])
+    assert httpx.post(v1 + "/chat/completions", json=_chat(cn("budget-first")),
+                      headers=_auth(budgeted)).status_code == 200
+    deadline = time.monotonic() + 10
+    while True:  # usage reaches the store within a flush interval (0.2 s), on whichever worker
+        r = httpx.post(v1 + "/chat/completions", json=_chat(cn("budget-refused")), headers=_auth(budgeted))
+        if r.status_code == 429 or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert r.status_code == 429 and r.json()["error"]["code"] == "budget_exceeded"
+    _, payg_mk = server.create_account(plan="payg")
+    payg = str(server.create_key(payg_mk)["key"])
+    r = httpx.post(v1 + "/chat/completions", json=_chat(cn("no-credit")), headers=_auth(payg))
+    assert r.status_code == 402
+
+    # context overflow: the prompt alone, and prompt + max_tokens
+    r = httpx.post(v1 + "/completions", json={"model": MODEL, "prompt": " ".join([cn("ctx")] * 8300)},
+                   headers=_auth(sk))
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    r = httpx.post(v1 + "/completions", json={"model": MODEL, "prompt": cn("ctx-max"), "max_tokens": 9000},
+                   headers=_auth(sk))
+    assert r.status_code == 400
+
+    # an engine failure mid-generation: a generic 500, or a generic SSE error event
+    r = httpx.post(v1 + "/chat/completions", json=_chat(cn("engine-fail"), seed=FAIL_SEED), headers=_auth(sk))
+    assert r.status_code == 500 and r.json()["error"]["message"] == GENERIC_500
+    _no_text(r, *cn.made.values(), completion)
+    r = httpx.post(v1 + "/chat/completions", json=_chat(cn("engine-fail-stream"), seed=FAIL_SEED, stream=True),
+                   headers=_auth(sk))
+    assert r.status_code == 200 and GENERIC_500 in r.text and r.text.rstrip().endswith("data: [DONE]")
+
+    # management routes and unknown routes with canaries in bodies, paths and query strings
+    r = httpx.post(base + "/api/keys", content=b'{"name": "' + cn("mgmt-malformed").encode(), headers=_auth(mk))
+    assert r.status_code == 400
+    r = httpx.patch(f"{base}/api/keys/{cn('key-id')}", json={"name": 1}, headers=_auth(mk))
+    assert r.status_code in (400, 404)
+    r = httpx.get(f"{v1}/{cn('path')}?q={cn('query')}", headers=_auth(sk))
+    assert r.status_code == 404
+    r = httpx.get(f"{v1}/models/{cn('model-path')}", headers=_auth(sk))
+    assert r.status_code == 404
+    _no_text(r, *cn.made.values())
+    assert httpx.get(base + "/api/account/export", headers=_auth(mk)).status_code == 200
+
+    time.sleep(0.5)  # the last usage flush (0.2 s) and request-log lines
+    assert server.stop() == 0
+    lines = server.request_log()
+    assert len(lines) >= 40
+    for line in lines:  # request metadata only
+        assert set(line) == REQUEST_LOG_FIELDS and line["model"] in (None, MODEL), line
+    assert {line["status"] for line in lines} >= {200, 400, 401, 402, 403, 404, 413, 429, 499, 500}
+    files = [p for p in server.data_dir.rglob("*") if p.is_file()]
+    assert any(p.name == "data.mdb" for p in files)  # LMDB is among what is searched
+    roots = [server.data_dir, server.stdout_path, server.stderr_path, server_tmp]
+    needles = cn.needles([completion.split()[0]])
+    # The search can see a leak: one planted in a nested file, UTF-16 encoded, is found.
+    planted = server_tmp / "nested" / "planted.bin"
+    planted.parent.mkdir()
+    planted.write_bytes(b"\0" + cn.made["engine-fail"].encode("utf-16-le"))
+    assert [h[0] for h in scan(roots, needles)] == [str(planted)]
+    planted.unlink()
+    assert scan(roots, needles) == []
+    assert scan([Path(tempfile.gettempdir())], needles, newer_than=started) == []
+
+
+@pytest.mark.slow
+def test_canaries_through_the_real_model(server_factory: Callable[..., ServerProcess], tiny_model_dir: Path,
+                                         tmp_path: Path) -> None:
+    started = time.time() - 1
+    server_tmp = tmp_path / "server-tmp"
+    server_tmp.mkdir()
+    server = server_factory(workers=2, backend="onnx", model_dir=tiny_model_dir,
+                            extra_env={"CHEAPEST_MODEL_THREADS": "1", "TMPDIR": str(server_tmp)})
+    _, mk = server.create_account()
+    sk = str(server.create_key(mk)["key"])
+    cn = Canaries()
+    models = httpx.get(server.v1 + "/models", headers=_auth(sk)).json()["data"]
+    model, ctx = models[0]["id"], models[0]["context_length"]
+    completions: list[str] = []
+    body = {"model": model, "messages": [{"role": "user", "content": cn("real-chat")}], "max_tokens": 16,
+            "temperature": 0}
+    r = httpx.post(server.v1 + "/chat/completions", json=body, headers=_auth(sk), timeout=60)
+    assert r.status_code == 200, r.text
+    completions.append(r.json()["choices"][0]["message"]["content"])
+    body["messages"] = [{"role": "user", "content": cn("real-stream")}]
+    r = httpx.post(server.v1 + "/chat/completions", json=body | {"stream": True}, headers=_auth(sk), timeout=60)
+    assert r.status_code == 200 and r.text.rstrip().endswith("data: [DONE]")
+    completions.append(_sse_text(r))
+    r = httpx.post(server.v1 + "/completions", json={"model": model, "prompt": cn("real-legacy"), "max_tokens": 16,
+                                                     "temperature": 0.8, "seed": 3},
+                   headers=_auth(sk), timeout=60)
+    assert r.status_code == 200
+    completions.append(r.json()["choices"][0]["text"])
+    r = httpx.post(server.v1 + "/completions", json={"model": model, "prompt": " ".join([cn("real-ctx")] * ctx)},
+                   headers=_auth(sk), timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    with httpx.stream("POST", server.v1 + "/completions", headers=_auth(sk), timeout=60,
+                      json={"model": model, "prompt": cn("real-disconnect"), "max_tokens": 200, "stream": True}) as s:
+        next(s.iter_lines())
+    time.sleep(0.5)
+    assert server.stop() == 0
+    for line in server.request_log():
+        assert set(line) == REQUEST_LOG_FIELDS and line["model"] in (None, model)
+    # A random tiny model's output is searched for when it is distinctive enough not to match by chance.
+    distinctive = [t for t in completions if len(t.strip()) >= 16 and len(set(t)) >= 8]
+    needles = cn.needles() + [t.encode() for t in distinctive]
+    roots = [server.data_dir, server.stdout_path, server.stderr_path, server_tmp]
+    assert scan(roots, needles) == []
+    assert scan([Path(tempfile.gettempdir())], needles, newer_than=started) == []
