@@ -76,6 +76,24 @@ const ESCAPE: [u8; 256] = {
 
 const HEX: &[u8; 16] = b"0123456789abcdef";
 
+const ONES: u64 = 0x0101_0101_0101_0101;
+const HIGHS: u64 = 0x8080_8080_8080_8080;
+
+/// Whether any byte of `v` is below `n` (exact for n <= 128).
+const fn has_less(v: u64, n: u8) -> bool {
+    v.wrapping_sub(ONES * n as u64) & !v & HIGHS != 0
+}
+
+const fn has_byte(v: u64, b: u8) -> bool {
+    has_less(v ^ (ONES * b as u64), 1)
+}
+
+/// Whether eight bytes hold anything `escape_into` must look at: a control
+/// character, `"`, `\`, or 0xE2 (the lead byte of U+2028/U+2029).
+const fn needs_escape_check(v: u64) -> bool {
+    has_less(v, 0x20) || has_byte(v, b'"') || has_byte(v, b'\\') || has_byte(v, 0xE2)
+}
+
 /// Appends `text` as a JSON string literal, quotes included. Escapes `"`,
 /// `\`, every control character below U+0020, and U+2028/U+2029 (legal JSON,
 /// but line terminators to JavaScript); everything else, astral characters
@@ -87,6 +105,13 @@ pub fn escape_into(out: &mut Vec<u8>, text: &str) {
     let mut start = 0;
     let mut i = 0;
     while i < b.len() {
+        // Most text needs no escaping: skip it eight bytes at a time.
+        if let Some(word) = b.get(i..i + 8) {
+            if !needs_escape_check(u64::from_le_bytes(word.try_into().unwrap())) {
+                i += 8;
+                continue;
+            }
+        }
         let kind = ESCAPE[b[i] as usize];
         if kind == 0 {
             i += 1;
@@ -256,6 +281,20 @@ mod tests {
         // Other E2-led characters (…, €) and astral ones stay raw.
         assert_eq!(escape("…€\u{2027}\u{202a}😀"), "\"…€\u{2027}\u{202a}😀\"");
         assert_eq!(escape("ends with \u{2028}"), "\"ends with \\u2028\"");
+    }
+
+    #[test]
+    fn word_check_agrees_with_the_byte_table() {
+        for b in 0..=255u8 {
+            for pos in 0..8 {
+                let mut w = *b"abcdefgh";
+                w[pos] = b;
+                let flagged = needs_escape_check(u64::from_le_bytes(w));
+                assert_eq!(flagged, ESCAPE[b as usize] != 0, "byte {b:#x} at {pos}");
+            }
+        }
+        let long = "x".repeat(17) + "\u{2028}" + &"y".repeat(9) + "\"" + "\u{1}";
+        assert_eq!(escape(&long), format!("\"{}\\u2028{}\\\"\\u0001\"", "x".repeat(17), "y".repeat(9)));
     }
 
     #[test]
