@@ -1,0 +1,290 @@
+"""Payment routes through a real two-worker server: Stripe checkout against the loopback Stripe, signed webhooks
+changing what /api/billing/status and /v1 see, duplicated concurrent webhooks applied once, and a USDC top-up
+verified on a local EVM (eth-tester behind a loopback JSON-RPC endpoint, the stand-in for a Base node) and
+credited once."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import httpx
+import pytest
+from eth_account import Account
+from eth_account.messages import encode_defunct
+from eth_utils import keccak
+from vyper.compiler import compile_code
+from web3 import EthereumTesterProvider, Web3
+from web3.exceptions import TransactionNotFound
+
+from cheapest.store import open_store
+from fixtures_server import ServerProcess, start_server
+from stripe_fake import FakeStripe
+
+pytestmark = pytest.mark.slow
+
+MODEL = "SmolLM2-135M-Instruct"
+MSG = [{"role": "user", "content": "What is the capital of France?"}]
+WEBHOOK_SECRET = "whsec_test_" + "r" * 32
+STRIPE_KEY = "sk_test_routes"
+PRICES = {"price_standard_m": 500, "price_pro_m": 2000}
+
+
+# --- a chain node on loopback -------------------------------------------------------------------------------
+def _wire(value: Any) -> Any:
+    """web3's Python values back to JSON-RPC's wire form (quantities and bytes as 0x-hex)."""
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    if isinstance(value, int):
+        return hex(value)
+    if isinstance(value, (bytes, bytearray)):
+        return "0x" + bytes(value).hex()
+    if isinstance(value, dict) or hasattr(value, "items"):
+        return {k: _wire(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_wire(v) for v in value]
+    raise TypeError(type(value).__name__)
+
+
+class ChainNode:
+    """HTTP JSON-RPC in front of eth-tester (py-evm), so the server's workers reach the chain as they would
+    reach a Base node: through web3's HTTPProvider, in their own processes."""
+
+    def __init__(self, w3: Web3) -> None:
+        self.w3 = w3
+        self.lock = threading.Lock()
+        node = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                req = json.loads(self.rfile.read(int(self.headers["content-length"])))
+                out = [node.call(r) for r in req] if isinstance(req, list) else node.call(req)
+                data = json.dumps(out).encode()
+                self.send_response(200)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def call(self, req: dict[str, Any]) -> dict[str, Any]:
+        with self.lock:
+            try:
+                result = self.w3.manager.request_blocking(req["method"], req.get("params") or [])
+            except TransactionNotFound:
+                result = None
+            except Exception as exc:
+                return {"jsonrpc": "2.0", "id": req.get("id"), "error": {"code": -32000, "message": type(exc).__name__}}
+        return {"jsonrpc": "2.0", "id": req.get("id"), "result": _wire(result)}
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture(scope="module")
+def chain() -> Iterator[SimpleNamespace]:
+    compiled = compile_code((Path(__file__).parent / "erc20.vy").read_text(), output_formats=["abi", "bytecode"])
+    w3 = Web3(EthereumTesterProvider())
+    tester = w3.provider.ethereum_tester  # type: ignore[attr-defined]
+    bank = w3.eth.accounts[0]
+    payer, stranger = (Account.from_key(keccak(text=name)) for name in ("route-payer", "route-stranger"))
+    for acct in (payer, stranger):
+        tester.add_account(acct.key.to_0x_hex())
+        w3.eth.send_transaction({"from": bank, "to": acct.address, "value": 10**18})
+    factory = w3.eth.contract(abi=compiled["abi"], bytecode=compiled["bytecode"])
+    receipt = w3.eth.wait_for_transaction_receipt(factory.constructor("USD Coin", 10**15).transact({"from": bank}))
+    usdc = w3.eth.contract(address=receipt.contractAddress, abi=compiled["abi"])
+    usdc.functions.transfer(payer.address, 10**12).transact({"from": bank})
+    node = ChainNode(w3)
+    yield SimpleNamespace(w3=w3, tester=tester, usdc=usdc, payer=payer, stranger=stranger, node=node,
+                          receiver=Account.from_key(keccak(text="route-receiver")).address)
+    node.close()
+
+
+@pytest.fixture(scope="module")
+def stripe() -> Iterator[FakeStripe]:
+    with FakeStripe(STRIPE_KEY, PRICES) as fake:
+        yield fake
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, chain: SimpleNamespace, stripe: FakeStripe
+           ) -> Iterator[ServerProcess]:
+    env = {
+        "CHEAPEST_STRIPE_SECRET_KEY": STRIPE_KEY, "CHEAPEST_STRIPE_WEBHOOK_SECRET": WEBHOOK_SECRET,
+        "CHEAPEST_STRIPE_API_BASE": stripe.url, "CHEAPEST_STRIPE_PRICE_STANDARD": "price_standard_m",
+        "CHEAPEST_STRIPE_PRICE_PRO": "price_pro_m", "CHEAPEST_BASE_RPC_URL": chain.node.url,
+        "CHEAPEST_USDC_CONTRACT": chain.usdc.address, "CHEAPEST_USDC_RECEIVER": chain.receiver,
+        "CHEAPEST_CHAIN_ID": str(chain.w3.eth.chain_id), "CHEAPEST_USDC_CONFIRMATIONS": "3",
+    }
+    s = start_server(tmp_path_factory.mktemp("billing-routes"), workers=2, extra_env=env)
+    yield s
+    s.stop()
+
+
+def _h(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def _sign(payload: bytes, timestamp: int, secret: str = WEBHOOK_SECRET) -> str:
+    mac = hmac.new(secret.encode(), f"{timestamp}.".encode() + payload, hashlib.sha256).hexdigest()
+    return f"t={timestamp},v1={mac}"
+
+
+def _deliver(server: ServerProcess, event: dict, raw: bytes | None = None, header: str | None = None) -> httpx.Response:
+    raw = json.dumps(event).encode() if raw is None else raw
+    header = _sign(raw, int(time.time())) if header is None else header
+    return httpx.post(server.base_url + "/webhooks/stripe", content=raw, timeout=10,
+                      headers={"Stripe-Signature": header, "content-type": "application/json"})
+
+
+def _status(server: ServerProcess, mk: str) -> dict:
+    return dict(httpx.get(server.base_url + "/api/billing/status", headers=_h(mk), timeout=10).json())
+
+
+def _chat(server: ServerProcess, sk: str) -> httpx.Response:
+    return httpx.post(server.v1 + "/chat/completions", json={"model": MODEL, "messages": MSG}, headers=_h(sk),
+                      timeout=10)
+
+
+def _checkout(server: ServerProcess, stripe: FakeStripe, mk: str, plan: str, at: int | None = None) -> list[dict]:
+    r = httpx.post(server.base_url + "/api/billing/checkout", json={"plan": plan}, headers=_h(mk), timeout=20)
+    assert r.status_code == 200, r.text
+    assert r.json()["url"].startswith("https://checkout.stripe.com/")
+    return stripe.complete_session(r.json()["id"], int(time.time()) if at is None else at)
+
+
+# --- Stripe ------------------------------------------------------------------------------------------------
+def test_checkout_and_signed_webhooks_drive_plan_and_status(server: ServerProcess, stripe: FakeStripe) -> None:
+    account_id, mk = server.create_account()
+    sk = str(server.create_key(mk)["key"])
+    assert _chat(server, sk).headers["x-ratelimit-limit-requests"] == "20"  # the free plan
+    events = _checkout(server, stripe, mk, "pro")
+    session = next(e for e in events if e["type"] == "checkout.session.completed")["data"]["object"]
+    assert session["client_reference_id"] == account_id
+    assert httpx.post(server.base_url + "/api/billing/checkout", json={"plan": "payg"}, headers=_h(mk),
+                      timeout=10).status_code == 400  # not a subscription plan
+    # A tampered body, a wrong secret: 400 and no effect.
+    completed = next(e for e in events if e["type"] == "checkout.session.completed")
+    raw = json.dumps(completed).encode()
+    bad = _deliver(server, completed, raw.replace(b"pro", b"xyz"), _sign(raw, int(time.time())))
+    assert bad.status_code == 400 and bad.json()["error"]["code"] == "bad_signature"
+    assert _deliver(server, completed, raw, _sign(raw, int(time.time()), "whsec_other")).status_code == 400
+    assert _deliver(server, completed, raw, _sign(raw, int(time.time()) + 600)).json()["error"]["code"] == \
+        "timestamp_in_future"
+    assert _status(server, mk)["plan"] == "free"
+    for event in reversed(events):  # out of order on purpose
+        r = _deliver(server, event)
+        assert r.status_code == 200 and r.json() == {"received": True}
+    st = _status(server, mk)
+    assert (st["plan"], st["subscription_status"], st["funding"]) == ("pro", "active", "subscription")
+    assert st["period_end"] is not None and st["period_end"] > time.time() + 29 * 86400
+    assert _chat(server, sk).headers["x-ratelimit-limit-requests"] == "200"  # the pro plan, on the next request
+    # Canceled: the plan's inference keys stop (403) until renewed; management keys keep working.
+    sub_id = session["subscription"]
+    for event in stripe.cancel(sub_id, int(time.time()) + 1):
+        assert _deliver(server, event).status_code == 200
+    assert _status(server, mk)["subscription_status"] == "canceled"
+    r = _chat(server, sk)
+    assert r.status_code == 403 and r.json()["error"]["code"] == "subscription_inactive"
+    # Renewing (a new checkout) brings the keys back.
+    for event in _checkout(server, stripe, mk, "standard", at=int(time.time()) + 2):  # a later subscription
+        _deliver(server, event)
+    assert _status(server, mk)["subscription_status"] == "active"
+    assert _chat(server, sk).headers["x-ratelimit-limit-requests"] == "60"
+
+
+def test_duplicated_concurrent_webhooks_have_one_effect(server: ServerProcess, stripe: FakeStripe) -> None:
+    account_id, mk = server.create_account()
+    events = _checkout(server, stripe, mk, "standard")
+    sub_id = next(e for e in events if e["type"] == "checkout.session.completed")["data"]["object"]["subscription"]
+    events += stripe.renew(sub_id, int(time.time()) + 5)
+    deliveries = [e for e in events for _ in range(6)]  # Stripe retries; each copy freshly signed
+
+    with ThreadPoolExecutor(12) as pool:  # fresh connections: both workers apply the same events at once
+        statuses = list(pool.map(lambda e: _deliver(server, e).status_code, deliveries))
+    assert statuses == [200] * len(deliveries)
+    store = open_store(server.data_dir)
+    try:
+        journal = store.ledger.journal(account_id)
+        assert sorted(e.kind for e in journal) == ["stripe_invoice_paid"] * 2  # signup + renewal, once each
+        assert all(store.ledger.event(e["id"]) is not None for e in events)
+        sub = store.ledger.subscription(account_id)
+        assert sub is not None and (sub.plan, sub.status) == ("standard", "active")
+    finally:
+        store.close()
+    st = _status(server, mk)
+    assert (st["plan"], st["subscription_status"]) == ("standard", "active")
+
+
+# --- USDC on a local EVM -----------------------------------------------------------------------------------
+def _claim(chain: SimpleNamespace, quote: dict, tx_hash: str, signer: Any) -> str:
+    message = quote["claim_message"].replace("{tx_hash}", tx_hash)
+    return Account.sign_message(encode_defunct(text=message), signer.key).signature.to_0x_hex()
+
+
+def test_usdc_topup_verified_and_credited_once(server: ServerProcess, chain: SimpleNamespace) -> None:
+    account_id, mk = server.create_account(plan="payg")
+    sk = str(server.create_key(mk)["key"])
+    assert _chat(server, sk).status_code == 402  # credit-funded, nothing paid yet
+    api = httpx.Client(base_url=server.base_url, headers=_h(mk), timeout=20)
+    assert api.post("/api/billing/topup", json={"amount_usd": "0.5"}).status_code == 400  # below the minimum
+    assert api.post("/api/billing/topup", json={"amount_usd": 5, "method": "card"}).json()["error"]["param"] == \
+        "method"
+    quote = api.post("/api/billing/topup", json={"amount_usd": "7.25", "method": "usdc"}).json()
+    assert (quote["address"], quote["token"], quote["amount_units"]) == (chain.receiver, chain.usdc.address,
+                                                                         7_250_000)
+    assert quote["chain_id"] == chain.w3.eth.chain_id and account_id in quote["claim_message"]
+    tx = chain.usdc.functions.transfer(quote["address"], quote["amount_units"]).transact(
+        {"from": chain.payer.address}).to_0x_hex()
+    body = {"tx_hash": tx, "signature": _claim(chain, quote, tx, chain.payer)}
+    pending = api.post("/api/billing/verify-topup", json=body)
+    assert pending.status_code == 202 and int(pending.headers["retry-after"]) >= 1
+    assert pending.json()["status"] == "pending" and pending.json()["required"] == 3
+    assert _status(server, mk)["credit_balance_micro"] == 0
+    chain.tester.mine_blocks(3)
+    # Another account cannot claim it: it cannot sign as the sender.
+    _, other_mk = server.create_account()
+    other_quote = httpx.post(server.base_url + "/api/billing/topup", json={"amount_usd": 5}, headers=_h(other_mk),
+                             timeout=20).json()
+    stolen = httpx.post(server.base_url + "/api/billing/verify-topup", headers=_h(other_mk), timeout=20,
+                        json={"tx_hash": tx, "signature": _claim(chain, other_quote, tx, chain.stranger)})
+    assert stolen.status_code == 400 and stolen.json()["error"]["code"] == "bad_signature"
+    # The same claim sent 8 times at once to both workers: credited once.
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda _: httpx.post(server.base_url + "/api/billing/verify-topup", json=body,
+                                                     headers=_h(mk), timeout=30), range(8)))
+    assert [r.status_code for r in results] == [200] * 8, [r.text for r in results]
+    credited = [r.json()["credited_units"] for r in results]
+    assert sorted(credited) == [0] * 7 + [7_250_000]
+    assert _status(server, mk)["credit_balance_micro"] == 7_250_000
+    assert api.post("/api/billing/verify-topup", json=body).json()["already_credited"] is True
+    # Bad input: clear 400s naming the field.
+    r = api.post("/api/billing/verify-topup", json={"tx_hash": "0x1234", "signature": body["signature"]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tx_hash"
+    r = api.post("/api/billing/verify-topup", json={"tx_hash": tx, "signature": "0xzz"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "malformed_signature"
+    api.close()
+    assert _chat(server, sk).status_code == 200  # the credit pays for inference now
+    store = open_store(server.data_dir)
+    try:
+        assert [e.kind for e in store.ledger.journal(account_id)] == ["usdc_topup"]
+    finally:
+        store.close()
