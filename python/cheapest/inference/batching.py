@@ -172,4 +172,7 @@ class Scheduler:
         self._rows.clear()
         self._runner.reset()
         for seq in victims:
-            seq.fail(error)
+            try:
+                seq.fail(error)
+            except Exception:  # noqa: BLE001 - its event loop is gone; nobody is waiting
+                pass

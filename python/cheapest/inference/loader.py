@@ -141,10 +141,10 @@ def read_model_dir(model_dir: str | os.PathLike[str], *, graph: str | None = Non
 
 
 def _kv_layout(ours: dict[str, Any], graph_path: Path) -> KvLayout:
-    graphs = ours.get("graphs")
-    declared = graphs.get(graph_path.name) if isinstance(graphs, dict) else None
-    padding = (declared or {}).get("kv_padding") if isinstance(declared, dict) else None
-    if padding is None and ours.get("graph_file", graph_path.name) == graph_path.name:
+    graphs = ours.get("graphs") if isinstance(ours.get("graphs"), dict) else {}
+    declared = graphs.get(f"onnx/{graph_path.name}") or graphs.get(graph_path.name)
+    padding = declared.get("kv_padding") if isinstance(declared, dict) else None
+    if padding is None and graph_path.name == "model.onnx":  # the top level describes the served graph
         padding = ours.get("kv_padding")
     if padding == "right":
         return "shared_buffer"
@@ -157,30 +157,29 @@ def _kv_layout(ours: dict[str, Any], graph_path: Path) -> KvLayout:
 
 
 class _TextDiffDecoder:
-    """Streaming detokenization for the `tokenizers` fallback: emit only text that later tokens cannot change
-    (decode a small window, hold back while it ends in an incomplete UTF-8 sequence)."""
+    """Streaming detokenization for the `tokenizers` fallback (cheapest_core.Tokenizer.decoder() is the fast
+    path). It decodes everything generated so far at each token and emits what is new, holding back trailing
+    U+FFFD (an incomplete UTF-8 sequence that later bytes may complete), so the pieces add up to exactly
+    decode(all ids). O(n) per token: fine for a fallback, which is why the core's decoder exists."""
 
     def __init__(self, tokenizer: Any, skip_special_tokens: bool) -> None:
         self._tok = tokenizer
         self._skip = skip_special_tokens
         self._ids: list[int] = []
-        self._prefix = 0
-        self._read = 0
+        self._emitted = 0  # characters of the full decode already handed out
 
     def push(self, id: int) -> str:
         self._ids.append(id)
-        prefix_text = self._tok.decode(self._ids[self._prefix : self._read], skip_special_tokens=self._skip)
-        new_text = self._tok.decode(self._ids[self._prefix :], skip_special_tokens=self._skip)
-        if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
-            self._prefix, self._read = self._read, len(self._ids)
-            return str(new_text[len(prefix_text) :])
-        return ""
+        text = str(self._tok.decode(self._ids, skip_special_tokens=self._skip)).rstrip("\ufffd")
+        if len(text) <= self._emitted:
+            return ""
+        piece, self._emitted = text[self._emitted :], len(text)
+        return piece
 
     def flush(self) -> str:
-        prefix_text = self._tok.decode(self._ids[self._prefix : self._read], skip_special_tokens=self._skip)
-        new_text = self._tok.decode(self._ids[self._prefix :], skip_special_tokens=self._skip)
-        self._prefix = self._read = len(self._ids)
-        return str(new_text[len(prefix_text) :])
+        text = str(self._tok.decode(self._ids, skip_special_tokens=self._skip))
+        piece, self._emitted = text[self._emitted :], len(text)
+        return piece
 
 
 class _HfTokenizer:

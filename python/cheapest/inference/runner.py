@@ -87,31 +87,37 @@ class KvRunner(ABC):
 
 class SharedBufferKv(KvRunner):
     def __init__(self, session: ort.InferenceSession, spec: ModelSpec, max_batch: int, *,
-                 device: str = "cpu", initial_capacity: int = 256) -> None:
+                 device: str = "cpu", initial_capacity: int = 256, share_buffer: bool = True) -> None:
         super().__init__(session, spec, max_batch)
         self.device = device
         self.supports_move = device == "cpu"
+        # share_buffer=False is the copying alternative, kept to measure against (bench_inference.py
+        # --kv copy): present goes to a second buffer set, GQA copies the whole past into it every step, and
+        # the two sets swap roles.
+        self.share_buffer = share_buffer or device != "cpu"
         # Device memory cannot be resized or compacted from Python, so it gets the full context at once.
         self.capacity = spec.context_length if device != "cpu" else min(initial_capacity, spec.context_length)
         self._logits = np.zeros((max_batch, 1, spec.vocab_size), dtype=self.logits_dtype)
-        self._binding = session.io_binding()
-        self._bound: tuple[int, int] | None = None  # (rows, capacity) the KV bindings were made for
+        self._bindings = [session.io_binding(), session.io_binding()]
         self._allocate(self.capacity)
 
-    def _allocate(self, capacity: int) -> None:
+    def _new_buffers(self, capacity: int) -> list[tuple[np.ndarray | ort.OrtValue, np.ndarray | ort.OrtValue]]:
         shape = (self.max_batch, self.spec.num_kv_heads, capacity, self.spec.head_dim)
-        self._buffers: list[tuple[np.ndarray | ort.OrtValue, np.ndarray | ort.OrtValue]] = []
-        for _ in range(self.spec.num_layers):
-            if self.device == "cpu":
-                self._buffers.append((np.zeros(shape, self.kv_dtype), np.zeros(shape, self.kv_dtype)))
-            else:
-                self._buffers.append(tuple(  # type: ignore[arg-type]
-                    ort.OrtValue.ortvalue_from_shape_and_type(list(shape), self.kv_dtype, self.device, 0)
-                    for _ in range(2)
-                ))
+        if self.device == "cpu":
+            return [(np.zeros(shape, self.kv_dtype), np.zeros(shape, self.kv_dtype))
+                    for _ in range(self.spec.num_layers)]
+        return [tuple(  # type: ignore[misc]
+            ort.OrtValue.ortvalue_from_shape_and_type(list(shape), self.kv_dtype, self.device, 0) for _ in range(2)
+        ) for _ in range(self.spec.num_layers)]
+
+    def _allocate(self, capacity: int) -> None:
+        self._buffers = self._new_buffers(capacity)
+        self._spare = self._buffers if self.share_buffer else self._new_buffers(capacity)
         self.capacity = capacity
         self._row_bytes = self.spec.num_kv_heads * capacity * self.spec.head_dim * np.dtype(self.kv_dtype).itemsize
-        self._bound = None
+        # (rows, capacity, buffer set) each decode binding was made for; two alternate in copy mode
+        self._bound: list[tuple[int, int, int] | None] = [None, None]
+        self._flip = 0
 
     def _grow(self, needed: int) -> None:
         if needed > self.spec.context_length:
@@ -128,16 +134,16 @@ class SharedBufferKv(KvRunner):
         base = buffer.ctypes.data if isinstance(buffer, np.ndarray) else buffer.data_ptr()
         return int(base) + row * self._row_bytes
 
-    def _bind_kv(self, binding: ort.IOBinding, first_row: int, rows: int) -> None:
+    def _bind_kv(self, binding: ort.IOBinding, first_row: int, rows: int, shared: bool = True) -> None:
         shape = [rows, self.spec.num_kv_heads, self.capacity, self.spec.head_dim]
-        for (past_k, past_v), (present_k, present_v), (kbuf, vbuf) in zip(
-            self.kv_names, self.present_names, self._buffers
+        present = self._buffers if shared else self._spare
+        for (past_k, past_v), (present_k, present_v), (kbuf, vbuf), (kout, vout) in zip(
+            self.kv_names, self.present_names, self._buffers, present
         ):
-            kptr, vptr = self._ptr(kbuf, first_row), self._ptr(vbuf, first_row)
-            binding.bind_input(past_k, self.device, 0, self.kv_dtype, shape, kptr)
-            binding.bind_input(past_v, self.device, 0, self.kv_dtype, shape, vptr)
-            binding.bind_output(present_k, self.device, 0, self.kv_dtype, shape, kptr)
-            binding.bind_output(present_v, self.device, 0, self.kv_dtype, shape, vptr)
+            binding.bind_input(past_k, self.device, 0, self.kv_dtype, shape, self._ptr(kbuf, first_row))
+            binding.bind_input(past_v, self.device, 0, self.kv_dtype, shape, self._ptr(vbuf, first_row))
+            binding.bind_output(present_k, self.device, 0, self.kv_dtype, shape, self._ptr(kout, first_row))
+            binding.bind_output(present_v, self.device, 0, self.kv_dtype, shape, self._ptr(vout, first_row))
 
     def prefill(self, row: int, ids: Sequence[int]) -> np.ndarray:
         n = len(ids)
@@ -162,21 +168,27 @@ class SharedBufferKv(KvRunner):
         total = int(lengths.max()) + 1
         if total > self.capacity:
             self._grow(total)
-        if self._bound != (rows, self.capacity):
-            self._binding.clear_binding_inputs()
-            self._binding.clear_binding_outputs()
-            self._bind_kv(self._binding, 0, rows)
-            self._binding.bind_output(
+        parity = self._flip
+        binding = self._bindings[parity]
+        key = (rows, self.capacity, id(self._buffers))
+        if self._bound[parity] != key:
+            binding.clear_binding_inputs()
+            binding.clear_binding_outputs()
+            self._bind_kv(binding, 0, rows, shared=self.share_buffer)
+            binding.bind_output(
                 "logits", "cpu", 0, self.logits_dtype, [rows, 1, self.spec.vocab_size], self._logits.ctypes.data
             )
-            self._bound = (rows, self.capacity)
+            self._bound[parity] = key
         ids = np.asarray(tokens, dtype=np.int64)[:, None]
         live = ids[:, 0] >= 0
         mask = (np.arange(total, dtype=np.int64)[None, :] <= lengths[:, None]).astype(np.int64)
         feeds = self._common_feeds(np.maximum(ids, 0), mask, lengths[:, None].copy())
         for name, value in feeds.items():
-            self._binding.bind_cpu_input(name, value)
-        self.session.run_with_iobinding(self._binding)
+            binding.bind_cpu_input(name, value)
+        self.session.run_with_iobinding(binding)
+        if not self.share_buffer:
+            self._buffers, self._spare = self._spare, self._buffers
+            self._flip ^= 1
         self.lengths[:rows] += live
         return np.asarray(self._logits[:rows, 0], dtype=np.float32)
 
