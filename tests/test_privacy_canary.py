@@ -237,7 +237,9 @@ def test_canaries_leave_no_trace(canary_server: tuple[ServerProcess, Path, str])
     r = httpx.get(f"{v1}/models/{cn('model-path')}", headers=_auth(sk))
     assert r.status_code == 404
     _no_text(r, *cn.made.values())
-    assert httpx.get(base + "/api/account/export", headers=_auth(mk)).status_code == 200
+    r = httpx.get(base + "/api/account/export", headers=_auth(mk))  # the account sees metadata, never content
+    assert r.status_code == 200 and r.json()["usage"]
+    _no_text(r, *cn.made.values(), completion.split()[0])
 
     time.sleep(0.5)  # the last usage flush (0.2 s) and request-log lines
     assert server.stop() == 0

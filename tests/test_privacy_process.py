@@ -111,6 +111,52 @@ def test_real_model_worker_turns_core_dumps_off(core_dumps_allowed: None, tiny_m
     assert httpx.get(server.base_url + "/_test/process", timeout=10).status_code == 404
 
 
+def _tcp_peers(pid: int) -> set[str]:
+    """Remote IPv4/IPv6 addresses of the process's TCP sockets (from its fds and its namespace's tables)."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    peers = set()
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+            cols = line.split()
+            if cols[9] in inodes:
+                peers.add(cols[2].split(":")[0])
+    return peers
+
+
+LOOPBACK_OR_NONE = {"00000000", "0100007F", "00000000000000000000000000000000",
+                    "00000000000000000000000001000000", "0000000000000000FFFF00000100007F"}
+
+
+@pytest.mark.slow
+def test_real_model_workers_talk_to_nobody_but_the_client(tiny_model_dir: Path,
+                                                          server_factory: Callable[..., ServerProcess]) -> None:
+    """Prompts never leave the host: while the real model answers, every TCP socket of every worker is the
+    listener or a loopback client connection - no third-party provider, no telemetry."""
+    server = server_factory(backend="onnx", model_dir=tiny_model_dir, extra_env={"CHEAPEST_MODEL_THREADS": "1"})
+    _, mk = server.create_account()
+    sk = str(server.create_key(mk)["key"])
+    model = httpx.get(server.v1 + "/models", headers={"Authorization": f"Bearer {sk}"}).json()["data"][0]["id"]
+    workers = children(server.proc.pid)
+    seen: set[str] = set()
+    with httpx.Client(timeout=60, headers={"Authorization": f"Bearer {sk}"}) as c:
+        for i in range(3):
+            with c.stream("POST", server.v1 + "/completions",
+                          json={"model": model, "prompt": f"hello {i}", "max_tokens": 24, "stream": True}) as s:
+                for n, _ in enumerate(s.iter_lines()):
+                    if n % 4 == 0:
+                        for pid in workers:
+                            seen |= _tcp_peers(pid)
+    assert "0100007F" in seen  # the client's loopback connection was observed
+    assert seen <= LOOPBACK_OR_NONE, seen
+
+
 def _serve_cli(tmp: Path, *args: str) -> ServerProcess:
     data = tmp / "data"
     data.mkdir()
