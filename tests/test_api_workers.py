@@ -51,19 +51,24 @@ def test_two_workers_share_limits_and_count_exactly(server_factory) -> None:  # 
     sk, key_id = str(key["key"]), str(key["id"])
     # 60 requests at once over separate connections, spread by the kernel over both workers. The GCRA allows
     # the 20-request burst, then one more per 3 s: the burst is over long before that.
+    # On a loaded machine the batch can outlast one 3 s emission interval; the limiter may then rightly admit
+    # one more per interval elapsed, and never anything beyond that.
+    started = time.monotonic()
     with ThreadPoolExecutor(16) as pool:
         responses = list(pool.map(lambda _: _chat(server, sk), range(60)))
+    refills = int((time.monotonic() - started) / 3.0)
     ok = [r for r in responses if r.status_code == 200]
     limited = [r for r in responses if r.status_code == 429]
-    assert len(ok) == 20 and len(limited) == 40, [r.status_code for r in responses]
+    assert 20 <= len(ok) <= 20 + refills and len(ok) + len(limited) == 60, [r.status_code for r in responses]
+    n = len(ok)
     assert all(r.json()["error"]["code"] == "rate_limit_exceeded" for r in limited)
     prompt = sum(r.json()["usage"]["prompt_tokens"] for r in ok)
     completion = sum(r.json()["usage"]["completion_tokens"] for r in ok)
-    assert _wait_totals(server, key_id, 20) == (20, prompt, completion)
+    assert _wait_totals(server, key_id, n) == (n, prompt, completion)
     time.sleep(0.5)
-    assert _stored_totals(server, key_id) == (20, prompt, completion)  # refused requests are not metered
+    assert _stored_totals(server, key_id) == (n, prompt, completion)  # refused requests are not metered
     log = [x for x in server.request_log() if x["key_id"] == key_id]
-    assert sorted(x["status"] for x in log) == [200] * 20 + [429] * 40
+    assert sorted(x["status"] for x in log) == [200] * n + [429] * (60 - n)
 
 
 def test_disconnect_stops_generation_and_is_metered(server_factory) -> None:  # type: ignore[no-untyped-def]
