@@ -51,7 +51,8 @@ def smollm2() -> Pair:
 
 @pytest.fixture(scope="module", params=["trained", "smollm2"])
 def pair(request: pytest.FixtureRequest) -> Pair:
-    return request.getfixturevalue(request.param)
+    value: Pair = request.getfixturevalue(request.param)
+    return value
 
 
 # Random Unicode (no surrogates: they are not text), fragments that stress the pre-tokenizer, and
