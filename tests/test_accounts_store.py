@@ -1,0 +1,137 @@
+"""The accounts side of the LMDB store: the change epoch, atomic updates, budget-window spend, ledger debits
+in the usage transaction, the subscription mirror; and the operator CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from cheapest.billing.ledger import PaymentLedger
+from cheapest.store import UsageCounter, accounts, open_store
+from cheapest.store.records import BUDGET_WINDOWS, window_start
+
+PEPPER = b"p" * 32
+HOUR = 3600
+
+
+@pytest.fixture
+def store(tmp_path: Path):
+    s = open_store(tmp_path)
+    yield s
+    s.close()
+
+
+def test_every_key_and_account_change_bumps_the_epoch(store) -> None:  # type: ignore[no-untyped-def]
+    seen = [store.epoch()]
+
+    def bumped() -> None:
+        now = store.epoch()
+        assert now > seen[-1]
+        seen.append(now)
+
+    acct, _ = accounts.create_account(store, "a@example.test", "free", PEPPER)
+    bumped()
+    key, _ = accounts.create_key(store, acct.id, "sk", "k", PEPPER)
+    bumped()
+    store.update_key(key.id, acct.id, lambda k: msgspec.structs.replace(k, disabled=True))
+    bumped()
+    accounts.set_status(store, acct.id, "disabled")
+    bumped()
+    accounts.set_plan(store, acct.id, "pro")
+    bumped()
+    store.delete_key(key.id)
+    bumped()
+    # Usage flushes and credits do not touch cached records: no bump, caches stay warm.
+    store.add_usage({(key.id, "m", 0): UsageCounter(1, 2, 3, 4)}, {acct.id: 4})
+    accounts.grant_credit(store, acct.id, 10, "grant:x")
+    assert store.epoch() == seen[-1]
+
+
+def test_update_key_is_owned_and_keeps_identity(store) -> None:  # type: ignore[no-untyped-def]
+    a, _ = accounts.create_account(store, "a@example.test", "free", PEPPER)
+    b, _ = accounts.create_account(store, "b@example.test", "free", PEPPER)
+    key, _ = accounts.create_key(store, a.id, "sk", "k", PEPPER)
+    assert store.update_key(key.id, b.id, lambda k: msgspec.structs.replace(k, name="x")) is None
+    assert store.get_key(key.id).name == "k"
+    with pytest.raises(Exception):
+        store.update_key(key.id, a.id, lambda k: msgspec.structs.replace(k, account_id=b.id))
+    assert store.get_key(key.id).account_id == a.id
+    assert [k.id for k in store.list_keys(a.id, kind="sk")] == [key.id]
+    assert all(k.kind == "mk" for k in store.list_keys(a.id, kind="mk"))
+    store.delete_key(key.id)
+    assert key.id in store.key_history(a.id) and store.key_history(b.id) == [k.id for k in store.list_keys(b.id)]
+
+
+def test_budget_windows_are_epoch_aligned_and_exact(store) -> None:  # type: ignore[no-untyped-def]
+    day = 20_000 * 86400  # a UTC midnight
+    assert window_start("1d", day + 5 * HOUR + 7) == day
+    assert window_start("5h", day + 5 * HOUR + 7) == (day + 5 * HOUR) // (5 * HOUR) * (5 * HOUR)
+    assert all(window_start(w, day + 123_456) % BUDGET_WINDOWS[w] == 0 for w in BUDGET_WINDOWS)
+    hours = [day + h * HOUR for h in range(0, 30)]
+    for h in hours:
+        store.add_usage({("key_a", "m", h): UsageCounter(1, 1, 1, 10), ("key_a", "m2", h): UsageCounter(1, 1, 1, 1)})
+    for window, length in BUDGET_WINDOWS.items():
+        start = window_start(window, hours[-1])
+        expected = sum(11 for h in hours if start <= h < start + length)
+        assert store.window_spend("key_a", window, start) == expected, window
+    assert store.window_spend("key_a", "1d", day) == 0  # yesterday's window is over: pruned
+    assert store.window_spend("key_b", "1d", day + 86400) == 0
+
+
+def test_usage_flush_debits_the_ledger_in_the_same_transaction(store) -> None:  # type: ignore[no-untyped-def]
+    acct, _ = accounts.create_account(store, "a@example.test", "payg", PEPPER)
+    assert accounts.grant_credit(store, acct.id, 1_000, "grant:1") is True
+    assert accounts.grant_credit(store, acct.id, 1_000, "grant:1") is False  # once per reference
+    store.add_usage({("k", "m", HOUR): UsageCounter(1, 1, 1, 300)}, {acct.id: 300})
+    store.add_usage({("k", "m", HOUR): UsageCounter(1, 1, 1, 900)}, {acct.id: 900})
+    assert store.ledger.balance(acct.id) == -200  # may go below zero: cost is known after the request
+    assert sum(r.counter.cost_micro for r in store.usage(["k"])) == 1_200
+
+
+def test_subscription_changes_mirror_into_the_account(store) -> None:  # type: ignore[no-untyped-def]
+    acct, _ = accounts.create_account(store, "a@example.test", "free", PEPPER)
+    before = store.epoch()
+    ledger: PaymentLedger = store.ledger
+    with ledger.write() as txn:
+        ledger.merge_subscription(txn, acct.id, {"plan": "pro", "status": "active", "current_period_end": 99}, 10)
+    got = store.get_account(acct.id)
+    assert (got.plan, got.subscription_status, got.period_end) == ("pro", "active", 99)
+    assert store.epoch() > before
+    with ledger.write() as txn:  # an older fact changes nothing
+        ledger.merge_subscription(txn, acct.id, {"status": "canceled"}, 5)
+    assert store.get_account(acct.id).subscription_status == "active"
+
+
+def _cli(data: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHEAPEST_")} | {"CHEAPEST_DATA_DIR": str(data)}
+    return subprocess.run([sys.executable, "-m", "cheapest.cli", "accounts", *args], env=env, capture_output=True,
+                          text=True, timeout=60, check=False)
+
+
+def test_operator_cli(tmp_path: Path) -> None:
+    made = _cli(tmp_path, "create", "--email", "ops@example.test", "--json")
+    assert made.returncode == 0, made.stderr
+    created = json.loads(made.stdout)
+    assert created["management_key"].startswith("mk_")
+    assert _cli(tmp_path, "create", "--email", "OPS@example.test").returncode == 1  # emails are unique
+    assert _cli(tmp_path, "create", "--email", "x@example.test", "--plan", "gold").returncode == 2
+    assert _cli(tmp_path, "grant-credit", "ops@example.test", "--usd", "1.5", "--ref", "r").returncode == 0
+    assert _cli(tmp_path, "grant-credit", "ops@example.test", "--usd", "1.0000001").returncode == 2
+    assert _cli(tmp_path, "set-plan", created["account_id"], "payg").returncode == 0
+    assert _cli(tmp_path, "disable", "ops@example.test").returncode == 0
+    key = json.loads(_cli(tmp_path, "new-key", "ops@example.test", "--kind", "sk", "--json").stdout)
+    shown = json.loads(_cli(tmp_path, "show", "ops@example.test", "--json").stdout)
+    assert (shown["plan"], shown["status"], shown["credit_balance_micro"]) == ("payg", "disabled", 1_500_000)
+    assert {k["kind"] for k in shown["keys"]} == {"mk", "sk"}
+    text = _cli(tmp_path, "show", "ops@example.test").stdout + _cli(tmp_path, "list").stdout
+    assert key["key"] not in text and created["management_key"] not in text  # secrets are shown once
+    assert _cli(tmp_path, "enable", "ops@example.test").returncode == 0
+    listed = json.loads(_cli(tmp_path, "list", "--json").stdout)
+    assert [(a["email"], a["status"]) for a in listed] == [("ops@example.test", "active")]
+    assert _cli(tmp_path, "show", "nobody@example.test").returncode == 1
