@@ -64,6 +64,17 @@ def tiny_vocab() -> tuple[list[str], list[int], list[str]]:
     return tokens, types, list(TINY_MERGES)
 
 
+TINY_SPM_PIECES = ["▁", "h", "e", "l", "o", "w", "r", "d", "a", "t", "s", "p", "c", "▁h", "ll", "or", "ld", "▁w",
+                   "▁he", "llo", "▁wor", "▁hello", "▁world", "▁a", "▁t"]
+
+
+def tiny_spm_vocab() -> tuple[list[str], list[int], list[str]]:
+    """<unk> <s> </s>, the 256 byte pieces <0xNN> (type 6), then pieces; score = -id (earlier = preferred)."""
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + TINY_SPM_PIECES
+    types = [2, 3, 3] + [6] * 256 + [1] * len(TINY_SPM_PIECES)
+    return tokens, types, []
+
+
 def write_tiny_gguf(
     path: Path,
     *,
@@ -78,10 +89,12 @@ def write_tiny_gguf(
     layer_types: Sequence[dict[str, Q]] = TINY_LAYER_TYPES,
     arch: str = "llama",
     tokenizer_pre: str = "smollm",
+    spm: bool = False,  # a SentencePiece ("llama") vocabulary with scores instead of byte-level BPE
     seed: int = 1234,
 ) -> Path:
     rng = np.random.default_rng(seed)
-    tokens, types, merges = tiny_vocab()
+    tokens, types, merges = tiny_spm_vocab() if spm else tiny_vocab()
+    scores = [-float(i) for i in range(len(tokens))]
     w = GGUFWriter(str(path), arch)
     w.add_name("tiny-test-llama")
     w.add_block_count(n_layer)
@@ -94,16 +107,20 @@ def write_tiny_gguf(
     w.add_layer_norm_rms_eps(1e-5)
     w.add_rope_dimension_count(hidden // n_head)
     w.add_vocab_size(len(tokens))
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre(tokenizer_pre)
+    w.add_tokenizer_model("llama" if spm else "gpt2")
     w.add_token_list(tokens)
     w.add_token_types(types)
-    w.add_token_merges(merges)
+    if spm:
+        w.add_token_scores(scores)
+        w.add_add_bos_token(True)
+    else:
+        w.add_tokenizer_pre(tokenizer_pre)
+        w.add_token_merges(merges)
+        w.add_add_bos_token(False)
+        w.add_pad_token_id(2)
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
-    w.add_pad_token_id(2)
     w.add_unk_token_id(0)
-    w.add_add_bos_token(False)
     w.add_chat_template(TINY_CHAT_TEMPLATE)
 
     def add(name: str, rows: int, cols: int, qtype: Q, scale: float) -> None:

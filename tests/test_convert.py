@@ -201,6 +201,20 @@ def test_tokenizer_from_gguf_vocabulary(tiny_model_dir: Path) -> None:
     assert [tok.token_to_id(s) for s in TINY_SPECIAL] == [0, 1, 2]
 
 
+def test_sentencepiece_vocabulary(tmp_path: Path) -> None:
+    """Llama-2 / Mistral style GGUF vocabularies: "▁" spaces, merges from scores, byte fallback, BOS added."""
+    out = convert(write_tiny_gguf(tmp_path / "spm.gguf", spm=True), tmp_path / "spm")
+    tok = tokenizers.Tokenizer.from_file(str(out / "tokenizer.json"))
+    vocab = tok.get_vocab()
+    assert tok.encode("hello world").ids == [1, vocab["▁hello"], vocab["▁world"]]
+    ids = tok.encode("hé").ids  # "é" is not a piece: its UTF-8 bytes
+    assert ids == [1, vocab["▁h"], vocab["<0xC3>"], vocab["<0xA9>"]]
+    for text in ("hello world", "hé wold", "  two  spaces"):
+        assert tok.decode(tok.encode(text).ids, skip_special_tokens=True) == text
+    cfg = json.loads((out / "tokenizer_config.json").read_text())
+    assert cfg["add_bos_token"] is True and cfg["bos_token"] == "<s>" and cfg["unk_token"] == "<unk>"
+
+
 def _write_unsupported_type(path: Path) -> Path:
     layer = dict(TINY_LAYER_TYPES[0], ffn_down=Q.Q5_0)
     return write_tiny_gguf(path, layer_types=[layer])

@@ -86,6 +86,7 @@ class TokenizerData:
     pad_token_id: int | None
     add_bos_token: bool
     add_eos_token: bool
+    add_space_prefix: bool  # SentencePiece: prepend "▁" to the text
     chat_template: str | None
 
 
@@ -205,8 +206,10 @@ def read_gguf(path: str | Path) -> GGUFModel:
         return None if v is None else int(v)
 
     scores = _field(reader, "tokenizer.ggml.scores")
+    tok_model = str(_field(reader, "tokenizer.ggml.model", ""))
+    spm = tok_model == "llama"  # llama.cpp's defaults differ for SentencePiece vocabularies
     tok = TokenizerData(
-        model=str(_field(reader, "tokenizer.ggml.model", "")),
+        model=tok_model,
         pre=str(_field(reader, "tokenizer.ggml.pre", "default")),
         tokens=tokens,
         token_types=[int(x) for x in _field(reader, "tokenizer.ggml.token_type", [1] * len(tokens))],
@@ -216,8 +219,9 @@ def read_gguf(path: str | Path) -> GGUFModel:
         eos_token_id=opt_int("tokenizer.ggml.eos_token_id"),
         unk_token_id=opt_int("tokenizer.ggml.unknown_token_id"),
         pad_token_id=opt_int("tokenizer.ggml.padding_token_id"),
-        add_bos_token=bool(_field(reader, "tokenizer.ggml.add_bos_token", False)),
+        add_bos_token=bool(_field(reader, "tokenizer.ggml.add_bos_token", spm)),
         add_eos_token=bool(_field(reader, "tokenizer.ggml.add_eos_token", False)),
+        add_space_prefix=bool(_field(reader, "tokenizer.ggml.add_space_prefix", spm)),
         chat_template=_field(reader, "tokenizer.chat_template"),
     )
     name = str(_field(reader, "general.name", path.stem))

@@ -1,9 +1,11 @@
 """Build `tokenizer.json` / `tokenizer_config.json` from a GGUF's tokenizer metadata.
 
-The `tokenizers` library assembles the pipeline (no hand-written BPE): the GGUF's vocabulary and merges
-become a byte-level BPE model, the pre-tokenizer is chosen from `tokenizer.ggml.pre` the same way
-llama.cpp chooses its split regex, and control / user-defined tokens become added tokens so they are
-matched whole (`<|im_start|>` is one id, never split).
+The `tokenizers` library assembles the pipeline (no hand-written BPE):
+- `gpt2` vocabularies (SmolLM2, Llama 3): the GGUF's vocabulary and merges become a byte-level BPE model,
+  the pre-tokenizer is chosen from `tokenizer.ggml.pre` the same way llama.cpp chooses its split regex;
+- `llama` (SentencePiece BPE: Llama 2, Mistral): merges are derived from the piece scores the way Hugging
+  Face's LlamaConverter does, with "▁" for spaces and byte fallback (<0xNN> pieces).
+Control / user-defined tokens become added tokens so they are matched whole (`<|im_start|>` is one id).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
 from .gguf_reader import TokenizerData, UnsupportedModelError
 
@@ -40,27 +42,53 @@ def _pre_tokenizer(pre: str) -> pre_tokenizers.PreTokenizer:
     raise UnsupportedModelError(f"unsupported GGUF pre-tokenizer {pre!r} (supported: smollm, gpt-2, llama-bpe)")
 
 
+def _spm_merges(data: TokenizerData, vocab: dict[str, int]) -> list[tuple[str, str]]:
+    """Every split of a normal piece into two known pieces, best-scoring merged piece first (HF's
+    `generate_merges`: ties by left then right piece length, within a piece by the parts' ids)."""
+    scores = data.scores or [-float(i) for i in range(len(data.tokens))]
+    found = []
+    for pid, piece in enumerate(data.tokens):
+        if data.token_types[pid] != TOKEN_NORMAL:
+            continue
+        local = [(piece[:i], piece[i:]) for i in range(1, len(piece)) if piece[:i] in vocab and piece[i:] in vocab]
+        local.sort(key=lambda lr: (vocab[lr[0]], vocab[lr[1]]))
+        found.extend((left, right, scores[pid]) for left, right in local)
+    found.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
+    return [(left, right) for left, right, _ in found]
+
+
 def build_tokenizer(data: TokenizerData) -> Tokenizer:
-    if data.model != "gpt2":
+    if data.model not in ("gpt2", "llama"):
         raise UnsupportedModelError(
-            f"unsupported GGUF tokenizer model {data.model!r}: only byte-level BPE ('gpt2') is supported"
+            f"unsupported GGUF tokenizer model {data.model!r}: supported are 'gpt2' (byte-level BPE) and "
+            "'llama' (SentencePiece BPE)"
         )
     vocab = {tok: i for i, tok in enumerate(data.tokens)}
     if len(vocab) != len(data.tokens):
         raise UnsupportedModelError("GGUF vocabulary has duplicate tokens")
-    merges = [tuple(m.split(" ", 1)) for m in data.merges]
-    unk = data.tokens[data.unk_token_id] if data.unk_token_id is not None else None
-    bpe = models.BPE(vocab=vocab, merges=merges, unk_token=None, fuse_unk=False, byte_fallback=False)
-    tok = Tokenizer(bpe)
-    del unk  # byte-level BPE never produces an unknown token
-    tok.pre_tokenizer = _pre_tokenizer(data.pre)
-    tok.decoder = decoders.ByteLevel()
+    if data.model == "gpt2":
+        merges = [tuple(m.split(" ", 1)) for m in data.merges]
+        tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=None, fuse_unk=False, byte_fallback=False))
+        tok.pre_tokenizer = _pre_tokenizer(data.pre)
+        tok.decoder = decoders.ByteLevel()
+    else:
+        unk = data.tokens[data.unk_token_id] if data.unk_token_id is not None else None
+        tok = Tokenizer(models.BPE(vocab=vocab, merges=_spm_merges(data, vocab), unk_token=unk, fuse_unk=True,
+                                   byte_fallback=True))
+        steps = [normalizers.Replace(" ", "\u2581")]
+        if data.add_space_prefix:
+            steps.insert(0, normalizers.Prepend("\u2581"))
+        tok.normalizer = normalizers.Sequence(steps)
+        dec = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+        if data.add_space_prefix:
+            dec.append(decoders.Strip(" ", 1, 0))
+        tok.decoder = decoders.Sequence(dec)
     if data.add_bos_token and data.bos_token_id is not None:
         bos = data.tokens[data.bos_token_id]
         tok.post_processor = processors.TemplateProcessing(
             single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, data.bos_token_id)]
         )
-    else:
+    elif data.model == "gpt2":
         tok.post_processor = processors.ByteLevel(trim_offsets=False)
     added = [
         AddedToken(t, special=(kind == TOKEN_CONTROL), normalized=False, single_word=False, lstrip=False, rstrip=False)
