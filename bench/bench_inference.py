@@ -55,8 +55,12 @@ def _median(values: list[float]) -> float:
 
 
 def _token_times(stream: Any) -> list[float]:
+    """One timestamp per generated token (llama-cpp-python streams one chunk per token)."""
     times = []
-    for _ in stream:
+    for chunk in stream:
+        choice = chunk["choices"][0]
+        if choice.get("finish_reason") and not choice.get("text") and times:
+            break  # the closing chunk carries no token
         times.append(time.perf_counter())
     return times
 
@@ -77,7 +81,8 @@ def worker_ours(args: argparse.Namespace, prompts: dict[str, list[int]]) -> dict
     from cheapest.inference.types import Delta, SamplingParams
 
     before = _rss_bytes()
-    engine = load_engine(args.model_dir, threads=args.threads, max_batch=max(8, args.concurrency))
+    engine = load_engine(args.model_dir, threads=args.threads, max_batch=max(8, args.concurrency),
+                         share_buffer=args.kv == "shared")
     loaded = _rss_bytes()
 
     async def one(ids: list[int], max_tokens: int) -> tuple[float, list[float]]:
@@ -94,6 +99,7 @@ def worker_ours(args: argparse.Namespace, prompts: dict[str, list[int]]) -> dict
         for _ in range(args.repeats):
             start, times = await one(prompts["story"], args.new_tokens)
             decode.append(_rates(start, times, len(prompts["story"]))["decode_tps"])
+            new_tokens = len(times)
             start, times = await one(prompts["long"], 1)
             prefill.append(len(prompts["long"]) / (times[0] - start))
             start = time.perf_counter()
@@ -101,7 +107,7 @@ def worker_ours(args: argparse.Namespace, prompts: dict[str, list[int]]) -> dict
             total = sum(len(t) for _, t in results)
             aggregate.append(total / (max(t[-1] for _, t in results) - start))
         return {"decode_tps": _median(decode), "prefill_tps": _median(prefill), "aggregate_tps": _median(aggregate),
-                "new_tokens": len(times), "provider": engine.provider}
+                "new_tokens": new_tokens, "provider": engine.provider}
 
     result = asyncio.run(run())
     asyncio.run(engine.close())
@@ -129,9 +135,10 @@ def worker_llama_cpp(args: argparse.Namespace, prompts: dict[str, list[int]]) ->
     for _ in range(args.repeats):
         start, times = one(prompts["story"], args.new_tokens)
         decode.append(_rates(start, times, len(prompts["story"]))["decode_tps"])
+        new_tokens = len(times)
         start, times = one(prompts["long"], 1)
         prefill.append(len(prompts["long"]) / (times[0] - start))
-    return {"decode_tps": _median(decode), "prefill_tps": _median(prefill), "new_tokens": len(times),
+    return {"decode_tps": _median(decode), "prefill_tps": _median(prefill), "new_tokens": new_tokens,
             "rss_model_bytes": loaded - before, "rss_total_bytes": _rss_bytes()}
 
 
@@ -168,13 +175,15 @@ def worker_transformers(args: argparse.Namespace, prompts: dict[str, list[int]])
     for _ in range(args.repeats):
         start, times = one(prompts["story"], args.new_tokens)
         decode.append(_rates(start, times, len(prompts["story"]))["decode_tps"])
+        new_tokens = len(times)
         start, times = one(prompts["long"], 1)
         prefill.append(len(prompts["long"]) / (times[0] - start))
-    return {"decode_tps": _median(decode), "prefill_tps": _median(prefill), "new_tokens": len(times),
+    return {"decode_tps": _median(decode), "prefill_tps": _median(prefill), "new_tokens": new_tokens,
             "rss_model_bytes": loaded - before, "rss_total_bytes": _rss_bytes()}
 
 
-WORKERS = {"ours": worker_ours, "llama.cpp": worker_llama_cpp, "transformers": worker_transformers}
+WORKERS = {"ours": worker_ours, "ours-copy": worker_ours, "llama.cpp": worker_llama_cpp,
+           "transformers": worker_transformers}
 PEER_MODULES = {"llama.cpp": "llama_cpp", "transformers": "transformers"}
 
 
@@ -199,7 +208,7 @@ def _prompts(model_dir: Path, prompt_tokens: int) -> dict[str, list[int]]:
 
 def _run_worker(name: str, args: argparse.Namespace, prompts: dict[str, list[int]]) -> dict[str, Any] | None:
     python = sys.executable
-    if name != "ours":
+    if name not in ("ours", "ours-copy"):
         if not BENCH_PYTHON.exists():
             print(f"skipping {name}: no bench venv at {BENCH_PYTHON} (see this file's docstring)", file=sys.stderr)
             return None
@@ -209,7 +218,9 @@ def _run_worker(name: str, args: argparse.Namespace, prompts: dict[str, list[int
                   file=sys.stderr)
             return None
         python = str(BENCH_PYTHON)
-    payload = json.dumps({"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    settings["kv"] = "copy" if name == "ours-copy" else "shared"
+    payload = json.dumps({"args": settings,
                           "prompts": prompts})
     proc = subprocess.run([python, __file__, "--worker", name], input=payload, capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": str(REPO / "python")})
@@ -242,7 +253,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--model-dir", type=Path)
     parser.add_argument("--gguf", type=Path)
-    parser.add_argument("--peers", default="llama.cpp,transformers")
+    parser.add_argument("--peers", default="llama.cpp,transformers",
+                        help="comma-separated; 'ours-copy' = this engine with the KV cache copied every step "
+                             "instead of the shared in-place buffer")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -257,7 +270,7 @@ def main() -> None:
     print(f"threads={args.threads} prompt={len(prompts['long'])} tokens, new={args.new_tokens}, "
           f"concurrency={args.concurrency}, repeats={args.repeats} (medians)")
     results: dict[str, dict[str, Any]] = {}
-    for name in ["ours", *[p for p in args.peers.split(",") if p]]:
+    for name in ["ours", *[p for p in args.peers.split(",") if p and p != "ours"]]:
         result = _run_worker(name, args, prompts)
         if result is not None:
             results[name] = result
@@ -269,6 +282,11 @@ def main() -> None:
     if ours:
         print(f"aggregate@{args.concurrency} / batch-1 decode: {ours['aggregate_tps'] / ours['decode_tps']:.2f}x "
               f"(goal >= 3x)")
+        if "ours-copy" in results:
+            copy = results["ours-copy"]
+            print(f"shared in-place KV buffer vs copying it every step: decode "
+                  f"{ours['decode_tps'] / copy['decode_tps']:.2f}x, aggregate "
+                  f"{ours['aggregate_tps'] / copy['aggregate_tps']:.2f}x")
         for peer in ("llama.cpp", "transformers"):
             if peer in results:
                 print(f"vs {peer}: decode {ours['decode_tps'] / results[peer]['decode_tps']:.2f}x, "

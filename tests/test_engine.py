@@ -218,15 +218,18 @@ def test_batched_results_equal_unbatched(engine: OnnxEngine, hf_tokenizer: token
     prompts = [_prompt(engine, p) for p in PROMPTS]
     params = [SamplingParams(max_tokens=n, temperature=0.0) for n in (24, 9, 17, 30, 4)]
     alone = [_run(engine, ids, p) for ids, p in zip(prompts, params)]
-    steps_before = engine.decode_steps
+    steps_before, prefills_before = engine.decode_steps, engine.prefill_runs
 
     async def together() -> list[tuple[list[Delta], Finish]]:
         return await asyncio.gather(*(_collect(engine, ids, p) for ids, p in zip(prompts, params)))
 
     batched = [("".join(d.text for d in deltas), fin) for deltas, fin in asyncio.run(together())]
     assert batched == alone
-    # They really ran together: fewer steps than the sum of their lengths.
+    # They really ran together: fewer steps than the sum of their lengths; the shared-buffer runner also
+    # prefills prompts of different lengths in one right-padded run.
     assert engine.decode_steps - steps_before < sum(f.completion_tokens for _, f in alone)
+    if engine.spec.kv_layout == "shared_buffer":
+        assert engine.prefill_runs - prefills_before < len(prompts)
     for ids, p, (text, _) in zip(prompts, params, alone):
         assert text == _expected_text(hf_tokenizer, engine, _reference_greedy(engine, ids, p.max_tokens))
 
@@ -315,6 +318,30 @@ def test_closed_engine_raises_engine_error(tiny_model_dir: Path) -> None:
         await eng.close()
         with pytest.raises(EngineError):
             await _collect(eng, [5, 6], GREEDY)
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("stage", ["prefill_many", "decode"])
+def test_inference_failure_is_a_generic_engine_error(tiny_model_dir: Path, stage: str,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    eng = load_engine(tiny_model_dir, threads=1)
+    canary = "canary-3b7e"
+    ids = _prompt(eng, canary)
+    real = getattr(eng._runner, stage)
+
+    def broken(*args: object) -> object:
+        raise RuntimeError(f"kernel failed near {canary}")
+
+    async def main() -> None:
+        monkeypatch.setattr(eng._runner, stage, broken)
+        with pytest.raises(EngineError) as err:
+            await _collect(eng, ids, GREEDY)
+        assert canary not in str(err.value) and err.value.__cause__ is None
+        monkeypatch.setattr(eng._runner, stage, real)
+        _, finish = await _collect(eng, ids, SamplingParams(max_tokens=3, temperature=0.0))  # still serving
+        assert finish.completion_tokens >= 1
+        await eng.close()
 
     asyncio.run(main())
 

@@ -1,8 +1,9 @@
 """Continuous batching: one scheduler thread runs decode steps for every active sequence together.
 
-A sequence is prefilled alone (batch 1, no padding), then joins the batch; between steps finished and cancelled
-sequences leave and waiting ones join. At most one prefill runs between two decode steps, so a long prompt
-delays the others by one prefill, never more. The thread owns the runner (ONNX Runtime releases the GIL while
+Waiting sequences are prefilled (several in one right-padded run where the runner can, up to PREFILL_TOKENS
+padded tokens), then join the batch; between steps finished and cancelled sequences leave and waiting ones
+join. At most one prefill run happens between two decode steps, so a burst of long prompts delays the
+others by one bounded prefill, never more. The thread owns the runner (ONNX Runtime releases the GIL while
 it computes); results reach each request through the callbacks of its `Sequence`, which hand them to the
 request's event loop.
 """
@@ -18,6 +19,8 @@ from cheapest.inference.runner import KvRunner
 from cheapest.inference.sampling import Sampler
 
 log = logging.getLogger("cheapest.inference")
+
+PREFILL_TOKENS = 2048  # padded prompt tokens in one batched prefill run (a longer prompt still runs, alone)
 
 
 class Sequence:
@@ -46,6 +49,7 @@ class Scheduler:
         self._cv = threading.Condition()
         self._closing = False
         self.steps = 0  # decode steps run (for tests and benchmarks)
+        self.prefill_runs = 0
         self._thread = threading.Thread(target=self._loop, name="cheapest-scheduler", daemon=True)
         self._thread.start()
 
@@ -86,16 +90,36 @@ class Scheduler:
                     self._cv.wait()
                 if self._closing:
                     break
-                joining = self._waiting.popleft() if self._waiting and self._free_row() is not None else None
+                joining = self._take_joiners()
             try:
                 self._drop_cancelled()
-                if joining is not None and not joining.cancelled:
+                joining = [s for s in joining if not s.cancelled]
+                if joining:
                     self._prefill(joining)
+                    joining = []
                 if any(self._rows):
                     self._decode()
             except Exception as e:  # noqa: BLE001 - a failed step fails its sequences, never the thread
-                self._fail_all(e)
+                self._fail_all(e, also=joining)
         self._fail_all(RuntimeError("the engine is closed"), waiting=True)
+
+    def _take_joiners(self) -> list[Sequence]:
+        """Called under the lock: the waiting sequences the next prefill run takes."""
+        row = self._free_row()
+        if row is None or not self._waiting:
+            return []
+        if row < len(self._rows) or not self._runner.batched_prefill:
+            return [self._waiting.popleft()]  # a hole (or a one-at-a-time runner): one sequence
+        free = self._runner.max_batch - len(self._rows)
+        joiners = [self._waiting.popleft()]
+        longest = len(joiners[0].prompt)
+        while self._waiting and len(joiners) < free:
+            padded = max(longest, len(self._waiting[0].prompt)) * (len(joiners) + 1)
+            if padded > PREFILL_TOKENS:
+                break
+            joiners.append(self._waiting.popleft())
+            longest = max(longest, len(joiners[-1].prompt))
+        return joiners
 
     def _free_row(self) -> int | None:
         for row, seq in enumerate(self._rows):
@@ -103,15 +127,19 @@ class Scheduler:
                 return row
         return len(self._rows) if len(self._rows) < self._runner.max_batch else None
 
-    def _prefill(self, seq: Sequence) -> None:
-        row = self._free_row()
-        assert row is not None
-        logits = self._runner.prefill(row, seq.prompt)
-        if row == len(self._rows):
-            self._rows.append(seq)
-        else:
-            self._rows[row] = seq
-        self._take(row, seq, seq.sampler(logits))
+    def _prefill(self, joining: list[Sequence]) -> None:
+        first = self._free_row()
+        assert first is not None
+        logits = self._runner.prefill_many(first, [s.prompt for s in joining])
+        self.prefill_runs += 1
+        for i, seq in enumerate(joining):
+            row = first + i
+            if row == len(self._rows):
+                self._rows.append(seq)
+            else:
+                self._rows[row] = seq
+        for i, seq in enumerate(joining):
+            self._take(first + i, seq, seq.sampler(logits[i]))
 
     def _decode(self) -> None:
         tokens = [seq.last_token if seq is not None else -1 for seq in self._rows]
@@ -161,10 +189,10 @@ class Scheduler:
                     runner.release(last)
             row += 1
 
-    def _fail_all(self, error: BaseException, *, waiting: bool = False) -> None:
+    def _fail_all(self, error: BaseException, *, waiting: bool = False, also: list[Sequence] | None = None) -> None:
         if not isinstance(error, RuntimeError) or str(error) != "the engine is closed":
             log.error("inference step failed: %s", type(error).__name__)
-        victims = [s for s in self._rows if s is not None]
+        victims = [s for s in self._rows if s is not None] + [s for s in also or [] if s not in self._rows]
         if waiting:
             with self._cv:
                 victims += list(self._waiting)

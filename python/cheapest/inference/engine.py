@@ -129,6 +129,10 @@ class OnnxEngine:
     def decode_steps(self) -> int:
         return self._scheduler.steps
 
+    @property
+    def prefill_runs(self) -> int:
+        return self._scheduler.prefill_runs
+
     async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[Delta | Finish]:
         if not prompt_ids:
             raise ValueError("the prompt has no tokens")

@@ -35,9 +35,11 @@ def _dtype(type_str: str) -> type[np.generic]:
 
 
 class KvRunner(ABC):
-    """`supports_move`: rows can be compacted (CPU memory); otherwise the scheduler leaves holes."""
+    """`supports_move`: rows can be compacted (CPU memory); otherwise the scheduler leaves holes.
+    `batched_prefill`: prefill_many runs several prompts in one graph run."""
 
     supports_move: bool = True
+    batched_prefill: bool = False
 
     def __init__(self, session: ort.InferenceSession, spec: ModelSpec, max_batch: int) -> None:
         self.session = session
@@ -68,6 +70,10 @@ class KvRunner(ABC):
     def prefill(self, row: int, ids: Sequence[int]) -> np.ndarray:
         """Fill `row`'s cache with `ids`; the logits after the last one, float32 [vocab]."""
 
+    def prefill_many(self, first_row: int, prompts: Sequence[Sequence[int]]) -> np.ndarray:
+        """Prefill consecutive rows first_row.. with one prompt each; float32 logits [len(prompts), vocab]."""
+        return np.stack([self.prefill(first_row + i, ids) for i, ids in enumerate(prompts)])
+
     @abstractmethod
     def decode(self, tokens: Sequence[int]) -> np.ndarray:
         """Append tokens[i] to row i for i < len(tokens); float32 logits [len(tokens), vocab].
@@ -89,6 +95,7 @@ class SharedBufferKv(KvRunner):
     def __init__(self, session: ort.InferenceSession, spec: ModelSpec, max_batch: int, *,
                  device: str = "cpu", initial_capacity: int = 256, share_buffer: bool = True) -> None:
         super().__init__(session, spec, max_batch)
+        self.batched_prefill = True
         self.device = device
         self.supports_move = device == "cpu"
         # share_buffer=False is the copying alternative, kept to measure against (bench_inference.py
@@ -146,21 +153,30 @@ class SharedBufferKv(KvRunner):
             binding.bind_output(present_v, self.device, 0, self.kv_dtype, shape, self._ptr(vout, first_row))
 
     def prefill(self, row: int, ids: Sequence[int]) -> np.ndarray:
-        n = len(ids)
-        if n > self.capacity:
-            self._grow(n)
+        return self.prefill_many(row, [ids])[0]
+
+    def prefill_many(self, first_row: int, prompts: Sequence[Sequence[int]]) -> np.ndarray:
+        """One run for several prompts (GQA accepts a right-padded batch when there is no past)."""
+        rows, longest = len(prompts), max(len(p) for p in prompts)
+        if longest > self.capacity:
+            self._grow(longest)
+        lengths = np.asarray([len(p) for p in prompts], dtype=np.int64)
+        ids = np.zeros((rows, longest), np.int64)  # padding id: any, it is masked out
+        for i, p in enumerate(prompts):
+            ids[i, : len(p)] = p
+        mask = (np.arange(longest, dtype=np.int64)[None, :] < lengths[:, None]).astype(np.int64)
+        positions = np.broadcast_to(np.arange(longest, dtype=np.int64), (rows, longest)).copy()
         binding = self.session.io_binding()
-        feeds = self._common_feeds(
-            np.asarray([ids], dtype=np.int64), np.ones((1, n), np.int64), np.arange(n, dtype=np.int64)[None, :]
-        )
-        for name, value in feeds.items():
+        for name, value in self._common_feeds(ids, mask, positions).items():
             binding.bind_cpu_input(name, value)
         binding.bind_output("logits", "cpu")  # first output bound = get_outputs()[0]
-        self._bind_kv(binding, row, 1)
+        self._bind_kv(binding, first_row, rows)
         self.session.run_with_iobinding(binding)
         logits = binding.get_outputs()[0].numpy()
-        self.lengths[row] = n
-        return np.asarray(logits[0, -1], dtype=np.float32)
+        self.lengths[first_row : first_row + rows] = lengths
+        if logits.shape[1] == 1:  # graphs that emit the last real token's logits only
+            return np.asarray(logits[:, 0], dtype=np.float32)
+        return np.asarray(logits[np.arange(rows), lengths - 1], dtype=np.float32)
 
     def decode(self, tokens: Sequence[int]) -> np.ndarray:
         rows = len(tokens)
