@@ -234,6 +234,25 @@ def test_batched_results_equal_unbatched(engine: OnnxEngine, hf_tokenizer: token
         assert text == _expected_text(hf_tokenizer, engine, _reference_greedy(engine, ids, p.max_tokens))
 
 
+def test_cache_growth_keeps_every_row(tiny_model_dir: Path) -> None:
+    """A KV buffer that starts tiny is regrown (copying the rows in use) while several sequences run."""
+    roomy = load_engine(tiny_model_dir, threads=2)
+    small = load_engine(tiny_model_dir, threads=2, initial_capacity=4)
+    assert small.spec.kv_layout == "shared_buffer"
+    prompts = [_prompt(roomy, p) for p in PROMPTS]
+    params = SamplingParams(max_tokens=20, temperature=0.0)
+    alone = [_run(roomy, ids, params)[0] for ids in prompts]
+
+    async def together() -> list[str]:
+        results = await asyncio.gather(*(_collect(small, ids, params) for ids in prompts))
+        await small.close()
+        await roomy.close()
+        return ["".join(d.text for d in deltas) for deltas, _ in results]
+
+    assert asyncio.run(together()) == alone
+    assert small._runner.capacity > 4  # type: ignore[attr-defined]
+
+
 def test_sequences_join_and_leave_between_steps(engine: OnnxEngine) -> None:
     """Staggered arrivals with different lengths; each result equals its solo run."""
     prompts = [_prompt(engine, p) for p in PROMPTS]

@@ -131,11 +131,14 @@ class SharedBufferKv(KvRunner):
             raise ValueError("sequence exceeds the context length")
         if self.device != "cpu":
             raise ValueError("device KV buffer is full")
-        old, old_capacity = self._buffers, self.capacity
-        self._allocate(min(self.spec.context_length, max(needed, 2 * old_capacity)))
-        for (ok, ov), (nk, nv) in zip(old, self._buffers):
-            nk[:, :, :old_capacity] = ok  # type: ignore[index]
-            nv[:, :, :old_capacity] = ov  # type: ignore[index]
+        old = self._buffers
+        self._allocate(min(self.spec.context_length, max(needed, 2 * self.capacity)))
+        # Only rows in use, only their length: untouched pages of the new buffer (np.zeros) stay unallocated.
+        for row in np.flatnonzero(self.lengths):
+            n = int(self.lengths[row])
+            for (ok, ov), (nk, nv) in zip(old, self._buffers):
+                nk[row, :, :n] = ok[row, :, :n]  # type: ignore[index]
+                nv[row, :, :n] = ov[row, :, :n]  # type: ignore[index]
 
     def _ptr(self, buffer: np.ndarray | ort.OrtValue, row: int) -> int:
         base = buffer.ctypes.data if isinstance(buffer, np.ndarray) else buffer.data_ptr()
