@@ -172,6 +172,16 @@ def test_context_length_error_before_any_work(engine: OnnxEngine) -> None:
     assert engine.active_sequences == 0
 
 
+def test_empty_prompt_starts_from_bos_and_zero_max_tokens_does_no_work(engine: OnnxEngine) -> None:
+    _, finish = _run(engine, [], SamplingParams(max_tokens=3, temperature=0.0))
+    bos = engine.spec.bos_token_id
+    assert bos is not None
+    assert (_run(engine, [bos], SamplingParams(max_tokens=3, temperature=0.0))[1]) == finish
+    steps = engine.decode_steps
+    assert _run(engine, [5, 6], SamplingParams(max_tokens=0)) == ("", Finish("length", 0))
+    assert engine.decode_steps == steps
+
+
 def test_long_prompt_near_the_context_is_cut_by_length(engine: OnnxEngine) -> None:
     ids = [5] * (engine.context_length - 3)
     _, finish = _run(engine, ids, SamplingParams(max_tokens=50, temperature=0.0))

@@ -134,15 +134,18 @@ class OnnxEngine:
         return self._scheduler.prefill_runs
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[Delta | Finish]:
-        if not prompt_ids:
-            raise ValueError("the prompt has no tokens")
+        if not prompt_ids:  # an empty completion prompt: start from BOS, as the model was trained to
+            if self.spec.bos_token_id is None:
+                raise EngineError("the prompt has no tokens and the model has no BOS token")
+            prompt_ids = [self.spec.bos_token_id]
         if len(prompt_ids) >= self.context_length:
             raise ContextLengthError(len(prompt_ids), self.context_length)
         if params.max_tokens < 1:
-            raise ValueError("max_tokens must be at least 1")
+            yield Finish("length", 0)
+            return
         vocab = self.spec.vocab_size
         if any(not 0 <= t < vocab for t in prompt_ids):
-            raise ValueError("prompt token id out of range")
+            raise EngineError("prompt token id out of range")
         sampler = Sampler(params)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Delta | Finish | BaseException] = asyncio.Queue()

@@ -58,6 +58,7 @@ class ModelSpec:
     head_dim: int
     vocab_size: int
     eos_token_ids: frozenset[int]
+    bos_token_id: int | None
     kv_layout: KvLayout
     tokenizer_config: dict[str, Any] = field(repr=False)
     generation_config: dict[str, Any] = field(repr=False)
@@ -129,6 +130,8 @@ def read_model_dir(model_dir: str | os.PathLike[str], *, graph: str | None = Non
             head_dim=int(config.get("head_dim") or hidden // num_heads),
             vocab_size=int(config["vocab_size"]),
             eos_token_ids=frozenset(_ids(generation.get("eos_token_id")) | _ids(config.get("eos_token_id"))),
+            bos_token_id=next(iter(sorted(_ids(generation.get("bos_token_id")) or _ids(config.get("bos_token_id")))),
+                              None),
             kv_layout=_kv_layout(ours, graph_path),
             tokenizer_config=tokenizer_config,
             generation_config=generation,
