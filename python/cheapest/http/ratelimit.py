@@ -19,22 +19,27 @@ PERIOD = 60.0
 class Limits(NamedTuple):
     rpm: int
     tpm: int
+    # The limiter's table keys for this key ("rpm:<key id>", "tpm:<key id>"), built with the limits (which
+    # /v1 caches per authenticated key) rather than per call.
+    rpm_name: str = ""
+    tpm_name: str = ""
 
 
 def limits_for(settings: Settings, account: AccountRecord, key: KeyRecord) -> Limits:
     plan = settings.plan(account.plan)
     rpm, tpm = plan.rpm, plan.tpm
-    if key.limits.rpm is not None:
-        rpm = min(rpm, key.limits.rpm)
-    if key.limits.tpm is not None:
-        tpm = min(tpm, key.limits.tpm)
-    return Limits(rpm, tpm)
+    kl = key.limits
+    if kl.rpm is not None and kl.rpm < rpm:
+        rpm = kl.rpm
+    if kl.tpm is not None and kl.tpm < tpm:
+        tpm = kl.tpm
+    return Limits(rpm, tpm, "rpm:" + key.id, "tpm:" + key.id)
 
 
 def _duration(seconds: float) -> str:
     """OpenAI's reset format: "20ms", "1.5s", "6m0s"."""
     if seconds < 1.0:
-        return f"{max(0, math.ceil(seconds * 1000))}ms"
+        return "0ms" if seconds <= 0.0 else f"{math.ceil(seconds * 1000)}ms"
     if seconds < 60.0:
         return f"{round(seconds, 3):g}s"
     m, s = divmod(seconds, 60.0)
@@ -52,14 +57,17 @@ def rate_headers(req: Any, tok: Any) -> list[tuple[str, str]]:
     ]
 
 
-class Admission(NamedTuple):
-    headers: list[tuple[str, str]]
-    charged_tokens: int
+class Admission:
+    __slots__ = ("headers", "charged_tokens")
+
+    def __init__(self, headers: list[tuple[str, str]], charged_tokens: int) -> None:
+        self.headers = headers
+        self.charged_tokens = charged_tokens
 
 
 def peek(limiter: Any, key_id: str, limits: Limits) -> list[tuple[str, str]]:
-    return rate_headers(limiter.peek("rpm:" + key_id, limits.rpm, PERIOD),
-                        limiter.peek("tpm:" + key_id, limits.tpm, PERIOD))
+    return rate_headers(limiter.peek(limits.rpm_name or "rpm:" + key_id, limits.rpm, PERIOD),
+                        limiter.peek(limits.tpm_name or "tpm:" + key_id, limits.tpm, PERIOD))
 
 
 def admit(limiter: Any, key_id: str, limits: Limits, prompt_tokens: int, max_tokens: int) -> Admission:
@@ -69,9 +77,11 @@ def admit(limiter: Any, key_id: str, limits: Limits, prompt_tokens: int, max_tok
         raise ApiError(429, f"Request too large: {prompt_tokens} prompt tokens exceed this key's limit of "
                        f"{limits.tpm} tokens per minute.", type="tokens", code="rate_limit_exceeded",
                        headers=headers)
-    charge = min(prompt_tokens + max_tokens, limits.tpm)
-    req, tok = limiter.acquire_all([("rpm:" + key_id, limits.rpm, PERIOD, 1),
-                                    ("tpm:" + key_id, limits.tpm, PERIOD, charge)])
+    charge = prompt_tokens + max_tokens
+    if charge > limits.tpm:
+        charge = limits.tpm
+    req, tok = limiter.acquire_all([(limits.rpm_name or "rpm:" + key_id, limits.rpm, PERIOD, 1),
+                                    (limits.tpm_name or "tpm:" + key_id, limits.tpm, PERIOD, charge)])
     headers = rate_headers(req, tok)
     if req.allowed and tok.allowed:
         return Admission(headers, charge)
@@ -88,4 +98,4 @@ def admit(limiter: Any, key_id: str, limits: Limits, prompt_tokens: int, max_tok
 def settle(limiter: Any, key_id: str, limits: Limits, charged: int, used: int) -> None:
     """Correct the TPM charge to the tokens really used (prompt + completion)."""
     if used != charged:
-        limiter.adjust("tpm:" + key_id, limits.tpm, PERIOD, used - charged)
+        limiter.adjust(limits.tpm_name or "tpm:" + key_id, limits.tpm, PERIOD, used - charged)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import cheapest_core
 
-from cheapest.config import Settings
+from cheapest.config import PriceConfig, Settings
 from cheapest.inference.types import Engine
 from cheapest.privacy.retention import PeriodicRetention
 from cheapest.store import Store, open_store
@@ -49,7 +49,15 @@ class WorkerState:
         self.retention.start()
         self.engine: Engine | None = None
         self.engine_failed = False
+        self._prices: dict[str, PriceConfig] = {}
         self._engine_lock = threading.Lock()
+
+    def cost_micro(self, model: str, prompt_tokens: int, completion_tokens: int) -> int:
+        """The request's cost from the model's configured price (looked up once per model)."""
+        price = self._prices.get(model)
+        if price is None:
+            price = self._prices[model] = self.settings.price(model)
+        return price.cost_micro(prompt_tokens, completion_tokens)
 
     def load_engine(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
         """Load the engine (fixed: now; onnx: in a thread, /readyz says when it is ready)."""

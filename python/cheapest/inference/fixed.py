@@ -40,6 +40,19 @@ class FixedEngine:
         if len(prompt_ids) >= self.context_length:
             raise ContextLengthError(len(prompt_ids), self.context_length)
         budget = min(params.max_tokens, self.context_length - len(prompt_ids))
+        if not params.stop and not self._delay and (self._fail_seed is None or params.seed != self._fail_seed):
+            # The common case (no stop strings, no delay, no injected failure): the same items as the loop
+            # below, without its per-token bookkeeping.
+            pieces, count = self._pieces, min(self._tokens, budget)
+            if count <= len(pieces):
+                for n in range(count):
+                    yield Delta(pieces[n], n + 1)
+            else:
+                k = len(pieces)
+                for n in range(count):
+                    yield Delta(pieces[n % k], n + 1)
+            yield Finish("stop", count) if count == self._tokens else Finish("length", count)
+            return
         text = ""
         for n in range(1, self._tokens + 1):
             if n > budget:
