@@ -116,7 +116,8 @@ def read_model_dir(model_dir: str | os.PathLike[str], *, graph: str | None = Non
     generation = _read_json(model_dir / "generation_config.json")
     tokenizer_config = _read_json(model_dir / "tokenizer_config.json")
     graph_path = choose_graph(model_dir, graph)
-    ours = config.get("cheapest") if isinstance(config.get("cheapest"), dict) else {}
+    section = config.get("cheapest")
+    ours: dict[str, Any] = section if isinstance(section, dict) else {}
     try:
         num_heads = int(config["num_attention_heads"])
         hidden = int(config["hidden_size"])
@@ -144,7 +145,8 @@ def read_model_dir(model_dir: str | os.PathLike[str], *, graph: str | None = Non
 
 
 def _kv_layout(ours: dict[str, Any], graph_path: Path) -> KvLayout:
-    graphs = ours.get("graphs") if isinstance(ours.get("graphs"), dict) else {}
+    listed = ours.get("graphs")
+    graphs: dict[str, Any] = listed if isinstance(listed, dict) else {}
     declared = graphs.get(f"onnx/{graph_path.name}") or graphs.get(graph_path.name)
     padding = declared.get("kv_padding") if isinstance(declared, dict) else None
     if padding is None and graph_path.name == "model.onnx":  # the top level describes the served graph

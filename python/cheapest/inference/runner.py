@@ -24,7 +24,9 @@ import onnxruntime as ort
 
 from cheapest.inference.loader import ModelSpec
 
-_ORT_TO_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
+_ORT_TO_NUMPY: dict[str, type[np.generic]] = {
+    "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+}
 
 
 def _dtype(type_str: str) -> type[np.generic]:
