@@ -8,6 +8,8 @@ import httpx
 import openai
 import pytest
 
+from cheapest.config import DEFAULT_PRICES
+
 from cheapest.inference.fixed import FixedEngine
 from fixtures_server import ApiAccount, sdk
 
@@ -126,8 +128,11 @@ def test_usage_endpoint_counts_requests(api_account: ApiAccount) -> None:
         asyncio.run(asyncio.sleep(0.1))
     assert body["key_id"] == api_account.key_id and body["plan"] == "free"
     assert body["limits"] == {"rpm": 20, "tpm": 20000}
+    # Each request is priced on its own at the default model's list price, rounded up to a micro-dollar.
+    cost = 3 * DEFAULT_PRICES[MODEL].cost_micro(expected_prompt // 3, 6)
+    assert cost > 0
     assert body["usage"] == [{"model": MODEL, "requests": 3, "prompt_tokens": expected_prompt,
-                              "completion_tokens": 18, "cost_usd": 0.0, "cost_micro": 0}]
+                              "completion_tokens": 18, "cost_usd": cost / 1e6, "cost_micro": cost}]
 
 
 def test_request_log_lines_are_metadata_only(api_account: ApiAccount) -> None:

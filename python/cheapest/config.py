@@ -88,6 +88,12 @@ DEFAULT_PLANS = {
 }
 
 
+# The default model's list price; an operator's `prices` table replaces the whole mapping.
+DEFAULT_PRICES = {
+    "SmolLM2-135M-Instruct": PriceConfig(prompt_usd_per_mtok=0.05, completion_usd_per_mtok=0.10),
+}
+
+
 class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     data_dir: str = ""
     host: str = "127.0.0.1"
@@ -110,7 +116,7 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     request_log: bool = True
     retention_interval: float = 3600.0
     plans: dict[str, PlanConfig] = msgspec.field(default_factory=lambda: dict(DEFAULT_PLANS))
-    prices: dict[str, PriceConfig] = msgspec.field(default_factory=dict)
+    prices: dict[str, PriceConfig] = msgspec.field(default_factory=lambda: dict(DEFAULT_PRICES))
 
     @property
     def data_path(self) -> Path:
