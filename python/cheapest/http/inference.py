@@ -164,7 +164,8 @@ async def _generate_all(run: _Run, prompt_ids: list[int], params: SamplingParams
     except EngineError:
         raise ApiError(500, "The model failed while generating.", type="server_error", code="engine_error") from None
     finally:
-        await gen.aclose()
+        if getattr(gen, "ag_frame", True) is not None:  # a finished async generator has nothing to close
+            await gen.aclose()
         run.settle()
 
 
