@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 import cheapest_core
 
@@ -10,6 +11,10 @@ from cheapest.billing.ledger import SubscriptionView
 from cheapest.config import Settings
 from cheapest.http.errors import ApiError
 from cheapest.store import AccountRecord, KeyRecord, Store
+
+if TYPE_CHECKING:
+    from cheapest.http.request import Request
+    from cheapest.http.state import WorkerState
 
 # Why a cache: two LMDB read transactions and two msgpack decodes per request are a fifth of the gateway's
 # per-request cost. Why an epoch rather than a short TTL: the store bumps a change counter in the same write
@@ -94,3 +99,10 @@ def check_standing(settings: Settings, account: AccountRecord, now: float | None
         raise ApiError(403, f"The subscription for plan {account.plan} is {status}; renew it (POST "
                        f"/api/billing/checkout) to use this key again.", type="permission_error",
                        code="subscription_inactive")
+
+
+def management_account(state: WorkerState, req: Request) -> AccountRecord:
+    """The account behind the request's `mk_` key (every /api route that acts for an account starts here)."""
+    key, account = authenticate(state.store, state.pepper, req.headers.get("authorization"), "mk")
+    req.key_id = key.id
+    return account

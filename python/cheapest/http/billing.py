@@ -27,7 +27,7 @@ from cheapest.billing import checkout as stripe_checkout
 from cheapest.billing import stripe_events, usdc
 from cheapest.billing.ledger import SubscriptionView
 from cheapest.billing.settings import BillingNotConfigured, BillingSettings
-from cheapest.http.auth import authenticate
+from cheapest.http.auth import management_account
 from cheapest.http.errors import ApiError
 from cheapest.http.management import decode_body
 from cheapest.http.request import Request, Response, json_response
@@ -46,7 +46,7 @@ _verify_decoder = msgspec.json.Decoder(VerifyTopupRequest)
 def _budgets(state: WorkerState, account: AccountRecord, key: KeyRecord) -> list[tuple[int, str, str]]:
     """(cap in micro-dollars, window, whose) for the key's own budget and its plan's; both apply."""
     plan = state.settings.plan(account.plan)
-    out = []
+    out: list[tuple[int, str, str]] = []
     if key.limits.budget_usd is not None:
         window = key.limits.budget_window or plan.budget_window
         if window is not None:
@@ -114,15 +114,9 @@ def _unavailable() -> ApiError:
                     code="billing_not_configured")
 
 
-def _auth(state: WorkerState, req: Request) -> AccountRecord:
-    key, account = authenticate(state.store, state.pepper, req.headers.get("authorization"), "mk")
-    req.key_id = key.id
-    return account
-
-
 # --- routes -----------------------------------------------------------------------------------------------------
 async def status(state: WorkerState, req: Request) -> Response:
-    account = _auth(state, req)
+    account = management_account(state, req)
     view = SubscriptionView(plan=account.plan, status=account.subscription_status,
                             current_period_end=account.period_end, subscription_id=None, customer_id=None,
                             updated_at=0)
@@ -140,7 +134,7 @@ async def status(state: WorkerState, req: Request) -> Response:
 
 
 async def checkout(state: WorkerState, req: Request) -> Response:
-    account = _auth(state, req)
+    account = management_account(state, req)
     body: CheckoutRequest = await decode_body(state, req, _checkout_decoder)
     plan = state.settings.plans.get(body.plan)
     if plan is None or plan.funded_by != "subscription":
@@ -182,7 +176,7 @@ async def stripe_webhook(state: WorkerState, req: Request) -> Response:
 
 
 async def topup(state: WorkerState, req: Request) -> Response:
-    account = _auth(state, req)
+    account = management_account(state, req)
     body: TopupRequest = await decode_body(state, req, _topup_decoder)
     if body.method != "usdc":
         raise ApiError(400, "Card payments are subscriptions: use POST /api/billing/checkout. Top-ups take "
@@ -212,7 +206,7 @@ _REJECTION_TEXT = {
 
 
 async def verify_topup(state: WorkerState, req: Request) -> Response:
-    account = _auth(state, req)
+    account = management_account(state, req)
     body: VerifyTopupRequest = await decode_body(state, req, _verify_decoder)
     settings = billing_settings()
     try:

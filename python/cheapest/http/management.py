@@ -21,7 +21,7 @@ from cheapest.api.management import (
     UsageReport, UsageTotal,
 )
 from cheapest.config import Settings
-from cheapest.http.auth import authenticate, forget
+from cheapest.http.auth import forget, management_account
 from cheapest.http.errors import ApiError, decode_error
 from cheapest.http.request import Request, Response, json_response
 from cheapest.http.state import WorkerState
@@ -33,12 +33,6 @@ _create_decoder = msgspec.json.Decoder(CreateKeyRequest)
 _patch_decoder = msgspec.json.Decoder(PatchKeyRequest)
 HOUR, DAY = 3600, 86_400
 MAX_RANGE_S = {"hour": 31 * DAY, "day": 400 * DAY}
-
-
-def _auth(state: WorkerState, req: Request) -> AccountRecord:
-    key, account = authenticate(state.store, state.pepper, req.headers.get("authorization"), "mk")
-    req.key_id = key.id
-    return account
 
 
 async def decode_body(state: WorkerState, req: Request, decoder: msgspec.json.Decoder) -> Any:  # type: ignore[type-arg]
@@ -87,7 +81,7 @@ def _owned_key(state: WorkerState, account: AccountRecord, key_id: str) -> KeyRe
 
 # --- /api/keys ----------------------------------------------------------------------------------------------
 async def create_key(state: WorkerState, req: Request) -> Response:
-    account = _auth(state, req)
+    account = management_account(state, req)
     body: CreateKeyRequest = await decode_body(state, req, _create_decoder)
     limits = _check_limits(state.settings, account, body.limits)
     record, secret = accounts.create_key(
@@ -101,7 +95,7 @@ async def create_key(state: WorkerState, req: Request) -> Response:
 
 
 async def list_keys(state: WorkerState, req: Request) -> Response:
-    account = _auth(state, req)
+    account = management_account(state, req)
     q = parse_qs(req.query)
     try:
         limit = int(q.get("limit", ["20"])[0])
@@ -117,7 +111,7 @@ async def list_keys(state: WorkerState, req: Request) -> Response:
 
 
 async def get_key(state: WorkerState, req: Request, key_id: str) -> Response:
-    account = _auth(state, req)
+    account = management_account(state, req)
     return json_response(_encode(key_info(_owned_key(state, account, key_id))))
 
 
@@ -126,7 +120,7 @@ class _NotOwned(Exception):
 
 
 async def patch_key(state: WorkerState, req: Request, key_id: str) -> Response:
-    account = _auth(state, req)
+    account = management_account(state, req)
     body: PatchKeyRequest = await decode_body(state, req, _patch_decoder)
     changes: dict[str, object] = {}
     if body.name is not UNSET:
@@ -157,7 +151,7 @@ async def patch_key(state: WorkerState, req: Request, key_id: str) -> Response:
 
 
 async def delete_key(state: WorkerState, req: Request, key_id: str) -> Response:
-    account = _auth(state, req)
+    account = management_account(state, req)
     key = _owned_key(state, account, key_id)
     state.store.delete_key(key.id)
     forget(key.hash)
@@ -211,18 +205,18 @@ def _usage_report(state: WorkerState, req: Request, key_ids: list[str]) -> Usage
             acc[3] += c.cost_micro
     return UsageReport(
         from_=start, to=to, group_by=group_by,  # type: ignore[arg-type]
-        data=[UsageBucket(k, m, t, *v, v[3] / 1e6) for (k, m, t), v in sorted(buckets.items())],
-        totals=[UsageTotal(k, m, *v, v[3] / 1e6) for (k, m), v in sorted(totals.items())],
+        data=[UsageBucket(k, m, t, v[0], v[1], v[2], v[3], v[3] / 1e6) for (k, m, t), v in sorted(buckets.items())],
+        totals=[UsageTotal(k, m, v[0], v[1], v[2], v[3], v[3] / 1e6) for (k, m), v in sorted(totals.items())],
     )
 
 
 async def usage(state: WorkerState, req: Request) -> Response:
-    account = _auth(state, req)
+    account = management_account(state, req)
     return json_response(_encode(_usage_report(state, req, state.store.key_history(account.id))))
 
 
 async def key_usage(state: WorkerState, req: Request, key_id: str) -> Response:
-    account = _auth(state, req)
+    account = management_account(state, req)
     if key_id not in state.store.key_history(account.id):  # revoked keys' usage stays readable
         raise _key_not_found()
     return json_response(_encode(_usage_report(state, req, [key_id])))

@@ -13,7 +13,7 @@ import time
 import msgspec
 
 from cheapest.api.privacy import AccountDeleted
-from cheapest.http.auth import authenticate, forget
+from cheapest.http.auth import forget, management_account
 from cheapest.http.errors import ApiError, not_found
 from cheapest.http.request import Request, Response, json_response
 from cheapest.http.state import WorkerState
@@ -24,21 +24,15 @@ from cheapest.store import AccountRecord
 _encode = msgspec.json.Encoder().encode
 
 
-def _auth(state: WorkerState, req: Request) -> AccountRecord:
-    key, account = authenticate(state.store, state.pepper, req.headers.get("authorization"), "mk")
-    req.key_id = key.id
-    return account
-
-
 async def export(state: WorkerState, req: Request) -> Response:
-    account = _auth(state, req)
+    account = management_account(state, req)
     doc = await asyncio.to_thread(export_account, state.store, account, time.time())
     return json_response(_encode(doc), [("content-disposition", 'attachment; filename="account-export.json"'),
                                         ("cache-control", "no-store")])
 
 
 async def delete(state: WorkerState, req: Request) -> Response:
-    account = _auth(state, req)
+    account = management_account(state, req)
 
     def work() -> AccountRecord | None:
         keys = state.store.list_keys(account.id, limit=1_000_000)
