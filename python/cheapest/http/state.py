@@ -32,11 +32,26 @@ def load_configured_engine(settings: Settings) -> Engine:
     return load_engine(settings.model_dir, threads=settings.model_threads or None)
 
 
+def _operator_log() -> None:
+    """Send the service's own metadata-only log lines (model loaded, provider, failures by type) to stderr.
+
+    Granian configures only its own loggers; without this, `cheapest.*` INFO lines would vanish. Request
+    metadata lines go to stdout separately (http/accesslog.py)."""
+    logger = logging.getLogger("cheapest")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("[%(levelname)s] %(name)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
 class WorkerState:
     def __init__(self, settings: Settings) -> None:
         from cheapest.privacy.hardening import disable_core_dumps
 
         disable_core_dumps()  # this process will hold prompts and completions in memory
+        _operator_log()
         self.settings = settings
         data = settings.data_path
         data.mkdir(parents=True, exist_ok=True)
