@@ -28,7 +28,7 @@ from .graph_reference import build_reference_graph
 from .tokenizer_build import tokenizer_config_json, tokenizer_json
 
 # Bump whenever the output for the same GGUF changes: `model pull` reconverts when it differs.
-CONVERTER_VERSION = "3"
+CONVERTER_VERSION = "4"
 MANIFEST = "cheapest_manifest.json"
 FUSED_GRAPH = "onnx/model.onnx"
 REFERENCE_GRAPH = "onnx/model_fp32.onnx"
