@@ -251,25 +251,31 @@ def default_threads() -> int:
     return max(1, cores)
 
 
-def session_options(threads: int | None, *, spin: bool = False) -> ort.SessionOptions:
+SPIN_US = 50  # see session_options
+
+
+def session_options(threads: int | None, *, spin_us: int = SPIN_US) -> ort.SessionOptions:
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads or default_threads()
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.log_severity_level = 3  # ORT's warnings name nodes and shapes only, but keep the service log quiet
-    # Idle pool threads sleep instead of spinning. Spinning buys a little latency on an idle machine, but here
-    # the scheduler thread, the event loop and the HTTP workers share the cores: on the 2-core box, with other
-    # work running, SmolLM2 decode measured 8 tok/s spinning vs 45-50 tok/s not (same process, interleaved).
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+    # A decode step is ~200 short parallel sections. Pool threads that sleep between them pay a wake-up each
+    # (SmolLM2, 2 cores, idle box: 16.9 ms/step sleeping vs 11.3 ms spinning up to 50 us); spinning without a
+    # bound starves everything else on a busy box (8 vs 45-50 tok/s beside a ~1.9-core job). Bounded at
+    # 50 us, beside one busy core: 21.9 vs 17.4 ms/step. spin_us=0: pool threads always sleep.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin_us > 0 else "0")
+    if spin_us > 0:
+        opts.add_session_config_entry("session.intra_op.spin_duration_us", str(int(spin_us)))
     return opts
 
 
-def open_session(spec: ModelSpec, *, threads: int | None = None,
-                 providers: Iterable[str] | None = None) -> ort.InferenceSession:
+def open_session(spec: ModelSpec, *, threads: int | None = None, providers: Iterable[str] | None = None,
+                 spin_us: int = SPIN_US) -> ort.InferenceSession:
     chosen = choose_providers(list(providers) if providers is not None else None)
     try:
-        session = ort.InferenceSession(str(spec.graph_path), sess_options=session_options(threads),
+        session = ort.InferenceSession(str(spec.graph_path), sess_options=session_options(threads, spin_us=spin_us),
                                        providers=chosen)
     except Exception as e:  # ORT raises its own exception types; surface a generic engine failure
         raise EngineError("the model graph could not be loaded") from e
