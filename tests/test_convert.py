@@ -189,6 +189,18 @@ def test_conversion_is_deterministic(tiny_gguf: Path, tmp_path: Path) -> None:
         assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel
 
 
+def test_conversion_ignores_same_named_files_in_the_working_directory(
+        tiny_gguf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # onnx resolves the external-data name against the current directory; a decoy there must not matter.
+    work = tmp_path / "cwd"
+    work.mkdir()
+    (work / "model.onnx_data").write_bytes(b"decoy")
+    monkeypatch.chdir(work)
+    out = convert(tiny_gguf, tmp_path / "out")
+    assert (work / "model.onnx_data").read_bytes() == b"decoy"
+    assert (out / "onnx" / "model.onnx_data").stat().st_size > 0
+
+
 def test_tokenizer_from_gguf_vocabulary(tiny_model_dir: Path) -> None:
     tok = tokenizers.Tokenizer.from_file(str(tiny_model_dir / "tokenizer.json"))
     vocab = tok.get_vocab()

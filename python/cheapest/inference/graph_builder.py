@@ -6,6 +6,7 @@ with one external-data file, so converting the same GGUF twice gives the same by
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -77,14 +78,17 @@ def save_with_external_data(model: onnx.ModelProto, path: Path) -> None:
     for p in (path, path.with_name(data_name)):
         if p.exists():
             os.remove(p)  # onnx appends to an existing data file
-    onnx.save_model(
-        model,
-        str(path),
-        save_as_external_data=True,
-        all_tensors_to_one_file=True,
-        location=data_name,
-        size_threshold=1024,
-    )
+    # onnx checks whether `location` exists relative to the CURRENT directory, not the model's, and refuses
+    # when a same-named file happens to be there; saving from the model's own directory makes the check right.
+    with contextlib.chdir(path.parent):
+        onnx.save_model(
+            model,
+            path.name,
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=data_name,
+            size_threshold=1024,
+        )
 
 
 def rope_tables(head_dim: int, theta: float, max_positions: int) -> tuple[np.ndarray, np.ndarray]:
