@@ -10,6 +10,7 @@ Environment variables (all optional; default in brackets):
     CHEAPEST_MODEL_BACKEND          "onnx" (the converted model) or "fixed" (instant fixed output) [onnx]
     CHEAPEST_MODEL_DIR              model directory served by the onnx backend  [<data>/models/SmolLM2-135M-Instruct]
     CHEAPEST_MODEL_THREADS          ONNX Runtime intra-op threads (0 = its default)                [0]
+    CHEAPEST_MODEL_SPIN_US          µs idle ORT pool threads spin before sleeping (0 = never; lower on busy hosts) [50]
     CHEAPEST_FIXED_TEXT             the fixed backend's completion text        ["The capital of France is Paris."]
     CHEAPEST_FIXED_TOKENS           fixed backend: completion length in words, cycling the text (0 = the text once) [0]
     CHEAPEST_FIXED_DELAY            fixed backend: seconds per generated word (to observe streaming)  [0]
@@ -102,6 +103,7 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     model_backend: str = "onnx"
     model_dir: str = ""
     model_threads: int = 0
+    model_spin_us: int = 50
     fixed_text: str = "The capital of France is Paris."
     fixed_tokens: int = 0
     fixed_delay: float = 0.0
@@ -133,7 +135,7 @@ _SCALARS = {
     name: typ
     for name, typ in (
         ("data_dir", str), ("host", str), ("port", int), ("workers", int), ("model_backend", str),
-        ("model_dir", str), ("model_threads", int), ("fixed_text", str), ("fixed_tokens", int), ("fixed_delay", float), ("max_body_bytes", int),
+        ("model_dir", str), ("model_threads", int), ("model_spin_us", int), ("fixed_text", str), ("fixed_tokens", int), ("fixed_delay", float), ("max_body_bytes", int),
         ("default_max_tokens", int), ("usage_flush_interval", float), ("key_pepper", str),
         ("default_plan", str), ("lmdb_map_size", int), ("ratelimit_capacity", int), ("request_log", bool),
         ("fixed_fail_seed", int), ("retention_interval", float),

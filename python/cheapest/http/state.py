@@ -29,7 +29,7 @@ def load_configured_engine(settings: Settings) -> Engine:
                            fail_seed=settings.fixed_fail_seed)
     from cheapest.inference.engine import load_engine
 
-    return load_engine(settings.model_dir, threads=settings.model_threads or None)
+    return load_engine(settings.model_dir, threads=settings.model_threads or None, spin_us=settings.model_spin_us)
 
 
 def _operator_log() -> None:
