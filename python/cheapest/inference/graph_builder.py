@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -53,12 +54,19 @@ class GraphBuilder:
             self._consts[key] = self.weight(self.fresh("const"), arr)
         return self._consts[key]
 
-    def op(self, op_type: str, inputs: list[str], *, outputs: int | list[str] = 1, domain: str = "",
-           name: str | None = None, **attrs) -> str | list[str]:
+    def op(self, op_type: str, inputs: list[str], *, output: str | None = None, domain: str = "",
+           name: str | None = None, **attrs: Any) -> str:
+        """A one-output node; `output` names its output (a graph output, say), else a fresh name."""
+        return self.ops(op_type, inputs, outputs=1 if output is None else [output], domain=domain, name=name,
+                        **attrs)[0]
+
+    def ops(self, op_type: str, inputs: list[str], *, outputs: int | list[str], domain: str = "",
+            name: str | None = None, **attrs: Any) -> list[str]:
+        """A node with several outputs: `outputs` fresh ones, or these names ("" = an unused optional one)."""
         node_name = name or self.fresh(op_type)
         outs = outputs if isinstance(outputs, list) else [f"{node_name}_out{i}" for i in range(outputs)]
         self.nodes.append(helper.make_node(op_type, inputs, outs, name=node_name, domain=domain or None, **attrs))
-        return outs[0] if len(outs) == 1 else outs
+        return outs
 
     def model(self, *, doc: str = "") -> onnx.ModelProto:
         graph = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs, self.initializers)

@@ -65,7 +65,7 @@ def _linear(g: GraphBuilder, x: str, lin: BlockLinear, name: str, level: int) ->
         # ONNX Runtime's fp32-activation 4-bit kernel runs ~1.6x fewer MACs/s at K=1536 than at K<=768
         # (measured, SmolLM2's down projection): split the input axis at block boundaries and add.
         step = lin.n_blocks // parts
-        xs = g.op("Split", [x, g.const([step * BLOCK] * parts)], outputs=parts, axis=-1)
+        xs = g.ops("Split", [x, g.const([step * BLOCK] * parts)], outputs=parts, axis=-1)
         y = None
         for j, xj in enumerate(xs):
             blocks = slice(j * step, (j + 1) * step)
@@ -186,12 +186,12 @@ def build_fused_graph(model: GGUFModel, progress=None, accuracy_level: int = ACC
             x = g.op("SimplifiedLayerNormalization", [pending, w], axis=-1, epsilon=eps, stash_type=1)
             residual = pending
         else:
-            x, _, _, residual = g.op("SkipSimplifiedLayerNormalization", [pending, residual, w], domain=MS_DOMAIN,
+            x, _, _, residual = g.ops("SkipSimplifiedLayerNormalization", [pending, residual, w], domain=MS_DOMAIN,
                                      outputs=[g.fresh("norm"), "", "", g.fresh("residual")], epsilon=eps)
         qkv_t = [model.layer(i, p) for p in ("attn_q", "attn_k", "attn_v")]
         qkv = _linear_group(g, x, qkv_t, f"{prefix}.attn.qkv_proj", level)
         gqa_in = qkv + ["", ""] if len(qkv) == 1 else qkv
-        attn, _, _ = g.op("GroupQueryAttention",
+        attn, _, _ = g.ops("GroupQueryAttention",
                     gqa_in + [past[i][0], past[i][1], seqlens_k, total_len, cos, sin],
                     domain=MS_DOMAIN, name=f"{prefix}.attn.gqa",
                     outputs=[g.fresh("attn"), f"present.{i}.key", f"present.{i}.value"],
@@ -201,11 +201,11 @@ def build_fused_graph(model: GGUFModel, progress=None, accuracy_level: int = ACC
         o = _linear(g, attn, block_linear(model.layer(i, "attn_output")), f"{prefix}.attn.o_proj", level)
 
         w2 = g.weight(f"{prefix}.post_attention_layernorm.weight", model.layer(i, "ffn_norm").vector())
-        x2, _, _, residual = g.op("SkipSimplifiedLayerNormalization", [o, residual, w2], domain=MS_DOMAIN,
+        x2, _, _, residual = g.ops("SkipSimplifiedLayerNormalization", [o, residual, w2], domain=MS_DOMAIN,
                                   outputs=[g.fresh("norm"), "", "", g.fresh("residual")], epsilon=eps)
         gu = _linear_group(g, x2, [model.layer(i, "ffn_gate"), model.layer(i, "ffn_up")], f"{prefix}.mlp.gate_up_proj", level)
         if len(gu) == 1:
-            gate, up = g.op("Split", [gu[0], g.const([hp.intermediate_size, hp.intermediate_size])], outputs=2, axis=-1)
+            gate, up = g.ops("Split", [gu[0], g.const([hp.intermediate_size, hp.intermediate_size])], outputs=2, axis=-1)
         else:
             gate, up = gu
         act = g.op("Mul", [g.op("QuickGelu", [gate], domain=MS_DOMAIN, alpha=1.0), up])
@@ -228,7 +228,7 @@ def build_fused_graph(model: GGUFModel, progress=None, accuracy_level: int = ACC
         approx = g.op("MatMulNBits", [normed, codes, g.weight("lm_head.scales", head.scales)], domain=MS_DOMAIN,
                       name="lm_head", K=head.k, N=head.n, bits=8, block_size=BLOCK, accuracy_level=4)
         if level == 4:
-            g.op("Identity", [approx], outputs=["logits"])
+            g.op("Identity", [approx], output="logits")
         else:
             # ONNX Runtime has no fast fp32-activation 8-bit kernel (it dequantizes the whole matrix per call).
             # Score every token with int8 activations (error <= ~0.3 on SmolLM2's logits), then recompute the
@@ -237,13 +237,13 @@ def build_fused_graph(model: GGUFModel, progress=None, accuracy_level: int = ACC
             scales = ("model.embed_tokens.gather_scales" if tied
                       else g.weight("lm_head.gather_scales", head.scales[..., None]))
             k = min(RESCORE_TOP, head.n)
-            _, top = g.op("TopK", [approx, g.const([k])], outputs=2, axis=-1, largest=1, sorted=0)
+            _, top = g.ops("TopK", [approx, g.const([k])], outputs=2, axis=-1, largest=1, sorted=0)
             rows = g.op("GatherBlockQuantized", [codes, top, scales], domain=MS_DOMAIN, bits=8, block_size=BLOCK,
                         gather_axis=0, quantize_axis=2)
             rows = g.op("Reshape", [rows, g.const([0, 0, k, hp.hidden_size])])  # [B, 1, k, H]
             exact = g.op("MatMul", [rows, g.op("Unsqueeze", [normed, g.const([-1])])])  # [B, 1, k, 1]
             exact = g.op("Reshape", [exact, g.const([0, 0, k])])
-            g.op("ScatterElements", [approx, top, exact], outputs=["logits"], axis=-1)
+            g.op("ScatterElements", [approx, top, exact], output="logits", axis=-1)
     elif tied and head.bits:
         inputs = [normed, "model.embed_tokens.qweight", g.weight("lm_head.scales", head.scales)]
         zp = head.packed_zero_points()
@@ -256,8 +256,8 @@ def build_fused_graph(model: GGUFModel, progress=None, accuracy_level: int = ACC
             sums = g.op("ReduceSum", [blocks, g.const([-1])], keepdims=0)
             mins = g.weight("lm_head.mins", np.ascontiguousarray(head.mins.T))
             logits = g.op("Add", [logits, g.op("MatMul", [sums, mins])])
-        g.op("Identity", [logits], outputs=["logits"])
+        g.op("Identity", [logits], output="logits")
     else:
-        g.op("Identity", [_linear(g, normed, head, "lm_head", level)], outputs=["logits"])
+        g.op("Identity", [_linear(g, normed, head, "lm_head", level)], output="logits")
     g.outputs.sort(key=lambda o: o.name != "logits")
     return g.model(doc="cheapest fused graph (ONNX Runtime contrib operators)")

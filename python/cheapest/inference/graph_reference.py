@@ -36,7 +36,7 @@ def _rms_norm(g: GraphBuilder, x: str, weight: np.ndarray, eps: float, name: str
 
 def _rotate(g: GraphBuilder, x: str, cos: str, sin: str, half: int) -> str:
     """x * cos + rotate_half(x) * sin, x: [B, H, S, D], cos/sin: [B, 1, S, D]."""
-    x1, x2 = g.op("Split", [x, g.const([half, half])], outputs=2, axis=-1)
+    x1, x2 = g.ops("Split", [x, g.const([half, half])], outputs=2, axis=-1)
     rotated = g.op("Concat", [g.op("Neg", [x2]), x1], axis=-1)
     return g.op("Add", [g.op("Mul", [x, cos]), g.op("Mul", [rotated, sin])])
 
@@ -98,8 +98,8 @@ def build_reference_graph(model: GGUFModel, progress=None):
         v = heads(proj(x, "attn_v", f"{prefix}.self_attn.v_proj.weight"), hp.n_head_kv)
         q = _rotate(g, q, cos, sin, half)
         k = _rotate(g, k, cos, sin, half)
-        k_all = g.op("Concat", [past[i][0], k], axis=2, outputs=[f"present.{i}.key"])
-        v_all = g.op("Concat", [past[i][1], v], axis=2, outputs=[f"present.{i}.value"])
+        k_all = g.op("Concat", [past[i][0], k], axis=2, output=f"present.{i}.key")
+        v_all = g.op("Concat", [past[i][1], v], axis=2, output=f"present.{i}.value")
         g.output(f"present.{i}.key", FLOAT, ["batch_size", hp.n_head_kv, "total_sequence_length", hp.head_dim])
         g.output(f"present.{i}.value", FLOAT, ["batch_size", hp.n_head_kv, "total_sequence_length", hp.head_dim])
         if n_rep > 1:
@@ -133,7 +133,7 @@ def build_reference_graph(model: GGUFModel, progress=None):
     flat = g.op("Reshape", [h, g.const([-1, hp.hidden_size])])
     logits2d = g.op("Gemm", [flat, head], transB=trans_b)
     out_shape = g.op("Concat", [g.op("Shape", [input_ids]), g.const([hp.vocab_size])], axis=0)
-    g.op("Reshape", [logits2d, out_shape], outputs=["logits"])
+    g.op("Reshape", [logits2d, out_shape], output="logits")
     # Present outputs were declared per layer; move logits first as in Hugging Face exports.
     g.outputs.sort(key=lambda o: o.name != "logits")
     return g.model(doc="cheapest fp32 reference graph (plain ONNX operators)")
