@@ -49,7 +49,9 @@ ACCURACY_LEVEL = 0  # fp32 activations; 4 = int8 activations (faster, llama.cpp-
 
 def _linear(g: GraphBuilder, x: str, lin: BlockLinear, name: str, level: int) -> str:
     if lin.bits == 0:
+        assert lin.dense is not None
         return g.op("MatMul", [x, g.weight(f"{name}.weight", np.ascontiguousarray(lin.dense.T))], name=name)
+    assert lin.codes is not None and lin.scales is not None and lin.zero_points is not None  # bits 4 / 8
     zp = lin.packed_zero_points()
     mins = lin.mins
     if mins is not None and lin.bits == 4 and not lin.zero_points.any():
@@ -59,6 +61,7 @@ def _linear(g: GraphBuilder, x: str, lin: BlockLinear, name: str, level: int) ->
         zp = None
         mins = mins + np.float32(8) * lin.scales
     parts = _k_parts(lin, level)
+    y: str | None
     if parts == 1:
         y = _matmul_nbits(g, x, lin.codes, lin.scales, zp, name, lin.k, lin.n, lin.bits, level)
     else:
@@ -73,6 +76,7 @@ def _linear(g: GraphBuilder, x: str, lin: BlockLinear, name: str, level: int) ->
             yj = _matmul_nbits(g, xj, lin.codes[:, blocks], lin.scales[:, blocks], zpj, f"{name}.{j}",
                                step * BLOCK, lin.n, lin.bits, level)
             y = yj if y is None else g.op("Add", [y, yj])
+        assert y is not None  # parts >= 2
     if mins is None:
         return y
     # Q4_1: + sum over each 32-wide block of x, times the block minimums. The block sums are one product
@@ -122,7 +126,9 @@ def _linear_group(g: GraphBuilder, x: str, tensors: list[GGUFTensor], name: str,
 def _embedding(g: GraphBuilder, ids: str, t: GGUFTensor, hidden: int) -> tuple[str, BlockLinear]:
     lin = block_linear(t)
     if lin.bits == 0:
+        assert lin.dense is not None
         return g.op("Gather", [g.weight("model.embed_tokens.weight", lin.dense), ids], axis=0), lin
+    assert lin.codes is not None and lin.scales is not None and lin.zero_points is not None  # bits 4 / 8
     # The code tensor [V, K/32, blob] is shared with the MatMulNBits LM head when the embedding is tied.
     data = g.weight("model.embed_tokens.qweight", lin.codes)
     if lin.bits == 8:
@@ -176,7 +182,7 @@ def build_fused_graph(model: GGUFModel, progress=None, accuracy_level: int = ACC
     h, emb_lin = _embedding(g, input_ids, emb_t, hp.hidden_size)
 
     eps = float(hp.rms_norm_eps)
-    residual = None
+    residual: str | None = None
     pending = h  # value to add to the residual stream before the next norm
     layers = range(hp.n_layer)
     for i in (progress(layers, desc="fused graph", unit="layer") if progress else layers):
@@ -218,12 +224,14 @@ def build_fused_graph(model: GGUFModel, progress=None, accuracy_level: int = ACC
     idx = g.op("Max", [g.op("Min", [idx, g.op("Sub", [s_len, g.const(1)])]), g.const(0)])
     gather_idx = g.op("Expand", [g.op("Reshape", [idx, g.const([-1, 1, 1])]),
                                  g.op("Concat", [g.op("Shape", [idx]), g.const([1, hp.hidden_size])], axis=0)])
+    assert residual is not None  # n_layer >= 1
     last = g.op("GatherElements", [g.op("Add", [pending, residual]), gather_idx], axis=1)
     wn = g.weight("model.norm.weight", model.tensors["output_norm.weight"].vector())
     normed = g.op("SimplifiedLayerNormalization", [last, wn], axis=-1, epsilon=eps, stash_type=1)
     tied = hp.tie_word_embeddings
     head = emb_lin if tied else block_linear(model.tensors["output.weight"])
     if head.bits == 8 and np.all(head.zero_points == 128):
+        assert head.codes is not None and head.scales is not None and head.zero_points is not None  # bits 4 / 8
         codes = "model.embed_tokens.qweight" if tied else g.weight("lm_head.qweight", head.codes)
         approx = g.op("MatMulNBits", [normed, codes, g.weight("lm_head.scales", head.scales)], domain=MS_DOMAIN,
                       name="lm_head", K=head.k, N=head.n, bits=8, block_size=BLOCK, accuracy_level=4)
@@ -236,15 +244,16 @@ def build_fused_graph(model: GGUFModel, progress=None, accuracy_level: int = ACC
             # top-p choices are exact, the far tail carries the int8 error.
             scales = ("model.embed_tokens.gather_scales" if tied
                       else g.weight("lm_head.gather_scales", head.scales[..., None]))
-            k = min(RESCORE_TOP, head.n)
-            _, top = g.ops("TopK", [approx, g.const([k])], outputs=2, axis=-1, largest=1, sorted=0)
+            top_k = min(RESCORE_TOP, head.n)
+            _, top = g.ops("TopK", [approx, g.const([top_k])], outputs=2, axis=-1, largest=1, sorted=0)
             rows = g.op("GatherBlockQuantized", [codes, top, scales], domain=MS_DOMAIN, bits=8, block_size=BLOCK,
                         gather_axis=0, quantize_axis=2)
-            rows = g.op("Reshape", [rows, g.const([0, 0, k, hp.hidden_size])])  # [B, 1, k, H]
+            rows = g.op("Reshape", [rows, g.const([0, 0, top_k, hp.hidden_size])])  # [B, 1, k, H]
             exact = g.op("MatMul", [rows, g.op("Unsqueeze", [normed, g.const([-1])])])  # [B, 1, k, 1]
-            exact = g.op("Reshape", [exact, g.const([0, 0, k])])
+            exact = g.op("Reshape", [exact, g.const([0, 0, top_k])])
             g.op("ScatterElements", [approx, top, exact], output="logits", axis=-1)
     elif tied and head.bits:
+        assert head.scales is not None
         inputs = [normed, "model.embed_tokens.qweight", g.weight("lm_head.scales", head.scales)]
         zp = head.packed_zero_points()
         if zp is not None:

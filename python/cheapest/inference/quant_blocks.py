@@ -63,7 +63,9 @@ class BlockLinear:
     def dequantize(self) -> np.ndarray:
         """fp32 [N, K] — what the graph computes with; used by tests."""
         if self.bits == 0:
+            assert self.dense is not None
             return self.dense
+        assert self.codes is not None and self.scales is not None and self.zero_points is not None  # bits 4 / 8
         if self.bits == 4:
             lo, hi = self.codes & 0x0F, self.codes >> 4
             q = np.stack([lo, hi], axis=-1).reshape(self.n, self.n_blocks, BLOCK)
