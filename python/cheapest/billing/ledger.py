@@ -273,7 +273,7 @@ class PaymentLedger:
         return None if raw is None else bytes(raw).decode()
 
     # -- erasure -----------------------------------------------------------------------------------
-    def forget_accounts(self, txn: lmdb.Transaction, account_ids: Collection[str]) -> int:
+    def forget_accounts(self, txn: lmdb.Transaction[bytes], account_ids: Collection[str]) -> int:
         """Erase accounts' payment references (GDPR erasure): journal, subscription state, balance, Stripe
         links. The once-only records (event ids, chain claims) stay, so a replayed event or transfer still
         changes nothing, but lose the account id and a transfer's sender. Returns the records touched."""

@@ -197,7 +197,7 @@ async def _pump(resp: StreamResponse, transport: Any, proto: Any) -> int:
         if type(exc).__name__ != "RSGIProtocolClosed":
             log.error("stream failed: %s", type(exc).__name__)
     finally:
-        await chunks.aclose()  # type: ignore[attr-defined]
+        await chunks.aclose()
     return 499 if gone else resp.status
 
 

@@ -98,5 +98,5 @@ async def serve_asgi(app: Any, scope: dict[str, Any], receive: Receive, send: Se
     except (asyncio.CancelledError, OSError, RuntimeError):
         status = 499
     finally:
-        await resp.chunks.aclose()  # type: ignore[attr-defined]
+        await resp.chunks.aclose()
     app._log(req, status)

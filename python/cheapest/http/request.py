@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any
 
 from cheapest.http.errors import ApiError
@@ -70,7 +70,7 @@ class StreamResponse:
 
     __slots__ = ("status", "headers", "chunks")
 
-    def __init__(self, status: int, headers: list[tuple[str, str]], chunks: AsyncIterator[bytes]) -> None:
+    def __init__(self, status: int, headers: list[tuple[str, str]], chunks: AsyncGenerator[bytes, None]) -> None:
         self.status = status
         self.headers = headers
         self.chunks = chunks

@@ -21,7 +21,8 @@ def _convert(args: argparse.Namespace) -> int:
 
     progress = None
     if not args.quiet:
-        from tqdm import tqdm as progress
+        from tqdm import tqdm
+        progress = tqdm
     try:
         out = convert(args.gguf, args.dir, progress=progress, accuracy_level=args.accuracy_level)
     except UnsupportedModelError as exc:

@@ -8,7 +8,7 @@ strings honoured, and an optional per-token delay so streaming and disconnects c
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 
 from cheapest.inference.types import ContextLengthError, Delta, EngineError, Finish, SamplingParams
 
@@ -36,7 +36,7 @@ class FixedEngine:
     def encode(self, text: str) -> list[int]:
         return [len(w) for w in text.split()]
 
-    async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[Delta | Finish]:
+    async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncGenerator[Delta | Finish, None]:
         if len(prompt_ids) >= self.context_length:
             raise ContextLengthError(len(prompt_ids), self.context_length)
         budget = min(params.max_tokens, self.context_length - len(prompt_ids))

@@ -170,8 +170,8 @@ def read_gguf(path: str | Path) -> GGUFModel:
     n_head_kv = int(_field(reader, f"{arch}.attention.head_count_kv", n_head))
     for name, heads in (("attn_q", n_head), ("attn_k", n_head_kv)):
         for key in [k for k in tensors if k.endswith(f".{name}.weight")]:
-            t = tensors[key]
-            tensors[key] = GGUFTensor(t.name, t.qtype, t.rows, t.cols, _unpermute_rows(t.raw, heads))
+            qk = tensors[key]
+            tensors[key] = GGUFTensor(qk.name, qk.qtype, qk.rows, qk.cols, _unpermute_rows(qk.raw, heads))
 
     tokens = list(_field(reader, "tokenizer.ggml.tokens", []))
     emb = tensors.get("token_embd.weight")

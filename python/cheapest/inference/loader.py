@@ -208,7 +208,7 @@ class _HfTokenizer:
 def load_tokenizer(model_dir: Path) -> Tokenizer:
     path = model_dir / "tokenizer.json"
     try:
-        from cheapest_core import Tokenizer as CoreTokenizer  # type: ignore[attr-defined]
+        from cheapest_core import Tokenizer as CoreTokenizer
     except ImportError:
         return _HfTokenizer(path)
     tokenizer: Tokenizer = CoreTokenizer.from_file(str(path))

@@ -115,7 +115,7 @@ class SharedBufferKv(KvRunner):
         if self.device == "cpu":
             return [(np.zeros(shape, self.kv_dtype), np.zeros(shape, self.kv_dtype))
                     for _ in range(self.spec.num_layers)]
-        return [tuple(  # type: ignore[misc]
+        return [tuple(
             ort.OrtValue.ortvalue_from_shape_and_type(list(shape), self.kv_dtype, self.device, 0) for _ in range(2)
         ) for _ in range(self.spec.num_layers)]
 
@@ -139,8 +139,8 @@ class SharedBufferKv(KvRunner):
         for row in np.flatnonzero(self.lengths):
             n = int(self.lengths[row])
             for (ok, ov), (nk, nv) in zip(old, self._buffers):
-                nk[row, :, :n] = ok[row, :, :n]  # type: ignore[index]
-                nv[row, :, :n] = ov[row, :, :n]  # type: ignore[index]
+                nk[row, :, :n] = ok[row, :, :n]
+                nv[row, :, :n] = ov[row, :, :n]
 
     def _ptr(self, buffer: np.ndarray | ort.OrtValue, row: int) -> int:
         base = buffer.ctypes.data if isinstance(buffer, np.ndarray) else buffer.data_ptr()

@@ -11,7 +11,7 @@ Control / user-defined tokens become added tokens so they are matched whole (`<|
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, cast
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
@@ -46,7 +46,7 @@ def _spm_merges(data: TokenizerData, vocab: dict[str, int]) -> list[tuple[str, s
     """Every split of a normal piece into two known pieces, best-scoring merged piece first (HF's
     `generate_merges`: ties by left then right piece length, within a piece by the parts' ids)."""
     scores = data.scores or [-float(i) for i in range(len(data.tokens))]
-    found = []
+    found: list[tuple[str, str, float]] = []
     for pid, piece in enumerate(data.tokens):
         if data.token_types[pid] != TOKEN_NORMAL:
             continue
@@ -67,7 +67,8 @@ def build_tokenizer(data: TokenizerData) -> Tokenizer:
     if len(vocab) != len(data.tokens):
         raise UnsupportedModelError("GGUF vocabulary has duplicate tokens")
     if data.model == "gpt2":
-        merges = [tuple(m.split(" ", 1)) for m in data.merges]
+        # GGUF merges are "left right" lines, i.e. pairs
+        merges = [cast(tuple[str, str], tuple(m.split(" ", 1))) for m in data.merges]
         tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=None, fuse_unk=False, byte_fallback=False))
         tok.pre_tokenizer = _pre_tokenizer(data.pre)
         tok.decoder = decoders.ByteLevel()
@@ -75,7 +76,7 @@ def build_tokenizer(data: TokenizerData) -> Tokenizer:
         unk = data.tokens[data.unk_token_id] if data.unk_token_id is not None else None
         tok = Tokenizer(models.BPE(vocab=vocab, merges=_spm_merges(data, vocab), unk_token=unk, fuse_unk=True,
                                    byte_fallback=True))
-        steps = [normalizers.Replace(" ", "\u2581")]
+        steps: list[normalizers.Normalizer] = [normalizers.Replace(" ", "\u2581")]
         if data.add_space_prefix:
             steps.insert(0, normalizers.Prepend("\u2581"))
         tok.normalizer = normalizers.Sequence(steps)

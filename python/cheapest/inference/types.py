@@ -7,7 +7,7 @@ instant fixed-output model used by the gateway benchmark both implement
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from typing import Literal, Protocol
 
 import msgspec
@@ -67,7 +67,7 @@ class Engine(Protocol):
         """Prompt text -> token ids (special tokens in the rendered template are honoured)."""
         ...
 
-    def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[Delta | Finish]:
+    def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncGenerator[Delta | Finish, None]:
         """Yields Delta items then exactly one Finish. Raises ContextLengthError before any work if the
         prompt does not fit. Runs off the event loop; if the consumer stops iterating (aclose() or task
         cancellation), the sequence leaves the batch at the next decode step."""

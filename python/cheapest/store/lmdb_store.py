@@ -280,7 +280,7 @@ class LmdbStore:
         return iter(rows)
 
     # --- data lifecycle: anonymous aggregates and erasure (see privacy/) ---------------------------------------
-    def _fold_usage(self, txn: lmdb.Transaction, cur: lmdb.Cursor, stop: Callable[[bytes], bool],
+    def _fold_usage(self, txn: lmdb.Transaction[bytes], cur: lmdb.Cursor[bytes], stop: Callable[[bytes], bool],
                     keep: Callable[[int], bool], limit: int) -> tuple[int, bool]:
         """From the cursor's row on, move rows into their day's aggregate (deleting each in this same
         transaction) until `stop(key)`, skipping rows whose hour `keep`s them. -> (moved, cursor still on a row)."""
