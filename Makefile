@@ -12,7 +12,7 @@ WORKERS ?= 1
 # Models, the LMDB store and secrets live here (see README: Configuration).
 export CHEAPEST_DATA_DIR ?= $(CURDIR)/.data
 
-.PHONY: setup build serve test test-rust test-python stubtest bench clean
+.PHONY: setup build serve test test-rust test-python typecheck stubtest bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -41,10 +41,14 @@ test-rust:
 stubtest: setup
 	$(BIN)/python -m mypy.stubtest cheapest_core._cheapest_core --allowlist .stubtest-allowlist
 
+# mypy over python/cheapest, configured in pyproject.toml ([tool.mypy]).
+typecheck: setup
+	$(BIN)/python -m mypy
+
 test-python: setup
 	$(BIN)/python -m pytest -q
 
-test: setup test-rust stubtest test-python
+test: setup test-rust stubtest typecheck test-python
 
 bench: setup
 	$(BIN)/python -m pytest bench --benchmark-enable --benchmark-columns=median,mean,ops -q

@@ -6,15 +6,16 @@ import argparse
 import json
 import os
 import sys
+from typing import Any
 
 
-def _settings(args: argparse.Namespace | None = None):  # type: ignore[no-untyped-def]
+def _settings(args: argparse.Namespace | None = None):
     from cheapest.config import get_settings
 
     return get_settings()
 
 
-def _open_store():  # type: ignore[no-untyped-def]
+def _open_store():
     from cheapest.store import open_store
     from cheapest.store.secrets import load_pepper
 
@@ -92,7 +93,7 @@ def _accounts_create(args: argparse.Namespace) -> int:
     return 0
 
 
-def _account_summary(store, account) -> dict[str, object]:  # type: ignore[no-untyped-def]
+def _account_summary(store, account) -> dict[str, Any]:
     import msgspec
 
     out = msgspec.to_builtins(account)
@@ -113,11 +114,11 @@ def _accounts_list(args: argparse.Namespace) -> int:
     else:
         for a in rows:
             print(f"{a['id']}\t{a['email']}\t{a['plan']}\t{a['status']}\tsubscription={a['subscription_status']}"
-                  f"\tcredit={int(a['credit_balance_micro']) / 1e6:.6f} USD")  # type: ignore[call-overload]
+                  f"\tcredit={int(a['credit_balance_micro']) / 1e6:.6f} USD")
     return 0
 
 
-def _with_account(args: argparse.Namespace, action) -> int:  # type: ignore[no-untyped-def]
+def _with_account(args: argparse.Namespace, action) -> int:
     """Open the store, find the account by id or email, run `action(settings, store, pepper, account)`."""
     from cheapest.store import accounts
 
@@ -135,7 +136,7 @@ def _with_account(args: argparse.Namespace, action) -> int:  # type: ignore[no-u
 def _accounts_show(args: argparse.Namespace) -> int:
     import msgspec
 
-    def show(settings, store, pepper, account):  # type: ignore[no-untyped-def]
+    def show(settings, store, pepper, account):
         out = _account_summary(store, account)
         sub = store.ledger.subscription(account.id)
         out["subscription"] = None if sub is None else msgspec.to_builtins(sub)
@@ -155,11 +156,11 @@ def _accounts_show(args: argparse.Namespace) -> int:
     return _with_account(args, show)
 
 
-def _accounts_set_status(status: str):  # type: ignore[no-untyped-def]
+def _accounts_set_status(status: str):
     def run(args: argparse.Namespace) -> int:
         from cheapest.store import accounts
 
-        def act(settings, store, pepper, account):  # type: ignore[no-untyped-def]
+        def act(settings, store, pepper, account):
             if account.status == "deleted":
                 print("error: the account is deleted", file=sys.stderr)
                 return 1
@@ -188,7 +189,7 @@ def _accounts_grant_credit(args: argparse.Namespace) -> int:
         return 2
     ref = "grant:" + (args.ref or secrets.token_hex(8))
 
-    def act(settings, store, pepper, account):  # type: ignore[no-untyped-def]
+    def act(settings, store, pepper, account):
         applied = accounts.grant_credit(store, account.id, micro, ref)
         balance = store.ledger.balance(account.id)
         if args.json:
@@ -204,7 +205,7 @@ def _accounts_grant_credit(args: argparse.Namespace) -> int:
 def _accounts_set_plan(args: argparse.Namespace) -> int:
     from cheapest.store import accounts
 
-    def act(settings, store, pepper, account):  # type: ignore[no-untyped-def]
+    def act(settings, store, pepper, account):
         if args.plan not in settings.plans:
             print(f"unknown plan; configured plans: {', '.join(sorted(settings.plans))}", file=sys.stderr)
             return 2
@@ -218,7 +219,7 @@ def _accounts_set_plan(args: argparse.Namespace) -> int:
 def _accounts_new_key(args: argparse.Namespace) -> int:
     from cheapest.store import accounts
 
-    def act(settings, store, pepper, account):  # type: ignore[no-untyped-def]
+    def act(settings, store, pepper, account):
         record, secret = accounts.create_key(store, account.id, args.kind, args.name, pepper)
         if args.json:
             print(json.dumps({"account_id": account.id, "key_id": record.id, "key": secret}))
@@ -311,8 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
     try:  # `model pull` / `model convert` live with the model-supply code
         from cheapest.inference import commands as model_commands
     except ImportError:
-        model_commands = None  # type: ignore[assignment]
-    if model_commands is not None:
+        pass
+    else:
         model_commands.register(sub)
     return parser
 

@@ -61,7 +61,7 @@ class PlanConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     funding: Literal["free", "subscription", "credits"] | None = None
 
     @property
-    def funded_by(self) -> str:
+    def funded_by(self) -> Literal["free", "subscription", "credits"]:
         if self.funding is not None:
             return self.funding
         return "subscription" if self.price_usd_month > 0 else "free"

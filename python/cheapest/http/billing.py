@@ -125,7 +125,7 @@ async def status(state: WorkerState, req: Request) -> Response:
     balance = state.store.ledger.balance(account.id) - state.meter.pending_debit(account.id)
     body = BillingStatus(
         account_id=account.id, plan=account.plan,
-        funding=state.settings.plan(account.plan).funded_by,  # type: ignore[arg-type]
+        funding=state.settings.plan(account.plan).funded_by,
         subscription_status=view.effective_status(now) if account.subscription_status != "none" else "none",
         credit_balance_micro=balance, credit_balance_usd=balance / 1e6, keys=len(keys),
         active_keys=sum(1 for k in keys if k.usable_at(now)), period_end=account.period_end,

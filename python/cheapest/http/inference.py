@@ -6,7 +6,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 
 import cheapest_core
 import msgspec
@@ -21,7 +21,7 @@ from cheapest.http.billing import admit_spend
 from cheapest.http.errors import ApiError, decode_error, internal_error
 from cheapest.http.request import ClientGone, Request, Response, StreamResponse, json_response
 from cheapest.http.state import WorkerState
-from cheapest.inference.types import ContextLengthError, Delta, Engine, EngineError, Finish, SamplingParams
+from cheapest.inference.types import ContextLengthError, Delta, Engine, EngineError, Finish, FinishReason, SamplingParams
 from cheapest.store import AccountRecord, KeyRecord
 
 log = logging.getLogger("cheapest.http")
@@ -124,9 +124,9 @@ class _Run:
                                 debit_account=self.debit_to)
 
 
-async def _collect(run: _Run, gen: AsyncIterator[Delta | Finish]) -> tuple[str, str]:
+async def _collect(run: _Run, gen: AsyncGenerator[Delta | Finish, None]) -> tuple[str, FinishReason]:
     parts: list[str] = []
-    reason = "stop"
+    reason: FinishReason = "stop"
     n = 0
     try:
         async for item in gen:
@@ -141,7 +141,7 @@ async def _collect(run: _Run, gen: AsyncIterator[Delta | Finish]) -> tuple[str, 
     return "".join(parts), reason
 
 
-async def _generate_all(run: _Run, prompt_ids: list[int], params: SamplingParams) -> tuple[str, str]:
+async def _generate_all(run: _Run, prompt_ids: list[int], params: SamplingParams) -> tuple[str, FinishReason]:
     gen = run.engine.generate(prompt_ids, params)
     try:
         if getattr(run.engine, "instant", False) or run.req.watch_disconnect is None:
@@ -170,7 +170,7 @@ async def _generate_all(run: _Run, prompt_ids: list[int], params: SamplingParams
 
 
 async def _stream(run: _Run, prompt_ids: list[int], params: SamplingParams, framer: cheapest_core.SseFramer,
-                  chat: bool, include_usage: bool) -> AsyncIterator[bytes]:
+                  chat: bool, include_usage: bool) -> AsyncGenerator[bytes, None]:
     gen = run.engine.generate(prompt_ids, params)
     try:
         if chat:
@@ -246,9 +246,9 @@ async def _complete(state: WorkerState, req: Request, chat: bool) -> Response | 
     usage = Usage(p, run.completion_tokens, p + run.completion_tokens)
     if chat:
         out: ChatCompletion | Completion = ChatCompletion(
-            rid, created, engine.model_id, [ChatChoice(0, AssistantMessage("assistant", text), reason)], usage)  # type: ignore[arg-type]
+            rid, created, engine.model_id, [ChatChoice(0, AssistantMessage("assistant", text), reason)], usage)
     else:
-        out = Completion(rid, created, engine.model_id, [CompletionChoice(text, 0, reason)], usage)  # type: ignore[arg-type]
+        out = Completion(rid, created, engine.model_id, [CompletionChoice(text, 0, reason)], usage)
     return json_response(_encode(out), admission.headers)
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncGenerator, Callable, Iterable, Sequence
 from typing import Any
 
 from cheapest.inference.batching import Scheduler
@@ -22,7 +22,7 @@ from cheapest.inference.loader import CPU, SPIN_US, IncrementalDecoder, ModelSpe
     open_session, read_model_dir
 from cheapest.inference.runner import ConcatKv, KvRunner, SharedBufferKv
 from cheapest.inference.sampling import Sampler
-from cheapest.inference.types import ContextLengthError, Delta, EngineError, Finish, SamplingParams
+from cheapest.inference.types import ContextLengthError, Delta, EngineError, Finish, FinishReason, SamplingParams
 
 _CLOSED = "the engine is closed"
 
@@ -84,13 +84,13 @@ class _Output:
         self._deliver(Delta(text, self._count))
         return False
 
-    def _finish(self, reason: str, text: str, tail: str | None) -> bool:
+    def _finish(self, reason: FinishReason, text: str, tail: str | None) -> bool:
         if tail is not None:  # the decoder's last bytes may still complete a stop string
             more, stopped = self._stop.push(tail)
             text += more if stopped else more + self._stop.flush()
             reason = "stop" if stopped else reason
         self._deliver(Delta(text, self._count))
-        self._deliver(Finish(reason, self._count))  # type: ignore[arg-type]
+        self._deliver(Finish(reason, self._count))
         return True
 
 
@@ -133,7 +133,7 @@ class OnnxEngine:
     def prefill_runs(self) -> int:
         return self._scheduler.prefill_runs
 
-    async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[Delta | Finish]:
+    async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncGenerator[Delta | Finish, None]:
         if not prompt_ids:  # an empty completion prompt: start from BOS, as the model was trained to
             if self.spec.bos_token_id is None:
                 raise EngineError("the prompt has no tokens and the model has no BOS token")
