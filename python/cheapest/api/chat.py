@@ -38,13 +38,11 @@ class StreamOptions(msgspec.Struct, frozen=True):
     include_usage: bool = False
 
 
-class ChatCompletionRequest(msgspec.Struct, frozen=True):
-    """Unknown fields are ignored, as OpenAI does."""
+class GenerationRequest(msgspec.Struct, frozen=True, kw_only=True):
+    """The fields chat and text completions share. Unknown fields are ignored, as OpenAI does."""
 
     model: str
-    messages: Annotated[list[ChatMessage], Meta(min_length=1)]
     max_tokens: MaxTokens | None = None
-    max_completion_tokens: MaxTokens | None = None
     temperature: Temperature | None = None
     top_p: TopP | None = None
     seed: int | None = None
@@ -53,6 +51,11 @@ class ChatCompletionRequest(msgspec.Struct, frozen=True):
     stream_options: StreamOptions | None = None
     n: int = 1
     user: str | None = None
+
+
+class ChatCompletionRequest(GenerationRequest, frozen=True, kw_only=True):
+    messages: Annotated[list[ChatMessage], Meta(min_length=1)]
+    max_completion_tokens: MaxTokens | None = None
 
 
 class AssistantMessage(msgspec.Struct, frozen=True):

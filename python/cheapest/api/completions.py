@@ -6,23 +6,12 @@ from typing import Literal
 
 import msgspec
 
-from cheapest.api.chat import MaxTokens, Stop, Temperature, TopP
-from cheapest.api.chat import StreamOptions
+from cheapest.api.chat import GenerationRequest
 from cheapest.api.common import Usage
 
 
-class CompletionRequest(msgspec.Struct, frozen=True):
-    model: str
+class CompletionRequest(GenerationRequest, frozen=True, kw_only=True):
     prompt: str
-    max_tokens: MaxTokens | None = None
-    temperature: Temperature | None = None
-    top_p: TopP | None = None
-    seed: int | None = None
-    stop: Stop | None = None
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    n: int = 1
-    user: str | None = None
 
 
 class CompletionChoice(msgspec.Struct, frozen=True):
