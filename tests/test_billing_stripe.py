@@ -372,6 +372,9 @@ class _Mirror:
     def on_credit(self, txn, account_id, micro_usd, ref):
         txn.put(b"credit:" + ref.encode(), str(micro_usd).encode(), db=self.db)
 
+    def holds_account(self, txn, account_id):
+        return True
+
     def on_subscription(self, txn, account_id, view):
         n = int(txn.get(b"subs:" + account_id.encode(), b"0", db=self.db))
         txn.put(b"subs:" + account_id.encode(), str(n + 1).encode(), db=self.db)

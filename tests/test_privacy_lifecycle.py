@@ -6,6 +6,7 @@ import multiprocessing
 from collections.abc import Iterator
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from cheapest.billing.ledger import ChainClaim, EventRecord, JournalEntry
@@ -155,6 +156,33 @@ def test_deleted_account_is_purged_before_30_days_and_usage_stays_anonymous(stor
     assert store.get_account(other) is not None
     # The email may be used again for a new account.
     accounts.create_account(store, "gone.user@example.test", "free", PEPPER)
+
+
+def test_late_stripe_event_for_a_deleted_or_purged_account_stores_nothing(store: Store) -> None:
+    from cheapest.billing.stripe_events import StripeEvent, apply_event
+    from cheapest.billing.settings import BillingSettings
+
+    acct, _, _ = _account(store, "late.webhook@example.test")
+    live, _, _ = _account(store, "live@example.test")
+    ledger = store.ledger
+
+    def event(n: int, account_id: str) -> StripeEvent:
+        sub = {"id": f"sub_LATE{n}", "object": "subscription", "customer": f"cus_LATE{n}", "status": "active",
+               "current_period_end": NOW + 30 * DAY, "metadata": {"account_id": account_id, "plan": "pro"},
+               "items": {"data": []}}
+        return msgspec.convert({"id": f"evt_late{n}", "type": "customer.subscription.updated", "created": NOW + n,
+                                "data": {"object": sub}}, StripeEvent)
+
+    assert apply_event(ledger, BillingSettings(), event(0, live)).result == "applied"  # the control: it can apply
+    delete_account(store, acct, NOW)
+    assert apply_event(ledger, BillingSettings(), event(1, acct)).result == "unmatched"  # deleted, not yet purged
+    run_retention(store, NOW + PURGE_AFTER)
+    assert apply_event(ledger, BillingSettings(), event(2, acct)).result == "unmatched"  # purged
+    assert ledger.subscription(acct) is None
+    with ledger.write() as txn:
+        assert ledger.linked_account(txn, "cus_LATE1") is None and ledger.linked_account(txn, "sub_LATE2") is None
+    assert ledger.event("evt_late2") == EventRecord("customer.subscription.updated", NOW + 2,
+                                                    ledger.event("evt_late2").received_at, None)  # type: ignore[union-attr]
 
 
 def test_purged_account_leaves_no_readable_trace(store: Store) -> None:

@@ -143,6 +143,10 @@ class PaymentSink(Protocol):
 
     def on_subscription(self, txn: lmdb.Transaction, account_id: str, view: SubscriptionView) -> None: ...
 
+    def holds_account(self, txn: lmdb.Transaction, account_id: str) -> bool:
+        """False for an account that is deleted or already purged: no payment reference is kept for it."""
+        ...
+
 
 _event_enc = msgspec.msgpack.Encoder()
 _event_dec = msgspec.msgpack.Decoder(EventRecord)
@@ -162,6 +166,10 @@ class PaymentLedger:
         with env.begin(write=True) as txn:
             dbs = [env.open_db(name, txn=txn) for name in self.DATABASES]
         self._events, self._claims, self._subs, self._credits, self._journal, self._links = dbs
+
+    def knows_account(self, txn: lmdb.Transaction, account_id: str) -> bool:
+        """Whether payments may still be recorded for `account_id` (the accounts store decides, when mirrored)."""
+        return True if self.sink is None else self.sink.holds_account(txn, account_id)
 
     @contextmanager
     def write(self) -> Iterator[lmdb.Transaction]:

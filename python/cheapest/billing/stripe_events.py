@@ -115,6 +115,8 @@ def apply_event(ledger: PaymentLedger, settings: BillingSettings, event: StripeE
         for stripe_id in (facts.subscription_id, facts.customer_id):
             if account is None and stripe_id:
                 account = ledger.linked_account(txn, stripe_id)
+        if account is not None and not ledger.knows_account(txn, account):
+            account = None  # deleted or purged: a late event must not bring its payment references back
         record = EventRecord(type=event.type, created=event.created, received_at=int(time.time()),
                              account_id=account)
         if not ledger.record_event(txn, event.id, record):

@@ -387,6 +387,10 @@ class AccountMirror:
     def on_credit(self, txn: lmdb.Transaction, account_id: str, micro_usd: int, ref: str) -> None:
         pass
 
+    def holds_account(self, txn: lmdb.Transaction, account_id: str) -> bool:
+        raw = txn.get(account_id.encode(), db=self.store._accounts)
+        return raw is not None and _dec_account.decode(raw).status != "deleted"
+
     def on_subscription(self, txn: lmdb.Transaction, account_id: str, view: SubscriptionView) -> None:
         store = self.store
         raw = txn.get(account_id.encode(), db=store._accounts)
