@@ -25,6 +25,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -120,6 +121,23 @@ def worker_ours(args: argparse.Namespace, prompts: dict[str, list[int]]) -> dict
     return result
 
 
+def _measure_peer(one: Callable[[list[int], int], tuple[float, list[float]]], args: argparse.Namespace,
+                  prompts: dict[str, list[int]], rss_model: int) -> dict[str, Any]:
+    """The same protocol for every peer: a warm-up, then per round one decode run and one 1-token prefill run.
+    `one(ids, max_tokens)` returns the start time and the time each new token arrived."""
+    one(prompts["story"], 8)
+    decode, prefill = [], []
+    new_tokens = 0
+    for _ in range(args.repeats):
+        start, times = one(prompts["story"], args.new_tokens)
+        decode.append(_rates(start, times, len(prompts["story"]))["decode_tps"])
+        new_tokens = len(times)
+        start, times = one(prompts["long"], 1)
+        prefill.append(len(prompts["long"]) / (times[0] - start))
+    return {"decode_tps": _median(decode), "prefill_tps": _median(prefill), "new_tokens": new_tokens,
+            "rss_model_bytes": rss_model, "rss_total_bytes": _rss_bytes()}
+
+
 def worker_llama_cpp(args: argparse.Namespace, prompts: dict[str, list[int]]) -> dict[str, Any]:
     from llama_cpp import Llama
 
@@ -134,16 +152,7 @@ def worker_llama_cpp(args: argparse.Namespace, prompts: dict[str, list[int]]) ->
         stream = llm.create_completion(ids, max_tokens=max_tokens, temperature=0.0, top_k=1, stream=True)
         return start, _token_times(stream)
 
-    one(prompts["story"], 8)
-    decode, prefill = [], []
-    for _ in range(args.repeats):
-        start, times = one(prompts["story"], args.new_tokens)
-        decode.append(_rates(start, times, len(prompts["story"]))["decode_tps"])
-        new_tokens = len(times)
-        start, times = one(prompts["long"], 1)
-        prefill.append(len(prompts["long"]) / (times[0] - start))
-    return {"decode_tps": _median(decode), "prefill_tps": _median(prefill), "new_tokens": new_tokens,
-            "rss_model_bytes": loaded - before, "rss_total_bytes": _rss_bytes()}
+    return _measure_peer(one, args, prompts, loaded - before)
 
 
 def worker_transformers(args: argparse.Namespace, prompts: dict[str, list[int]]) -> dict[str, Any]:
@@ -174,16 +183,7 @@ def worker_transformers(args: argparse.Namespace, prompts: dict[str, list[int]])
                            do_sample=False, stopping_criteria=StoppingCriteriaList([clock]), pad_token_id=2)
         return start, clock.times
 
-    one(prompts["story"], 8)
-    decode, prefill = [], []
-    for _ in range(args.repeats):
-        start, times = one(prompts["story"], args.new_tokens)
-        decode.append(_rates(start, times, len(prompts["story"]))["decode_tps"])
-        new_tokens = len(times)
-        start, times = one(prompts["long"], 1)
-        prefill.append(len(prompts["long"]) / (times[0] - start))
-    return {"decode_tps": _median(decode), "prefill_tps": _median(prefill), "new_tokens": new_tokens,
-            "rss_model_bytes": loaded - before, "rss_total_bytes": _rss_bytes()}
+    return _measure_peer(one, args, prompts, loaded - before)
 
 
 WORKERS = {"ours": worker_ours, "ours-copy": worker_ours, "llama.cpp": worker_llama_cpp,
