@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -249,3 +250,15 @@ def smollm2_dir() -> Path:
     from cheapest.inference.pull import ensure_default_model
 
     return ensure_default_model(progress=False)
+
+
+async def collect_generation(eng: Any, ids: list[int], params: Any) -> tuple[list[Any], Any]:
+    """Drain one `Engine.generate` stream: the Delta items, then its one Finish."""
+    from cheapest.inference.types import Finish
+
+    deltas: list[Any] = []
+    async for item in eng.generate(ids, params):
+        if isinstance(item, Finish):
+            return deltas, item
+        deltas.append(item)
+    raise AssertionError("no Finish")

@@ -20,6 +20,7 @@ from cheapest.inference.engine import OnnxEngine, StopText, _Output, load_engine
 from cheapest.inference.loader import read_model_dir
 from cheapest.inference.sampling import Sampler
 from cheapest.inference.types import ContextLengthError, Delta, EngineError, Finish, SamplingParams
+from fixtures_model import collect_generation
 
 GRAPHS = ["model.onnx", "model_fp32.onnx"]  # fused (shared KV buffer) and plain reference (concat cache)
 
@@ -37,12 +38,7 @@ def hf_tokenizer(tiny_model_dir: Path) -> tokenizers.Tokenizer:
 
 
 async def _collect(eng: OnnxEngine, ids: list[int], params: SamplingParams) -> tuple[list[Delta], Finish]:
-    deltas: list[Delta] = []
-    async for item in eng.generate(ids, params):
-        if isinstance(item, Finish):
-            return deltas, item
-        deltas.append(item)
-    raise AssertionError("no Finish")
+    return await collect_generation(eng, ids, params)
 
 
 def _run(eng: OnnxEngine, ids: list[int], params: SamplingParams) -> tuple[str, Finish]:

@@ -10,6 +10,7 @@ import pytest
 
 from cheapest.inference.engine import OnnxEngine, load_engine
 from cheapest.inference.types import Delta, Finish, SamplingParams
+from fixtures_model import collect_generation
 
 pytestmark = pytest.mark.slow
 
@@ -28,12 +29,7 @@ def engine(smollm2_dir: Path) -> Iterator[OnnxEngine]:
 
 
 async def _collect(eng: OnnxEngine, ids: list[int], params: SamplingParams) -> tuple[list[Delta], Finish]:
-    deltas: list[Delta] = []
-    async for item in eng.generate(ids, params):
-        if isinstance(item, Finish):
-            return deltas, item
-        deltas.append(item)
-    raise AssertionError("no Finish")
+    return await collect_generation(eng, ids, params)
 
 
 def _question(eng: OnnxEngine) -> list[int]:

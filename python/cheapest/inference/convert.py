@@ -14,7 +14,6 @@ is built beside its destination and renamed into place, so a crash never leaves 
 from __future__ import annotations
 
 import gc
-import hashlib
 import json
 import os
 import shutil
@@ -112,14 +111,6 @@ def is_converted(model_dir: Path, source_sha256: str) -> bool:
     )
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def convert(gguf_path: str | Path, out_dir: str | Path, *, progress=None, accuracy_level: int = ACCURACY_LEVEL,
             source_sha256: str | None = None) -> Path:
     """Convert; `progress` is a tqdm-like callable (or None for silence). Returns out_dir."""
@@ -152,7 +143,7 @@ def convert(gguf_path: str | Path, out_dir: str | Path, *, progress=None, accura
     manifest = {
         "converter_version": CONVERTER_VERSION,
         "source": {"file": gguf_path.name, "sha256": sha},
-        "files": {p.relative_to(work).as_posix(): _sha256(p) for p in files},
+        "files": {p.relative_to(work).as_posix(): file_sha256(p) for p in files},
     }
     (work / MANIFEST).write_text(_json(manifest), encoding="utf-8")
     if out_dir.exists():
