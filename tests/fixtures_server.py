@@ -189,3 +189,24 @@ def sdk_clients() -> Iterator[None]:
     yield
     while _CLIENTS:
         _CLIENTS.pop().close()  # type: ignore[attr-defined]
+
+
+def worker_pid(server: ServerProcess, client: httpx.Client) -> int:
+    """Which worker serves this connection (the fixed test backend's process route)."""
+    r = client.get(server.base_url + "/_test/process")
+    assert r.status_code == 200, r.text
+    return int(r.json()["pid"])
+
+
+def on_every_worker(server: ServerProcess, check: Callable[[httpx.Client], None], rounds: int = 40) -> set[int]:
+    """Run `check` on fresh connections until every worker has run it at least twice; returns the pids."""
+    seen: dict[int, int] = {}
+    for _ in range(rounds):
+        with httpx.Client(timeout=10) as c:
+            pid = worker_pid(server, c)
+            check(c)
+        seen[pid] = seen.get(pid, 0) + 1
+        if len(seen) == server.workers and min(seen.values()) >= 2:
+            break
+    assert len(seen) == server.workers, f"connections reached only {seen}"
+    return set(seen)

@@ -1,6 +1,6 @@
 """A SmolLM2-shaped byte-level BPE tokenizer trained here, and texts to count.
 
-Shared by tests/test_core_tokens.py and bench/bench_tokens.py. Nothing comes from a model hub: the
+Shared by tests/core/test_tokens.py and bench/bench_tokens.py. Nothing comes from a model hub: the
 corpus is Python source from the standard library on disk plus generated multilingual text, and the
 `tokenizers` package trains the BPE with SmolLM2's pipeline (Digits(individual) + ByteLevel, ByteLevel
 decoder and post-processor, ChatML special tokens).

@@ -15,7 +15,7 @@ from cheapest.billing.ledger import JournalEntry
 from cheapest.privacy.deletion import PROMISED_WITHIN, PURGE_AFTER, delete_account
 from cheapest.privacy.retention import DAY, HOUR, USAGE_KEPT
 from cheapest.store import UsageCounter, open_store
-from fixtures_server import ServerProcess
+from fixtures_server import ServerProcess, on_every_worker, worker_pid
 
 MODEL = "SmolLM2-135M-Instruct"
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hello there"}], "max_tokens": 3}
@@ -23,27 +23,6 @@ CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hello there"}]
 
 def _mk(mk: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {mk}"}
-
-
-def worker_pid(server: ServerProcess, client: httpx.Client) -> int:
-    """Which worker serves this connection (the fixed test backend's process route)."""
-    r = client.get(server.base_url + "/_test/process")
-    assert r.status_code == 200, r.text
-    return int(r.json()["pid"])
-
-
-def on_every_worker(server: ServerProcess, check: Callable[[httpx.Client], None], rounds: int = 40) -> set[int]:
-    """Run `check` on fresh connections until every worker has run it at least twice; returns the pids."""
-    seen: dict[int, int] = {}
-    for _ in range(rounds):
-        with httpx.Client(timeout=10) as c:
-            pid = worker_pid(server, c)
-            check(c)
-        seen[pid] = seen.get(pid, 0) + 1
-        if len(seen) == server.workers and min(seen.values()) >= 2:
-            break
-    assert len(seen) == server.workers, f"connections reached only {seen}"
-    return set(seen)
 
 
 def _payment(server: ServerProcess, account_id: str) -> None:

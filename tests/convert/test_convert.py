@@ -5,7 +5,7 @@ rounding). The fused graph at accuracy_level 0 (the default) vs the fp32 graph: 
 absolute (same weights, same fp32 arithmetic, different kernels; the LM head rescores its top 64 exactly), every
 logit within 5% of the largest (the tail is scored with int8 activations). At accuracy_level 4 (int8 activations): relative RMS error of the
 logits <= 25% on this random-weight model (its unnormalised random weights amplify rounding far more than a
-trained model; SmolLM2 sees ~12%, see test_model_smollm2.py).
+trained model; SmolLM2 sees ~12%, see convert/test_smollm2_graphs.py).
 """
 
 from __future__ import annotations

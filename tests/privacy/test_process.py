@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from fixtures_server import ServerProcess, free_port
-from test_privacy_gdpr import on_every_worker, worker_pid
+from fixtures_server import on_every_worker, worker_pid
 
 MODEL = "SmolLM2-135M-Instruct"
 REQUEST_LOG_FIELDS = {"ts", "key_id", "model", "status", "prompt_tokens", "completion_tokens", "latency_ms", "stream"}
