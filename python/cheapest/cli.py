@@ -8,6 +8,8 @@ import os
 import sys
 from typing import Any
 
+from cheapest.vocabulary import AccountStatus
+
 
 def _settings(args: argparse.Namespace | None = None):
     from cheapest.config import get_settings
@@ -156,7 +158,7 @@ def _accounts_show(args: argparse.Namespace) -> int:
     return _with_account(args, show)
 
 
-def _accounts_set_status(status: str):
+def _accounts_set_status(status: AccountStatus):
     def run(args: argparse.Namespace) -> int:
         from cheapest.store import accounts
 
@@ -280,8 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("account", help="account id or email")
     show.add_argument("--json", action="store_true")
     show.set_defaults(func=_accounts_show)
-    for name, status, text in (("disable", "disabled", "refuse all of the account's keys (403) at once"),
-                               ("enable", "active", "undo disable")):
+    switches: tuple[tuple[str, AccountStatus, str], ...] = (
+        ("disable", "disabled", "refuse all of the account's keys (403) at once"), ("enable", "active", "undo disable"))
+    for name, status, text in switches:
         p = acc_sub.add_parser(name, help=text)
         p.add_argument("account", help="account id or email")
         p.set_defaults(func=_accounts_set_status(status))

@@ -47,8 +47,9 @@ from eth_utils import keccak
 from web3 import Web3
 from web3.exceptions import TransactionNotFound
 
-from cheapest.billing.ledger import ChainClaim, JournalEntry, PaymentLedger
 from cheapest.billing.settings import BillingNotConfigured, BillingSettings, usd_to_micro
+from cheapest.store.base import Ledger
+from cheapest.store.payments import ChainClaim, JournalEntry, TransferClaim
 
 __all__ = [
     "TopupCredited", "TopupPending", "TopupQuote", "TopupRejected", "claim_message", "make_web3", "topup_quote",
@@ -126,7 +127,7 @@ def make_web3(settings: BillingSettings, timeout_s: float = 10.0) -> Web3:
     return Web3(Web3.HTTPProvider(settings.base_rpc_url, request_kwargs={"timeout": timeout_s}))
 
 
-def verify_topup(settings: BillingSettings, ledger: PaymentLedger, w3: Web3, *, account_id: str, tx_hash: str,
+def verify_topup(settings: BillingSettings, ledger: Ledger, w3: Web3, *, account_id: str, tx_hash: str,
                  signature: str) -> TopupCredited:
     if settings.usdc_receiver is None:
         raise BillingNotConfigured("CHEAPEST_USDC_RECEIVER is not set")
@@ -169,25 +170,19 @@ def verify_topup(settings: BillingSettings, ledger: PaymentLedger, w3: Web3, *, 
         raise TopupPending(_retry_after(settings, missing), confirmations, settings.usdc_confirmations)
 
     now = int(time.time())
-    credited = 0
-    others = 0
-    with ledger.write() as txn:
-        for index, value in mine:
-            claim = ChainClaim(account_id=account_id, amount_units=value, sender=signer,
-                               block_number=receipt["blockNumber"], claimed_at=now)
-            if ledger.claim_transfer(txn, chain_id, tx_hash, index, claim):
-                ledger.record_payment(txn, account_id, JournalEntry(
-                    ref=f"usdc:{chain_id}:{tx_hash}:{index}", kind="usdc_topup", at=now, micro_usd=value))
-                credited += value
-            else:
-                held = ledger.chain_claim(chain_id, tx_hash, index, txn)
-                if held is not None and held.account_id != account_id:
-                    others += 1
-        balance = ledger.balance(account_id, txn)
-    if credited == 0 and others == len(mine):
+    block = receipt["blockNumber"]
+    outcome = ledger.claim_transfers(account_id, [
+        TransferClaim(chain_id, tx_hash, index,
+                      ChainClaim(account_id=account_id, amount_units=value, sender=signer, block_number=block,
+                                 claimed_at=now),
+                      JournalEntry(ref=f"usdc:{chain_id}:{tx_hash}:{index}", kind="usdc_topup", at=now,
+                                   micro_usd=value))
+        for index, value in mine])
+    if outcome.credited_micro == 0 and outcome.held_by_others == len(mine):
         raise TopupRejected("already_claimed")
-    return TopupCredited(tx_hash=tx_hash, chain_id=chain_id, credited_units=credited,
-                         already_credited=credited == 0, log_indexes=[i for i, _ in mine], balance_micro=balance)
+    return TopupCredited(tx_hash=tx_hash, chain_id=chain_id, credited_units=outcome.credited_micro,
+                         already_credited=outcome.credited_micro == 0, log_indexes=[i for i, _ in mine],
+                         balance_micro=outcome.balance_micro)
 
 
 def _transfers_to_receiver(w3: Web3, settings: BillingSettings, receipt: object) -> list[tuple[int, str, int]]:

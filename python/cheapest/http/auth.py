@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import cheapest_core
 
-from cheapest.billing.ledger import SubscriptionView
+from cheapest.store.payments import SubscriptionView
 from cheapest.config import Settings
 from cheapest.http.errors import ApiError
 from cheapest.store import AccountRecord, KeyRecord, Store

@@ -25,7 +25,7 @@ from cheapest.api.billing import (
 )
 from cheapest.billing import checkout as stripe_checkout
 from cheapest.billing import stripe_events, usdc
-from cheapest.billing.ledger import SubscriptionView
+from cheapest.store.payments import SubscriptionView
 from cheapest.billing.settings import BillingNotConfigured, BillingSettings
 from cheapest.http.auth import management_account
 from cheapest.http.errors import ApiError
@@ -33,7 +33,7 @@ from cheapest.http.management import decode_body
 from cheapest.http.request import Request, Response, json_response
 from cheapest.http.state import WorkerState
 from cheapest.store import AccountRecord, KeyRecord
-from cheapest.store.records import BUDGET_WINDOWS, window_start
+from cheapest.vocabulary import BUDGET_WINDOWS, window_start
 
 log = logging.getLogger("cheapest.billing")
 _encode = msgspec.json.Encoder().encode

@@ -16,11 +16,11 @@ Sub-databases:
     meta           b"epoch"                           -> u64 BE, bumped by every key/account change
     usage_daily    day(u64 BE) \\0 model                 -> UsageCounter (anonymous: no key or account id)
 
-Why an epoch: workers cache key and account records (see http/auth.py). Every write that changes a key or an
-account bumps `meta/epoch` IN THE SAME write transaction, and a worker compares it (one read) before trusting
+Why an epoch: workers cache key and account records (the gateway's key cache). Every write that changes a key or
+an account bumps `meta/epoch` IN THE SAME write transaction, and a worker compares it (one read) before trusting
 its cache, so a revocation, a disabled account or new limits are seen by every worker's next request.
 
-The payment ledger (`billing.ledger`, tables pay_*) lives in the same environment (`self.ledger`); it owns the
+The payment ledger (`LmdbLedger`, tables pay_*) lives in the same environment (`self.ledger`); it owns the
 spendable credit balance. Usage flushes debit it in the same write transaction as the usage counters.
 """
 
@@ -34,11 +34,11 @@ from pathlib import Path
 import lmdb
 import msgspec
 
-from cheapest.billing.ledger import PaymentLedger, SubscriptionView
 from cheapest.store.base import StoreError, UsageKey
-from cheapest.store.records import (
-    BUDGET_WINDOWS, AccountRecord, DailyUsage, KeyKind, KeyRecord, UsageCounter, UsageRow, window_start,
-)
+from cheapest.store.lmdb.ledger import LmdbLedger
+from cheapest.store.payments import SubscriptionView
+from cheapest.store.records import AccountRecord, DailyUsage, KeyRecord, UsageCounter, UsageRow
+from cheapest.vocabulary import BUDGET_WINDOWS, DAY, KeyKind, window_start
 
 _enc = msgspec.msgpack.Encoder()
 _dec_account = msgspec.msgpack.Decoder(AccountRecord)
@@ -56,7 +56,7 @@ def _usage_key(key_id: str, model: str, hour: int) -> bytes:
 class LmdbStore:
     def __init__(self, path: str | os.PathLike[str], map_size: int = 1 << 30) -> None:
         Path(path).mkdir(parents=True, exist_ok=True, mode=0o700)
-        # Room for these tables, the payment ledger's (PaymentLedger.DATABASES) and a few more.
+        # Room for these tables, the payment ledger's (LmdbLedger.DATABASES) and a few more.
         self.env = lmdb.open(str(path), map_size=map_size, max_dbs=32, subdir=True, readahead=False)
         self._accounts = self.env.open_db(b"accounts")
         self._email = self.env.open_db(b"account_email")
@@ -68,7 +68,7 @@ class LmdbStore:
         self._spend = self.env.open_db(b"spend")
         self._meta = self.env.open_db(b"meta")
         self._daily = self.env.open_db(b"usage_daily")
-        self.ledger = PaymentLedger(self.env, sink=AccountMirror(self))
+        self.ledger = LmdbLedger(self.env, AccountMirror(self))
 
     def close(self) -> None:
         self.env.close()
@@ -241,7 +241,7 @@ class LmdbStore:
                     self._add_spend(txn, key_id, hour, delta.cost_micro)
             for account_id, micro in (debits or {}).items():
                 if micro:
-                    self.ledger.debit(txn, account_id, micro)
+                    self.ledger.debit_in(txn, account_id, micro)
 
     def _add_spend(self, txn: lmdb.Transaction, key_id: str, hour: int, micro: int) -> None:
         # Every window is a whole number of hours and epoch-aligned, so an hourly delta falls in exactly one
@@ -295,7 +295,7 @@ class LmdbStore:
             if keep(hour):
                 ok = cur.next()
                 continue
-            day_key = _HOUR.pack(hour // 86_400 * 86_400) + b"\0" + k[i + 10:]
+            day_key = _HOUR.pack(hour // DAY * DAY) + b"\0" + k[i + 10:]
             raw = txn.get(day_key, db=self._daily)
             total = UsageCounter() if raw is None else _dec_usage.decode(raw)
             total.add(_dec_usage.decode(cur.value()))
@@ -334,7 +334,7 @@ class LmdbStore:
 
     def purge_account(self, account_id: str) -> bool:
         """Erase an account in ONE write transaction: its record and email, every key it ever had (hashes,
-        indexes, budget spend), its payment references (the ledger's `forget_accounts`); its usage is folded
+        indexes, budget spend), its payment references (the ledger's `forget_accounts_in`); its usage is folded
         into the anonymous daily aggregates. False if there is no such account."""
         aid = account_id.encode()
         prefix = aid + b"\0"
@@ -367,7 +367,7 @@ class LmdbStore:
             if txn.get(email, db=self._email) == aid:
                 txn.delete(email, db=self._email)
             txn.delete(aid, db=self._accounts)
-            self.ledger.forget_accounts(txn, [account_id])
+            self.ledger.forget_accounts_in(txn, [account_id])
             self.bump_epoch(txn)
         return True
 
@@ -377,15 +377,12 @@ def _spend_key(key_id: str, window: str, start: int) -> bytes:
 
 
 class AccountMirror:
-    """The ledger's sink: Stripe subscription state is mirrored into the account record (plan, status, period
-    end) inside the ledger's own write transaction, with the epoch bumped so every worker sees it at once.
-    Credits are not mirrored: the ledger owns the balance."""
+    """The ledger's view of the accounts: Stripe subscription state is mirrored into the account record (plan,
+    status, period end) inside the ledger's own write transaction, with the epoch bumped so every worker sees it
+    at once. Credits are not mirrored: the ledger owns the balance."""
 
     def __init__(self, store: LmdbStore) -> None:
         self.store = store
-
-    def on_credit(self, txn: lmdb.Transaction, account_id: str, micro_usd: int, ref: str) -> None:
-        pass
 
     def holds_account(self, txn: lmdb.Transaction, account_id: str) -> bool:
         raw = txn.get(account_id.encode(), db=self.store._accounts)
