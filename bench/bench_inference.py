@@ -237,12 +237,14 @@ def _run_worker(name: str, args: argparse.Namespace, prompts: dict[str, list[int
 def _default_paths(args: argparse.Namespace) -> None:
     if args.model_dir is None or args.gguf is None:
         sys.path.insert(0, str(REPO / "python"))
+        from cheapest.config import load_settings
         from cheapest.inference import pull  # type: ignore[attr-defined]
 
-        model_dir = Path(pull.ensure_default_model())
+        settings = load_settings()
+        model_dir = Path(pull.ensure_default_model(settings.models_path, settings.cache_path))
         args.model_dir = args.model_dir or model_dir
         if args.gguf is None:
-            found = sorted(pull.data_dir().glob("**/*.gguf"))
+            found = sorted(settings.data_path.glob("**/*.gguf"))
             if not found:
                 raise SystemExit("no GGUF found in the data directory; pass --gguf")
             args.gguf = found[0]

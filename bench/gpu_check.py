@@ -66,9 +66,11 @@ def main() -> int:
         print("gpu_check: no NVIDIA GPU / CUDA driver found on this machine", file=sys.stderr)
         return 2
     if args.model_dir is None:
+        from cheapest.config import load_settings
         from cheapest.inference import pull  # type: ignore[attr-defined]
 
-        args.model_dir = Path(pull.ensure_default_model())
+        settings = load_settings()
+        args.model_dir = Path(pull.ensure_default_model(settings.models_path, settings.cache_path))
 
     cpu = load_engine(args.model_dir, providers=[CPU])
     cpu_text, cpu_finish = _answer(cpu)

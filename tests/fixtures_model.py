@@ -247,9 +247,11 @@ def tiny_model_dir(tiny_gguf: Path, tmp_path_factory: pytest.TempPathFactory) ->
 
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
+    from cheapest.config import load_settings
     from cheapest.inference.pull import ensure_default_model
 
-    return ensure_default_model(progress=False)
+    settings = load_settings()  # the data directory the Makefile (or the caller) configured
+    return ensure_default_model(settings.models_path, settings.cache_path, progress=False)
 
 
 async def collect_generation(eng: Any, ids: list[int], params: Any) -> tuple[list[Any], Any]:

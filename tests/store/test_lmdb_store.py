@@ -1,4 +1,4 @@
-"""The LMDB store, the usage meter and the settings loader, without a server."""
+"""The LMDB store, the usage meter and the pepper, without a server."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from cheapest.config import PriceConfig, load_settings
 from cheapest.store import AccountRecord, KeyLimits, KeyRecord, StoreError, UsageCounter, open_store
 from cheapest.store.metering import UsageMeter, hour_of
 from cheapest.store.secrets import load_pepper
@@ -86,22 +85,5 @@ def test_pepper_generated_once_private(tmp_path: Path) -> None:
     assert load_pepper(tmp_path) == a and len(a) == 32
     assert (tmp_path / "secrets" / "pepper").stat().st_mode & 0o777 == 0o600
     assert load_pepper(tmp_path, "x" * 20) == b"x" * 20
-    with pytest.raises(SystemExit):
+    with pytest.raises(ValueError, match="key_pepper"):
         load_pepper(tmp_path, "short")
-
-
-def test_settings_env_over_toml(tmp_path: Path) -> None:
-    cfg = tmp_path / "c.toml"
-    cfg.write_text('port = 9000\nworkers = 3\n[plans.team]\nrpm = 500\ntpm = 90000\n'
-                   '[prices."M"]\nprompt_usd_per_mtok = 0.5\ncompletion_usd_per_mtok = 2.0\n')
-    s = load_settings({"CHEAPEST_CONFIG": str(cfg), "CHEAPEST_PORT": "9100", "CHEAPEST_DATA_DIR": str(tmp_path),
-                       "CHEAPEST_REQUEST_LOG": "0"})
-    assert (s.port, s.workers, s.request_log) == (9100, 3, False)
-    assert s.plans["team"].rpm == 500 and s.plans["free"].rpm > 0  # defaults kept
-    assert s.model_dir == str(tmp_path / "models" / "SmolLM2-135M-Instruct")
-    # 1000 prompt tokens at $0.5/Mtok = 500 micro-dollars; 3 completion tokens at $2/Mtok = 6.
-    assert s.price("M").cost_micro(1000, 3) == 506
-    assert s.price("other") == PriceConfig() and PriceConfig().cost_micro(10, 10) == 0
-    assert PriceConfig(0.1, 0.0).cost_micro(1, 0) == 1  # rounds up, never down to free
-    with pytest.raises(SystemExit):
-        load_settings({"CHEAPEST_PORT": "not-a-number", "CHEAPEST_DATA_DIR": str(tmp_path)})

@@ -19,12 +19,11 @@ Stripe's hosted page collects it.
 
 from __future__ import annotations
 
-import functools
-
 import msgspec
 import stripe
 
-from cheapest.billing.settings import BillingNotConfigured, BillingSettings
+from cheapest.billing import BillingNotConfigured
+from cheapest.config import BillingSettings
 
 __all__ = ["CheckoutSession", "CheckoutUnavailable", "UnknownPlan", "create_checkout_session", "stripe_client"]
 
@@ -47,9 +46,8 @@ class CheckoutSession(msgspec.Struct, frozen=True):
     url: str
 
 
-@functools.lru_cache(maxsize=4)
 def stripe_client(secret_key: str, api_base: str) -> stripe.StripeClient:
-    """One client per process and configuration: it keeps its HTTP connection pool."""
+    """A client keeps its HTTP connection pool: make one per worker and pass it to every call."""
     return stripe.StripeClient(secret_key, base_addresses={"api": api_base}, max_network_retries=2)
 
 
@@ -63,7 +61,7 @@ def create_checkout_session(settings: BillingSettings, *, account_id: str, plan:
         raise UnknownPlan(plan)
     if client is None:
         if not settings.stripe_secret_key:
-            raise BillingNotConfigured("CHEAPEST_STRIPE_SECRET_KEY is not set")
+            raise BillingNotConfigured("stripe_secret_key is not set")
         client = stripe_client(settings.stripe_secret_key, settings.stripe_api_base)
     meta = {"account_id": account_id, "plan": plan}
     params: dict[str, object] = {

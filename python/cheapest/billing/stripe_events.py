@@ -32,12 +32,15 @@ from typing import Any
 import msgspec
 import stripe
 
-from cheapest.billing.settings import BillingNotConfigured, BillingSettings
+from cheapest.billing import BillingNotConfigured
+from cheapest.config import BillingSettings
 from cheapest.store.base import Ledger
 from cheapest.store.payments import EventResult, JournalEntry, PaymentEvent
 
 __all__ = ["StripeEvent", "WebhookOutcome", "WebhookRejected", "apply_event", "handle_webhook", "verify_webhook"]
 
+# Stripe's SDK refuses signatures older than this many seconds; ones this far ahead are refused here too.
+STRIPE_TOLERANCE_S = 300
 HANDLED = frozenset({
     "checkout.session.completed", "customer.subscription.created", "customer.subscription.updated",
     "customer.subscription.deleted", "invoice.paid", "invoice.payment_failed",
@@ -79,20 +82,20 @@ def verify_webhook(settings: BillingSettings, payload: bytes, sig_header: str | 
     """Signature and freshness checks, then the decoded event envelope."""
     secret = settings.stripe_webhook_secret
     if not secret:
-        raise BillingNotConfigured("CHEAPEST_STRIPE_WEBHOOK_SECRET is not set")
+        raise BillingNotConfigured("stripe_webhook_secret is not set")
     try:
         text = payload.decode("utf-8")
     except UnicodeDecodeError:
         raise WebhookRejected("bad_signature") from None
     try:
         # The SDK checks the HMAC (constant-time) and refuses timestamps older than the tolerance.
-        stripe.WebhookSignature.verify_header(text, sig_header, secret, settings.stripe_tolerance_s)
+        stripe.WebhookSignature.verify_header(text, sig_header, secret, STRIPE_TOLERANCE_S)
     except stripe.SignatureVerificationError:
         raise WebhookRejected("bad_signature") from None
     # Verified, so the header parses; the SDK leaves future timestamps alone (a captured header
     # pre-signed for later would otherwise stay replayable for as long as its clock says).
     timestamp = _header_timestamp(sig_header or "")
-    if timestamp > (time.time() if now is None else now) + settings.stripe_tolerance_s:
+    if timestamp > (time.time() if now is None else now) + STRIPE_TOLERANCE_S:
         raise WebhookRejected("timestamp_in_future")
     try:
         event = _event_dec.decode(payload)

@@ -47,15 +47,18 @@ from eth_utils import keccak
 from web3 import Web3
 from web3.exceptions import TransactionNotFound
 
-from cheapest.billing.settings import BillingNotConfigured, BillingSettings, usd_to_micro
+from cheapest.billing import BillingNotConfigured
+from cheapest.config import BillingSettings
 from cheapest.store.base import Ledger
 from cheapest.store.payments import ChainClaim, JournalEntry, TransferClaim
+from cheapest.vocabulary import usd_to_micro
 
 __all__ = [
     "TopupCredited", "TopupPending", "TopupQuote", "TopupRejected", "claim_message", "make_web3", "topup_quote",
     "verify_topup",
 ]
 
+BLOCK_TIME_S = 2.0  # Base produces a block every 2 s; sizes Retry-After while confirming
 TRANSFER_TOPIC = keccak(text="Transfer(address,address,uint256)")
 _TRANSFER_ABI = [{
     "type": "event", "name": "Transfer", "anonymous": False,
@@ -110,7 +113,7 @@ def claim_message(account_id: str, chain_id: int, tx_hash: str) -> str:
 
 def topup_quote(settings: BillingSettings, account_id: str, amount_usd: object) -> TopupQuote:
     if settings.usdc_receiver is None:
-        raise BillingNotConfigured("CHEAPEST_USDC_RECEIVER is not set")
+        raise BillingNotConfigured("usdc_receiver is not set")
     try:
         units = usd_to_micro(amount_usd)
     except ValueError:
@@ -130,7 +133,7 @@ def make_web3(settings: BillingSettings, timeout_s: float = 10.0) -> Web3:
 def verify_topup(settings: BillingSettings, ledger: Ledger, w3: Web3, *, account_id: str, tx_hash: str,
                  signature: str) -> TopupCredited:
     if settings.usdc_receiver is None:
-        raise BillingNotConfigured("CHEAPEST_USDC_RECEIVER is not set")
+        raise BillingNotConfigured("usdc_receiver is not set")
     if not isinstance(tx_hash, str) or not _TX_HASH.fullmatch(tx_hash):
         raise TopupRejected("malformed_tx_hash")
     if not isinstance(signature, str) or not _SIGNATURE.fullmatch(signature):
@@ -152,7 +155,7 @@ def verify_topup(settings: BillingSettings, ledger: Ledger, w3: Web3, *, account
             w3.eth.get_transaction(tx_hash)  # type: ignore[arg-type]
         except TransactionNotFound:
             raise TopupRejected("tx_not_found") from None
-        raise TopupPending(_retry_after(settings, settings.usdc_confirmations), 0,
+        raise TopupPending(_retry_after(settings.usdc_confirmations), 0,
                            settings.usdc_confirmations) from None
     if receipt["status"] != 1:
         raise TopupRejected("reverted")
@@ -167,7 +170,7 @@ def verify_topup(settings: BillingSettings, ledger: Ledger, w3: Web3, *, account
     confirmations = w3.eth.block_number - receipt["blockNumber"] + 1
     if confirmations < settings.usdc_confirmations:
         missing = settings.usdc_confirmations - confirmations
-        raise TopupPending(_retry_after(settings, missing), confirmations, settings.usdc_confirmations)
+        raise TopupPending(_retry_after(missing), confirmations, settings.usdc_confirmations)
 
     now = int(time.time())
     block = receipt["blockNumber"]
@@ -202,5 +205,5 @@ def _transfers_to_receiver(w3: Web3, settings: BillingSettings, receipt: object)
     return out
 
 
-def _retry_after(settings: BillingSettings, blocks: int) -> int:
-    return max(1, math.ceil(blocks * settings.block_time_s))
+def _retry_after(blocks: int) -> int:
+    return max(1, math.ceil(blocks * BLOCK_TIME_S))

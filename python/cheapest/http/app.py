@@ -15,7 +15,7 @@ import msgspec
 
 from cheapest.api.models import Health
 from cheapest.api.openapi import build_openapi
-from cheapest.config import Settings, get_settings
+from cheapest.config import Settings
 from cheapest.http import billing, inference, management, privacy, ratelimit
 from cheapest.http.accesslog import write_request_log
 from cheapest.http.errors import ApiError, internal_error, method_not_allowed, not_found
@@ -103,8 +103,8 @@ def _error_response(state: WorkerState | None, req: Request, err: ApiError) -> R
 class App:
     """One app object; Granian calls `__rsgi__` per request and the init/del hooks per worker."""
 
-    def __init__(self, settings: Settings | None = None) -> None:
-        self._settings = settings
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
         self.state: WorkerState | None = None
 
     # --- worker lifecycle ---------------------------------------------------------------------------------
@@ -118,7 +118,7 @@ class App:
 
     def _open(self, loop: asyncio.AbstractEventLoop | None) -> WorkerState:
         if self.state is None:
-            self.state = WorkerState(self._settings or get_settings())
+            self.state = WorkerState(self.settings)
             self.state.load_engine(loop)
         return self.state
 
@@ -166,7 +166,7 @@ class App:
 
     def _log(self, req: Request, status: int) -> None:
         state = self.state
-        if state is not None and state.settings.request_log:
+        if state is not None and state.settings.serving.request_log:
             write_request_log(req.started, req.key_id, req.model, status, req.prompt_tokens,
                               req.completion_tokens, req.stream)
 
@@ -215,4 +215,6 @@ def _rsgi_reader(proto: Any, headers: Any) -> Callable[[int], Awaitable[bytes]]:
     return read
 
 
-app = App()
+def load_app(settings: Settings, target: str = "cheapest.server:app") -> App:
+    """Granian's target loader for `cheapest serve`: the worker's app, from settings read once by the CLI."""
+    return App(settings)

@@ -26,7 +26,8 @@ from cheapest.api.billing import (
 from cheapest.billing import checkout as stripe_checkout
 from cheapest.billing import stripe_events, usdc
 from cheapest.store.payments import SubscriptionView
-from cheapest.billing.settings import BillingNotConfigured, BillingSettings
+from cheapest.billing import BillingNotConfigured
+from cheapest.config import BillingSettings
 from cheapest.http.auth import management_account
 from cheapest.http.errors import ApiError
 from cheapest.http.management import decode_body
@@ -85,21 +86,8 @@ def admit_spend(state: WorkerState, key: KeyRecord, account: AccountRecord) -> s
     return account.id
 
 
-# --- per-worker billing configuration ---------------------------------------------------------------------------
-_settings: BillingSettings | None = None
+# --- per-worker billing clients ---------------------------------------------------------------------------------
 _web3: object | None = None
-
-
-def billing_settings() -> BillingSettings:
-    """Read from the environment once per worker (see billing/settings.py for the variables)."""
-    global _settings
-    if _settings is None:
-        try:
-            _settings = BillingSettings.from_env()
-        except ValueError as exc:  # our own message naming the variable, never a secret
-            log.error("%s", exc)
-            raise _unavailable() from None
-    return _settings
 
 
 def _w3(settings: BillingSettings) -> object:
@@ -140,7 +128,7 @@ async def checkout(state: WorkerState, req: Request) -> Response:
     if plan is None or plan.funded_by != "subscription":
         raise ApiError(400, "`plan` must name a subscription plan (see GET /api/plans).", param="plan",
                        code="invalid_value")
-    settings = billing_settings()
+    settings = state.settings.billing
     if not settings.stripe_secret_key:
         raise _unavailable()
     sub = state.store.ledger.subscription(account.id)
@@ -163,8 +151,8 @@ async def checkout(state: WorkerState, req: Request) -> Response:
 async def stripe_webhook(state: WorkerState, req: Request) -> Response:
     """No API key: Stripe's signature over the RAW body authenticates it. Bodies are never logged (they carry
     customers' emails); only the outcome's reason code leaves this function."""
-    raw = await req.body(state.settings.max_body_bytes)
-    settings = billing_settings()
+    raw = await req.body(state.settings.serving.max_body_bytes)
+    settings = state.settings.billing
     try:
         await asyncio.to_thread(stripe_events.handle_webhook, state.store.ledger, settings, raw,
                                 req.headers.get("stripe-signature"))
@@ -182,9 +170,9 @@ async def topup(state: WorkerState, req: Request) -> Response:
         raise ApiError(400, "Card payments are subscriptions: use POST /api/billing/checkout. Top-ups take "
                        "method `usdc`.", param="method", code="invalid_value")
     try:
-        quote = usdc.topup_quote(billing_settings(), account.id, body.amount_usd)
+        quote = usdc.topup_quote(state.settings.billing, account.id, body.amount_usd)
     except usdc.TopupRejected:
-        s = billing_settings()
+        s = state.settings.billing
         raise ApiError(400, f"`amount_usd` must be between {s.usdc_min_topup_micro / 1e6:g} and "
                        f"{s.usdc_max_topup_micro / 1e6:g} with at most 6 decimals.", param="amount_usd",
                        code="invalid_value") from None
@@ -208,7 +196,7 @@ _REJECTION_TEXT = {
 async def verify_topup(state: WorkerState, req: Request) -> Response:
     account = management_account(state, req)
     body: VerifyTopupRequest = await decode_body(state, req, _verify_decoder)
-    settings = billing_settings()
+    settings = state.settings.billing
     try:
         w3 = _w3(settings)
         credited = await asyncio.to_thread(usdc.verify_topup, settings, state.store.ledger, w3,  # type: ignore[arg-type]

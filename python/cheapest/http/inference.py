@@ -92,7 +92,7 @@ def _sampling(state: WorkerState, engine: Engine, prompt_tokens: int, requested:
         raise ApiError(400, f"This model's maximum context length is {ctx} tokens; you requested "
                        f"{prompt_tokens + requested} tokens ({prompt_tokens} in the prompt, {requested} for the "
                        f"completion).", param="max_tokens", code="context_length_exceeded")
-    max_tokens = requested if requested is not None else min(state.settings.default_max_tokens, ctx - prompt_tokens)
+    max_tokens = requested if requested is not None else min(state.settings.serving.default_max_tokens, ctx - prompt_tokens)
     stops = () if stop is None else (stop,) if isinstance(stop, str) else tuple(s for s in stop if s)
     return SamplingParams(max_tokens=max_tokens, temperature=1.0 if temperature is None else temperature,
                           top_p=1.0 if top_p is None else top_p, seed=seed, stop=stops)
@@ -204,7 +204,7 @@ def _messages(creq: ChatCompletionRequest) -> Sequence[tuple[str, str]]:
 
 async def _complete(state: WorkerState, req: Request, chat: bool) -> Response | StreamResponse:
     key, account, limits = _auth(state, req)
-    body = await req.body(state.settings.max_body_bytes)
+    body = await req.body(state.settings.serving.max_body_bytes)
     try:
         creq = (_chat_decoder if chat else _completion_decoder).decode(body)
     except msgspec.DecodeError as exc:

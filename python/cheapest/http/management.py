@@ -36,7 +36,7 @@ MAX_RANGE_S = {"hour": 31 * DAY, "day": 400 * DAY}
 
 
 async def decode_body(state: WorkerState, req: Request, decoder: msgspec.json.Decoder) -> Any:
-    body = await req.body(state.settings.max_body_bytes)
+    body = await req.body(state.settings.serving.max_body_bytes)
     if not body.strip():
         raise ApiError(400, "This route needs a JSON body.", code="invalid_json")
     try:
@@ -229,7 +229,7 @@ _PLANS: bytes | None = None
 def plan_list(settings: Settings) -> PlanList:
     return PlanList(
         data=[PlanInfo(name=name, rpm=p.rpm, tpm=p.tpm, price_usd_month=p.price_usd_month,
-                       funding=p.funded_by, default=name == settings.default_plan,
+                       funding=p.funded_by, default=name == settings.billing.default_plan,
                        budget_usd=p.budget_usd, budget_window=p.budget_window)
               for name, p in sorted(settings.plans.items(), key=lambda kv: (kv[1].price_usd_month, kv[0]))],
         prices=[ModelPrice(m, p.prompt_usd_per_mtok, p.completion_usd_per_mtok)

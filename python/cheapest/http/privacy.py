@@ -49,9 +49,9 @@ async def delete(state: WorkerState, req: Request) -> Response:
 
 
 async def process_check(state: WorkerState, req: Request) -> Response:
-    """Test backend only (model_backend = "fixed"): this worker's core-dump settings, as the kernel reports
-    them to the process itself (prctl(PR_GET_DUMPABLE) is not visible from outside to a root test runner)."""
-    if state.settings.model_backend != "fixed":
+    """Test engine only: this worker's core-dump settings, as the kernel reports them to the process itself
+    (prctl(PR_GET_DUMPABLE) is not visible from outside to a root test runner)."""
+    if state.engine is None or state.engine.provider != "fixed":
         raise not_found()
     from cheapest.privacy.hardening import PR_GET_DUMPABLE, _libc
 

@@ -3,33 +3,39 @@
 from __future__ import annotations
 
 import asyncio
+import importlib
 import logging
 import threading
-from pathlib import Path
+from collections.abc import Callable
 
 import cheapest_core
 
-from cheapest.config import PriceConfig, Settings
+from cheapest.config import EngineSettings, PriceConfig, Settings
 from cheapest.inference.types import Engine
 from cheapest.privacy.retention import PeriodicRetention
-from cheapest.store import Store, open_store
+from cheapest.store import Store, open_configured_store
 from cheapest.store.metering import UsageMeter
 from cheapest.store.secrets import load_pepper
 
 log = logging.getLogger("cheapest.http")
 
+EngineFactory = Callable[[EngineSettings], Engine]
 
-def load_configured_engine(settings: Settings) -> Engine:
-    if settings.model_backend == "fixed":
-        from cheapest.config import DEFAULT_MODEL
-        from cheapest.inference.fixed import FixedEngine
 
-        return FixedEngine(Path(settings.model_dir).name or DEFAULT_MODEL, settings.fixed_text,
-                           tokens=settings.fixed_tokens, delay=settings.fixed_delay,
-                           fail_seed=settings.fixed_fail_seed)
+def load_onnx_engine(settings: EngineSettings) -> Engine:
+    """The built-in backend ("onnx"): a model directory in the Hugging Face ONNX layout."""
     from cheapest.inference.engine import load_engine
 
     return load_engine(settings.model_dir, threads=settings.model_threads or None, spin_us=settings.model_spin_us)
+
+
+def engine_factory(settings: EngineSettings) -> EngineFactory:
+    """`model_backend`: "onnx", or "module:callable" naming another factory (imported here, in the worker)."""
+    if settings.model_backend == "onnx":
+        return load_onnx_engine
+    module, _, name = settings.model_backend.partition(":")
+    factory: EngineFactory = getattr(importlib.import_module(module), name)
+    return factory
 
 
 def _operator_log() -> None:
@@ -55,12 +61,12 @@ class WorkerState:
         self.settings = settings
         data = settings.data_path
         data.mkdir(parents=True, exist_ok=True)
-        self.store: Store = open_store(data, settings.lmdb_map_size)
-        self.pepper = load_pepper(data, settings.key_pepper)
-        self.limiter = cheapest_core.RateLimiter(str(data / "ratelimit.bin"), settings.ratelimit_capacity)
-        self.meter = UsageMeter(self.store, settings.usage_flush_interval)
+        self.store: Store = open_configured_store(settings.store)
+        self.pepper = load_pepper(data, settings.store.key_pepper)
+        self.limiter = cheapest_core.RateLimiter(str(data / "ratelimit.bin"), settings.store.ratelimit_capacity)
+        self.meter = UsageMeter(self.store, settings.store.usage_flush_interval)
         self.meter.start()
-        self.retention = PeriodicRetention(self.store, data, settings.retention_interval)
+        self.retention = PeriodicRetention(self.store, data, settings.store.retention_interval)
         self.retention.start()
         self.engine: Engine | None = None
         self.engine_failed = False
@@ -75,8 +81,8 @@ class WorkerState:
         return price.cost_micro(prompt_tokens, completion_tokens)
 
     def load_engine(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
-        """Load the engine (fixed: now; onnx: in a thread, /readyz says when it is ready)."""
-        if self.settings.model_backend == "fixed" or loop is None:
+        """Load the engine in a thread (/readyz says when it is ready); without a loop, now."""
+        if loop is None:
             self._load()
         else:
             loop.run_in_executor(None, self._load)
@@ -86,7 +92,7 @@ class WorkerState:
             if self.engine is not None:
                 return
             try:
-                self.engine = load_configured_engine(self.settings)
+                self.engine = engine_factory(self.settings.engine)(self.settings.engine)
             except Exception as exc:
                 self.engine_failed = True
                 log.error("model failed to load: %s", type(exc).__name__)

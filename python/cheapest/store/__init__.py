@@ -10,10 +10,11 @@ from pathlib import Path
 
 from cheapest.store.base import Ledger, Store, StoreError, UsageKey
 from cheapest.store.records import AccountRecord, KeyLimits, KeyRecord, UsageCounter, UsageRow
+from cheapest.store.settings import StoreSettings
 
 __all__ = [
-    "AccountRecord", "KeyLimits", "KeyRecord", "Ledger", "Store", "StoreError", "UsageCounter", "UsageKey",
-    "UsageRow", "open_store",
+    "AccountRecord", "KeyLimits", "KeyRecord", "Ledger", "Store", "StoreError", "StoreSettings", "UsageCounter",
+    "UsageKey", "UsageRow", "open_configured_store", "open_store",
 ]
 
 
@@ -22,3 +23,8 @@ def open_store(data_dir: str | Path, map_size: int = 1 << 30) -> Store:
     from cheapest.store.lmdb import LmdbStore
 
     return LmdbStore(Path(data_dir) / "store", map_size=map_size)
+
+
+def open_configured_store(settings: StoreSettings) -> Store:
+    """The store the configuration names (its data directory and backend settings)."""
+    return open_store(settings.data_path, settings.lmdb_map_size)

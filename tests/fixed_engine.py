@@ -1,16 +1,38 @@
-"""An instant fixed-output Engine: the gateway benchmark's model and the API tests' default.
+"""An instant fixed-output engine plugin: the gateway benchmark's model and the API tests' default.
+
+Servers load it with `model_backend = "fixed_engine:load"` (this folder on PYTHONPATH); its options come from
+`[engine.model_options]` / `CHEAPEST_MODEL_OPTION_<NAME>`: `text` (the completion), `tokens` (completion length in
+words, cycling the text; 0 = the text once), `delay` (seconds per word, to observe streaming and disconnects),
+`fail_seed` (a request with this seed fails after its first token).
 
 It speaks the same `Engine` contract as the ONNX engine: a ChatML prompt, one token per whitespace-separated
-word, the configured text as completion (cycled to `tokens` words when set), `max_tokens` -> "length", stop
-strings honoured, and an optional per-token delay so streaming and disconnects can be observed.
+word, the configured text as completion, `max_tokens` -> "length", stop strings honoured.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncGenerator, Sequence
+from pathlib import Path
 
+import msgspec
+
+from cheapest.config import DEFAULT_MODEL, EngineSettings
 from cheapest.inference.types import ContextLengthError, Delta, EngineError, Finish, SamplingParams
+
+
+class FixedOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    text: str = "The capital of France is Paris."
+    tokens: int = 0
+    delay: float = 0.0
+    fail_seed: int | None = None
+
+
+def load(settings: EngineSettings) -> FixedEngine:
+    """The engine factory `model_backend` names: the model id is the model directory's name."""
+    opts = msgspec.convert(settings.model_options, FixedOptions, strict=False)
+    return FixedEngine(Path(settings.model_dir).name or DEFAULT_MODEL, opts.text, tokens=opts.tokens,
+                       delay=opts.delay, fail_seed=opts.fail_seed)
 
 
 class FixedEngine:
@@ -24,8 +46,8 @@ class FixedEngine:
         self._pieces = [w if i == 0 else " " + w for i, w in enumerate(words)]
         self._tokens = tokens or len(self._pieces)
         self._delay = delay
-        # Tests only (the fixed backend never serves production): a request with this seed fails after its
-        # first token, to prove an engine failure answers generically and leaves no request text behind.
+        # A request with this seed fails after its first token, to prove an engine failure answers generically
+        # and leaves no request text behind.
         self._fail_seed = fail_seed
         self.instant = delay == 0  # answers without ever suspending: the HTTP layer need not watch for disconnects
 
