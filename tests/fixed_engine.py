@@ -5,6 +5,10 @@ Servers load it with `model_backend = "fixed_engine:load"` (this folder on PYTHO
 words, cycling the text; 0 = the text once), `delay` (seconds per word, to observe streaming and disconnects),
 `fail_seed` (a request with this seed fails after its first token).
 
+It also adds one route to each worker that loads it, `GET /_test/process`: the worker's pid and its core-dump
+settings as the kernel reports them to the process itself (prctl(PR_GET_DUMPABLE) is not visible from outside to
+a root test runner), so tests can tell which worker answered. A server with any other backend has no such route.
+
 It speaks the same `Engine` contract as the ONNX engine: a ChatML prompt, one token per whitespace-separated
 word, the configured text as completion, `max_tokens` -> "length", stop strings honoured.
 """
@@ -12,13 +16,19 @@ word, the configured text as completion, `max_tokens` -> "length", stop strings 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, Sequence
+import os
+import resource
+from collections.abc import AsyncGenerator, Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import msgspec
 
 from cheapest.config import DEFAULT_MODEL, EngineSettings
 from cheapest.inference.types import ContextLengthError, Delta, EngineError, Finish, SamplingParams
+from cheapest.privacy.hardening import PR_GET_DUMPABLE, _libc
+from cheapest.server.request import Request, Response, json_response
+from cheapest.server.routes import Route
 
 
 class FixedOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -28,11 +38,18 @@ class FixedOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     fail_seed: int | None = None
 
 
-def load(settings: EngineSettings) -> FixedEngine:
+def load(settings: EngineSettings, add_route: Callable[[Route], None]) -> FixedEngine:
     """The engine factory `model_backend` names: the model id is the model directory's name."""
     opts = msgspec.convert(settings.model_options, FixedOptions, strict=False)
+    add_route(Route("GET", "/_test/process", process_info, "This worker's pid and core-dump settings"))
     return FixedEngine(Path(settings.model_dir).name or DEFAULT_MODEL, opts.text, tokens=opts.tokens,
                        delay=opts.delay, fail_seed=opts.fail_seed)
+
+
+async def process_info(state: Any, req: Request) -> Response:
+    soft, hard = resource.getrlimit(resource.RLIMIT_CORE)
+    body = {"pid": os.getpid(), "rlimit_core": [soft, hard], "dumpable": _libc().prctl(PR_GET_DUMPABLE, 0, 0, 0, 0)}
+    return json_response(msgspec.json.encode(body))
 
 
 class FixedEngine:

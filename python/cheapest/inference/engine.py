@@ -95,6 +95,8 @@ class _Output:
 
 
 class OnnxEngine:
+    instant = False  # generation waits on the model's thread
+
     def __init__(self, spec: ModelSpec, tokenizer: Tokenizer, runner: KvRunner, provider: str) -> None:
         self.model_id = spec.model_id
         self.context_length = spec.context_length

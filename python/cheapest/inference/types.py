@@ -58,6 +58,7 @@ class Engine(Protocol):
     model_id: str  # e.g. "SmolLM2-135M-Instruct"
     context_length: int
     provider: str  # "CUDAExecutionProvider" / "CPUExecutionProvider" / "fixed"
+    instant: bool  # generate() never suspends, so a caller need not watch for the client leaving meanwhile
 
     def render_chat(self, messages: Sequence[tuple[str, str]]) -> str:
         """(role, content) pairs -> prompt text via the model's chat template (sandboxed Jinja)."""

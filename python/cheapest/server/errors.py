@@ -1,4 +1,5 @@
-"""HTTP errors in OpenAI's shape, and the one function that turns msgspec decode/validation errors into them.
+"""HTTP errors in OpenAI's shape: transport errors (`ApiError`), the gateway's refusals mapped to statuses and
+headers, and the one function that turns msgspec decode/validation errors into a 400.
 
 Messages never carry request text: msgspec's own messages name types and the field path, but a few
 (`Invalid enum value 'x'`) quote the value, so quoted parts are dropped before anything leaves the server.
@@ -6,15 +7,24 @@ Messages never carry request text: msgspec's own messages name types and the fie
 
 from __future__ import annotations
 
+import math
 import re
 
 import msgspec
 
 from cheapest.api.common import ErrorDetail, ErrorResponse
+from cheapest.gateway import errors as refusals
+from cheapest.gateway.admission import RateState
 
 _encode = msgspec.json.Encoder().encode
 _PATH = re.compile(r" - at `\$(?P<path>[^`]*)`$")
 _QUOTED = re.compile(r"'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"")
+
+STATUS: dict[type[refusals.Refusal], int] = {
+    refusals.InvalidRequest: 400, refusals.Unauthenticated: 401, refusals.PaymentRequired: 402,
+    refusals.Forbidden: 403, refusals.NotFound: 404, refusals.Conflict: 409, refusals.RateLimited: 429,
+    refusals.ModelFailed: 500, refusals.UpstreamFailed: 502, refusals.Unavailable: 503,
+}
 
 
 class ApiError(Exception):
@@ -32,6 +42,41 @@ class ApiError(Exception):
 
     def body(self) -> bytes:
         return _encode(ErrorResponse(ErrorDetail(self.message, self.type, self.param, self.code)))
+
+
+def _duration(seconds: float) -> str:
+    """OpenAI's reset format: "20ms", "1.5s", "6m0s"."""
+    if seconds < 1.0:
+        return "0ms" if seconds <= 0.0 else f"{math.ceil(seconds * 1000)}ms"
+    if seconds < 60.0:
+        return f"{round(seconds, 3):g}s"
+    m, s = divmod(seconds, 60.0)
+    return f"{int(m)}m{round(s, 3):g}s"
+
+
+def rate_headers(rate: RateState) -> list[tuple[str, str]]:
+    """`x-ratelimit-*`: on every /v1 response."""
+    req, tok = rate
+    return [
+        ("x-ratelimit-limit-requests", str(req.limit)),
+        ("x-ratelimit-limit-tokens", str(tok.limit)),
+        ("x-ratelimit-remaining-requests", str(req.remaining)),
+        ("x-ratelimit-remaining-tokens", str(tok.remaining)),
+        ("x-ratelimit-reset-requests", _duration(req.reset_after)),
+        ("x-ratelimit-reset-tokens", _duration(tok.reset_after)),
+    ]
+
+
+def refused(refusal: refusals.Refusal) -> ApiError:
+    """A gateway refusal as an HTTP error: its class's status, rate-limit and retry headers."""
+    headers = rate_headers(refusal.rate) if refusal.rate is not None else []
+    if refusal.retry_after is not None:
+        headers.append(("retry-after", str(max(1, math.ceil(refusal.retry_after)))))
+        if refusal.rate is not None:
+            headers.append(("retry-after-ms", str(max(1, math.ceil(refusal.retry_after * 1000)))))
+    if refusal.reset_at is not None:
+        headers.append(("x-budget-reset", str(refusal.reset_at)))
+    return ApiError(STATUS[type(refusal)], refusal.message, refusal.type, refusal.param, refusal.code, headers)
 
 
 def decode_error(exc: msgspec.DecodeError) -> ApiError:

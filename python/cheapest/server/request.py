@@ -1,28 +1,35 @@
-"""The transport-neutral request/response objects handlers see (RSGI today; ASGI would adapt the same)."""
+"""The transport-neutral request and response objects handlers see (RSGI and ASGI adapt to them)."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Protocol
 
-from cheapest.http.errors import ApiError
+from cheapest.server.errors import ApiError
+
+if TYPE_CHECKING:
+    from cheapest.gateway import Caller
 
 JSON = "application/json"
 
 
-class ClientGone(Exception):
-    """The client disconnected before the response was ready; nothing is sent."""
+class Headers(Protocol):
+    """Lower-cased header names (Granian's RSGI headers, or the ASGI adapter's)."""
+
+    def get(self, key: str, default: str | None = None) -> str | None: ...
+    def __contains__(self, key: str) -> bool: ...
 
 
 class Request:
     """One request; handlers also note metadata here for the single log line (never content)."""
 
-    __slots__ = ("method", "path", "query", "headers", "started", "_read", "_content_length", "key_id", "model",
-                 "prompt_tokens", "completion_tokens", "stream", "disconnected", "watch_disconnect", "rate_limits")
+    __slots__ = ("method", "path", "query", "headers", "started", "_read", "key_id", "model", "prompt_tokens",
+                 "completion_tokens", "stream", "disconnected", "watch_disconnect", "caller")
 
-    def __init__(self, method: str, path: str, query: str, headers: Any, read: Callable[[int], Awaitable[bytes]],
-                 watch_disconnect: Callable[[], Awaitable[None]] | None = None) -> None:
+    def __init__(self, method: str, path: str, query: str, headers: Headers,
+                 read: Callable[[int], Awaitable[bytes]],
+                 watch_disconnect: Callable[[], Awaitable[object]] | None = None) -> None:
         self.method = method
         self.path = path
         self.query = query
@@ -36,7 +43,7 @@ class Request:
         self.stream = False
         self.disconnected = False
         self.watch_disconnect = watch_disconnect
-        self.rate_limits: Any = None  # the key's effective limits once authenticated (/v1)
+        self.caller: Caller | None = None  # once the route's key is authenticated
 
     async def body(self, limit: int) -> bytes:
         declared = self.headers.get("content-length")

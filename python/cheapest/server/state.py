@@ -1,4 +1,11 @@
-"""What one worker process holds: store, pepper, rate limiter, usage meter, engine. Opened after fork."""
+"""What one worker process holds, opened after it starts (never in a server master, never across a fork): the
+store, the shared rate limiter, the usage meter, the retention job, the gateway (with its caches and payment
+clients), the engine, the response-id buffer, the request log and the documents it serves.
+
+The engine comes from a factory named by `model_backend`: "onnx" (the built-in ONNX Runtime engine) or
+"module:callable", `factory(settings: EngineSettings, add_route) -> Engine`, imported in the worker. A factory
+may add routes of its own to this worker's router through `add_route` (they are not in the OpenAPI document).
+"""
 
 from __future__ import annotations
 
@@ -10,19 +17,24 @@ from collections.abc import Callable
 
 import cheapest_core
 
-from cheapest.config import EngineSettings, PriceConfig, Settings
+from cheapest.config import EngineSettings, Settings
+from cheapest.gateway import Gateway
 from cheapest.inference.types import Engine
 from cheapest.privacy.retention import PeriodicRetention
+from cheapest.server.accesslog import RequestLog
+from cheapest.server.ids import ResponseIds
+from cheapest.server.routes import Route
 from cheapest.store import Store, open_configured_store
 from cheapest.store.metering import UsageMeter
 from cheapest.store.secrets import load_pepper
 
-log = logging.getLogger("cheapest.http")
+log = logging.getLogger("cheapest.server")
 
-EngineFactory = Callable[[EngineSettings], Engine]
+AddRoute = Callable[[Route], None]
+EngineFactory = Callable[[EngineSettings, AddRoute], Engine]
 
 
-def load_onnx_engine(settings: EngineSettings) -> Engine:
+def load_onnx_engine(settings: EngineSettings, add_route: AddRoute) -> Engine:
     """The built-in backend ("onnx"): a model directory in the Hugging Face ONNX layout."""
     from cheapest.inference.engine import load_engine
 
@@ -42,7 +54,7 @@ def _operator_log() -> None:
     """Send the service's own metadata-only log lines (model loaded, provider, failures by type) to stderr.
 
     Granian configures only its own loggers; without this, `cheapest.*` INFO lines would vanish. Request
-    metadata lines go to stdout separately (http/accesslog.py)."""
+    metadata lines go to stdout separately (accesslog.RequestLog)."""
     logger = logging.getLogger("cheapest")
     if not logger.handlers:
         handler = logging.StreamHandler()
@@ -53,7 +65,7 @@ def _operator_log() -> None:
 
 
 class WorkerState:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, add_route: AddRoute) -> None:
         from cheapest.privacy.hardening import disable_core_dumps
 
         disable_core_dumps()  # this process will hold prompts and completions in memory
@@ -62,23 +74,21 @@ class WorkerState:
         data = settings.data_path
         data.mkdir(parents=True, exist_ok=True)
         self.store: Store = open_configured_store(settings.store)
-        self.pepper = load_pepper(data, settings.store.key_pepper)
-        self.limiter = cheapest_core.RateLimiter(str(data / "ratelimit.bin"), settings.store.ratelimit_capacity)
         self.meter = UsageMeter(self.store, settings.store.usage_flush_interval)
         self.meter.start()
         self.retention = PeriodicRetention(self.store, data, settings.store.retention_interval)
         self.retention.start()
+        limiter = cheapest_core.RateLimiter(str(data / "ratelimit.bin"), settings.store.ratelimit_capacity)
+        self.gateway = Gateway(settings, self.store, load_pepper(data, settings.store.key_pepper), limiter,
+                               self.meter)
+        self.ids = ResponseIds()
+        self.request_log = RequestLog()
+        self.openapi: bytes | None = None  # the OpenAPI document, encoded on first request
+        self.plans: bytes | None = None  # the public plan catalog, encoded on first request
         self.engine: Engine | None = None
         self.engine_failed = False
-        self._prices: dict[str, PriceConfig] = {}
+        self._add_route = add_route
         self._engine_lock = threading.Lock()
-
-    def cost_micro(self, model: str, prompt_tokens: int, completion_tokens: int) -> int:
-        """The request's cost from the model's configured price (looked up once per model)."""
-        price = self._prices.get(model)
-        if price is None:
-            price = self._prices[model] = self.settings.price(model)
-        return price.cost_micro(prompt_tokens, completion_tokens)
 
     def load_engine(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
         """Load the engine in a thread (/readyz says when it is ready); without a loop, now."""
@@ -92,16 +102,15 @@ class WorkerState:
             if self.engine is not None:
                 return
             try:
-                self.engine = engine_factory(self.settings.engine)(self.settings.engine)
+                settings = self.settings.engine
+                self.engine = engine_factory(settings)(settings, self._add_route)
             except Exception as exc:
                 self.engine_failed = True
                 log.error("model failed to load: %s", type(exc).__name__)
                 raise
 
     def close(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
-        from cheapest.http.accesslog import flush_request_log
-
-        flush_request_log()
+        self.request_log.flush()
         self.retention.stop()
         self.meter.stop()
         if self.engine is not None and loop is not None and not loop.is_closed():

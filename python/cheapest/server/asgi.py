@@ -1,13 +1,18 @@
-"""ASGI face of the same app (`granian --interface asgi cheapest.server:app`): adapts scope/receive/send to
-the transport-neutral Request/Response the handlers use. RSGI is the faster default; see http/app.py."""
+"""ASGI face of the same app (`granian --interface asgi cheapest.server:app`): adapts scope/receive/send to the
+transport-neutral Request/Response the handlers use. RSGI is the faster default (application.py)."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from cheapest.http.request import ClientGone, Request, Response, StreamResponse
+from cheapest.server.application import send_stream
+from cheapest.server.cancellation import ClientGone
+from cheapest.server.request import Response, Request, StreamResponse
+
+if TYPE_CHECKING:
+    from cheapest.server.application import App
 
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
@@ -21,7 +26,7 @@ class _Headers:
     def __init__(self, raw: list[tuple[bytes, bytes]]) -> None:
         self._d = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in raw}
 
-    def get(self, key: str, default: Any = None) -> Any:
+    def get(self, key: str, default: str | None = None) -> str | None:
         return self._d.get(key, default)
 
     def __contains__(self, key: str) -> bool:
@@ -32,19 +37,22 @@ def _encode_headers(headers: list[tuple[str, str]]) -> list[tuple[bytes, bytes]]
     return [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers]
 
 
-async def serve_asgi(app: Any, scope: dict[str, Any], receive: Receive, send: Send) -> None:
+async def _lifespan(app: App, receive: Receive, send: Send) -> None:
+    while True:
+        msg = await receive()
+        if msg["type"] == "lifespan.startup":
+            app.open(asyncio.get_running_loop())
+            await send({"type": "lifespan.startup.complete"})
+        elif msg["type"] == "lifespan.shutdown":
+            app.close(None)
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
+async def serve_asgi(app: App, scope: dict[str, Any], receive: Receive, send: Send) -> None:
     if scope["type"] == "lifespan":
-        while True:
-            msg = await receive()
-            if msg["type"] == "lifespan.startup":
-                app._open(asyncio.get_running_loop())
-                await send({"type": "lifespan.startup.complete"})
-            elif msg["type"] == "lifespan.shutdown":
-                if app.state is not None:
-                    app.state.close(None)
-                    app.state = None
-                await send({"type": "lifespan.shutdown.complete"})
-                return
+        await _lifespan(app, receive, send)
+        return
     if scope["type"] != "http":
         return
     gone = asyncio.Event()
@@ -70,33 +78,19 @@ async def serve_asgi(app: Any, scope: dict[str, Any], receive: Receive, send: Se
     try:
         resp = await app.handle(req)
     except ClientGone:
-        app._log(req, 499)
+        app.log(req, 499)
         return
     await send({"type": "http.response.start", "status": resp.status, "headers": _encode_headers(resp.headers)})
     if isinstance(resp, Response):
         await send({"type": "http.response.body", "body": resp.body})
-        app._log(req, resp.status)
+        app.log(req, resp.status)
         return
     assert isinstance(resp, StreamResponse)
-    status = resp.status
 
-    async def send_all() -> None:
-        async for chunk in resp.chunks:
-            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+    async def chunk(data: bytes) -> None:
+        await send({"type": "http.response.body", "body": data, "more_body": True})
+
+    status = await send_stream(resp, chunk, watch, (OSError, RuntimeError))
+    if status != 499:
         await send({"type": "http.response.body", "body": b""})
-
-    work = asyncio.ensure_future(send_all())
-    watcher = asyncio.ensure_future(watch())
-    try:
-        await asyncio.wait((work, watcher), return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watcher.cancel()
-    if not work.done():
-        work.cancel()
-    try:
-        await work
-    except (asyncio.CancelledError, OSError, RuntimeError):
-        status = 499
-    finally:
-        await resp.chunks.aclose()
-    app._log(req, status)
+    app.log(req, status)

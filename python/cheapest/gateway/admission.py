@@ -1,0 +1,190 @@
+"""Admission and settlement: may this caller run this generation now, and what did it cost.
+
+`admit()` is the one decision, in this order: subscription standing (403), budget windows (429 naming the budget
+and its reset), credit balance of credit-funded plans (402), then requests and tokens per minute through the
+core's shared GCRA table (429 with the limiter's state). It returns an `Admission`; `settle()` meters it exactly
+once, however the generation ended.
+
+TPM is charged at admission as prompt tokens + max_tokens (capped at the limit, so a large max_tokens is not
+refused forever) and corrected at settlement once the real completion length is known.
+
+Who owns the money: the store's ledger is the one owner of an account's spendable balance. Spend is the flushed
+total plus this worker's unflushed part; other workers' unflushed usage (at most one flush interval) and requests
+already running can take a budget or a balance slightly past zero: a request's cost is known only after it ran,
+and it is always billed in full.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from datetime import datetime, timezone
+from typing import NamedTuple
+
+from cheapest_core import RateDecision, RateLimiter
+
+from cheapest.config import PriceConfig, Settings
+from cheapest.gateway.auth import Caller
+from cheapest.gateway.errors import Forbidden, PaymentRequired, RateLimited
+from cheapest.store import AccountRecord, KeyRecord, Store
+from cheapest.store.metering import UsageMeter
+from cheapest.store.payments import SubscriptionView
+from cheapest.vocabulary import BUDGET_WINDOWS, MICRO_PER_USD, window_start
+
+PERIOD = 60.0  # rpm and tpm: per minute
+_GOOD_STANDING = frozenset({"none", "active", "trialing", "past_due"})
+
+
+class RateState(NamedTuple):
+    """The caller's place in its per-minute limits (what `x-ratelimit-*` headers report)."""
+
+    requests: RateDecision
+    tokens: RateDecision
+
+
+class Demand(NamedTuple):
+    """What one generation asks for."""
+
+    model: str
+    prompt_tokens: int
+    max_tokens: int
+
+
+class Admission:
+    """One admitted request. For a generation, the caller of `settle()` sets `completion_tokens` as it goes."""
+
+    __slots__ = ("caller", "rate", "demand", "charged_tokens", "debit_to", "completion_tokens", "settled")
+
+    def __init__(self, caller: Caller, rate: RateState, demand: Demand | None = None, charged_tokens: int = 0,
+                 debit_to: str | None = None) -> None:
+        self.caller = caller
+        self.rate = rate
+        self.demand = demand
+        self.charged_tokens = charged_tokens
+        self.debit_to = debit_to  # a credit-funded account pays this request's cost
+        self.completion_tokens = 0
+        self.settled = demand is None
+
+
+class Admissions:
+    """One worker's admission policy over the shared limiter, the store and the worker's usage meter."""
+
+    def __init__(self, settings: Settings, store: Store, limiter: RateLimiter, meter: UsageMeter) -> None:
+        self.settings = settings
+        self.store = store
+        self.limiter = limiter
+        self.meter = meter
+        self._prices: dict[str, PriceConfig] = {}  # per model, looked up once
+
+    def peek(self, caller: Caller) -> RateState:
+        limits = caller.limits
+        return RateState(self.limiter.peek(limits.rpm_name, limits.rpm, PERIOD),
+                         self.limiter.peek(limits.tpm_name, limits.tpm, PERIOD))
+
+    def admit(self, caller: Caller, demand: Demand | None = None, now: float | None = None) -> Admission:
+        """Standing, budgets, credits and rate limits, all or nothing; a refusal names which one. Without a
+        demand (a read such as listing models) only standing is checked and nothing is charged."""
+        now = time.time() if now is None else now
+        self._check_standing(caller.account, now)
+        if demand is None:
+            return Admission(caller, self.peek(caller))
+        self._check_budgets(caller.key, caller.account, now)
+        debit_to = self._check_credits(caller.account)
+        limits = caller.limits
+        if demand.prompt_tokens > limits.tpm:
+            raise RateLimited(f"Request too large: {demand.prompt_tokens} prompt tokens exceed this key's limit of "
+                              f"{limits.tpm} tokens per minute.", type="tokens", code="rate_limit_exceeded",
+                              rate=self.peek(caller))
+        charge = min(demand.prompt_tokens + demand.max_tokens, limits.tpm)
+        req, tok = self.limiter.acquire_all([(limits.rpm_name, limits.rpm, PERIOD, 1),
+                                             (limits.tpm_name, limits.tpm, PERIOD, charge)])
+        rate = RateState(req, tok)
+        if not (req.allowed and tok.allowed):
+            retry = max(req.retry_after, tok.retry_after)
+            if not req.allowed:
+                msg, typ = f"Rate limit reached: {limits.rpm} requests per minute. Retry in {retry:.1f}s.", "requests"
+            else:
+                msg, typ = f"Rate limit reached: {limits.tpm} tokens per minute. Retry in {retry:.1f}s.", "tokens"
+            raise RateLimited(msg, type=typ, code="rate_limit_exceeded", retry_after=retry, rate=rate)
+        return Admission(caller, rate, demand, charge, debit_to)
+
+    def settle(self, admission: Admission) -> None:
+        """Meter an admitted generation once: correct the TPM charge to the tokens really used and record usage
+        and cost (debited from the balance of a credit-funded account at the next flush)."""
+        if admission.settled:
+            return
+        admission.settled = True
+        demand = admission.demand
+        assert demand is not None
+        p, c = demand.prompt_tokens, admission.completion_tokens
+        limits = admission.caller.limits
+        if p + c != admission.charged_tokens:
+            self.limiter.adjust(limits.tpm_name, limits.tpm, PERIOD, p + c - admission.charged_tokens)
+        self.meter.record(admission.caller.key.id, demand.model, p, c, self.cost_micro(demand.model, p, c),
+                          debit_account=admission.debit_to)
+
+    def cost_micro(self, model: str, prompt_tokens: int, completion_tokens: int) -> int:
+        """The request's cost from the model's configured price."""
+        price = self._prices.get(model)
+        if price is None:
+            price = self._prices[model] = self.settings.price(model)
+        return price.cost_micro(prompt_tokens, completion_tokens)
+
+    def balance(self, account_id: str) -> int:
+        """The spendable balance: the ledger's, less this worker's debits not flushed yet."""
+        return self.store.ledger.balance(account_id) - self.meter.pending_debit(account_id)
+
+    # --- the parts of the decision ------------------------------------------------------------------------
+    def _check_standing(self, account: AccountRecord, now: float) -> None:
+        """Inference keys of a subscription plan work only while the subscription is in good standing: `expired`
+        (a period long over), `canceled` and the unpaid states are refused until renewed. "none" is a plan the
+        operator assigned without Stripe. Management keys keep working, so the account can see its status and
+        renew."""
+        if account.subscription_status == "none" or self.settings.plan(account.plan).funded_by != "subscription":
+            return
+        status = subscription_status(account, now)
+        if status not in _GOOD_STANDING:
+            raise Forbidden(f"The subscription for plan {account.plan} is {status}; renew it (POST "
+                            f"/api/billing/checkout) to use this key again.", code="subscription_inactive")
+
+    def _budgets(self, account: AccountRecord, key: KeyRecord) -> list[tuple[int, str, str]]:
+        """(cap in micro-dollars, window, whose) for the key's own budget and its plan's; both apply."""
+        plan = self.settings.plan(account.plan)
+        out: list[tuple[int, str, str]] = []
+        if key.limits.budget_usd is not None:
+            window = key.limits.budget_window or plan.budget_window
+            if window is not None:
+                out.append((round(key.limits.budget_usd * MICRO_PER_USD), window, "this key's"))
+        if plan.budget_usd is not None and plan.budget_window is not None:
+            out.append((round(plan.budget_usd * MICRO_PER_USD), plan.budget_window, f"the {account.plan} plan's"))
+        return out
+
+    def _check_budgets(self, key: KeyRecord, account: AccountRecord, now: float) -> None:
+        for cap, window, whose in self._budgets(account, key):
+            start = window_start(window, now)
+            spent = self.store.window_spend(key.id, window, start) + self.meter.pending_cost(key.id)
+            if spent >= cap:
+                reset = start + BUDGET_WINDOWS[window]
+                wait = max(1, math.ceil(reset - now))
+                at = datetime.fromtimestamp(reset, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+                raise RateLimited(f"Budget exceeded: {whose} budget of ${cap / 1e6:g} per {window} window is spent "
+                                  f"(${spent / 1e6:g}); it resets at {at} (in {wait} s).", type="insufficient_quota",
+                                  code="budget_exceeded", retry_after=wait, reset_at=reset)
+
+    def _check_credits(self, account: AccountRecord) -> str | None:
+        """The account to debit (credit-funded plans), refused when its balance is used up."""
+        if self.settings.plan(account.plan).funded_by != "credits":
+            return None
+        if self.balance(account.id) <= 0:
+            raise PaymentRequired("You exceeded your current quota: the account's credit balance is used up. Top "
+                                  "it up (POST /api/billing/topup) and retry.", code="insufficient_quota")
+        return account.id
+
+
+def subscription_status(account: AccountRecord, now: float) -> str:
+    """The account's subscription status as it stands at `now` (a long-past period reads `expired`)."""
+    if account.subscription_status == "none":
+        return "none"
+    return SubscriptionView(plan=account.plan, status=account.subscription_status,
+                            current_period_end=account.period_end, subscription_id=None, customer_id=None,
+                            updated_at=0).effective_status(now)
