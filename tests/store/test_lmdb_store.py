@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import multiprocessing
+from collections.abc import Callable
 from pathlib import Path
 
 import msgspec
@@ -11,6 +11,7 @@ import pytest
 from cheapest.store import AccountRecord, KeyLimits, KeyRecord, StoreError, UsageCounter, open_store
 from cheapest.store.metering import UsageMeter, hour_of
 from cheapest.store.secrets import load_pepper
+from processes import in_processes
 
 
 def _account(i: int = 0) -> AccountRecord:
@@ -47,9 +48,10 @@ def test_accounts_and_keys_round_trip(tmp_path: Path) -> None:
     store.close()
 
 
-def _add_usage(path: str, n: int) -> None:
+def _add_usage(start: Callable[[], None], path: str, n: int) -> None:
     store = open_store(path)
     meter = UsageMeter(store, interval=0.01)
+    start()
     meter.start()
     for i in range(n):
         meter.record("key_a", "m", 3, 5, 7, ts=7200.0 + (i % 2) * 3600)
@@ -58,13 +60,7 @@ def _add_usage(path: str, n: int) -> None:
 
 
 def test_usage_totals_exact_across_processes(tmp_path: Path) -> None:
-    ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_add_usage, args=(str(tmp_path), 500)) for _ in range(4)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(60)
-        assert p.exitcode == 0
+    in_processes(_add_usage, str(tmp_path), 500, n=4)
     store = open_store(tmp_path)
     rows = list(store.usage(["key_a"]))
     assert [(r.hour, r.counter) for r in rows] == [

@@ -1,0 +1,94 @@
+"""The server's parts without a socket: one route table for the router and the OpenAPI document, refusals
+mapped to statuses and headers, and the one helper that stops work when the client goes away."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from openapi_spec_validator import validate
+
+from cheapest.api.openapi import build_openapi
+from cheapest.gateway import errors as refusals
+from cheapest.server.cancellation import ClientGone, until_disconnected
+from cheapest.server.errors import STATUS, ApiError, refused
+from cheapest.server.routes import ROUTES, Route, Router
+
+
+def test_the_router_serves_exactly_the_table() -> None:
+    router = Router()
+    for route in ROUTES:
+        path = route.path.replace("{model}", "m1").replace("{key_id}", "key_1")
+        found, args = router.match(route.method, path)
+        assert found is route and args == (("m1",) if "{model}" in route.path else
+                                           ("key_1",) if "{key_id}" in route.path else ())
+    for method, path, status in (("GET", "/nope", 404), ("GET", "/v1/models/a/b", 404),
+                                 ("DELETE", "/v1/chat/completions", 405), ("POST", "/api/keys/key_1", 405)):
+        with pytest.raises(ApiError) as err:
+            router.match(method, path)
+        assert err.value.status == status
+
+
+def test_routes_added_to_one_router_stay_there() -> None:
+    async def handler(state: object, req: object) -> None: ...
+
+    mine, other = Router(), Router()
+    mine.add(Route("GET", "/_plugin", handler, "a plugin's route"))  # type: ignore[arg-type]
+    assert mine.match("GET", "/_plugin")[0].path == "/_plugin"
+    with pytest.raises(ApiError):
+        other.match("GET", "/_plugin")
+
+
+def test_the_openapi_document_is_the_table_and_valid() -> None:
+    doc = build_openapi([r for r in ROUTES if r.documented])
+    validate(doc)
+    documented = {(r.method.lower(), r.path) for r in ROUTES if r.documented}
+    assert {(m, p) for p, ops in doc["paths"].items() for m in ops} == documented
+    assert "/openapi.json" not in doc["paths"]
+    keys = {(r.method.lower(), r.path): r.auth for r in ROUTES}
+    for path, ops in doc["paths"].items():
+        for method, op in ops.items():
+            scheme = {"sk": [{"inferenceKey": []}], "mk": [{"managementKey": []}], None: None}
+            assert op.get("security") == scheme[keys[(method, path)]]
+
+
+def test_every_refusal_has_a_status_and_its_retry_headers() -> None:
+    kinds = {c for c in vars(refusals).values() if isinstance(c, type) and issubclass(c, refusals.Refusal)}
+    assert kinds - {refusals.Refusal} == set(STATUS)
+    budget = refused(refusals.RateLimited("spent", code="budget_exceeded", retry_after=2.5, reset_at=86_400))
+    assert budget.status == 429 and budget.headers == [("retry-after", "3"), ("x-budget-reset", "86400")]
+    lapsed = refused(refusals.Forbidden("lapsed", code="subscription_inactive"))
+    assert (lapsed.status, lapsed.type, lapsed.headers) == (403, "permission_error", [])
+
+
+def test_until_disconnected_returns_the_work_or_stops_it() -> None:
+    cleaned: list[str] = []
+
+    async def work(delay: float) -> str:
+        try:
+            await asyncio.sleep(delay)
+            return "done"
+        finally:
+            cleaned.append("work")
+
+    async def never() -> None:
+        await asyncio.Event().wait()
+
+    async def soon() -> None:
+        await asyncio.sleep(0.01)
+
+    async def run() -> None:
+        assert await until_disconnected(work(0), None) == "done"
+        assert await until_disconnected(work(0.01), never) == "done"
+        with pytest.raises(ClientGone):
+            await until_disconnected(work(10), soon)
+        assert cleaned == ["work", "work", "work"]  # the stopped work's cleanup ran before ClientGone
+        outer = asyncio.ensure_future(until_disconnected(work(10), never))
+        await asyncio.sleep(0.01)
+        outer.cancel()  # the request itself is cancelled: the work goes with it
+        with pytest.raises(asyncio.CancelledError):
+            await outer
+        await asyncio.sleep(0)
+        assert cleaned == ["work"] * 4
+
+    asyncio.run(run())
