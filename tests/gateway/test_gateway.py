@@ -16,7 +16,7 @@ from cheapest_core import RateLimiter
 from cheapest.config import PlanConfig, PriceConfig, Settings
 from cheapest.gateway import Demand, Gateway
 from cheapest.gateway.completions import collect
-from cheapest.gateway.errors import Forbidden, PaymentRequired, RateLimited, Unauthenticated
+from cheapest.gateway.errors import Refusal
 from cheapest.inference.types import SamplingParams
 from cheapest.store import KeyLimits, accounts, open_store
 from cheapest.store.metering import UsageMeter
@@ -52,12 +52,13 @@ def test_authentication_refusals(world: SimpleNamespace) -> None:
     gw = world.gateway()
     acct, sk, mk = world.account()
     for header in (None, "", "Basic abc", "Bearer ", "Bearer sk_notakey", "Bearer " + sk[7:-1] + "x"):
-        with pytest.raises(Unauthenticated) as err:
+        with pytest.raises(Refusal) as err:
             gw.authenticate(header, "sk")
-        assert err.value.code == "invalid_api_key"
-    with pytest.raises(Forbidden) as wrong:
+        assert (err.value.kind, err.value.code) == ("unauthenticated", "invalid_api_key")
+    with pytest.raises(Refusal) as wrong:
         gw.authenticate(mk, "sk")
-    assert wrong.value.code == "wrong_key_kind" and "inference key" in wrong.value.message
+    assert (wrong.value.kind, wrong.value.code) == ("forbidden", "wrong_key_kind")
+    assert "inference key" in wrong.value.message and wrong.value.type == "permission_error"
     caller = gw.authenticate(sk, "sk")
     assert caller.account.id == acct and (caller.limits.rpm, caller.limits.tpm) == (2, 100)
     assert gw.authenticate(sk, "sk") is caller  # cached: the same object while nothing changed
@@ -71,15 +72,16 @@ def test_every_change_is_seen_on_the_next_call_through_the_epoch(world: SimpleNa
     world.store.update_key(key.id, acct, lambda k: msgspec.structs.replace(k, limits=KeyLimits(rpm=1)))
     assert b.authenticate(sk, "sk").limits.rpm == 1  # the other worker, on its very next call
     accounts.set_status(world.store, acct, "disabled")
-    with pytest.raises(Forbidden) as err:
+    with pytest.raises(Refusal) as err:
         b.authenticate(sk, "sk")
-    assert err.value.code == "account_disabled"
+    assert (err.value.kind, err.value.code) == ("forbidden", "account_disabled")
     accounts.set_status(world.store, acct, "active")
     world.store.delete_key(key.id)
-    with pytest.raises(Unauthenticated):
+    with pytest.raises(Refusal) as revoked:
         a.authenticate(sk, "sk")
+    assert revoked.value.kind == "unauthenticated"
     acct2, sk2, _ = world.account(expires_at=int(time.time()) - 1)
-    with pytest.raises(Forbidden) as expired:
+    with pytest.raises(Refusal) as expired:
         a.authenticate(sk2, "sk")
     assert expired.value.code == "key_expired"
 
@@ -93,11 +95,11 @@ def test_rate_limits_are_one_decision_with_the_state_to_report(world: SimpleName
     first = gw.admit(caller, Demand(MODEL, 10, 20))
     assert first.charged_tokens == 30 and first.rate.tokens.remaining == 70
     gw.admit(caller, Demand(MODEL, 1, 1))
-    with pytest.raises(RateLimited) as err:
+    with pytest.raises(Refusal) as err:
         gw.admit(caller, Demand(MODEL, 1, 1))
-    assert (err.value.type, err.value.code) == ("requests", "rate_limit_exceeded")
+    assert (err.value.kind, err.value.type, err.value.code) == ("rate_limited", "requests", "rate_limit_exceeded")
     assert err.value.rate is not None and err.value.rate.requests.remaining == 0 and err.value.retry_after
-    with pytest.raises(RateLimited) as big:
+    with pytest.raises(Refusal) as big:
         gw.admit(caller, Demand(MODEL, 101, 1))
     assert big.value.type == "tokens" and big.value.retry_after is None  # never fits: no point retrying
 
@@ -124,32 +126,35 @@ def test_standing_budgets_and_credits(world: SimpleNamespace) -> None:
     caller = gw.authenticate(sk, "sk")
     gw.admit(caller)  # assigned by the operator: no subscription to be in standing
     world.store.ledger.merge_subscription(acct, {"plan": "sub", "status": "canceled"}, 10)
-    with pytest.raises(Forbidden) as lapsed:
+    with pytest.raises(Refusal) as lapsed:
         gw.admit(gw.authenticate(sk, "sk"))
-    assert lapsed.value.code == "subscription_inactive"
+    assert (lapsed.value.kind, lapsed.value.code) == ("forbidden", "subscription_inactive")
 
     _, capped, _ = world.account("capped")
     caller = gw.authenticate(capped, "sk")
     admission = gw.admit(caller, Demand(MODEL, 1, 1))
     admission.completion_tokens = 1
     gw.settle(admission)  # $0.000002 spent: the day's budget is used up, flushed or not
-    with pytest.raises(RateLimited) as spent:
+    with pytest.raises(Refusal) as spent:
         gw.admit(caller, Demand(MODEL, 1, 1))
-    assert spent.value.code == "budget_exceeded" and spent.value.reset_at is not None
+    assert (spent.value.kind, spent.value.code) == ("rate_limited", "budget_exceeded")
+    assert spent.value.reset_at is not None
     assert spent.value.reset_at % 86_400 == 0 and 0 < spent.value.retry_after <= 86_400  # type: ignore[operator]
 
     payg, paying, _ = world.account("payg")
     caller = gw.authenticate(paying, "sk")
-    with pytest.raises(PaymentRequired) as empty:
+    with pytest.raises(Refusal) as empty:
         gw.admit(caller, Demand(MODEL, 1, 1))
-    assert empty.value.code == "insufficient_quota"
+    assert (empty.value.kind, empty.value.code, empty.value.type) == ("payment_required", "insufficient_quota",
+                                                                      "insufficient_quota")
     world.store.ledger.credit(payg, 3, "grant:test")
     admission = gw.admit(caller, Demand(MODEL, 1, 1))
     assert admission.debit_to == payg
     admission.completion_tokens = 2
     gw.settle(admission)  # costs 3: the balance this worker sees is spent before any flush
-    with pytest.raises(PaymentRequired):
+    with pytest.raises(Refusal) as spent_again:
         gw.admit(caller, Demand(MODEL, 1, 1))
+    assert spent_again.value.kind == "payment_required"
     world.meter.flush()
     assert world.store.ledger.balance(payg) == 0
 

@@ -1,20 +1,14 @@
 """Stripe Checkout in subscription mode, through the official SDK.
 
-Route `POST /api/billing/checkout {plan}` calls (off the event loop: the SDK blocks):
+`create_checkout_session(settings, account_id=, plan=, customer_email=, customer_id=, client=)` returns a
+`CheckoutSession(id, url)`, the page where the customer pays. It blocks on Stripe's API. Errors: `UnknownPlan`
+(a ValueError: the plan has no configured Stripe price), `BillingNotConfigured` (no secret key),
+`CheckoutUnavailable` (a RuntimeError: Stripe refused or could not be reached; `.code` is Stripe's error code
+when it gave one; the message never carries Stripe's text).
 
-    session = create_checkout_session(settings, account_id=acct.id, plan=body.plan, customer_email=acct.email,
-                                      customer_id=ledger.subscription(acct.id).customer_id if known)
-    -> CheckoutSession(id, url)            answer 200 {"id": ..., "url": ...}
-
-Errors: `UnknownPlan` (ValueError, 400: the plan has no configured price),
-`BillingNotConfigured` (503: no secret key), `CheckoutUnavailable`
-(RuntimeError, 502: Stripe refused or could not be reached; `.code` is Stripe's
-error code when it gave one; the message never carries Stripe's text).
-
-The account id travels as `client_reference_id` and in the metadata of both
-the session and the subscription it creates, so every later webhook about it
-names its account (see stripe_events). No card data passes through here:
-Stripe's hosted page collects it.
+The account id travels as `client_reference_id` and in the metadata of both the session and the subscription it
+creates, so every later webhook about it names its account (see stripe_events). No card data passes through
+here: Stripe's hosted page collects it.
 """
 
 from __future__ import annotations

@@ -1,19 +1,17 @@
 """Stripe webhooks: verify, then apply each event once, in any order.
 
-Route `POST /webhooks/stripe` calls, with the RAW body bytes:
-
-    outcome = handle_webhook(ledger, settings, body, headers.get("stripe-signature"))
-
+`handle_webhook(ledger, settings, raw_body, stripe_signature_header)`:
 - returns `WebhookOutcome(event_id, type, result, account_id)`, `result` one of
   "applied" (state changed), "unchanged" (valid, but older than what we hold),
   "duplicate" (event id seen before: no effect), "ignored" (a type we do not
-  handle), "unmatched" (no account could be resolved) -> answer 200 to all;
-- raises `WebhookRejected(reason_code)` (a ValueError) -> answer 400, nothing
-  was written. Codes: "bad_signature" (missing/garbled header, wrong secret,
-  tampered body, or older than the tolerance: checked by the official SDK),
-  "timestamp_in_future" (more than the tolerance ahead: the SDK does not check
-  that), "malformed_event" (signed, but not a Stripe event);
-- raises `BillingNotConfigured` when no webhook secret is set -> 503.
+  handle), "unmatched" (no account could be resolved) - Stripe is told all is
+  well in every case;
+- raises `WebhookRejected(reason_code)` (a ValueError), nothing written. Codes:
+  "bad_signature" (missing/garbled header, wrong secret, tampered body, or older
+  than the tolerance: checked by the official SDK), "timestamp_in_future" (more
+  than the tolerance ahead: the SDK does not check that), "malformed_event"
+  (signed, but not a Stripe event);
+- raises `BillingNotConfigured` when no webhook secret is set.
 
 Order independence: an event describes its object's state at the event's
 `created` second. Each fact (plan, status, period end, ids) is merged as a

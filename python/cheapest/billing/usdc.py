@@ -1,37 +1,28 @@
 """USDC top-ups on Base, verified on-chain with web3 and credited exactly once.
 
-Routes call (both off the event loop: web3 and LMDB block):
+A top-up has two steps, both of which block (the chain node, the ledger):
 
-`POST /api/billing/topup {amount_usd, method: "usdc"}`
-    quote = topup_quote(settings, account_id, body.amount_usd) -> TopupQuote
-    {address, chain: "base", chain_id, token, amount_units, claim_message}. The
-    client sends `amount_units` of `token` to `address`, then replaces the
-    literal "{tx_hash}" in `claim_message` with the transaction hash (0x + 64
-    hex, lower case) and signs the result with the SENDING wallet (EIP-191
-    `personal_sign`). Raises `TopupRejected("bad_amount")` (400) or
-    `BillingNotConfigured` (503, no receiver configured).
+`topup_quote(settings, account_id, amount_usd)` -> `TopupQuote` {address, chain: "base", chain_id, token,
+amount_units, claim_message}. The client sends `amount_units` of `token` to `address`, then replaces the literal
+"{tx_hash}" in `claim_message` with the transaction hash (0x + 64 hex, lower case) and signs the result with the
+SENDING wallet (EIP-191 `personal_sign`). Raises `TopupRejected("bad_amount")` or `BillingNotConfigured` (no
+receiver configured).
 
-`POST /api/billing/verify-topup {tx_hash, signature}`
-    verify_topup(settings, ledger, w3, account_id=..., tx_hash=..., signature=...)
-    -> TopupCredited (200): `credited_units` credited by this call (0 and
-       `already_credited` true when this account had claimed it before),
-       `balance_micro` after.
-    -> raises TopupPending (202 or 409 with Retry-After: `retry_after` seconds):
-       the transaction is not mined yet or has fewer than the configured
-       confirmations; nothing was credited, call again later.
-    -> raises TopupRejected(reason_code) (a ValueError, 400), nothing credited:
-       malformed_tx_hash, malformed_signature, wrong_chain (the node is not on
-       the configured chain), tx_not_found, reverted (receipt status 0),
-       no_transfer (no Transfer log emitted BY the configured USDC contract to
-       the configured receiver: look-alike tokens emit identical events from
-       other addresses, and web3's process_receipt does not check that),
-       bad_signature (the claim is not signed by a Transfer's sender: a public
-       tx hash alone claims nothing), already_claimed (another account holds it).
+`verify_topup(settings, ledger, w3, account_id=, tx_hash=, signature=)`:
+    -> `TopupCredited`: `credited_units` credited by this call (0 and `already_credited` true when this account
+       had claimed it before), `balance_micro` after.
+    -> raises `TopupPending` (`retry_after` seconds): the transaction is not mined yet or has fewer than the
+       configured confirmations; nothing was credited, call again later.
+    -> raises `TopupRejected(reason_code)` (a ValueError), nothing credited: malformed_tx_hash,
+       malformed_signature, wrong_chain (the node is not on the configured chain), tx_not_found, reverted
+       (receipt status 0), no_transfer (no Transfer log emitted BY the configured USDC contract to the
+       configured receiver: look-alike tokens emit identical events from other addresses, and web3's
+       process_receipt does not check that), bad_signature (the claim is not signed by a Transfer's sender: a
+       public tx hash alone claims nothing), already_claimed (another account holds it).
 
-Credited amount = the amount transferred (USDC has 6 decimals: 1 unit = 1
-micro-dollar), per Transfer log; each (chain id, tx hash, log index) once, ever.
-Transfers routed through a smart-contract wallet have the contract as sender
-and cannot sign (EIP-1271 is not supported).
+Credited amount = the amount transferred (USDC has 6 decimals: 1 unit = 1 micro-dollar), per Transfer log; each
+(chain id, tx hash, log index) once, ever. Transfers routed through a smart-contract wallet have the contract as
+sender and cannot sign (EIP-1271 is not supported).
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ from cheapest_core import RateDecision, RateLimiter
 
 from cheapest.config import PriceConfig, Settings
 from cheapest.gateway.auth import Caller
-from cheapest.gateway.errors import Forbidden, PaymentRequired, RateLimited
+from cheapest.gateway.errors import Refusal
 from cheapest.store import AccountRecord, KeyRecord, Store
 from cheapest.store.metering import UsageMeter
 from cheapest.store.payments import SubscriptionView
@@ -92,9 +92,9 @@ class Admissions:
         debit_to = self._check_credits(caller.account)
         limits = caller.limits
         if demand.prompt_tokens > limits.tpm:
-            raise RateLimited(f"Request too large: {demand.prompt_tokens} prompt tokens exceed this key's limit of "
-                              f"{limits.tpm} tokens per minute.", type="tokens", code="rate_limit_exceeded",
-                              rate=self.peek(caller))
+            raise Refusal("rate_limited", f"Request too large: {demand.prompt_tokens} prompt tokens exceed this "
+                          f"key's limit of {limits.tpm} tokens per minute.", type="tokens",
+                          code="rate_limit_exceeded", rate=self.peek(caller))
         charge = min(demand.prompt_tokens + demand.max_tokens, limits.tpm)
         req, tok = self.limiter.acquire_all([(limits.rpm_name, limits.rpm, PERIOD, 1),
                                              (limits.tpm_name, limits.tpm, PERIOD, charge)])
@@ -105,7 +105,7 @@ class Admissions:
                 msg, typ = f"Rate limit reached: {limits.rpm} requests per minute. Retry in {retry:.1f}s.", "requests"
             else:
                 msg, typ = f"Rate limit reached: {limits.tpm} tokens per minute. Retry in {retry:.1f}s.", "tokens"
-            raise RateLimited(msg, type=typ, code="rate_limit_exceeded", retry_after=retry, rate=rate)
+            raise Refusal("rate_limited", msg, type=typ, code="rate_limit_exceeded", retry_after=retry, rate=rate)
         return Admission(caller, rate, demand, charge, debit_to)
 
     def settle(self, admission: Admission) -> None:
@@ -144,8 +144,8 @@ class Admissions:
             return
         status = subscription_status(account, now)
         if status not in _GOOD_STANDING:
-            raise Forbidden(f"The subscription for plan {account.plan} is {status}; renew it (POST "
-                            f"/api/billing/checkout) to use this key again.", code="subscription_inactive")
+            raise Refusal("forbidden", f"The subscription for plan {account.plan} is {status}; renew it (POST "
+                          f"/api/billing/checkout) to use this key again.", code="subscription_inactive")
 
     def _budgets(self, account: AccountRecord, key: KeyRecord) -> list[tuple[int, str, str]]:
         """(cap in micro-dollars, window, whose) for the key's own budget and its plan's; both apply."""
@@ -167,17 +167,17 @@ class Admissions:
                 reset = start + BUDGET_WINDOWS[window]
                 wait = max(1, math.ceil(reset - now))
                 at = datetime.fromtimestamp(reset, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-                raise RateLimited(f"Budget exceeded: {whose} budget of ${cap / 1e6:g} per {window} window is spent "
-                                  f"(${spent / 1e6:g}); it resets at {at} (in {wait} s).", type="insufficient_quota",
-                                  code="budget_exceeded", retry_after=wait, reset_at=reset)
+                raise Refusal("rate_limited", f"Budget exceeded: {whose} budget of ${cap / 1e6:g} per {window} window "
+                              f"is spent (${spent / 1e6:g}); it resets at {at} (in {wait} s).",
+                              type="insufficient_quota", code="budget_exceeded", retry_after=wait, reset_at=reset)
 
     def _check_credits(self, account: AccountRecord) -> str | None:
         """The account to debit (credit-funded plans), refused when its balance is used up."""
         if self.settings.plan(account.plan).funded_by != "credits":
             return None
         if self.balance(account.id) <= 0:
-            raise PaymentRequired("You exceeded your current quota: the account's credit balance is used up. Top "
-                                  "it up (POST /api/billing/topup) and retry.", code="insufficient_quota")
+            raise Refusal("payment_required", "You exceeded your current quota: the account's credit balance is "
+                          "used up. Top it up (POST /api/billing/topup) and retry.", code="insufficient_quota")
         return account.id
 
 

@@ -18,7 +18,7 @@ import time
 import cheapest_core
 
 from cheapest.config import Settings
-from cheapest.gateway.errors import Forbidden, Unauthenticated
+from cheapest.gateway.errors import Refusal
 from cheapest.store import AccountRecord, KeyRecord, Store
 from cheapest.vocabulary import KEY_KIND_NAMES, KeyKind
 
@@ -61,8 +61,8 @@ class Caller:
         self.limits = limits
 
 
-def _unknown(message: str = "Incorrect API key provided.") -> Unauthenticated:
-    return Unauthenticated(message, code="invalid_api_key")
+def _unknown(message: str = "Incorrect API key provided.") -> Refusal:
+    return Refusal("unauthenticated", message, code="invalid_api_key")
 
 
 class KeyCache:
@@ -106,16 +106,16 @@ class KeyCache:
             self._entries[key_hash] = (now + CACHE_TTL, key, caller)
         if caller is None:
             if key is not None:  # an account that is known but not active
-                raise Forbidden("This account is disabled; contact the operator.", code="account_disabled")
+                raise Refusal("forbidden", "This account is disabled; contact the operator.", code="account_disabled")
             raise _unknown()
         key = caller.key
         if key.kind != kind:
-            raise Forbidden(f"This route needs {KEY_KIND_NAMES[kind]}; you sent {KEY_KIND_NAMES[key.kind]}.",
-                            code="wrong_key_kind")
+            raise Refusal("forbidden", f"This route needs {KEY_KIND_NAMES[kind]}; you sent {KEY_KIND_NAMES[key.kind]}.",
+                          code="wrong_key_kind")
         if key.disabled:
-            raise Forbidden("This API key is disabled.", code="key_disabled")
+            raise Refusal("forbidden", "This API key is disabled.", code="key_disabled")
         if key.expires_at is not None and time.time() >= key.expires_at:
-            raise Forbidden("This API key has expired.", code="key_expired")
+            raise Refusal("forbidden", "This API key has expired.", code="key_expired")
         return caller
 
     def _lookup(self, key_hash: bytes) -> tuple[KeyRecord | None, Caller | None]:

@@ -12,7 +12,7 @@ from cheapest.api.chat import ChatCompletionRequest
 from cheapest.api.completions import CompletionRequest
 from cheapest.gateway.admission import Admission, Admissions
 from cheapest.gateway.auth import Caller
-from cheapest.gateway.errors import InvalidRequest, ModelFailed, NotFound, Unavailable
+from cheapest.gateway.errors import Refusal
 from cheapest.inference.types import (
     ContextLengthError, Delta, Engine, EngineError, Finish, FinishReason, SamplingParams,
 )
@@ -23,11 +23,11 @@ _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant"
 def serving_engine(engine: Engine | None, caller: Caller, model: str) -> Engine:
     """The engine that serves `model` to this caller (a key may be limited to some models)."""
     if engine is None:
-        raise Unavailable("The model is still loading; retry shortly.", code="not_ready")
+        raise Refusal("unavailable", "The model is still loading; retry shortly.", code="not_ready")
     if model != engine.model_id or not may_use(caller, engine.model_id):
         # The requested name is not echoed: it is request text.
-        raise NotFound("The requested model does not exist or you do not have access to it.", param="model",
-                       code="model_not_found")
+        raise Refusal("not_found", "The requested model does not exist or you do not have access to it.", param="model",
+                      code="model_not_found")
     return engine
 
 
@@ -38,14 +38,14 @@ def may_use(caller: Caller, model: str) -> bool:
 def prompt_ids(engine: Engine, request: ChatCompletionRequest | CompletionRequest) -> list[int]:
     """The prompt's token ids: chat messages through the model's chat template, or the text prompt."""
     if request.n != 1:
-        raise InvalidRequest("Only n=1 is supported.", param="n", code="invalid_value")
+        raise Refusal("invalid_request", "Only n=1 is supported.", param="n", code="invalid_value")
     if isinstance(request, ChatCompletionRequest):
         messages: Sequence[tuple[str, str]] = [(_ROLES[m.role], m.text()) for m in request.messages]
         try:
             prompt = engine.render_chat(messages)
         except Exception:
-            raise InvalidRequest("The messages cannot be rendered with this model's chat template (check the "
-                                 "order of roles).", param="messages", code="invalid_messages") from None
+            raise Refusal("invalid_request", "The messages cannot be rendered with this model's chat template "
+                          "(check the order of roles).", param="messages", code="invalid_messages") from None
     else:
         prompt = request.prompt
     return engine.encode(prompt)
@@ -62,13 +62,13 @@ def sampling(engine: Engine, default_max_tokens: int, prompt_tokens: int,
     """Sampling parameters; the prompt and the completion budget must fit the model's context."""
     ctx = engine.context_length
     if prompt_tokens >= ctx:
-        raise InvalidRequest(str(ContextLengthError(prompt_tokens, ctx)), param="messages",
-                             code="context_length_exceeded")
+        raise Refusal("invalid_request", str(ContextLengthError(prompt_tokens, ctx)), param="messages",
+                      code="context_length_exceeded")
     requested = requested_tokens(request)
     if requested is not None and prompt_tokens + requested > ctx:
-        raise InvalidRequest(f"This model's maximum context length is {ctx} tokens; you requested "
-                             f"{prompt_tokens + requested} tokens ({prompt_tokens} in the prompt, {requested} for "
-                             f"the completion).", param="max_tokens", code="context_length_exceeded")
+        raise Refusal("invalid_request", f"This model's maximum context length is {ctx} tokens; you requested "
+                      f"{prompt_tokens + requested} tokens ({prompt_tokens} in the prompt, {requested} for "
+                      f"the completion).", param="max_tokens", code="context_length_exceeded")
     max_tokens = requested if requested is not None else min(default_max_tokens, ctx - prompt_tokens)
     stop = request.stop
     stops = () if stop is None else (stop,) if isinstance(stop, str) else tuple(s for s in stop if s)
@@ -77,11 +77,11 @@ def sampling(engine: Engine, default_max_tokens: int, prompt_tokens: int,
                           seed=request.seed, stop=stops)
 
 
-def engine_refusal(exc: ContextLengthError | EngineError) -> InvalidRequest | ModelFailed:
+def engine_refusal(exc: ContextLengthError | EngineError) -> Refusal:
     """What a failure inside generation tells the client (the engine's messages carry no text)."""
     if isinstance(exc, ContextLengthError):
-        return InvalidRequest(str(exc), param="messages", code="context_length_exceeded")
-    return ModelFailed("The model failed while generating.", code="engine_error")
+        return Refusal("invalid_request", str(exc), param="messages", code="context_length_exceeded")
+    return Refusal("model_failed", "The model failed while generating.", code="engine_error")
 
 
 async def collect(admissions: Admissions, engine: Engine, admission: Admission, ids: list[int],

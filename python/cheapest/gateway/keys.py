@@ -16,14 +16,14 @@ from cheapest.api.management import (
 )
 from cheapest.config import Settings
 from cheapest.gateway.auth import KeyCache
-from cheapest.gateway.errors import InvalidRequest, NotFound
+from cheapest.gateway.errors import Refusal
 from cheapest.store import AccountRecord, KeyLimits, KeyRecord, Store, accounts
 
 PAGE_MAX = 100
 
 
-def _key_not_found() -> NotFound:
-    return NotFound("No such key.", param="key_id", code="key_not_found")
+def _key_not_found() -> Refusal:
+    return Refusal("not_found", "No such key.", param="key_id", code="key_not_found")
 
 
 def _limits(settings: Settings, account: AccountRecord, body: KeyLimitsBody | None) -> KeyLimits:
@@ -31,11 +31,11 @@ def _limits(settings: Settings, account: AccountRecord, body: KeyLimitsBody | No
         return KeyLimits()
     if body.budget_usd is not None and body.budget_window is None \
             and settings.plan(account.plan).budget_window is None:
-        raise InvalidRequest("`limits.budget_window` (5h, 8h, 1d or 30d) is required with `limits.budget_usd`.",
-                             param="limits.budget_window", code="invalid_value")
+        raise Refusal("invalid_request", "`limits.budget_window` (5h, 8h, 1d or 30d) is required with "
+                      "`limits.budget_usd`.", param="limits.budget_window", code="invalid_value")
     if body.budget_window is not None and body.budget_usd is None:
-        raise InvalidRequest("`limits.budget_usd` is required with `limits.budget_window`.",
-                             param="limits.budget_usd", code="invalid_value")
+        raise Refusal("invalid_request", "`limits.budget_usd` is required with `limits.budget_window`.",
+                      param="limits.budget_usd", code="invalid_value")
     return msgspec.convert(msgspec.to_builtins(body), KeyLimits)
 
 
@@ -72,7 +72,8 @@ class KeyManager:
 
     def page(self, account: AccountRecord, limit: int, after: str | None) -> KeyList:
         if not 1 <= limit <= PAGE_MAX:
-            raise InvalidRequest(f"`limit` must be between 1 and {PAGE_MAX}.", param="limit", code="invalid_value")
+            raise Refusal("invalid_request", f"`limit` must be between 1 and {PAGE_MAX}.", param="limit",
+                          code="invalid_value")
         keys = self.store.list_keys(account.id, after=after, limit=limit + 1, kind="sk")
         page = keys[:limit]
         return KeyList([key_info(k) for k in page], has_more=len(keys) > limit,

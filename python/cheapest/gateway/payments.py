@@ -17,7 +17,7 @@ from cheapest.api.billing import BillingStatus, CheckoutResponse, ModelPrice, Pl
 from cheapest.billing import BillingNotConfigured, checkout, stripe_events, usdc
 from cheapest.config import Settings
 from cheapest.gateway.admission import Admissions, subscription_status
-from cheapest.gateway.errors import Conflict, InvalidRequest, UpstreamFailed, Unavailable
+from cheapest.gateway.errors import Refusal
 from cheapest.store import AccountRecord, Store
 
 log = logging.getLogger("cheapest.billing")
@@ -34,8 +34,9 @@ _REJECTION_TEXT = {
 }
 
 
-def not_configured() -> Unavailable:
-    return Unavailable("This payment method is not configured on this server.", code="billing_not_configured")
+def not_configured() -> Refusal:
+    return Refusal("unavailable", "This payment method is not configured on this server.",
+                   code="billing_not_configured")
 
 
 def plan_list(settings: Settings) -> PlanList:
@@ -81,8 +82,8 @@ class Payments:
     def checkout(self, account: AccountRecord, plan_name: str) -> CheckoutResponse:
         plan = self.settings.plans.get(plan_name)
         if plan is None or plan.funded_by != "subscription":
-            raise InvalidRequest("`plan` must name a subscription plan (see GET /api/plans).", param="plan",
-                                 code="invalid_value")
+            raise Refusal("invalid_request", "`plan` must name a subscription plan (see GET /api/plans).", param="plan",
+                          code="invalid_value")
         client = self.stripe_client()
         sub = self.store.ledger.subscription(account.id)
         try:
@@ -90,12 +91,12 @@ class Payments:
                 self.billing, account_id=account.id, plan=plan_name, customer_email=account.email,
                 customer_id=sub.customer_id if sub is not None else None, client=client)
         except checkout.UnknownPlan:
-            raise InvalidRequest("This plan cannot be bought by card on this server (no Stripe price configured).",
-                                 param="plan", code="invalid_value") from None
+            raise Refusal("invalid_request", "This plan cannot be bought by card on this server (no Stripe price "
+                          "configured).", param="plan", code="invalid_value") from None
         except checkout.CheckoutUnavailable as exc:
             log.error("stripe checkout failed: code=%s http=%s", exc.code, exc.status)
-            raise UpstreamFailed("The card payment provider could not create a checkout session; retry later.",
-                                 code="payment_provider_error") from None
+            raise Refusal("upstream_failed", "The card payment provider could not create a checkout session; retry "
+                          "later.", code="payment_provider_error") from None
         return CheckoutResponse(session.id, session.url)
 
     def webhook(self, raw: bytes, signature: str | None) -> None:
@@ -104,22 +105,22 @@ class Payments:
         try:
             stripe_events.handle_webhook(self.store.ledger, self.billing, raw, signature)
         except stripe_events.WebhookRejected as exc:
-            raise InvalidRequest(f"Webhook refused: {exc.reason_code}.", code=exc.reason_code) from None
+            raise Refusal("invalid_request", f"Webhook refused: {exc.reason_code}.", code=exc.reason_code) from None
         except BillingNotConfigured:
             raise not_configured() from None
 
     # --- USDC ---------------------------------------------------------------------------------------------------
     def topup_quote(self, account: AccountRecord, amount_usd: object, method: str) -> usdc.TopupQuote:
         if method != "usdc":
-            raise InvalidRequest("Card payments are subscriptions: use POST /api/billing/checkout. Top-ups take "
-                                 "method `usdc`.", param="method", code="invalid_value")
+            raise Refusal("invalid_request", "Card payments are subscriptions: use POST /api/billing/checkout. "
+                          "Top-ups take method `usdc`.", param="method", code="invalid_value")
         try:
             return usdc.topup_quote(self.billing, account.id, amount_usd)
         except usdc.TopupRejected:
             b = self.billing
-            raise InvalidRequest(f"`amount_usd` must be between {b.usdc_min_topup_micro / 1e6:g} and "
-                                 f"{b.usdc_max_topup_micro / 1e6:g} with at most 6 decimals.", param="amount_usd",
-                                 code="invalid_value") from None
+            raise Refusal("invalid_request", f"`amount_usd` must be between {b.usdc_min_topup_micro / 1e6:g} and "
+                          f"{b.usdc_max_topup_micro / 1e6:g} with at most 6 decimals.", param="amount_usd",
+                          code="invalid_value") from None
         except BillingNotConfigured:
             raise not_configured() from None
 
@@ -137,17 +138,20 @@ class Payments:
         except usdc.TopupRejected as exc:
             param, text = _REJECTION_TEXT.get(exc.reason_code, (None, "The top-up was refused."))
             if exc.reason_code == "already_claimed":
-                raise Conflict(text, param=param, code=exc.reason_code) from None
+                raise Refusal("conflict", text, param=param, code=exc.reason_code) from None
             if exc.reason_code == "wrong_chain":
-                raise UpstreamFailed(text, type="invalid_request_error", param=param, code=exc.reason_code) from None
-            raise InvalidRequest(text, param=param, code=exc.reason_code) from None
+                raise Refusal("upstream_failed", text, type="invalid_request_error", param=param,
+                              code=exc.reason_code) from None
+            raise Refusal("invalid_request", text, param=param, code=exc.reason_code) from None
         except BillingNotConfigured:
             raise not_configured() from None
         except (OSError, ConnectionError, TimeoutError) as exc:
             log.error("chain node unreachable: %s", type(exc).__name__)
-            raise Unavailable("The chain node could not be reached; retry later.", code="chain_unavailable") from None
+            raise Refusal("unavailable", "The chain node could not be reached; retry later.",
+                          code="chain_unavailable") from None
         except Exception as exc:  # requests/web3 errors from the node: only the type is logged
             if type(exc).__module__.split(".")[0] not in ("requests", "web3", "urllib3"):
                 raise
             log.error("chain node error: %s", type(exc).__name__)
-            raise UpstreamFailed("The chain node failed to answer; retry later.", code="chain_unavailable") from None
+            raise Refusal("upstream_failed", "The chain node failed to answer; retry later.",
+                          code="chain_unavailable") from None

@@ -10,7 +10,7 @@ from cheapest.api.privacy import AccountDeleted
 from cheapest.config import Settings
 from cheapest.gateway.admission import Admission, Admissions, Demand, RateState
 from cheapest.gateway.auth import Caller, KeyCache
-from cheapest.gateway.errors import NotFound
+from cheapest.gateway.errors import Refusal
 from cheapest.gateway.keys import KeyManager
 from cheapest.gateway.payments import Payments
 from cheapest.privacy.deletion import PROMISED_WITHIN, delete_account
@@ -31,12 +31,12 @@ class Gateway:
 
     def authenticate(self, authorization: str | None, kind: KeyKind) -> Caller:
         """The caller behind `Authorization: Bearer <key>` if it is a usable key of `kind`; else a refusal
-        (Unauthenticated, or Forbidden naming why)."""
+        ("unauthenticated", or "forbidden" naming why)."""
         return self.auth.authenticate(authorization, kind)
 
     def admit(self, caller: Caller, demand: Demand | None = None, now: float | None = None) -> Admission:
-        """One decision: subscription standing, budgets, credits, rate limits (Forbidden, RateLimited,
-        PaymentRequired). Without a demand, standing only, and the caller's rate state for reporting."""
+        """One decision: subscription standing, budgets, credits, rate limits (refused as "forbidden",
+        "rate_limited", "payment_required"). Without a demand, standing only, and the caller's rate state."""
         return self.admissions.admit(caller, demand, now)
 
     def settle(self, admission: Admission) -> None:
@@ -53,5 +53,5 @@ class Gateway:
         for key in held:  # this worker at once; the others through the store's change epoch
             self.auth.forget(key.hash)
         if deleted is None or deleted.deleted_at is None:
-            raise NotFound("No such account.", code="account_not_found")
+            raise Refusal("not_found", "No such account.", code="account_not_found")
         return AccountDeleted(deleted.id, deleted.deleted_at, deleted.deleted_at + PROMISED_WITHIN)

@@ -8,7 +8,7 @@ from cheapest.api.management import UsageBucket, UsageReport, UsageTotal
 from cheapest.api.models import KeyUsage, ModelUsage, RateLimits
 from cheapest.config import Settings
 from cheapest.gateway.auth import Caller
-from cheapest.gateway.errors import InvalidRequest
+from cheapest.gateway.errors import Refusal
 from cheapest.store import Store, UsageCounter
 from cheapest.vocabulary import DAY, HOUR
 
@@ -22,14 +22,15 @@ def usage_report(store: Store, key_ids: list[str], start: int | None, to: int | 
     """Totals of `key_ids` per key, model and hour/day in [start, to) (rounded out to whole hours); the range
     defaults to the 30 days up to the next hour."""
     if group_by not in ("hour", "day"):
-        raise InvalidRequest("`group_by` must be `hour` or `day`.", param="group_by", code="invalid_value")
+        raise Refusal("invalid_request", "`group_by` must be `hour` or `day`.", param="group_by", code="invalid_value")
     to = now + HOUR if to is None else to
     start = to - DEFAULT_RANGE_S if start is None else start
     if start < 0 or to <= start:
-        raise InvalidRequest("`from` must be before `to` (and not negative).", param="from", code="invalid_value")
+        raise Refusal("invalid_request", "`from` must be before `to` (and not negative).", param="from",
+                      code="invalid_value")
     if to - start > MAX_RANGE_S[group_by]:
-        raise InvalidRequest(f"The range is too long for group_by={group_by}; at most "
-                             f"{MAX_RANGE_S[group_by] // DAY} days.", param="from", code="invalid_value")
+        raise Refusal("invalid_request", f"The range is too long for group_by={group_by}; at most "
+                      f"{MAX_RANGE_S[group_by] // DAY} days.", param="from", code="invalid_value")
     start = start // HOUR * HOUR
     to = -(-to // HOUR) * HOUR
     step = HOUR if group_by == "hour" else DAY

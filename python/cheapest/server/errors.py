@@ -13,17 +13,16 @@ import re
 import msgspec
 
 from cheapest.api.common import ErrorDetail, ErrorResponse
-from cheapest.gateway import errors as refusals
 from cheapest.gateway.admission import RateState
+from cheapest.gateway.errors import Refusal
 
 _encode = msgspec.json.Encoder().encode
 _PATH = re.compile(r" - at `\$(?P<path>[^`]*)`$")
 _QUOTED = re.compile(r"'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"")
 
-STATUS: dict[type[refusals.Refusal], int] = {
-    refusals.InvalidRequest: 400, refusals.Unauthenticated: 401, refusals.PaymentRequired: 402,
-    refusals.Forbidden: 403, refusals.NotFound: 404, refusals.Conflict: 409, refusals.RateLimited: 429,
-    refusals.ModelFailed: 500, refusals.UpstreamFailed: 502, refusals.Unavailable: 503,
+STATUS: dict[str, int] = {
+    "invalid_request": 400, "unauthenticated": 401, "payment_required": 402, "forbidden": 403, "not_found": 404,
+    "conflict": 409, "rate_limited": 429, "model_failed": 500, "upstream_failed": 502, "unavailable": 503,
 }
 
 
@@ -67,8 +66,8 @@ def rate_headers(rate: RateState) -> list[tuple[str, str]]:
     ]
 
 
-def refused(refusal: refusals.Refusal) -> ApiError:
-    """A gateway refusal as an HTTP error: its class's status, rate-limit and retry headers."""
+def refused(refusal: Refusal) -> ApiError:
+    """A gateway refusal as an HTTP error: its kind's status, rate-limit and retry headers."""
     headers = rate_headers(refusal.rate) if refusal.rate is not None else []
     if refusal.retry_after is not None:
         headers.append(("retry-after", str(max(1, math.ceil(refusal.retry_after)))))
@@ -76,7 +75,7 @@ def refused(refusal: refusals.Refusal) -> ApiError:
             headers.append(("retry-after-ms", str(max(1, math.ceil(refusal.retry_after * 1000)))))
     if refusal.reset_at is not None:
         headers.append(("x-budget-reset", str(refusal.reset_at)))
-    return ApiError(STATUS[type(refusal)], refusal.message, refusal.type, refusal.param, refusal.code, headers)
+    return ApiError(STATUS[refusal.kind], refusal.message, refusal.type, refusal.param, refusal.code, headers)
 
 
 def decode_error(exc: msgspec.DecodeError) -> ApiError:

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 import msgspec
 
 from cheapest.api.models import Health
-from cheapest.api.openapi import build_openapi
+from cheapest.server.openapi import build_openapi
 from cheapest.server.request import Request, Response, json_response
 
 if TYPE_CHECKING:

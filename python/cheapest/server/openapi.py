@@ -1,38 +1,23 @@
-"""The OpenAPI 3.1 document, generated from the routes' request/response Structs."""
+"""The OpenAPI 3.1 document, generated from the route table: paths, key schemes, and the JSON Schemas of the
+routes' request and response Structs."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
 from cheapest.api.common import ErrorResponse
 
-
-class Operation(Protocol):
-    """One documented route (the server's route table provides them)."""
-
-    @property
-    def method(self) -> str: ...
-    @property
-    def path(self) -> str: ...
-    @property
-    def summary(self) -> str: ...
-    @property
-    def request(self) -> type | None: ...
-    @property
-    def response(self) -> type | None: ...
-    @property
-    def auth(self) -> str | None: ...  # "sk" | "mk" | None
-    @property
-    def streams(self) -> bool: ...
+if TYPE_CHECKING:
+    from cheapest.server.routes import Route
 
 
 _REF = "#/components/schemas/{name}"
 
 
-def build_openapi(ops: Sequence[Operation]) -> dict[str, Any]:
+def build_openapi(ops: Sequence[Route]) -> dict[str, Any]:
     types = sorted({t for op in ops for t in (op.request, op.response) if t is not None} | {ErrorResponse},
                    key=lambda t: t.__name__)
     schemas, components = msgspec.json.schema_components(types, ref_template=_REF)
