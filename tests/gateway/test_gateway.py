@@ -14,7 +14,7 @@ import pytest
 from cheapest_core import RateLimiter
 
 from cheapest.config import PlanConfig, PriceConfig, Settings
-from cheapest.gateway import Demand, Gateway
+from cheapest.gateway import Gateway
 from cheapest.gateway.completions import collect
 from cheapest.gateway.errors import Refusal
 from cheapest.inference.types import SamplingParams
@@ -91,16 +91,16 @@ def test_rate_limits_are_one_decision_with_the_state_to_report(world: SimpleName
     _, sk, _ = world.account()
     caller = gw.authenticate(sk, "sk")
     read = gw.admit(caller)  # a read: standing only, nothing charged
-    assert read.rate.requests.remaining == 2 and read.settled
-    first = gw.admit(caller, Demand(MODEL, 10, 20))
-    assert first.charged_tokens == 30 and first.rate.tokens.remaining == 70
-    gw.admit(caller, Demand(MODEL, 1, 1))
+    assert read.rate[0].remaining == 2 and read.settled
+    first = gw.admit(caller, MODEL, 10, 20)
+    assert first.charged_tokens == 30 and first.rate[1].remaining == 70
+    gw.admit(caller, MODEL, 1, 1)
     with pytest.raises(Refusal) as err:
-        gw.admit(caller, Demand(MODEL, 1, 1))
+        gw.admit(caller, MODEL, 1, 1)
     assert (err.value.kind, err.value.type, err.value.code) == ("rate_limited", "requests", "rate_limit_exceeded")
-    assert err.value.rate is not None and err.value.rate.requests.remaining == 0 and err.value.retry_after
+    assert err.value.rate is not None and err.value.rate[0].remaining == 0 and err.value.retry_after
     with pytest.raises(Refusal) as big:
-        gw.admit(caller, Demand(MODEL, 101, 1))
+        gw.admit(caller, MODEL, 101, 1)
     assert big.value.type == "tokens" and big.value.retry_after is None  # never fits: no point retrying
 
 
@@ -108,12 +108,12 @@ def test_settlement_corrects_tokens_and_meters_once(world: SimpleNamespace) -> N
     gw = world.gateway()
     _, sk, _ = world.account()
     caller = gw.authenticate(sk, "sk")
-    admission = gw.admit(caller, Demand(MODEL, 10, 50))
-    assert gw.rate_state(caller).tokens.remaining == 40
+    admission = gw.admit(caller, MODEL, 10, 50)
+    assert gw.rate_state(caller)[1].remaining == 40
     admission.completion_tokens = 5
     gw.settle(admission)
     gw.settle(admission)  # however many times the caller's cleanup runs
-    assert gw.rate_state(caller).tokens.remaining == 85  # 15 really used
+    assert gw.rate_state(caller)[1].remaining == 85  # 15 really used
     world.meter.flush()
     (row,) = world.store.usage([caller.key.id])
     assert (row.counter.requests, row.counter.prompt_tokens, row.counter.completion_tokens) == (1, 10, 5)
@@ -132,11 +132,11 @@ def test_standing_budgets_and_credits(world: SimpleNamespace) -> None:
 
     _, capped, _ = world.account("capped")
     caller = gw.authenticate(capped, "sk")
-    admission = gw.admit(caller, Demand(MODEL, 1, 1))
+    admission = gw.admit(caller, MODEL, 1, 1)
     admission.completion_tokens = 1
     gw.settle(admission)  # $0.000002 spent: the day's budget is used up, flushed or not
     with pytest.raises(Refusal) as spent:
-        gw.admit(caller, Demand(MODEL, 1, 1))
+        gw.admit(caller, MODEL, 1, 1)
     assert (spent.value.kind, spent.value.code) == ("rate_limited", "budget_exceeded")
     assert spent.value.reset_at is not None
     assert spent.value.reset_at % 86_400 == 0 and 0 < spent.value.retry_after <= 86_400  # type: ignore[operator]
@@ -144,16 +144,16 @@ def test_standing_budgets_and_credits(world: SimpleNamespace) -> None:
     payg, paying, _ = world.account("payg")
     caller = gw.authenticate(paying, "sk")
     with pytest.raises(Refusal) as empty:
-        gw.admit(caller, Demand(MODEL, 1, 1))
+        gw.admit(caller, MODEL, 1, 1)
     assert (empty.value.kind, empty.value.code, empty.value.type) == ("payment_required", "insufficient_quota",
                                                                       "insufficient_quota")
     world.store.ledger.credit(payg, 3, "grant:test")
-    admission = gw.admit(caller, Demand(MODEL, 1, 1))
+    admission = gw.admit(caller, MODEL, 1, 1)
     assert admission.debit_to == payg
     admission.completion_tokens = 2
     gw.settle(admission)  # costs 3: the balance this worker sees is spent before any flush
     with pytest.raises(Refusal) as spent_again:
-        gw.admit(caller, Demand(MODEL, 1, 1))
+        gw.admit(caller, MODEL, 1, 1)
     assert spent_again.value.kind == "payment_required"
     world.meter.flush()
     assert world.store.ledger.balance(payg) == 0
@@ -164,7 +164,7 @@ def test_a_cancelled_generation_is_metered_for_what_it_made(world: SimpleNamespa
     _, sk, _ = world.account()
     caller = gw.authenticate(sk, "sk")
     engine = FixedEngine(MODEL, "a b c d e f g h", delay=0.05)
-    admission = gw.admit(caller, Demand(MODEL, 3, 8))
+    admission = gw.admit(caller, MODEL, 3, 8)
 
     async def run() -> None:
         task = asyncio.ensure_future(collect(gw.admissions, engine, admission, [1, 2, 3], SamplingParams(8)))
@@ -175,7 +175,7 @@ def test_a_cancelled_generation_is_metered_for_what_it_made(world: SimpleNamespa
 
     asyncio.run(run())
     assert admission.settled and 1 <= admission.completion_tokens < 8
-    whole = gw.admit(caller, Demand(MODEL, 3, 8))
+    whole = gw.admit(caller, MODEL, 3, 8)
     text, reason = asyncio.run(collect(gw.admissions, FixedEngine(MODEL, "a b c"), whole, [1, 2, 3],
                                        SamplingParams(8)))
     assert (text, reason, whole.completion_tokens, whole.settled) == ("a b c", "stop", 3, True)

@@ -19,51 +19,40 @@ from __future__ import annotations
 import math
 import time
 from datetime import datetime, timezone
-from typing import NamedTuple
-
 from cheapest_core import RateDecision, RateLimiter
 
 from cheapest.config import PriceConfig, Settings
 from cheapest.gateway.auth import Caller
 from cheapest.gateway.errors import Refusal
-from cheapest.store import AccountRecord, KeyRecord, Store
+from cheapest.store import AccountRecord, Store
 from cheapest.store.metering import UsageMeter
 from cheapest.store.payments import SubscriptionView
-from cheapest.vocabulary import BUDGET_WINDOWS, MICRO_PER_USD, window_start
+from cheapest.vocabulary import BUDGET_WINDOWS, window_start
 
 PERIOD = 60.0  # rpm and tpm: per minute
 _GOOD_STANDING = frozenset({"none", "active", "trialing", "past_due"})
 
 
-class RateState(NamedTuple):
-    """The caller's place in its per-minute limits (what `x-ratelimit-*` headers report)."""
-
-    requests: RateDecision
-    tokens: RateDecision
-
-
-class Demand(NamedTuple):
-    """What one generation asks for."""
-
-    model: str
-    prompt_tokens: int
-    max_tokens: int
+# The caller's place in its per-minute limits, requests then tokens (what `x-ratelimit-*` headers report).
+RateState = tuple[RateDecision, RateDecision]
 
 
 class Admission:
-    """One admitted request. For a generation, the caller of `settle()` sets `completion_tokens` as it goes."""
+    """One admitted request. For a generation, whoever runs it sets `completion_tokens` before `settle()`."""
 
-    __slots__ = ("caller", "rate", "demand", "charged_tokens", "debit_to", "completion_tokens", "settled")
+    __slots__ = ("caller", "rate", "model", "prompt_tokens", "charged_tokens", "debit_to", "completion_tokens",
+                 "settled")
 
-    def __init__(self, caller: Caller, rate: RateState, demand: Demand | None = None, charged_tokens: int = 0,
-                 debit_to: str | None = None) -> None:
+    def __init__(self, caller: Caller, rate: RateState, model: str | None = None, prompt_tokens: int = 0,
+                 charged_tokens: int = 0, debit_to: str | None = None) -> None:
         self.caller = caller
         self.rate = rate
-        self.demand = demand
+        self.model = model  # None: a read, nothing to settle
+        self.prompt_tokens = prompt_tokens
         self.charged_tokens = charged_tokens
         self.debit_to = debit_to  # a credit-funded account pays this request's cost
         self.completion_tokens = 0
-        self.settled = demand is None
+        self.settled = model is None
 
 
 class Admissions:
@@ -78,27 +67,31 @@ class Admissions:
 
     def peek(self, caller: Caller) -> RateState:
         limits = caller.limits
-        return RateState(self.limiter.peek(limits.rpm_name, limits.rpm, PERIOD),
-                         self.limiter.peek(limits.tpm_name, limits.tpm, PERIOD))
+        return (self.limiter.peek(limits.rpm_name, limits.rpm, PERIOD),
+                self.limiter.peek(limits.tpm_name, limits.tpm, PERIOD))
 
-    def admit(self, caller: Caller, demand: Demand | None = None, now: float | None = None) -> Admission:
-        """Standing, budgets, credits and rate limits, all or nothing; a refusal names which one. Without a
-        demand (a read such as listing models) only standing is checked and nothing is charged."""
-        now = time.time() if now is None else now
-        self._check_standing(caller.account, now)
-        if demand is None:
+    def admit(self, caller: Caller, model: str | None = None, prompt_tokens: int = 0, max_tokens: int = 0,
+              now: float | None = None) -> Admission:
+        """Standing, budgets, credits and rate limits for a generation of `model` with `prompt_tokens` and up to
+        `max_tokens`, all or nothing; a refusal names which one. Without a model (a read such as listing models)
+        only standing is checked and nothing is charged."""
+        account, plan = caller.account, caller.plan
+        if account.subscription_status != "none" and plan.funded_by == "subscription":
+            self._check_standing(account, time.time() if now is None else now)
+        if model is None:
             return Admission(caller, self.peek(caller))
-        self._check_budgets(caller.key, caller.account, now)
-        debit_to = self._check_credits(caller.account)
+        if caller.budgets:
+            self._check_budgets(caller, time.time() if now is None else now)
+        debit_to = self._check_credits(account) if plan.funded_by == "credits" else None
         limits = caller.limits
-        if demand.prompt_tokens > limits.tpm:
-            raise Refusal("rate_limited", f"Request too large: {demand.prompt_tokens} prompt tokens exceed this "
+        if prompt_tokens > limits.tpm:
+            raise Refusal("rate_limited", f"Request too large: {prompt_tokens} prompt tokens exceed this "
                           f"key's limit of {limits.tpm} tokens per minute.", type="tokens",
                           code="rate_limit_exceeded", rate=self.peek(caller))
-        charge = min(demand.prompt_tokens + demand.max_tokens, limits.tpm)
+        charge = min(prompt_tokens + max_tokens, limits.tpm)
         req, tok = self.limiter.acquire_all([(limits.rpm_name, limits.rpm, PERIOD, 1),
                                              (limits.tpm_name, limits.tpm, PERIOD, charge)])
-        rate = RateState(req, tok)
+        rate = (req, tok)
         if not (req.allowed and tok.allowed):
             retry = max(req.retry_after, tok.retry_after)
             if not req.allowed:
@@ -106,7 +99,7 @@ class Admissions:
             else:
                 msg, typ = f"Rate limit reached: {limits.tpm} tokens per minute. Retry in {retry:.1f}s.", "tokens"
             raise Refusal("rate_limited", msg, type=typ, code="rate_limit_exceeded", retry_after=retry, rate=rate)
-        return Admission(caller, rate, demand, charge, debit_to)
+        return Admission(caller, rate, model, prompt_tokens, charge, debit_to)
 
     def settle(self, admission: Admission) -> None:
         """Meter an admitted generation once: correct the TPM charge to the tokens really used and record usage
@@ -114,13 +107,13 @@ class Admissions:
         if admission.settled:
             return
         admission.settled = True
-        demand = admission.demand
-        assert demand is not None
-        p, c = demand.prompt_tokens, admission.completion_tokens
+        model = admission.model
+        assert model is not None
+        p, c = admission.prompt_tokens, admission.completion_tokens
         limits = admission.caller.limits
         if p + c != admission.charged_tokens:
             self.limiter.adjust(limits.tpm_name, limits.tpm, PERIOD, p + c - admission.charged_tokens)
-        self.meter.record(admission.caller.key.id, demand.model, p, c, self.cost_micro(demand.model, p, c),
+        self.meter.record(admission.caller.key.id, model, p, c, self.cost_micro(model, p, c),
                           debit_account=admission.debit_to)
 
     def cost_micro(self, model: str, prompt_tokens: int, completion_tokens: int) -> int:
@@ -135,32 +128,20 @@ class Admissions:
         return self.store.ledger.balance(account_id) - self.meter.pending_debit(account_id)
 
     # --- the parts of the decision ------------------------------------------------------------------------
-    def _check_standing(self, account: AccountRecord, now: float) -> None:
+    @staticmethod
+    def _check_standing(account: AccountRecord, now: float) -> None:
         """Inference keys of a subscription plan work only while the subscription is in good standing: `expired`
-        (a period long over), `canceled` and the unpaid states are refused until renewed. "none" is a plan the
-        operator assigned without Stripe. Management keys keep working, so the account can see its status and
-        renew."""
-        if account.subscription_status == "none" or self.settings.plan(account.plan).funded_by != "subscription":
-            return
+        (a period long over), `canceled` and the unpaid states are refused until renewed. (An operator-assigned
+        plan has subscription status "none" and is not checked.) Management keys keep working, so the account
+        can see its status and renew."""
         status = subscription_status(account, now)
         if status not in _GOOD_STANDING:
             raise Refusal("forbidden", f"The subscription for plan {account.plan} is {status}; renew it (POST "
                           f"/api/billing/checkout) to use this key again.", code="subscription_inactive")
 
-    def _budgets(self, account: AccountRecord, key: KeyRecord) -> list[tuple[int, str, str]]:
-        """(cap in micro-dollars, window, whose) for the key's own budget and its plan's; both apply."""
-        plan = self.settings.plan(account.plan)
-        out: list[tuple[int, str, str]] = []
-        if key.limits.budget_usd is not None:
-            window = key.limits.budget_window or plan.budget_window
-            if window is not None:
-                out.append((round(key.limits.budget_usd * MICRO_PER_USD), window, "this key's"))
-        if plan.budget_usd is not None and plan.budget_window is not None:
-            out.append((round(plan.budget_usd * MICRO_PER_USD), plan.budget_window, f"the {account.plan} plan's"))
-        return out
-
-    def _check_budgets(self, key: KeyRecord, account: AccountRecord, now: float) -> None:
-        for cap, window, whose in self._budgets(account, key):
+    def _check_budgets(self, caller: Caller, now: float) -> None:
+        key = caller.key
+        for cap, window, whose in caller.budgets:
             start = window_start(window, now)
             spent = self.store.window_spend(key.id, window, start) + self.meter.pending_cost(key.id)
             if spent >= cap:
@@ -171,10 +152,8 @@ class Admissions:
                               f"is spent (${spent / 1e6:g}); it resets at {at} (in {wait} s).",
                               type="insufficient_quota", code="budget_exceeded", retry_after=wait, reset_at=reset)
 
-    def _check_credits(self, account: AccountRecord) -> str | None:
-        """The account to debit (credit-funded plans), refused when its balance is used up."""
-        if self.settings.plan(account.plan).funded_by != "credits":
-            return None
+    def _check_credits(self, account: AccountRecord) -> str:
+        """A credit-funded account: the one to debit, refused when its balance is used up."""
         if self.balance(account.id) <= 0:
             raise Refusal("payment_required", "You exceeded your current quota: the account's credit balance is "
                           "used up. Top it up (POST /api/billing/topup) and retry.", code="insufficient_quota")

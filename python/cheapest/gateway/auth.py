@@ -17,10 +17,10 @@ import time
 
 import cheapest_core
 
-from cheapest.config import Settings
+from cheapest.config import PlanConfig, Settings
 from cheapest.gateway.errors import Refusal
 from cheapest.store import AccountRecord, KeyRecord, Store
-from cheapest.vocabulary import KEY_KIND_NAMES, KeyKind
+from cheapest.vocabulary import KEY_KIND_NAMES, MICRO_PER_USD, KeyKind
 
 CACHE_TTL = 30.0
 CACHE_MAX = 10_000
@@ -39,8 +39,7 @@ class Limits:
         self.tpm_name = "tpm:" + key_id
 
 
-def limits_for(settings: Settings, account: AccountRecord, key: KeyRecord) -> Limits:
-    plan = settings.plan(account.plan)
+def limits_for(plan: PlanConfig, key: KeyRecord) -> Limits:
     rpm, tpm = plan.rpm, plan.tpm
     own = key.limits
     if own.rpm is not None and own.rpm < rpm:
@@ -50,15 +49,33 @@ def limits_for(settings: Settings, account: AccountRecord, key: KeyRecord) -> Li
     return Limits(rpm, tpm, key.id)
 
 
+Budget = tuple[int, str, str]  # cap in micro-dollars, window, whose ("this key's", "the pro plan's")
+
+
+def budgets_for(plan: PlanConfig, account: AccountRecord, key: KeyRecord) -> tuple[Budget, ...]:
+    """The key's own budget and its plan's; both apply."""
+    out: list[Budget] = []
+    if key.limits.budget_usd is not None:
+        window = key.limits.budget_window or plan.budget_window
+        if window is not None:
+            out.append((round(key.limits.budget_usd * MICRO_PER_USD), window, "this key's"))
+    if plan.budget_usd is not None and plan.budget_window is not None:
+        out.append((round(plan.budget_usd * MICRO_PER_USD), plan.budget_window, f"the {account.plan} plan's"))
+    return tuple(out)
+
+
 class Caller:
-    """Who is calling: an authenticated key of an active account."""
+    """Who is calling: an authenticated key of an active account, with what its plan and own limits allow
+    (worked out once per cached key, not per request)."""
 
-    __slots__ = ("key", "account", "limits")
+    __slots__ = ("key", "account", "plan", "limits", "budgets")
 
-    def __init__(self, key: KeyRecord, account: AccountRecord, limits: Limits) -> None:
+    def __init__(self, key: KeyRecord, account: AccountRecord, plan: PlanConfig) -> None:
         self.key = key
         self.account = account
-        self.limits = limits
+        self.plan = plan
+        self.limits = limits_for(plan, key)
+        self.budgets = budgets_for(plan, account, key)
 
 
 def _unknown(message: str = "Incorrect API key provided.") -> Refusal:
@@ -126,4 +143,4 @@ class KeyCache:
             return None, None
         if account.status != "active":
             return key, None
-        return key, Caller(key, account, limits_for(self.settings, account, key))
+        return key, Caller(key, account, self.settings.plan(account.plan))

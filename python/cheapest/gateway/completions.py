@@ -91,9 +91,10 @@ async def collect(admissions: Admissions, engine: Engine, admission: Admission, 
     gen: AsyncGenerator[Delta | Finish, None] = engine.generate(ids, params)
     parts: list[str] = []
     reason: FinishReason = "stop"
+    n = 0
     try:
         async for item in gen:
-            admission.completion_tokens = item.completion_tokens
+            n = item.completion_tokens
             if type(item) is Delta:
                 parts.append(item.text)
             else:
@@ -103,6 +104,7 @@ async def collect(admissions: Admissions, engine: Engine, admission: Admission, 
     except (ContextLengthError, EngineError) as exc:
         raise engine_refusal(exc) from None
     finally:
+        admission.completion_tokens = n
         if getattr(gen, "ag_frame", True) is not None:  # a finished async generator has nothing to close
             await gen.aclose()
         admissions.settle(admission)

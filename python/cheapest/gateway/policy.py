@@ -8,7 +8,7 @@ from cheapest_core import RateLimiter
 
 from cheapest.api.privacy import AccountDeleted
 from cheapest.config import Settings
-from cheapest.gateway.admission import Admission, Admissions, Demand, RateState
+from cheapest.gateway.admission import Admission, Admissions, RateState
 from cheapest.gateway.auth import Caller, KeyCache
 from cheapest.gateway.errors import Refusal
 from cheapest.gateway.keys import KeyManager
@@ -34,10 +34,12 @@ class Gateway:
         ("unauthenticated", or "forbidden" naming why)."""
         return self.auth.authenticate(authorization, kind)
 
-    def admit(self, caller: Caller, demand: Demand | None = None, now: float | None = None) -> Admission:
-        """One decision: subscription standing, budgets, credits, rate limits (refused as "forbidden",
-        "rate_limited", "payment_required"). Without a demand, standing only, and the caller's rate state."""
-        return self.admissions.admit(caller, demand, now)
+    def admit(self, caller: Caller, model: str | None = None, prompt_tokens: int = 0, max_tokens: int = 0,
+              now: float | None = None) -> Admission:
+        """One decision for a generation of `model`: subscription standing, budgets, credits, rate limits
+        (refused as "forbidden", "rate_limited", "payment_required"). Without a model (a read), standing only,
+        and the caller's rate state to report."""
+        return self.admissions.admit(caller, model, prompt_tokens, max_tokens, now)
 
     def settle(self, admission: Admission) -> None:
         """Meter an admitted generation exactly once (tokens, cost, TPM correction)."""

@@ -14,7 +14,7 @@ from cheapest.api.chat import AssistantMessage, ChatChoice, ChatCompletion, Chat
 from cheapest.api.common import Usage
 from cheapest.api.completions import Completion, CompletionChoice, CompletionRequest
 from cheapest.api.models import Model, ModelList
-from cheapest.gateway import Admission, Caller, Demand, Gateway
+from cheapest.gateway import Admission, Caller, Gateway
 from cheapest.gateway.completions import (
     collect, engine_refusal, may_use, prompt_ids, sampling, serving_engine,
 )
@@ -48,7 +48,7 @@ async def _complete(state: WorkerState, req: Request, chat: bool) -> Response | 
     ids = prompt_ids(engine, creq)
     p = len(ids)
     params = sampling(engine, state.settings.serving.default_max_tokens, p, creq)
-    admission = gateway.admit(caller, Demand(engine.model_id, p, params.max_tokens))
+    admission = gateway.admit(caller, engine.model_id, p, params.max_tokens)
     rid = state.ids.new("chatcmpl-" if chat else "cmpl-")
     created = int(time.time())
     headers = rate_headers(admission.rate)
@@ -58,10 +58,9 @@ async def _complete(state: WorkerState, req: Request, chat: bool) -> Response | 
                                          "chat.completion.chunk" if chat else "text_completion")
         return StreamResponse(200, SSE_HEADERS + headers,
                               _stream(req, gateway, engine, admission, ids, params, framer, chat, include_usage))
-    # An engine that never waits needs no watching; a slow one stops when the client goes away.
-    watch = None if engine.instant else req.watch_disconnect
-    try:
-        text, reason = await until_disconnected(collect(gateway.admissions, engine, admission, ids, params), watch)
+    work = collect(gateway.admissions, engine, admission, ids, params)
+    try:  # an engine that never waits needs no watching; a slow one stops when the client goes away
+        text, reason = await (work if engine.instant else until_disconnected(work, req.watch_disconnect))
     finally:  # for the log line, however it ended
         req.prompt_tokens, req.completion_tokens = p, admission.completion_tokens
     usage = Usage(p, admission.completion_tokens, p + admission.completion_tokens)
