@@ -13,7 +13,8 @@ import pytest
 
 from cheapest.store.payments import JournalEntry
 from cheapest.privacy.deletion import PROMISED_WITHIN, PURGE_AFTER, delete_account
-from cheapest.privacy.retention import DAY, HOUR, USAGE_KEPT
+from cheapest.privacy.retention import USAGE_KEPT
+from cheapest.vocabulary import DAY, HOUR
 from cheapest.store import UsageCounter, open_store
 from fixtures_server import ServerProcess, on_every_worker, worker_pid
 

@@ -13,9 +13,10 @@ from cheapest.store.payments import ChainClaim, EventRecord, JournalEntry, Payme
 from cheapest.privacy.deletion import PROMISED_WITHIN, PURGE_AFTER, delete_account
 from cheapest.privacy.export import export_account
 from cheapest.privacy.retention import (
-    DAY, HOUR, USAGE_KEPT, PeriodicRetention, retention_lock, run_locked, run_retention, usage_cutoff,
+    USAGE_KEPT, PeriodicRetention, retention_lock, run_locked, run_retention, usage_cutoff,
 )
 from cheapest.store import Store, UsageCounter, accounts, open_store
+from cheapest.vocabulary import DAY, HOUR
 
 PEPPER = b"p" * 32
 NOW = 1_900_000_000  # a fixed "present": every time below is relative to it

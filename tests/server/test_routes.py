@@ -1,5 +1,5 @@
 """The server's parts without a socket: one route table for the router and the OpenAPI document, refusals
-mapped to statuses and headers, and the one helper that stops work when the client goes away."""
+mapped to statuses and headers, the one helper that stops work when the client goes away, engine backends."""
 
 from __future__ import annotations
 
@@ -9,11 +9,14 @@ from typing import get_args
 import pytest
 from openapi_spec_validator import validate
 
-from cheapest.server.openapi import build_openapi
+import fixed_engine
+from cheapest.config import EngineSettings
 from cheapest.gateway.errors import Refusal, RefusalKind
 from cheapest.server.cancellation import ClientGone, until_disconnected
 from cheapest.server.errors import STATUS, ApiError, refused
+from cheapest.server.openapi import build_openapi
 from cheapest.server.routes import ROUTES, Route, Router
+from cheapest.server.state import engine_factory, load_onnx_engine
 
 
 def test_the_router_serves_exactly_the_table() -> None:
@@ -92,3 +95,17 @@ def test_until_disconnected_returns_the_work_or_stops_it() -> None:
         assert cleaned == ["work"] * 4
 
     asyncio.run(run())
+
+
+def test_engine_backends_are_factories_named_by_the_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """"onnx" loads the model directory with the configured threads and spin; "module:callable" is imported."""
+    import cheapest.inference.engine as onnx  # loads ONNX Runtime: only here
+
+    seen: list[tuple[object, ...]] = []
+    monkeypatch.setattr(onnx, "load_engine", lambda model_dir, threads, spin_us: seen.append(
+        (model_dir, threads, spin_us)))
+    settings = EngineSettings(model_dir="/m", model_threads=3, model_spin_us=0)
+    assert engine_factory(settings) is load_onnx_engine
+    load_onnx_engine(settings, lambda route: None)
+    assert seen == [("/m", 3, 0)]
+    assert engine_factory(EngineSettings(model_backend="fixed_engine:load")) is fixed_engine.load

@@ -9,7 +9,8 @@ import msgspec
 import pytest
 
 from cheapest.store import AccountRecord, KeyLimits, KeyRecord, StoreError, UsageCounter, open_store
-from cheapest.store.metering import UsageMeter, hour_of
+from cheapest.store.metering import UsageMeter
+from cheapest.vocabulary import hour_of
 from cheapest.store.secrets import load_pepper
 from processes import in_processes
 
