@@ -1,0 +1,1 @@
+"""cheapest: privacy-first, OpenAI-compatible inference service."""

@@ -1,0 +1,211 @@
+"""USDC top-ups on Base, verified on-chain with web3 and credited exactly once.
+
+Routes call (both off the event loop: web3 and LMDB block):
+
+`POST /api/billing/topup {amount_usd, method: "usdc"}`
+    quote = topup_quote(settings, account_id, body.amount_usd) -> TopupQuote
+    {address, chain: "base", chain_id, token, amount_units, claim_message}. The
+    client sends `amount_units` of `token` to `address`, then replaces the
+    literal "{tx_hash}" in `claim_message` with the transaction hash (0x + 64
+    hex, lower case) and signs the result with the SENDING wallet (EIP-191
+    `personal_sign`). Raises `TopupRejected("bad_amount")` (400) or
+    `BillingNotConfigured` (503, no receiver configured).
+
+`POST /api/billing/verify-topup {tx_hash, signature}`
+    verify_topup(settings, ledger, w3, account_id=..., tx_hash=..., signature=...)
+    -> TopupCredited (200): `credited_units` credited by this call (0 and
+       `already_credited` true when this account had claimed it before),
+       `balance_micro` after.
+    -> raises TopupPending (202 or 409 with Retry-After: `retry_after` seconds):
+       the transaction is not mined yet or has fewer than the configured
+       confirmations; nothing was credited, call again later.
+    -> raises TopupRejected(reason_code) (a ValueError, 400), nothing credited:
+       malformed_tx_hash, malformed_signature, wrong_chain (the node is not on
+       the configured chain), tx_not_found, reverted (receipt status 0),
+       no_transfer (no Transfer log emitted BY the configured USDC contract to
+       the configured receiver: look-alike tokens emit identical events from
+       other addresses, and web3's process_receipt does not check that),
+       bad_signature (the claim is not signed by a Transfer's sender: a public
+       tx hash alone claims nothing), already_claimed (another account holds it).
+
+Credited amount = the amount transferred (USDC has 6 decimals: 1 unit = 1
+micro-dollar), per Transfer log; each (chain id, tx hash, log index) once, ever.
+Transfers routed through a smart-contract wallet have the contract as sender
+and cannot sign (EIP-1271 is not supported).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+
+import msgspec
+from eth_account import Account
+from eth_account.messages import encode_defunct
+from eth_utils import keccak
+from web3 import Web3
+from web3.exceptions import TransactionNotFound
+
+from cheapest.billing.ledger import ChainClaim, JournalEntry, PaymentLedger
+from cheapest.billing.settings import BillingNotConfigured, BillingSettings, usd_to_micro
+
+__all__ = [
+    "TopupCredited", "TopupPending", "TopupQuote", "TopupRejected", "claim_message", "make_web3", "topup_quote",
+    "verify_topup",
+]
+
+TRANSFER_TOPIC = keccak(text="Transfer(address,address,uint256)")
+_TRANSFER_ABI = [{
+    "type": "event", "name": "Transfer", "anonymous": False,
+    "inputs": [
+        {"name": "from", "type": "address", "indexed": True},
+        {"name": "to", "type": "address", "indexed": True},
+        {"name": "value", "type": "uint256", "indexed": False},
+    ],
+}]
+_TX_HASH = re.compile(r"0x[0-9a-fA-F]{64}")
+_SIGNATURE = re.compile(r"(0x)?[0-9a-fA-F]{130}")
+
+
+class TopupRejected(ValueError):
+    def __init__(self, reason_code: str) -> None:
+        super().__init__(reason_code)
+        self.reason_code = reason_code
+
+
+class TopupPending(Exception):
+    """Not credited yet; try again after `retry_after` seconds."""
+
+    def __init__(self, retry_after: int, confirmations: int, required: int) -> None:
+        super().__init__(f"waiting for confirmations ({confirmations}/{required})")
+        self.retry_after = retry_after
+        self.confirmations = confirmations
+        self.required = required
+
+
+class TopupQuote(msgspec.Struct, frozen=True):
+    address: str
+    chain: str
+    chain_id: int
+    token: str
+    amount_units: int
+    claim_message: str
+
+
+class TopupCredited(msgspec.Struct, frozen=True):
+    tx_hash: str
+    chain_id: int
+    credited_units: int
+    already_credited: bool
+    log_indexes: list[int]
+    balance_micro: int
+
+
+def claim_message(account_id: str, chain_id: int, tx_hash: str) -> str:
+    """The text the sender signs: it names the account so a signature cannot be moved to another one."""
+    return f"cheapest USDC top-up claim\naccount: {account_id}\nchain: {chain_id}\ntx: {tx_hash}"
+
+
+def topup_quote(settings: BillingSettings, account_id: str, amount_usd: object) -> TopupQuote:
+    if settings.usdc_receiver is None:
+        raise BillingNotConfigured("CHEAPEST_USDC_RECEIVER is not set")
+    try:
+        units = usd_to_micro(amount_usd)
+    except ValueError:
+        raise TopupRejected("bad_amount") from None
+    if not settings.usdc_min_topup_micro <= units <= settings.usdc_max_topup_micro:
+        raise TopupRejected("bad_amount")
+    return TopupQuote(address=settings.usdc_receiver, chain="base" if settings.chain_id == 8453 else "evm",
+                      chain_id=settings.chain_id, token=settings.usdc_contract, amount_units=units,
+                      claim_message=claim_message(account_id, settings.chain_id, "{tx_hash}"))
+
+
+def make_web3(settings: BillingSettings, timeout_s: float = 10.0) -> Web3:
+    """The configured node; make one per worker process and reuse it."""
+    return Web3(Web3.HTTPProvider(settings.base_rpc_url, request_kwargs={"timeout": timeout_s}))
+
+
+def verify_topup(settings: BillingSettings, ledger: PaymentLedger, w3: Web3, *, account_id: str, tx_hash: str,
+                 signature: str) -> TopupCredited:
+    if settings.usdc_receiver is None:
+        raise BillingNotConfigured("CHEAPEST_USDC_RECEIVER is not set")
+    if not isinstance(tx_hash, str) or not _TX_HASH.fullmatch(tx_hash):
+        raise TopupRejected("malformed_tx_hash")
+    if not isinstance(signature, str) or not _SIGNATURE.fullmatch(signature):
+        raise TopupRejected("malformed_signature")
+    tx_hash = tx_hash.lower()
+    chain_id = settings.chain_id
+    try:
+        signer = Account.recover_message(encode_defunct(text=claim_message(account_id, chain_id, tx_hash)),
+                                         signature=signature)
+    except Exception:  # eth_keys refuses out-of-range v/r/s in several ways
+        raise TopupRejected("malformed_signature") from None
+
+    if w3.eth.chain_id != chain_id:
+        raise TopupRejected("wrong_chain")
+    try:
+        receipt = w3.eth.get_transaction_receipt(tx_hash)  # type: ignore[arg-type]
+    except TransactionNotFound:
+        try:
+            w3.eth.get_transaction(tx_hash)  # type: ignore[arg-type]
+        except TransactionNotFound:
+            raise TopupRejected("tx_not_found") from None
+        raise TopupPending(_retry_after(settings, settings.usdc_confirmations), 0,
+                           settings.usdc_confirmations) from None
+    if receipt["status"] != 1:
+        raise TopupRejected("reverted")
+
+    paid = _transfers_to_receiver(w3, settings, receipt)
+    if not paid:
+        raise TopupRejected("no_transfer")
+    mine = [(index, value) for index, sender, value in paid if sender == signer]
+    if not mine:
+        raise TopupRejected("bad_signature")
+
+    confirmations = w3.eth.block_number - receipt["blockNumber"] + 1
+    if confirmations < settings.usdc_confirmations:
+        missing = settings.usdc_confirmations - confirmations
+        raise TopupPending(_retry_after(settings, missing), confirmations, settings.usdc_confirmations)
+
+    now = int(time.time())
+    credited = 0
+    others = 0
+    with ledger.write() as txn:
+        for index, value in mine:
+            claim = ChainClaim(account_id=account_id, amount_units=value, sender=signer,
+                               block_number=receipt["blockNumber"], claimed_at=now)
+            if ledger.claim_transfer(txn, chain_id, tx_hash, index, claim):
+                ledger.record_payment(txn, account_id, JournalEntry(
+                    ref=f"usdc:{chain_id}:{tx_hash}:{index}", kind="usdc_topup", at=now, micro_usd=value))
+                credited += value
+            else:
+                held = ledger.chain_claim(chain_id, tx_hash, index, txn)
+                if held is not None and held.account_id != account_id:
+                    others += 1
+        balance = ledger.balance(account_id, txn)
+    if credited == 0 and others == len(mine):
+        raise TopupRejected("already_claimed")
+    return TopupCredited(tx_hash=tx_hash, chain_id=chain_id, credited_units=credited,
+                         already_credited=credited == 0, log_indexes=[i for i, _ in mine], balance_micro=balance)
+
+
+def _transfers_to_receiver(w3: Web3, settings: BillingSettings, receipt: object) -> list[tuple[int, str, int]]:
+    """(log index, sender, value) of each Transfer emitted by the configured token to the receiver."""
+    event = w3.eth.contract(abi=_TRANSFER_ABI).events.Transfer()
+    out = []
+    for log in receipt["logs"]:  # type: ignore[index]
+        # The emitting contract is the token: only its address tells USDC from a look-alike.
+        if log["address"] != settings.usdc_contract:
+            continue
+        topics = log["topics"]
+        if len(topics) != 3 or bytes(topics[0]) != TRANSFER_TOPIC:
+            continue
+        args = event.process_log(log)["args"]
+        if args["to"] == settings.usdc_receiver and args["value"] > 0:
+            out.append((int(log["logIndex"]), args["from"], int(args["value"])))
+    return out
+
+
+def _retry_after(settings: BillingSettings, blocks: int) -> int:
+    return max(1, math.ceil(blocks * settings.block_time_s))

@@ -1,0 +1,328 @@
+"""The `cheapest` command: serve, model, accounts, retention."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+
+def _settings(args: argparse.Namespace | None = None):
+    from cheapest.config import get_settings
+
+    return get_settings()
+
+
+def _open_store():
+    from cheapest.store import open_store
+    from cheapest.store.secrets import load_pepper
+
+    s = _settings()
+    return s, open_store(s.data_path, s.lmdb_map_size), load_pepper(s.data_path, s.key_pepper)
+
+
+DEV_EMAIL = "dev@localhost"
+# Granian's access log, when enabled: request metadata only. Pinned here rather than left to Granian's default
+# so it can never grow a query string (%(query_string)s) or a header; bodies are never available to it.
+ACCESS_LOG_FORMAT = '[%(time)s] %(addr)s - "%(method)s %(path)s %(protocol)s" %(status)d %(dt_ms).3f'
+
+
+def init_dev_account() -> dict[str, str] | None:
+    """On first start only: a local development account and one inference key, returned for printing once."""
+    from cheapest.store import accounts
+
+    settings, store, pepper = _open_store()
+    try:
+        if store.find_account_by_email(DEV_EMAIL) is not None:
+            return None
+        account, mk = accounts.create_account(store, DEV_EMAIL, settings.default_plan, pepper)
+        _, sk = accounts.create_key(store, account.id, "sk", "development key", pepper)
+        return {"account_id": account.id, "management_key": mk, "api_key": sk}
+    finally:
+        store.close()  # the server's workers open their own environment after fork
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from granian.constants import Interfaces
+    from granian.server import Server
+
+    if args.init_dev_account:
+        created = init_dev_account()
+        if created is not None:
+            print("Created a local development account (these keys are shown once):")
+            print(f"  account:          {created['account_id']}")
+            print(f"  management key:   {created['management_key']}")
+            print(f"  OPENAI_API_KEY=   {created['api_key']}")
+            print(f"  OPENAI_BASE_URL=  http://{args.host}:{args.port}/v1", flush=True)
+    server = Server(
+        "cheapest.server:app",
+        address=args.host,
+        port=args.port,
+        workers=args.workers,
+        interface=Interfaces.ASGI if args.interface == "asgi" else Interfaces.RSGI,
+        log_access=args.access_log,
+        log_access_format=ACCESS_LOG_FORMAT,
+    )
+    server.serve()
+    return 0
+
+
+def _accounts_create(args: argparse.Namespace) -> int:
+    from cheapest.store import StoreError, accounts
+
+    settings, store, pepper = _open_store()
+    try:
+        plan = args.plan or settings.default_plan
+        if plan not in settings.plans:
+            print(f"unknown plan; configured plans: {', '.join(sorted(settings.plans))}", file=sys.stderr)
+            return 2
+        try:
+            account, mk = accounts.create_account(store, args.email, plan, pepper)
+        except StoreError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+    finally:
+        store.close()
+    if args.json:
+        print(json.dumps({"account_id": account.id, "management_key": mk}))
+    else:
+        print(f"account {account.id} ({account.email}, plan {account.plan})")
+        print(f"management key (shown once): {mk}")
+    return 0
+
+
+def _account_summary(store, account) -> dict[str, Any]:
+    import msgspec
+
+    out = msgspec.to_builtins(account)
+    out["credit_balance_micro"] = store.ledger.balance(account.id)  # the ledger owns the balance
+    return out
+
+
+def _accounts_list(args: argparse.Namespace) -> int:
+    import json as _json
+
+    _, store, _ = _open_store()
+    try:
+        rows = [_account_summary(store, a) for a in store.list_accounts()]
+    finally:
+        store.close()
+    if args.json:
+        print(_json.dumps(rows))
+    else:
+        for a in rows:
+            print(f"{a['id']}\t{a['email']}\t{a['plan']}\t{a['status']}\tsubscription={a['subscription_status']}"
+                  f"\tcredit={int(a['credit_balance_micro']) / 1e6:.6f} USD")
+    return 0
+
+
+def _with_account(args: argparse.Namespace, action) -> int:
+    """Open the store, find the account by id or email, run `action(settings, store, pepper, account)`."""
+    from cheapest.store import accounts
+
+    settings, store, pepper = _open_store()
+    try:
+        account = accounts.find_account(store, args.account)
+        if account is None:
+            print("error: no such account", file=sys.stderr)
+            return 1
+        return int(action(settings, store, pepper, account) or 0)
+    finally:
+        store.close()
+
+
+def _accounts_show(args: argparse.Namespace) -> int:
+    import msgspec
+
+    def show(settings, store, pepper, account):
+        out = _account_summary(store, account)
+        sub = store.ledger.subscription(account.id)
+        out["subscription"] = None if sub is None else msgspec.to_builtins(sub)
+        keys = store.list_keys(account.id, limit=1_000_000)
+        out["keys"] = [{"id": k.id, "kind": k.kind, "name": k.name, "hint": k.hint, "disabled": k.disabled,
+                        "expires_at": k.expires_at, "limits": msgspec.to_builtins(k.limits)} for k in keys]
+        if args.json:
+            print(json.dumps(out))
+        else:
+            for name in ("id", "email", "plan", "status", "subscription_status", "period_end",
+                         "credit_balance_micro"):
+                print(f"{name}: {out[name]}")
+            for k in out["keys"]:
+                print(f"key {k['id']} {k['kind']} {k['hint']} name={k['name']!r} disabled={k['disabled']}")
+        return 0
+
+    return _with_account(args, show)
+
+
+def _accounts_set_status(status: str):
+    def run(args: argparse.Namespace) -> int:
+        from cheapest.store import accounts
+
+        def act(settings, store, pepper, account):
+            if account.status == "deleted":
+                print("error: the account is deleted", file=sys.stderr)
+                return 1
+            accounts.set_status(store, account.id, status)
+            print(f"account {account.id} {status}")
+            return 0
+
+        return _with_account(args, act)
+
+    return run
+
+
+def _accounts_grant_credit(args: argparse.Namespace) -> int:
+    import secrets
+
+    from cheapest.billing.settings import usd_to_micro
+    from cheapest.store import accounts
+
+    try:
+        micro = usd_to_micro(args.usd)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if micro <= 0:
+        print("error: the amount must be positive", file=sys.stderr)
+        return 2
+    ref = "grant:" + (args.ref or secrets.token_hex(8))
+
+    def act(settings, store, pepper, account):
+        applied = accounts.grant_credit(store, account.id, micro, ref)
+        balance = store.ledger.balance(account.id)
+        if args.json:
+            print(json.dumps({"account_id": account.id, "ref": ref, "applied": applied, "balance_micro": balance}))
+        else:
+            print(f"{'granted' if applied else 'already granted (same --ref), nothing changed'}: "
+                  f"balance {balance / 1e6:.6f} USD")
+        return 0
+
+    return _with_account(args, act)
+
+
+def _accounts_set_plan(args: argparse.Namespace) -> int:
+    from cheapest.store import accounts
+
+    def act(settings, store, pepper, account):
+        if args.plan not in settings.plans:
+            print(f"unknown plan; configured plans: {', '.join(sorted(settings.plans))}", file=sys.stderr)
+            return 2
+        accounts.set_plan(store, account.id, args.plan)
+        print(f"account {account.id} plan {args.plan}")
+        return 0
+
+    return _with_account(args, act)
+
+
+def _accounts_new_key(args: argparse.Namespace) -> int:
+    from cheapest.store import accounts
+
+    def act(settings, store, pepper, account):
+        record, secret = accounts.create_key(store, account.id, args.kind, args.name, pepper)
+        if args.json:
+            print(json.dumps({"account_id": account.id, "key_id": record.id, "key": secret}))
+        else:
+            print(f"key {record.id} ({args.kind}, shown once): {secret}")
+        return 0
+
+    return _with_account(args, act)
+
+
+def _retention_run(args: argparse.Namespace) -> int:
+    import time
+
+    import msgspec
+
+    from cheapest.privacy.retention import run_locked
+
+    settings, store, _ = _open_store()
+    try:  # waits for a server worker that is running the job right now, then runs regardless of the interval
+        report = run_locked(store, settings.data_path, time.time() if args.now is None else args.now)
+    finally:
+        store.close()
+    assert report is not None
+    if args.json:
+        print(msgspec.json.encode(report).decode())
+    else:
+        print(f"usage rows rolled up into daily aggregates: {report.usage_rows_rolled_up} "
+              f"(hours before {report.usage_cutoff}); deleted accounts purged: {report.accounts_purged}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cheapest", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="serve the OpenAI-compatible API with Granian")
+    serve.add_argument("--host", default=os.environ.get("CHEAPEST_HOST", "127.0.0.1"))
+    serve.add_argument("--port", type=int, default=int(os.environ.get("CHEAPEST_PORT", "8000")))
+    serve.add_argument("--workers", type=int, default=int(os.environ.get("CHEAPEST_WORKERS", "1")))
+    serve.add_argument("--interface", choices=("rsgi", "asgi"), default="rsgi")
+    serve.add_argument("--access-log", action="store_true",
+                       help="Granian's access log: method, path, status, latency (never query strings or bodies)")
+    serve.add_argument("--init-dev-account", action="store_true",
+                       help="create a local development account on first start and print its keys once")
+    serve.set_defaults(func=_serve)
+
+    acc = sub.add_parser("accounts", help="operator commands for accounts")
+    acc_sub = acc.add_subparsers(dest="accounts_command", required=True)
+    create = acc_sub.add_parser("create", help="create an account and print its management key once")
+    create.add_argument("--email", required=True)
+    create.add_argument("--plan", default=None, help="plan name from the configuration (default: default_plan)")
+    create.add_argument("--json", action="store_true")
+    create.set_defaults(func=_accounts_create)
+    lst = acc_sub.add_parser("list", help="list accounts")
+    lst.add_argument("--json", action="store_true")
+    lst.set_defaults(func=_accounts_list)
+    show = acc_sub.add_parser("show", help="an account: plan, subscription, credit balance, keys (never secrets)")
+    show.add_argument("account", help="account id or email")
+    show.add_argument("--json", action="store_true")
+    show.set_defaults(func=_accounts_show)
+    for name, status, text in (("disable", "disabled", "refuse all of the account's keys (403) at once"),
+                               ("enable", "active", "undo disable")):
+        p = acc_sub.add_parser(name, help=text)
+        p.add_argument("account", help="account id or email")
+        p.set_defaults(func=_accounts_set_status(status))
+    grant = acc_sub.add_parser("grant-credit", help="add credit (USD) to the account's balance, once per --ref")
+    grant.add_argument("account", help="account id or email")
+    grant.add_argument("--usd", required=True, help="amount in dollars, up to 6 decimals")
+    grant.add_argument("--ref", default=None, help="idempotency reference: a second grant with it does nothing")
+    grant.add_argument("--json", action="store_true")
+    grant.set_defaults(func=_accounts_grant_credit)
+    setplan = acc_sub.add_parser("set-plan", help="assign a plan by hand (no Stripe subscription needed)")
+    setplan.add_argument("account", help="account id or email")
+    setplan.add_argument("plan")
+    setplan.set_defaults(func=_accounts_set_plan)
+    newkey = acc_sub.add_parser("new-key", help="a new key for the account (e.g. a lost management key), shown once")
+    newkey.add_argument("account", help="account id or email")
+    newkey.add_argument("--kind", choices=("mk", "sk"), default="mk")
+    newkey.add_argument("--name", default="operator-issued key")
+    newkey.add_argument("--json", action="store_true")
+    newkey.set_defaults(func=_accounts_new_key)
+
+    ret = sub.add_parser("retention", help="data retention: anonymize old usage, purge deleted accounts")
+    ret_sub = ret.add_subparsers(dest="retention_command", required=True)
+    run = ret_sub.add_parser("run", help="one pass now (the server also runs it every retention_interval)")
+    run.add_argument("--now", type=float, default=None, help=argparse.SUPPRESS)  # tests drive the clock
+    run.add_argument("--json", action="store_true")
+    run.set_defaults(func=_retention_run)
+
+    try:  # `model pull` / `model convert` live with the model-supply code
+        from cheapest.inference import commands as model_commands
+    except ImportError:
+        pass
+    else:
+        model_commands.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

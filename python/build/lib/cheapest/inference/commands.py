@@ -1,0 +1,48 @@
+"""`cheapest model pull` and `cheapest model convert GGUF DIR`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _pull(args: argparse.Namespace) -> int:
+    from .pull import ensure_default_model
+
+    out = ensure_default_model(progress=not args.quiet)
+    print(out)
+    return 0
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from .convert import convert
+    from .gguf_reader import UnsupportedModelError
+
+    progress = None
+    if not args.quiet:
+        from tqdm import tqdm
+        progress = tqdm
+    try:
+        out = convert(args.gguf, args.dir, progress=progress, accuracy_level=args.accuracy_level)
+    except UnsupportedModelError as exc:
+        print(f"cheapest model convert: {exc}", file=sys.stderr)
+        return 2
+    print(out)
+    return 0
+
+
+def register(subparsers) -> None:
+    model = subparsers.add_parser("model", help="fetch and convert models")
+    sub = model.add_subparsers(dest="model_command", required=True)
+    pull = sub.add_parser("pull", help="download and convert the default model (SmolLM2-135M-Instruct) if missing")
+    pull.add_argument("--quiet", action="store_true", help="no progress bars")
+    pull.set_defaults(func=_pull)
+    conv = sub.add_parser("convert", help="convert a llama-architecture GGUF into an ONNX model directory")
+    conv.add_argument("gguf", type=Path)
+    conv.add_argument("dir", type=Path)
+    conv.add_argument("--accuracy-level", type=int, default=0, choices=(0, 4),
+                      help="MatMulNBits accuracy_level of the fused graph: 0 = fp32 activations (default, "
+                           "matches the fp32 graph), 4 = int8 activations (faster, llama.cpp-like precision)")
+    conv.add_argument("--quiet", action="store_true", help="no progress bars")
+    conv.set_defaults(func=_convert)

