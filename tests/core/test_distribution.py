@@ -18,11 +18,10 @@ DIST = REPO / "dist"
 
 
 def _example(readme: Path) -> str:
-    text = readme.read_text()
-    section = text[text.index("cheapest-core"):]
-    match = re.search(r"```python\n(.*?)```", section, re.S)
-    assert match is not None, f"no python example in {readme}"
-    return match.group(1)
+    """The first python block that imports the core (the README mentions cheapest-core before it, elsewhere)."""
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", readme.read_text(), re.S) if "import cheapest_core" in b]
+    assert blocks, f"no python example in {readme}"
+    return str(blocks[0])
 
 
 def _version(pyproject: Path) -> str:

@@ -1,1 +1,0 @@
-"""cheapest: privacy-first, OpenAI-compatible inference service."""
