@@ -3,7 +3,7 @@
   tiny_gguf        Path of a tiny llama GGUF (2 layers, hidden 64, 4 heads / 2 KV heads, byte-level BPE
                    vocabulary with merges and ChatML special tokens, a chat template) whose tensors use
                    Q8_0 (embedding), Q4_1 (layer 0), Q4_0 + F16 + F32 (layer 1).  Session-scoped.
-  tiny_model_dir   that GGUF converted (`cheapest.inference.convert.convert`).  Session-scoped.
+  tiny_model_dir   that GGUF converted (`cheapest.convert.converter.convert`).  Session-scoped.
   smollm2_dir      the real SmolLM2-135M-Instruct, pulled and converted once into the data directory
                    (`ensure_default_model()`); tests using it must be marked slow.  Session-scoped.
 
@@ -240,21 +240,21 @@ def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tiny_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from cheapest.inference.convert import convert
+    from cheapest.convert.converter import convert
 
     return convert(tiny_gguf, tmp_path_factory.mktemp("tiny_model") / "tiny-llama")
 
 
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
-    from cheapest.inference.pull import ensure_default_model
+    from cheapest.convert.pull import ensure_default_model
 
     return ensure_default_model(progress=False)
 
 
 async def collect_generation(eng: Any, ids: list[int], params: Any) -> tuple[list[Any], Any]:
     """Drain one `Engine.generate` stream: the Delta items, then its one Finish."""
-    from cheapest.inference.types import Finish
+    from cheapest.engine.types import Finish
 
     deltas: list[Any] = []
     async for item in eng.generate(ids, params):

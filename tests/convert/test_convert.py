@@ -23,10 +23,10 @@ from gguf import GGMLQuantizationType as Q
 from gguf import GGUFReader
 from gguf.quants import dequantize
 
-from cheapest.inference import pull
-from cheapest.inference.convert import MANIFEST, convert, is_converted
-from cheapest.inference.gguf_reader import UnsupportedModelError, file_sha256, read_gguf
-from cheapest.inference.quant_blocks import block_linear
+from cheapest.convert import pull
+from cheapest.convert.converter import MANIFEST, convert, is_converted
+from cheapest.convert.gguf_reader import UnsupportedModelError, file_sha256, read_gguf
+from cheapest.convert.quant_blocks import block_linear
 
 EXACT_TOL = 1e-3
 TOP = 16  # the best logits, always inside the LM head's exactly rescored set (RESCORE_TOP = 64)

@@ -15,11 +15,11 @@ import tokenizers
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cheapest.inference.chat import ChatTemplate, ChatTemplateError
-from cheapest.inference.engine import OnnxEngine, StopText, _Output, load_engine
-from cheapest.inference.loader import read_model_dir
-from cheapest.inference.sampling import Sampler
-from cheapest.inference.types import ContextLengthError, Delta, EngineError, Finish, SamplingParams
+from cheapest.engine.chat import ChatTemplate, ChatTemplateError
+from cheapest.engine.onnx_engine import OnnxEngine, StopText, _Output, load_engine
+from cheapest.engine.loader import read_model_dir
+from cheapest.engine.sampling import Sampler
+from cheapest.engine.types import ContextLengthError, Delta, EngineError, Finish, SamplingParams
 from fixtures_model import collect_generation
 
 GRAPHS = ["model.onnx", "model_fp32.onnx"]  # fused (shared KV buffer) and plain reference (concat cache)

@@ -22,9 +22,9 @@ from typing import Any, Literal, Protocol
 import onnx
 import onnxruntime as ort
 
-from cheapest.inference.types import EngineError
+from cheapest.engine.types import EngineError
 
-log = logging.getLogger("cheapest.inference")
+log = logging.getLogger("cheapest.engine")
 
 KvLayout = Literal["shared_buffer", "concat"]
 

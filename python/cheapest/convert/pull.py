@@ -18,7 +18,7 @@ import sys
 import zipfile
 from pathlib import Path
 
-from .convert import convert, is_converted
+from .converter import convert, is_converted
 from .gguf_reader import file_sha256
 
 DEFAULT_MODEL_ID = "SmolLM2-135M-Instruct"

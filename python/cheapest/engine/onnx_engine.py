@@ -15,14 +15,14 @@ import os
 from collections.abc import AsyncGenerator, Callable, Iterable, Sequence
 from typing import Any
 
-from cheapest.inference.batching import Scheduler
-from cheapest.inference.batching import Sequence as BatchSequence
-from cheapest.inference.chat import ChatTemplate
-from cheapest.inference.loader import CPU, SPIN_US, IncrementalDecoder, ModelSpec, Tokenizer, load_tokenizer, \
+from cheapest.engine.batching import Scheduler
+from cheapest.engine.batching import Sequence as BatchSequence
+from cheapest.engine.chat import ChatTemplate
+from cheapest.engine.loader import CPU, SPIN_US, IncrementalDecoder, ModelSpec, Tokenizer, load_tokenizer, \
     open_session, read_model_dir
-from cheapest.inference.runner import ConcatKv, KvRunner, SharedBufferKv
-from cheapest.inference.sampling import Sampler
-from cheapest.inference.types import ContextLengthError, Delta, EngineError, Finish, FinishReason, SamplingParams
+from cheapest.engine.runner import ConcatKv, KvRunner, SharedBufferKv
+from cheapest.engine.sampling import Sampler
+from cheapest.engine.types import ContextLengthError, Delta, EngineError, Finish, FinishReason, SamplingParams
 
 _CLOSED = "the engine is closed"
 

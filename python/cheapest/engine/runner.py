@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import numpy as np
 import onnxruntime as ort
 
-from cheapest.inference.loader import ModelSpec
+from cheapest.engine.loader import ModelSpec
 
 _ORT_TO_NUMPY: dict[str, type[np.generic]] = {
     "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,

@@ -16,7 +16,7 @@ def _pull(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from .convert import convert
+    from .converter import convert
     from .gguf_reader import UnsupportedModelError
 
     progress = None
