@@ -1,9 +1,9 @@
-"""GGUF -> model directory in the Hugging Face ONNX export layout.
+"""GGUF -> model directory (the layout and its JSON are described in cheapest.model_layout).
 
   onnx/model.onnx (+ model.onnx_data)            fused graph, the one served (graph_fused.py)
   onnx/model_fp32.onnx (+ model_fp32.onnx_data)  fp32 reference graph (graph_reference.py)
   tokenizer.json, tokenizer_config.json          (tokenizer_build.py; chat_template from the GGUF)
-  config.json                                    Llama config + a "cheapest" section: graph I/O contract
+  config.json                                    Hugging Face config + a "cheapest" section: graph I/O contract
   generation_config.json
   cheapest_manifest.json                         written LAST: the directory is complete when it exists
 
@@ -14,11 +14,18 @@ is built beside its destination and renamed into place, so a crash never leaves 
 from __future__ import annotations
 
 import gc
-import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import msgspec
+
+from cheapest.model_layout import (
+    CONFIG, FUSED_GRAPH, GENERATION_CONFIG, MANIFEST, REFERENCE_GRAPH, TOKENIZER, TOKENIZER_CONFIG, CheapestSection,
+    GenerationConfig, GraphContract, Manifest, ModelConfig, Source, encode_json,
+)
 
 from .gguf_reader import GGUFModel, file_sha256, read_gguf
 from .graph_builder import save_with_external_data
@@ -27,78 +34,70 @@ from .graph_reference import build_reference_graph
 from .tokenizer_build import tokenizer_config_json, tokenizer_json
 
 # Bump whenever the output for the same GGUF changes: `model pull` reconverts when it differs.
-CONVERTER_VERSION = "4"
-MANIFEST = "cheapest_manifest.json"
-FUSED_GRAPH = "onnx/model.onnx"
-REFERENCE_GRAPH = "onnx/model_fp32.onnx"
+CONVERTER_VERSION = "5"
 
 
-def _json(obj: Any) -> str:
-    return json.dumps(obj, indent=2, ensure_ascii=False) + "\n"
+def graph_contracts(accuracy_level: int) -> dict[str, GraphContract]:
+    """How the engine must drive each graph (see graph_fused.py and graph_reference.py)."""
+    fused = GraphContract(graph="fused", kv_padding="right", logits="last", position_ids="ignored",
+                          seqlens_from="attention_mask", batched_prefill="no_past_only", kv_buffer_sharing=True,
+                          accuracy_level=accuracy_level)
+    reference = GraphContract(graph="reference", kv_padding="left", logits="all", position_ids="required",
+                              batched_prefill="any", kv_buffer_sharing=False)
+    return {FUSED_GRAPH: fused, REFERENCE_GRAPH: reference}
 
 
-def graph_contract(accuracy_level: int) -> dict[str, Any]:
-    """The "cheapest" section of config.json: how the engine must drive each graph (see graph_*.py)."""
-    fused = {
-        "graph": "fused",
-        "kv_padding": "right",
-        "logits": "last",
-        "position_ids": "ignored",
-        "seqlens_from": "attention_mask",
-        "batched_prefill": "no_past_only",
-        "kv_buffer_sharing": True,
-        "accuracy_level": accuracy_level,
-    }
-    reference = {
-        "graph": "reference",
-        "kv_padding": "left",
-        "logits": "all",
-        "position_ids": "required",
-        "batched_prefill": "any",
-        "kv_buffer_sharing": False,
-    }
-    return {**fused, "graphs": {FUSED_GRAPH: fused, REFERENCE_GRAPH: reference}}
-
-
-def model_config(model: GGUFModel, *, accuracy_level: int, source_sha256: str) -> dict[str, Any]:
-    hp, tok = model.hparams, model.tokenizer
+def _descriptive_config(model: GGUFModel) -> dict[str, Any]:
+    """Hugging Face's keys that describe the architecture (the engine reads none of them)."""
+    hp = model.hparams
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
         "hidden_act": "silu",
-        "hidden_size": hp.hidden_size,
         "intermediate_size": hp.intermediate_size,
-        "num_attention_heads": hp.n_head,
-        "num_key_value_heads": hp.n_head_kv,
-        "num_hidden_layers": hp.n_layer,
-        "head_dim": hp.head_dim,
-        "max_position_embeddings": hp.context_length,
         "rope_theta": hp.rope_theta,
         "rms_norm_eps": hp.rms_norm_eps,
-        "vocab_size": hp.vocab_size,
         "tie_word_embeddings": hp.tie_word_embeddings,
-        "bos_token_id": tok.bos_token_id,
-        "eos_token_id": tok.eos_token_id,
-        "pad_token_id": tok.pad_token_id,
         "torch_dtype": "float32",
-        "cheapest": {
-            **graph_contract(accuracy_level),
-            "converter_version": CONVERTER_VERSION,
-            "source": {"file": model.path.name, "name": model.name, "sha256": source_sha256},
-        },
     }
 
 
-def generation_config(model: GGUFModel) -> dict[str, Any]:
+def model_config(model: GGUFModel, *, accuracy_level: int, source_sha256: str) -> ModelConfig:
+    hp, tok = model.hparams, model.tokenizer
+    return ModelConfig(
+        num_hidden_layers=hp.n_layer,
+        num_attention_heads=hp.n_head,
+        hidden_size=hp.hidden_size,
+        vocab_size=hp.vocab_size,
+        num_key_value_heads=hp.n_head_kv,
+        head_dim=hp.head_dim,
+        max_position_embeddings=hp.context_length,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        cheapest=CheapestSection(
+            converter_version=CONVERTER_VERSION,
+            source=Source(file=model.path.name, name=model.name, sha256=source_sha256),
+            graphs=graph_contracts(accuracy_level),
+        ),
+    )
+
+
+def config_json(model: GGUFModel, *, accuracy_level: int, source_sha256: str) -> bytes:
+    ours = model_config(model, accuracy_level=accuracy_level, source_sha256=source_sha256)
+    return encode_json({**_descriptive_config(model), **msgspec.to_builtins(ours)})
+
+
+def generation_config(model: GGUFModel) -> GenerationConfig:
     tok = model.tokenizer
-    cfg = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
-    return {k: v for k, v in cfg.items() if v is not None}
+    return GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                            pad_token_id=tok.pad_token_id)
 
 
-def read_manifest(model_dir: Path) -> dict[str, Any] | None:
+def read_manifest(model_dir: Path) -> Manifest | None:
     try:
-        return json.loads((Path(model_dir) / MANIFEST).read_text())
-    except (OSError, ValueError):
+        return msgspec.json.decode((Path(model_dir) / MANIFEST).read_bytes(), type=Manifest)
+    except (OSError, msgspec.DecodeError):
         return None
 
 
@@ -106,22 +105,13 @@ def is_converted(model_dir: Path, source_sha256: str) -> bool:
     manifest = read_manifest(model_dir)
     return (
         manifest is not None
-        and manifest.get("converter_version") == CONVERTER_VERSION
-        and manifest.get("source", {}).get("sha256") == source_sha256
+        and manifest.converter_version == CONVERTER_VERSION
+        and manifest.source.sha256 == source_sha256
     )
 
 
-def convert(gguf_path: str | Path, out_dir: str | Path, *, progress=None, accuracy_level: int = ACCURACY_LEVEL,
-            source_sha256: str | None = None) -> Path:
-    """Convert; `progress` is a tqdm-like callable (or None for silence). Returns out_dir."""
-    gguf_path, out_dir = Path(gguf_path), Path(out_dir)
-    sha = source_sha256 or file_sha256(gguf_path)
-    model = read_gguf(gguf_path)
-    work = out_dir.with_name(out_dir.name + ".partial")
-    if work.exists():
-        shutil.rmtree(work)
-    (work / "onnx").mkdir(parents=True)
-
+def _write_graphs(model: GGUFModel, work: Path, progress: Callable | None, accuracy_level: int) -> None:
+    """One graph in memory at a time: SmolLM2's fused graph alone holds ~100 MB of initializers."""
     fused = build_fused_graph(model, progress=progress, accuracy_level=accuracy_level)
     save_with_external_data(fused, work / FUSED_GRAPH)
     del fused
@@ -131,21 +121,35 @@ def convert(gguf_path: str | Path, out_dir: str | Path, *, progress=None, accura
     del reference
     gc.collect()
 
-    ctx = model.hparams.context_length
-    (work / "tokenizer.json").write_text(tokenizer_json(model.tokenizer), encoding="utf-8")
-    (work / "tokenizer_config.json").write_text(tokenizer_config_json(model.tokenizer, context_length=ctx),
-                                                encoding="utf-8")
-    (work / "config.json").write_text(_json(model_config(model, accuracy_level=accuracy_level, source_sha256=sha)),
-                                      encoding="utf-8")
-    (work / "generation_config.json").write_text(_json(generation_config(model)), encoding="utf-8")
 
+def _write_metadata(model: GGUFModel, work: Path, accuracy_level: int, sha: str) -> None:
+    ctx = model.hparams.context_length
+    (work / TOKENIZER).write_text(tokenizer_json(model.tokenizer), encoding="utf-8")
+    (work / TOKENIZER_CONFIG).write_text(tokenizer_config_json(model.tokenizer, context_length=ctx), encoding="utf-8")
+    (work / CONFIG).write_bytes(config_json(model, accuracy_level=accuracy_level, source_sha256=sha))
+    (work / GENERATION_CONFIG).write_bytes(encode_json(generation_config(model)))
+
+
+def _write_manifest(work: Path, source: Source) -> None:
     files = sorted(p for p in work.rglob("*") if p.is_file())
-    manifest = {
-        "converter_version": CONVERTER_VERSION,
-        "source": {"file": gguf_path.name, "sha256": sha},
-        "files": {p.relative_to(work).as_posix(): file_sha256(p) for p in files},
-    }
-    (work / MANIFEST).write_text(_json(manifest), encoding="utf-8")
+    manifest = Manifest(converter_version=CONVERTER_VERSION, source=source,
+                        files={p.relative_to(work).as_posix(): file_sha256(p) for p in files})
+    (work / MANIFEST).write_bytes(encode_json(manifest))
+
+
+def convert(gguf_path: str | Path, out_dir: str | Path, *, progress: Callable | None = None,
+            accuracy_level: int = ACCURACY_LEVEL, source_sha256: str | None = None) -> Path:
+    """Convert; `progress` is a tqdm-like callable (or None for silence). Returns out_dir."""
+    gguf_path, out_dir = Path(gguf_path), Path(out_dir)
+    sha = source_sha256 or file_sha256(gguf_path)
+    model = read_gguf(gguf_path)
+    work = out_dir.with_name(out_dir.name + ".partial")
+    if work.exists():
+        shutil.rmtree(work)
+    (work / FUSED_GRAPH).parent.mkdir(parents=True)
+    _write_graphs(model, work, progress, accuracy_level)
+    _write_metadata(model, work, accuracy_level, sha)
+    _write_manifest(work, Source(file=gguf_path.name, sha256=sha))
     if out_dir.exists():
         shutil.rmtree(out_dir)
     os.replace(work, out_dir)

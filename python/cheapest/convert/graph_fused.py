@@ -37,21 +37,30 @@ Padding convention: RIGHT padding, one cache row per sequence.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import numpy as np
+import onnx
+from gguf import MODEL_TENSOR
 
-from .gguf_reader import GGUFModel, GGUFTensor
-from .graph_builder import FLOAT, INT64, MS_DOMAIN, GraphBuilder, rope_tables
-from .quant_blocks import BLOCK, BlockLinear, block_linear, concat_rows
+from cheapest.model_layout import LOGITS, present_names
 
-RESCORE_TOP = 64  # LM-head logits recomputed exactly at accuracy_level 0 (see the LM head below)
+from .gguf_reader import GGUFModel, LlamaHParams
+from .graph_builder import FLOAT, MS_DOMAIN, GraphBuilder, GraphIO, declare_io, rope_tables
+from .quant_blocks import BlockLinear, DenseLinear, Linear, concat_rows, linear_weight
+
+RESCORE_TOP = 64  # LM-head logits recomputed exactly at accuracy_level 0 (see _lm_head_rescored)
 ACCURACY_LEVEL = 0  # fp32 activations; 4 = int8 activations (faster, llama.cpp-like precision)
+MAX_PART_K = 768  # see _linear
 
 
-def _linear(g: GraphBuilder, x: str, lin: BlockLinear, name: str, level: int) -> str:
-    if lin.bits == 0:
-        assert lin.dense is not None
-        return g.op("MatMul", [x, g.weight(f"{name}.weight", np.ascontiguousarray(lin.dense.T))], name=name)
-    assert lin.codes is not None and lin.scales is not None and lin.zero_points is not None  # bits 4 / 8
+# --- linear layers ----------------------------------------------------------------------------------------------
+
+
+def _linear(g: GraphBuilder, x: str, lin: Linear, name: str, level: int) -> str:
+    if isinstance(lin, DenseLinear):
+        return g.op("MatMul", [x, g.weight(f"{name}.weight", np.ascontiguousarray(lin.weight.T))], name=name)
     zp = lin.packed_zero_points()
     mins = lin.mins
     if mins is not None and lin.bits == 4 and not lin.zero_points.any():
@@ -59,36 +68,37 @@ def _linear(g: GraphBuilder, x: str, lin: BlockLinear, name: str, level: int) ->
         # input, which makes the fp32-activation kernel ~5% slower; m + 8d is rounded once to fp32 (the
         # weights stay the GGUF's 4-bit codes, scales and minimums).
         zp = None
-        mins = mins + np.float32(8) * lin.scales
-    parts = _k_parts(lin, level)
-    y: str | None
-    if parts == 1:
-        y = _matmul_nbits(g, x, lin.codes, lin.scales, zp, name, lin.k, lin.n, lin.bits, level)
-    else:
-        # ONNX Runtime's fp32-activation 4-bit kernel runs ~1.6x fewer MACs/s at K=1536 than at K<=768
-        # (measured, SmolLM2's down projection): split the input axis at block boundaries and add.
-        step = lin.n_blocks // parts
-        xs = g.ops("Split", [x, g.const([step * BLOCK] * parts)], outputs=parts, axis=-1)
-        y = None
-        for j, xj in enumerate(xs):
-            blocks = slice(j * step, (j + 1) * step)
-            zpj = None if zp is None else zp[:, j * step // 2:(j + 1) * step // 2]
-            yj = _matmul_nbits(g, xj, lin.codes[:, blocks], lin.scales[:, blocks], zpj, f"{name}.{j}",
-                               step * BLOCK, lin.n, lin.bits, level)
-            y = yj if y is None else g.op("Add", [y, yj])
-        assert y is not None  # parts >= 2
+        mins = mins + np.float32(lin.default_zero_point) * lin.scales
+    y = _matmul_nbits_split(g, x, lin, zp, name, level)
     if mins is None:
         return y
-    # Q4_1: + sum over each 32-wide block of x, times the block minimums. The block sums are one product
+    # Block minimums: + the sum over each block of x, times the block's minimum. The block sums are one product
     # with a 0/1 block indicator (fewer nodes than Reshape + ReduceSum).
     indicator = np.zeros((lin.k, lin.n_blocks), np.float32)
-    indicator[np.arange(lin.k), np.arange(lin.k) // BLOCK] = 1.0
+    indicator[np.arange(lin.k), np.arange(lin.k) // lin.block_size] = 1.0
     sums = g.op("MatMul", [x, g.const(indicator, np.float32)])
     corr = g.op("MatMul", [sums, g.weight(f"{name}.mins", np.ascontiguousarray(mins.T))])
     return g.op("Add", [y, corr])
 
 
-MAX_PART_K = 768  # see _linear
+def _matmul_nbits_split(g: GraphBuilder, x: str, lin: BlockLinear, zp: np.ndarray | None, name: str,
+                        level: int) -> str:
+    parts = _k_parts(lin, level)
+    if parts == 1:
+        return _matmul_nbits(g, x, lin.codes, lin.scales, zp, name, lin.k, lin.n, lin.bits, lin.block_size, level)
+    # ONNX Runtime's fp32-activation 4-bit kernel runs ~1.6x fewer MACs/s at K=1536 than at K<=768
+    # (measured, SmolLM2's down projection): split the input axis at block boundaries and add.
+    step = lin.n_blocks // parts
+    xs = g.ops("Split", [x, g.const([step * lin.block_size] * parts)], outputs=parts, axis=-1)
+    y: str | None = None
+    for j, xj in enumerate(xs):
+        blocks = slice(j * step, (j + 1) * step)
+        zpj = None if zp is None else zp[:, j * step // 2:(j + 1) * step // 2]
+        yj = _matmul_nbits(g, xj, lin.codes[:, blocks], lin.scales[:, blocks], zpj, f"{name}.{j}",
+                           step * lin.block_size, lin.n, lin.bits, lin.block_size, level)
+        y = yj if y is None else g.op("Add", [y, yj])
+    assert y is not None  # parts >= 2
+    return y
 
 
 def _k_parts(lin: BlockLinear, level: int) -> int:
@@ -98,175 +108,220 @@ def _k_parts(lin: BlockLinear, level: int) -> int:
         return 1
     for parts in range(1, lin.n_blocks + 1):
         step, rest = divmod(lin.n_blocks, parts)
-        if step * BLOCK <= MAX_PART_K and not rest and (parts == 1 or step % 2 == 0):
+        if step * lin.block_size <= MAX_PART_K and not rest and (parts == 1 or step % 2 == 0):
             return parts
     return 1
 
 
-def _matmul_nbits(g: GraphBuilder, x: str, codes: np.ndarray, scales: np.ndarray, zp: np.ndarray | None, name: str,
-                  k: int, n: int, bits: int, level: int) -> str:
-    inputs = [x, g.weight(f"{name}.qweight", np.ascontiguousarray(codes)),
-              g.weight(f"{name}.scales", np.ascontiguousarray(scales))]
+def _matmul_nbits(g: GraphBuilder, x: str, codes: np.ndarray | str, scales: np.ndarray, zp: np.ndarray | None,
+                  name: str, k: int, n: int, bits: int, block_size: int, level: int) -> str:
+    """`codes`: the code array, or the name of an initializer already holding it (a tied embedding)."""
+    code_input = codes if isinstance(codes, str) else g.weight(f"{name}.qweight", np.ascontiguousarray(codes))
+    inputs = [x, code_input, g.weight(f"{name}.scales", np.ascontiguousarray(scales))]
     if zp is not None:
         inputs.append(g.weight(f"{name}.qzeros", np.ascontiguousarray(zp)))
-    return g.op("MatMulNBits", inputs, domain=MS_DOMAIN, name=name, K=k, N=n, bits=bits, block_size=BLOCK,
+    return g.op("MatMulNBits", inputs, domain=MS_DOMAIN, name=name, K=k, N=n, bits=bits, block_size=block_size,
                 accuracy_level=level)
 
 
-def _linear_group(g: GraphBuilder, x: str, tensors: list[GGUFTensor], name: str, level: int) -> list[str]:
-    """One MatMulNBits for weights sharing an input, split afterwards; separate ones if encodings differ."""
-    parts = [block_linear(t) for t in tensors]
+def _linear_group(g: GraphBuilder, x: str, parts: list[Linear], name: str, level: int) -> list[str]:
+    """One MatMulNBits for weights sharing an input (split by the caller), separate ones if encodings differ."""
     merged = concat_rows(parts)
     if merged is None:
         return [_linear(g, x, p, f"{name}.{j}", level) for j, p in enumerate(parts)]
-    y = _linear(g, x, merged, name, level)
-    return [y]  # caller splits (GroupQueryAttention takes packed QKV as is)
+    return [_linear(g, x, merged, name, level)]
 
 
-def _embedding(g: GraphBuilder, ids: str, t: GGUFTensor, hidden: int) -> tuple[str, BlockLinear]:
-    lin = block_linear(t)
-    if lin.bits == 0:
-        assert lin.dense is not None
-        return g.op("Gather", [g.weight("model.embed_tokens.weight", lin.dense), ids], axis=0), lin
-    assert lin.codes is not None and lin.scales is not None and lin.zero_points is not None  # bits 4 / 8
-    # The code tensor [V, K/32, blob] is shared with the MatMulNBits LM head when the embedding is tied.
-    data = g.weight("model.embed_tokens.qweight", lin.codes)
+# --- embedding --------------------------------------------------------------------------------------------------
+
+EMBED_CODES = "model.embed_tokens.qweight"  # shared with the LM head when the embedding is tied
+EMBED_GATHER_SCALES = "model.embed_tokens.gather_scales"
+
+
+def _embedding(g: GraphBuilder, ids: str, lin: Linear, hidden: int) -> str:
+    if isinstance(lin, DenseLinear):
+        return g.op("Gather", [g.weight("model.embed_tokens.weight", lin.weight), ids], axis=0)
+    data = g.weight(EMBED_CODES, lin.codes)
     if lin.bits == 8:
-        # Blocks run along the last axis: one 32-wide block per [row, block] pair; zero point 128 = default.
-        inputs = [data, ids, g.weight("model.embed_tokens.gather_scales", lin.scales[..., None])]
-        if not np.all(lin.zero_points == 128):
+        # Blocks run along the last axis: one block per [row, block] pair; zero point 128 = default.
+        inputs = [data, ids, g.weight(EMBED_GATHER_SCALES, lin.scales[..., None])]
+        if not np.all(lin.zero_points == lin.default_zero_point):
             inputs.append(g.weight("model.embed_tokens.gather_zeros", lin.zero_points[..., None]))
-        rows = g.op("GatherBlockQuantized", inputs, domain=MS_DOMAIN, bits=8, block_size=BLOCK,
+        rows = g.op("GatherBlockQuantized", inputs, domain=MS_DOMAIN, bits=8, block_size=lin.block_size,
                     gather_axis=0, quantize_axis=2)
-        return g.op("Reshape", [rows, g.const([0, 0, hidden])]), lin
-    # 4-bit (Q4_0 / Q4_1): gather the packed rows, unpack with plain operators (runs once per step, on
-    # S rows only), then apply scale, zero point and block minimum.
+        return g.op("Reshape", [rows, g.const([0, 0, hidden])])
+    # 4-bit: gather the packed rows, unpack with plain operators (runs once per step, on S rows only), then
+    # apply scale, zero point and block minimum.
     packed = g.op("Gather", [data, ids], axis=0)
     lo = g.op("Unsqueeze", [g.op("BitwiseAnd", [packed, g.const(15, np.uint8)]), g.const([-1])])
     hi = g.op("Unsqueeze", [g.op("BitShift", [packed, g.const(4, np.uint8)], direction="RIGHT"), g.const([-1])])
-    q = g.op("Cast", [g.op("Reshape", [g.op("Concat", [lo, hi], axis=-1), g.const([0, 0, lin.n_blocks, BLOCK])])],
-             to=FLOAT)
+    q = g.op("Cast", [g.op("Reshape", [g.op("Concat", [lo, hi], axis=-1),
+                                       g.const([0, 0, lin.n_blocks, lin.block_size])])], to=FLOAT)
     zp = g.weight("model.embed_tokens.gather_zeros", lin.zero_points[..., None].astype(np.float32))
-    sc = g.weight("model.embed_tokens.gather_scales", lin.scales[..., None])
+    sc = g.weight(EMBED_GATHER_SCALES, lin.scales[..., None])
     w = g.op("Mul", [g.op("Sub", [q, g.op("Gather", [zp, ids], axis=0)]), g.op("Gather", [sc, ids], axis=0)])
     if lin.mins is not None:
         mins = g.weight("model.embed_tokens.gather_mins", lin.mins[..., None])
         w = g.op("Add", [w, g.op("Gather", [mins, ids], axis=0)])
-    return g.op("Reshape", [w, g.const([0, 0, hidden])]), lin
+    return g.op("Reshape", [w, g.const([0, 0, hidden])])
 
 
-def build_fused_graph(model: GGUFModel, progress=None, accuracy_level: int = ACCURACY_LEVEL):
-    level = accuracy_level
-    hp = model.hparams
-    g = GraphBuilder("cheapest_llama_fused")
-    input_ids = g.input("input_ids", INT64, ["batch_size", "sequence_length"])
-    attention_mask = g.input("attention_mask", INT64, ["batch_size", "total_sequence_length"])
-    g.input("position_ids", INT64, ["batch_size", "sequence_length"])
-    past = []
-    for i in range(hp.n_layer):
-        k = g.input(f"past_key_values.{i}.key", FLOAT, ["batch_size", hp.n_head_kv, "past_sequence_length", hp.head_dim])
-        v = g.input(f"past_key_values.{i}.value", FLOAT, ["batch_size", hp.n_head_kv, "past_sequence_length", hp.head_dim])
-        past.append((k, v))
-    g.output("logits", FLOAT, ["batch_size", 1, hp.vocab_size])
+# --- decoder layers ---------------------------------------------------------------------------------------------
 
+
+@dataclass(frozen=True)
+class _Attention:
+    """GroupQueryAttention's per-step inputs, shared by every layer."""
+
+    seqlens_k: str  # int32 [B]: real tokens per row - 1
+    total_len: str  # int32 scalar: T
+    lengths: str  # int64 [B]: real tokens per row
+    t_len: str  # int64 [1]: T
+    cos: str
+    sin: str
+
+
+def _attention_inputs(g: GraphBuilder, io: GraphIO, hp: LlamaHParams) -> _Attention:
     # seqlens_k = real tokens per row - 1; total_sequence_length = T (GroupQueryAttention's contract).
-    lengths = g.op("ReduceSum", [attention_mask, g.const([1])], keepdims=0)
+    lengths = g.op("ReduceSum", [io.attention_mask, g.const([1])], keepdims=0)
     seqlens_k = g.op("Cast", [g.op("Sub", [lengths, g.const(1)])], to=6)
-    t_len = g.op("Gather", [g.op("Shape", [attention_mask]), g.const(1)], axis=0)
+    t_len = g.op("Gather", [g.op("Shape", [io.attention_mask]), g.const(1)], axis=0)
     total_len = g.op("Cast", [t_len], to=6)
     cos_t, sin_t = rope_tables(hp.head_dim, hp.rope_theta, hp.context_length)
-    cos = g.weight("rotary.cos_cache", cos_t)
-    sin = g.weight("rotary.sin_cache", sin_t)
+    return _Attention(seqlens_k, total_len, lengths, t_len, g.weight("rotary.cos_cache", cos_t),
+                      g.weight("rotary.sin_cache", sin_t))
 
-    emb_t = model.tensors["token_embd.weight"]
-    h, emb_lin = _embedding(g, input_ids, emb_t, hp.hidden_size)
 
+class _Residual:
+    """The residual stream: `pending` is the value still to be added before the next norm, which fuses the add
+    (SkipSimplifiedLayerNormalization)."""
+
+    def __init__(self, first: str) -> None:
+        self.pending = first
+        self.residual: str | None = None
+
+    def norm(self, g: GraphBuilder, weight: str, eps: float) -> str:
+        if self.residual is None:
+            self.residual = self.pending
+            return g.op("SimplifiedLayerNormalization", [self.pending, weight], axis=-1, epsilon=eps, stash_type=1)
+        x, _, _, self.residual = g.ops("SkipSimplifiedLayerNormalization", [self.pending, self.residual, weight],
+                                       domain=MS_DOMAIN, outputs=[g.fresh("norm"), "", "", g.fresh("residual")],
+                                       epsilon=eps)
+        return x
+
+    def total(self, g: GraphBuilder) -> str:
+        assert self.residual is not None  # at least one layer ran
+        return g.op("Add", [self.pending, self.residual])
+
+
+def _decoder_layer(g: GraphBuilder, model: GGUFModel, i: int, stream: _Residual, att: _Attention,
+                   past: tuple[str, str], level: int) -> None:
+    hp = model.hparams
     eps = float(hp.rms_norm_eps)
-    residual: str | None = None
-    pending = h  # value to add to the residual stream before the next norm
-    layers = range(hp.n_layer)
-    for i in (progress(layers, desc="fused graph", unit="layer") if progress else layers):
-        prefix = f"model.layers.{i}"
-        w = g.weight(f"{prefix}.input_layernorm.weight", model.layer(i, "attn_norm").vector())
-        if residual is None:
-            x = g.op("SimplifiedLayerNormalization", [pending, w], axis=-1, epsilon=eps, stash_type=1)
-            residual = pending
-        else:
-            x, _, _, residual = g.ops("SkipSimplifiedLayerNormalization", [pending, residual, w], domain=MS_DOMAIN,
-                                     outputs=[g.fresh("norm"), "", "", g.fresh("residual")], epsilon=eps)
-        qkv_t = [model.layer(i, p) for p in ("attn_q", "attn_k", "attn_v")]
-        qkv = _linear_group(g, x, qkv_t, f"{prefix}.attn.qkv_proj", level)
-        gqa_in = qkv + ["", ""] if len(qkv) == 1 else qkv
-        attn, _, _ = g.ops("GroupQueryAttention",
-                    gqa_in + [past[i][0], past[i][1], seqlens_k, total_len, cos, sin],
-                    domain=MS_DOMAIN, name=f"{prefix}.attn.gqa",
-                    outputs=[g.fresh("attn"), f"present.{i}.key", f"present.{i}.value"],
-                    num_heads=hp.n_head, kv_num_heads=hp.n_head_kv, do_rotary=1, rotary_interleaved=0)
-        g.output(f"present.{i}.key", FLOAT, ["batch_size", hp.n_head_kv, "total_sequence_length", hp.head_dim])
-        g.output(f"present.{i}.value", FLOAT, ["batch_size", hp.n_head_kv, "total_sequence_length", hp.head_dim])
-        o = _linear(g, attn, block_linear(model.layer(i, "attn_output")), f"{prefix}.attn.o_proj", level)
+    prefix = f"model.layers.{i}"
+    x = stream.norm(g, g.weight(f"{prefix}.input_layernorm.weight", model.layer(i, MODEL_TENSOR.ATTN_NORM).vector()),
+                    eps)
+    qkv_w = [linear_weight(model.layer(i, kind)) for kind in (MODEL_TENSOR.ATTN_Q, MODEL_TENSOR.ATTN_K,
+                                                              MODEL_TENSOR.ATTN_V)]
+    qkv = _linear_group(g, x, qkv_w, f"{prefix}.attn.qkv_proj", level)
+    gqa_in = qkv + ["", ""] if len(qkv) == 1 else qkv  # packed QKV: no separate key / value inputs
+    attn, _, _ = g.ops("GroupQueryAttention",
+                       gqa_in + [past[0], past[1], att.seqlens_k, att.total_len, att.cos, att.sin],
+                       domain=MS_DOMAIN, name=f"{prefix}.attn.gqa",
+                       outputs=[g.fresh("attn"), *present_names(i)],
+                       num_heads=hp.n_head, kv_num_heads=hp.n_head_kv, do_rotary=1, rotary_interleaved=0)
+    stream.pending = _linear(g, attn, linear_weight(model.layer(i, MODEL_TENSOR.ATTN_OUT)), f"{prefix}.attn.o_proj",
+                             level)
 
-        w2 = g.weight(f"{prefix}.post_attention_layernorm.weight", model.layer(i, "ffn_norm").vector())
-        x2, _, _, residual = g.ops("SkipSimplifiedLayerNormalization", [o, residual, w2], domain=MS_DOMAIN,
-                                  outputs=[g.fresh("norm"), "", "", g.fresh("residual")], epsilon=eps)
-        gu = _linear_group(g, x2, [model.layer(i, "ffn_gate"), model.layer(i, "ffn_up")], f"{prefix}.mlp.gate_up_proj", level)
-        if len(gu) == 1:
-            gate, up = g.ops("Split", [gu[0], g.const([hp.intermediate_size, hp.intermediate_size])], outputs=2, axis=-1)
-        else:
-            gate, up = gu
-        act = g.op("Mul", [g.op("QuickGelu", [gate], domain=MS_DOMAIN, alpha=1.0), up])
-        pending = _linear(g, act, block_linear(model.layer(i, "ffn_down")), f"{prefix}.mlp.down_proj", level)
+    x2 = stream.norm(g, g.weight(f"{prefix}.post_attention_layernorm.weight",
+                                 model.layer(i, MODEL_TENSOR.FFN_NORM).vector()), eps)
+    gate_up_w = [linear_weight(model.layer(i, MODEL_TENSOR.FFN_GATE)),
+                 linear_weight(model.layer(i, MODEL_TENSOR.FFN_UP))]
+    gu = _linear_group(g, x2, gate_up_w, f"{prefix}.mlp.gate_up_proj", level)
+    if len(gu) == 1:
+        ff = hp.intermediate_size
+        gate, up = g.ops("Split", [gu[0], g.const([ff, ff])], outputs=2, axis=-1)
+    else:
+        gate, up = gu
+    act = g.op("Mul", [g.op("QuickGelu", [gate], domain=MS_DOMAIN, alpha=1.0), up])  # QuickGelu(alpha=1) = SiLU
+    stream.pending = _linear(g, act, linear_weight(model.layer(i, MODEL_TENSOR.FFN_DOWN)), f"{prefix}.mlp.down_proj",
+                             level)
 
-    # Last real token of each row: slot L_b - 1, i.e. index L_b - 1 - past within this step (clipped for
-    # decode rows shorter than the longest one, whose only new token is index 0).
-    s_len = g.op("Gather", [g.op("Shape", [input_ids]), g.const(1)], axis=0)
-    idx = g.op("Sub", [g.op("Sub", [lengths, g.const(1)]), g.op("Sub", [t_len, s_len])])
+
+def _last_token(g: GraphBuilder, io: GraphIO, att: _Attention, hidden_states: str, hidden: int) -> str:
+    """[B, 1, H]: the hidden state of each row's last real token, slot L_b - 1, i.e. index L_b - 1 - past within
+    this step (clipped for decode rows shorter than the longest one, whose only new token is index 0)."""
+    s_len = g.op("Gather", [g.op("Shape", [io.input_ids]), g.const(1)], axis=0)
+    idx = g.op("Sub", [g.op("Sub", [att.lengths, g.const(1)]), g.op("Sub", [att.t_len, s_len])])
     idx = g.op("Max", [g.op("Min", [idx, g.op("Sub", [s_len, g.const(1)])]), g.const(0)])
     gather_idx = g.op("Expand", [g.op("Reshape", [idx, g.const([-1, 1, 1])]),
-                                 g.op("Concat", [g.op("Shape", [idx]), g.const([1, hp.hidden_size])], axis=0)])
-    assert residual is not None  # n_layer >= 1
-    last = g.op("GatherElements", [g.op("Add", [pending, residual]), gather_idx], axis=1)
-    wn = g.weight("model.norm.weight", model.tensors["output_norm.weight"].vector())
-    normed = g.op("SimplifiedLayerNormalization", [last, wn], axis=-1, epsilon=eps, stash_type=1)
-    tied = hp.tie_word_embeddings
-    head = emb_lin if tied else block_linear(model.tensors["output.weight"])
-    if head.bits == 8 and np.all(head.zero_points == 128):
-        assert head.codes is not None and head.scales is not None and head.zero_points is not None  # bits 4 / 8
-        codes = "model.embed_tokens.qweight" if tied else g.weight("lm_head.qweight", head.codes)
-        approx = g.op("MatMulNBits", [normed, codes, g.weight("lm_head.scales", head.scales)], domain=MS_DOMAIN,
-                      name="lm_head", K=head.k, N=head.n, bits=8, block_size=BLOCK, accuracy_level=4)
-        if level == 4:
-            g.op("Identity", [approx], output="logits")
-        else:
-            # ONNX Runtime has no fast fp32-activation 8-bit kernel (it dequantizes the whole matrix per call).
-            # Score every token with int8 activations (error <= ~0.3 on SmolLM2's logits), then recompute the
-            # RESCORE_TOP best exactly in fp32 from the same blocks: the logits that decide greedy / top-k /
-            # top-p choices are exact, the far tail carries the int8 error.
-            scales = ("model.embed_tokens.gather_scales" if tied
-                      else g.weight("lm_head.gather_scales", head.scales[..., None]))
-            top_k = min(RESCORE_TOP, head.n)
-            _, top = g.ops("TopK", [approx, g.const([top_k])], outputs=2, axis=-1, largest=1, sorted=0)
-            rows = g.op("GatherBlockQuantized", [codes, top, scales], domain=MS_DOMAIN, bits=8, block_size=BLOCK,
-                        gather_axis=0, quantize_axis=2)
-            rows = g.op("Reshape", [rows, g.const([0, 0, top_k, hp.hidden_size])])  # [B, 1, k, H]
-            exact = g.op("MatMul", [rows, g.op("Unsqueeze", [normed, g.const([-1])])])  # [B, 1, k, 1]
-            exact = g.op("Reshape", [exact, g.const([0, 0, top_k])])
-            g.op("ScatterElements", [approx, top, exact], output="logits", axis=-1)
-    elif tied and head.bits:
-        assert head.scales is not None
-        inputs = [normed, "model.embed_tokens.qweight", g.weight("lm_head.scales", head.scales)]
-        zp = head.packed_zero_points()
-        if zp is not None:
-            inputs.append(g.weight("lm_head.qzeros", zp))
-        logits = g.op("MatMulNBits", inputs, domain=MS_DOMAIN, name="lm_head", K=head.k, N=head.n, bits=head.bits,
-                      block_size=BLOCK, accuracy_level=level)
+                                 g.op("Concat", [g.op("Shape", [idx]), g.const([1, hidden])], axis=0)])
+    return g.op("GatherElements", [hidden_states, gather_idx], axis=1)
+
+
+# --- LM head ----------------------------------------------------------------------------------------------------
+
+
+def _lm_head(g: GraphBuilder, normed: str, head: Linear, tied: bool, hidden: int, level: int) -> None:
+    if isinstance(head, BlockLinear) and head.bits == 8 and np.all(head.zero_points == head.default_zero_point) \
+            and head.mins is None:
+        _lm_head_rescored(g, normed, head, tied, hidden, level)
+    elif tied and isinstance(head, BlockLinear):
+        logits = _matmul_nbits(g, normed, EMBED_CODES, head.scales, head.packed_zero_points(), "lm_head", head.k,
+                               head.n, head.bits, head.block_size, level)
         if head.mins is not None:
-            blocks = g.op("Reshape", [normed, g.const([0, 0, head.n_blocks, BLOCK])])
+            blocks = g.op("Reshape", [normed, g.const([0, 0, head.n_blocks, head.block_size])])
             sums = g.op("ReduceSum", [blocks, g.const([-1])], keepdims=0)
             mins = g.weight("lm_head.mins", np.ascontiguousarray(head.mins.T))
             logits = g.op("Add", [logits, g.op("MatMul", [sums, mins])])
-        g.op("Identity", [logits], output="logits")
+        g.op("Identity", [logits], output=LOGITS)
     else:
-        g.op("Identity", [_linear(g, normed, head, "lm_head", level)], output="logits")
-    g.outputs.sort(key=lambda o: o.name != "logits")
+        g.op("Identity", [_linear(g, normed, head, "lm_head", level)], output=LOGITS)
+
+
+def _lm_head_rescored(g: GraphBuilder, normed: str, head: BlockLinear, tied: bool, hidden: int, level: int) -> None:
+    """An 8-bit head: every token scored with int8 activations, the RESCORE_TOP best recomputed in fp32.
+
+    ONNX Runtime has no fast fp32-activation 8-bit kernel (it dequantizes the whole matrix per call). Scoring
+    every token with int8 activations errs by <= ~0.3 on SmolLM2's logits; recomputing the RESCORE_TOP best
+    exactly from the same blocks makes the logits that decide greedy / top-k / top-p choices exact, while the
+    far tail carries the int8 error."""
+    codes = EMBED_CODES if tied else g.weight("lm_head.qweight", head.codes)
+    approx = _matmul_nbits(g, normed, codes, head.scales, None, "lm_head", head.k, head.n, 8, head.block_size, 4)
+    if level == 4:
+        g.op("Identity", [approx], output=LOGITS)
+        return
+    scales = EMBED_GATHER_SCALES if tied else g.weight("lm_head.gather_scales", head.scales[..., None])
+    top_k = min(RESCORE_TOP, head.n)
+    _, top = g.ops("TopK", [approx, g.const([top_k])], outputs=2, axis=-1, largest=1, sorted=0)
+    rows = g.op("GatherBlockQuantized", [codes, top, scales], domain=MS_DOMAIN, bits=8, block_size=head.block_size,
+                gather_axis=0, quantize_axis=2)
+    rows = g.op("Reshape", [rows, g.const([0, 0, top_k, hidden])])  # [B, 1, k, H]
+    exact = g.op("MatMul", [rows, g.op("Unsqueeze", [normed, g.const([-1])])])  # [B, 1, k, 1]
+    exact = g.op("Reshape", [exact, g.const([0, 0, top_k])])
+    g.op("ScatterElements", [approx, top, exact], output=LOGITS, axis=-1)
+
+
+# --- the graph --------------------------------------------------------------------------------------------------
+
+
+def build_fused_graph(model: GGUFModel, progress: Callable | None = None,
+                      accuracy_level: int = ACCURACY_LEVEL) -> onnx.ModelProto:
+    hp = model.hparams
+    g = GraphBuilder("cheapest_llama_fused")
+    io = declare_io(g, n_layer=hp.n_layer, n_kv_heads=hp.n_head_kv, head_dim=hp.head_dim, vocab_size=hp.vocab_size,
+                    logits_positions=1)
+    att = _attention_inputs(g, io, hp)
+    embedding = linear_weight(model.tensor(MODEL_TENSOR.TOKEN_EMBD))
+    stream = _Residual(_embedding(g, io.input_ids, embedding, hp.hidden_size))
+    layers = range(hp.n_layer)
+    for i in (progress(layers, desc="fused graph", unit="layer") if progress else layers):
+        _decoder_layer(g, model, i, stream, att, io.past[i], accuracy_level)
+    last = _last_token(g, io, att, stream.total(g), hp.hidden_size)
+    norm = g.weight("model.norm.weight", model.tensor(MODEL_TENSOR.OUTPUT_NORM).vector())
+    normed = g.op("SimplifiedLayerNormalization", [last, norm], axis=-1, epsilon=float(hp.rms_norm_eps),
+                  stash_type=1)
+    tied = hp.tie_word_embeddings
+    head = embedding if tied else linear_weight(model.tensor(MODEL_TENSOR.OUTPUT))
+    _lm_head(g, normed, head, tied, hp.hidden_size, accuracy_level)
     return g.model(doc="cheapest fused graph (ONNX Runtime contrib operators)")

@@ -18,10 +18,17 @@ new tokens (clipped at 0). Padded query rows produce finite, meaningless logits.
 
 from __future__ import annotations
 
-import numpy as np
+from collections.abc import Callable
+from dataclasses import dataclass
 
-from .gguf_reader import GGUFModel
-from .graph_builder import FLOAT, INT64, GraphBuilder, rope_tables
+import numpy as np
+import onnx
+from gguf import MODEL_TENSOR
+
+from cheapest.model_layout import LOGITS, present_names
+
+from .gguf_reader import GGUFModel, LlamaHParams
+from .graph_builder import GraphBuilder, GraphIO, declare_io, rope_tables
 
 ROTARY_TABLE_NAME = "rotary"
 
@@ -41,99 +48,123 @@ def _rotate(g: GraphBuilder, x: str, cos: str, sin: str, half: int) -> str:
     return g.op("Add", [g.op("Mul", [x, cos]), g.op("Mul", [rotated, sin])])
 
 
-def build_reference_graph(model: GGUFModel, progress=None):
-    hp = model.hparams
-    g = GraphBuilder("cheapest_llama_fp32")
-    input_ids = g.input("input_ids", INT64, ["batch_size", "sequence_length"])
-    attention_mask = g.input("attention_mask", INT64, ["batch_size", "total_sequence_length"])
-    position_ids = g.input("position_ids", INT64, ["batch_size", "sequence_length"])
-    past = []
-    for i in range(hp.n_layer):
-        k = g.input(f"past_key_values.{i}.key", FLOAT, ["batch_size", hp.n_head_kv, "past_sequence_length", hp.head_dim])
-        v = g.input(f"past_key_values.{i}.value", FLOAT, ["batch_size", hp.n_head_kv, "past_sequence_length", hp.head_dim])
-        past.append((k, v))
-    g.output("logits", FLOAT, ["batch_size", "sequence_length", hp.vocab_size])
+@dataclass(frozen=True)
+class _Attention:
+    """Per-step values every layer's attention uses."""
 
-    embedding = model.tensors["token_embd.weight"].dequantize()
-    emb = g.weight("model.embed_tokens.weight", embedding)
-    h = g.op("Gather", [emb, input_ids], axis=0)
+    cos: str  # [B, 1, S, D]
+    sin: str
+    allowed: str  # bool [B, 1, S, T]
 
-    # Rotary: one table lookup by position id, shared by every layer.
+
+def _rotary(g: GraphBuilder, io: GraphIO, hp: LlamaHParams) -> tuple[str, str]:
+    """One table lookup by position id, shared by every layer."""
     cos_t, sin_t = rope_tables(hp.head_dim, hp.rope_theta, hp.context_length)
-    cos_full = np.concatenate([cos_t, cos_t], axis=1)
-    sin_full = np.concatenate([sin_t, sin_t], axis=1)
-    cos = g.op("Unsqueeze", [g.op("Gather", [g.weight(f"{ROTARY_TABLE_NAME}.cos", cos_full), position_ids], axis=0),
-                             g.const([1])])
-    sin = g.op("Unsqueeze", [g.op("Gather", [g.weight(f"{ROTARY_TABLE_NAME}.sin", sin_full), position_ids], axis=0),
-                             g.const([1])])
+    tables = []
+    for part, table in (("cos", cos_t), ("sin", sin_t)):
+        full = g.weight(f"{ROTARY_TABLE_NAME}.{part}", np.concatenate([table, table], axis=1))
+        tables.append(g.op("Unsqueeze", [g.op("Gather", [full, io.position_ids], axis=0), g.const([1])]))
+    return tables[0], tables[1]
 
-    # Mask [B, 1, S, T]: causal by slot, and the slot must hold a real token.
-    s_len = g.op("Gather", [g.op("Shape", [input_ids]), g.const(1)], axis=0)
-    t_len = g.op("Gather", [g.op("Shape", [attention_mask]), g.const(1)], axis=0)
+
+def _attention_mask(g: GraphBuilder, io: GraphIO) -> str:
+    """bool [B, 1, S, T]: causal by slot, and the slot must hold a real token."""
+    s_len = g.op("Gather", [g.op("Shape", [io.input_ids]), g.const(1)], axis=0)
+    t_len = g.op("Gather", [g.op("Shape", [io.attention_mask]), g.const(1)], axis=0)
     k_slots = g.op("Range", [g.const(0), t_len, g.const(1)])
     q_slots = g.op("Add", [g.op("Range", [g.const(0), s_len, g.const(1)]), g.op("Sub", [t_len, s_len])])
-    causal = g.op("LessOrEqual", [g.op("Unsqueeze", [k_slots, g.const([0])]), g.op("Unsqueeze", [q_slots, g.const([1])])])
-    real = g.op("Unsqueeze", [g.op("Cast", [attention_mask], to=9), g.const([1, 2])])
-    allowed = g.op("And", [causal, real])
-    neg = g.const(np.finfo(np.float32).min, np.float32)
+    causal = g.op("LessOrEqual", [g.op("Unsqueeze", [k_slots, g.const([0])]),
+                                  g.op("Unsqueeze", [q_slots, g.const([1])])])
+    real = g.op("Unsqueeze", [g.op("Cast", [io.attention_mask], to=9), g.const([1, 2])])
+    return g.op("And", [causal, real])
 
-    scale = g.const(np.float32(1.0 / np.sqrt(hp.head_dim)), np.float32)
-    half = hp.head_dim // 2
+
+def _proj(g: GraphBuilder, model: GGUFModel, x: str, i: int, kind: MODEL_TENSOR, name: str) -> str:
+    w = model.layer(i, kind).dequantize()
+    return g.op("MatMul", [x, g.weight(name, np.ascontiguousarray(w.T))])
+
+
+def _repeat_kv(g: GraphBuilder, t: str, hp: LlamaHParams) -> str:
+    """[B, n_kv, T, D] -> [B, n_head, T, D], each KV head shared by n_head / n_kv query heads."""
     n_rep = hp.n_head // hp.n_head_kv
+    if n_rep == 1:
+        return t
+    shape = g.op("Shape", [t])
+    b, tl = (g.op("Gather", [shape, g.const([j])], axis=0) for j in (0, 2))
+    expand_shape = g.op("Concat", [b, g.const([hp.n_head_kv, n_rep]), tl, g.const([hp.head_dim])], axis=0)
+    e = g.op("Expand", [g.op("Unsqueeze", [t, g.const([2])]), expand_shape])
+    return g.op("Reshape", [e, g.const([0, hp.n_head, -1, hp.head_dim])])
+
+
+def _self_attention(g: GraphBuilder, model: GGUFModel, i: int, x: str, att: _Attention,
+                    past: tuple[str, str]) -> str:
+    hp = model.hparams
+    prefix = f"model.layers.{i}.self_attn"
+
+    def heads(t: str, n: int) -> str:
+        r = g.op("Reshape", [t, g.const([0, 0, n, hp.head_dim])])
+        return g.op("Transpose", [r], perm=[0, 2, 1, 3])
+
+    half = hp.head_dim // 2
+    q = _rotate(g, heads(_proj(g, model, x, i, MODEL_TENSOR.ATTN_Q, f"{prefix}.q_proj.weight"), hp.n_head),
+                att.cos, att.sin, half)
+    k = _rotate(g, heads(_proj(g, model, x, i, MODEL_TENSOR.ATTN_K, f"{prefix}.k_proj.weight"), hp.n_head_kv),
+                att.cos, att.sin, half)
+    v = heads(_proj(g, model, x, i, MODEL_TENSOR.ATTN_V, f"{prefix}.v_proj.weight"), hp.n_head_kv)
+    present_k, present_v = present_names(i)
+    k_all = _repeat_kv(g, g.op("Concat", [past[0], k], axis=2, output=present_k), hp)
+    v_all = _repeat_kv(g, g.op("Concat", [past[1], v], axis=2, output=present_v), hp)
+    scale = g.const(np.float32(1.0 / np.sqrt(hp.head_dim)), np.float32)
+    scores = g.op("Mul", [g.op("MatMul", [q, g.op("Transpose", [k_all], perm=[0, 1, 3, 2])]), scale])
+    neg = g.const(np.finfo(np.float32).min, np.float32)
+    probs = g.op("Softmax", [g.op("Where", [att.allowed, scores, neg])], axis=-1)
+    attn = g.op("Reshape", [g.op("Transpose", [g.op("MatMul", [probs, v_all])], perm=[0, 2, 1, 3]),
+                            g.const([0, 0, hp.q_size])])
+    return _proj(g, model, attn, i, MODEL_TENSOR.ATTN_OUT, f"{prefix}.o_proj.weight")
+
+
+def _mlp(g: GraphBuilder, model: GGUFModel, i: int, x: str) -> str:
+    prefix = f"model.layers.{i}.mlp"
+    gate = _proj(g, model, x, i, MODEL_TENSOR.FFN_GATE, f"{prefix}.gate_proj.weight")
+    up = _proj(g, model, x, i, MODEL_TENSOR.FFN_UP, f"{prefix}.up_proj.weight")
+    act = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate])]), up])  # SiLU(gate) * up
+    return _proj(g, model, act, i, MODEL_TENSOR.FFN_DOWN, f"{prefix}.down_proj.weight")
+
+
+def _decoder_layer(g: GraphBuilder, model: GGUFModel, i: int, h: str, att: _Attention, past: tuple[str, str]) -> str:
+    eps = model.hparams.rms_norm_eps
+    prefix = f"model.layers.{i}"
+    x = _rms_norm(g, h, model.layer(i, MODEL_TENSOR.ATTN_NORM).vector(), eps, f"{prefix}.input_layernorm.weight")
+    h = g.op("Add", [h, _self_attention(g, model, i, x, att, past)])
+    x = _rms_norm(g, h, model.layer(i, MODEL_TENSOR.FFN_NORM).vector(), eps,
+                  f"{prefix}.post_attention_layernorm.weight")
+    return g.op("Add", [h, _mlp(g, model, i, x)])
+
+
+def _lm_head(g: GraphBuilder, model: GGUFModel, io: GraphIO, h: str, embedding: str) -> None:
+    hp = model.hparams
+    if hp.tie_word_embeddings:
+        head = embedding
+    else:
+        head = g.weight("lm_head.weight", model.tensor(MODEL_TENSOR.OUTPUT).dequantize())
+    flat = g.op("Reshape", [h, g.const([-1, hp.hidden_size])])
+    logits2d = g.op("Gemm", [flat, head], transB=1)
+    out_shape = g.op("Concat", [g.op("Shape", [io.input_ids]), g.const([hp.vocab_size])], axis=0)
+    g.op("Reshape", [logits2d, out_shape], output=LOGITS)
+
+
+def build_reference_graph(model: GGUFModel, progress: Callable | None = None) -> onnx.ModelProto:
+    hp = model.hparams
+    g = GraphBuilder("cheapest_llama_fp32")
+    io = declare_io(g, n_layer=hp.n_layer, n_kv_heads=hp.n_head_kv, head_dim=hp.head_dim, vocab_size=hp.vocab_size,
+                    logits_positions="sequence_length")
+    embedding = g.weight("model.embed_tokens.weight", model.tensor(MODEL_TENSOR.TOKEN_EMBD).dequantize())
+    h = g.op("Gather", [embedding, io.input_ids], axis=0)
+    cos, sin = _rotary(g, io, hp)
+    att = _Attention(cos, sin, _attention_mask(g, io))
     layers = range(hp.n_layer)
     for i in (progress(layers, desc="fp32 graph", unit="layer") if progress else layers):
-        prefix = f"model.layers.{i}"
-        x = _rms_norm(g, h, model.layer(i, "attn_norm").vector(), hp.rms_norm_eps, f"{prefix}.input_layernorm.weight")
-
-        def proj(inp: str, part: str, wname: str) -> str:
-            w = model.layer(i, part).dequantize()
-            return g.op("MatMul", [inp, g.weight(wname, np.ascontiguousarray(w.T))])
-
-        def heads(t: str, n: int) -> str:
-            r = g.op("Reshape", [t, g.const([0, 0, n, hp.head_dim])])
-            return g.op("Transpose", [r], perm=[0, 2, 1, 3])
-
-        q = heads(proj(x, "attn_q", f"{prefix}.self_attn.q_proj.weight"), hp.n_head)
-        k = heads(proj(x, "attn_k", f"{prefix}.self_attn.k_proj.weight"), hp.n_head_kv)
-        v = heads(proj(x, "attn_v", f"{prefix}.self_attn.v_proj.weight"), hp.n_head_kv)
-        q = _rotate(g, q, cos, sin, half)
-        k = _rotate(g, k, cos, sin, half)
-        k_all = g.op("Concat", [past[i][0], k], axis=2, output=f"present.{i}.key")
-        v_all = g.op("Concat", [past[i][1], v], axis=2, output=f"present.{i}.value")
-        g.output(f"present.{i}.key", FLOAT, ["batch_size", hp.n_head_kv, "total_sequence_length", hp.head_dim])
-        g.output(f"present.{i}.value", FLOAT, ["batch_size", hp.n_head_kv, "total_sequence_length", hp.head_dim])
-        if n_rep > 1:
-            def repeat(t: str) -> str:
-                shape = g.op("Shape", [t])
-                b, tl = (g.op("Gather", [shape, g.const([j])], axis=0) for j in (0, 2))
-                expand_shape = g.op("Concat", [b, g.const([hp.n_head_kv, n_rep]), tl, g.const([hp.head_dim])], axis=0)
-                e = g.op("Expand", [g.op("Unsqueeze", [t, g.const([2])]), expand_shape])
-                return g.op("Reshape", [e, g.const([0, hp.n_head, -1, hp.head_dim])])
-            k_rep, v_rep = repeat(k_all), repeat(v_all)
-        else:
-            k_rep, v_rep = k_all, v_all
-        scores = g.op("Mul", [g.op("MatMul", [q, g.op("Transpose", [k_rep], perm=[0, 1, 3, 2])]), scale])
-        probs = g.op("Softmax", [g.op("Where", [allowed, scores, neg])], axis=-1)
-        attn = g.op("Reshape", [g.op("Transpose", [g.op("MatMul", [probs, v_rep])], perm=[0, 2, 1, 3]),
-                                g.const([0, 0, hp.q_size])])
-        h = g.op("Add", [h, proj(attn, "attn_output", f"{prefix}.self_attn.o_proj.weight")])
-
-        x = _rms_norm(g, h, model.layer(i, "ffn_norm").vector(), hp.rms_norm_eps,
-                      f"{prefix}.post_attention_layernorm.weight")
-        gate = proj(x, "ffn_gate", f"{prefix}.mlp.gate_proj.weight")
-        up = proj(x, "ffn_up", f"{prefix}.mlp.up_proj.weight")
-        act = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate])]), up])
-        h = g.op("Add", [h, proj(act, "ffn_down", f"{prefix}.mlp.down_proj.weight")])
-
-    h = _rms_norm(g, h, model.tensors["output_norm.weight"].vector(), hp.rms_norm_eps, "model.norm.weight")
-    if hp.tie_word_embeddings:
-        head, trans_b = emb, 1
-    else:
-        head, trans_b = g.weight("lm_head.weight", model.tensors["output.weight"].dequantize()), 1
-    flat = g.op("Reshape", [h, g.const([-1, hp.hidden_size])])
-    logits2d = g.op("Gemm", [flat, head], transB=trans_b)
-    out_shape = g.op("Concat", [g.op("Shape", [input_ids]), g.const([hp.vocab_size])], axis=0)
-    g.op("Reshape", [logits2d, out_shape], output="logits")
-    # Present outputs were declared per layer; move logits first as in Hugging Face exports.
-    g.outputs.sort(key=lambda o: o.name != "logits")
+        h = _decoder_layer(g, model, i, h, att, io.past[i])
+    h = _rms_norm(g, h, model.tensor(MODEL_TENSOR.OUTPUT_NORM).vector(), hp.rms_norm_eps, "model.norm.weight")
+    _lm_head(g, model, io, h, embedding)
     return g.model(doc="cheapest fp32 reference graph (plain ONNX operators)")

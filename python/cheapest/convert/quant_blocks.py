@@ -1,4 +1,5 @@
-"""GGUF quantized blocks -> ONNX Runtime's block-quantized layouts, without re-quantizing.
+"""GGUF weights -> the fused graph's linear weights: dense fp32, or ONNX Runtime's block-quantized layout
+without re-quantizing.
 
 All three GGUF block types used here quantize 32 weights along the input axis, the same blocking as
 `MatMulNBits(block_size=32)` / `GatherBlockQuantized(block_size=32)`:
@@ -30,27 +31,42 @@ BLOCK = 32
 
 
 @dataclass(frozen=True)
-class BlockLinear:
-    """A [N, K] weight in MatMulNBits form, or dense fp32 when the GGUF tensor is F32/F16."""
+class DenseLinear:
+    """A [N, K] weight kept as fp32 (GGUF F32 / F16 tensors)."""
 
     n: int
     k: int
-    bits: int  # 4 or 8; 0 = dense
-    codes: np.ndarray | None  # uint8 [N, K/32, 32*bits/8]
-    scales: np.ndarray | None  # float32 [N, K/32]
-    zero_points: np.ndarray | None  # uint8 [N, K/32] (unpacked values)
-    mins: np.ndarray | None  # float32 [N, K/32] additive block minimum (Q4_1), else None
-    dense: np.ndarray | None  # float32 [N, K]
+    weight: np.ndarray  # float32 [N, K]
+
+    def dequantize(self) -> np.ndarray:
+        return self.weight
+
+
+@dataclass(frozen=True)
+class BlockLinear:
+    """A [N, K] weight in MatMulNBits form: w[n, k] = (code - zero_point) * scale (+ min) per block of K."""
+
+    n: int
+    k: int
+    bits: int  # 4 or 8
+    codes: np.ndarray  # uint8 [N, K/block, block*bits/8], ONNX Runtime's packing
+    scales: np.ndarray  # float32 [N, K/block]
+    zero_points: np.ndarray  # uint8 [N, K/block] (unpacked values)
+    mins: np.ndarray | None = None  # float32 [N, K/block] additive block term (Q4_1), else None
+    block_size: int = BLOCK
 
     @property
     def n_blocks(self) -> int:
-        return self.k // BLOCK
+        return self.k // self.block_size
+
+    @property
+    def default_zero_point(self) -> int:
+        """MatMulNBits' zero point when its zero-point input is absent."""
+        return 1 << (self.bits - 1)
 
     def packed_zero_points(self) -> np.ndarray | None:
         """MatMulNBits' uint8 layout, or None when every zero point is the operator's default."""
-        if self.zero_points is None:
-            return None
-        default = 1 << (self.bits - 1)
+        default = self.default_zero_point
         if np.all(self.zero_points == default):
             return None
         if self.bits == 8:
@@ -60,21 +76,23 @@ class BlockLinear:
             zp = np.concatenate([zp, np.full((zp.shape[0], 1), default, np.uint8)], axis=1)
         return (zp[:, 0::2] | (zp[:, 1::2] << 4)).astype(np.uint8)
 
+    def unpacked_codes(self) -> np.ndarray:
+        """uint8 [N, K/block, block]: one code per weight."""
+        if self.bits == 8:
+            return self.codes
+        lo, hi = self.codes & 0x0F, self.codes >> 4
+        return np.stack([lo, hi], axis=-1).reshape(self.n, self.n_blocks, self.block_size)
+
     def dequantize(self) -> np.ndarray:
         """fp32 [N, K] — what the graph computes with; used by tests."""
-        if self.bits == 0:
-            assert self.dense is not None
-            return self.dense
-        assert self.codes is not None and self.scales is not None and self.zero_points is not None  # bits 4 / 8
-        if self.bits == 4:
-            lo, hi = self.codes & 0x0F, self.codes >> 4
-            q = np.stack([lo, hi], axis=-1).reshape(self.n, self.n_blocks, BLOCK)
-        else:
-            q = self.codes
+        q = self.unpacked_codes()
         w = (q.astype(np.float32) - self.zero_points[..., None]) * self.scales[..., None]
         if self.mins is not None:
             w = w + self.mins[..., None]
         return w.reshape(self.n, self.k)
+
+
+Linear = DenseLinear | BlockLinear
 
 
 def _f16(blocks: np.ndarray, start: int) -> np.ndarray:
@@ -87,43 +105,43 @@ def _pack_nibbles(qs: np.ndarray) -> np.ndarray:
     return (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
 
 
-def block_linear(t: GGUFTensor) -> BlockLinear:
+def linear_weight(t: GGUFTensor) -> Linear:
     n, k = t.rows, t.cols
     if t.qtype in (Q.F32, Q.F16):
-        return BlockLinear(n, k, 0, None, None, None, None, t.dequantize())
+        return DenseLinear(n, k, t.dequantize())
     nb = k // BLOCK
     if t.qtype == Q.Q4_0:
         blocks = t.raw.reshape(n, nb, 18)
-        return BlockLinear(n, k, 4, _pack_nibbles(blocks[..., 2:]), _f16(blocks, 0),
-                           np.full((n, nb), 8, np.uint8), None, None)
+        return BlockLinear(n, k, 4, _pack_nibbles(blocks[..., 2:]), _f16(blocks, 0), np.full((n, nb), 8, np.uint8))
     if t.qtype == Q.Q4_1:
         blocks = t.raw.reshape(n, nb, 20)
-        return BlockLinear(n, k, 4, _pack_nibbles(blocks[..., 4:]), _f16(blocks, 0),
-                           np.zeros((n, nb), np.uint8), _f16(blocks, 2), None)
+        return BlockLinear(n, k, 4, _pack_nibbles(blocks[..., 4:]), _f16(blocks, 0), np.zeros((n, nb), np.uint8),
+                           _f16(blocks, 2))
     if t.qtype == Q.Q8_0:
         blocks = t.raw.reshape(n, nb, 34)
         codes = (blocks[..., 2:].view(np.int8).astype(np.int16) + 128).astype(np.uint8)
-        return BlockLinear(n, k, 8, codes, _f16(blocks, 0), np.full((n, nb), 128, np.uint8), None, None)
+        return BlockLinear(n, k, 8, codes, _f16(blocks, 0), np.full((n, nb), 128, np.uint8))
     raise ValueError(f"no block layout for {t.qtype.name}")  # read_gguf rejects these earlier
 
 
-def concat_rows(parts: list[BlockLinear]) -> BlockLinear | None:
+def concat_rows(parts: list[Linear]) -> Linear | None:
     """Stack weights that share an input (q|k|v, gate|up) into one matrix; None if their encodings differ."""
-    bits = {p.bits for p in parts}
-    if len(bits) != 1 or len({p.k for p in parts}) != 1:
+    if len({p.k for p in parts}) != 1:
         return None
-    b = bits.pop()
-    n = sum(p.n for p in parts)
-    if b == 0:
-        return BlockLinear(n, parts[0].k, 0, None, None, None, None, np.concatenate([p.dense for p in parts]))
+    n, k = sum(p.n for p in parts), parts[0].k
+    dense = [p for p in parts if isinstance(p, DenseLinear)]
+    if len(dense) == len(parts):
+        return DenseLinear(n, k, np.concatenate([p.weight for p in dense]))
+    blocks = [p for p in parts if isinstance(p, BlockLinear)]
+    if len(blocks) != len(parts) or len({(p.bits, p.block_size) for p in blocks}) != 1:
+        return None
     mins = None
-    if any(p.mins is not None for p in parts):
-        mins = np.concatenate([p.mins if p.mins is not None else np.zeros_like(p.scales) for p in parts])
+    if any(p.mins is not None for p in blocks):
+        mins = np.concatenate([p.mins if p.mins is not None else np.zeros_like(p.scales) for p in blocks])
     return BlockLinear(
-        n, parts[0].k, b,
-        np.concatenate([p.codes for p in parts]),
-        np.concatenate([p.scales for p in parts]),
-        np.concatenate([p.zero_points for p in parts]),
-        mins, None,
+        n, k, blocks[0].bits,
+        np.concatenate([p.codes for p in blocks]),
+        np.concatenate([p.scales for p in blocks]),
+        np.concatenate([p.zero_points for p in blocks]),
+        mins, blocks[0].block_size,
     )
-

@@ -1,4 +1,4 @@
-"""The ONNX Runtime engine: one loaded model shared by every request of the process.
+"""The ONNX Runtime engine: one loaded model directory shared by every request of the process.
 
 `generate` hands a sequence to the scheduler thread (batching.py) and awaits its output on the request's
 event loop; nothing here blocks the loop. Per-token text handling (incremental UTF-8-safe detokenization,
@@ -95,6 +95,8 @@ class _Output:
 
 
 class OnnxEngine:
+    instant = False  # generation runs in the scheduler thread; the request's loop awaits each token
+
     def __init__(self, spec: ModelSpec, tokenizer: Tokenizer, runner: KvRunner, provider: str) -> None:
         self.model_id = spec.model_id
         self.context_length = spec.context_length
