@@ -214,6 +214,18 @@ def numpy_llama_forward(gguf_path: str | Path, ids: Sequence[int]) -> np.ndarray
     return x @ W.get("output.weight", W["token_embd.weight"]).T
 
 
+FUSED_TOL = 1e-3  # fused (accuracy_level 0) vs fp32 logits on the tiny models: the best ones
+FUSED_TOP = 16  # the best logits, always inside the LM head's exactly rescored set (RESCORE_TOP = 64)
+
+
+def assert_fused_logits(got: np.ndarray, ref: np.ndarray, tol: float = FUSED_TOL) -> None:
+    """Fused (accuracy_level 0) vs fp32 logits: the FUSED_TOP best exact to `tol`; the tail, scored with int8
+    activations in an 8-bit LM head, within 5% of the largest logit."""
+    top = np.argsort(-ref)[:FUSED_TOP]
+    np.testing.assert_allclose(got[top], ref[top], atol=tol, rtol=0)
+    assert np.abs(got - ref).max() <= 0.05 * np.abs(ref).max()
+
+
 def graph_feed(config: dict, input_ids: np.ndarray, attention_mask: np.ndarray | None = None,
                position_ids: np.ndarray | None = None, past: list[np.ndarray] | None = None) -> dict[str, np.ndarray]:
     """Inputs for either graph from config.json: empty past unless given (as [k0, v0, k1, v1, ...])."""

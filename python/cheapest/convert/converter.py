@@ -27,7 +27,7 @@ from cheapest.model_layout import (
     GenerationConfig, GraphContract, Manifest, ModelConfig, Source, encode_json,
 )
 
-from .gguf_reader import GGUFModel, file_sha256, read_gguf
+from .gguf_reader import GEMMA3, LLAMA, PHI3, QWEN2, QWEN3, GGUFModel, file_sha256, read_gguf
 from .graph_builder import save_with_external_data
 from .graph_fused import ACCURACY_LEVEL, build_fused_graph
 from .graph_reference import build_reference_graph
@@ -47,19 +47,35 @@ def graph_contracts(accuracy_level: int) -> dict[str, GraphContract]:
     return {FUSED_GRAPH: fused, REFERENCE_GRAPH: reference}
 
 
+# GGUF architecture -> Hugging Face (class, model_type); a llama GGUF with a sliding window is a Mistral.
+_HF_NAMES = {
+    LLAMA: ("LlamaForCausalLM", "llama"), QWEN2: ("Qwen2ForCausalLM", "qwen2"), QWEN3: ("Qwen3ForCausalLM", "qwen3"),
+    PHI3: ("Phi3ForCausalLM", "phi3"), GEMMA3: ("Gemma3ForCausalLM", "gemma3_text"),
+}
+
+
 def _descriptive_config(model: GGUFModel) -> dict[str, Any]:
     """Hugging Face's keys that describe the architecture (the engine reads none of them)."""
     hp = model.hparams
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "hidden_act": "silu",
+    cls, model_type = _HF_NAMES[hp.arch]
+    if hp.arch == LLAMA and hp.sliding_window is not None:
+        cls, model_type = "MistralForCausalLM", "mistral"
+    config: dict[str, Any] = {
+        "architectures": [cls],
+        "model_type": model_type,
+        "hidden_act": "gelu_pytorch_tanh" if hp.activation == "gelu_tanh" else "silu",
         "intermediate_size": hp.intermediate_size,
         "rope_theta": hp.rope_theta,
         "rms_norm_eps": hp.rms_norm_eps,
         "tie_word_embeddings": hp.tie_word_embeddings,
         "torch_dtype": "float32",
     }
+    if hp.arch == GEMMA3:
+        config["rope_local_base_freq"] = hp.rope_theta_local
+        config["layer_types"] = ["sliding_attention" if hp.window(i) else "full_attention" for i in range(hp.n_layer)]
+        config["query_pre_attn_scalar"] = hp.scale ** -2
+        config["final_logit_softcapping"] = hp.final_logit_softcap
+    return config
 
 
 def model_config(model: GGUFModel, *, accuracy_level: int, source_sha256: str) -> ModelConfig:
@@ -75,6 +91,7 @@ def model_config(model: GGUFModel, *, accuracy_level: int, source_sha256: str) -
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
+        sliding_window=hp.sliding_window,
         cheapest=CheapestSection(
             converter_version=CONVERTER_VERSION,
             source=Source(file=model.path.name, name=model.name, sha256=source_sha256),

@@ -1,38 +1,50 @@
-"""Read a llama-architecture GGUF: hyper-parameters, tokenizer data and raw tensors.
+"""Read a decoder-only GGUF: hyper-parameters, tokenizer data and raw tensors.
 
-Tensors stay in their GGUF block encoding (`GGUFTensor.raw`); the graph builders decide whether to
-dequantize them (the fp32 reference graph) or to repack the blocks as they are (the fused graph).
+Architectures: llama (and Mistral, a llama GGUF with a sliding window), qwen2 (q/k/v biases), qwen3 (q/k
+norms), phi3 (fused qkv and gate|up, split here into their parts) and gemma3 (see `HParams`). Each becomes one
+`HParams` plus per-layer tensors under the same names, so the graph builders need no architecture branches
+beyond the flags in `HParams`.
+
+Tensors stay in their GGUF block encoding (`GGUFTensor.raw`, memory-mapped); the graph builders decide whether
+to dequantize them (the fp32 reference graph) or to repack the blocks as they are (the fused graph).
 
 Rows are in numpy order: a GGUF weight with `ne = [K, N]` is a `[N, K]` matrix (out-features x in-features),
-the same as a PyTorch `nn.Linear.weight`. The Q and K projections come out of the reader already
+the same as a PyTorch `nn.Linear.weight`. llama's Q and K projections come out of the reader already
 un-permuted (see `_unpermute_rows`), so every consumer sees Hugging Face's half-split rotary layout.
 
-Metadata keys and tensor names are the `gguf` package's own constants (`Keys`, `TENSOR_NAMES`).
+A file of an unsupported architecture or tensor type is refused from its header alone (gguf_header.py),
+before any tensor is read. Metadata keys and tensor names are the `gguf` package's own constants.
 """
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from gguf import MODEL_ARCH, MODEL_ARCH_NAMES, MODEL_TENSOR, TENSOR_NAMES, GGMLQuantizationType, GGUFReader, Keys
+from gguf import MODEL_ARCH, MODEL_ARCH_NAMES, MODEL_TENSOR, TENSOR_NAMES, GGMLQuantizationType, Keys
 from gguf.quants import dequantize
 
-SUPPORTED_ARCHITECTURES = (MODEL_ARCH_NAMES[MODEL_ARCH.LLAMA],)
-SUPPORTED_TYPES = (
-    GGMLQuantizationType.F32,
-    GGMLQuantizationType.F16,
-    GGMLQuantizationType.Q8_0,
-    GGMLQuantizationType.Q4_0,
-    GGMLQuantizationType.Q4_1,
-)
+from .gguf_header import GGUFHeader, TensorInfo, read_header
+
+Q = GGMLQuantizationType
+LLAMA, QWEN2, QWEN3, PHI3, GEMMA3 = (MODEL_ARCH_NAMES[a] for a in (
+    MODEL_ARCH.LLAMA, MODEL_ARCH.QWEN2, MODEL_ARCH.QWEN3, MODEL_ARCH.PHI3, MODEL_ARCH.GEMMA3))
+SUPPORTED_ARCHITECTURES = (LLAMA, QWEN2, QWEN3, PHI3, GEMMA3)
+SUPPORTED_TYPES = (Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K,
+                   Q.Q6_K)
 LAYER_TENSORS = (
     MODEL_TENSOR.ATTN_NORM, MODEL_TENSOR.ATTN_Q, MODEL_TENSOR.ATTN_K, MODEL_TENSOR.ATTN_V, MODEL_TENSOR.ATTN_OUT,
     MODEL_TENSOR.FFN_NORM, MODEL_TENSOR.FFN_GATE, MODEL_TENSOR.FFN_UP, MODEL_TENSOR.FFN_DOWN,
 )
+QK_NORMS = (MODEL_TENSOR.ATTN_Q_NORM, MODEL_TENSOR.ATTN_K_NORM)
+POST_NORMS = (MODEL_TENSOR.ATTN_POST_NORM, MODEL_TENSOR.FFN_POST_NORM)
+QKV = (MODEL_TENSOR.ATTN_Q, MODEL_TENSOR.ATTN_K, MODEL_TENSOR.ATTN_V)
+GEMMA3_SLIDING_PATTERN = 6  # every 6th layer attends globally (llama.cpp and transformers hard-code it)
+GEMMA3_LOCAL_ROPE_BASE = 10000.0
 
 
 class UnsupportedModelError(ValueError):
@@ -46,7 +58,8 @@ def tensor_name(kind: MODEL_TENSOR, layer: int | None = None, suffix: str = "wei
 
 
 @dataclass(frozen=True)
-class LlamaHParams:
+class HParams:
+    arch: str
     n_layer: int
     hidden_size: int
     intermediate_size: int
@@ -58,6 +71,17 @@ class LlamaHParams:
     context_length: int
     vocab_size: int
     tie_word_embeddings: bool
+    # Attention windows: a windowed layer's query at position p sees keys at p - sliding_window + 1 .. p.
+    sliding_window: int | None = None
+    sliding_layers: tuple[bool, ...] = ()  # per layer (empty: none)
+    rope_theta_local: float | None = None  # rope base of windowed layers, when it differs (gemma3)
+    attention_scale: float | None = None  # None: 1 / sqrt(head_dim)
+    embedding_scale: float = 1.0  # gemma3: sqrt(hidden_size)
+    final_logit_softcap: float | None = None  # logits = cap * tanh(logits / cap)
+    qkv_bias: bool = False  # qwen2
+    qk_norm: bool = False  # qwen3, gemma3: RMSNorm of each head of q and k before rotary
+    post_norms: bool = False  # gemma3: RMSNorm of the attention and feed-forward outputs before the residual add
+    activation: str = "silu"  # gated feed-forward: "silu" (SwiGLU) or "gelu_tanh" (GeGLU)
 
     @property
     def q_size(self) -> int:
@@ -67,6 +91,23 @@ class LlamaHParams:
     def kv_size(self) -> int:
         return self.n_head_kv * self.head_dim
 
+    def window(self, layer: int) -> int | None:
+        return self.sliding_window if self.sliding_layers and self.sliding_layers[layer] else None
+
+    def rope_base(self, layer: int) -> float:
+        if self.window(layer) is not None and self.rope_theta_local is not None:
+            return self.rope_theta_local
+        return self.rope_theta
+
+    @property
+    def rope_bases(self) -> list[float]:
+        """Distinct rope bases, in first-use order."""
+        return list(dict.fromkeys(self.rope_base(i) for i in range(self.n_layer)))
+
+    @property
+    def scale(self) -> float:
+        return self.attention_scale if self.attention_scale is not None else 1.0 / math.sqrt(self.head_dim)
+
 
 @dataclass(frozen=True)
 class GGUFTensor:
@@ -74,11 +115,15 @@ class GGUFTensor:
     qtype: GGMLQuantizationType
     rows: int  # N (out-features; 1 for vectors)
     cols: int  # K (in-features, the axis GGUF blocks run along)
-    raw: np.ndarray  # [rows, bytes or elements per row] exactly as stored, rows already un-permuted
+    raw: np.ndarray  # uint8 [rows, bytes per row] exactly as stored, rows already un-permuted
 
     def dequantize(self) -> np.ndarray:
         """fp32 [rows, cols]."""
         return np.asarray(dequantize(self.raw, self.qtype), dtype=np.float32).reshape(self.rows, self.cols)
+
+    def row_slice(self, start: int, stop: int, name: str) -> GGUFTensor:
+        """Rows start..stop as a tensor of its own (blocks run along the columns, so rows split exactly)."""
+        return GGUFTensor(name, self.qtype, stop - start, self.cols, self.raw[start:stop])
 
     def vector(self) -> np.ndarray:
         """fp32 [cols] for a 1-D tensor (norm weights)."""
@@ -107,7 +152,7 @@ class TokenizerData:
 class GGUFModel:
     path: Path
     name: str
-    hparams: LlamaHParams
+    hparams: HParams
     tokenizer: TokenizerData
     tensors: dict[str, GGUFTensor] = field(repr=False)
 
@@ -116,6 +161,10 @@ class GGUFModel:
 
     def layer(self, i: int, kind: MODEL_TENSOR) -> GGUFTensor:
         return self.tensor(kind, i)
+
+    def bias(self, i: int, kind: MODEL_TENSOR) -> np.ndarray | None:
+        t = self.tensors.get(tensor_name(kind, i, "bias"))
+        return None if t is None else t.vector()
 
 
 def file_sha256(path: Path) -> str:
@@ -129,14 +178,16 @@ def file_sha256(path: Path) -> str:
 class _Metadata:
     """A GGUF's key/value fields; `{arch}` in a key (gguf.Keys.LLM and friends) is the file's architecture."""
 
-    def __init__(self, reader: GGUFReader, path: Path) -> None:
-        self._reader = reader
+    def __init__(self, fields: dict[str, Any], path: Path) -> None:
+        self._fields = fields
         self.file = path.name
         self.arch = str(self.get(Keys.General.ARCHITECTURE, ""))
 
     def get(self, key: str, default: Any = None) -> Any:
-        f = self._reader.fields.get(key.format(arch=self.arch) if "{arch}" in key else key)
-        return default if f is None else f.contents()
+        value = self._fields.get(key.format(arch=self.arch) if "{arch}" in key else key)
+        if value is None:
+            return default
+        return value.item() if isinstance(value, np.generic) else value
 
     def require(self, key: str) -> Any:
         value = self.get(key)
@@ -160,31 +211,64 @@ def _unpermute_rows(raw: np.ndarray, n_head: int) -> np.ndarray:
     return np.ascontiguousarray(raw.reshape(n_head, half, 2, *raw.shape[1:]).swapaxes(1, 2).reshape(raw.shape))
 
 
-def _check_architecture(meta: _Metadata) -> None:
+def _check_header(meta: _Metadata, tensors: list[TensorInfo]) -> None:
+    """Everything that can be refused from the header alone."""
     if meta.arch not in SUPPORTED_ARCHITECTURES:
         raise UnsupportedModelError(
             f"unsupported GGUF architecture {meta.arch!r} in {meta.file}; "
             f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
         )
+    for t in tensors:
+        if t.qtype not in SUPPORTED_TYPES:
+            raise UnsupportedModelError(
+                f"{meta.file}: tensor {t.name} has unsupported type {t.type_name}; "
+                f"supported: {', '.join(q.name for q in SUPPORTED_TYPES)}"
+            )
     rope_scaling = meta.get(Keys.Rope.SCALING_TYPE)
     if rope_scaling not in (None, "none"):
         raise UnsupportedModelError(f"{meta.file}: unsupported rope scaling {rope_scaling!r}")
     if meta.get(Keys.LLM.EXPERT_COUNT, 0):
-        raise UnsupportedModelError(f"{meta.file}: mixture-of-experts llama models are not supported")
+        raise UnsupportedModelError(f"{meta.file}: mixture-of-experts models are not supported")
+    if meta.get(Keys.LLM.ATTN_LOGIT_SOFTCAPPING):
+        raise UnsupportedModelError(f"{meta.file}: attention logit softcapping is not supported")
+    names = {t.name for t in tensors}
+    for kind in (MODEL_TENSOR.ROPE_FACTORS_LONG, MODEL_TENSOR.ROPE_FACTORS_SHORT, MODEL_TENSOR.ROPE_FREQS):
+        if tensor_name(kind) in names:
+            raise UnsupportedModelError(f"{meta.file}: rope frequency factors ({tensor_name(kind)}) are not supported")
 
 
-def _read_hparams(meta: _Metadata, tensors: dict[str, GGUFTensor]) -> LlamaHParams:
+def _sliding_layers(meta: _Metadata, n_layer: int) -> tuple[int | None, tuple[bool, ...]]:
+    window = meta.optional_int(Keys.Attention.SLIDING_WINDOW)
+    if not window:
+        return None, ()
+    pattern = meta.get(Keys.Attention.SLIDING_WINDOW_PATTERN)
+    if pattern is not None and not isinstance(pattern, int | float):
+        return window, tuple(bool(x) for x in pattern)  # per-layer flags
+    if meta.arch == GEMMA3:  # windowed except every n-th layer
+        every = int(pattern or GEMMA3_SLIDING_PATTERN)
+        return window, tuple((i + 1) % every != 0 for i in range(n_layer))
+    return window, (True,) * n_layer  # Mistral, Phi-3: every layer
+
+
+def _read_hparams(meta: _Metadata, tensors: dict[str, GGUFTensor]) -> HParams:
     n_head = int(meta.require(Keys.Attention.HEAD_COUNT))
     hidden = int(meta.require(Keys.LLM.EMBEDDING_LENGTH))
     head_dim = int(meta.get(Keys.Attention.KEY_LENGTH, hidden // n_head))
+    if int(meta.get(Keys.Attention.VALUE_LENGTH, head_dim)) != head_dim:
+        raise UnsupportedModelError(f"{meta.file}: key and value head sizes differ")
     rope_dim = int(meta.get(Keys.Rope.DIMENSION_COUNT, head_dim))
     if rope_dim != head_dim:
         raise UnsupportedModelError(f"{meta.file}: partial rotary (rope dim {rope_dim} != head dim {head_dim})")
     emb = tensors.get(tensor_name(MODEL_TENSOR.TOKEN_EMBD))
     if emb is None:
         raise UnsupportedModelError(f"{meta.file}: no {tensor_name(MODEL_TENSOR.TOKEN_EMBD)} tensor")
-    return LlamaHParams(
-        n_layer=int(meta.require(Keys.LLM.BLOCK_COUNT)),
+    n_layer = int(meta.require(Keys.LLM.BLOCK_COUNT))
+    window, sliding = _sliding_layers(meta, n_layer)
+    gemma = meta.arch == GEMMA3
+    softcap = meta.get(Keys.LLM.FINAL_LOGIT_SOFTCAPPING)
+    return HParams(
+        arch=meta.arch,
+        n_layer=n_layer,
         hidden_size=hidden,
         intermediate_size=int(meta.require(Keys.LLM.FEED_FORWARD_LENGTH)),
         n_head=n_head,
@@ -195,39 +279,70 @@ def _read_hparams(meta: _Metadata, tensors: dict[str, GGUFTensor]) -> LlamaHPara
         context_length=int(meta.require(Keys.LLM.CONTEXT_LENGTH)),
         vocab_size=int(meta.get(Keys.LLM.VOCAB_SIZE, emb.rows)),
         tie_word_embeddings=tensor_name(MODEL_TENSOR.OUTPUT) not in tensors,
+        sliding_window=window,
+        sliding_layers=sliding,
+        rope_theta_local=(float(meta.get(Keys.Rope.FREQ_BASE_SWA, GEMMA3_LOCAL_ROPE_BASE)) if gemma
+                          else meta.get(Keys.Rope.FREQ_BASE_SWA)),
+        attention_scale=meta.get(Keys.Attention.SCALE),
+        embedding_scale=math.sqrt(hidden) if gemma else 1.0,
+        final_logit_softcap=float(softcap) if softcap else None,
+        qkv_bias=tensor_name(MODEL_TENSOR.ATTN_Q, 0, "bias") in tensors,
+        qk_norm=tensor_name(MODEL_TENSOR.ATTN_Q_NORM, 0) in tensors,
+        post_norms=tensor_name(MODEL_TENSOR.ATTN_POST_NORM, 0) in tensors,
+        activation="gelu_tanh" if gemma else "silu",
     )
 
 
-def _read_tensors(reader: GGUFReader, path: Path) -> dict[str, GGUFTensor]:
+def _read_tensors(header: GGUFHeader) -> dict[str, GGUFTensor]:
     tensors: dict[str, GGUFTensor] = {}
-    for t in reader.tensors:
-        if t.tensor_type not in SUPPORTED_TYPES:
-            raise UnsupportedModelError(
-                f"{path.name}: tensor {t.name} has unsupported type {t.tensor_type.name}; "
-                f"supported: {', '.join(q.name for q in SUPPORTED_TYPES)}"
-            )
-        ne = [int(x) for x in t.shape]  # GGUF order: ne[0] = columns
-        rows = int(np.prod(ne[1:])) if len(ne) > 1 else 1
-        raw = np.asarray(t.data).reshape(rows, -1)
-        tensors[t.name] = GGUFTensor(t.name, GGMLQuantizationType(t.tensor_type), rows, ne[0], raw)
+    for t in header.tensors:
+        assert t.qtype is not None  # _check_header refused unknown types
+        rows = int(np.prod(t.shape[1:])) if len(t.shape) > 1 else 1
+        tensors[t.name] = GGUFTensor(t.name, t.qtype, rows, t.shape[0], header.data(t))
     return tensors
 
 
-def _check_layers(tensors: dict[str, GGUFTensor], hp: LlamaHParams, file: str) -> None:
+def _split_fused(tensors: dict[str, GGUFTensor], hp: HParams) -> None:
+    """phi3 stores q|k|v as one attn_qkv and gate|up as one ffn_up (gate first): split them by rows."""
     for i in range(hp.n_layer):
-        for kind in LAYER_TENSORS:
+        qkv = tensors.pop(tensor_name(MODEL_TENSOR.ATTN_QKV, i), None)
+        if qkv is not None:
+            bounds = [0, hp.q_size, hp.q_size + hp.kv_size, hp.q_size + 2 * hp.kv_size]
+            for kind, start, stop in zip(QKV, bounds, bounds[1:]):
+                tensors[tensor_name(kind, i)] = qkv.row_slice(start, stop, tensor_name(kind, i))
+        up_name = tensor_name(MODEL_TENSOR.FFN_UP, i)
+        if tensor_name(MODEL_TENSOR.FFN_GATE, i) not in tensors and up_name in tensors:
+            up, ff = tensors[up_name], hp.intermediate_size
+            if up.rows == 2 * ff:
+                tensors[tensor_name(MODEL_TENSOR.FFN_GATE, i)] = up.row_slice(0, ff, tensor_name(MODEL_TENSOR.FFN_GATE, i))
+                tensors[up_name] = up.row_slice(ff, 2 * ff, up_name)
+
+
+def _check_layers(tensors: dict[str, GGUFTensor], hp: HParams, file: str) -> None:
+    needed = list(LAYER_TENSORS)
+    if hp.qk_norm:
+        needed += QK_NORMS
+    if hp.post_norms:
+        needed += POST_NORMS
+    for i in range(hp.n_layer):
+        for kind in needed:
             if tensor_name(kind, i) not in tensors:
                 raise UnsupportedModelError(f"{file}: missing tensor {tensor_name(kind, i)}")
-        for kind in (MODEL_TENSOR.ATTN_Q, MODEL_TENSOR.ATTN_K, MODEL_TENSOR.ATTN_V, MODEL_TENSOR.ATTN_OUT):
-            if tensor_name(kind, i, "bias") in tensors:
-                raise UnsupportedModelError(f"{file}: attention biases are not supported")
+        for kind in QKV:
+            if (tensor_name(kind, i, "bias") in tensors) != hp.qkv_bias:
+                raise UnsupportedModelError(f"{file}: q/k/v biases on some layers only")
+        if tensor_name(MODEL_TENSOR.ATTN_OUT, i, "bias") in tensors:
+            raise UnsupportedModelError(f"{file}: attention output biases are not supported")
 
 
-def _unpermute_qk(tensors: dict[str, GGUFTensor], hp: LlamaHParams) -> None:
+def _unpermute_qk(tensors: dict[str, GGUFTensor], hp: HParams) -> None:
+    """llama.cpp permutes Q/K rows of llama models only (other architectures keep the half-split layout)."""
+    if hp.arch != LLAMA:
+        return
     for kind, heads in ((MODEL_TENSOR.ATTN_Q, hp.n_head), (MODEL_TENSOR.ATTN_K, hp.n_head_kv)):
         for i in range(hp.n_layer):
             t = tensors[tensor_name(kind, i)]
-            tensors[t.name] = GGUFTensor(t.name, t.qtype, t.rows, t.cols, _unpermute_rows(t.raw, heads))
+            tensors[t.name] = replace(t, raw=_unpermute_rows(t.raw, heads))
 
 
 def _read_tokenizer(meta: _Metadata) -> TokenizerData:
@@ -255,11 +370,12 @@ def _read_tokenizer(meta: _Metadata) -> TokenizerData:
 
 def read_gguf(path: str | Path) -> GGUFModel:
     path = Path(path)
-    reader = GGUFReader(path)
-    meta = _Metadata(reader, path)
-    _check_architecture(meta)
-    tensors = _read_tensors(reader, path)
+    header = read_header(path)
+    meta = _Metadata(header.fields, path)
+    _check_header(meta, header.tensors)
+    tensors = _read_tensors(header)
     hparams = _read_hparams(meta, tensors)
+    _split_fused(tensors, hparams)
     _check_layers(tensors, hparams, path.name)
     _unpermute_qk(tensors, hparams)
     name = str(meta.get(Keys.General.NAME, path.stem))

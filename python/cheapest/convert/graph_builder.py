@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from .gguf_reader import HParams
 from cheapest.model_layout import ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS, past_names, present_names
 
 # ONNX Runtime 1.20+ reads IR version 10; newer `onnx` releases default to a version older runtimes reject.
@@ -100,6 +101,11 @@ def save_with_external_data(model: onnx.ModelProto, path: Path) -> None:
             location=data_name,
             size_threshold=1024,
         )
+
+
+def ffn_norm_name(hp: HParams) -> str:
+    """Hugging Face's name for the norm before the feed-forward block (Gemma also has one after the attention)."""
+    return "pre_feedforward_layernorm" if hp.post_norms else "post_attention_layernorm"
 
 
 def rope_tables(head_dim: int, theta: float, max_positions: int) -> tuple[np.ndarray, np.ndarray]:

@@ -46,8 +46,8 @@ from gguf import MODEL_TENSOR
 
 from cheapest.model_layout import LOGITS, present_names
 
-from .gguf_reader import GGUFModel, LlamaHParams
-from .graph_builder import FLOAT, MS_DOMAIN, GraphBuilder, GraphIO, declare_io, rope_tables
+from .gguf_reader import QKV, GGUFModel, HParams
+from .graph_builder import FLOAT, MS_DOMAIN, GraphBuilder, GraphIO, declare_io, ffn_norm_name, rope_tables
 from .quant_blocks import BlockLinear, DenseLinear, Linear, concat_rows, linear_weight
 
 RESCORE_TOP = 64  # LM-head logits recomputed exactly at accuracy_level 0 (see _lm_head_rescored)
@@ -58,22 +58,36 @@ MAX_PART_K = 768  # see _linear
 # --- linear layers ----------------------------------------------------------------------------------------------
 
 
-def _linear(g: GraphBuilder, x: str, lin: Linear, name: str, level: int) -> str:
+def _linear(g: GraphBuilder, x: str, lin: Linear, name: str, level: int, bias: np.ndarray | None = None) -> str:
     if isinstance(lin, DenseLinear):
-        return g.op("MatMul", [x, g.weight(f"{name}.weight", np.ascontiguousarray(lin.weight.T))], name=name)
-    zp = lin.packed_zero_points()
+        y = g.op("MatMul", [x, g.weight(f"{name}.weight", np.ascontiguousarray(lin.weight.T))], name=name)
+    else:
+        y = _block_linear(g, x, lin, name, level)
+    if bias is not None:
+        y = g.op("Add", [y, g.weight(f"{name}.bias", bias.astype(np.float32))])
+    return y
+
+
+def _block_linear(g: GraphBuilder, x: str, lin: BlockLinear, name: str, level: int) -> str:
     mins = lin.mins
-    if mins is not None and lin.bits == 4 and not lin.zero_points.any():
-        # Q4_1: d*q + m == d*(q - 8) + (m + 8d). The operator's default zero point (8) avoids the zero-point
-        # input, which makes the fp32-activation kernel ~5% slower; m + 8d is rounded once to fp32 (the
-        # weights stay the GGUF's 4-bit codes, scales and minimums).
-        zp = None
+    if lin.bits == 8 and level != 4:
+        # The fp32-activation 8-bit kernel dequantizes the whole matrix per call (~40x slower than 4-bit):
+        # run the exact 4-bit nibble planes over [x, x] instead (quant_blocks.py).
+        planes = lin.nibble_planes()
+        y = _matmul_nbits_split(g, g.op("Concat", [x, x], axis=-1), planes, planes.packed_zero_points(), name,
+                                level)
+    elif mins is not None and lin.bits == 4 and not lin.zero_points.any():
+        # d*q + m == d*(q - 8) + (m + 8d). The operator's default zero point (8) avoids the zero-point input,
+        # which makes the fp32-activation kernel ~5% slower; m + 8d is rounded once to fp32 (the weights stay
+        # the GGUF's 4-bit codes, scales and minimums).
         mins = mins + np.float32(lin.default_zero_point) * lin.scales
-    y = _matmul_nbits_split(g, x, lin, zp, name, level)
+        y = _matmul_nbits_split(g, x, lin, None, name, level)
+    else:
+        y = _matmul_nbits_split(g, x, lin, lin.packed_zero_points(), name, level)
     if mins is None:
         return y
-    # Block minimums: + the sum over each block of x, times the block's minimum. The block sums are one product
-    # with a 0/1 block indicator (fewer nodes than Reshape + ReduceSum).
+    # The additive block term: + the sum over each block of x, times the block's term. The block sums are one
+    # product with a 0/1 block indicator (fewer nodes than Reshape + ReduceSum).
     indicator = np.zeros((lin.k, lin.n_blocks), np.float32)
     indicator[np.arange(lin.k), np.arange(lin.k) // lin.block_size] = 1.0
     sums = g.op("MatMul", [x, g.const(indicator, np.float32)])
@@ -124,12 +138,18 @@ def _matmul_nbits(g: GraphBuilder, x: str, codes: np.ndarray | str, scales: np.n
                 accuracy_level=level)
 
 
-def _linear_group(g: GraphBuilder, x: str, parts: list[Linear], name: str, level: int) -> list[str]:
-    """One MatMulNBits for weights sharing an input (split by the caller), separate ones if encodings differ."""
+def _linear_group(g: GraphBuilder, x: str, parts: list[Linear], name: str, level: int,
+                  biases: list[np.ndarray] | None = None, *, split: bool = True) -> list[str]:
+    """Weights sharing an input: one product, split into the parts' outputs (or, split=False, left packed as
+    one output); separate products if their encodings differ."""
     merged = concat_rows(parts)
     if merged is None:
-        return [_linear(g, x, p, f"{name}.{j}", level) for j, p in enumerate(parts)]
-    return [_linear(g, x, merged, name, level)]
+        return [_linear(g, x, p, f"{name}.{j}", level, None if biases is None else biases[j])
+                for j, p in enumerate(parts)]
+    y = _linear(g, x, merged, name, level, None if biases is None else np.concatenate(biases))
+    if not split:
+        return [y]
+    return g.ops("Split", [y, g.const([p.n for p in parts])], outputs=len(parts), axis=-1)
 
 
 # --- embedding --------------------------------------------------------------------------------------------------
@@ -138,11 +158,18 @@ EMBED_CODES = "model.embed_tokens.qweight"  # shared with the LM head when the e
 EMBED_GATHER_SCALES = "model.embed_tokens.gather_scales"
 
 
-def _embedding(g: GraphBuilder, ids: str, lin: Linear, hidden: int) -> str:
+def _embedding(g: GraphBuilder, ids: str, lin: Linear, hidden: int, scale: float) -> str:
+    h = _embedding_rows(g, ids, lin, hidden)
+    if scale != 1.0:
+        h = g.op("Mul", [h, g.const(np.float32(scale), np.float32)])
+    return h
+
+
+def _embedding_rows(g: GraphBuilder, ids: str, lin: Linear, hidden: int) -> str:
     if isinstance(lin, DenseLinear):
         return g.op("Gather", [g.weight("model.embed_tokens.weight", lin.weight), ids], axis=0)
     data = g.weight(EMBED_CODES, lin.codes)
-    if lin.bits == 8:
+    if lin.bits == 8 and lin.mins is None:
         # Blocks run along the last axis: one block per [row, block] pair; zero point 128 = default.
         inputs = [data, ids, g.weight(EMBED_GATHER_SCALES, lin.scales[..., None])]
         if not np.all(lin.zero_points == lin.default_zero_point):
@@ -150,13 +177,15 @@ def _embedding(g: GraphBuilder, ids: str, lin: Linear, hidden: int) -> str:
         rows = g.op("GatherBlockQuantized", inputs, domain=MS_DOMAIN, bits=8, block_size=lin.block_size,
                     gather_axis=0, quantize_axis=2)
         return g.op("Reshape", [rows, g.const([0, 0, hidden])])
-    # 4-bit: gather the packed rows, unpack with plain operators (runs once per step, on S rows only), then
-    # apply scale, zero point and block minimum.
+    # Gather the code rows, unpack 4-bit ones with plain operators (runs once per step, on S rows only), then
+    # apply scale, zero point and additive term.
     packed = g.op("Gather", [data, ids], axis=0)
-    lo = g.op("Unsqueeze", [g.op("BitwiseAnd", [packed, g.const(15, np.uint8)]), g.const([-1])])
-    hi = g.op("Unsqueeze", [g.op("BitShift", [packed, g.const(4, np.uint8)], direction="RIGHT"), g.const([-1])])
-    q = g.op("Cast", [g.op("Reshape", [g.op("Concat", [lo, hi], axis=-1),
-                                       g.const([0, 0, lin.n_blocks, lin.block_size])])], to=FLOAT)
+    if lin.bits == 4:
+        lo = g.op("Unsqueeze", [g.op("BitwiseAnd", [packed, g.const(15, np.uint8)]), g.const([-1])])
+        hi = g.op("Unsqueeze", [g.op("BitShift", [packed, g.const(4, np.uint8)], direction="RIGHT"),
+                                g.const([-1])])
+        packed = g.op("Concat", [lo, hi], axis=-1)
+    q = g.op("Cast", [g.op("Reshape", [packed, g.const([0, 0, lin.n_blocks, lin.block_size])])], to=FLOAT)
     zp = g.weight("model.embed_tokens.gather_zeros", lin.zero_points[..., None].astype(np.float32))
     sc = g.weight(EMBED_GATHER_SCALES, lin.scales[..., None])
     w = g.op("Mul", [g.op("Sub", [q, g.op("Gather", [zp, ids], axis=0)]), g.op("Gather", [sc, ids], axis=0)])
@@ -177,19 +206,21 @@ class _Attention:
     total_len: str  # int32 scalar: T
     lengths: str  # int64 [B]: real tokens per row
     t_len: str  # int64 [1]: T
-    cos: str
-    sin: str
+    rotary: dict[float, tuple[str, str]]  # rope base -> (cos, sin) caches
 
 
-def _attention_inputs(g: GraphBuilder, io: GraphIO, hp: LlamaHParams) -> _Attention:
+def _attention_inputs(g: GraphBuilder, io: GraphIO, hp: HParams) -> _Attention:
     # seqlens_k = real tokens per row - 1; total_sequence_length = T (GroupQueryAttention's contract).
     lengths = g.op("ReduceSum", [io.attention_mask, g.const([1])], keepdims=0)
     seqlens_k = g.op("Cast", [g.op("Sub", [lengths, g.const(1)])], to=6)
     t_len = g.op("Gather", [g.op("Shape", [io.attention_mask]), g.const(1)], axis=0)
     total_len = g.op("Cast", [t_len], to=6)
-    cos_t, sin_t = rope_tables(hp.head_dim, hp.rope_theta, hp.context_length)
-    return _Attention(seqlens_k, total_len, lengths, t_len, g.weight("rotary.cos_cache", cos_t),
-                      g.weight("rotary.sin_cache", sin_t))
+    rotary = {}
+    for j, base in enumerate(hp.rope_bases):
+        cos_t, sin_t = rope_tables(hp.head_dim, base, hp.context_length)
+        suffix = "" if j == 0 else f"_{j}"
+        rotary[base] = (g.weight(f"rotary.cos_cache{suffix}", cos_t), g.weight(f"rotary.sin_cache{suffix}", sin_t))
+    return _Attention(seqlens_k, total_len, lengths, t_len, rotary)
 
 
 class _Residual:
@@ -214,38 +245,72 @@ class _Residual:
         return g.op("Add", [self.pending, self.residual])
 
 
-def _decoder_layer(g: GraphBuilder, model: GGUFModel, i: int, stream: _Residual, att: _Attention,
-                   past: tuple[str, str], level: int) -> None:
+def _norm_weight(g: GraphBuilder, model: GGUFModel, i: int, kind: MODEL_TENSOR, name: str) -> str:
+    return g.weight(f"model.layers.{i}.{name}.weight", model.layer(i, kind).vector())
+
+
+def _head_norm(g: GraphBuilder, x: str, weight: str, heads: int, head_dim: int, eps: float) -> str:
+    """RMSNorm of each head: [B, S, heads * D] -> the same shape, normalised over every D-wide slice."""
+    split = g.op("Reshape", [x, g.const([0, 0, heads, head_dim])])
+    normed = g.op("SimplifiedLayerNormalization", [split, weight], axis=-1, epsilon=eps, stash_type=1)
+    return g.op("Reshape", [normed, g.const([0, 0, heads * head_dim])])
+
+
+def _attention(g: GraphBuilder, model: GGUFModel, i: int, x: str, att: _Attention, past: tuple[str, str],
+               level: int) -> str:
     hp = model.hparams
     eps = float(hp.rms_norm_eps)
     prefix = f"model.layers.{i}"
-    x = stream.norm(g, g.weight(f"{prefix}.input_layernorm.weight", model.layer(i, MODEL_TENSOR.ATTN_NORM).vector()),
-                    eps)
-    qkv_w = [linear_weight(model.layer(i, kind)) for kind in (MODEL_TENSOR.ATTN_Q, MODEL_TENSOR.ATTN_K,
-                                                              MODEL_TENSOR.ATTN_V)]
-    qkv = _linear_group(g, x, qkv_w, f"{prefix}.attn.qkv_proj", level)
-    gqa_in = qkv + ["", ""] if len(qkv) == 1 else qkv  # packed QKV: no separate key / value inputs
-    attn, _, _ = g.ops("GroupQueryAttention",
-                       gqa_in + [past[0], past[1], att.seqlens_k, att.total_len, att.cos, att.sin],
-                       domain=MS_DOMAIN, name=f"{prefix}.attn.gqa",
-                       outputs=[g.fresh("attn"), *present_names(i)],
-                       num_heads=hp.n_head, kv_num_heads=hp.n_head_kv, do_rotary=1, rotary_interleaved=0)
-    stream.pending = _linear(g, attn, linear_weight(model.layer(i, MODEL_TENSOR.ATTN_OUT)), f"{prefix}.attn.o_proj",
-                             level)
+    biases = [model.bias(i, kind) for kind in QKV]
+    qkv = _linear_group(g, x, [linear_weight(model.layer(i, kind)) for kind in QKV], f"{prefix}.attn.qkv_proj", level,
+                        None if biases[0] is None else [b for b in biases if b is not None], split=hp.qk_norm)
+    q, k, v = qkv if len(qkv) == 3 else (qkv[0], "", "")  # packed QKV: no separate key / value inputs
+    if hp.qk_norm:
+        q = _head_norm(g, q, _norm_weight(g, model, i, MODEL_TENSOR.ATTN_Q_NORM, "self_attn.q_norm"), hp.n_head,
+                       hp.head_dim, eps)
+        k = _head_norm(g, k, _norm_weight(g, model, i, MODEL_TENSOR.ATTN_K_NORM, "self_attn.k_norm"), hp.n_head_kv,
+                       hp.head_dim, eps)
+    cos, sin = att.rotary[hp.rope_base(i)]
+    window = hp.window(i)
+    attrs: dict[str, int | float] = {} if window is None else {"local_window_size": window - 1}  # ORT counts the keys before the query
+    if hp.attention_scale is not None:
+        attrs["scale"] = hp.scale
+    attn, _, _ = g.ops("GroupQueryAttention", [q, k, v, past[0], past[1], att.seqlens_k, att.total_len, cos, sin],
+                       domain=MS_DOMAIN, name=f"{prefix}.attn.gqa", outputs=[g.fresh("attn"), *present_names(i)],
+                       num_heads=hp.n_head, kv_num_heads=hp.n_head_kv, do_rotary=1, rotary_interleaved=0, **attrs)
+    o = _linear(g, attn, linear_weight(model.layer(i, MODEL_TENSOR.ATTN_OUT)), f"{prefix}.attn.o_proj", level)
+    if hp.post_norms:
+        o = g.op("SimplifiedLayerNormalization",
+                 [o, _norm_weight(g, model, i, MODEL_TENSOR.ATTN_POST_NORM, "post_attention_layernorm")],
+                 axis=-1, epsilon=eps, stash_type=1)
+    return o
 
-    x2 = stream.norm(g, g.weight(f"{prefix}.post_attention_layernorm.weight",
-                                 model.layer(i, MODEL_TENSOR.FFN_NORM).vector()), eps)
-    gate_up_w = [linear_weight(model.layer(i, MODEL_TENSOR.FFN_GATE)),
-                 linear_weight(model.layer(i, MODEL_TENSOR.FFN_UP))]
-    gu = _linear_group(g, x2, gate_up_w, f"{prefix}.mlp.gate_up_proj", level)
-    if len(gu) == 1:
-        ff = hp.intermediate_size
-        gate, up = g.ops("Split", [gu[0], g.const([ff, ff])], outputs=2, axis=-1)
+
+def _mlp(g: GraphBuilder, model: GGUFModel, i: int, x: str, level: int) -> str:
+    hp = model.hparams
+    prefix = f"model.layers.{i}"
+    gate_up = [linear_weight(model.layer(i, MODEL_TENSOR.FFN_GATE)), linear_weight(model.layer(i, MODEL_TENSOR.FFN_UP))]
+    gate, up = _linear_group(g, x, gate_up, f"{prefix}.mlp.gate_up_proj", level)
+    if hp.activation == "gelu_tanh":
+        act = g.op("FastGelu", [gate], domain=MS_DOMAIN)  # GELU, tanh approximation
     else:
-        gate, up = gu
-    act = g.op("Mul", [g.op("QuickGelu", [gate], domain=MS_DOMAIN, alpha=1.0), up])  # QuickGelu(alpha=1) = SiLU
-    stream.pending = _linear(g, act, linear_weight(model.layer(i, MODEL_TENSOR.FFN_DOWN)), f"{prefix}.mlp.down_proj",
-                             level)
+        act = g.op("QuickGelu", [gate], domain=MS_DOMAIN, alpha=1.0)  # QuickGelu(alpha=1) = SiLU
+    y = _linear(g, g.op("Mul", [act, up]), linear_weight(model.layer(i, MODEL_TENSOR.FFN_DOWN)),
+                f"{prefix}.mlp.down_proj", level)
+    if hp.post_norms:
+        y = g.op("SimplifiedLayerNormalization",
+                 [y, _norm_weight(g, model, i, MODEL_TENSOR.FFN_POST_NORM, "post_feedforward_layernorm")],
+                 axis=-1, epsilon=float(hp.rms_norm_eps), stash_type=1)
+    return y
+
+
+def _decoder_layer(g: GraphBuilder, model: GGUFModel, i: int, stream: _Residual, att: _Attention,
+                   past: tuple[str, str], level: int) -> None:
+    eps = float(model.hparams.rms_norm_eps)
+    x = stream.norm(g, _norm_weight(g, model, i, MODEL_TENSOR.ATTN_NORM, "input_layernorm"), eps)
+    stream.pending = _attention(g, model, i, x, att, past, level)
+    x2 = stream.norm(g, _norm_weight(g, model, i, MODEL_TENSOR.FFN_NORM, ffn_norm_name(model.hparams)), eps)
+    stream.pending = _mlp(g, model, i, x2, level)
 
 
 def _last_token(g: GraphBuilder, io: GraphIO, att: _Attention, hidden_states: str, hidden: int) -> str:
@@ -262,11 +327,11 @@ def _last_token(g: GraphBuilder, io: GraphIO, att: _Attention, hidden_states: st
 # --- LM head ----------------------------------------------------------------------------------------------------
 
 
-def _lm_head(g: GraphBuilder, normed: str, head: Linear, tied: bool, hidden: int, level: int) -> None:
+def _lm_head(g: GraphBuilder, normed: str, head: Linear, tied: bool, hp: HParams, level: int) -> None:
     if isinstance(head, BlockLinear) and head.bits == 8 and np.all(head.zero_points == head.default_zero_point) \
             and head.mins is None:
-        _lm_head_rescored(g, normed, head, tied, hidden, level)
-    elif tied and isinstance(head, BlockLinear):
+        logits = _lm_head_rescored(g, normed, head, tied, hp.hidden_size, level)
+    elif tied and isinstance(head, BlockLinear) and head.bits == 4:
         logits = _matmul_nbits(g, normed, EMBED_CODES, head.scales, head.packed_zero_points(), "lm_head", head.k,
                                head.n, head.bits, head.block_size, level)
         if head.mins is not None:
@@ -274,12 +339,16 @@ def _lm_head(g: GraphBuilder, normed: str, head: Linear, tied: bool, hidden: int
             sums = g.op("ReduceSum", [blocks, g.const([-1])], keepdims=0)
             mins = g.weight("lm_head.mins", np.ascontiguousarray(head.mins.T))
             logits = g.op("Add", [logits, g.op("MatMul", [sums, mins])])
-        g.op("Identity", [logits], output=LOGITS)
     else:
-        g.op("Identity", [_linear(g, normed, head, "lm_head", level)], output=LOGITS)
+        logits = _linear(g, normed, head, "lm_head", level)
+    cap = hp.final_logit_softcap
+    if cap is not None:  # monotonic: the rescored top tokens stay the top tokens
+        capped = g.op("Tanh", [g.op("Div", [logits, g.const(np.float32(cap), np.float32)])])
+        logits = g.op("Mul", [capped, g.const(np.float32(cap), np.float32)])
+    g.op("Identity", [logits], output=LOGITS)
 
 
-def _lm_head_rescored(g: GraphBuilder, normed: str, head: BlockLinear, tied: bool, hidden: int, level: int) -> None:
+def _lm_head_rescored(g: GraphBuilder, normed: str, head: BlockLinear, tied: bool, hidden: int, level: int) -> str:
     """An 8-bit head: every token scored with int8 activations, the RESCORE_TOP best recomputed in fp32.
 
     ONNX Runtime has no fast fp32-activation 8-bit kernel (it dequantizes the whole matrix per call). Scoring
@@ -289,8 +358,7 @@ def _lm_head_rescored(g: GraphBuilder, normed: str, head: BlockLinear, tied: boo
     codes = EMBED_CODES if tied else g.weight("lm_head.qweight", head.codes)
     approx = _matmul_nbits(g, normed, codes, head.scales, None, "lm_head", head.k, head.n, 8, head.block_size, 4)
     if level == 4:
-        g.op("Identity", [approx], output=LOGITS)
-        return
+        return approx
     scales = EMBED_GATHER_SCALES if tied else g.weight("lm_head.gather_scales", head.scales[..., None])
     top_k = min(RESCORE_TOP, head.n)
     _, top = g.ops("TopK", [approx, g.const([top_k])], outputs=2, axis=-1, largest=1, sorted=0)
@@ -299,7 +367,7 @@ def _lm_head_rescored(g: GraphBuilder, normed: str, head: BlockLinear, tied: boo
     rows = g.op("Reshape", [rows, g.const([0, 0, top_k, hidden])])  # [B, 1, k, H]
     exact = g.op("MatMul", [rows, g.op("Unsqueeze", [normed, g.const([-1])])])  # [B, 1, k, 1]
     exact = g.op("Reshape", [exact, g.const([0, 0, top_k])])
-    g.op("ScatterElements", [approx, top, exact], output=LOGITS, axis=-1)
+    return g.op("ScatterElements", [approx, top, exact], axis=-1)
 
 
 # --- the graph --------------------------------------------------------------------------------------------------
@@ -308,12 +376,12 @@ def _lm_head_rescored(g: GraphBuilder, normed: str, head: BlockLinear, tied: boo
 def build_fused_graph(model: GGUFModel, progress: Callable | None = None,
                       accuracy_level: int = ACCURACY_LEVEL) -> onnx.ModelProto:
     hp = model.hparams
-    g = GraphBuilder("cheapest_llama_fused")
+    g = GraphBuilder(f"cheapest_{hp.arch}_fused")
     io = declare_io(g, n_layer=hp.n_layer, n_kv_heads=hp.n_head_kv, head_dim=hp.head_dim, vocab_size=hp.vocab_size,
                     logits_positions=1)
     att = _attention_inputs(g, io, hp)
     embedding = linear_weight(model.tensor(MODEL_TENSOR.TOKEN_EMBD))
-    stream = _Residual(_embedding(g, io.input_ids, embedding, hp.hidden_size))
+    stream = _Residual(_embedding(g, io.input_ids, embedding, hp.hidden_size, hp.embedding_scale))
     layers = range(hp.n_layer)
     for i in (progress(layers, desc="fused graph", unit="layer") if progress else layers):
         _decoder_layer(g, model, i, stream, att, io.past[i], accuracy_level)
@@ -323,5 +391,5 @@ def build_fused_graph(model: GGUFModel, progress: Callable | None = None,
                   stash_type=1)
     tied = hp.tie_word_embeddings
     head = embedding if tied else linear_weight(model.tensor(MODEL_TENSOR.OUTPUT))
-    _lm_head(g, normed, head, tied, hp.hidden_size, accuracy_level)
+    _lm_head(g, normed, head, tied, hp, accuracy_level)
     return g.model(doc="cheapest fused graph (ONNX Runtime contrib operators)")
