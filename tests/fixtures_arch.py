@@ -10,6 +10,7 @@ after each block, GeGLU and interleaved sliding-window layers with their own rop
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -140,9 +141,16 @@ def write_arch_gguf(path: Path, arch: str, *, types: dict[str, Q] | None = None,
     return path
 
 
+@functools.lru_cache(maxsize=8)
+def _read(gguf_path: str) -> tuple[GGUFReader, dict[str, np.ndarray]]:
+    r = GGUFReader(gguf_path)
+    return r, {t.name: np.asarray(dequantize(t.data, t.tensor_type), np.float64).reshape(
+        [int(x) for x in reversed(t.shape)]) for t in r.tensors}
+
+
 def numpy_forward(gguf_path: str | Path, ids: Sequence[int]) -> np.ndarray:
     """float64 logits [S, vocab] for one sequence, straight from the GGUF."""
-    r = GGUFReader(str(gguf_path))
+    r, weights = _read(str(gguf_path))
 
     def f(key: str, default: object = None) -> object:
         field = r.fields.get(key.format(arch=arch))
@@ -156,8 +164,7 @@ def numpy_forward(gguf_path: str | Path, ids: Sequence[int]) -> np.ndarray:
     D = int(f("{arch}.attention.key_length", hidden // n_head))
     window = f("{arch}.attention.sliding_window")
     softcap = f("{arch}.final_logit_softcapping")
-    W = {t.name: np.asarray(dequantize(t.data, t.tensor_type), np.float64).reshape([int(x) for x in reversed(t.shape)])
-         for t in r.tensors}
+    W = dict(weights)
     for i in range(n_layer):  # phi3's fused tensors
         p = f"blk.{i}."
         if p + "attn_qkv.weight" in W:

@@ -272,7 +272,8 @@ def _attention(g: GraphBuilder, model: GGUFModel, i: int, x: str, att: _Attentio
                        hp.head_dim, eps)
     cos, sin = att.rotary[hp.rope_base(i)]
     window = hp.window(i)
-    attrs: dict[str, int | float] = {} if window is None else {"local_window_size": window - 1}  # ORT counts the keys before the query
+    # local_window_size = W reproduces "query position - key position < W" (checked against numpy in tests)
+    attrs: dict[str, int | float] = {} if window is None else {"local_window_size": window}
     if hp.attention_scale is not None:
         attrs["scale"] = hp.scale
     attn, _, _ = g.ops("GroupQueryAttention", [q, k, v, past[0], past[1], att.seqlens_k, att.total_len, cos, sin],
