@@ -9,7 +9,7 @@ A model directory follows Hugging Face's ONNX export layout, so exports made els
                                                  each graph (`GraphContract`)
   generation_config.json                         `GenerationConfig`
   tokenizer.json, tokenizer_config.json          the `tokenizers` pipeline; the chat template, if any
-  LICENSE                                        the model's licence notice, when the source carries one
+  licence files (e.g. GEMMA_TERMS.html)          the model's licence notice, when its source ships one
   cheapest_manifest.json                         `Manifest`, written LAST: the directory is complete when it
                                                  exists
 
@@ -33,7 +33,6 @@ CONFIG = "config.json"
 GENERATION_CONFIG = "generation_config.json"
 TOKENIZER = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
-LICENSE = "LICENSE"
 MANIFEST = "cheapest_manifest.json"
 
 INPUT_IDS = "input_ids"

@@ -155,17 +155,21 @@ def _write_manifest(work: Path, source: Source) -> None:
 
 
 def convert(gguf_path: str | Path, out_dir: str | Path, *, progress: Callable | None = None,
-            accuracy_level: int = ACCURACY_LEVEL, source_sha256: str | None = None) -> Path:
-    """Convert; `progress` is a tqdm-like callable (or None for silence). Returns out_dir."""
+            accuracy_level: int = ACCURACY_LEVEL, source_sha256: str | None = None,
+            notices: dict[str, bytes] | None = None) -> Path:
+    """Convert; `progress` is a tqdm-like callable (or None for silence); `notices`: licence files shipped in the
+    directory under these names. Returns out_dir."""
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
+    model = read_gguf(gguf_path)  # first: an unsupported file is refused from its header, before hashing
     sha = source_sha256 or file_sha256(gguf_path)
-    model = read_gguf(gguf_path)
     work = out_dir.with_name(out_dir.name + ".partial")
     if work.exists():
         shutil.rmtree(work)
     (work / FUSED_GRAPH).parent.mkdir(parents=True)
     _write_graphs(model, work, progress, accuracy_level)
     _write_metadata(model, work, accuracy_level, sha)
+    for name, data in (notices or {}).items():
+        (work / Path(name).name).write_bytes(data)
     _write_manifest(work, Source(file=gguf_path.name, sha256=sha))
     if out_dir.exists():
         shutil.rmtree(out_dir)

