@@ -15,8 +15,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from fixtures_model import TINY_CHAT_TEMPLATE, tiny_vocab
-from gguf import GGML_QUANT_SIZES, GGUFReader, GGUFWriter
+from fixtures_model import TINY_CHAT_TEMPLATE, gguf_writer, tiny_vocab
+from gguf import GGML_QUANT_SIZES, GGUFReader
 from gguf import GGMLQuantizationType as Q
 from gguf.quants import dequantize, quantize
 
@@ -70,14 +70,8 @@ def write_arch_gguf(path: Path, arch: str, *, types: dict[str, Q] | None = None,
     head_dim = head_dim or hidden // n_head
     tokens, token_types, merges = tiny_vocab()
     vocab = len(tokens)
-    w = GGUFWriter(str(path), arch)
-    w.add_name(f"tiny-test-{arch}")
-    w.add_block_count(n_layer)
-    w.add_context_length(context)
-    w.add_embedding_length(hidden)
-    w.add_feed_forward_length(ff)
-    w.add_head_count(n_head)
-    w.add_head_count_kv(n_head_kv)
+    w = gguf_writer(path, arch, name=f"tiny-test-{arch}", n_layer=n_layer, context=context, hidden=hidden, ff=ff,
+                    n_head=n_head, n_head_kv=n_head_kv)
     w.add_key_length(head_dim)
     w.add_value_length(head_dim)
     w.add_rope_freq_base(1_000_000.0 if arch == "gemma3" else 10000.0)

@@ -77,6 +77,20 @@ def tiny_spm_vocab() -> tuple[list[str], list[int], list[str]]:
     return tokens, types, []
 
 
+def gguf_writer(path: Path, arch: str, *, name: str, n_layer: int, context: int, hidden: int, ff: int, n_head: int,
+                n_head_kv: int) -> GGUFWriter:
+    """A GGUF writer with a decoder's shape keys set."""
+    w = GGUFWriter(str(path), arch)
+    w.add_name(name)
+    w.add_block_count(n_layer)
+    w.add_context_length(context)
+    w.add_embedding_length(hidden)
+    w.add_feed_forward_length(ff)
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_head_kv)
+    return w
+
+
 def write_tiny_gguf(
     path: Path,
     *,
@@ -97,14 +111,8 @@ def write_tiny_gguf(
     rng = np.random.default_rng(seed)
     tokens, types, merges = tiny_spm_vocab() if spm else tiny_vocab()
     scores = [-float(i) for i in range(len(tokens))]
-    w = GGUFWriter(str(path), arch)
-    w.add_name("tiny-test-llama")
-    w.add_block_count(n_layer)
-    w.add_context_length(context)
-    w.add_embedding_length(hidden)
-    w.add_feed_forward_length(ff)
-    w.add_head_count(n_head)
-    w.add_head_count_kv(n_head_kv)
+    w = gguf_writer(path, arch, name="tiny-test-llama", n_layer=n_layer, context=context, hidden=hidden, ff=ff,
+                    n_head=n_head, n_head_kv=n_head_kv)
     w.add_rope_freq_base(10000.0)
     w.add_layer_norm_rms_eps(1e-5)
     w.add_rope_dimension_count(hidden // n_head)
