@@ -145,7 +145,7 @@ _SCALARS = {
 
 def _default_data_dir() -> str:
     try:  # the model-supply module owns the one definition of the data directory
-        from cheapest.inference.pull import data_dir
+        from cheapest.convert.pull import data_dir
     except ImportError:
         env = os.environ.get("CHEAPEST_DATA_DIR")
         return env or str(Path.home() / ".local" / "share" / "cheapest")

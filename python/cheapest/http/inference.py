@@ -21,7 +21,7 @@ from cheapest.http.billing import admit_spend
 from cheapest.http.errors import ApiError, decode_error, internal_error
 from cheapest.http.request import ClientGone, Request, Response, StreamResponse, json_response
 from cheapest.http.state import WorkerState
-from cheapest.inference.types import ContextLengthError, Delta, Engine, EngineError, Finish, FinishReason, SamplingParams
+from cheapest.engine.types import ContextLengthError, Delta, Engine, EngineError, Finish, FinishReason, SamplingParams
 from cheapest.store import AccountRecord, KeyRecord
 
 log = logging.getLogger("cheapest.http")

@@ -10,7 +10,7 @@ from pathlib import Path
 import cheapest_core
 
 from cheapest.config import PriceConfig, Settings
-from cheapest.inference.types import Engine
+from cheapest.engine.types import Engine
 from cheapest.privacy.retention import PeriodicRetention
 from cheapest.store import Store, open_store
 from cheapest.store.metering import UsageMeter
@@ -27,7 +27,7 @@ def load_configured_engine(settings: Settings) -> Engine:
         return FixedEngine(Path(settings.model_dir).name or DEFAULT_MODEL, settings.fixed_text,
                            tokens=settings.fixed_tokens, delay=settings.fixed_delay,
                            fail_seed=settings.fixed_fail_seed)
-    from cheapest.inference.engine import load_engine
+    from cheapest.engine.onnx_engine import load_engine
 
     return load_engine(settings.model_dir, threads=settings.model_threads or None, spin_us=settings.model_spin_us)
 
