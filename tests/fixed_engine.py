@@ -25,7 +25,7 @@ from typing import Any
 import msgspec
 
 from cheapest.config import DEFAULT_MODEL, EngineSettings
-from cheapest.inference.types import ContextLengthError, Delta, EngineError, Finish, SamplingParams
+from cheapest.engine.types import ContextLengthError, Delta, EngineError, Finish, SamplingParams
 from cheapest.privacy.hardening import PR_GET_DUMPABLE, _libc
 from cheapest.server.request import Request, Response, json_response
 from cheapest.server.routes import Route

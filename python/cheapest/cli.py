@@ -320,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=_retention_run)
 
     try:  # `model pull` / `model convert` live with the model-supply code
-        from cheapest.inference import commands as model_commands
+        from cheapest.convert import commands as model_commands
     except ImportError:
         pass
     else:

@@ -19,9 +19,9 @@ import httpx
 import pytest
 
 import cheapest_core
-from cheapest.inference.convert import is_converted
-from cheapest.inference.gguf_reader import file_sha256
-from cheapest.inference.pull import DEFAULT_GGUF_MEMBER
+from cheapest.convert.converter import is_converted
+from cheapest.convert.gguf_reader import file_sha256
+from cheapest.convert.pull import DEFAULT_GGUF_MEMBER
 from fixtures_server import FIXED_BACKEND, TESTS, ServerProcess, free_port, serve_cli
 from stripe_fake import FakeStripe
 

@@ -127,7 +127,7 @@ def test_int8_activation_error_is_small_on_a_trained_model(smollm2_dir: Path, to
                                                           config: dict, reference: ort.InferenceSession,
                                                           tmp_path: Path) -> None:
     """accuracy_level 4 (llama.cpp-like precision): ~12% relative RMS logit error on SmolLM2 (measured)."""
-    from cheapest.inference.convert import convert
+    from cheapest.convert.converter import convert
 
     out = convert(load_settings().cache_path / "SmolLM2-135M-Instruct.Q4_1.gguf", tmp_path / "acc4", accuracy_level=4)
     ids = np.array([tokenizer.encode(chat_prompt(smollm2_dir, "Write a haiku about the sea.")).ids])

@@ -17,7 +17,7 @@ from cheapest.config import PlanConfig, PriceConfig, Settings
 from cheapest.gateway import Gateway
 from cheapest.gateway.completions import collect
 from cheapest.gateway.errors import Refusal
-from cheapest.inference.types import SamplingParams
+from cheapest.engine.types import SamplingParams
 from cheapest.store import KeyLimits, accounts, open_store
 from cheapest.store.metering import UsageMeter
 from fixed_engine import FixedEngine

@@ -99,7 +99,7 @@ def test_until_disconnected_returns_the_work_or_stops_it() -> None:
 
 def test_engine_backends_are_factories_named_by_the_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     """"onnx" loads the model directory with the configured threads and spin; "module:callable" is imported."""
-    import cheapest.inference.engine as onnx  # loads ONNX Runtime: only here
+    import cheapest.engine.onnx_engine as onnx  # loads ONNX Runtime: only here
 
     seen: list[tuple[object, ...]] = []
     monkeypatch.setattr(onnx, "load_engine", lambda model_dir, threads, spin_us: seen.append(

@@ -13,7 +13,7 @@ from cheapest.api.completions import CompletionRequest
 from cheapest.gateway.admission import Admission, Admissions
 from cheapest.gateway.auth import Caller
 from cheapest.gateway.errors import Refusal
-from cheapest.inference.types import (
+from cheapest.engine.types import (
     ContextLengthError, Delta, Engine, EngineError, Finish, FinishReason, SamplingParams,
 )
 

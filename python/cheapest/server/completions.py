@@ -19,7 +19,7 @@ from cheapest.gateway.completions import (
     collect, engine_refusal, may_use, prompt_ids, sampling, serving_engine,
 )
 from cheapest.gateway.usage import key_usage as usage_of
-from cheapest.inference.types import ContextLengthError, Delta, Engine, EngineError, Finish, SamplingParams
+from cheapest.engine.types import ContextLengthError, Delta, Engine, EngineError, Finish, SamplingParams
 from cheapest.server.cancellation import until_disconnected
 from cheapest.server.errors import decode_error, rate_headers
 from cheapest.server.request import Request, Response, StreamResponse, json_response

@@ -19,7 +19,7 @@ import cheapest_core
 
 from cheapest.config import EngineSettings, Settings
 from cheapest.gateway import Gateway
-from cheapest.inference.types import Engine
+from cheapest.engine.types import Engine
 from cheapest.privacy.retention import PeriodicRetention
 from cheapest.server.accesslog import RequestLog
 from cheapest.server.ids import ResponseIds
@@ -36,7 +36,7 @@ EngineFactory = Callable[[EngineSettings, AddRoute], Engine]
 
 def load_onnx_engine(settings: EngineSettings, add_route: AddRoute) -> Engine:
     """The built-in backend ("onnx"): a model directory in the Hugging Face ONNX layout."""
-    from cheapest.inference.engine import load_engine
+    from cheapest.engine.onnx_engine import load_engine
 
     return load_engine(settings.model_dir, threads=settings.model_threads or None, spin_us=settings.model_spin_us)
 

@@ -1,7 +1,7 @@
 """The contract between the engine and the HTTP layer.
 
-The HTTP layer only knows these types; the ONNX engine (`engine.py`) and the
-instant fixed-output model used by the gateway benchmark both implement
+The HTTP layer only knows these types; the ONNX engine (`onnx_engine.py`) and
+the instant fixed-output model used by the gateway benchmark both implement
 `Engine`. Text in these objects lives for one request and is never logged.
 """
 
@@ -58,7 +58,9 @@ class Engine(Protocol):
     model_id: str  # e.g. "SmolLM2-135M-Instruct"
     context_length: int
     provider: str  # "CUDAExecutionProvider" / "CPUExecutionProvider" / "fixed"
-    instant: bool  # generate() never suspends, so a caller need not watch for the client leaving meanwhile
+    # True when `generate` never suspends (it yields everything at once): the HTTP layer then need not watch
+    # for a client that goes away during generation.
+    instant: bool
 
     def render_chat(self, messages: Sequence[tuple[str, str]]) -> str:
         """(role, content) pairs -> prompt text via the model's chat template (sandboxed Jinja)."""

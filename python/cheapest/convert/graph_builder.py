@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import contextlib
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+
+from .gguf_reader import HParams
+from cheapest.model_layout import ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS, past_names, present_names
 
 # ONNX Runtime 1.20+ reads IR version 10; newer `onnx` releases default to a version older runtimes reject.
 IR_VERSION = 10
@@ -99,6 +103,11 @@ def save_with_external_data(model: onnx.ModelProto, path: Path) -> None:
         )
 
 
+def ffn_norm_name(hp: HParams) -> str:
+    """Hugging Face's name for the norm before the feed-forward block (Gemma also has one after the attention)."""
+    return "pre_feedforward_layernorm" if hp.post_norms else "post_attention_layernorm"
+
+
 def rope_tables(head_dim: int, theta: float, max_positions: int) -> tuple[np.ndarray, np.ndarray]:
     """cos/sin [max_positions, head_dim/2] for the half-split rotary layout (computed in float64, stored fp32)."""
     inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
@@ -109,3 +118,32 @@ def rope_tables(head_dim: int, theta: float, max_positions: int) -> tuple[np.nda
 FLOAT = TensorProto.FLOAT
 INT64 = TensorProto.INT64
 INT32 = TensorProto.INT32
+
+
+@dataclass(frozen=True)
+class GraphIO:
+    """The inputs every decoder graph takes (names from cheapest.model_layout)."""
+
+    input_ids: str
+    attention_mask: str
+    position_ids: str
+    past: list[tuple[str, str]]  # (key, value) per layer
+
+
+def declare_io(g: GraphBuilder, *, n_layer: int, n_kv_heads: int, head_dim: int, vocab_size: int,
+               logits_positions: str | int) -> GraphIO:
+    """The export's inputs and outputs: logits first, then present.{i}.key/.value, as Hugging Face orders them.
+
+    `logits_positions`: the logits' second axis ("sequence_length" for every position, 1 for the last)."""
+    input_ids = g.input(INPUT_IDS, INT64, ["batch_size", "sequence_length"])
+    attention_mask = g.input(ATTENTION_MASK, INT64, ["batch_size", "total_sequence_length"])
+    position_ids = g.input(POSITION_IDS, INT64, ["batch_size", "sequence_length"])
+    g.output(LOGITS, FLOAT, ["batch_size", logits_positions, vocab_size])
+    past = []
+    for i in range(n_layer):
+        key, value = (g.input(name, FLOAT, ["batch_size", n_kv_heads, "past_sequence_length", head_dim])
+                      for name in past_names(i))
+        past.append((key, value))
+        for name in present_names(i):
+            g.output(name, FLOAT, ["batch_size", n_kv_heads, "total_sequence_length", head_dim])
+    return GraphIO(input_ids, attention_mask, position_ids, past)

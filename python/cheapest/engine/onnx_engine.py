@@ -1,4 +1,4 @@
-"""The ONNX Runtime engine: one loaded model shared by every request of the process.
+"""The ONNX Runtime engine: one loaded model directory shared by every request of the process.
 
 `generate` hands a sequence to the scheduler thread (batching.py) and awaits its output on the request's
 event loop; nothing here blocks the loop. Per-token text handling (incremental UTF-8-safe detokenization,
@@ -15,14 +15,14 @@ import os
 from collections.abc import AsyncGenerator, Callable, Iterable, Sequence
 from typing import Any
 
-from cheapest.inference.batching import Scheduler
-from cheapest.inference.batching import Sequence as BatchSequence
-from cheapest.inference.chat import ChatTemplate
-from cheapest.inference.loader import CPU, SPIN_US, IncrementalDecoder, ModelSpec, Tokenizer, load_tokenizer, \
+from cheapest.engine.batching import Scheduler
+from cheapest.engine.batching import Sequence as BatchSequence
+from cheapest.engine.chat import ChatTemplate
+from cheapest.engine.loader import CPU, SPIN_US, IncrementalDecoder, ModelSpec, Tokenizer, load_tokenizer, \
     open_session, read_model_dir
-from cheapest.inference.runner import ConcatKv, KvRunner, SharedBufferKv
-from cheapest.inference.sampling import Sampler
-from cheapest.inference.types import ContextLengthError, Delta, EngineError, Finish, FinishReason, SamplingParams
+from cheapest.engine.runner import ConcatKv, KvRunner, SharedBufferKv
+from cheapest.engine.sampling import Sampler
+from cheapest.engine.types import ContextLengthError, Delta, EngineError, Finish, FinishReason, SamplingParams
 
 _CLOSED = "the engine is closed"
 
@@ -95,7 +95,7 @@ class _Output:
 
 
 class OnnxEngine:
-    instant = False  # generation waits on the model's thread
+    instant = False  # generation runs in the scheduler thread; the request's loop awaits each token
 
     def __init__(self, spec: ModelSpec, tokenizer: Tokenizer, runner: KvRunner, provider: str) -> None:
         self.model_id = spec.model_id
@@ -105,6 +105,8 @@ class OnnxEngine:
         self.tokenizer = tokenizer
         self._runner = runner
         self._template: ChatTemplate | None = None
+        # A base model (Gemma 3 270M) has none: render_chat raises NoChatTemplateError, completions still work.
+        self.has_chat_template = ChatTemplate.present(spec.tokenizer_config)
         self._scheduler = Scheduler(runner)
 
     # --- text ---------------------------------------------------------------------------------------------------

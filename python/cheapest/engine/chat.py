@@ -25,6 +25,10 @@ class ChatTemplateError(ValueError):
     """The template is missing, invalid, or refused the messages. The message never carries message text."""
 
 
+class NoChatTemplateError(ChatTemplateError):
+    """The model has no chat template (a base model): it serves completions, not chat."""
+
+
 class _GenerationMarker(jinja2.ext.Extension):
     """`{% generation %}...{% endgeneration %}` marks assistant text for training masks; rendering ignores it."""
 
@@ -82,11 +86,16 @@ class ChatTemplate:
             raise ChatTemplateError("the model's chat template is not valid Jinja") from None
         self._special_tokens = dict(special_tokens or {})
 
+    @staticmethod
+    def present(config: Mapping[str, Any]) -> bool:
+        """Whether tokenizer_config.json carries a chat template."""
+        return _pick_template(config.get("chat_template")) is not None
+
     @classmethod
     def from_tokenizer_config(cls, config: Mapping[str, Any]) -> ChatTemplate:
         template = _pick_template(config.get("chat_template"))
         if template is None:
-            raise ChatTemplateError("the model directory has no chat template")
+            raise NoChatTemplateError("this model has no chat template; use /v1/completions")
         tokens = {k: t for k in _SPECIAL_TOKEN_KEYS if (t := _token_text(config.get(k))) is not None}
         return cls(template, tokens)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from cheapest.inference.types import SamplingParams
+from cheapest.engine.types import SamplingParams
 
 
 class Sampler:

@@ -12,15 +12,22 @@ if TYPE_CHECKING:
 
 
 def _pull(args: argparse.Namespace, settings: Settings) -> int:
-    from .pull import ensure_default_model
+    from .catalog import UnknownModelError
+    from .pull import ensure_default_model, ensure_model
 
-    out = ensure_default_model(settings.models_path, settings.cache_path, progress=not args.quiet)
+    models, cache = settings.models_path, settings.cache_path
+    try:
+        out = ensure_model(args.model, models, cache, progress=not args.quiet) if args.model else \
+            ensure_default_model(models, cache, progress=not args.quiet)
+    except UnknownModelError as exc:
+        print(f"cheapest model pull: {exc}", file=sys.stderr)
+        return 2
     print(out)
     return 0
 
 
 def _convert(args: argparse.Namespace, settings: Settings) -> int:
-    from .convert import convert
+    from .converter import convert
     from .gguf_reader import UnsupportedModelError
 
     progress = None
@@ -39,7 +46,8 @@ def _convert(args: argparse.Namespace, settings: Settings) -> int:
 def register(subparsers) -> None:
     model = subparsers.add_parser("model", help="fetch and convert models")
     sub = model.add_subparsers(dest="model_command", required=True)
-    pull = sub.add_parser("pull", help="download and convert the default model (SmolLM2-135M-Instruct) if missing")
+    pull = sub.add_parser("pull", help="download and convert a model if missing (default: SmolLM2-135M-Instruct)")
+    pull.add_argument("model", nargs="?", default=None, help="a catalogued model, e.g. gemma-3-270m")
     pull.add_argument("--quiet", action="store_true", help="no progress bars")
     pull.set_defaults(func=_pull)
     conv = sub.add_parser("convert", help="convert a llama-architecture GGUF into an ONNX model directory")

@@ -15,10 +15,10 @@ import threading
 from collections import deque
 from collections.abc import Callable
 
-from cheapest.inference.runner import KvRunner
-from cheapest.inference.sampling import Sampler
+from cheapest.engine.runner import KvRunner
+from cheapest.engine.sampling import Sampler
 
-log = logging.getLogger("cheapest.inference")
+log = logging.getLogger("cheapest.engine")
 
 PREFILL_TOKENS = 2048  # padded prompt tokens in one batched prefill run (a longer prompt still runs, alone)
 

@@ -22,7 +22,8 @@ from collections.abc import Sequence
 import numpy as np
 import onnxruntime as ort
 
-from cheapest.inference.loader import ModelSpec
+from cheapest.engine.loader import ModelSpec
+from cheapest.model_layout import ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS, past_names, present_names
 
 _ORT_TO_NUMPY: dict[str, type[np.generic]] = {
     "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
@@ -51,21 +52,21 @@ class KvRunner(ABC):
         inputs = {i.name: i for i in session.get_inputs()}
         outputs = {o.name: o for o in session.get_outputs()}
         self.input_names = set(inputs)
-        self.kv_names = [(f"past_key_values.{i}.key", f"past_key_values.{i}.value") for i in range(spec.num_layers)]
-        self.present_names = [(f"present.{i}.key", f"present.{i}.value") for i in range(spec.num_layers)]
+        self.kv_names = [past_names(i) for i in range(spec.num_layers)]
+        self.present_names = [present_names(i) for i in range(spec.num_layers)]
         missing = [n for pair in self.kv_names for n in pair if n not in inputs]
         missing += [n for pair in self.present_names for n in pair if n not in outputs]
-        if "input_ids" not in inputs or "logits" not in outputs or missing:
+        if INPUT_IDS not in inputs or LOGITS not in outputs or missing:
             raise ValueError("the graph does not have the expected inputs and outputs")
         self.kv_dtype = _dtype(inputs[self.kv_names[0][0]].type)
-        self.logits_dtype = _dtype(outputs["logits"].type)
+        self.logits_dtype = _dtype(outputs[LOGITS].type)
 
     def _common_feeds(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray) -> dict[str, np.ndarray]:
-        feeds = {"input_ids": ids}
-        if "attention_mask" in self.input_names:
-            feeds["attention_mask"] = mask
-        if "position_ids" in self.input_names:
-            feeds["position_ids"] = positions
+        feeds = {INPUT_IDS: ids}
+        if ATTENTION_MASK in self.input_names:
+            feeds[ATTENTION_MASK] = mask
+        if POSITION_IDS in self.input_names:
+            feeds[POSITION_IDS] = positions
         return feeds
 
     @abstractmethod
@@ -174,7 +175,7 @@ class SharedBufferKv(KvRunner):
         binding = self.session.io_binding()
         for name, value in self._common_feeds(ids, mask, positions).items():
             binding.bind_cpu_input(name, value)
-        binding.bind_output("logits", "cpu")  # first output bound = get_outputs()[0]
+        binding.bind_output(LOGITS, "cpu")  # first output bound = get_outputs()[0]
         self._bind_kv(binding, first_row, rows)
         self.session.run_with_iobinding(binding)
         logits = binding.get_outputs()[0].numpy()
@@ -197,7 +198,7 @@ class SharedBufferKv(KvRunner):
             binding.clear_binding_outputs()
             self._bind_kv(binding, 0, rows, shared=self.share_buffer)
             binding.bind_output(
-                "logits", "cpu", 0, self.logits_dtype, [rows, 1, self.spec.vocab_size], self._logits.ctypes.data
+                LOGITS, "cpu", 0, self.logits_dtype, [rows, 1, self.spec.vocab_size], self._logits.ctypes.data
             )
             self._bound[parity] = key
         ids = np.asarray(tokens, dtype=np.int64)[:, None]
@@ -240,7 +241,7 @@ class ConcatKv(KvRunner):
     def _run(self, feeds: dict[str, np.ndarray], past: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
         for (k, v), i in zip(self.kv_names, range(0, 2 * len(self.kv_names), 2)):
             feeds[k], feeds[v] = past[i], past[i + 1]
-        names = ["logits"] + [n for pair in self.present_names for n in pair]
+        names = [LOGITS] + [n for pair in self.present_names for n in pair]
         logits, *presents = self.session.run(names, feeds)
         return logits, presents
 

@@ -1,9 +1,8 @@
-"""Reads a model directory (Hugging Face ONNX export layout) and opens it on the best execution provider.
+"""Reads a model directory (cheapest.model_layout) and opens it on the best execution provider.
 
-Layout: onnx/model*.onnx (+ external data), config.json, generation_config.json, tokenizer.json,
-tokenizer_config.json. Directories written by `cheapest model convert` add a "cheapest" section to config.json
-describing the graph; exports made elsewhere are inspected instead (a GroupQueryAttention node means a
-right-padded shared KV buffer, anything else a plain concatenating cache).
+Directories written by `cheapest model convert` say in config.json how each graph must be driven; exports made
+elsewhere are inspected instead (a GroupQueryAttention node means a right-padded shared KV buffer, anything
+else a plain concatenating cache).
 
 Only metadata is logged: model id, provider, thread count, graph file.
 """
@@ -11,7 +10,6 @@ Only metadata is logged: model id, provider, thread count, graph file.
 from __future__ import annotations
 
 import ctypes
-import json
 import logging
 import os
 from collections.abc import Iterable, Sequence
@@ -19,12 +17,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
+import msgspec
 import onnx
 import onnxruntime as ort
 
-from cheapest.inference.types import EngineError
+from cheapest.engine.types import EngineError
+from cheapest.model_layout import (
+    CONFIG, FUSED_GRAPH, GENERATION_CONFIG, ONNX_DIR, REFERENCE_GRAPH, TOKENIZER, TOKENIZER_CONFIG, GenerationConfig,
+    GraphContract, ModelConfig, token_ids,
+)
 
-log = logging.getLogger("cheapest.inference")
+log = logging.getLogger("cheapest.engine")
 
 KvLayout = Literal["shared_buffer", "concat"]
 
@@ -32,8 +35,9 @@ CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 
 # Served graph first; the fp32 reference graph only when nothing else is there.
-_GRAPH_PREFERENCE = ("model.onnx", "model_q4.onnx", "model_int4.onnx", "model_quantized.onnx", "model_fp16.onnx")
-_REFERENCE_GRAPH = "model_fp32.onnx"
+_GRAPH_PREFERENCE = (Path(FUSED_GRAPH).name, "model_q4.onnx", "model_int4.onnx", "model_quantized.onnx",
+                     "model_fp16.onnx")
+_REFERENCE_GRAPH = Path(REFERENCE_GRAPH).name
 
 
 class IncrementalDecoder(Protocol):
@@ -64,29 +68,36 @@ class ModelSpec:
     generation_config: dict[str, Any] = field(repr=False)
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def _read_bytes(path: Path) -> bytes | None:
     try:
-        with path.open("rb") as f:
-            data = json.load(f)
+        return path.read_bytes()
     except FileNotFoundError:
-        return {}
-    except (OSError, ValueError) as e:
+        return None
+    except OSError as e:
         raise EngineError(f"cannot read {path.name} in the model directory") from e
-    if not isinstance(data, dict):
-        raise EngineError(f"{path.name} in the model directory is not a JSON object")
-    return data
 
 
-def _ids(value: Any) -> set[int]:
-    if isinstance(value, int):
-        return {value}
-    if isinstance(value, list):
-        return {v for v in value if isinstance(v, int)}
-    return set()
+def _decode(path: Path, data: bytes, kind: type[Any]) -> Any:
+    try:
+        return msgspec.json.decode(data, type=kind)
+    except msgspec.ValidationError as e:
+        raise EngineError(f"{path.name} in the model directory lacks the model dimensions") from e
+    except msgspec.DecodeError as e:
+        raise EngineError(f"{path.name} in the model directory is not a JSON object") from e
+
+
+def _read_dict(path: Path) -> dict[str, Any]:
+    """tokenizer_config.json: free-form (the chat template reads any special-token key)."""
+    data = _read_bytes(path)
+    if data is None:
+        return {}
+    value = _decode(path, data, dict[str, Any])
+    assert isinstance(value, dict)
+    return value
 
 
 def choose_graph(model_dir: Path, graph: str | None = None) -> Path:
-    onnx_dir = model_dir / "onnx"
+    onnx_dir = model_dir / ONNX_DIR
     if graph is not None:
         path = onnx_dir / graph
         if not path.is_file():
@@ -110,51 +121,41 @@ def _graph_has_op(graph_path: Path, op_type: str) -> bool:
 
 def read_model_dir(model_dir: str | os.PathLike[str], *, graph: str | None = None) -> ModelSpec:
     model_dir = Path(model_dir)
-    config = _read_json(model_dir / "config.json")
-    if not config:
+    raw_config = _read_bytes(model_dir / CONFIG)
+    if raw_config is None:
         raise EngineError("the model directory has no config.json")
-    generation = _read_json(model_dir / "generation_config.json")
-    tokenizer_config = _read_json(model_dir / "tokenizer_config.json")
+    config: ModelConfig = _decode(model_dir / CONFIG, raw_config, ModelConfig)
+    raw_generation = _read_bytes(model_dir / GENERATION_CONFIG)
+    generation: GenerationConfig = (GenerationConfig() if raw_generation is None
+                                    else _decode(model_dir / GENERATION_CONFIG, raw_generation, GenerationConfig))
     graph_path = choose_graph(model_dir, graph)
-    section = config.get("cheapest")
-    ours: dict[str, Any] = section if isinstance(section, dict) else {}
-    try:
-        num_heads = int(config["num_attention_heads"])
-        hidden = int(config["hidden_size"])
-        spec = ModelSpec(
-            model_dir=model_dir,
-            model_id=str(ours.get("model_id") or config.get("_name_or_path") or model_dir.name).rsplit("/", 1)[-1],
-            graph_path=graph_path,
-            context_length=int(config.get("max_position_embeddings") or 2048),
-            num_layers=int(config["num_hidden_layers"]),
-            num_kv_heads=int(config.get("num_key_value_heads") or num_heads),
-            head_dim=int(config.get("head_dim") or hidden // num_heads),
-            vocab_size=int(config["vocab_size"]),
-            eos_token_ids=frozenset(_ids(generation.get("eos_token_id")) | _ids(config.get("eos_token_id"))),
-            bos_token_id=next(iter(sorted(_ids(generation.get("bos_token_id")) or _ids(config.get("bos_token_id")))),
-                              None),
-            kv_layout=_kv_layout(ours, graph_path),
-            tokenizer_config=tokenizer_config,
-            generation_config=generation,
-        )
-    except (KeyError, TypeError, ValueError) as e:
-        raise EngineError("config.json lacks the model dimensions") from e
-    if not (model_dir / "tokenizer.json").is_file():
+    ours = config.cheapest
+    model_id = (ours.model_id if ours is not None else None) or config.name_or_path or model_dir.name
+    bos = token_ids(generation.bos_token_id) or token_ids(config.bos_token_id)
+    spec = ModelSpec(
+        model_dir=model_dir,
+        model_id=model_id.rsplit("/", 1)[-1],
+        graph_path=graph_path,
+        context_length=config.max_position_embeddings or 2048,
+        num_layers=config.num_hidden_layers,
+        num_kv_heads=config.num_key_value_heads or config.num_attention_heads,
+        head_dim=config.head_dim or config.hidden_size // config.num_attention_heads,
+        vocab_size=config.vocab_size,
+        eos_token_ids=frozenset(token_ids(generation.eos_token_id) | token_ids(config.eos_token_id)),
+        bos_token_id=min(bos) if bos else None,
+        kv_layout=_kv_layout(ours.graphs if ours is not None else {}, model_dir, graph_path),
+        tokenizer_config=_read_dict(model_dir / TOKENIZER_CONFIG),
+        generation_config=msgspec.to_builtins(generation),
+    )
+    if not (model_dir / TOKENIZER).is_file():
         raise EngineError("the model directory has no tokenizer.json")
     return spec
 
 
-def _kv_layout(ours: dict[str, Any], graph_path: Path) -> KvLayout:
-    listed = ours.get("graphs")
-    graphs: dict[str, Any] = listed if isinstance(listed, dict) else {}
-    declared = graphs.get(f"onnx/{graph_path.name}") or graphs.get(graph_path.name)
-    padding = declared.get("kv_padding") if isinstance(declared, dict) else None
-    if padding is None and graph_path.name == "model.onnx":  # the top level describes the served graph
-        padding = ours.get("kv_padding")
-    if padding == "right":
-        return "shared_buffer"
-    if padding == "left":
-        return "concat"
+def _kv_layout(graphs: dict[str, GraphContract], model_dir: Path, graph_path: Path) -> KvLayout:
+    declared = graphs.get(graph_path.relative_to(model_dir).as_posix())
+    if declared is not None:
+        return "shared_buffer" if declared.kv_padding == "right" else "concat"
     return "shared_buffer" if _graph_has_op(graph_path, "GroupQueryAttention") else "concat"
 
 
@@ -206,7 +207,7 @@ class _HfTokenizer:
 
 
 def load_tokenizer(model_dir: Path) -> Tokenizer:
-    path = model_dir / "tokenizer.json"
+    path = model_dir / TOKENIZER
     try:
         from cheapest_core import Tokenizer as CoreTokenizer
     except ImportError:

