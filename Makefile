@@ -54,7 +54,14 @@ stubtest: setup
 typecheck: setup
 	$(BIN)/python -m mypy
 
-test-python: setup
+# tests/dashboard drive Debian's chromium through its own chromedriver (selenium never downloads a browser):
+# installed with apt-get when missing (CI runs as root; elsewhere through sudo).
+CHROMEDRIVER := /usr/bin/chromedriver
+$(CHROMEDRIVER):
+	$(if $(filter 0,$(shell id -u)),,sudo) sh -c 'export DEBIAN_FRONTEND=noninteractive; \
+		apt-get install -y chromium chromium-driver || (apt-get update && apt-get install -y chromium chromium-driver)'
+
+test-python: setup $(CHROMEDRIVER)
 	$(BIN)/python -m pytest -q
 
 test: setup wheels test-rust stubtest typecheck test-python

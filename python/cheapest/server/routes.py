@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, NamedTuple
 
 from cheapest.api import billing, chat, completions, management, models, privacy
-from cheapest.server import account, completions as generation, health, management as manage, payments
+from cheapest.server import account, completions as generation, dashboard, health, management as manage, payments
 from cheapest.server.errors import method_not_allowed, not_found
 from cheapest.vocabulary import KeyKind
 
@@ -78,6 +78,10 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/healthz", health.healthz, "Liveness", None, models.Health),
     Route("GET", "/readyz", health.readyz, "Readiness: the model is loaded", None, models.Health),
     Route("GET", "/openapi.json", health.openapi, "This document", documented=False),
+    Route("GET", "/dashboard", dashboard.asset, "The account owners' dashboard (a web page)", documented=False),
+    Route("GET", "/dashboard/", dashboard.asset, "The account owners' dashboard (a web page)", documented=False),
+    Route("GET", "/dashboard/{asset}", dashboard.asset, "The dashboard's scripts, styles and icon",
+          documented=False),
 )
 
 
