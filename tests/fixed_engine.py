@@ -10,7 +10,9 @@ settings as the kernel reports them to the process itself (prctl(PR_GET_DUMPABLE
 a root test runner), so tests can tell which worker answered. A server with any other backend has no such route.
 
 It speaks the same `Engine` contract as the ONNX engine: a ChatML prompt, one token per whitespace-separated
-word, the configured text as completion, `max_tokens` -> "length", stop strings honoured.
+word, the configured text as completion (n times, for n sequences), `max_tokens` -> "length", stop strings
+honoured. Grammars are checked by llguidance (so a schema it cannot compile is refused as with the real engine)
+but not enforced: the text stays fixed.
 """
 
 from __future__ import annotations
@@ -18,14 +20,16 @@ from __future__ import annotations
 import asyncio
 import os
 import resource
-from collections.abc import AsyncGenerator, Callable, Sequence
+import json
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import llguidance
 import msgspec
 
 from cheapest.config import DEFAULT_MODEL, EngineSettings
-from cheapest.engine.types import ContextLengthError, Delta, EngineError, Finish, SamplingParams
+from cheapest.engine.types import ContextLengthError, Delta, EngineError, Finish, Grammar, GrammarError, SamplingParams
 from cheapest.privacy.hardening import PR_GET_DUMPABLE, _libc
 from cheapest.server.request import Request, Response, json_response
 from cheapest.server.routes import Route
@@ -54,6 +58,7 @@ async def process_info(state: Any, req: Request) -> Response:
 
 class FixedEngine:
     provider = "fixed"
+    vocab_size = 1 << 16
 
     def __init__(self, model_id: str, text: str, *, context_length: int = 8192, tokens: int = 0,
                  delay: float = 0.0, fail_seed: int | None = None) -> None:
@@ -68,9 +73,18 @@ class FixedEngine:
         self._fail_seed = fail_seed
         self.instant = delay == 0  # answers without ever suspending: the HTTP layer need not watch for disconnects
 
-    def render_chat(self, messages: Sequence[tuple[str, str]]) -> str:
-        body = "".join(f"<|im_start|>{role}\n{content}<|im_end|>\n" for role, content in messages)
+    def render_chat(self, messages: Sequence[tuple[str, str] | Mapping[str, Any]],
+                    tools: Sequence[Mapping[str, Any]] | None = None) -> str:
+        turns = [m if isinstance(m, tuple) else (str(m["role"]), str(m.get("content") or "")) for m in messages]
+        body = "".join(f"<|im_start|>{role}\n{content}<|im_end|>\n" for role, content in turns)
+        if tools:
+            body = f"<|im_start|>system\n{json.dumps(list(tools))}<|im_end|>\n" + body
         return body + "<|im_start|>assistant\n"
+
+    def compile_grammar(self, grammar: str) -> Grammar:
+        if llguidance.LLMatcher.validate_grammar(llguidance.LLMatcher.grammar_from_lark(grammar)):
+            raise GrammarError("the grammar engine cannot compile this constraint")
+        return Grammar()
 
     def encode(self, text: str) -> list[int]:
         return [len(w) for w in text.split()]
@@ -78,6 +92,11 @@ class FixedEngine:
     async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncGenerator[Delta | Finish, None]:
         if len(prompt_ids) >= self.context_length:
             raise ContextLengthError(len(prompt_ids), self.context_length)
+        for index in range(params.n):
+            async for item in self._one(prompt_ids, params):
+                yield msgspec.structs.replace(item, index=index) if index else item
+
+    async def _one(self, prompt_ids: list[int], params: SamplingParams) -> AsyncGenerator[Delta | Finish, None]:
         budget = min(params.max_tokens, self.context_length - len(prompt_ids))
         if not params.stop and not self._delay and (self._fail_seed is None or params.seed != self._fail_seed):
             # The common case (no stop strings, no delay, no injected failure): the same items as the loop

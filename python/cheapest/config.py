@@ -92,6 +92,7 @@ class ServingSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     workers: int = 1
     max_body_bytes: int = 1 << 20  # larger bodies get 413
     default_max_tokens: int = 1024  # completion budget when a request sets none (clamped to the context)
+    max_choices: int = 8  # the most sequences one request may ask for (n, best_of, prompts x n)
     request_log: bool = True  # one JSON metadata line per request on stdout
 
 

@@ -6,6 +6,11 @@ join. At most one prefill run happens between two decode steps, so a burst of lo
 others by one bounded prefill, never more. The thread owns the runner (ONNX Runtime releases the GIL while
 it computes); results reach each request through the callbacks of its `Sequence`, which hand them to the
 request's event loop.
+
+n sequences from one prompt (`Sequence.siblings`) take n rows: the prompt is prefilled once and its cache copied
+into the siblings' rows where the runner can copy rows; elsewhere each sibling is prefilled as its own prompt.
+Sequences with a grammar (`Sequence.constraint`) get their next masks from a `MaskWorker` while the model runs
+the step (see grammar.py); the worker is made with the first such sequence, so others never wait on it.
 """
 
 from __future__ import annotations
@@ -14,7 +19,11 @@ import logging
 import threading
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future
 
+import numpy as np
+
+from cheapest.engine.grammar import Constraint, MaskWorker
 from cheapest.engine.runner import KvRunner
 from cheapest.engine.sampling import Sampler
 
@@ -26,16 +35,21 @@ PREFILL_TOKENS = 2048  # padded prompt tokens in one batched prefill run (a long
 class Sequence:
     """One request's generation state, touched only by the scheduler thread (except `cancel`)."""
 
-    __slots__ = ("prompt", "sampler", "accept", "fail", "cancelled", "last_token")
+    __slots__ = ("prompt", "sampler", "accept", "fail", "cancelled", "last_token", "constraint", "siblings")
 
     def __init__(self, prompt: list[int], sampler: Sampler, accept: Callable[[int], bool],
-                 fail: Callable[[BaseException], None]) -> None:
+                 fail: Callable[[BaseException], None], constraint: Constraint | None = None) -> None:
         self.prompt = prompt
         self.sampler = sampler
         self.accept = accept  # takes the next token; True when the sequence is finished
         self.fail = fail
         self.cancelled = False
         self.last_token = -1
+        self.constraint = constraint  # the grammar's matcher, if the output is constrained
+        self.siblings: list[Sequence] = []  # more sequences from this prompt, sharing its prefill
+
+    def rows(self) -> int:
+        return 1 + len(self.siblings)
 
     def cancel(self) -> None:
         self.cancelled = True  # a plain flag: the scheduler drops the sequence at its next step
@@ -50,16 +64,24 @@ class Scheduler:
         self._closing = False
         self.steps = 0  # decode steps run (for tests and benchmarks)
         self.prefill_runs = 0
+        self._masks: MaskWorker | None = None  # made for the first constrained sequence
         self._thread = threading.Thread(target=self._loop, name="cheapest-scheduler", daemon=True)
         self._thread.start()
 
     # --- called from any thread ---------------------------------------------------------------------------------
 
     def submit(self, seq: Sequence) -> None:
+        """Queue a sequence (and its siblings: where rows cannot be copied, or they outnumber the batch, they
+        queue as sequences of their own, in groups that fit)."""
+        group = [seq, *seq.siblings]
+        size = self._runner.max_batch if self._runner.supports_copy else 1
+        leaders = group[::size]
+        for i, leader in enumerate(leaders):
+            leader.siblings = group[i * size + 1 : (i + 1) * size]
         with self._cv:
             if self._closing:
                 raise RuntimeError("the engine is closed")
-            self._waiting.append(seq)
+            self._waiting.extend(leaders)
             self._cv.notify()
 
     def wake(self) -> None:
@@ -73,13 +95,15 @@ class Scheduler:
 
     @property
     def waiting(self) -> int:
-        return len(self._waiting)
+        return sum(s.rows() for s in self._waiting)
 
     def close(self, timeout: float | None = None) -> None:
         with self._cv:
             self._closing = True
             self._cv.notify()
         self._thread.join(timeout)
+        if self._masks is not None:
+            self._masks.close()
 
     # --- the scheduler thread --------------------------------------------------------------------------------
 
@@ -108,16 +132,19 @@ class Scheduler:
         row = self._free_row()
         if row is None or not self._waiting:
             return []
+        free = self._runner.max_batch - len(self._rows)  # rows at the end (siblings always go there)
+        if len(self._waiting[0].siblings) > free - (row == len(self._rows)):
+            return []  # its group waits for rows to free up
         if row < len(self._rows) or not self._runner.batched_prefill:
             return [self._waiting.popleft()]  # a hole (or a one-at-a-time runner): one sequence
-        free = self._runner.max_batch - len(self._rows)
         joiners = [self._waiting.popleft()]
-        longest = len(joiners[0].prompt)
-        while self._waiting and len(joiners) < free:
+        used, longest = joiners[0].rows(), len(joiners[0].prompt)
+        while self._waiting and used + self._waiting[0].rows() <= free:
             padded = max(longest, len(self._waiting[0].prompt)) * (len(joiners) + 1)
             if padded > PREFILL_TOKENS:
                 break
             joiners.append(self._waiting.popleft())
+            used += joiners[-1].rows()
             longest = max(longest, len(joiners[-1].prompt))
         return joiners
 
@@ -130,25 +157,56 @@ class Scheduler:
     def _prefill(self, joining: list[Sequence]) -> None:
         first = self._free_row()
         assert first is not None
+        masks = self._start_masks([s for leader in joining for s in (leader, *leader.siblings)])
         logits = self._runner.prefill_many(first, [s.prompt for s in joining])
         self.prefill_runs += 1
+        placed: list[tuple[int, Sequence, int]] = []  # (row, sequence, its prompt's logits row)
         for i, seq in enumerate(joining):
             row = first + i
             if row == len(self._rows):
                 self._rows.append(seq)
             else:
                 self._rows[row] = seq
-        for i, seq in enumerate(joining):
-            self._take(first + i, seq, seq.sampler(logits[i]))
+            placed.append((row, seq, i))
+        for row, seq, i in list(placed):
+            for sibling in seq.siblings:
+                self._runner.copy(row, len(self._rows))
+                placed.append((len(self._rows), sibling, i))
+                self._rows.append(sibling)
+        if masks is not None:
+            masks.result()
+        for row, seq, i in placed:
+            self._take(row, seq, self._sample(seq, logits[i]))
 
     def _decode(self) -> None:
         tokens = [seq.last_token if seq is not None else -1 for seq in self._rows]
-        logits = self._runner.decode(tokens)
+        masks = self._start_masks([s for s in self._rows if s is not None])
+        logits = self._runner.decode(tokens)  # the masks are computed meanwhile
         self.steps += 1
+        if masks is not None:
+            masks.result()
         for row, seq in enumerate(self._rows):
             if seq is not None:
-                self._take(row, seq, seq.sampler(logits[row]))
+                self._take(row, seq, self._sample(seq, logits[row]))
         self._compact()
+
+    def _start_masks(self, seqs: list[Sequence]) -> Future[None] | None:
+        """Start the next masks of the constrained sequences among `seqs` (None when there are none)."""
+        constrained = [s.constraint for s in seqs if s.constraint is not None]
+        if not constrained:
+            return None
+        if self._masks is None:
+            self._masks = MaskWorker(self._runner.spec.vocab_size, self._runner.max_batch)
+        return self._masks.start(constrained)
+
+    def _sample(self, seq: Sequence, logits: np.ndarray) -> int:
+        c = seq.constraint
+        if c is None:
+            return seq.sampler(logits)
+        assert self._masks is not None
+        token = seq.sampler(logits, self._masks.allowed(c), c.eos_token)
+        c.pending = token  # the matcher consumes it while the next step runs
+        return token
 
     def _take(self, row: int, seq: Sequence, token: int) -> None:
         seq.last_token = token
@@ -192,10 +250,11 @@ class Scheduler:
     def _fail_all(self, error: BaseException, *, waiting: bool = False, also: list[Sequence] | None = None) -> None:
         if not isinstance(error, RuntimeError) or str(error) != "the engine is closed":
             log.error("inference step failed: %s", type(error).__name__)
-        victims = [s for s in self._rows if s is not None] + [s for s in also or [] if s not in self._rows]
+        victims = [s for s in self._rows if s is not None]
+        victims += [x for s in also or [] for x in (s, *s.siblings) if x not in victims]
         if waiting:
             with self._cv:
-                victims += list(self._waiting)
+                victims += [x for s in self._waiting for x in (s, *s.siblings)]
                 self._waiting.clear()
         self._rows.clear()
         self._runner.reset()

@@ -4,6 +4,13 @@ Templates are code shipped with a model directory, so they run in Jinja's Immuta
 the same globals and filters as `transformers` (raise_exception, strftime_now, tojson without ASCII escaping,
 trim_blocks/lstrip_blocks, loop controls, the `{% generation %}` marker) so third-party templates render
 byte-for-byte as their authors expect.
+
+Tools: a template that takes a `tools` variable (Qwen, Llama 3.1+, SmolLM3, Hermes...) renders them, and the
+assistants' `tool_calls` and `tool` messages, itself. For any other template the tool format below is rendered
+into the conversation: the tools' JSON inside <tools></tools> in the system prompt, each call the model makes
+as `<tool_call>\n{"name":...,"arguments":{...}}\n</tool_call>`, earlier calls as that text in the assistant's
+message, and tool results as a user message of <tool_response></tool_response> blocks. The server constrains
+the model's output to this call format either way, so calls always parse.
 """
 
 from __future__ import annotations
@@ -15,10 +22,57 @@ from typing import Any
 
 import jinja2
 import jinja2.ext
+import jinja2.meta
 import jinja2.nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 _SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token")
+
+# The tool-call format the model is asked for (and constrained to): one call per block.
+TOOL_CALL_OPEN = "<tool_call>\n"
+TOOL_CALL_CLOSE = "\n</tool_call>"
+TOOL_CALL_SEPARATOR = "\n"
+TOOLS_PROMPT = (
+    "You may call one or more functions to assist with the user query.\n\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n{tools}\n</tools>\n\n"
+    "For each function call, return a json object with function name and arguments within <tool_call></tool_call> "
+    "XML tags:\n<tool_call>\n{{\"name\": <function-name>, \"arguments\": <args-json-object>}}\n</tool_call>"
+)
+
+Message = tuple[str, str] | Mapping[str, Any]
+
+
+def tool_call_text(name: str, arguments: Any) -> str:
+    """One call in the tool format (compact JSON, the way the constrained model writes it)."""
+    body = json.dumps({"name": name, "arguments": arguments}, ensure_ascii=False, separators=(",", ":"))
+    return TOOL_CALL_OPEN + body + TOOL_CALL_CLOSE
+
+
+def _in_tool_format(messages: list[dict[str, Any]], tools: Sequence[Mapping[str, Any]] | None) -> list[dict[str, Any]]:
+    """The conversation for a template that knows nothing of tools: see the module's docstring."""
+    out: list[dict[str, Any]] = []
+    for m in messages:
+        role, content = m.get("role"), m.get("content") or ""
+        if role == "assistant" and m.get("tool_calls"):
+            calls = [tool_call_text(c["function"]["name"], c["function"]["arguments"]) for c in m["tool_calls"]]
+            out.append({"role": "assistant", "content": TOOL_CALL_SEPARATOR.join(([content] if content else []) + calls)})
+        elif role == "tool":
+            block = f"<tool_response>\n{content}\n</tool_response>"
+            if out and out[-1].get("_tool_results"):
+                out[-1]["content"] += "\n" + block
+            else:
+                out.append({"role": "user", "content": block, "_tool_results": True})
+        else:
+            out.append({"role": role, "content": content})
+    for m in out:
+        m.pop("_tool_results", None)
+    if tools:
+        prompt = TOOLS_PROMPT.format(tools="\n".join(json.dumps(t, ensure_ascii=False) for t in tools))
+        if out and out[0]["role"] == "system":
+            out[0] = {"role": "system", "content": out[0]["content"] + "\n\n" + prompt}
+        else:
+            out.insert(0, {"role": "system", "content": prompt})
+    return out
 
 
 class ChatTemplateError(ValueError):
@@ -82,6 +136,7 @@ class ChatTemplate:
         env.globals["strftime_now"] = _strftime_now
         try:
             self._template = env.from_string(template)
+            self.takes_tools = "tools" in jinja2.meta.find_undeclared_variables(env.parse(template))
         except jinja2.TemplateError:
             raise ChatTemplateError("the model's chat template is not valid Jinja") from None
         self._special_tokens = dict(special_tokens or {})
@@ -99,12 +154,20 @@ class ChatTemplate:
         tokens = {k: t for k in _SPECIAL_TOKEN_KEYS if (t := _token_text(config.get(k))) is not None}
         return cls(template, tokens)
 
-    def render(self, messages: Sequence[tuple[str, str]], *, add_generation_prompt: bool = True) -> str:
+    def render(self, messages: Sequence[Message], *, add_generation_prompt: bool = True,
+               tools: Sequence[Mapping[str, Any]] | None = None) -> str:
+        """(role, content) pairs or Hugging Face chat dicts (tool_calls with arguments as objects, tool messages
+        with tool_call_id) -> the prompt; `tools`: OpenAI function tools, rendered natively or in the tool
+        format."""
+        turns = [{"role": m[0], "content": m[1]} if isinstance(m, tuple) else dict(m) for m in messages]
+        tooled = bool(tools) or any(t.get("tool_calls") or t.get("role") == "tool" for t in turns)
+        if tooled and not self.takes_tools:
+            turns, tools = _in_tool_format(turns, tools), None
         try:
             return self._template.render(
-                messages=[{"role": role, "content": content} for role, content in messages],
+                messages=turns,
                 add_generation_prompt=add_generation_prompt,
-                tools=None,
+                tools=list(tools) if tools else None,
                 documents=None,
                 **self._special_tokens,
             )

@@ -12,17 +12,21 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncGenerator, Callable, Iterable, Sequence
+from collections.abc import AsyncGenerator, Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from cheapest.engine.batching import Scheduler
 from cheapest.engine.batching import Sequence as BatchSequence
 from cheapest.engine.chat import ChatTemplate
+from cheapest.engine.grammar import GrammarCompiler, LlgGrammar
 from cheapest.engine.loader import CPU, SPIN_US, IncrementalDecoder, ModelSpec, Tokenizer, load_tokenizer, \
     open_session, read_model_dir
+from cheapest.engine.logprobs import TokenTexts
 from cheapest.engine.runner import ConcatKv, KvRunner, SharedBufferKv
 from cheapest.engine.sampling import Sampler
-from cheapest.engine.types import ContextLengthError, Delta, EngineError, Finish, FinishReason, SamplingParams
+from cheapest.engine.types import ContextLengthError, Delta, EngineError, Finish, FinishReason, Grammar, \
+    GrammarError, SamplingParams, TokenLogprob
+from cheapest.model_layout import TOKENIZER
 
 _CLOSED = "the engine is closed"
 
@@ -30,19 +34,21 @@ _CLOSED = "the engine is closed"
 class StopText:
     """Streams text while withholding anything that might be the start of a stop string."""
 
-    __slots__ = ("_stops", "_held")
+    __slots__ = ("_stops", "_held", "matched")
 
     def __init__(self, stops: Iterable[str]) -> None:
         self._stops = tuple(s for s in stops if s)
         self._held = ""
+        self.matched: str | None = None  # the stop string found, once one is
 
     def push(self, text: str) -> tuple[str, bool]:
         """(text safe to emit, stop string found). After a stop, the text from the stop on is dropped."""
         if not self._stops:
             return text, False
         text = self._held + text
-        cut = min((i for i in (text.find(s) for s in self._stops) if i >= 0), default=-1)
-        if cut >= 0:
+        found = [(i, s) for s in self._stops if (i := text.find(s)) >= 0]
+        if found:
+            cut, self.matched = min(found, key=lambda f: f[0])
             self._held = ""
             return text[:cut], True
         keep = 0
@@ -61,36 +67,49 @@ class StopText:
 
 
 class _Output:
-    """One sequence's token -> text pipeline; called by the scheduler thread."""
+    """One sequence's token -> text pipeline; called by the scheduler thread. With logprobs asked for, each
+    Delta carries the entries of the tokens consumed since the last one (EOS excluded)."""
 
     def __init__(self, decoder: IncrementalDecoder, params: SamplingParams, eos: frozenset[int], budget: int,
-                 deliver: Callable[[Delta | Finish | BaseException], None]) -> None:
+                 deliver: Callable[[Delta | Finish | BaseException], None], index: int = 0,
+                 sampler: Sampler | None = None) -> None:
         self._decoder = decoder
         self._stop = StopText(params.stop)
         self._eos = eos
         self._budget = budget
         self._deliver = deliver
         self._count = 0
+        self._index = index
+        self._sampler = sampler if params.logprobs is not None else None
+        self._logprobs: list[TokenLogprob] = []
 
     def accept(self, token: int) -> bool:
         self._count += 1
         if token in self._eos:  # EOS ends the text; its own text is never shown
             return self._finish("stop", "", self._decoder.flush())
+        if self._sampler is not None and self._sampler.last is not None:
+            self._logprobs.append(self._sampler.last)
         text, stopped = self._stop.push(self._decoder.push(token))
         if stopped:
             return self._finish("stop", text, None)
         if self._count >= self._budget:
             return self._finish("length", text, self._decoder.flush())
-        self._deliver(Delta(text, self._count))
+        self._deliver(self._delta(text))
         return False
+
+    def _delta(self, text: str) -> Delta:
+        if not self._logprobs:
+            return Delta(text, self._count, self._index)
+        entries, self._logprobs = tuple(self._logprobs), []
+        return Delta(text, self._count, self._index, entries)
 
     def _finish(self, reason: FinishReason, text: str, tail: str | None) -> bool:
         if tail is not None:  # the decoder's last bytes may still complete a stop string
             more, stopped = self._stop.push(tail)
             text += more if stopped else more + self._stop.flush()
             reason = "stop" if stopped else reason
-        self._deliver(Delta(text, self._count))
-        self._deliver(Finish(reason, self._count))
+        self._deliver(self._delta(text))
+        self._deliver(Finish(reason, self._count, self._index, self._stop.matched))
         return True
 
 
@@ -100,6 +119,7 @@ class OnnxEngine:
     def __init__(self, spec: ModelSpec, tokenizer: Tokenizer, runner: KvRunner, provider: str) -> None:
         self.model_id = spec.model_id
         self.context_length = spec.context_length
+        self.vocab_size = spec.vocab_size
         self.provider = provider
         self.spec = spec
         self.tokenizer = tokenizer
@@ -108,13 +128,21 @@ class OnnxEngine:
         # A base model (Gemma 3 270M) has none: render_chat raises NoChatTemplateError, completions still work.
         self.has_chat_template = ChatTemplate.present(spec.tokenizer_config)
         self._scheduler = Scheduler(runner)
+        self._grammars = GrammarCompiler((spec.model_dir / TOKENIZER).read_text(encoding="utf-8"),
+                                         spec.vocab_size, sorted(spec.eos_token_ids))
+        self._eos_token = min(spec.eos_token_ids, default=0)
+        self._texts = TokenTexts(lambda token: self._grammars.tokenizer.decode_bytes([token]))
 
     # --- text ---------------------------------------------------------------------------------------------------
 
-    def render_chat(self, messages: Sequence[tuple[str, str]]) -> str:
+    def render_chat(self, messages: Sequence[tuple[str, str] | Mapping[str, Any]],
+                    tools: Sequence[Mapping[str, Any]] | None = None) -> str:
         if self._template is None:
             self._template = ChatTemplate.from_tokenizer_config(self.spec.tokenizer_config)
-        return self._template.render(messages)
+        return self._template.render(messages, tools=tools)
+
+    def compile_grammar(self, grammar: str) -> Grammar:
+        return self._grammars.compile(grammar)
 
     def encode(self, text: str) -> list[int]:
         # The rendered template already holds its special tokens (BOS included where the model wants it).
@@ -150,7 +178,8 @@ class OnnxEngine:
         vocab = self.spec.vocab_size
         if any(not 0 <= t < vocab for t in prompt_ids):
             raise EngineError("prompt token id out of range")
-        sampler = Sampler(params)
+        if params.grammar is not None and not isinstance(params.grammar, LlgGrammar):
+            raise EngineError("the grammar was compiled by another engine")
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Delta | Finish | BaseException] = asyncio.Queue()
 
@@ -158,23 +187,36 @@ class OnnxEngine:
             loop.call_soon_threadsafe(queue.put_nowait, item)  # RuntimeError once the loop is gone: dropped
 
         budget = min(params.max_tokens, self.context_length - len(prompt_ids))
-        output = _Output(self.tokenizer.decoder(), params, self.spec.eos_token_ids, budget, deliver)
-        seq = BatchSequence(list(prompt_ids), sampler, output.accept, deliver)
+        texts = self._texts if params.logprobs is not None else None
+        seqs: list[BatchSequence] = []
         try:
-            self._scheduler.submit(seq)
+            for index in range(params.n):
+                sampler = Sampler(params, stream=index, texts=texts)
+                output = _Output(self.tokenizer.decoder(), params, self.spec.eos_token_ids, budget, deliver, index,
+                                 sampler)
+                constraint = None if params.grammar is None else \
+                    self._grammars.constraint(params.grammar, self._eos_token)
+                seqs.append(BatchSequence(list(prompt_ids), sampler, output.accept, deliver, constraint))
+        except GrammarError:
+            raise EngineError("the grammar could not be matched") from None
+        seqs[0].siblings = seqs[1:]
+        try:
+            self._scheduler.submit(seqs[0])
         except RuntimeError:
             raise EngineError(_CLOSED) from None
+        running = params.n
         try:
-            while True:
+            while running:
                 item = await queue.get()
                 if isinstance(item, BaseException):
                     message = _CLOSED if str(item) == _CLOSED else "inference failed"
                     raise EngineError(message) from None
                 yield item
                 if isinstance(item, Finish):
-                    return
+                    running -= 1
         finally:
-            seq.cancel()
+            for seq in seqs:
+                seq.cancel()
             self._scheduler.wake()
 
     async def close(self) -> None:

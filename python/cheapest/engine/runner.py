@@ -39,10 +39,12 @@ def _dtype(type_str: str) -> type[np.generic]:
 
 class KvRunner(ABC):
     """`supports_move`: rows can be compacted (CPU memory); otherwise the scheduler leaves holes.
-    `batched_prefill`: prefill_many runs several prompts in one graph run."""
+    `batched_prefill`: prefill_many runs several prompts in one graph run.
+    `supports_copy`: a prefilled row's cache can be copied into another row (n sequences from one prompt)."""
 
     supports_move: bool = True
     batched_prefill: bool = False
+    supports_copy: bool = False
 
     def __init__(self, session: ort.InferenceSession, spec: ModelSpec, max_batch: int) -> None:
         self.session = session
@@ -87,6 +89,10 @@ class KvRunner(ABC):
     def move(self, src: int, dst: int) -> None:
         """Row src's cache becomes row dst's (src is then free)."""
 
+    def copy(self, src: int, dst: int) -> None:
+        """Row dst gets a copy of row src's cache (only where `supports_copy`)."""
+        raise NotImplementedError
+
     def release(self, row: int) -> None:
         self.lengths[row] = 0
 
@@ -100,7 +106,7 @@ class SharedBufferKv(KvRunner):
         super().__init__(session, spec, max_batch)
         self.batched_prefill = True
         self.device = device
-        self.supports_move = device == "cpu"
+        self.supports_move = self.supports_copy = device == "cpu"
         # share_buffer=False is the copying alternative, kept to measure against (bench_inference.py
         # --kv copy): present goes to a second buffer set, GQA copies the whole past into it every step, and
         # the two sets swap roles.
@@ -214,13 +220,17 @@ class SharedBufferKv(KvRunner):
         self.lengths[:rows] += live
         return np.asarray(self._logits[:rows, 0], dtype=np.float32)
 
-    def move(self, src: int, dst: int) -> None:
+    def copy(self, src: int, dst: int) -> None:
+        """Row dst gets a copy of row src's cache (src keeps its own)."""
         n = int(self.lengths[src])
         for kbuf, vbuf in self._buffers:
             assert isinstance(kbuf, np.ndarray) and isinstance(vbuf, np.ndarray)
             kbuf[dst, :, :n] = kbuf[src, :, :n]
             vbuf[dst, :, :n] = vbuf[src, :, :n]
         self.lengths[dst] = n
+
+    def move(self, src: int, dst: int) -> None:
+        self.copy(src, dst)
         self.lengths[src] = 0
 
     @property

@@ -7,8 +7,8 @@ the instant fixed-output model used by the gateway benchmark both implement
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Sequence
-from typing import Literal, Protocol
+from collections.abc import AsyncGenerator, Mapping, Sequence
+from typing import Any, Literal, Protocol
 
 import msgspec
 
@@ -22,18 +22,43 @@ class SamplingParams(msgspec.Struct, frozen=True):
     top_k: int = 0  # 0 = off
     seed: int | None = None
     stop: tuple[str, ...] = ()  # matched across token boundaries, never emitted
+    n: int = 1  # sequences from one prompt (prefilled once); items carry their `index`
+    logprobs: int | None = None  # None: off; k >= 0: each token's logprob and the k most likely alternatives
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
+    frequency_penalty: float = 0.0  # subtracted per earlier occurrence of a token in the completion
+    presence_penalty: float = 0.0  # subtracted once a token has occurred in the completion
+    grammar: Grammar | None = None  # the output must match it (Engine.compile_grammar); None costs nothing
+
+
+class Grammar:
+    """A compiled output constraint (each engine its own subclass); every sequence generated with it gets its own
+    matcher."""
+
+
+class TokenLogprob(msgspec.Struct, frozen=True, array_like=True):
+    """One token as the model saw it: its text, UTF-8 bytes and logprob under the model's own distribution
+    (before temperature, top_p, penalties and grammar masks), and the most likely tokens at that step."""
+
+    token: str
+    utf8: bytes
+    logprob: float
+    top: tuple[tuple[str, bytes, float], ...] = ()  # (token, utf8, logprob), most likely first
 
 
 class Delta(msgspec.Struct, frozen=True):
     """New completion text (may be "" when a token ends mid-character or may start a stop string)."""
 
     text: str
-    completion_tokens: int  # cumulative
+    completion_tokens: int  # cumulative, for this sequence
+    index: int = 0  # which of the n sequences
+    logprobs: tuple[TokenLogprob, ...] = ()  # the tokens consumed since the last Delta, when asked for
 
 
 class Finish(msgspec.Struct, frozen=True):
     reason: FinishReason
-    completion_tokens: int
+    completion_tokens: int  # this sequence's total
+    index: int = 0
+    stop: str | None = None  # the stop string that ended it, if one did
 
 
 class ContextLengthError(ValueError):
@@ -54,16 +79,30 @@ class EngineError(RuntimeError):
     """Inference failed; the message is generic and carries no request text."""
 
 
+class GrammarError(ValueError):
+    """An output constraint the grammar engine cannot compile; the message carries no request text."""
+
+
 class Engine(Protocol):
     model_id: str  # e.g. "SmolLM2-135M-Instruct"
     context_length: int
+    vocab_size: int  # token ids are 0..vocab_size-1
     provider: str  # "CUDAExecutionProvider" / "CPUExecutionProvider" / "fixed"
     # True when `generate` never suspends (it yields everything at once): the HTTP layer then need not watch
     # for a client that goes away during generation.
     instant: bool
 
-    def render_chat(self, messages: Sequence[tuple[str, str]]) -> str:
-        """(role, content) pairs -> prompt text via the model's chat template (sandboxed Jinja)."""
+    def render_chat(self, messages: Sequence[tuple[str, str] | Mapping[str, Any]],
+                    tools: Sequence[Mapping[str, Any]] | None = None) -> str:
+        """Messages -> prompt text via the model's chat template (sandboxed Jinja). A message is a (role,
+        content) pair or a dict in Hugging Face's chat format (role, content, tool_calls, tool_call_id, name);
+        `tools` are OpenAI function tools, rendered by the template where it takes them, else as the system
+        prompt of engine/chat.py's tool format."""
+        ...
+
+    def compile_grammar(self, grammar: str) -> Grammar:
+        """An llguidance grammar (Lark syntax, `%json {schema}` inside) -> a Grammar for SamplingParams.
+        Raises GrammarError when it cannot be compiled."""
         ...
 
     def encode(self, text: str) -> list[int]:
@@ -71,7 +110,8 @@ class Engine(Protocol):
         ...
 
     def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncGenerator[Delta | Finish, None]:
-        """Yields Delta items then exactly one Finish. Raises ContextLengthError before any work if the
+        """Yields Delta items then exactly one Finish per sequence (params.n of them, each item tagged with its
+        `index`; the generator ends after the last Finish). Raises ContextLengthError before any work if the
         prompt does not fit. Runs off the event loop; if the consumer stops iterating (aclose() or task
         cancellation), the sequence leaves the batch at the next decode step."""
         ...

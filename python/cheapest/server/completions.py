@@ -1,25 +1,34 @@
-"""/v1 routes: chat and text completions (one JSON body, or SSE chunks framed by the core), models, the calling
-key's usage. Each handler parses the request, calls the gateway, and encodes the answer."""
+"""/v1 routes: chat and text completions (one JSON body, or SSE chunks), models, the calling key's usage. Each
+handler parses the request, calls the gateway, and encodes the answer.
+
+A plain stream (one choice, no logprobs, no tools) is framed by the core; streams with several choices,
+logprobs or tool-call deltas are encoded here, in OpenAI's chunk shapes.
+"""
 
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Iterable
 from typing import TYPE_CHECKING
 
 import cheapest_core
 import msgspec
 
-from cheapest.api.chat import AssistantMessage, ChatChoice, ChatCompletion, ChatCompletionRequest
-from cheapest.api.common import Usage
-from cheapest.api.completions import Completion, CompletionChoice, CompletionRequest
-from cheapest.api.models import Model, ModelList
-from cheapest.gateway import Admission, Caller, Gateway
-from cheapest.gateway.completions import (
-    collect, engine_refusal, may_use, prompt_ids, sampling, serving_engine,
+from cheapest.api.chat import (
+    AssistantMessage, ChatChoice, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ChoiceLogprobs,
+    ChunkChoice, ChunkDelta, ContentLogprob, FunctionCall, FunctionCallDelta, ToolCall, ToolCallDelta, TopLogprob,
 )
+from cheapest.api.common import Usage
+from cheapest.api.completions import (
+    Completion, CompletionChoice, CompletionChunk, CompletionChunkChoice, CompletionLogprobs, CompletionRequest,
+)
+from cheapest.api.models import Model, ModelList
+from cheapest.engine.types import Delta, Engine, Finish, TokenLogprob
+from cheapest.gateway import Admission, Caller, Gateway
+from cheapest.gateway.completions import Choice, Plan, collect, may_use, plan as plan_of, run, serving_engine
+from cheapest.gateway.errors import Refusal
+from cheapest.gateway.tools import ToolCallParser
 from cheapest.gateway.usage import key_usage as usage_of
-from cheapest.engine.types import ContextLengthError, Delta, Engine, EngineError, Finish, SamplingParams
 from cheapest.server.cancellation import until_disconnected
 from cheapest.server.errors import decode_error, rate_headers
 from cheapest.server.request import Request, Response, StreamResponse, json_response
@@ -41,14 +50,14 @@ async def _complete(state: WorkerState, req: Request, chat: bool) -> Response | 
         creq = (_chat_decoder if chat else _completion_decoder).decode(body)
     except msgspec.DecodeError as exc:
         raise decode_error(exc) from None
-    req.stream = creq.stream
+    req.stream = bool(creq.stream)
     gateway = state.gateway
     engine = serving_engine(state.engine, caller, creq.model)
     req.model = engine.model_id
-    ids = prompt_ids(engine, creq)
-    p = len(ids)
-    params = sampling(engine, state.settings.serving.default_max_tokens, p, creq)
-    admission = gateway.admit(caller, engine.model_id, p, params.max_tokens)
+    serving = state.settings.serving
+    plan = plan_of(engine, creq, serving.default_max_tokens, serving.max_choices)
+    p = plan.prompt_tokens
+    admission = gateway.admit(caller, engine.model_id, p, plan.params.max_tokens * plan.sequences)
     rid = state.ids.new("chatcmpl-" if chat else "cmpl-")
     created = int(time.time())
     headers = rate_headers(admission.rate)
@@ -56,49 +65,167 @@ async def _complete(state: WorkerState, req: Request, chat: bool) -> Response | 
         include_usage = creq.stream_options is not None and creq.stream_options.include_usage
         framer = cheapest_core.SseFramer(rid, engine.model_id, created,
                                          "chat.completion.chunk" if chat else "text_completion")
+        plain = plan.sequences == 1 and plan.logprobs is None and not plan.tools and plan.echo is None
+        chunks = _Chunks(rid, created, engine.model_id, framer, plan, chat)
         return StreamResponse(200, SSE_HEADERS + headers,
-                              _stream(req, gateway, engine, admission, ids, params, framer, chat, include_usage))
-    work = collect(gateway.admissions, engine, admission, ids, params)
+                              _stream(req, gateway, engine, admission, plan, chunks, plain, include_usage))
+    work = _collect_settled(gateway, engine, plan, admission)
     try:  # an engine that never waits needs no watching; a slow one stops when the client goes away
-        text, reason = await (work if engine.instant else until_disconnected(work, req.watch_disconnect))
+        answers = await (work if engine.instant else until_disconnected(work, req.watch_disconnect))
     finally:  # for the log line, however it ended
         req.prompt_tokens, req.completion_tokens = p, admission.completion_tokens
     usage = Usage(p, admission.completion_tokens, p + admission.completion_tokens)
     if chat:
         out: ChatCompletion | Completion = ChatCompletion(
-            rid, created, engine.model_id, [ChatChoice(0, AssistantMessage("assistant", text), reason)], usage)
+            rid, created, engine.model_id, [_chat_choice(a, plan) for a in answers], usage)
     else:
-        out = Completion(rid, created, engine.model_id, [CompletionChoice(text, 0, reason)], usage)
+        out = Completion(rid, created, engine.model_id, [_text_choice(a, plan) for a in answers], usage)
     return json_response(_encode(out), headers)
 
 
-async def _stream(req: Request, gateway: Gateway, engine: Engine, admission: Admission, ids: list[int],
-                  params: SamplingParams, framer: cheapest_core.SseFramer, chat: bool,
-                  include_usage: bool) -> AsyncGenerator[bytes, None]:
+async def _collect_settled(gateway: Gateway, engine: Engine, plan: Plan, admission: Admission) -> list[Choice]:
+    """The whole answer; however it ends (an answer, a failure, the client gone), it is metered once."""
+    try:
+        return await collect(engine, plan, admission)
+    finally:
+        gateway.settle(admission)
+
+
+def _content_logprobs(entries: Iterable[TokenLogprob]) -> list[ContentLogprob]:
+    return [ContentLogprob(e.token, e.logprob, list(e.utf8), [TopLogprob(t, lp, list(b)) for t, b, lp in e.top])
+            for e in entries]
+
+
+def _chat_choice(answer: Choice, plan: Plan) -> ChatChoice:
+    logprobs = None if plan.logprobs is None else ChoiceLogprobs(_content_logprobs(answer.logprobs))
+    parser = answer.parser
+    if parser is not None and parser.calls:
+        calls = [ToolCall(c.id, FunctionCall(c.name, c.arguments)) for c in parser.calls]
+        reason = "tool_calls" if answer.reason == "stop" else answer.reason
+        return ChatChoice(answer.index, AssistantMessage("assistant", None, calls), reason, logprobs)
+    return ChatChoice(answer.index, AssistantMessage("assistant", answer.text), answer.reason, logprobs)
+
+
+def _text_logprobs(entries: list[TokenLogprob], offset: int) -> CompletionLogprobs:
+    offsets = []
+    for e in entries:
+        offsets.append(offset)
+        offset += len(e.token)
+    return CompletionLogprobs([e.token for e in entries], [e.logprob for e in entries],
+                              [{t: lp for t, _, lp in e.top} for e in entries], offsets)
+
+
+def _text_choice(answer: Choice, plan: Plan) -> CompletionChoice:
+    prefix = plan.echo[answer.index // plan.choices] if plan.echo is not None else ""
+    logprobs = None if plan.logprobs is None else _text_logprobs(answer.logprobs, len(prefix))
+    return CompletionChoice(prefix + answer.text, answer.index, answer.reason, logprobs)
+
+
+class _Chunks:
+    """The SSE events of a stream with several choices, logprobs or tool calls (OpenAI's chunk shapes)."""
+
+    def __init__(self, rid: str, created: int, model: str, framer: cheapest_core.SseFramer, plan: Plan,
+                 chat: bool) -> None:
+        self.rid, self.created, self.model, self.framer, self.plan, self.chat = rid, created, model, framer, plan, chat
+        self.parsers = [ToolCallParser() for _ in range(plan.sequences)] if plan.tools else None
+        self.offsets = [0] * plan.sequences  # completions: text offsets for logprobs
+
+    def _event(self, chunk: ChatCompletionChunk | CompletionChunk) -> bytes:
+        return b"data: " + _encode(chunk) + b"\n\n"
+
+    def _chat(self, choices: list[ChunkChoice], usage: Usage | None = None) -> bytes:
+        return self._event(ChatCompletionChunk(self.rid, self.created, self.model, choices, usage=usage))
+
+    def start(self) -> Iterable[bytes]:
+        if self.chat:
+            yield self._chat([ChunkChoice(i, ChunkDelta(role="assistant", content=""))
+                              for i in range(self.plan.sequences)])
+        elif self.plan.echo is not None:
+            yield self._event(CompletionChunk(self.rid, self.created, self.model, [
+                CompletionChunkChoice(self.plan.echo[i // self.plan.choices], i) for i in range(self.plan.sequences)]))
+
+    def delta(self, index: int, item: Delta) -> Iterable[bytes]:
+        plan = self.plan
+        if not self.chat:
+            logprobs = None
+            if plan.logprobs is not None:
+                logprobs = _text_logprobs(list(item.logprobs), self.offsets[index])
+                self.offsets[index] += sum(len(e.token) for e in item.logprobs)
+            if item.text or logprobs is not None:
+                yield self._event(CompletionChunk(self.rid, self.created, self.model,
+                                                  [CompletionChunkChoice(item.text, index, None, logprobs)]))
+            return
+        content = None if plan.logprobs is None else ChoiceLogprobs(_content_logprobs(item.logprobs))
+        yield from self._chat_delta(index, item.text, content, final=False)
+
+    def _chat_delta(self, index: int, text: str, logprobs: ChoiceLogprobs | None, final: bool) -> Iterable[bytes]:
+        if self.parsers is None:
+            if text or logprobs is not None:
+                yield self._chat([ChunkChoice(index, ChunkDelta(content=text), logprobs)])
+            return
+        shown, started, pieces = self.parsers[index].push(text, final)
+        calls = [ToolCallDelta(i, call_id, "function", FunctionCallDelta(name, "")) for i, call_id, name in started]
+        calls += [ToolCallDelta(i, function=FunctionCallDelta(arguments=piece)) for i, piece in pieces]
+        if shown or calls or logprobs is not None:
+            yield self._chat([ChunkChoice(index, ChunkDelta(content=shown or None, tool_calls=calls or None),
+                                          logprobs)])
+
+    def finish(self, index: int, item: Finish) -> Iterable[bytes]:
+        if not self.chat:
+            yield self._event(CompletionChunk(self.rid, self.created, self.model,
+                                              [CompletionChunkChoice("", index, item.reason)]))
+            return
+        reason: str = item.reason
+        if self.parsers is not None:
+            yield from self._chat_delta(index, "", None, final=True)
+            if self.parsers[index].calls and item.reason == "stop":
+                reason = "tool_calls"
+        yield self._chat([ChunkChoice(index, ChunkDelta(), None, reason)])  # type: ignore[arg-type]
+
+    def usage(self, prompt_tokens: int, completion_tokens: int) -> bytes:
+        usage = Usage(prompt_tokens, completion_tokens, prompt_tokens + completion_tokens)
+        if self.chat:
+            return self._chat([], usage)
+        return self._event(CompletionChunk(self.rid, self.created, self.model, [], usage=usage))
+
+
+async def _stream(req: Request, gateway: Gateway, engine: Engine, admission: Admission, plan: Plan,
+                  chunks: _Chunks, plain: bool, include_usage: bool) -> AsyncGenerator[bytes, None]:
     """SSE chunks of one generation; closing this generator early (the client went away) stops the generation,
     and however it ends the tokens generated so far are metered once."""
-    gen = engine.generate(ids, params)
+    framer = chunks.framer
+    items = run(engine, plan, admission)
     try:
-        if chat:
-            yield framer.role()
-        async for item in gen:
-            admission.completion_tokens = item.completion_tokens
-            if type(item) is Delta:
-                if item.text:
-                    yield framer.delta(item.text)
-            else:
-                assert isinstance(item, Finish)
-                yield framer.finish(item.reason)
+        if plain:
+            if chunks.chat:
+                yield framer.role()
+            async for _, item in items:
+                if type(item) is Delta:
+                    if item.text:
+                        yield framer.delta(item.text)
+                else:
+                    assert isinstance(item, Finish)
+                    yield framer.finish(item.reason)
+        else:
+            for event in chunks.start():
+                yield event
+            async for index, item in items:
+                if type(item) is Delta:
+                    for event in chunks.delta(index, item):
+                        yield event
+                else:
+                    assert isinstance(item, Finish)
+                    for event in chunks.finish(index, item):
+                        yield event
         if include_usage:
-            yield framer.usage(len(ids), admission.completion_tokens)
+            yield chunks.usage(plan.prompt_tokens, admission.completion_tokens)
         yield framer.done()
-    except (ContextLengthError, EngineError) as exc:
-        refusal = engine_refusal(exc)
+    except Refusal as refusal:
         yield framer.error(refusal.message, refusal.type, refusal.code)
         yield framer.done()
     finally:
-        await gen.aclose()
-        req.prompt_tokens, req.completion_tokens = len(ids), admission.completion_tokens
+        await items.aclose()
+        req.prompt_tokens, req.completion_tokens = plan.prompt_tokens, admission.completion_tokens
         gateway.settle(admission)
 
 

@@ -1,0 +1,131 @@
+"""Constrained decoding with llguidance: compile a grammar, give each sequence its own matcher, and compute the
+next token masks of a batch off the critical path.
+
+llguidance (the grammar engine llama.cpp, vLLM and ONNX Runtime GenAI use) takes Lark grammars with JSON
+Schemas embedded (`%json {...}`); its matchers consume tokens and write bitmasks of the tokens allowed next
+(one bit per vocabulary entry, 32 to an int32). Its tokenizer view (`LLTokenizer`) is built once per model from
+tokenizer.json, in a background thread started with the engine (~1.6 s for a 49k vocabulary).
+
+Why a worker thread: a decode step's token N is known before the step's model run starts, and the mask for the
+logits that run produces depends only on tokens up to N. So while ONNX Runtime runs the step (it releases the
+GIL), `MaskWorker` has each constrained sequence's matcher consume token N and write its mask for step N+1;
+the scheduler waits for the masks only after the model run returns. A batch without constrained sequences
+never touches the worker.
+
+Errors carry no request text: llguidance's messages may quote the grammar (a client's schema), so they are
+replaced by a generic one.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import llguidance
+import numpy as np
+from llguidance.numpy import allocate_token_bitmask, consume_token_par, fill_next_token_bitmask_par
+
+from cheapest.engine.types import Grammar, GrammarError
+
+# Bounds on the work one grammar may cause (llguidance's defaults are for trusted grammars; these are a
+# client's): Earley items per token, lexer states, and the fuel spent on one mask.
+LIMITS = llguidance.LLParserLimits(max_items_in_row=2000, initial_lexer_fuel=1_000_000, step_lexer_fuel=200_000,
+                                   step_max_items=50_000, max_lexer_states=50_000, max_grammar_size=500_000)
+
+
+class LlgGrammar(Grammar):
+    """A grammar llguidance has validated against this model's tokenizer."""
+
+    __slots__ = ("serialized",)
+
+    def __init__(self, serialized: str) -> None:
+        self.serialized = serialized
+
+
+class GrammarCompiler:
+    """One model's llguidance tokenizer (built in the background) and the grammars compiled against it."""
+
+    def __init__(self, tokenizer_json: str, vocab_size: int, eos_token_ids: Sequence[int]) -> None:
+        self.vocab_size = vocab_size
+        self._eos = sorted(eos_token_ids)
+        self._tokenizer: llguidance.LLTokenizer | None = None
+        self._failed = False
+        self._ready = threading.Event()
+        threading.Thread(target=self._build, args=(tokenizer_json,), name="cheapest-grammar-tokenizer",
+                         daemon=True).start()
+
+    def _build(self, tokenizer_json: str) -> None:
+        try:
+            self._tokenizer = llguidance.LLTokenizer(tokenizer_json, n_vocab=self.vocab_size,
+                                                     eos_token=self._eos or None)
+        except Exception:  # noqa: BLE001 - a tokenizer llguidance cannot read: constrained requests are refused
+            self._failed = True
+        finally:
+            self._ready.set()
+
+    @property
+    def tokenizer(self) -> llguidance.LLTokenizer:
+        self._ready.wait()
+        if self._tokenizer is None:
+            raise GrammarError("constrained decoding is not available for this model's tokenizer")
+        return self._tokenizer
+
+    def compile(self, lark: str) -> LlgGrammar:
+        grammar = llguidance.LLMatcher.grammar_from_lark(lark)
+        error = llguidance.LLMatcher.validate_grammar(grammar, self.tokenizer, limits=LIMITS)
+        if error:
+            raise GrammarError("the grammar engine cannot compile this constraint")
+        return LlgGrammar(grammar)
+
+    def constraint(self, grammar: LlgGrammar, eos_token: int) -> Constraint:
+        matcher = llguidance.LLMatcher(self.tokenizer, grammar.serialized, log_level=0, limits=LIMITS)
+        if matcher.is_error():
+            raise GrammarError("the grammar engine cannot compile this constraint")
+        return Constraint(matcher, eos_token)
+
+
+class Constraint:
+    """One sequence's matcher. The scheduler thread records each sampled token in `pending`; the mask worker
+    feeds it to the matcher and writes the next mask into its slot of the worker's buffer."""
+
+    __slots__ = ("matcher", "pending", "slot", "eos_token")
+
+    def __init__(self, matcher: llguidance.LLMatcher, eos_token: int) -> None:
+        self.matcher = matcher
+        self.pending = -1  # the sampled token the matcher has not consumed yet
+        self.slot = -1  # this step's row in MaskWorker.masks
+        self.eos_token = eos_token  # what a sequence whose grammar allows nothing more ends with
+
+
+class MaskWorker:
+    """One thread that computes a batch's masks (llguidance's executor spreads them over its own threads)."""
+
+    def __init__(self, vocab_size: int, rows: int) -> None:
+        self.vocab_size = vocab_size
+        self.masks = allocate_token_bitmask(rows, vocab_size)
+        self._executor = llguidance.LLExecutor(num_threads=2)
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="cheapest-masks")
+
+    def start(self, constraints: Sequence[Constraint]) -> Future[None]:
+        """Consume each constraint's pending token and compute its next mask, in the worker thread."""
+        if len(constraints) > self.masks.shape[0]:
+            self.masks = allocate_token_bitmask(len(constraints), self.vocab_size)
+        for slot, c in enumerate(constraints):
+            c.slot = slot
+        return self._pool.submit(self._compute, list(constraints))
+
+    def _compute(self, constraints: list[Constraint]) -> None:
+        fed = [(c.matcher, c.pending) for c in constraints if c.pending >= 0]
+        if fed:
+            consume_token_par(self._executor, fed)
+        for c in constraints:
+            c.pending = -1
+        fill_next_token_bitmask_par(self._executor, [(c.matcher, c.slot) for c in constraints], self.masks)
+
+    def allowed(self, c: Constraint) -> np.ndarray:
+        """The tokens c's grammar allows now, as one uint8 (0/1) per vocabulary entry."""
+        return np.unpackbits(self.masks[c.slot].view(np.uint8), count=self.vocab_size, bitorder="little")
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False)
