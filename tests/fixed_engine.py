@@ -120,10 +120,11 @@ class FixedEngine:
                 await asyncio.sleep(self._delay)
             piece = self._pieces[(n - 1) % len(self._pieces)]
             if params.stop:
-                cut = min((i for i in ((text + piece).find(s) for s in params.stop) if i >= 0), default=-1)
-                if cut >= 0:
+                found = [(i, s) for s in params.stop if (i := (text + piece).find(s)) >= 0]
+                if found:
+                    cut, stop = min(found)
                     yield Delta((text + piece)[len(text):cut], n)
-                    yield Finish("stop", n)
+                    yield Finish("stop", n, stop=stop)
                     return
             text += piece
             yield Delta(piece, n)

@@ -19,6 +19,7 @@ from cheapest.config import Settings
 from cheapest.gateway import Refusal
 from cheapest.server.cancellation import ClientGone, until_disconnected
 from cheapest.server.errors import ApiError, internal_error, rate_headers, refused
+from cheapest.server.messages import anthropic_error
 from cheapest.server.request import JSON, Headers, Request, Response, StreamResponse
 from cheapest.server.routes import Route, Router
 from cheapest.server.state import WorkerState
@@ -59,34 +60,40 @@ class App:
     # --- requests -----------------------------------------------------------------------------------------
     async def handle(self, req: Request) -> Response | StreamResponse:
         state = self.state
+        route: Route | None = None
         try:
             if state is None:
                 state = self.open(asyncio.get_running_loop())
             route, args = self.router.match(req.method, req.path)
             if route.auth is not None:
-                caller = req.caller = state.gateway.authenticate(req.headers.get("authorization"), route.auth)
+                authorization = req.headers.get("authorization")
+                if authorization is None and route.api == "anthropic" and (key := req.headers.get("x-api-key")):
+                    authorization = "Bearer " + key
+                caller = req.caller = state.gateway.authenticate(authorization, route.auth)
                 req.key_id = caller.key.id
             return await route.handler(state, req, *args)
         except Refusal as refusal:
-            return self._error_response(state, req, refused(refusal))
+            return self._error_response(state, req, refused(refusal), route)
         except ApiError as err:
-            return self._error_response(state, req, err)
+            return self._error_response(state, req, err, route)
         except ClientGone:
             raise
         except Exception as exc:
             # Only the type: exception messages may carry request text.
             log.error("unhandled %s on %s %s", type(exc).__name__, req.method, req.path)
-            return self._error_response(state, req, internal_error())
+            return self._error_response(state, req, internal_error(), route)
 
     @staticmethod
-    def _error_response(state: WorkerState | None, req: Request, err: ApiError) -> Response:
-        """The error in OpenAI's shape; an inference key's answer carries its rate-limit state, as always."""
+    def _error_response(state: WorkerState | None, req: Request, err: ApiError, route: Route | None = None) -> Response:
+        """The error in its API's shape (OpenAI's, or Anthropic's on its routes); an inference key's answer carries
+        its rate-limit state, as always."""
         headers = [("content-type", JSON), *err.headers]
         caller = req.caller
         if state is not None and caller is not None and caller.key.kind == "sk" \
                 and not any(h[0] == "x-ratelimit-limit-requests" for h in err.headers):
             headers.extend(rate_headers(state.gateway.rate_state(caller)))
-        return Response(err.status, headers, err.body())
+        body = anthropic_error(err) if route is not None and route.api == "anthropic" else err.body()
+        return Response(err.status, headers, body)
 
     async def __rsgi__(self, scope: Scope, proto: HTTPProtocol) -> None:
         if scope.proto != "http":

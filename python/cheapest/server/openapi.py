@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from cheapest.api.anthropic import AnthropicError
 from cheapest.api.common import ErrorResponse
 
 if TYPE_CHECKING:
@@ -18,12 +19,12 @@ _REF = "#/components/schemas/{name}"
 
 
 def build_openapi(ops: Sequence[Route]) -> dict[str, Any]:
-    types = sorted({t for op in ops for t in (op.request, op.response) if t is not None} | {ErrorResponse},
-                   key=lambda t: t.__name__)
+    types = sorted({t for op in ops for t in (op.request, op.response) if t is not None}
+                   | {ErrorResponse, AnthropicError}, key=lambda t: t.__name__)
     schemas, components = msgspec.json.schema_components(types, ref_template=_REF)
     refs = {t: s for t, s in zip(types, schemas)}
-    error = {"description": "Error (OpenAI error shape)",
-             "content": {"application/json": {"schema": refs[ErrorResponse]}}}
+    errors = {api: {"description": f"Error ({name} error shape)", "content": {"application/json": {"schema": refs[t]}}}
+              for api, name, t in (("openai", "OpenAI", ErrorResponse), ("anthropic", "Anthropic", AnthropicError))}
     paths: dict[str, dict[str, Any]] = {}
     for op in ops:
         method = op.method.lower()
@@ -39,9 +40,11 @@ def build_openapi(ops: Sequence[Route]) -> dict[str, Any]:
         content: dict[str, Any] = {"application/json": {"schema": refs[op.response]}} if op.response else {}
         if op.streams:
             content["text/event-stream"] = {"schema": {"type": "string", "description": "SSE chunks, then [DONE]"}}
-        entry["responses"] = {"200": {"description": "OK", "content": content}, "default": error}
+        entry["responses"] = {"200": {"description": "OK", "content": content}, "default": errors[op.api]}
         if op.auth:
             entry["security"] = [{"inferenceKey" if op.auth == "sk" else "managementKey": []}]
+            if op.api == "anthropic":
+                entry["security"].append({"anthropicKey": []})
         paths.setdefault(op.path, {})[method] = entry
     return {
         "openapi": "3.1.0",
@@ -53,6 +56,8 @@ def build_openapi(ops: Sequence[Route]) -> dict[str, Any]:
             "securitySchemes": {
                 "inferenceKey": {"type": "http", "scheme": "bearer", "description": "sk_ key: /v1/*"},
                 "managementKey": {"type": "http", "scheme": "bearer", "description": "mk_ key: /api/*"},
+                "anthropicKey": {"type": "apiKey", "in": "header", "name": "x-api-key",
+                                 "description": "sk_ key, as Anthropic's clients send it: /v1/messages*"},
             },
         },
     }

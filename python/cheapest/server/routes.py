@@ -9,10 +9,11 @@ their own to a worker's router (`Router.add`); those are left out of the OpenAPI
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Iterable
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Literal, NamedTuple
 
-from cheapest.api import billing, chat, completions, management, models, privacy
-from cheapest.server import account, completions as generation, dashboard, health, management as manage, payments
+from cheapest.api import anthropic, billing, chat, completions, management, models, privacy
+from cheapest.server import account, completions as generation, dashboard, health, management as manage, messages, \
+    payments
 from cheapest.server.errors import method_not_allowed, not_found
 from cheapest.vocabulary import KeyKind
 
@@ -32,6 +33,7 @@ class Route(NamedTuple):
     auth: KeyKind | None = None  # the key the route needs: "sk" (/v1), "mk" (/api), None (public)
     streams: bool = False  # answers SSE when the request asks for a stream
     documented: bool = True  # in /openapi.json
+    api: Literal["openai", "anthropic"] = "openai"  # error shape; anthropic routes also take the key in x-api-key
 
 
 ROUTES: tuple[Route, ...] = (
@@ -40,6 +42,12 @@ ROUTES: tuple[Route, ...] = (
           "sk", streams=True),
     Route("POST", "/v1/completions", generation.completions, "Create a text completion (SSE when stream=true)",
           completions.CompletionRequest, completions.Completion, "sk", streams=True),
+    Route("POST", "/v1/messages", messages.messages,
+          "Create a message: Anthropic's Messages API (SSE events when stream=true)", anthropic.MessagesRequest,
+          anthropic.Message, "sk", streams=True, api="anthropic"),
+    Route("POST", "/v1/messages/count_tokens", messages.count_tokens,
+          "Count a message's input tokens: Anthropic's Messages API", anthropic.CountTokensRequest,
+          anthropic.TokenCount, "sk", api="anthropic"),
     Route("GET", "/v1/models", generation.list_models, "List models", None, models.ModelList, "sk"),
     Route("GET", "/v1/models/{model}", generation.get_model, "Retrieve a model", None, models.Model, "sk"),
     Route("GET", "/v1/usage", generation.key_usage, "The calling key's limits and usage", None, models.KeyUsage,
