@@ -15,7 +15,7 @@ from cheapest_core import RateLimiter
 
 from cheapest.config import PlanConfig, PriceConfig, Settings
 from cheapest.gateway import Gateway
-from cheapest.gateway.completions import collect
+from cheapest.gateway.completions import Plan, collect
 from cheapest.gateway.errors import Refusal
 from cheapest.engine.types import SamplingParams
 from cheapest.store import KeyLimits, accounts, open_store
@@ -167,7 +167,7 @@ def test_a_cancelled_generation_is_metered_for_what_it_made(world: SimpleNamespa
     admission = gw.admit(caller, MODEL, 3, 8)
 
     async def run() -> None:
-        task = asyncio.ensure_future(collect(gw.admissions, engine, admission, [1, 2, 3], SamplingParams(8)))
+        task = asyncio.ensure_future(collect(gw.admissions, engine, Plan([[1, 2, 3]], SamplingParams(8)), admission))
         await asyncio.sleep(0.12)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -176,6 +176,6 @@ def test_a_cancelled_generation_is_metered_for_what_it_made(world: SimpleNamespa
     asyncio.run(run())
     assert admission.settled and 1 <= admission.completion_tokens < 8
     whole = gw.admit(caller, MODEL, 3, 8)
-    text, reason = asyncio.run(collect(gw.admissions, FixedEngine(MODEL, "a b c"), whole, [1, 2, 3],
-                                       SamplingParams(8)))
-    assert (text, reason, whole.completion_tokens, whole.settled) == ("a b c", "stop", 3, True)
+    (answer,) = asyncio.run(collect(gw.admissions, FixedEngine(MODEL, "a b c"), Plan([[1, 2, 3]], SamplingParams(8)),
+                                    whole))
+    assert (answer.text, answer.reason, whole.completion_tokens, whole.settled) == ("a b c", "stop", 3, True)

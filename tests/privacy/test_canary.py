@@ -126,6 +126,54 @@ def test_canaries_leave_no_trace(canary_server: tuple[ServerProcess, Path, str])
         "messages": [{"role": "user", "content": [{"type": "text", "text": cn("content-part")}]}]}, headers=_auth(sk))
     assert r.status_code == 200, r.text
 
+    # structured outputs, tools, tool calls and results, logprobs and n: schemas, arguments and results are
+    # request content too
+    schema = {"type": "object", "properties": {cn("schema-key"): {"type": "string", "description": cn("schema-desc")},
+                                               "v": {"enum": [cn("schema-enum")]}}, "required": ["v"]}
+    r = httpx.post(v1 + "/chat/completions", headers=_auth(sk), json=_chat(cn("structured"), response_format={
+        "type": "json_schema", "json_schema": {"name": "canary", "schema": schema, "strict": True}}, n=2, logprobs=True))
+    assert r.status_code == 200, r.text
+    bad = {"type": "object", "properties": {cn("bad-schema-key"): {"type": "string"}}, "if": {"const": cn("bad-if")}}
+    r = httpx.post(v1 + "/chat/completions", headers=_auth(sk), json=_chat(cn("bad-structured"), response_format={
+        "type": "json_schema", "json_schema": {"name": "bad", "schema": bad}}))
+    assert r.status_code == 400 and r.json()["error"]["param"] == "response_format"
+    _no_text(r, *cn.made.values())
+    tools = [{"type": "function", "function": {"name": "lookup", "description": cn("tool-desc"), "parameters": {
+        "type": "object", "properties": {cn("tool-param"): {"type": "string"}}}}}]
+    history = [{"role": "user", "content": cn("tool-ask")},
+               {"role": "assistant", "tool_calls": [{"id": cn("call-id"), "type": "function", "function": {
+                   "name": "lookup", "arguments": json.dumps({"q": cn("tool-arguments")})}}]},
+               {"role": "tool", "tool_call_id": cn("call-id-2"), "content": cn("tool-result")}]
+    for stream in (False, True):
+        r = httpx.post(v1 + "/chat/completions", headers=_auth(sk), json={
+            "model": MODEL, "messages": history, "tools": tools, "tool_choice": "auto", "max_tokens": 4,
+            "stream": stream})
+        assert r.status_code == 200, r.text
+    r = httpx.post(v1 + "/chat/completions", headers=_auth(sk), json={
+        "model": MODEL, "messages": history, "tools": tools, "tool_choice": {"type": "function", "function": {
+            "name": cn("unknown-function")}}})
+    assert r.status_code == 400
+    _no_text(r, *cn.made.values())
+    # Anthropic's Messages API: create, stream, count_tokens, a refused block, tool_use and tool_result blocks
+    turns = [{"role": "user", "content": cn("anthropic-ask")},
+             {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1", "name": "lookup",
+                                                "input": {"q": cn("anthropic-tool-input")}}]},
+             {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1",
+                                           "content": cn("anthropic-tool-result")}]}]
+    message = {"model": MODEL, "max_tokens": 4, "system": cn("anthropic-system"), "messages": turns,
+               "tools": [{"name": "lookup", "description": cn("anthropic-tool-desc"),
+                          "input_schema": {"type": "object", "properties": {"q": {"type": "string"}}}}]}
+    for body in (message, message | {"stream": True}):
+        r = httpx.post(v1 + "/messages", headers={"x-api-key": sk}, json=body)
+        assert r.status_code == 200, r.text
+    r = httpx.post(v1 + "/messages/count_tokens", headers={"x-api-key": sk},
+                   json={k: v for k, v in message.items() if k != "max_tokens"})
+    assert r.status_code == 200 and r.json()["input_tokens"] > 0
+    r = httpx.post(v1 + "/messages", headers={"x-api-key": sk}, json=message | {"messages": [{"role": "user", "content": [
+        {"type": "image", "source": {"type": "base64", "data": cn("anthropic-image")}}]}]})
+    assert r.status_code == 400 and r.json()["type"] == "error"
+    _no_text(r, *cn.made.values())
+
     # client disconnect mid-stream (SSE) and before a slow non-streamed answer
     with httpx.stream("POST", v1 + "/chat/completions", headers=_auth(sk), timeout=10,
                       json={"model": MODEL, "messages": [{"role": "user", "content": cn("disconnect-stream")}],
@@ -154,7 +202,7 @@ def test_canaries_leave_no_trace(canary_server: tuple[ServerProcess, Path, str])
         {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "temperature": cn("temperature")},
         {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "stop": {"a": cn("stop-dict")}},
         {"model": MODEL, "messages": [{"role": "user", "content": [{"type": cn("part-type"), "text": "x"}]}]},
-        {"model": MODEL, "messages": [{"role": "user", "content": cn("extra-n")}], "n": 3},
+        {"model": MODEL, "messages": [{"role": "user", "content": cn("extra-n")}], "n": 9},
         {"model": MODEL, "prompt": {"p": cn("prompt-dict")}},
     ]
     for body in wrong:
@@ -290,6 +338,14 @@ def test_canaries_through_the_real_model(server_factory: Callable[..., ServerPro
                    headers=_auth(sk), timeout=60)
     assert r.status_code == 200
     completions.append(r.json()["choices"][0]["text"])
+    schema = {"type": "object", "properties": {"k": {"enum": [cn("real-schema-enum")]}}, "required": ["k"]}
+    r = httpx.post(server.v1 + "/chat/completions", headers=_auth(sk), timeout=60, json=body | {
+        "messages": [{"role": "user", "content": cn("real-structured")}], "max_tokens": 40,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "c", "schema": schema}}})
+    assert r.status_code == 200 and cn.made["real-schema-enum"] in r.json()["choices"][0]["message"]["content"]
+    r = httpx.post(server.v1 + "/chat/completions", headers=_auth(sk), timeout=60, json=body | {
+        "messages": [{"role": "user", "content": cn("real-logprobs")}], "logprobs": True, "top_logprobs": 3, "n": 2})
+    assert r.status_code == 200 and len(r.json()["choices"]) == 2
     r = httpx.post(server.v1 + "/completions", json={"model": model, "prompt": " ".join([cn("real-ctx")] * ctx)},
                    headers=_auth(sk), timeout=60)
     assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"

@@ -73,7 +73,14 @@ def test_bad_bodies_name_the_field_never_the_value(api_account: ApiAccount) -> N
         ({"model": MODEL, "messages": [{"role": "user", "content": [{"type": CANARY, "text": "x"}]}]},
          "messages[0].content[0].type"),
         ({"model": MODEL}, None),
-        ({"model": MODEL, "messages": MSG, "n": 2}, "n"),
+        ({"model": MODEL, "messages": MSG, "n": 9}, "n"),  # over the service's bound (serving.max_choices, 8)
+        ({"model": MODEL, "messages": MSG, "logit_bias": {"x": 1}}, "logit_bias"),
+        ({"model": MODEL, "messages": MSG, "top_logprobs": 2}, "top_logprobs"),
+        ({"model": MODEL, "messages": MSG, "tool_choice": "required"}, "tool_choice"),
+        ({"model": MODEL, "messages": MSG, "response_format": {"type": "json_schema", "json_schema": {
+            "name": "x", "schema": {"type": "object", "if": {"const": CANARY}}}}}, "response_format"),
+        ({"model": MODEL, "messages": MSG, "tools": [{"type": "function", "function": {
+            "name": "f", "parameters": {"type": "object", "not": {"const": CANARY}}}}]}, "tools"),
     ]
     for body, param in cases:
         r = _post(api_account, body)
@@ -85,9 +92,10 @@ def test_bad_bodies_name_the_field_never_the_value(api_account: ApiAccount) -> N
         assert r.headers["x-ratelimit-limit-requests"]  # still on every /v1 response
     r = _post(api_account, b'{"model": "' + CANARY.encode() + b'", messages: [')
     assert r.status_code == 400 and _error(r)["code"] == "invalid_json"
-    with pytest.raises(openai.BadRequestError):
+    with pytest.raises(openai.BadRequestError) as info:
         sdk(api_account.server.v1, api_account.sk).chat.completions.create(
-            model=MODEL, messages=[{"role": "user", "content": "x"}], n=3)
+            model=MODEL, messages=[{"role": "user", "content": "x"}], n=9)
+    assert info.value.param == "n"
 
 
 def test_unknown_model_404_without_echo(api_account: ApiAccount) -> None:

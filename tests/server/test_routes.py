@@ -50,11 +50,13 @@ def test_the_openapi_document_is_the_table_and_valid() -> None:
     documented = {(r.method.lower(), r.path) for r in ROUTES if r.documented}
     assert {(m, p) for p, ops in doc["paths"].items() for m in ops} == documented
     assert "/openapi.json" not in doc["paths"]
-    keys = {(r.method.lower(), r.path): r.auth for r in ROUTES}
+    keys = {(r.method.lower(), r.path): (r.auth, r.api) for r in ROUTES}
     for path, ops in doc["paths"].items():
         for method, op in ops.items():
             scheme = {"sk": [{"inferenceKey": []}], "mk": [{"managementKey": []}], None: None}
-            assert op.get("security") == scheme[keys[(method, path)]]
+            auth, api = keys[(method, path)]
+            want = scheme[auth] + [{"anthropicKey": []}] if api == "anthropic" else scheme[auth]  # type: ignore[operator]
+            assert op.get("security") == want
 
 
 def test_every_refusal_has_a_status_and_its_retry_headers() -> None:

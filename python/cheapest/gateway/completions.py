@@ -16,7 +16,7 @@ from cheapest.api.completions import CompletionRequest
 from cheapest.engine.types import (
     ContextLengthError, Delta, Engine, EngineError, Finish, FinishReason, Grammar, SamplingParams, TokenLogprob,
 )
-from cheapest.gateway.admission import Admission
+from cheapest.gateway.admission import Admission, Admissions
 from cheapest.gateway.auth import Caller
 from cheapest.gateway.errors import Refusal
 from cheapest.gateway.parameters import check_supported
@@ -296,19 +296,24 @@ class Choice:
         return sum(t.logprob for t in self.logprobs) / max(1, len(self.logprobs))
 
 
-async def collect(engine: Engine, plan: Plan, admission: Admission) -> list[Choice]:
-    """The whole answer: `plan.choices` per prompt (the likeliest of best_of), indexed 0.. in prompt order."""
+async def collect(admissions: Admissions, engine: Engine, plan: Plan, admission: Admission) -> list[Choice]:
+    """The whole answer: `plan.choices` per prompt (the likeliest of best_of), indexed 0.. in prompt order.
+    However it ends (an answer, a failure, cancellation because the client went away), the tokens generated so
+    far are metered, once."""
     answers = [Choice(i, parser=ToolCallParser() if plan.tools else None) for i in range(plan.sequences)]
     parts: list[list[str]] = [[] for _ in answers]
-    async for index, item in run(engine, plan, admission):
-        answer = answers[index]
-        answer.tokens = item.completion_tokens
-        if type(item) is Delta:
-            parts[index].append(item.text)
-            answer.logprobs.extend(item.logprobs)
-        else:
-            assert isinstance(item, Finish)
-            answer.reason, answer.stop = item.reason, item.stop
+    try:
+        async for index, item in run(engine, plan, admission):
+            answer = answers[index]
+            answer.tokens = item.completion_tokens
+            if type(item) is Delta:
+                parts[index].append(item.text)
+                answer.logprobs.extend(item.logprobs)
+            else:
+                assert isinstance(item, Finish)
+                answer.reason, answer.stop = item.reason, item.stop
+    finally:
+        admissions.settle(admission)
     for answer, texts in zip(answers, parts):
         answer.text = "".join(texts)
         if answer.parser is not None:

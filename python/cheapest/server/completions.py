@@ -69,7 +69,7 @@ async def _complete(state: WorkerState, req: Request, chat: bool) -> Response | 
         chunks = _Chunks(rid, created, engine.model_id, framer, plan, chat)
         return StreamResponse(200, SSE_HEADERS + headers,
                               _stream(req, gateway, engine, admission, plan, chunks, plain, include_usage))
-    work = _collect_settled(gateway, engine, plan, admission)
+    work = collect(gateway.admissions, engine, plan, admission)
     try:  # an engine that never waits needs no watching; a slow one stops when the client goes away
         answers = await (work if engine.instant else until_disconnected(work, req.watch_disconnect))
     finally:  # for the log line, however it ended
@@ -81,14 +81,6 @@ async def _complete(state: WorkerState, req: Request, chat: bool) -> Response | 
     else:
         out = Completion(rid, created, engine.model_id, [_text_choice(a, plan) for a in answers], usage)
     return json_response(_encode(out), headers)
-
-
-async def _collect_settled(gateway: Gateway, engine: Engine, plan: Plan, admission: Admission) -> list[Choice]:
-    """The whole answer; however it ends (an answer, a failure, the client gone), it is metered once."""
-    try:
-        return await collect(engine, plan, admission)
-    finally:
-        gateway.settle(admission)
 
 
 def _content_logprobs(entries: Iterable[TokenLogprob]) -> list[ContentLogprob]:

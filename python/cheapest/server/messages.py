@@ -17,13 +17,13 @@ from cheapest.api.anthropic import (
 )
 from cheapest.engine.types import Delta, Engine, Finish
 from cheapest.gateway import Admission, Gateway
-from cheapest.gateway.completions import Plan, serving_engine
+from cheapest.gateway.completions import Plan, collect, serving_engine
 from cheapest.gateway.completions import run as run_plan
 from cheapest.gateway.errors import Refusal
 from cheapest.gateway.messages import message_plan, stop_reason
 from cheapest.gateway.tools import ToolCallParser
 from cheapest.server.cancellation import until_disconnected
-from cheapest.server.completions import SSE_HEADERS, _collect_settled
+from cheapest.server.completions import SSE_HEADERS
 from cheapest.server.errors import ApiError, decode_error, rate_headers
 from cheapest.server.request import Request, Response, StreamResponse, json_response
 
@@ -81,7 +81,7 @@ async def messages(state: WorkerState, req: Request) -> Response | StreamRespons
     headers = rate_headers(admission.rate)
     if mreq.stream:
         return StreamResponse(200, SSE_HEADERS + headers, _stream(req, gateway, engine, admission, plan, mid))
-    work = _collect_settled(gateway, engine, plan, admission)
+    work = collect(gateway.admissions, engine, plan, admission)
     try:
         (answer,) = await (work if engine.instant else until_disconnected(work, req.watch_disconnect))
     finally:
