@@ -8,7 +8,7 @@ byte-for-byte as their authors expect.
 Tools: a template that takes a `tools` variable (Qwen, Llama 3.1+, SmolLM3, Hermes...) renders them, and the
 assistants' `tool_calls` and `tool` messages, itself. For any other template the tool format below is rendered
 into the conversation: the tools' JSON inside <tools></tools> in the system prompt, each call the model makes
-as `<tool_call>\n{"name":...,"arguments":{...}}\n</tool_call>`, earlier calls as that text in the assistant's
+as `<tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>`, earlier calls as that text in the assistant's
 message, and tool results as a user message of <tool_response></tool_response> blocks. The server constrains
 the model's output to this call format either way, so calls always parse.
 """
@@ -43,8 +43,8 @@ Message = tuple[str, str] | Mapping[str, Any]
 
 
 def tool_call_text(name: str, arguments: Any) -> str:
-    """One call in the tool format (compact JSON, the way the constrained model writes it)."""
-    body = json.dumps({"name": name, "arguments": arguments}, ensure_ascii=False, separators=(",", ":"))
+    """One call in the tool format (JSON with ", " and ": ", the way the constrained model writes it)."""
+    body = json.dumps({"name": name, "arguments": arguments}, ensure_ascii=False)
     return TOOL_CALL_OPEN + body + TOOL_CALL_CLOSE
 
 
