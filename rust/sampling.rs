@@ -48,6 +48,7 @@ use rand_chacha::ChaCha8Rng;
 
 const WORD: usize = 32;
 const BLOCK: usize = 256;
+const WORDS_PER_BLOCK: usize = BLOCK / WORD;
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum SampleError {
@@ -106,6 +107,69 @@ impl Mask for Bits<'_> {
     }
 }
 
+/// A mask seen from word `.1` on (for one block of the logits).
+#[derive(Clone, Copy)]
+struct Offset<M>(M, usize);
+
+impl<M: Mask> Mask for Offset<M> {
+    #[inline(always)]
+    fn word(self, w: usize) -> u32 {
+        self.0.word(self.1 + w)
+    }
+}
+
+/// Compiles `$f` twice, for the baseline and for AVX2, and runs the AVX2
+/// build when the CPU has it. The same IEEE operations in the same order
+/// on wider vectors: the results are identical, only faster.
+macro_rules! with_avx2 {
+    (fn $name:ident $(<$($g:ident: $b:path),*>)? ($($arg:ident: $ty:ty),*) -> $ret:ty = $f:ident) => {
+        fn $name $(<$($g: $b),*>)? ($($arg: $ty),*) -> $ret {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2")]
+                fn avx2 $(<$($g: $b),*>)? ($($arg: $ty),*) -> $ret {
+                    $f($($arg),*)
+                }
+                if std::arch::is_x86_feature_detected!("avx2") {
+                    // SAFETY: the CPU has AVX2.
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            $f($($arg),*)
+        }
+    };
+}
+
+/// All ones when token `j` of a word with these bits is allowed, else 0:
+/// an AND with a constant and a compare, which vectorizes everywhere.
+#[inline(always)]
+fn lane_mask(bits: u32, j: usize) -> u32 {
+    if bits & (1u32 << j) != 0 {
+        u32::MAX
+    } else {
+        0
+    }
+}
+
+/// Every word with an allowed token: its index, its 32 logits, its allowed
+/// bits. The last, partial word is copied into `tail`, padded with -inf,
+/// and its padding is not allowed. Words are arrays, so the loops over them
+/// have a known trip count and vectorize. (An iterator rather than a
+/// callback: accumulators captured by a closure live in memory, and its
+/// loops stay scalar.)
+#[inline(always)]
+fn words<'a, M: Mask + 'a>(
+    logits: &'a [f32],
+    mask: M,
+    tail: &'a mut [f32; WORD],
+) -> impl Iterator<Item = (usize, &'a [f32; WORD], u32)> + 'a {
+    let (full, rest) = logits.as_chunks::<WORD>();
+    tail[..rest.len()].copy_from_slice(rest);
+    let tail: &'a [f32; WORD] = tail;
+    let last = (!rest.is_empty()).then(|| (full.len(), tail, mask.word(full.len()) & (u32::MAX >> (WORD - rest.len()))));
+    full.iter().enumerate().map(move |(w, xs)| (w, xs, mask.word(w))).chain(last).filter(|&(_, _, bits)| bits != 0)
+}
+
 /// `exp(x)` for `x <= 0` (Cephes' single-precision polynomial, relative
 /// error about 1e-7); 0 below -87, where `exp` leaves the normal floats,
 /// and for -inf. Branch-free, so loops over it vectorize.
@@ -128,7 +192,7 @@ fn exp_nonpositive(x: f32) -> f32 {
         * (r * r)
         + r
         + 1.0;
-    let scale = f32::from_bits(((n_bits + 127) as u32) << 23);
+    let scale = f32::from_bits((n_bits.wrapping_add(127) as u32) << 23);
     if x < -87.0 {
         0.0
     } else {
@@ -143,87 +207,212 @@ fn weight(x: f32, max: f32, inv_t: f32) -> f32 {
     exp_nonpositive(if x == max { 0.0 } else { (x - max) * inv_t })
 }
 
-/// Calls `f(word index, its 32 logits, its allowed bits)` for every word
-/// with an allowed token; the last, partial word is padded with -inf and
-/// its padding is not allowed. Full words are arrays, so the loops inside
-/// `f` have a known trip count and vectorize.
+/// Sum of 32 values in a fixed order (eight lanes, then a fixed tree).
 #[inline(always)]
-fn for_each_word<M: Mask>(logits: &[f32], mask: M, mut f: impl FnMut(usize, &[f32; WORD], u32)) {
-    let chunks = logits.chunks_exact(WORD);
-    let tail = chunks.remainder();
-    let full = logits.len() / WORD;
-    for (w, chunk) in chunks.enumerate() {
-        let bits = mask.word(w);
-        if let (true, Ok(xs)) = (bits != 0, <&[f32; WORD]>::try_from(chunk)) {
-            f(w, xs, bits);
+fn word_sum(v: &[f32; WORD]) -> f32 {
+    let mut lanes = [0f32; 8];
+    for c in 0..WORD / 8 {
+        for l in 0..8 {
+            lanes[l] += v[c * 8 + l];
         }
     }
-    if !tail.is_empty() {
-        let bits = mask.word(full) & (u32::MAX >> (WORD - tail.len()));
-        let mut xs = [f32::NEG_INFINITY; WORD];
-        xs[..tail.len()].copy_from_slice(tail);
-        if bits != 0 {
-            f(full, &xs, bits);
-        }
+    ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]))
+}
+
+/// The weights of one word (0 where not allowed), into `out`; their sum.
+#[inline(always)]
+fn word_weights(xs: &[f32; WORD], bits: u32, max: f32, inv_t: f32, out: &mut [f32; WORD]) -> f32 {
+    for j in 0..WORD {
+        out[j] = f32::from_bits(weight(xs[j], max, inv_t).to_bits() & lane_mask(bits, j));
     }
+    word_sum(out)
 }
 
 /// What one pass over the allowed logits found.
 struct Extent {
     max: f32,
-    /// The first allowed token whose logit is `max`.
-    argmax: u32,
     nan: bool,
     candidates: usize,
 }
 
-fn extent<M: Mask>(logits: &[f32], mask: M) -> Extent {
-    let mut lane_max = [f32::NEG_INFINITY; WORD];
-    let mut lane_arg = [u32::MAX; WORD];
-    let mut nan = false;
-    let mut candidates = 0usize;
-    for_each_word(logits, mask, |w, xs, bits| {
-        let base = (w * WORD) as u32;
-        let mut n = 0u32;
-        let mut bad = false;
-        for j in 0..WORD {
-            let v = if bits >> j & 1 == 1 { xs[j] } else { f32::NEG_INFINITY };
-            bad |= v.is_nan();
-            n += u32::from(v > f32::NEG_INFINITY);
-            // Strictly greater: each lane keeps its first maximum.
-            if v > lane_max[j] {
-                lane_max[j] = v;
-                lane_arg[j] = base + j as u32;
+#[inline(always)]
+fn extent_body<M: Mask>(logits: &[f32], mask: M) -> Extent {
+    let mut lane_max = [f32::NEG_INFINITY; 8];
+    let mut nan = [0u32; 8];
+    let mut count = [0u32; 8];
+    let mut tail = [0f32; WORD];
+    for (_, xs, bits) in words(logits, mask, &mut tail) {
+        for c in 0..WORD / 8 {
+            for l in 0..8 {
+                let j = c * 8 + l;
+                let m = lane_mask(bits, j);
+                let v = f32::from_bits((xs[j].to_bits() & m) | (f32::NEG_INFINITY.to_bits() & !m));
+                nan[l] |= u32::from(v.is_nan());
+                count[l] += u32::from(v > f32::NEG_INFINITY);
+                lane_max[l] = if v > lane_max[l] { v } else { lane_max[l] };
             }
         }
-        nan |= bad;
-        candidates += n as usize;
-    });
-    let max = lane_max.iter().fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
-    let argmax = (0..WORD).filter(|&j| lane_max[j] == max).map(|j| lane_arg[j]).min().unwrap_or(u32::MAX);
-    Extent { max, argmax, nan, candidates }
-}
-
-/// The weights of one word; their sum, in a fixed order.
-#[inline(always)]
-fn word_weights(xs: &[f32; WORD], bits: u32, max: f32, inv_t: f32, out: &mut [f32; WORD]) -> f32 {
-    let mut lanes = [0f32; 8];
-    for j in 0..WORD {
-        let wv = if bits >> j & 1 == 1 { weight(xs[j], max, inv_t) } else { 0.0 };
-        out[j] = wv;
-        lanes[j % 8] += wv;
     }
-    ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]))
+    Extent {
+        max: lane_max.iter().fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m }),
+        nan: nan.iter().any(|&n| n != 0),
+        candidates: count.iter().map(|&c| c as usize).sum(),
+    }
 }
 
-/// The sum of the weights of every block of `BLOCK` tokens, into `sums`.
-fn block_sums<M: Mask>(logits: &[f32], mask: M, max: f32, inv_t: f32, sums: &mut Vec<f64>) {
+with_avx2!(fn extent<M: Mask>(logits: &[f32], mask: M) -> Extent = extent_body);
+
+/// Greedy decoding in one pass: the first allowed token with the largest
+/// logit (`None` if none is above -inf), or `Err` on a NaN. The maximum is
+/// kept per lane over each block of 256 tokens and reduced once per block;
+/// only the first block holding the overall maximum is searched for it.
+#[inline(always)]
+fn argmax_body<M: Mask>(logits: &[f32], mask: M) -> Result<Option<u32>, SampleError> {
+    let mut best = f32::NEG_INFINITY;
+    let mut best_block = None;
+    let mut lanes = [f32::NEG_INFINITY; 8];
+    let mut block = 0;
+    let mut nan = [0u32; 8];
+    let mut tail = [0f32; WORD];
+    let mut close = |block: usize, lanes: &mut [f32; 8]| {
+        let top = lanes.iter().fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
+        // Strictly greater: the first block that holds the maximum wins.
+        if top > best {
+            best = top;
+            best_block = Some(block);
+        }
+        *lanes = [f32::NEG_INFINITY; 8];
+    };
+    for (w, xs, bits) in words(logits, mask, &mut tail) {
+        if w / WORDS_PER_BLOCK != block {
+            close(block, &mut lanes);
+            block = w / WORDS_PER_BLOCK;
+        }
+        for c in 0..WORD / 8 {
+            for l in 0..8 {
+                let j = c * 8 + l;
+                let m = lane_mask(bits, j);
+                let v = f32::from_bits((xs[j].to_bits() & m) | (f32::NEG_INFINITY.to_bits() & !m));
+                nan[l] |= u32::from(v.is_nan());
+                lanes[l] = if v > lanes[l] { v } else { lanes[l] };
+            }
+        }
+    }
+    close(block, &mut lanes);
+    if nan.iter().any(|&n| n != 0) {
+        return Err(SampleError::NaN);
+    }
+    let Some(b) = best_block else { return Ok(None) };
+    let start = b * BLOCK;
+    let end = (start + BLOCK).min(logits.len());
+    Ok((start..end)
+        .find(|&i| lane_mask(mask.word(i / WORD), i % WORD) != 0 && logits[i] == best)
+        .map(|i| i as u32))
+}
+
+with_avx2!(fn argmax<M: Mask>(logits: &[f32], mask: M) -> Result<Option<u32>, SampleError> = argmax_body);
+
+/// The sum of the weights of each block of `BLOCK` tokens, into `sums`.
+#[inline(always)]
+fn block_sums_body<M: Mask>(logits: &[f32], mask: M, max: f32, inv_t: f32, sums: &mut Vec<f64>) {
     sums.clear();
     sums.resize(logits.len().div_ceil(BLOCK), 0.0);
     let mut out = [0f32; WORD];
-    for_each_word(logits, mask, |w, xs, bits| {
-        sums[w / (BLOCK / WORD)] += f64::from(word_weights(xs, bits, max, inv_t, &mut out));
-    });
+    let mut tail = [0f32; WORD];
+    for (w, xs, bits) in words(logits, mask, &mut tail) {
+        sums[w / WORDS_PER_BLOCK] += f64::from(word_weights(xs, bits, max, inv_t, &mut out));
+    }
+}
+
+with_avx2!(fn block_sums<M: Mask>(logits: &[f32], mask: M, max: f32, inv_t: f32, sums: &mut Vec<f64>) -> () = block_sums_body);
+
+/// Every weight (0 where not allowed), into `w` (padded to whole words);
+/// their sum.
+#[inline(always)]
+fn all_weights_body<M: Mask>(logits: &[f32], mask: M, max: f32, inv_t: f32, w: &mut Vec<f32>) -> f64 {
+    w.clear();
+    w.resize(logits.len().next_multiple_of(WORD), 0.0);
+    let (out, _) = w.as_chunks_mut::<WORD>();
+    let mut tail = [0f32; WORD];
+    let mut total = 0f64;
+    for (k, xs, bits) in words(logits, mask, &mut tail) {
+        if let Some(o) = out.get_mut(k) {
+            total += f64::from(word_weights(xs, bits, max, inv_t, o));
+        }
+    }
+    total
+}
+
+with_avx2!(fn all_weights<M: Mask>(logits: &[f32], mask: M, max: f32, inv_t: f32, w: &mut Vec<f32>) -> f64 = all_weights_body);
+
+/// Calls `f(index, weight)` for every weight of `w` (whole words) whose
+/// bits are in `lo..hi` (positive floats order like their bits). A word
+/// without one costs one vectorized compare.
+#[inline(always)]
+fn each_in_range_body<F: FnMut(usize, f32)>(w: &[f32], lo: u32, hi: u32, mut f: F) {
+    let (chunks, _) = w.as_chunks::<WORD>();
+    for (k, xs) in chunks.iter().enumerate() {
+        let mut hit = 0u32;
+        for (j, &x) in xs.iter().enumerate() {
+            let b = x.to_bits();
+            hit |= u32::from(b >= lo && b < hi) << j;
+        }
+        while hit != 0 {
+            let j = hit.trailing_zeros() as usize;
+            hit &= hit - 1;
+            f(k * WORD + j, xs[j]);
+        }
+    }
+}
+
+with_avx2!(fn each_in_range<F: FnMut(usize, f32)>(w: &[f32], lo: u32, hi: u32, f: F) -> () = each_in_range_body);
+
+/// The sum of each block of the weights whose bits are at least `floor`.
+#[inline(always)]
+fn kept_block_sums_body(w: &[f32], floor: u32, sums: &mut Vec<f64>) {
+    sums.clear();
+    for block in w.chunks(BLOCK) {
+        let mut sum = 0f64;
+        for chunk in block.chunks_exact(WORD) {
+            if let Ok(xs) = <&[f32; WORD]>::try_from(chunk) {
+                let mut kept = [0f32; WORD];
+                for j in 0..WORD {
+                    kept[j] = if xs[j].to_bits() >= floor { xs[j] } else { 0.0 };
+                }
+                sum += f64::from(word_sum(&kept));
+            }
+        }
+        sums.push(sum);
+    }
+}
+
+with_avx2!(fn kept_block_sums(w: &[f32], floor: u32, sums: &mut Vec<f64>) -> () = kept_block_sums_body);
+
+/// The block where the running sum of `sums` first exceeds `goal`, and
+/// what is left of `goal` there. Rounding can leave `goal` past the last
+/// sum: then the last block that weighs anything, and an infinite rest.
+fn pick_block(sums: &[f64], goal: f64) -> Option<(usize, f64)> {
+    let mut before = 0f64;
+    for (b, &s) in sums.iter().enumerate() {
+        if before + s > goal {
+            return Some((b, goal - before));
+        }
+        before += s;
+    }
+    Some((sums.iter().rposition(|&s| s > 0.0)?, f64::INFINITY))
+}
+
+/// The index where the running sum of `weights` first exceeds `rest` (the
+/// last positive one if rounding runs past the end).
+fn pick_in(weights: &[f32], rest: f64) -> Option<usize> {
+    let mut acc = 0f64;
+    for (j, &wv) in weights.iter().enumerate() {
+        acc += f64::from(wv);
+        if acc > rest {
+            return Some(j);
+        }
+    }
+    weights.iter().rposition(|&wv| wv > 0.0)
 }
 
 /// A uniform number in [0, 1) from 53 random bits.
@@ -240,7 +429,8 @@ impl Eq for Ranked {}
 
 impl Ord for Ranked {
     fn cmp(&self, other: &Self) -> Ordering {
-        self.0.total_cmp(&other.0).then(other.1.cmp(&self.1))
+        // Numeric order (-0.0 == 0.0, as the logits compare); NaN never gets here.
+        self.0.partial_cmp(&other.0).unwrap_or(Ordering::Equal).then(other.1.cmp(&self.1))
     }
 }
 
@@ -251,19 +441,25 @@ impl PartialOrd for Ranked {
 }
 
 /// The `k` best allowed tokens by logit (NaN-free input), best first.
-fn top_k<M: Mask>(logits: &[f32], mask: M, k: usize) -> Vec<Ranked> {
+#[inline(always)]
+fn top_k_body<M: Mask>(logits: &[f32], mask: M, k: usize) -> Vec<Ranked> {
     // A min-heap of the best k so far; ids come in increasing order, so a
     // newcomer beats the worst kept one only with a strictly larger logit.
+    // A word is looked at token by token only if one of its logits does.
     let mut heap: BinaryHeap<std::cmp::Reverse<Ranked>> = BinaryHeap::with_capacity(k + 1);
     let mut floor = f32::NEG_INFINITY;
-    for (w, chunk) in logits.chunks(WORD).enumerate() {
-        let bits = mask.word(w);
-        if bits == 0 {
-            continue;
+    let mut tail = [0f32; WORD];
+    for (w, xs, bits) in words(logits, mask, &mut tail) {
+        let mut above = 0u32;
+        for (j, &x) in xs.iter().enumerate() {
+            above |= u32::from(x > floor) << j;
         }
-        for (j, &x) in chunk.iter().enumerate() {
-            if x > floor && bits >> j & 1 == 1 {
-                heap.push(std::cmp::Reverse(Ranked(x, (w * WORD + j) as u32)));
+        above &= bits;
+        while above != 0 {
+            let j = above.trailing_zeros() as usize;
+            above &= above - 1;
+            if xs[j] > floor {
+                heap.push(std::cmp::Reverse(Ranked(xs[j], (w * WORD + j) as u32)));
                 if heap.len() > k {
                     heap.pop();
                 }
@@ -278,22 +474,23 @@ fn top_k<M: Mask>(logits: &[f32], mask: M, k: usize) -> Vec<Ranked> {
     best
 }
 
-/// Draws from `kept` (weights, best first) after keeping its smallest
-/// prefix whose weight reaches `top_p * total`.
-fn draw_nucleus(kept: &[Ranked], total: f64, top_p: f64, u: f64) -> Option<u32> {
-    let target = top_p * total;
+with_avx2!(fn top_k<M: Mask>(logits: &[f32], mask: M, k: usize) -> Vec<Ranked> = top_k_body);
+
+/// The smallest prefix of `ranked` (best first) whose weight, added to
+/// `before`, reaches `target`; all of it if none does. With its weight.
+fn nucleus(ranked: &[Ranked], before: f64, target: f64) -> (&[Ranked], f64) {
     let mut cumulative = 0f64;
-    let mut end = kept.len();
-    for (i, r) in kept.iter().enumerate() {
+    for (i, r) in ranked.iter().enumerate() {
         cumulative += f64::from(r.0);
-        if cumulative >= target {
-            end = i + 1;
-            break;
+        if before + cumulative >= target {
+            return (&ranked[..i + 1], cumulative);
         }
     }
-    let kept = &kept[..end];
-    let sum: f64 = kept.iter().map(|r| f64::from(r.0)).sum();
-    let goal = u * sum;
+    (ranked, cumulative)
+}
+
+/// The token of `kept` where the running sum of weights first exceeds `goal`.
+fn pick_ranked(kept: &[Ranked], goal: f64) -> Option<u32> {
     let mut acc = 0f64;
     for r in kept {
         acc += f64::from(r.0);
@@ -304,19 +501,26 @@ fn draw_nucleus(kept: &[Ranked], total: f64, top_p: f64, u: f64) -> Option<u32> 
     kept.iter().rev().find(|r| r.0 > 0.0).map(|r| r.1)
 }
 
+/// Buffers reused from one step to the next (one set per thread).
+struct Scratch {
+    /// Block sums.
+    sums: Vec<f64>,
+    /// Top-p: every weight, and the mass per bucket.
+    weights: Vec<f32>,
+    mass: Vec<f64>,
+}
+
 thread_local! {
-    /// Per-thread scratch: block sums, and the weights for top-p.
-    static SCRATCH: RefCell<(Vec<f64>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+    static SCRATCH: RefCell<Scratch> =
+        const { RefCell::new(Scratch { sums: Vec::new(), weights: Vec::new(), mass: Vec::new() }) };
 }
 
-/// Bucket of a positive weight for top-p: its float bits without the low 16
-/// mantissa bits (128 buckets per octave).
-fn bucket(w: f32) -> usize {
-    (w.to_bits() >> 16) as usize
-}
+/// Bucket of a positive weight for top-p: its float bits without the low 18
+/// mantissa bits (32 buckets per octave; bits order like positive floats).
+const BUCKET_SHIFT: u32 = 18;
 
-/// The number of buckets weights in (0, 1] can fall into.
-const BUCKETS: usize = (0x3F80_0000 >> 16) + 1;
+/// The number of buckets weights in (0, 1] fall into.
+const BUCKETS: usize = (0x3F80_0000 >> BUCKET_SHIFT) + 1;
 
 pub struct Sampler {
     temperature: f64,
@@ -366,15 +570,15 @@ impl Sampler {
         if u32::try_from(logits.len()).is_err() {
             return Err(SampleError::TooLarge);
         }
+        if self.greedy() {
+            return argmax(logits, mask)?.ok_or(SampleError::NoCandidate);
+        }
         let ext = extent(logits, mask);
         if ext.nan {
             return Err(SampleError::NaN);
         }
         if ext.candidates == 0 {
             return Err(SampleError::NoCandidate);
-        }
-        if self.greedy() {
-            return Ok(ext.argmax);
         }
         // 1 / temperature, kept finite so that `0 * inv_t` stays 0.
         let inv_t = (1.0 / self.temperature).min(f64::from(f32::MAX)) as f32;
@@ -385,51 +589,73 @@ impl Sampler {
                 r.0 = weight(r.0, ext.max, inv_t);
             }
             let total: f64 = kept.iter().map(|r| f64::from(r.0)).sum();
-            draw_nucleus(&kept, total, self.top_p, u)
+            let (kept, sum) = nucleus(&kept, 0.0, self.top_p * total);
+            pick_ranked(kept, u * sum)
         } else if self.top_p < 1.0 {
-            SCRATCH.with(|s| self.draw_top_p(logits, mask, ext.max, inv_t, u, &mut s.borrow_mut().1))
+            SCRATCH.with(|s| self.draw_top_p(logits, mask, ext.max, inv_t, u, &mut s.borrow_mut()))
         } else {
-            SCRATCH.with(|s| draw_all(logits, mask, ext.max, inv_t, u, &mut s.borrow_mut().0))
+            SCRATCH.with(|s| draw_all(logits, mask, ext.max, inv_t, u, &mut s.borrow_mut().sums))
         };
         chosen.ok_or(SampleError::NoCandidate)
     }
 
-    fn draw_top_p<M: Mask>(&self, logits: &[f32], mask: M, max: f32, inv_t: f32, u: f64, w: &mut Vec<f32>) -> Option<u32> {
-        w.clear();
-        w.resize(logits.len().next_multiple_of(WORD), 0.0);
-        let mut mass = vec![0f64; BUCKETS];
-        let mut out = [0f32; WORD];
-        for_each_word(logits, mask, |k, xs, bits| {
-            word_weights(xs, bits, max, inv_t, &mut out);
-            w[k * WORD..(k + 1) * WORD].copy_from_slice(&out);
-        });
-        for &wv in w.iter() {
-            if wv > 0.0 {
-                mass[bucket(wv).min(BUCKETS - 1)] += f64::from(wv);
-            }
-        }
-        let total: f64 = mass.iter().sum();
+    /// Top-p over the whole vocabulary without sorting it: the weights'
+    /// mass per bucket of float bits finds the bucket where the nucleus
+    /// ends; everything above it is in, and only that bucket is sorted.
+    #[allow(clippy::too_many_arguments)]
+    fn draw_top_p<M: Mask>(
+        &self,
+        logits: &[f32],
+        mask: M,
+        max: f32,
+        inv_t: f32,
+        u: f64,
+        Scratch { sums, weights: w, mass }: &mut Scratch,
+    ) -> Option<u32> {
+        let total = all_weights(logits, mask, max, inv_t, w);
         let target = self.top_p * total;
-        // The bucket where the heaviest weights first reach the target.
-        let mut cumulative = 0f64;
-        let mut floor = 0;
-        for (k, &m) in mass.iter().enumerate().rev() {
-            cumulative += m;
-            if m > 0.0 {
-                floor = k;
-            }
-            if cumulative >= target {
+        // Weights below (1 - top_p) * total / n weigh at most (1 - top_p) *
+        // total together, so the heaviest weights reach the target before
+        // any of them: only the others are bucketed (a little margin for
+        // rounding).
+        let floor = ((1.0 - self.top_p) * total / logits.len() as f64 * 0.999) as f32;
+        let everything = f32::INFINITY.to_bits();
+        mass.clear();
+        mass.resize(BUCKETS, 0.0);
+        each_in_range(w, floor.to_bits().max(1), everything, |_, wv| {
+            mass[((wv.to_bits() >> BUCKET_SHIFT) as usize).min(BUCKETS - 1)] += f64::from(wv);
+        });
+        let mut above = 0f64; // the mass of the buckets above `edge`
+        let (mut edge, mut lowest) = (None, 0);
+        for (k, &m) in mass.iter().enumerate().rev().filter(|&(_, &m)| m > 0.0) {
+            if above + m >= target {
+                edge = Some(k);
                 break;
             }
+            above += m;
+            lowest = k;
         }
-        let mut kept: Vec<Ranked> = w
-            .iter()
-            .enumerate()
-            .filter(|&(_, &wv)| wv > 0.0 && bucket(wv) >= floor)
-            .map(|(i, &wv)| Ranked(wv, i as u32))
-            .collect();
-        kept.sort_unstable_by(|a, b| b.cmp(a));
-        draw_nucleus(&kept, total, self.top_p, u)
+        // Rounding can keep the target out of reach: then every bucket is in.
+        let edge = edge.unwrap_or_else(|| {
+            above -= mass[lowest];
+            lowest
+        });
+        let edge_bits = (edge as u32) << BUCKET_SHIFT;
+        let next_bits = ((edge + 1) as u32) << BUCKET_SHIFT;
+        let mut edge_ranked = Vec::new();
+        each_in_range(w, edge_bits.max(1), next_bits, |i, wv| edge_ranked.push(Ranked(wv, i as u32)));
+        edge_ranked.sort_unstable_by(|a, b| b.cmp(a));
+        let (edge_kept, edge_sum) = nucleus(&edge_ranked, above, target);
+        let goal = u * (above + edge_sum);
+        if goal >= above {
+            return pick_ranked(edge_kept, goal - above);
+        }
+        // In the buckets above the edge, in token order: block sums, then one block.
+        kept_block_sums(w, next_bits, sums);
+        let (b, rest) = pick_block(sums, goal)?;
+        let block = &w[b * BLOCK..(b * BLOCK + BLOCK).min(w.len())];
+        let kept: Vec<f32> = block.iter().map(|&wv| if wv.to_bits() >= next_bits { wv } else { 0.0 }).collect();
+        pick_in(&kept, rest).map(|j| (b * BLOCK + j) as u32)
     }
 }
 
@@ -437,49 +663,15 @@ impl Sampler {
 fn draw_all<M: Mask>(logits: &[f32], mask: M, max: f32, inv_t: f32, u: f64, sums: &mut Vec<f64>) -> Option<u32> {
     block_sums(logits, mask, max, inv_t, sums);
     let total: f64 = sums.iter().sum();
-    let goal = u * total;
-    let mut before = 0f64;
-    let mut chosen = None;
-    for (b, &s) in sums.iter().enumerate() {
-        if before + s > goal {
-            chosen = Some((b, goal - before));
-            break;
-        }
-        before += s;
-    }
-    // Rounding can leave `goal` past the last sum: then the last block that weighs anything.
-    let (b, rest) = match chosen {
-        Some(found) => found,
-        None => (sums.iter().rposition(|&s| s > 0.0)?, f64::INFINITY),
-    };
+    let (b, rest) = pick_block(sums, u * total)?;
     let start = b * BLOCK;
     let xs = &logits[start..(start + BLOCK).min(logits.len())];
-    let mut weights = [0f32; BLOCK];
-    let mut out = [0f32; WORD];
-    for_each_word(xs, Offset(mask, b * (BLOCK / WORD)), |k, word, bits| {
-        word_weights(word, bits, max, inv_t, &mut out);
-        weights[k * WORD..(k + 1) * WORD].copy_from_slice(&out);
-    });
-    let weights = &weights[..xs.len()];
-    let mut acc = 0f64;
-    for (j, &wv) in weights.iter().enumerate() {
-        acc += f64::from(wv);
-        if acc > rest {
-            return Some((start + j) as u32);
-        }
+    let mut weights = [[0f32; WORD]; WORDS_PER_BLOCK];
+    let mut tail = [0f32; WORD];
+    for (k, word, bits) in words(xs, Offset(mask, b * WORDS_PER_BLOCK), &mut tail) {
+        word_weights(word, bits, max, inv_t, &mut weights[k]);
     }
-    weights.iter().rposition(|&wv| wv > 0.0).map(|j| (start + j) as u32)
-}
-
-/// A mask seen from word `.1` on (for one block of the logits).
-#[derive(Clone, Copy)]
-struct Offset<M>(M, usize);
-
-impl<M: Mask> Mask for Offset<M> {
-    #[inline(always)]
-    fn word(self, w: usize) -> u32 {
-        self.0.word(self.1 + w)
-    }
+    pick_in(&weights.as_flattened()[..xs.len()], rest).map(|j| (start + j) as u32)
 }
 
 /// `log_softmax(logits)[token]` and the `top_n` most likely tokens (best
@@ -593,6 +785,8 @@ mod tests {
         let seen: std::collections::BTreeSet<u32> = (0..1000).map(|_| s.sample(&tied, None).unwrap()).collect();
         assert_eq!(seen.into_iter().collect::<Vec<_>>(), vec![2, 6]);
         assert_eq!(top_k(&tied, AllowAll, 1), vec![Ranked(5.0, 2)]);
+        // -0.0 and 0.0 are the same logit: the lower id wins.
+        assert_eq!(top_k(&[-0.0, 0.0, -0.0], AllowAll, 1), vec![Ranked(-0.0, 0)]);
         // Probabilities 0.5, 0.25, 0.125, 0.125: top_p 0.74 keeps the first two
         // (their sum reaches it), 0.76 the first three.
         let ln = |p: f64| p.ln() as f32;
@@ -649,6 +843,69 @@ mod tests {
         assert_eq!(lp, f64::NEG_INFINITY);
         assert_eq!(top, vec![(0, -(2f64.ln())), (2, -(2f64.ln()))]);
         assert_eq!(logprobs(&[f32::NEG_INFINITY, 0.0], 0, 0).unwrap().0, f64::NEG_INFINITY);
+    }
+
+    fn pseudo_logits(n: usize, seed: u64) -> Vec<f32> {
+        let mut x = seed | 1;
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                ((x >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 16.0
+            })
+            .collect()
+    }
+
+    /// The AVX2 build and the baseline build give bit-identical results
+    /// (what makes a seed reproducible across machines).
+    #[test]
+    fn the_avx2_and_baseline_passes_agree_bit_for_bit() {
+        for n in [1, 31, 32, 33, 255, 256, 257, 5000] {
+            let logits = pseudo_logits(n, n as u64);
+            let mask: Vec<u32> = (0..n.div_ceil(32)).map(|i| 0x9E37_79B9u32.rotate_left(i as u32) | 1).collect();
+            let max = extent(&logits, AllowAll).max;
+            assert_eq!(extent_body(&logits, AllowAll).max, max);
+            assert_eq!(extent_body(&logits, Bits(&mask)).candidates, extent(&logits, Bits(&mask)).candidates);
+            assert_eq!(argmax_body(&logits, Bits(&mask)), argmax(&logits, Bits(&mask)));
+            assert_eq!(argmax_body(&logits, AllowAll).unwrap().map(|i| logits[i as usize]), Some(max));
+            let (mut a, mut b) = (Vec::new(), Vec::new());
+            block_sums_body(&logits, Bits(&mask), max, 1.3, &mut a);
+            block_sums(&logits, Bits(&mask), max, 1.3, &mut b);
+            assert_eq!(a, b);
+            let (mut wa, mut wb) = (Vec::new(), Vec::new());
+            assert_eq!(all_weights_body(&logits, AllowAll, max, 0.7, &mut wa), all_weights(&logits, AllowAll, max, 0.7, &mut wb));
+            assert_eq!(wa, wb);
+            assert_eq!(top_k_body(&logits, Bits(&mask), 7), top_k(&logits, Bits(&mask), 7));
+        }
+    }
+
+    /// Top-p over a vocabulary large enough for the bucketed path: every
+    /// draw is in the nucleus computed by sorting, and each of its tokens
+    /// that weighs over 1% of it shows up.
+    #[test]
+    fn top_p_over_a_large_vocabulary_keeps_the_sorted_nucleus() {
+        let logits = pseudo_logits(8192, 99);
+        for (temperature, top_p) in [(1.0, 0.5), (0.3, 0.9), (2.0, 0.2)] {
+            let inv_t = (1.0 / temperature) as f32;
+            let max = extent(&logits, AllowAll).max;
+            let mut ranked: Vec<Ranked> =
+                logits.iter().enumerate().map(|(i, &x)| Ranked(weight(x, max, inv_t), i as u32)).collect();
+            ranked.sort_unstable_by(|a, b| b.cmp(a));
+            let total: f64 = ranked.iter().map(|r| f64::from(r.0)).sum();
+            let (kept, sum) = nucleus(&ranked, 0.0, top_p * total);
+            let inside: std::collections::HashSet<u32> = kept.iter().map(|r| r.1).collect();
+            let mut s = Sampler::new(temperature, top_p, 0, Some(5)).unwrap();
+            let mut seen = std::collections::HashSet::new();
+            for _ in 0..4000 {
+                let t = s.sample(&logits, None).unwrap();
+                assert!(inside.contains(&t), "token {t} outside the nucleus of {} at top_p {top_p}", kept.len());
+                seen.insert(t);
+            }
+            for r in kept.iter().filter(|r| f64::from(r.0) > 0.01 * sum) {
+                assert!(seen.contains(&r.1), "token {} never drawn", r.1);
+            }
+        }
     }
 
     /// Chi-square over 10 outcomes with a fixed seed: a sampler that drew
