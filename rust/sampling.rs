@@ -235,28 +235,47 @@ struct Extent {
     candidates: usize,
 }
 
-#[inline(always)]
-fn extent_body<M: Mask>(logits: &[f32], mask: M) -> Extent {
-    let mut lane_max = [f32::NEG_INFINITY; 8];
-    let mut nan = [0u32; 8];
-    let mut count = [0u32; 8];
-    let mut tail = [0f32; WORD];
-    for (_, xs, bits) in words(logits, mask, &mut tail) {
+/// Per-lane maxima, NaN flags and candidate counts of allowed logits.
+struct Lanes {
+    max: [f32; 8],
+    nan: [u32; 8],
+    count: [u32; 8],
+}
+
+impl Lanes {
+    const EMPTY: Lanes = Lanes { max: [f32::NEG_INFINITY; 8], nan: [0; 8], count: [0; 8] };
+
+    /// Folds in one word, a not-allowed logit counting as -inf.
+    #[inline(always)]
+    fn fold(&mut self, xs: &[f32; WORD], bits: u32) {
         for c in 0..WORD / 8 {
             for l in 0..8 {
                 let j = c * 8 + l;
                 let m = lane_mask(bits, j);
                 let v = f32::from_bits((xs[j].to_bits() & m) | (f32::NEG_INFINITY.to_bits() & !m));
-                nan[l] |= u32::from(v.is_nan());
-                count[l] += u32::from(v > f32::NEG_INFINITY);
-                lane_max[l] = if v > lane_max[l] { v } else { lane_max[l] };
+                self.nan[l] |= u32::from(v.is_nan());
+                self.count[l] += u32::from(v > f32::NEG_INFINITY);
+                self.max[l] = if v > self.max[l] { v } else { self.max[l] };
             }
         }
     }
+
+    fn max(&self) -> f32 {
+        self.max.iter().fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m })
+    }
+}
+
+#[inline(always)]
+fn extent_body<M: Mask>(logits: &[f32], mask: M) -> Extent {
+    let mut lanes = Lanes::EMPTY;
+    let mut tail = [0f32; WORD];
+    for (_, xs, bits) in words(logits, mask, &mut tail) {
+        lanes.fold(xs, bits);
+    }
     Extent {
-        max: lane_max.iter().fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m }),
-        nan: nan.iter().any(|&n| n != 0),
-        candidates: count.iter().map(|&c| c as usize).sum(),
+        max: lanes.max(),
+        nan: lanes.nan.iter().any(|&n| n != 0),
+        candidates: lanes.count.iter().map(|&c| c as usize).sum(),
     }
 }
 
@@ -270,36 +289,29 @@ with_avx2!(fn extent<M: Mask>(logits: &[f32], mask: M) -> Extent = extent_body);
 fn argmax_body<M: Mask>(logits: &[f32], mask: M) -> Result<Option<u32>, SampleError> {
     let mut best = f32::NEG_INFINITY;
     let mut best_block = None;
-    let mut lanes = [f32::NEG_INFINITY; 8];
+    let mut lanes = Lanes::EMPTY;
+    let mut nan = false;
     let mut block = 0;
-    let mut nan = [0u32; 8];
     let mut tail = [0f32; WORD];
-    let mut close = |block: usize, lanes: &mut [f32; 8]| {
-        let top = lanes.iter().fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
+    let mut close = |block: usize, lanes: &mut Lanes| {
+        let top = lanes.max();
         // Strictly greater: the first block that holds the maximum wins.
         if top > best {
             best = top;
             best_block = Some(block);
         }
-        *lanes = [f32::NEG_INFINITY; 8];
+        nan |= lanes.nan.iter().any(|&n| n != 0);
+        *lanes = Lanes::EMPTY;
     };
     for (w, xs, bits) in words(logits, mask, &mut tail) {
         if w / WORDS_PER_BLOCK != block {
             close(block, &mut lanes);
             block = w / WORDS_PER_BLOCK;
         }
-        for c in 0..WORD / 8 {
-            for l in 0..8 {
-                let j = c * 8 + l;
-                let m = lane_mask(bits, j);
-                let v = f32::from_bits((xs[j].to_bits() & m) | (f32::NEG_INFINITY.to_bits() & !m));
-                nan[l] |= u32::from(v.is_nan());
-                lanes[l] = if v > lanes[l] { v } else { lanes[l] };
-            }
-        }
+        lanes.fold(xs, bits);
     }
     close(block, &mut lanes);
-    if nan.iter().any(|&n| n != 0) {
+    if nan {
         return Err(SampleError::NaN);
     }
     let Some(b) = best_block else { return Ok(None) };

@@ -33,6 +33,11 @@ def answers(call: Callable[[], object]) -> object:
         return None
 
 
+def each(*calls: Callable[[], object]) -> None:
+    for call in calls:
+        answers(call)
+
+
 @pytest.fixture(scope="module")
 def tokenizer() -> core.Tokenizer:
     return core.Tokenizer.from_str(trained_tokenizer_json())
@@ -41,30 +46,20 @@ def tokenizer() -> core.Tokenizer:
 @HOSTILE
 @given(a=texts, b=texts, raw=st.binary(max_size=40), other=st.binary(max_size=40))
 def test_keys(a: str, b: str, raw: bytes, other: bytes) -> None:
-    answers(lambda: core.generate_key(a))
-    answers(lambda: core.check_key(a, kind=b))
-    answers(lambda: core.check_key(a))
-    answers(lambda: core.key_kind(a))
-    answers(lambda: core.hash_key(a, raw))
-    answers(lambda: core.verify_key(a, raw, other))
-    answers(lambda: core.key_hint(a))
+    each(lambda: core.generate_key(a), lambda: core.check_key(a, kind=b), lambda: core.check_key(a),
+         lambda: core.key_kind(a), lambda: core.hash_key(a, raw), lambda: core.verify_key(a, raw, other),
+         lambda: core.key_hint(a))
 
 
 @HOSTILE
 @given(text=texts, batch=st.lists(texts, max_size=4), ids=st.lists(ints, max_size=8), one=ints, flag=st.booleans())
 def test_tokenizer(tokenizer: core.Tokenizer, text: str, batch: list[str], ids: list[int], one: int,
                    flag: bool) -> None:
-    answers(lambda: tokenizer.count(text))
-    answers(lambda: tokenizer.count_batch(batch))
-    answers(lambda: tokenizer.encode(text, flag))
-    answers(lambda: tokenizer.decode(ids, flag))
-    answers(lambda: tokenizer.token_to_id(text))
-    answers(lambda: tokenizer.id_to_token(one))
+    each(lambda: tokenizer.count(text), lambda: tokenizer.count_batch(batch), lambda: tokenizer.encode(text, flag),
+         lambda: tokenizer.decode(ids, flag), lambda: tokenizer.token_to_id(text),
+         lambda: tokenizer.id_to_token(one), lambda: core.Tokenizer.from_str(text))
     decoder = tokenizer.decoder(flag)
-    answers(lambda: decoder.push(one))
-    answers(lambda: decoder.push_many(ids))
-    answers(decoder.flush)
-    answers(lambda: core.Tokenizer.from_str(text))
+    each(lambda: decoder.push(one), lambda: decoder.push_many(ids), decoder.flush)
 
 
 @HOSTILE
@@ -73,12 +68,10 @@ def test_rate_limiter(tmp_path: Path, key: str, limit: int, period: float, cost:
                       capacity: int) -> None:
     answers(lambda: core.RateLimiter(tmp_path / "other", capacity))
     rl = core.RateLimiter(tmp_path / "rl", capacity=4)
-    answers(lambda: rl.acquire(key, limit, period, cost, now))
-    answers(lambda: rl.peek(key, limit, period, now))
-    answers(lambda: rl.adjust(key, limit, period, cost, now))
-    answers(lambda: rl.acquire_all([(key, limit, period, cost), (key + "x", 1, 1.0, 1)], now))
-    answers(lambda: rl.forget(key))
-    answers(lambda: rl.occupancy(now))
+    each(lambda: rl.acquire(key, limit, period, cost, now), lambda: rl.peek(key, limit, period, now),
+         lambda: rl.adjust(key, limit, period, cost, now),
+         lambda: rl.acquire_all([(key, limit, period, cost), (key + "x", 1, 1.0, 1)], now),
+         lambda: rl.forget(key), lambda: rl.occupancy(now))
 
 
 @HOSTILE
@@ -86,11 +79,8 @@ def test_rate_limiter(tmp_path: Path, key: str, limit: int, period: float, cost:
 def test_sse_framer(a: str, b: str, c: str | None, created: int, n: int, m: int) -> None:
     framer = answers(lambda: core.SseFramer(a, b, created, c or "chat.completion.chunk"))
     if isinstance(framer, core.SseFramer):
-        answers(framer.role)
-        answers(lambda: framer.delta(a))
-        answers(lambda: framer.finish(b))
-        answers(lambda: framer.usage(n, m))
-        answers(lambda: framer.error(a, b, c))
+        each(framer.role, lambda: framer.delta(a), lambda: framer.finish(b), lambda: framer.usage(n, m),
+             lambda: framer.error(a, b, c))
     answers(lambda: core.json_escape(a))
 
 
