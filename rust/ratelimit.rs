@@ -271,7 +271,7 @@ pub fn now_ns() -> u64 {
 
 /// Seconds since the epoch (as Python's `time.time()`) to ns.
 pub fn seconds_to_ns(now: f64) -> Result<u64, RateLimitError> {
-    if !(now.is_finite() && now >= 0.0 && now < 1e10) {
+    if !(0.0..1e10).contains(&now) {
         return Err(RateLimitError::Argument("now must be seconds since the epoch, as time.time() gives"));
     }
     Ok((now * 1e9).round() as u64)
