@@ -12,22 +12,31 @@ WORKERS ?= 1
 # Models, the LMDB store and secrets live here (see README: Configuration).
 export CHEAPEST_DATA_DIR ?= $(CURDIR)/.data
 
-.PHONY: setup build serve test test-rust test-python typecheck stubtest bench clean
+.PHONY: setup build wheels serve test test-rust test-python typecheck stubtest bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip "maturin>=1.7,<2"
 
-# Dependencies change only with pyproject.toml; the stamp keeps reruns quick.
-$(VENV)/.deps: pyproject.toml | $(BIN)/python
+# Two distributions (see pyproject.toml): cheapest-core (the Rust extension, built in place by maturin) and
+# cheapest (the service, python/pyproject.toml), installed editable with its test dependencies. Dependencies
+# change only with the two pyproject files; the stamp keeps reruns quick.
+$(VENV)/.deps: pyproject.toml python/pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet --upgrade "maturin>=1.7,<2"
-	$(BIN)/maturin develop --release --extras test --quiet
+	$(BIN)/maturin develop --release --quiet
+	$(BIN)/pip install --quiet -e "python[test]"
 	touch $@
 
 # Always rebuild the extension (cargo makes it incremental) so tests and the
 # server never run a stale core.
 build: $(VENV)/.deps
-	$(BIN)/maturin develop --release --extras test --quiet --skip-install
+	$(BIN)/maturin develop --release --quiet --skip-install
+
+# Both distributions as wheels in dist/: the abi3 cheapest-core wheel an embedder installs alone, and the
+# service's. tests/core/test_distribution.py installs the first into an empty virtualenv.
+wheels: build
+	$(BIN)/maturin build --release --quiet --out dist
+	$(BIN)/pip wheel --quiet --no-deps --wheel-dir dist ./python
 
 setup: build
 
@@ -45,13 +54,20 @@ stubtest: setup
 typecheck: setup
 	$(BIN)/python -m mypy
 
-test-python: setup
+# tests/dashboard drive Debian's chromium through its own chromedriver (selenium never downloads a browser):
+# installed with apt-get when missing (CI runs as root; elsewhere through sudo).
+CHROMEDRIVER := /usr/bin/chromedriver
+$(CHROMEDRIVER):
+	$(if $(filter 0,$(shell id -u)),,sudo) sh -c 'export DEBIAN_FRONTEND=noninteractive; \
+		apt-get install -y chromium chromium-driver || (apt-get update && apt-get install -y chromium chromium-driver)'
+
+test-python: setup $(CHROMEDRIVER)
 	$(BIN)/python -m pytest -q
 
-test: setup test-rust stubtest typecheck test-python
+test: setup wheels test-rust stubtest typecheck test-python
 
 bench: setup
 	$(BIN)/python -m pytest bench --benchmark-enable --benchmark-columns=median,mean,ops -q
 
 clean:
-	rm -rf $(VENV) target
+	rm -rf $(VENV) target dist

@@ -78,8 +78,8 @@ def worker_ours(args: argparse.Namespace, prompts: dict[str, list[int]]) -> dict
     import asyncio
 
     sys.path.insert(0, str(REPO / "python"))
-    from cheapest.inference.engine import load_engine
-    from cheapest.inference.types import Delta, SamplingParams
+    from cheapest.engine.onnx_engine import load_engine
+    from cheapest.engine.types import Delta, SamplingParams
 
     before = _rss_bytes()
     engine = load_engine(args.model_dir, threads=args.threads, max_batch=max(8, args.concurrency),
@@ -196,8 +196,8 @@ PEER_MODULES = {"llama.cpp": "llama_cpp", "transformers": "transformers"}
 
 def _prompts(model_dir: Path, prompt_tokens: int) -> dict[str, list[int]]:
     sys.path.insert(0, str(REPO / "python"))
-    from cheapest.inference.chat import ChatTemplate
-    from cheapest.inference.loader import load_tokenizer, read_model_dir
+    from cheapest.engine.chat import ChatTemplate
+    from cheapest.engine.loader import load_tokenizer, read_model_dir
 
     spec = read_model_dir(model_dir)
     tok = load_tokenizer(model_dir)
@@ -237,12 +237,14 @@ def _run_worker(name: str, args: argparse.Namespace, prompts: dict[str, list[int
 def _default_paths(args: argparse.Namespace) -> None:
     if args.model_dir is None or args.gguf is None:
         sys.path.insert(0, str(REPO / "python"))
-        from cheapest.inference import pull  # type: ignore[attr-defined]
+        from cheapest.config import load_settings
+        from cheapest.convert import pull  # type: ignore[attr-defined]
 
-        model_dir = Path(pull.ensure_default_model())
+        settings = load_settings()
+        model_dir = Path(pull.ensure_default_model(settings.models_path, settings.cache_path))
         args.model_dir = args.model_dir or model_dir
         if args.gguf is None:
-            found = sorted(pull.data_dir().glob("**/*.gguf"))
+            found = sorted(settings.data_path.glob("**/*.gguf"))
             if not found:
                 raise SystemExit("no GGUF found in the data directory; pass --gguf")
             args.gguf = found[0]

@@ -19,8 +19,8 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 
-from cheapest.inference.sampling import Sampler as NumpySampler
-from cheapest.inference.types import SamplingParams
+from cheapest.engine.sampling import Sampler as NumpySampler
+from cheapest.engine.types import SamplingParams
 from cheapest_core import Sampler
 
 VOCABS = {"49k": 49_152, "262k": 262_144}

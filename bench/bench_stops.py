@@ -23,7 +23,7 @@ from collections.abc import Callable
 
 import pytest
 
-from cheapest.inference.engine import StopText
+from cheapest.engine.onnx_engine import StopText
 from cheapest_core import StopMatcher
 
 A = "a" * 255

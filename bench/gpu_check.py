@@ -25,9 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import onnxruntime as ort  # noqa: E402
 
-from cheapest.inference.engine import OnnxEngine, load_engine  # noqa: E402
-from cheapest.inference.loader import CPU, CUDA, cuda_device_count  # noqa: E402
-from cheapest.inference.types import Delta, Finish, SamplingParams  # noqa: E402
+from cheapest.engine.onnx_engine import OnnxEngine, load_engine  # noqa: E402
+from cheapest.engine.loader import CPU, CUDA, cuda_device_count  # noqa: E402
+from cheapest.engine.types import Delta, Finish, SamplingParams  # noqa: E402
 
 QUESTION = "What is the capital of France?"
 
@@ -66,9 +66,11 @@ def main() -> int:
         print("gpu_check: no NVIDIA GPU / CUDA driver found on this machine", file=sys.stderr)
         return 2
     if args.model_dir is None:
-        from cheapest.inference import pull  # type: ignore[attr-defined]
+        from cheapest.config import load_settings
+        from cheapest.convert import pull  # type: ignore[attr-defined]
 
-        args.model_dir = Path(pull.ensure_default_model())
+        settings = load_settings()
+        args.model_dir = Path(pull.ensure_default_model(settings.models_path, settings.cache_path))
 
     cpu = load_engine(args.model_dir, providers=[CPU])
     cpu_text, cpu_finish = _answer(cpu)

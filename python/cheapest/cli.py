@@ -1,26 +1,26 @@
-"""The `cheapest` command: serve, model, accounts, retention."""
+"""The `cheapest` command: serve, model, accounts, retention.
+
+`main()` reads the configuration once (`load_settings()`) and hands it to the command it runs: every command
+is `func(args, settings)`.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from typing import Any
 
-
-def _settings(args: argparse.Namespace | None = None):
-    from cheapest.config import get_settings
-
-    return get_settings()
+from cheapest.config import ConfigError, Settings, load_settings
+from cheapest.vocabulary import AccountStatus
 
 
-def _open_store():
-    from cheapest.store import open_store
+def _open_store(settings: Settings):
+    from cheapest.store import open_configured_store
     from cheapest.store.secrets import load_pepper
 
-    s = _settings()
-    return s, open_store(s.data_path, s.lmdb_map_size), load_pepper(s.data_path, s.key_pepper)
+    store = open_configured_store(settings.store)
+    return store, load_pepper(settings.data_path, settings.store.key_pepper)
 
 
 DEV_EMAIL = "dev@localhost"
@@ -29,52 +29,61 @@ DEV_EMAIL = "dev@localhost"
 ACCESS_LOG_FORMAT = '[%(time)s] %(addr)s - "%(method)s %(path)s %(protocol)s" %(status)d %(dt_ms).3f'
 
 
-def init_dev_account() -> dict[str, str] | None:
+def init_dev_account(settings: Settings) -> dict[str, str] | None:
     """On first start only: a local development account and one inference key, returned for printing once."""
     from cheapest.store import accounts
 
-    settings, store, pepper = _open_store()
+    store, pepper = _open_store(settings)
     try:
         if store.find_account_by_email(DEV_EMAIL) is not None:
             return None
-        account, mk = accounts.create_account(store, DEV_EMAIL, settings.default_plan, pepper)
+        account, mk = accounts.create_account(store, DEV_EMAIL, settings.billing.default_plan, pepper)
         _, sk = accounts.create_key(store, account.id, "sk", "development key", pepper)
         return {"account_id": account.id, "management_key": mk, "api_key": sk}
     finally:
         store.close()  # the server's workers open their own environment after fork
 
 
-def _serve(args: argparse.Namespace) -> int:
+def _serve(args: argparse.Namespace, settings: Settings) -> int:
+    from functools import partial
+
+    import msgspec
     from granian.constants import Interfaces
     from granian.server import Server
 
+    from cheapest.server import load_app
+
+    overrides = {k: v for k in ("host", "port", "workers") if (v := getattr(args, k)) is not None}
+    serving = msgspec.structs.replace(settings.serving, **overrides)
+    settings = msgspec.structs.replace(settings, serving=serving)
     if args.init_dev_account:
-        created = init_dev_account()
+        created = init_dev_account(settings)
         if created is not None:
             print("Created a local development account (these keys are shown once):")
             print(f"  account:          {created['account_id']}")
             print(f"  management key:   {created['management_key']}")
             print(f"  OPENAI_API_KEY=   {created['api_key']}")
-            print(f"  OPENAI_BASE_URL=  http://{args.host}:{args.port}/v1", flush=True)
+            print(f"  OPENAI_BASE_URL=  http://{serving.host}:{serving.port}/v1", flush=True)
     server = Server(
         "cheapest.server:app",
-        address=args.host,
-        port=args.port,
-        workers=args.workers,
+        address=serving.host,
+        port=serving.port,
+        workers=serving.workers,
         interface=Interfaces.ASGI if args.interface == "asgi" else Interfaces.RSGI,
         log_access=args.access_log,
         log_access_format=ACCESS_LOG_FORMAT,
     )
-    server.serve()
+    # Each worker builds its app from these settings (read here, once), not from the environment again.
+    server.serve(target_loader=partial(load_app, settings))
     return 0
 
 
-def _accounts_create(args: argparse.Namespace) -> int:
+def _accounts_create(args: argparse.Namespace, settings: Settings) -> int:
     from cheapest.store import StoreError, accounts
 
-    settings, store, pepper = _open_store()
+    store, pepper = _open_store(settings)
     try:
-        plan = args.plan or settings.default_plan
+        plan = args.plan or settings.billing.default_plan
         if plan not in settings.plans:
             print(f"unknown plan; configured plans: {', '.join(sorted(settings.plans))}", file=sys.stderr)
             return 2
@@ -101,10 +110,10 @@ def _account_summary(store, account) -> dict[str, Any]:
     return out
 
 
-def _accounts_list(args: argparse.Namespace) -> int:
+def _accounts_list(args: argparse.Namespace, settings: Settings) -> int:
     import json as _json
 
-    _, store, _ = _open_store()
+    store, _ = _open_store(settings)
     try:
         rows = [_account_summary(store, a) for a in store.list_accounts()]
     finally:
@@ -118,11 +127,11 @@ def _accounts_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def _with_account(args: argparse.Namespace, action) -> int:
+def _with_account(args: argparse.Namespace, settings: Settings, action) -> int:
     """Open the store, find the account by id or email, run `action(settings, store, pepper, account)`."""
     from cheapest.store import accounts
 
-    settings, store, pepper = _open_store()
+    store, pepper = _open_store(settings)
     try:
         account = accounts.find_account(store, args.account)
         if account is None:
@@ -133,7 +142,7 @@ def _with_account(args: argparse.Namespace, action) -> int:
         store.close()
 
 
-def _accounts_show(args: argparse.Namespace) -> int:
+def _accounts_show(args: argparse.Namespace, settings: Settings) -> int:
     import msgspec
 
     def show(settings, store, pepper, account):
@@ -153,11 +162,11 @@ def _accounts_show(args: argparse.Namespace) -> int:
                 print(f"key {k['id']} {k['kind']} {k['hint']} name={k['name']!r} disabled={k['disabled']}")
         return 0
 
-    return _with_account(args, show)
+    return _with_account(args, settings, show)
 
 
-def _accounts_set_status(status: str):
-    def run(args: argparse.Namespace) -> int:
+def _accounts_set_status(status: AccountStatus):
+    def run(args: argparse.Namespace, settings: Settings) -> int:
         from cheapest.store import accounts
 
         def act(settings, store, pepper, account):
@@ -168,16 +177,16 @@ def _accounts_set_status(status: str):
             print(f"account {account.id} {status}")
             return 0
 
-        return _with_account(args, act)
+        return _with_account(args, settings, act)
 
     return run
 
 
-def _accounts_grant_credit(args: argparse.Namespace) -> int:
+def _accounts_grant_credit(args: argparse.Namespace, settings: Settings) -> int:
     import secrets
 
-    from cheapest.billing.settings import usd_to_micro
     from cheapest.store import accounts
+    from cheapest.vocabulary import usd_to_micro
 
     try:
         micro = usd_to_micro(args.usd)
@@ -199,10 +208,10 @@ def _accounts_grant_credit(args: argparse.Namespace) -> int:
                   f"balance {balance / 1e6:.6f} USD")
         return 0
 
-    return _with_account(args, act)
+    return _with_account(args, settings, act)
 
 
-def _accounts_set_plan(args: argparse.Namespace) -> int:
+def _accounts_set_plan(args: argparse.Namespace, settings: Settings) -> int:
     from cheapest.store import accounts
 
     def act(settings, store, pepper, account):
@@ -213,10 +222,10 @@ def _accounts_set_plan(args: argparse.Namespace) -> int:
         print(f"account {account.id} plan {args.plan}")
         return 0
 
-    return _with_account(args, act)
+    return _with_account(args, settings, act)
 
 
-def _accounts_new_key(args: argparse.Namespace) -> int:
+def _accounts_new_key(args: argparse.Namespace, settings: Settings) -> int:
     from cheapest.store import accounts
 
     def act(settings, store, pepper, account):
@@ -227,17 +236,17 @@ def _accounts_new_key(args: argparse.Namespace) -> int:
             print(f"key {record.id} ({args.kind}, shown once): {secret}")
         return 0
 
-    return _with_account(args, act)
+    return _with_account(args, settings, act)
 
 
-def _retention_run(args: argparse.Namespace) -> int:
+def _retention_run(args: argparse.Namespace, settings: Settings) -> int:
     import time
 
     import msgspec
 
     from cheapest.privacy.retention import run_locked
 
-    settings, store, _ = _open_store()
+    store, _ = _open_store(settings)
     try:  # waits for a server worker that is running the job right now, then runs regardless of the interval
         report = run_locked(store, settings.data_path, time.time() if args.now is None else args.now)
     finally:
@@ -256,9 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="serve the OpenAI-compatible API with Granian")
-    serve.add_argument("--host", default=os.environ.get("CHEAPEST_HOST", "127.0.0.1"))
-    serve.add_argument("--port", type=int, default=int(os.environ.get("CHEAPEST_PORT", "8000")))
-    serve.add_argument("--workers", type=int, default=int(os.environ.get("CHEAPEST_WORKERS", "1")))
+    serve.add_argument("--host", default=None, help="default: the configured `host` (127.0.0.1)")
+    serve.add_argument("--port", type=int, default=None, help="default: the configured `port` (8000)")
+    serve.add_argument("--workers", type=int, default=None, help="default: the configured `workers` (1)")
     serve.add_argument("--interface", choices=("rsgi", "asgi"), default="rsgi")
     serve.add_argument("--access-log", action="store_true",
                        help="Granian's access log: method, path, status, latency (never query strings or bodies)")
@@ -280,8 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("account", help="account id or email")
     show.add_argument("--json", action="store_true")
     show.set_defaults(func=_accounts_show)
-    for name, status, text in (("disable", "disabled", "refuse all of the account's keys (403) at once"),
-                               ("enable", "active", "undo disable")):
+    switches: tuple[tuple[str, AccountStatus, str], ...] = (
+        ("disable", "disabled", "refuse all of the account's keys (403) at once"), ("enable", "active", "undo disable"))
+    for name, status, text in switches:
         p = acc_sub.add_parser(name, help=text)
         p.add_argument("account", help="account id or email")
         p.set_defaults(func=_accounts_set_status(status))
@@ -310,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=_retention_run)
 
     try:  # `model pull` / `model convert` live with the model-supply code
-        from cheapest.inference import commands as model_commands
+        from cheapest.convert import commands as model_commands
     except ImportError:
         pass
     else:
@@ -321,7 +331,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        settings = load_settings()
+    except ConfigError as exc:
+        print(f"cheapest: invalid configuration: {exc}", file=sys.stderr)
+        return 2
+    return int(args.func(args, settings) or 0)
 
 
 if __name__ == "__main__":

@@ -1,51 +1,41 @@
-"""Service settings: environment variables `CHEAPEST_*` over a TOML file named by `CHEAPEST_CONFIG`.
+"""The service's one configuration: `Settings`, read once at start from a TOML file and `CHEAPEST_*` variables.
 
-Settings are converted once, at start (`get_settings()` caches them); nothing reads the environment per request.
+`load_settings()` is the only place in the service that reads the environment for configuration; every command
+(`serve`, `model`, `accounts`, `retention`) and the server's `App(settings)` get the result passed in.
 
-Environment variables (all optional; default in brackets):
+Settings come in sections - `[serving]`, `[store]`, `[engine]`, `[billing]` - plus the `[plans.NAME]` and
+`[prices."MODEL"]` tables. Every scalar setting also has one flat name, unique across sections: the environment
+variable is `CHEAPEST_<FLAT NAME>` (upper case), and the TOML file may give it at top level under that name
+(`port = 8000` is `[serving] port = 8000`), the form older files use. Precedence: environment, then the file, then
+the default. An unknown key, a wrong type, a setting given twice in the file or an invalid value is a
+`ConfigError` naming the key, raised at start.
 
-    CHEAPEST_CONFIG                 path of a TOML file with any of the settings below            [none]
-    CHEAPEST_DATA_DIR               data directory: LMDB store, models, rate-limit table, secrets [~/.local/share/cheapest]
-    CHEAPEST_HOST / _PORT / _WORKERS   `cheapest serve` address and worker processes              [127.0.0.1 / 8000 / 1]
-    CHEAPEST_MODEL_BACKEND          "onnx" (the converted model) or "fixed" (instant fixed output) [onnx]
-    CHEAPEST_MODEL_DIR              model directory served by the onnx backend  [<data>/models/SmolLM2-135M-Instruct]
-    CHEAPEST_MODEL_THREADS          ONNX Runtime intra-op threads (0 = its default)                [0]
-    CHEAPEST_MODEL_SPIN_US          µs idle ORT pool threads spin before sleeping (0 = never; lower on busy hosts) [50]
-    CHEAPEST_FIXED_TEXT             the fixed backend's completion text        ["The capital of France is Paris."]
-    CHEAPEST_FIXED_TOKENS           fixed backend: completion length in words, cycling the text (0 = the text once) [0]
-    CHEAPEST_FIXED_DELAY            fixed backend: seconds per generated word (to observe streaming)  [0]
-    CHEAPEST_FIXED_FAIL_SEED        fixed backend (tests only): a request with this seed fails mid-generation [none]
-    CHEAPEST_MAX_BODY_BYTES         request bodies above this get 413                              [1048576]
-    CHEAPEST_DEFAULT_MAX_TOKENS     completion budget when a request sets none (clamped to context)[1024]
-    CHEAPEST_USAGE_FLUSH_INTERVAL   seconds between usage flushes of a worker to LMDB              [1.0]
-    CHEAPEST_KEY_PEPPER             server secret for key hashing (>= 16 bytes) [generated once into <data>/secrets/pepper]
-    CHEAPEST_DEFAULT_PLAN           plan of new accounts                                           [free]
-    CHEAPEST_LMDB_MAP_SIZE          LMDB map size in bytes                                         [1 GiB]
-    CHEAPEST_RATELIMIT_CAPACITY     slots in the shared rate-limit table                           [65536]
-    CHEAPEST_REQUEST_LOG            1/0: one JSON metadata line per request on stdout              [1]
-    CHEAPEST_RETENTION_INTERVAL     seconds between in-server retention runs, one worker at a time (0 = off) [3600]
-
-TOML-only tables (defaults shown):
-
-    [plans.free]     rpm = 20,  tpm = 20000, price_usd_month = 0       (funding "free": no charge)
-    [plans.standard] rpm = 60,  tpm = 3333,  price_usd_month = 5       (funding "subscription", via Stripe)
-    [plans.pro]      rpm = 200, tpm = 13333, price_usd_month = 20      (funding "subscription", via Stripe)
-    [plans.payg]     rpm = 60,  tpm = 10000, funding = "credits"       (each request's cost debits the balance)
-    Any plan may also set budget_usd + budget_window ("5h"|"8h"|"1d"|"30d"): a per-key spend cap per window.
-    [prices."SmolLM2-135M-Instruct"]  prompt_usd_per_mtok = 0.0, completion_usd_per_mtok = 0.0
+Two settings are tables filled from prefixed variables: `billing.stripe_prices` (`CHEAPEST_STRIPE_PRICE_<PLAN>`,
+the Stripe price id of each plan) and `engine.model_options` (`CHEAPEST_MODEL_OPTION_<NAME>`, options for an
+engine plugin named by `model_backend`).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import tomllib
-from functools import lru_cache
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import msgspec
 
+from cheapest.store.settings import StoreSettings
+from cheapest.vocabulary import MICRO_PER_USD, BudgetWindow, Funding, usd_to_micro
+
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+BASE_USDC = "0x833589fCD6eDb6E08f4c7C32D4f71b54bdA02913"  # USDC on Base mainnet
+ENV_PREFIX = "CHEAPEST_"
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message names the setting (never its value: it may be a secret)."""
 
 
 class PlanConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -57,11 +47,11 @@ class PlanConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     tpm: int
     price_usd_month: float = 0.0
     budget_usd: float | None = None
-    budget_window: Literal["5h", "8h", "1d", "30d"] | None = None
-    funding: Literal["free", "subscription", "credits"] | None = None
+    budget_window: BudgetWindow | None = None
+    funding: Funding | None = None
 
     @property
-    def funded_by(self) -> Literal["free", "subscription", "credits"]:
+    def funded_by(self) -> Funding:
         if self.funding is not None:
             return self.funding
         return "subscription" if self.price_usd_month > 0 else "free"
@@ -75,10 +65,10 @@ class PriceConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     def cost_micro(self, prompt_tokens: int, completion_tokens: int) -> int:
         """Integer micro-dollars for one request, rounded up (1 USD per Mtok = 1 micro-dollar per token)."""
-        pico = round(self.prompt_usd_per_mtok * 1_000_000) * prompt_tokens + round(
-            self.completion_usd_per_mtok * 1_000_000
+        pico = round(self.prompt_usd_per_mtok * MICRO_PER_USD) * prompt_tokens + round(
+            self.completion_usd_per_mtok * MICRO_PER_USD
         ) * completion_tokens
-        return -(-pico // 1_000_000)
+        return -(-pico // MICRO_PER_USD)
 
 
 DEFAULT_PLANS = {
@@ -88,104 +78,248 @@ DEFAULT_PLANS = {
     "payg": PlanConfig(rpm=60, tpm=10_000, funding="credits"),
 }
 
-
 # The default model's list price; an operator's `prices` table replaces the whole mapping.
 DEFAULT_PRICES = {
     "SmolLM2-135M-Instruct": PriceConfig(prompt_usd_per_mtok=0.05, completion_usd_per_mtok=0.10),
 }
 
 
-class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    data_dir: str = ""
+class ServingSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """`cheapest serve` and what every request may carry."""
+
     host: str = "127.0.0.1"
     port: int = 8000
     workers: int = 1
+    max_body_bytes: int = 1 << 20  # larger bodies get 413
+    default_max_tokens: int = 1024  # completion budget when a request sets none (clamped to the context)
+    request_log: bool = True  # one JSON metadata line per request on stdout
+
+
+class EngineSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The model a worker serves. `model_backend`: "onnx" (a model directory in the Hugging Face ONNX layout),
+    or "module:callable", an engine factory `(EngineSettings, add_route) -> Engine` importable in the worker
+    (the tests' fixed-output engine is one); `model_options` are that factory's own options."""
+
     model_backend: str = "onnx"
-    model_dir: str = ""
-    model_threads: int = 0
-    model_spin_us: int = 50
-    fixed_text: str = "The capital of France is Paris."
-    fixed_tokens: int = 0
-    fixed_delay: float = 0.0
-    fixed_fail_seed: int | None = None
-    max_body_bytes: int = 1 << 20
-    default_max_tokens: int = 1024
-    usage_flush_interval: float = 1.0
-    key_pepper: str = ""
+    model_dir: str = ""  # "" = <data>/models/SmolLM2-135M-Instruct
+    model_threads: int = 0  # ONNX Runtime intra-op threads (0 = its default)
+    model_spin_us: int = 50  # µs idle ORT pool threads spin before sleeping (0 = never)
+    model_options: dict[str, str | int | float | bool] = {}
+
+    def __post_init__(self) -> None:
+        if self.model_backend != "onnx" and not re.fullmatch(r"[\w.]+:[\w.]+", self.model_backend):
+            raise ValueError("model_backend must be 'onnx' or an import path 'module:callable'")
+
+
+class BillingSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Plans of new accounts, Stripe and USDC on Base. A payment method whose secrets are missing is simply
+    unavailable (its routes answer 503)."""
+
     default_plan: str = "free"
-    lmdb_map_size: int = 1 << 30
-    ratelimit_capacity: int = 65536
-    request_log: bool = True
-    retention_interval: float = 3600.0
+    stripe_secret_key: str | None = None
+    stripe_webhook_secret: str | None = None
+    stripe_prices: dict[str, str] = {}  # plan -> Stripe price id
+    stripe_api_base: str = "https://api.stripe.com"
+    public_url: str = "http://127.0.0.1:8000"  # where Checkout's success and cancel pages default to
+    stripe_success_url: str = ""  # "" = <public_url>/billing/success?session_id={CHECKOUT_SESSION_ID}
+    stripe_cancel_url: str = ""  # "" = <public_url>/billing/cancel
+    base_rpc_url: str = "https://mainnet.base.org"
+    usdc_contract: str = BASE_USDC
+    usdc_receiver: str | None = None
+    chain_id: int = 8453
+    usdc_confirmations: int = 12  # blocks on top of the transfer's, inclusive
+    usdc_min_topup_usd: float = 1.0
+    usdc_max_topup_usd: float = 10_000.0
+
+    def __post_init__(self) -> None:
+        from eth_utils import is_address, to_checksum_address
+
+        for name in ("usdc_contract", "usdc_receiver"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if not is_address(value):
+                raise ValueError(f"{name} is not an EVM address")
+            # Frozen Struct: normalise once here so comparisons later are plain string equality.
+            msgspec.structs.force_setattr(self, name, to_checksum_address(value))
+        if self.usdc_confirmations < 1:
+            raise ValueError("usdc_confirmations must be at least 1")
+        for name in ("usdc_min_topup_usd", "usdc_max_topup_usd"):
+            try:
+                usd_to_micro(getattr(self, name))
+            except ValueError:
+                raise ValueError(f"{name} must be a dollar amount with at most 6 decimals") from None
+        if not 0 < self.usdc_min_topup_micro <= self.usdc_max_topup_micro:
+            raise ValueError("top-up bounds must satisfy 0 < usdc_min_topup_usd <= usdc_max_topup_usd")
+        public = self.public_url.rstrip("/")
+        msgspec.structs.force_setattr(self, "stripe_api_base", self.stripe_api_base.rstrip("/"))
+        if not self.stripe_success_url:
+            msgspec.structs.force_setattr(self, "stripe_success_url",
+                                          public + "/billing/success?session_id={CHECKOUT_SESSION_ID}")
+        if not self.stripe_cancel_url:
+            msgspec.structs.force_setattr(self, "stripe_cancel_url", public + "/billing/cancel")
+
+    @property
+    def usdc_min_topup_micro(self) -> int:
+        return usd_to_micro(self.usdc_min_topup_usd)
+
+    @property
+    def usdc_max_topup_micro(self) -> int:
+        return usd_to_micro(self.usdc_max_topup_usd)
+
+    @property
+    def plan_for_price(self) -> dict[str, str]:
+        return {price: plan for plan, price in self.stripe_prices.items()}
+
+
+class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    serving: ServingSettings = ServingSettings()
+    store: StoreSettings = StoreSettings()
+    engine: EngineSettings = EngineSettings()
+    billing: BillingSettings = BillingSettings()
     plans: dict[str, PlanConfig] = msgspec.field(default_factory=lambda: dict(DEFAULT_PLANS))
     prices: dict[str, PriceConfig] = msgspec.field(default_factory=lambda: dict(DEFAULT_PRICES))
 
+    def __post_init__(self) -> None:
+        if not self.engine.model_dir:
+            msgspec.structs.force_setattr(self, "engine", msgspec.structs.replace(
+                self.engine, model_dir=str(self.models_path / DEFAULT_MODEL)))
+        if self.billing.default_plan not in self.plans:
+            raise ValueError("billing.default_plan names no configured plan")
+        for name, plan in self.plans.items():
+            if (plan.budget_usd is None) != (plan.budget_window is None):
+                raise ValueError(f"plans.{name} needs both budget_usd and budget_window")
+
     @property
     def data_path(self) -> Path:
-        return Path(self.data_dir)
+        return self.store.data_path
+
+    @property
+    def models_path(self) -> Path:
+        """Converted model directories, one per model id (`cheapest model pull` writes here)."""
+        return self.data_path / "models"
+
+    @property
+    def cache_path(self) -> Path:
+        """Downloaded wheels and extracted GGUFs."""
+        return self.data_path / "cache"
 
     def price(self, model: str) -> PriceConfig:
         return self.prices.get(model) or PriceConfig()
 
     def plan(self, name: str) -> PlanConfig:
-        return self.plans.get(name) or self.plans.get(self.default_plan) or DEFAULT_PLANS["free"]
+        return self.plans.get(name) or self.plans.get(self.billing.default_plan) or DEFAULT_PLANS["free"]
 
 
-_SCALARS = {
-    name: typ
-    for name, typ in (
-        ("data_dir", str), ("host", str), ("port", int), ("workers", int), ("model_backend", str),
-        ("model_dir", str), ("model_threads", int), ("model_spin_us", int), ("fixed_text", str), ("fixed_tokens", int), ("fixed_delay", float), ("max_body_bytes", int),
-        ("default_max_tokens", int), ("usage_flush_interval", float), ("key_pepper", str),
-        ("default_plan", str), ("lmdb_map_size", int), ("ratelimit_capacity", int), ("request_log", bool),
-        ("fixed_fail_seed", int), ("retention_interval", float),
-    )
+SECTIONS: dict[str, type[msgspec.Struct]] = {
+    "serving": ServingSettings, "store": StoreSettings, "engine": EngineSettings, "billing": BillingSettings,
 }
+TABLES = ("plans", "prices")
+# Table-valued settings filled from prefixed variables: name -> (section, variable prefix).
+ENV_TABLES = {"stripe_prices": ("billing", "CHEAPEST_STRIPE_PRICE_"),
+              "model_options": ("engine", "CHEAPEST_MODEL_OPTION_")}
+# Every setting's flat name -> (its section, its type).
+FLAT: dict[str, tuple[str, Any]] = {
+    f.name: (section, f.type) for section, cls in SECTIONS.items() for f in msgspec.structs.fields(cls)
+}
+assert len(FLAT) == sum(len(msgspec.structs.fields(c)) for c in SECTIONS.values()), "flat names must be unique"
 
 
-def _default_data_dir() -> str:
-    try:  # the model-supply module owns the one definition of the data directory
-        from cheapest.inference.pull import data_dir
-    except ImportError:
-        env = os.environ.get("CHEAPEST_DATA_DIR")
-        return env or str(Path.home() / ".local" / "share" / "cheapest")
-    return str(data_dir())
+def env_name(flat: str) -> str:
+    return ENV_PREFIX + flat.upper()
 
 
-def load_settings(environ: dict[str, str] | None = None) -> Settings:
-    """Build Settings from a TOML file (CHEAPEST_CONFIG) overlaid with CHEAPEST_* variables."""
-    env = os.environ if environ is None else environ
-    raw: dict[str, Any] = {}
-    path = env.get("CHEAPEST_CONFIG")
-    if path:
-        with open(path, "rb") as f:
-            raw.update(tomllib.load(f))
-    for name in _SCALARS:
-        value = env.get("CHEAPEST_" + name.upper())
-        if value is not None and value != "":
-            raw[name] = value
-    if "plans" in raw:  # configured plans extend the defaults
-        raw["plans"] = {**{k: msgspec.to_builtins(v) for k, v in DEFAULT_PLANS.items()}, **raw["plans"]}
+def _read_file(path: str) -> dict[str, Any]:
     try:
-        settings = msgspec.convert(raw, Settings, strict=False)
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(f"cannot read the configuration file {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+
+
+def _from_file(doc: dict[str, Any]) -> dict[str, Any]:
+    """The file's settings arranged by section; flat top-level names are moved into theirs."""
+    raw: dict[str, Any] = {name: {} for name in SECTIONS}
+    for key, value in doc.items():
+        if key in SECTIONS or key in TABLES:
+            if not isinstance(value, dict):
+                raise ConfigError(f"`{key}` must be a table ([{key}])")
+            if key in TABLES:
+                raw[key] = value
+                continue
+            fields = {f.name for f in msgspec.structs.fields(SECTIONS[key])}
+            for name, item in value.items():
+                if name not in fields:
+                    raise ConfigError(f"unknown setting `{key}.{name}`")
+                if name in raw[key]:
+                    raise ConfigError(f"`{key}.{name}` is set twice (also as `{name}` at top level)")
+                raw[key][name] = item
+        elif key in FLAT:
+            section = FLAT[key][0]
+            if key in raw[section]:
+                raise ConfigError(f"`{section}.{key}` is set twice (also as `{key}` at top level)")
+            raw[section][key] = value
+        else:
+            raise ConfigError(f"unknown setting `{key}`")
+    return raw
+
+
+_AT = re.compile(r" - at `\$\.?(?P<path>[^`]*)`$")  # where msgspec says the error is
+
+
+def _from_env(env: Mapping[str, str], raw: dict[str, Any]) -> None:
+    """Overlay CHEAPEST_* variables (strings, converted to each setting's type) on the file's settings."""
+    for flat, (section, typ) in FLAT.items():
+        if flat in ENV_TABLES:
+            prefix = ENV_TABLES[flat][1]
+            table = {k[len(prefix):].lower(): v for k, v in env.items() if k.startswith(prefix) and v}
+            if table:
+                raw[section][flat] = {**raw[section].get(flat, {}), **table}
+            continue
+        value = env.get(env_name(flat))
+        if value is None or value == "":
+            continue
+        try:
+            raw[section][flat] = msgspec.convert(value, typ, strict=False)
+        except msgspec.ValidationError as exc:
+            raise ConfigError(f"{env_name(flat)}: {_reason(exc)}") from None
+
+
+def _reason(exc: msgspec.ValidationError) -> str:
+    return _AT.sub("", str(exc))
+
+
+def _checked(raw: Any, typ: Any, where: str) -> Any:
+    """`raw` converted strictly to `typ`; a failure is a ConfigError naming the key under `where`."""
+    try:
+        return msgspec.convert(raw, typ, strict=True)
     except msgspec.ValidationError as exc:
-        raise SystemExit(f"invalid configuration: {exc}") from None
-    if not settings.data_dir:
-        settings = msgspec.structs.replace(settings, data_dir=_default_data_dir())
-    if not settings.model_dir:
-        settings = msgspec.structs.replace(
-            settings, model_dir=str(Path(settings.data_dir) / "models" / DEFAULT_MODEL)
-        )
-    if settings.model_backend not in ("onnx", "fixed"):
-        raise SystemExit("invalid configuration: model_backend must be 'onnx' or 'fixed'")
-    if settings.default_plan not in settings.plans:
-        raise SystemExit("invalid configuration: default_plan names no configured plan")
-    for name, plan in settings.plans.items():
-        if (plan.budget_usd is None) != (plan.budget_window is None):
-            raise SystemExit(f"invalid configuration: plan {name} needs both budget_usd and budget_window")
-    return settings
+        text = str(exc)
+        m = _AT.search(text)
+        key = ".".join(p for p in (where, m.group("path") if m else "") if p)
+        unknown = re.match(r"Object contains unknown field `(?P<name>[^`]+)`", text)
+        if unknown:
+            raise ConfigError(f"unknown setting `{key}.{unknown.group('name')}`") from None
+        reason = text[: m.start()] if m else text
+        raise ConfigError(f"`{key}`: {reason}" if key else reason) from None
 
 
-@lru_cache(maxsize=1)
-def get_settings() -> Settings:
-    return load_settings()
+def _convert(raw: dict[str, Any]) -> Settings:
+    # Tables are checked entry by entry so that an error names the plan or model it is about.
+    plans = {**DEFAULT_PLANS, **{name: _checked(table, PlanConfig, f"plans.{name}")
+                                 for name, table in raw.pop("plans", {}).items()}}  # configured plans extend
+    if "prices" in raw:  # configured prices replace the defaults
+        raw["prices"] = {name: _checked(table, PriceConfig, f"prices.{name}")
+                         for name, table in raw["prices"].items()}
+    return _checked({**raw, "plans": plans}, Settings, "")
+
+
+def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
+    """Settings from the TOML file named by CHEAPEST_CONFIG, overlaid with CHEAPEST_* variables."""
+    env = os.environ if environ is None else environ
+    path = env.get("CHEAPEST_CONFIG")
+    raw = _from_file(_read_file(path) if path else {})
+    _from_env(env, raw)
+    return _convert(raw)

@@ -21,9 +21,7 @@ import httpx
 import pytest
 from eth_account import Account
 from eth_account.messages import encode_defunct
-from eth_utils import keccak
-from vyper.compiler import compile_code
-from web3 import EthereumTesterProvider, Web3
+from web3 import Web3
 from web3.exceptions import TransactionNotFound
 
 from cheapest.store import open_store
@@ -99,23 +97,10 @@ class ChainNode:
 
 
 @pytest.fixture(scope="module")
-def chain() -> Iterator[SimpleNamespace]:
-    compiled = compile_code((Path(__file__).parent / "erc20.vy").read_text(), output_formats=["abi", "bytecode"])
-    w3 = Web3(EthereumTesterProvider())
-    tester = w3.provider.ethereum_tester  # type: ignore[attr-defined]
-    bank = w3.eth.accounts[0]
-    payer, stranger = (Account.from_key(keccak(text=name)) for name in ("route-payer", "route-stranger"))
-    for acct in (payer, stranger):
-        tester.add_account(acct.key.to_0x_hex())
-        w3.eth.send_transaction({"from": bank, "to": acct.address, "value": 10**18})
-    factory = w3.eth.contract(abi=compiled["abi"], bytecode=compiled["bytecode"])
-    receipt = w3.eth.wait_for_transaction_receipt(factory.constructor("USD Coin", 10**15).transact({"from": bank}))
-    usdc = w3.eth.contract(address=receipt.contractAddress, abi=compiled["abi"])
-    usdc.functions.transfer(payer.address, 10**12).transact({"from": bank})
-    node = ChainNode(w3)
-    yield SimpleNamespace(w3=w3, tester=tester, usdc=usdc, payer=payer, stranger=stranger, node=node,
-                          receiver=Account.from_key(keccak(text="route-receiver")).address)
-    node.close()
+def node(chain: SimpleNamespace) -> Iterator[ChainNode]:
+    n = ChainNode(chain.w3)
+    yield n
+    n.close()
 
 
 @pytest.fixture(scope="module")
@@ -125,12 +110,12 @@ def stripe() -> Iterator[FakeStripe]:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, chain: SimpleNamespace, stripe: FakeStripe
+def server(tmp_path_factory: pytest.TempPathFactory, chain: SimpleNamespace, node: ChainNode, stripe: FakeStripe
            ) -> Iterator[ServerProcess]:
     env = {
         "CHEAPEST_STRIPE_SECRET_KEY": STRIPE_KEY, "CHEAPEST_STRIPE_WEBHOOK_SECRET": WEBHOOK_SECRET,
         "CHEAPEST_STRIPE_API_BASE": stripe.url, "CHEAPEST_STRIPE_PRICE_STANDARD": "price_standard_m",
-        "CHEAPEST_STRIPE_PRICE_PRO": "price_pro_m", "CHEAPEST_BASE_RPC_URL": chain.node.url,
+        "CHEAPEST_STRIPE_PRICE_PRO": "price_pro_m", "CHEAPEST_BASE_RPC_URL": node.url,
         "CHEAPEST_USDC_CONTRACT": chain.usdc.address, "CHEAPEST_USDC_RECEIVER": chain.receiver,
         "CHEAPEST_CHAIN_ID": str(chain.w3.eth.chain_id), "CHEAPEST_USDC_CONFIRMATIONS": "3",
     }

@@ -5,31 +5,29 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import multiprocessing
 import random
 import tempfile
 import time
 from pathlib import Path
 
-import lmdb
 import pytest
 import stripe
 from hypothesis import given, settings as hsettings, strategies as st
 
 from cheapest.billing.checkout import CheckoutUnavailable, UnknownPlan, create_checkout_session, stripe_client
-from cheapest.billing.ledger import PaymentLedger, SubscriptionView
-from cheapest.billing.settings import BillingNotConfigured, BillingSettings
+from cheapest.billing import BillingNotConfigured
+from cheapest.config import BillingSettings
 from cheapest.billing.stripe_events import WebhookRejected, handle_webhook
+from cheapest.store import Ledger
+from cheapest.store.payments import SubscriptionView
+from fixtures_payments import open_ledger_store
+from processes import in_processes
 from stripe_fake import FakeStripe
 
 SECRET = "whsec_test_" + "k" * 32
 API_KEY = "sk_test_cheapest"
 PRICES = {"price_standard_m": 900, "price_pro_m": 2900}
 CARD = "4242424242424242"  # canary: never stored, wherever it appears in a payload
-
-
-def open_env(path: Path) -> lmdb.Environment:
-    return lmdb.open(str(path), map_size=64 << 20, max_dbs=16, subdir=True)
 
 
 def sign(payload: bytes, timestamp: int, secret: str = SECRET) -> str:
@@ -46,13 +44,6 @@ def body(event: dict) -> bytes:
 def cfg() -> BillingSettings:
     return BillingSettings(stripe_secret_key=API_KEY, stripe_webhook_secret=SECRET,
                            stripe_prices={"standard": "price_standard_m", "pro": "price_pro_m"})
-
-
-@pytest.fixture
-def ledger(tmp_path: Path):
-    env = open_env(tmp_path / "lmdb")
-    yield PaymentLedger(env)
-    env.close()
 
 
 @pytest.fixture
@@ -151,7 +142,7 @@ def test_valid_webhooks_activate_the_plan(fake, cfg, ledger):
     assert ledger.balance("acct_1") == 0  # a subscription payment buys the plan, not credits
 
 
-def _assert_nothing_recorded(ledger: PaymentLedger, event: dict) -> None:
+def _assert_nothing_recorded(ledger: Ledger, event: dict) -> None:
     assert ledger.event(event["id"]) is None
     assert ledger.subscription("acct_1") is None
     assert ledger.journal("acct_1") == []
@@ -252,14 +243,13 @@ def lifecycle(fake: FakeStripe, cfg: BillingSettings, t0: int) -> list[dict]:
 
 def apply_all(cfg: BillingSettings, events: list[dict]) -> tuple[SubscriptionView | None, list]:
     with tempfile.TemporaryDirectory() as d:
-        env = open_env(Path(d))
+        store = open_ledger_store(Path(d))
         try:
-            led = PaymentLedger(env)
             for e in events:
-                deliver(led, cfg, e)
-            return led.subscription("acct_1"), led.journal("acct_1")
+                deliver(store.ledger, cfg, e)
+            return store.ledger.subscription("acct_1"), store.ledger.journal("acct_1")
         finally:
-            env.close()
+            store.close()
 
 
 def test_out_of_order_and_duplicated_events_converge(fake, cfg):
@@ -296,19 +286,17 @@ def test_any_delivery_order_with_duplicates_converges(data):
     assert apply_all(cfg, order) == expected
 
 
-# -- Concurrency: two worker processes, one LMDB env ---------------------------------------------------
-def _webhook_worker(path: str, cfg_json: bytes, deliveries: list[tuple[bytes, str]], barrier, out) -> None:
+# -- Concurrency: two worker processes, one store ----------------------------------------------------
+def _webhook_worker(start, path: str, cfg_json: bytes, deliveries: list[tuple[bytes, str]]) -> list[str]:
     import msgspec
 
-    env = open_env(Path(path))
-    led = PaymentLedger(env)
+    store = open_ledger_store(Path(path))
     cfg = msgspec.json.decode(cfg_json, type=BillingSettings)
-    barrier.wait(timeout=60)
+    start()
     try:
-        out.put([handle_webhook(led, cfg, raw, header).result for raw, header in deliveries])
-    except Exception as exc:  # report, so the test fails at once instead of waiting on the queue
-        out.put(repr(exc))
-    env.close()
+        return [handle_webhook(store.ledger, cfg, raw, header).result for raw, header in deliveries]
+    finally:
+        store.close()
 
 
 def test_two_processes_apply_each_event_once(fake, cfg, tmp_path):
@@ -319,89 +307,54 @@ def test_two_processes_apply_each_event_once(fake, cfg, tmp_path):
     for n in range(8):
         events += paid_subscription(fake, cfg, f"acct_{n}", random.choice(["standard", "pro"]), now)[1]
     deliveries = [(body(e), sign(body(e), now)) for e in events]
-    ctx = multiprocessing.get_context("spawn")
-    barrier, out = ctx.Barrier(2), ctx.Queue()
     path = str(tmp_path / "shared")
-    procs = [ctx.Process(target=_webhook_worker, args=(path, msgspec.json.encode(cfg), deliveries, barrier, out))
-             for _ in range(2)]
-    for p in procs:
-        p.start()
-    a, b = out.get(timeout=120), out.get(timeout=120)
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
-    assert isinstance(a, list) and isinstance(b, list), (a, b)
+    open_ledger_store(Path(path)).close()
+    a, b = in_processes(_webhook_worker, path, msgspec.json.encode(cfg), deliveries)
     assert len(a) == len(b) == len(events)
     for ra, rb in zip(a, b):  # per event: one worker applied it, the other found it recorded
         assert [ra, rb].count("duplicate") == 1
         assert {ra, rb} - {"duplicate"} <= {"applied", "unchanged"}
-    env = open_env(Path(path))
+    store = open_ledger_store(Path(path))
     try:
-        led = PaymentLedger(env)
         for n in range(8):
-            assert len(led.journal(f"acct_{n}")) == 1  # one invoice each, journaled once
-            sub = led.subscription(f"acct_{n}")
+            assert len(store.ledger.journal(f"acct_{n}")) == 1  # one invoice each, journaled once
+            sub = store.ledger.subscription(f"acct_{n}")
             assert sub is not None and sub.status == "active"
-        assert all(led.event(e["id"]) is not None for e in events)
+        assert all(store.ledger.event(e["id"]) is not None for e in events)
     finally:
-        env.close()
+        store.close()
 
 
 # -- Privacy -------------------------------------------------------------------------------------------
 def test_no_card_number_or_payload_is_stored(fake, cfg, tmp_path):
-    env = open_env(tmp_path / "lmdb")
-    led = PaymentLedger(env)
+    store = open_ledger_store(tmp_path)
     _, events = paid_subscription(fake, cfg, "acct_1", "pro", int(time.time()))
     for e in events:
         # Stripe never sends a full card number; if one ever appeared, it must still not be kept.
         e["data"]["object"]["payment_method_details"] = {"card": {"number": CARD, "last4": CARD[-4:]}}
-        deliver(led, cfg, e)
-    env.sync(True)
-    env.close()
-    stored = b"".join(p.read_bytes() for p in (tmp_path / "lmdb").iterdir())
+        deliver(store.ledger, cfg, e)
+    store.close()
+    stored = b"".join(p.read_bytes() for p in (tmp_path / "store").iterdir())
     assert CARD.encode() not in stored
     assert b"payer@example.com" not in stored and b"Pat Payer" not in stored
 
 
-class _Mirror:
-    """What the accounts store will do: mirror changes into its own records in the same transaction."""
-
-    def __init__(self, env: lmdb.Environment) -> None:
-        self.db = env.open_db(b"mirror")
-
-    def on_credit(self, txn, account_id, micro_usd, ref):
-        txn.put(b"credit:" + ref.encode(), str(micro_usd).encode(), db=self.db)
-
-    def holds_account(self, txn, account_id):
-        return True
-
-    def on_subscription(self, txn, account_id, view):
-        n = int(txn.get(b"subs:" + account_id.encode(), b"0", db=self.db))
-        txn.put(b"subs:" + account_id.encode(), str(n + 1).encode(), db=self.db)
-        txn.put(b"status:" + account_id.encode(), (view.status or "").encode(), db=self.db)
-
-
-def test_sink_sees_each_change_once(fake, cfg, tmp_path):
-    env = open_env(tmp_path / "lmdb")
-    mirror = _Mirror(env)
-    led = PaymentLedger(env, sink=mirror)
-    _, events = paid_subscription(fake, cfg, "acct_1", "pro", int(time.time()))
-    for e in events:
-        deliver(led, cfg, e)
-
-    def mirrored() -> tuple[int, bytes]:
-        with env.begin() as txn:
-            return int(txn.get(b"subs:acct_1", db=mirror.db)), txn.get(b"status:acct_1", db=mirror.db)
-
-    calls, status = mirrored()
-    assert status == b"active" and calls >= 2  # created (incomplete), then active
-    for e in events[::-1]:
-        assert deliver(led, cfg, e).result == "duplicate"
-    assert mirrored() == (calls, status)
-    with led.write() as txn:
-        assert led.credit(txn, "acct_1", 5_000_000, "grant:welcome")
-        assert not led.credit(txn, "acct_1", 5_000_000, "grant:welcome")
-    with env.begin() as txn:
-        assert txn.get(b"credit:grant:welcome", db=mirror.db) == b"5000000"
-    assert led.balance("acct_1") == 5_000_000
-    env.close()
+def test_account_mirror_sees_each_change_once(fake, cfg, tmp_path):
+    """Subscription changes reach the account record (and the change epoch) in the ledger's own step, once."""
+    store = open_ledger_store(tmp_path)
+    try:
+        _, events = paid_subscription(fake, cfg, "acct_1", "pro", int(time.time()))
+        for e in events:
+            deliver(store.ledger, cfg, e)
+        account = store.get_account("acct_1")
+        assert account is not None and (account.plan, account.subscription_status) == ("pro", "active")
+        epoch = store.epoch()
+        for e in events[::-1]:
+            assert deliver(store.ledger, cfg, e).result == "duplicate"
+        assert store.epoch() == epoch and store.get_account("acct_1") == account
+        assert store.ledger.credit("acct_1", 5_000_000, "grant:welcome")
+        assert not store.ledger.credit("acct_1", 5_000_000, "grant:welcome")
+        assert store.ledger.balance("acct_1") == 5_000_000
+        assert store.epoch() == epoch  # credits do not touch the account record: the ledger owns the balance
+    finally:
+        store.close()

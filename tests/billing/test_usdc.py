@@ -2,66 +2,25 @@
 
 from __future__ import annotations
 
-import multiprocessing
 from pathlib import Path
-from types import SimpleNamespace
 
-import lmdb
 import pytest
 from eth_account import Account
 from eth_account.messages import encode_defunct
-from eth_utils import keccak
-from vyper.compiler import compile_code
-from web3 import EthereumTesterProvider, Web3
 
-from cheapest.billing.ledger import PaymentLedger
-from cheapest.billing.settings import BillingNotConfigured, BillingSettings
+from cheapest.billing import BillingNotConfigured
+from cheapest.config import BillingSettings
 from cheapest.billing.usdc import TopupPending, TopupRejected, claim_message, topup_quote, verify_topup
+from fixtures_payments import open_ledger_store
+from processes import in_processes
 
 USD = 1_000_000
-
-
-def open_env(path: Path) -> lmdb.Environment:
-    return lmdb.open(str(path), map_size=64 << 20, max_dbs=16, subdir=True)
-
-
-@pytest.fixture(scope="module")
-def chain():
-    """One chain for the module: compiling and deploying once keeps the suite fast."""
-    compiled = compile_code((Path(__file__).parent / "erc20.vy").read_text(), output_formats=["abi", "bytecode"])
-    w3 = Web3(EthereumTesterProvider())
-    tester = w3.provider.ethereum_tester  # type: ignore[attr-defined]
-    bank = w3.eth.accounts[0]
-    payer, stranger = (Account.from_key(keccak(text=name)) for name in ("payer", "stranger"))
-    for acct in (payer, stranger):
-        tester.add_account(acct.key.to_0x_hex())
-        w3.eth.send_transaction({"from": bank, "to": acct.address, "value": 10**18})
-
-    def deploy(name: str):
-        factory = w3.eth.contract(abi=compiled["abi"], bytecode=compiled["bytecode"])
-        receipt = w3.eth.wait_for_transaction_receipt(factory.constructor(name, 10**15).transact({"from": bank}))
-        token = w3.eth.contract(address=receipt.contractAddress, abi=compiled["abi"])
-        for acct in (payer, stranger):
-            token.functions.transfer(acct.address, 10**12).transact({"from": bank})
-        return token
-
-    usdc, lookalike = deploy("USD Coin"), deploy("USD Coin")
-    receiver = Account.from_key(keccak(text="receiver")).address
-    return SimpleNamespace(w3=w3, tester=tester, usdc=usdc, lookalike=lookalike, payer=payer,
-                           stranger=stranger, receiver=receiver)
 
 
 @pytest.fixture
 def cfg(chain) -> BillingSettings:
     return BillingSettings(usdc_contract=chain.usdc.address, usdc_receiver=chain.receiver,
                            chain_id=chain.w3.eth.chain_id, usdc_confirmations=3)
-
-
-@pytest.fixture
-def ledger(tmp_path):
-    env = open_env(tmp_path / "lmdb")
-    yield PaymentLedger(env)
-    env.close()
 
 
 def pay(chain, units: int, *, token=None, to=None, sender=None) -> str:
@@ -109,20 +68,6 @@ def test_quote(cfg, chain):
         assert err.value.reason_code == "bad_amount"
     with pytest.raises(BillingNotConfigured):
         topup_quote(BillingSettings(), "acct_1", 5)
-
-
-def test_settings_from_env():
-    s = BillingSettings.from_env({"CHEAPEST_USDC_RECEIVER": "0x2b5ad5c4795c026514f8317c7a215e218dccd6cf",
-                                  "CHEAPEST_CHAIN_ID": "84532", "CHEAPEST_USDC_CONFIRMATIONS": "5",
-                                  "CHEAPEST_STRIPE_PRICE_PRO": "price_9", "CHEAPEST_USDC_MIN_TOPUP_USD": "2.5"})
-    assert s.usdc_receiver == "0x2B5AD5c4795c026514f8317c7a215E218DcCD6cF"
-    assert (s.chain_id, s.usdc_confirmations, s.stripe_prices, s.usdc_min_topup_micro) == (
-        84532, 5, {"pro": "price_9"}, 2_500_000)
-    assert BillingSettings.from_env({}).usdc_contract == "0x833589fCD6eDb6E08f4c7C32D4f71b54bdA02913"
-    for env in ({"CHEAPEST_USDC_RECEIVER": "0x1234"}, {"CHEAPEST_CHAIN_ID": "base"},
-                {"CHEAPEST_USDC_CONFIRMATIONS": "0"}):
-        with pytest.raises(ValueError):
-            BillingSettings.from_env(env)
 
 
 # -- verify-topup --------------------------------------------------------------------------------------
@@ -253,41 +198,30 @@ def test_malformed_signature(chain, cfg, ledger, signature):
     assert ledger.balance("acct_1") == 0
 
 
-# -- Concurrency: two worker processes, one LMDB env ---------------------------------------------------
-def _claim_worker(path: str, cfg: BillingSettings, chain, claims: list[tuple[str, str]], barrier, out) -> None:
-    env = open_env(Path(path))  # opened in the worker, after fork
-    led = PaymentLedger(env)
-    barrier.wait(timeout=60)
+# -- Concurrency: two worker processes, one store ----------------------------------------------------
+def _claim_worker(start, path: str, cfg: BillingSettings, chain, claims: list[tuple[str, str]]) -> list[int]:
+    store = open_ledger_store(Path(path))  # opened in the worker, after fork
+    start()
     try:
-        out.put([verify_topup(cfg, led, chain.w3, account_id="acct_1", tx_hash=tx, signature=sig).credited_units
-                 for tx, sig in claims])
-    except Exception as exc:  # report, so the test fails at once instead of waiting on the queue
-        out.put(repr(exc))
-    env.close()
+        return [verify_topup(cfg, store.ledger, chain.w3, account_id="acct_1", tx_hash=tx, signature=sig)
+                .credited_units for tx, sig in claims]
+    finally:
+        store.close()
 
 
 def test_two_processes_claiming_the_same_transfer_credit_once(chain, cfg, tmp_path):
     txs = [pay(chain, (n + 1) * USD) for n in range(6)]
     mine(chain, 3)
     claims = [(tx, signed_claim(cfg, "acct_1", tx, chain.payer)) for tx in txs]
-    # fork: each worker gets the same local chain (the node they would share over RPC in production).
-    ctx = multiprocessing.get_context("fork")
-    barrier, out = ctx.Barrier(2), ctx.Queue()
     path = str(tmp_path / "shared")
-    procs = [ctx.Process(target=_claim_worker, args=(path, cfg, chain, claims, barrier, out)) for _ in range(2)]
-    for p in procs:
-        p.start()
-    a, b = out.get(timeout=120), out.get(timeout=120)
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
-    assert isinstance(a, list) and isinstance(b, list), (a, b)
+    open_ledger_store(Path(path)).close()
+    # fork: each worker gets the same local chain (the node they would share over RPC in production).
+    a, b = in_processes(_claim_worker, path, cfg, chain, claims, method="fork")
     for n, (ca, cb) in enumerate(zip(a, b)):
         assert sorted([ca, cb]) == [0, (n + 1) * USD]
-    env = open_env(Path(path))
+    store = open_ledger_store(Path(path))
     try:
-        led = PaymentLedger(env)
-        assert led.balance("acct_1") == sum(range(1, 7)) * USD
-        assert len(led.journal("acct_1")) == 6
+        assert store.ledger.balance("acct_1") == sum(range(1, 7)) * USD
+        assert len(store.ledger.journal("acct_1")) == 6
     finally:
-        env.close()
+        store.close()

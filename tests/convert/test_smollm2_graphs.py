@@ -18,7 +18,7 @@ import pytest
 import tokenizers
 from fixtures_model import graph_feed, numpy_llama_forward
 
-from cheapest.inference.pull import cache_dir
+from cheapest.config import load_settings
 
 pytestmark = pytest.mark.slow
 
@@ -101,7 +101,7 @@ def test_fused_logits_match_fp32_graph(smollm2_dir: Path, tokenizer: tokenizers.
 
 def test_fp32_graph_matches_numpy_forward(smollm2_dir: Path, config: dict, reference: ort.InferenceSession) -> None:
     ids = FRANCE_PROMPT_START
-    expected = numpy_llama_forward(cache_dir() / "SmolLM2-135M-Instruct.Q4_1.gguf", ids)
+    expected = numpy_llama_forward(load_settings().cache_path / "SmolLM2-135M-Instruct.Q4_1.gguf", ids)
     got = reference.run(["logits"], graph_feed(config, np.array([ids])))[0][0]
     np.testing.assert_allclose(got, expected, atol=EXACT_TOL, rtol=0)
 
@@ -127,9 +127,9 @@ def test_int8_activation_error_is_small_on_a_trained_model(smollm2_dir: Path, to
                                                           config: dict, reference: ort.InferenceSession,
                                                           tmp_path: Path) -> None:
     """accuracy_level 4 (llama.cpp-like precision): ~12% relative RMS logit error on SmolLM2 (measured)."""
-    from cheapest.inference.convert import convert
+    from cheapest.convert.converter import convert
 
-    out = convert(cache_dir() / "SmolLM2-135M-Instruct.Q4_1.gguf", tmp_path / "acc4", accuracy_level=4)
+    out = convert(load_settings().cache_path / "SmolLM2-135M-Instruct.Q4_1.gguf", tmp_path / "acc4", accuracy_level=4)
     ids = np.array([tokenizer.encode(chat_prompt(smollm2_dir, "Write a haiku about the sea.")).ids])
     ref = reference.run(["logits"], graph_feed(config, ids))[0][0, -1]
     got = _session(out, "model.onnx").run(["logits"], graph_feed(config, ids))[0][0, 0]

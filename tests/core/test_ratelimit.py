@@ -6,6 +6,7 @@ import math
 import multiprocessing as mp
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cheapest_core import RateDecision, RateLimiter, RateLimiterError, RateLimiterFull
+from processes import in_processes
 
 BASE = 1_000_000.0  # a fixed "now", in seconds; exactly representable in ns
 NS = 1_000_000_000
@@ -313,41 +315,28 @@ def test_a_small_table_decides_like_unbounded_memory(tmp_path: Path, steps: list
 # --- several processes -------------------------------------------------------
 
 
-def _spend_at(path: str, barrier: object, results: object, limit: int, tries: int, now: float) -> None:
-    barrier.wait()  # type: ignore[attr-defined]
+def _spend_at(start: Callable[[], None], path: str, limit: int, tries: int, now: float) -> int:
+    start()
     rl = RateLimiter(path, capacity=256)  # all open (and race to create) together
-    results.put(sum(rl.acquire("shared", limit, 60.0, now=now).allowed for _ in range(tries)))  # type: ignore[attr-defined]
+    return sum(rl.acquire("shared", limit, 60.0, now=now).allowed for _ in range(tries))
 
 
-def _hammer(path: str, barrier: object, results: object, limit: int, period: float, seconds: float) -> None:
+def _hammer(start: Callable[[], None], path: str, limit: int, period: float,
+            seconds: float) -> tuple[list[float], int]:
     rl = RateLimiter(path, capacity=256)
-    barrier.wait()  # type: ignore[attr-defined]
+    start()
     admitted, tries = [], 0
     end = time.time() + seconds
     while (now := time.time()) < end:
         tries += 1
         if rl.acquire("shared", limit, period, now=now).allowed:
             admitted.append(now)
-    results.put((admitted, tries))  # type: ignore[attr-defined]
+    return admitted, tries
 
 
 def _acquire_once(path: str) -> tuple[bool, int]:
     d = RateLimiter(path, capacity=256).acquire("seen", 2, 60.0, now=BASE)
     return d.allowed, d.remaining
-
-
-def _run_four(target: object, *args: object) -> list:
-    """Four spawned processes (as Granian workers are separate interpreters), one result each."""
-    ctx = mp.get_context("spawn")
-    barrier, results = ctx.Barrier(4), ctx.Queue()
-    procs = [ctx.Process(target=target, args=(args[0], barrier, results, *args[1:])) for _ in range(4)]
-    for p in procs:
-        p.start()
-    out = [results.get(timeout=120) for _ in procs]
-    for p in procs:
-        p.join(timeout=30)
-        assert p.exitcode == 0
-    return out
 
 
 def over_admitted(times: np.ndarray, limit: int, t: float) -> bool:
@@ -361,7 +350,7 @@ def over_admitted(times: np.ndarray, limit: int, t: float) -> bool:
 
 def test_four_processes_at_one_instant_admit_exactly_the_limit(tmp_path: Path) -> None:
     path = str(tmp_path / "created-by-the-race")
-    counts = _run_four(_spend_at, path, 300, 400, BASE)
+    counts = in_processes(_spend_at, path, 300, 400, BASE, n=4)  # spawned, as Granian workers are processes
     assert sum(counts) == 300, counts
     assert sorted(p.name for p in tmp_path.iterdir()) == ["created-by-the-race"]
 
@@ -369,7 +358,7 @@ def test_four_processes_at_one_instant_admit_exactly_the_limit(tmp_path: Path) -
 def test_four_processes_on_the_real_clock_never_exceed_burst_plus_refill(tmp_path: Path) -> None:
     limit, period = 100, 0.5
     t = interval_ns(limit, period) / NS
-    parts = _run_four(_hammer, str(tmp_path / "rl"), limit, period, 1.5)
+    parts = in_processes(_hammer, str(tmp_path / "rl"), limit, period, 1.5, n=4)
     times = np.sort(np.concatenate([np.array(admitted, dtype=np.float64) for admitted, _ in parts]))
     # Far more tries than admissions, so the limit, not the load, decided;
     # and more than the burst was admitted, so the refill was exercised too.
@@ -400,9 +389,9 @@ def test_another_process_sees_the_state(tmp_path: Path) -> None:
 CHURN_SCALE, CHURN_PHASE, CHURN_KEYS, CHURN_LIMIT, CHURN_SECONDS = 20.0, 12.0, 4, 5, 3.5
 
 
-def _churn(path: str, barrier: object, results: object, t0: float) -> None:
+def _churn(start: Callable[[], None], path: str, t0: float) -> tuple[list[tuple[str, float]], int, int]:
     rl = RateLimiter(path, capacity=16)
-    barrier.wait()  # type: ignore[attr-defined]
+    start()
     end = time.time() + CHURN_SECONDS
     admitted: list[tuple[str, float]] = []
     full = tries = 0
@@ -417,13 +406,13 @@ def _churn(path: str, barrier: object, results: object, t0: float) -> None:
                 admitted.append((key, now))
         except RateLimiterFull:
             full += 1
-    results.put((admitted, tries, full))  # type: ignore[attr-defined]
+    return admitted, tries, full
 
 
 def test_processes_churning_keys_through_a_small_table_never_over_admit(tmp_path: Path) -> None:
     path = str(tmp_path / "rl")
     RateLimiter(path, capacity=16)
-    parts = _run_four(_churn, path, time.time())
+    parts = in_processes(_churn, path, time.time(), n=4)
     by_key: dict[str, list[float]] = {}
     for admitted, _, _ in parts:
         for key, now in admitted:

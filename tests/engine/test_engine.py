@@ -15,11 +15,11 @@ import tokenizers
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cheapest.inference.chat import ChatTemplate, ChatTemplateError
-from cheapest.inference.engine import OnnxEngine, StopText, _Output, load_engine
-from cheapest.inference.loader import read_model_dir
-from cheapest.inference.sampling import Sampler
-from cheapest.inference.types import ContextLengthError, Delta, EngineError, Finish, SamplingParams
+from cheapest.engine.chat import ChatTemplate, ChatTemplateError
+from cheapest.engine.onnx_engine import OnnxEngine, StopText, _Output, load_engine
+from cheapest.engine.loader import read_model_dir
+from cheapest.engine.sampling import Sampler
+from cheapest.engine.types import ContextLengthError, Delta, EngineError, Finish, SamplingParams
 from fixtures_model import collect_generation
 
 GRAPHS = ["model.onnx", "model_fp32.onnx"]  # fused (shared KV buffer) and plain reference (concat cache)
@@ -494,3 +494,29 @@ def test_chat_template_errors_carry_no_message_text() -> None:
 def test_scheduler_runs_in_its_own_thread(engine: OnnxEngine) -> None:
     names = {t.name for t in threading.enumerate()}
     assert "cheapest-scheduler" in names
+
+
+def test_base_model_without_chat_template(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """A base model (no chat template) says so, and refuses chat with a message naming completions."""
+    import json
+    import shutil
+
+    from cheapest.engine.chat import NoChatTemplateError
+
+    base = shutil.copytree(tiny_model_dir, tmp_path / "base")
+    config = json.loads((base / "tokenizer_config.json").read_text())
+    del config["chat_template"]
+    (base / "tokenizer_config.json").write_text(json.dumps(config))
+    eng = load_engine(base, threads=1)
+    try:
+        assert eng.has_chat_template is False
+        with pytest.raises(NoChatTemplateError, match="completions"):
+            eng.render_chat([("user", "hi")])
+        _, finish = asyncio.run(_collect(eng, eng.encode("hello"), SamplingParams(max_tokens=2, temperature=0.0)))
+        assert finish.completion_tokens >= 1
+    finally:
+        asyncio.run(eng.close())
+
+
+def test_chat_model_has_a_chat_template(engine: OnnxEngine) -> None:
+    assert engine.has_chat_template is True

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from cheapest.inference.engine import OnnxEngine, load_engine
-from cheapest.inference.types import Delta, Finish, SamplingParams
+from cheapest.engine.onnx_engine import OnnxEngine, load_engine
+from cheapest.engine.types import Delta, Finish, SamplingParams
 from fixtures_model import collect_generation
 
 pytestmark = pytest.mark.slow

@@ -2,7 +2,7 @@
 every file of the data directory (LMDB included), everything the workers wrote to stdout/stderr, and the
 temporary directories. Prompts and completions must be found nowhere.
 
-The fixed test backend answers with a completion canary (CHEAPEST_FIXED_TEXT), so completions are proven
+The fixed test backend answers with a completion canary (CHEAPEST_MODEL_OPTION_TEXT), so completions are proven
 unstored too; the tiny real ONNX model covers the real tokenizer/engine path.
 """
 
@@ -87,8 +87,8 @@ def canary_server(server_factory: Callable[..., ServerProcess], tmp_path: Path) 
     config = tmp_path / "cheapest.toml"
     config.write_text(f'[prices."{MODEL}"]\nprompt_usd_per_mtok = 1000.0\ncompletion_usd_per_mtok = 1000.0\n')
     server = server_factory(workers=2, extra_env={
-        "CHEAPEST_FIXED_TEXT": completion, "CHEAPEST_FIXED_TOKENS": "300", "CHEAPEST_FIXED_DELAY": "0.01",
-        "CHEAPEST_FIXED_FAIL_SEED": str(FAIL_SEED), "CHEAPEST_CONFIG": str(config), "TMPDIR": str(server_tmp),
+        "CHEAPEST_MODEL_OPTION_TEXT": completion, "CHEAPEST_MODEL_OPTION_TOKENS": "300", "CHEAPEST_MODEL_OPTION_DELAY": "0.01",
+        "CHEAPEST_MODEL_OPTION_FAIL_SEED": str(FAIL_SEED), "CHEAPEST_CONFIG": str(config), "TMPDIR": str(server_tmp),
     })
     yield server, server_tmp, completion
 

@@ -11,9 +11,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from cheapest.billing.ledger import JournalEntry
+from cheapest.store.payments import JournalEntry
 from cheapest.privacy.deletion import PROMISED_WITHIN, PURGE_AFTER, delete_account
-from cheapest.privacy.retention import DAY, HOUR, USAGE_KEPT
+from cheapest.privacy.retention import USAGE_KEPT
+from cheapest.vocabulary import DAY, HOUR
 from cheapest.store import UsageCounter, open_store
 from fixtures_server import ServerProcess, on_every_worker, worker_pid
 
@@ -28,11 +29,10 @@ def _mk(mk: str) -> dict[str, str]:
 def _payment(server: ServerProcess, account_id: str) -> None:
     store = open_store(server.data_dir)  # the same LMDB environment, from this process (LMDB is multi-process)
     try:
-        with store.ledger.write() as txn:
-            store.ledger.record_payment(txn, account_id, JournalEntry("usdc:8453:0xfeed:0", "usdc_topup", 1_700_000_000,
-                                                                      2_500_000))
-            store.ledger.merge_subscription(txn, account_id, {"plan": "standard", "status": "active",
-                                                              "customer_id": "cus_EXPORT"}, 1_700_000_000)
+        store.ledger.record_payment(account_id, JournalEntry("usdc:8453:0xfeed:0", "usdc_topup", 1_700_000_000,
+                                                             2_500_000))
+        store.ledger.merge_subscription(account_id, {"plan": "standard", "status": "active",
+                                                     "customer_id": "cus_EXPORT"}, 1_700_000_000)
     finally:
         store.close()
 

@@ -9,13 +9,14 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from cheapest.billing.ledger import ChainClaim, EventRecord, JournalEntry
+from cheapest.store.payments import ChainClaim, EventRecord, JournalEntry, PaymentEvent, TransferClaim
 from cheapest.privacy.deletion import PROMISED_WITHIN, PURGE_AFTER, delete_account
 from cheapest.privacy.export import export_account
 from cheapest.privacy.retention import (
-    DAY, HOUR, USAGE_KEPT, PeriodicRetention, retention_lock, run_locked, run_retention, usage_cutoff,
+    USAGE_KEPT, PeriodicRetention, retention_lock, run_locked, run_retention, usage_cutoff,
 )
 from cheapest.store import Store, UsageCounter, accounts, open_store
+from cheapest.vocabulary import DAY, HOUR
 
 PEPPER = b"p" * 32
 NOW = 1_900_000_000  # a fixed "present": every time below is relative to it
@@ -96,19 +97,17 @@ def test_roll_up_in_small_batches_is_exact(store: Store) -> None:
 
 def _payments(store: Store, account_id: str, other_id: str) -> None:
     ledger = store.ledger
-    with ledger.write() as txn:
-        ledger.record_payment(txn, account_id, JournalEntry("stripe:invoice:in_1", "stripe_invoice_paid", NOW, 0,
-                                                            500, "usd"))
-        ledger.record_payment(txn, account_id, JournalEntry("usdc:8453:0xabc:1", "usdc_topup", NOW, 5_000_000))
-        ledger.record_payment(txn, other_id, JournalEntry("usdc:8453:0xdef:2", "usdc_topup", NOW, 1_000_000))
-        ledger.merge_subscription(txn, account_id, {"plan": "standard", "status": "active",
-                                                    "customer_id": "cus_PURGEME", "subscription_id": "sub_PURGEME"},
-                                  NOW)
-        ledger.link(txn, "cus_PURGEME", account_id)
-        ledger.link(txn, "cus_OTHER", other_id)
-        ledger.record_event(txn, "evt_1", EventRecord("invoice.paid", NOW, NOW, account_id))
-        ledger.claim_transfer(txn, 8453, "0xabc", 1, ChainClaim(account_id, 5_000_000, "0xSENDERPURGE", 7, NOW))
-        ledger.claim_transfer(txn, 8453, "0xdef", 2, ChainClaim(other_id, 1_000_000, "0xSENDEROTHER", 8, NOW))
+    ledger.record_payment(account_id, JournalEntry("stripe:invoice:in_1", "stripe_invoice_paid", NOW, 0, 500, "usd"))
+    ledger.merge_subscription(account_id, {"plan": "standard", "status": "active", "customer_id": "cus_PURGEME",
+                                           "subscription_id": "sub_PURGEME"}, NOW)
+    # An event naming each account links its Stripe customer id to it.
+    ledger.record_payment_event(PaymentEvent("evt_1", "invoice.paid", NOW, True, account_id, ("cus_PURGEME",)))
+    ledger.record_payment_event(PaymentEvent("evt_2", "invoice.paid", NOW, True, other_id, ("cus_OTHER",)))
+    for account, tx, index, units, sender, block in ((account_id, "0xabc", 1, 5_000_000, "0xSENDERPURGE", 7),
+                                                     (other_id, "0xdef", 2, 1_000_000, "0xSENDEROTHER", 8)):
+        ledger.claim_transfers(account, [TransferClaim(8453, tx, index, ChainClaim(account, units, sender, block, NOW),
+                                                       JournalEntry(f"usdc:8453:{tx}:{index}", "usdc_topup", NOW,
+                                                                    units))])
 
 
 def test_deleted_account_is_purged_before_30_days_and_usage_stays_anonymous(store: Store, tmp_path: Path) -> None:
@@ -139,11 +138,14 @@ def test_deleted_account_is_purged_before_30_days_and_usage_stays_anonymous(stor
     assert list(store.usage([key, revoked.id])) == []
     ledger = store.ledger
     assert ledger.journal(acct) == [] and ledger.subscription(acct) is None and ledger.balance(acct) == 0
-    with ledger.write() as txn:
-        assert ledger.linked_account(txn, "cus_PURGEME") is None
-        assert ledger.linked_account(txn, "cus_OTHER") == other
+    # The purged account's Stripe link is gone; the other account's still names it.
+    assert ledger.record_payment_event(PaymentEvent("evt_p1", "invoice.paid", NOW, True, None, ("cus_PURGEME",))
+                                       ).account_id is None
+    assert ledger.record_payment_event(PaymentEvent("evt_p2", "invoice.paid", NOW, True, None, ("cus_OTHER",))
+                                       ).account_id == other
     # Once-only records stay (a replayed event or transfer still changes nothing) but name nobody.
-    assert ledger.event("evt_1") == EventRecord("invoice.paid", NOW, NOW, None)
+    event = ledger.event("evt_1")
+    assert event is not None and (event.type, event.created, event.account_id) == ("invoice.paid", NOW, None)
     claim = ledger.chain_claim(8453, "0xabc", 1)
     assert claim is not None and claim.account_id == "" and claim.sender == ""
     # Its usage survives only in the anonymous aggregate (6 requests: both of its keys); the other account's
@@ -160,7 +162,7 @@ def test_deleted_account_is_purged_before_30_days_and_usage_stays_anonymous(stor
 
 def test_late_stripe_event_for_a_deleted_or_purged_account_stores_nothing(store: Store) -> None:
     from cheapest.billing.stripe_events import StripeEvent, apply_event
-    from cheapest.billing.settings import BillingSettings
+    from cheapest.config import BillingSettings
 
     acct, _, _ = _account(store, "late.webhook@example.test")
     live, _, _ = _account(store, "live@example.test")
@@ -179,8 +181,9 @@ def test_late_stripe_event_for_a_deleted_or_purged_account_stores_nothing(store:
     run_retention(store, NOW + PURGE_AFTER)
     assert apply_event(ledger, BillingSettings(), event(2, acct)).result == "unmatched"  # purged
     assert ledger.subscription(acct) is None
-    with ledger.write() as txn:
-        assert ledger.linked_account(txn, "cus_LATE1") is None and ledger.linked_account(txn, "sub_LATE2") is None
+    for n, linked in ((3, "cus_LATE1"), (4, "sub_LATE2")):  # their Stripe ids were never linked to the account
+        probe = PaymentEvent(f"evt_probe{n}", "customer.subscription.updated", NOW + n, True, None, (linked,))
+        assert ledger.record_payment_event(probe).result == "unmatched"
     assert ledger.event("evt_late2") == EventRecord("customer.subscription.updated", NOW + 2,
                                                     ledger.event("evt_late2").received_at, None)  # type: ignore[union-attr]
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from fixtures_server import ServerProcess, free_port
+from fixtures_server import ServerProcess, free_port, serve_cli, server_env
 from fixtures_server import on_every_worker, worker_pid
 
 MODEL = "SmolLM2-135M-Instruct"
@@ -161,23 +161,7 @@ def _serve_cli(tmp: Path, *args: str) -> ServerProcess:
     data = tmp / "data"
     data.mkdir()
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("CHEAPEST_", "GRANIAN_"))}
-    env.update({"CHEAPEST_DATA_DIR": str(data), "CHEAPEST_MODEL_BACKEND": "fixed", "PYTHONUNBUFFERED": "1"})
-    out, err = tmp / "server.stdout", tmp / "server.stderr"
-    with out.open("wb") as stdout, err.open("wb") as stderr:
-        proc = subprocess.Popen([sys.executable, "-m", "cheapest.cli", "serve", "--port", str(port), *args],
-                                env=env, cwd=tmp, stdout=stdout, stderr=stderr, start_new_session=True)
-    server = ServerProcess(proc, port, data, env, out, err, 1)
-    deadline = time.monotonic() + 60
-    while True:
-        assert proc.poll() is None, server.output()
-        try:
-            if httpx.get(server.base_url + "/readyz", timeout=2).status_code == 200:
-                return server
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() < deadline, server.output()
-        time.sleep(0.1)
+    return serve_cli(tmp, server_env(data), port, "--port", str(port), *args)
 
 
 def test_access_log_and_request_log_carry_metadata_only(tmp_path: Path) -> None:

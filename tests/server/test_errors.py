@@ -156,10 +156,8 @@ def test_routes_and_openapi(api_account: ApiAccount) -> None:
     for ref in refs:  # every reference resolves
         name = ref.split('"')[0].rsplit("/", 1)[1]
         assert name in schemas
-    try:
-        from openapi_spec_validator import validate
-    except ImportError:
-        return
+    from openapi_spec_validator import validate  # a test dependency: the check always runs
+
     validate(doc)
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from cheapest.config import DEFAULT_PRICES
 
-from cheapest.inference.fixed import FixedEngine
+from fixed_engine import FixedEngine
 from fixtures_server import ApiAccount, sdk
 
 pytestmark = pytest.mark.usefixtures("sdk_clients")

@@ -73,7 +73,7 @@ def test_two_workers_share_limits_and_count_exactly(server_factory) -> None:  # 
 
 def test_disconnect_stops_generation_and_is_metered(server_factory) -> None:  # type: ignore[no-untyped-def]
     # 400 words at 20 ms each: 8 s if generation ran to the end.
-    server = server_factory(extra_env={"CHEAPEST_FIXED_TOKENS": "400", "CHEAPEST_FIXED_DELAY": "0.02"})
+    server = server_factory(extra_env={"CHEAPEST_MODEL_OPTION_TOKENS": "400", "CHEAPEST_MODEL_OPTION_DELAY": "0.02"})
     _, mk = server.create_account()
     key = server.create_key(mk)
     sk, key_id = str(key["key"]), str(key["id"])

@@ -12,9 +12,8 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from cheapest.billing.ledger import PaymentLedger
 from cheapest.store import UsageCounter, accounts, open_store
-from cheapest.store.records import BUDGET_WINDOWS, window_start
+from cheapest.vocabulary import BUDGET_WINDOWS, window_start
 
 PEPPER = b"p" * 32
 HOUR = 3600
@@ -97,14 +96,12 @@ def test_usage_flush_debits_the_ledger_in_the_same_transaction(store) -> None:  
 def test_subscription_changes_mirror_into_the_account(store) -> None:  # type: ignore[no-untyped-def]
     acct, _ = accounts.create_account(store, "a@example.test", "free", PEPPER)
     before = store.epoch()
-    ledger: PaymentLedger = store.ledger
-    with ledger.write() as txn:
-        ledger.merge_subscription(txn, acct.id, {"plan": "pro", "status": "active", "current_period_end": 99}, 10)
+    ledger = store.ledger
+    assert ledger.merge_subscription(acct.id, {"plan": "pro", "status": "active", "current_period_end": 99}, 10)
     got = store.get_account(acct.id)
     assert (got.plan, got.subscription_status, got.period_end) == ("pro", "active", 99)
     assert store.epoch() > before
-    with ledger.write() as txn:  # an older fact changes nothing
-        ledger.merge_subscription(txn, acct.id, {"status": "canceled"}, 5)
+    assert not ledger.merge_subscription(acct.id, {"status": "canceled"}, 5)  # an older fact changes nothing
     assert store.get_account(acct.id).subscription_status == "active"
 
 

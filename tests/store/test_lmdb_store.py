@@ -1,17 +1,18 @@
-"""The LMDB store, the usage meter and the settings loader, without a server."""
+"""The LMDB store, the usage meter and the pepper, without a server."""
 
 from __future__ import annotations
 
-import multiprocessing
+from collections.abc import Callable
 from pathlib import Path
 
 import msgspec
 import pytest
 
-from cheapest.config import PriceConfig, load_settings
 from cheapest.store import AccountRecord, KeyLimits, KeyRecord, StoreError, UsageCounter, open_store
-from cheapest.store.metering import UsageMeter, hour_of
+from cheapest.store.metering import UsageMeter
+from cheapest.vocabulary import hour_of
 from cheapest.store.secrets import load_pepper
+from processes import in_processes
 
 
 def _account(i: int = 0) -> AccountRecord:
@@ -48,9 +49,10 @@ def test_accounts_and_keys_round_trip(tmp_path: Path) -> None:
     store.close()
 
 
-def _add_usage(path: str, n: int) -> None:
+def _add_usage(start: Callable[[], None], path: str, n: int) -> None:
     store = open_store(path)
     meter = UsageMeter(store, interval=0.01)
+    start()
     meter.start()
     for i in range(n):
         meter.record("key_a", "m", 3, 5, 7, ts=7200.0 + (i % 2) * 3600)
@@ -59,13 +61,7 @@ def _add_usage(path: str, n: int) -> None:
 
 
 def test_usage_totals_exact_across_processes(tmp_path: Path) -> None:
-    ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_add_usage, args=(str(tmp_path), 500)) for _ in range(4)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(60)
-        assert p.exitcode == 0
+    in_processes(_add_usage, str(tmp_path), 500, n=4)
     store = open_store(tmp_path)
     rows = list(store.usage(["key_a"]))
     assert [(r.hour, r.counter) for r in rows] == [
@@ -86,22 +82,5 @@ def test_pepper_generated_once_private(tmp_path: Path) -> None:
     assert load_pepper(tmp_path) == a and len(a) == 32
     assert (tmp_path / "secrets" / "pepper").stat().st_mode & 0o777 == 0o600
     assert load_pepper(tmp_path, "x" * 20) == b"x" * 20
-    with pytest.raises(SystemExit):
+    with pytest.raises(ValueError, match="key_pepper"):
         load_pepper(tmp_path, "short")
-
-
-def test_settings_env_over_toml(tmp_path: Path) -> None:
-    cfg = tmp_path / "c.toml"
-    cfg.write_text('port = 9000\nworkers = 3\n[plans.team]\nrpm = 500\ntpm = 90000\n'
-                   '[prices."M"]\nprompt_usd_per_mtok = 0.5\ncompletion_usd_per_mtok = 2.0\n')
-    s = load_settings({"CHEAPEST_CONFIG": str(cfg), "CHEAPEST_PORT": "9100", "CHEAPEST_DATA_DIR": str(tmp_path),
-                       "CHEAPEST_REQUEST_LOG": "0"})
-    assert (s.port, s.workers, s.request_log) == (9100, 3, False)
-    assert s.plans["team"].rpm == 500 and s.plans["free"].rpm > 0  # defaults kept
-    assert s.model_dir == str(tmp_path / "models" / "SmolLM2-135M-Instruct")
-    # 1000 prompt tokens at $0.5/Mtok = 500 micro-dollars; 3 completion tokens at $2/Mtok = 6.
-    assert s.price("M").cost_micro(1000, 3) == 506
-    assert s.price("other") == PriceConfig() and PriceConfig().cost_micro(10, 10) == 0
-    assert PriceConfig(0.1, 0.0).cost_micro(1, 0) == 1  # rounds up, never down to free
-    with pytest.raises(SystemExit):
-        load_settings({"CHEAPEST_PORT": "not-a-number", "CHEAPEST_DATA_DIR": str(tmp_path)})

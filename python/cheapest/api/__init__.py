@@ -1,1 +1,1 @@
-"""msgspec Structs for every request and response body, and the OpenAPI document built from them."""
+"""msgspec Structs for every request and response body (the OpenAPI document is built from them)."""

@@ -10,6 +10,7 @@ import msgspec
 from msgspec import Meta
 
 from cheapest.billing.usdc import TopupCredited, TopupQuote
+from cheapest.vocabulary import BUDGET_WINDOWS, BudgetWindow, Funding
 
 __all__ = [
     "BillingStatus", "CheckoutRequest", "CheckoutResponse", "PlanInfo", "PlanList", "TopupCredited", "TopupPending",
@@ -25,12 +26,12 @@ class PlanInfo(msgspec.Struct, frozen=True):
     rpm: int
     tpm: int
     price_usd_month: float
-    funding: Literal["free", "subscription", "credits"]
+    funding: Funding
     default: bool
     budget_usd: float | None = None
-    budget_window: Literal["5h", "8h", "1d", "30d"] | None = None
+    budget_window: BudgetWindow | None = None
     # the windows a key's own budget may use
-    budget_windows: list[str] = msgspec.field(default_factory=lambda: ["5h", "8h", "1d", "30d"])
+    budget_windows: list[str] = msgspec.field(default_factory=lambda: list(BUDGET_WINDOWS))
 
 
 class ModelPrice(msgspec.Struct, frozen=True):
@@ -48,7 +49,7 @@ class PlanList(msgspec.Struct, frozen=True):
 class BillingStatus(msgspec.Struct, frozen=True):
     account_id: str
     plan: str
-    funding: Literal["free", "subscription", "credits"]
+    funding: Funding
     subscription_status: str  # none (no subscription) / active / past_due / expired / canceled / ...
     credit_balance_micro: int
     credit_balance_usd: float

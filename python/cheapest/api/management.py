@@ -8,11 +8,12 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import UNSET, Meta, UnsetType
 
+from cheapest.vocabulary import BudgetWindow, KeyKind
+
 Name = Annotated[str, Meta(min_length=1, max_length=200)]
 ModelName = Annotated[str, Meta(min_length=1, max_length=200)]
 Models = Annotated[list[ModelName], Meta(min_length=1, max_length=64)]
 UnixTime = Annotated[int, Meta(ge=0)]
-BudgetWindow = Literal["5h", "8h", "1d", "30d"]
 
 
 class KeyLimitsBody(msgspec.Struct, frozen=True, omit_defaults=True, forbid_unknown_fields=True):
@@ -50,7 +51,7 @@ class KeyInfo(msgspec.Struct, frozen=True):
     id: str
     name: str
     hint: str
-    kind: Literal["sk", "mk"]
+    kind: KeyKind
     created_at: int
     disabled: bool
     limits: KeyLimitsBody

@@ -1,30 +1,23 @@
 """Stripe Checkout in subscription mode, through the official SDK.
 
-Route `POST /api/billing/checkout {plan}` calls (off the event loop: the SDK blocks):
+`create_checkout_session(settings, account_id=, plan=, customer_email=, customer_id=, client=)` returns a
+`CheckoutSession(id, url)`, the page where the customer pays. It blocks on Stripe's API. Errors: `UnknownPlan`
+(a ValueError: the plan has no configured Stripe price), `BillingNotConfigured` (no secret key),
+`CheckoutUnavailable` (a RuntimeError: Stripe refused or could not be reached; `.code` is Stripe's error code
+when it gave one; the message never carries Stripe's text).
 
-    session = create_checkout_session(settings, account_id=acct.id, plan=body.plan, customer_email=acct.email,
-                                      customer_id=ledger.subscription(acct.id).customer_id if known)
-    -> CheckoutSession(id, url)            answer 200 {"id": ..., "url": ...}
-
-Errors: `UnknownPlan` (ValueError, 400: the plan has no configured price),
-`BillingNotConfigured` (503: no secret key), `CheckoutUnavailable`
-(RuntimeError, 502: Stripe refused or could not be reached; `.code` is Stripe's
-error code when it gave one; the message never carries Stripe's text).
-
-The account id travels as `client_reference_id` and in the metadata of both
-the session and the subscription it creates, so every later webhook about it
-names its account (see stripe_events). No card data passes through here:
-Stripe's hosted page collects it.
+The account id travels as `client_reference_id` and in the metadata of both the session and the subscription it
+creates, so every later webhook about it names its account (see stripe_events). No card data passes through
+here: Stripe's hosted page collects it.
 """
 
 from __future__ import annotations
 
-import functools
-
 import msgspec
 import stripe
 
-from cheapest.billing.settings import BillingNotConfigured, BillingSettings
+from cheapest.billing import BillingNotConfigured
+from cheapest.config import BillingSettings
 
 __all__ = ["CheckoutSession", "CheckoutUnavailable", "UnknownPlan", "create_checkout_session", "stripe_client"]
 
@@ -47,9 +40,8 @@ class CheckoutSession(msgspec.Struct, frozen=True):
     url: str
 
 
-@functools.lru_cache(maxsize=4)
 def stripe_client(secret_key: str, api_base: str) -> stripe.StripeClient:
-    """One client per process and configuration: it keeps its HTTP connection pool."""
+    """A client keeps its HTTP connection pool: make one per worker and pass it to every call."""
     return stripe.StripeClient(secret_key, base_addresses={"api": api_base}, max_network_retries=2)
 
 
@@ -63,7 +55,7 @@ def create_checkout_session(settings: BillingSettings, *, account_id: str, plan:
         raise UnknownPlan(plan)
     if client is None:
         if not settings.stripe_secret_key:
-            raise BillingNotConfigured("CHEAPEST_STRIPE_SECRET_KEY is not set")
+            raise BillingNotConfigured("stripe_secret_key is not set")
         client = stripe_client(settings.stripe_secret_key, settings.stripe_api_base)
     meta = {"account_id": account_id, "plan": plan}
     params: dict[str, object] = {

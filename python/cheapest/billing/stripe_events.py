@@ -1,24 +1,22 @@
 """Stripe webhooks: verify, then apply each event once, in any order.
 
-Route `POST /webhooks/stripe` calls, with the RAW body bytes:
-
-    outcome = handle_webhook(ledger, settings, body, headers.get("stripe-signature"))
-
+`handle_webhook(ledger, settings, raw_body, stripe_signature_header)`:
 - returns `WebhookOutcome(event_id, type, result, account_id)`, `result` one of
   "applied" (state changed), "unchanged" (valid, but older than what we hold),
   "duplicate" (event id seen before: no effect), "ignored" (a type we do not
-  handle), "unmatched" (no account could be resolved) -> answer 200 to all;
-- raises `WebhookRejected(reason_code)` (a ValueError) -> answer 400, nothing
-  was written. Codes: "bad_signature" (missing/garbled header, wrong secret,
-  tampered body, or older than the tolerance: checked by the official SDK),
-  "timestamp_in_future" (more than the tolerance ahead: the SDK does not check
-  that), "malformed_event" (signed, but not a Stripe event);
-- raises `BillingNotConfigured` when no webhook secret is set -> 503.
+  handle), "unmatched" (no account could be resolved) - Stripe is told all is
+  well in every case;
+- raises `WebhookRejected(reason_code)` (a ValueError), nothing written. Codes:
+  "bad_signature" (missing/garbled header, wrong secret, tampered body, or older
+  than the tolerance: checked by the official SDK), "timestamp_in_future" (more
+  than the tolerance ahead: the SDK does not check that), "malformed_event"
+  (signed, but not a Stripe event);
+- raises `BillingNotConfigured` when no webhook secret is set.
 
 Order independence: an event describes its object's state at the event's
 `created` second. Each fact (plan, status, period end, ids) is merged as a
 last-writer-wins register stamped with that time (ties broken by a fixed
-status rank), see `ledger.SubscriptionState`. Handled types:
+status rank), see `store.payments.SubscriptionState`. Handled types:
 checkout.session.completed, customer.subscription.created/updated/deleted,
 invoice.paid, invoice.payment_failed. `invoice.paid` also journals the
 payment once per invoice id. Payloads are never stored, only the fields used.
@@ -27,16 +25,20 @@ payment once per invoice id. Payloads are never stored, only the fields used.
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Any
 
 import msgspec
 import stripe
 
-from cheapest.billing.ledger import EventRecord, JournalEntry, PaymentLedger
-from cheapest.billing.settings import BillingNotConfigured, BillingSettings
+from cheapest.billing import BillingNotConfigured
+from cheapest.config import BillingSettings
+from cheapest.store.base import Ledger
+from cheapest.store.payments import EventResult, JournalEntry, PaymentEvent
 
 __all__ = ["StripeEvent", "WebhookOutcome", "WebhookRejected", "apply_event", "handle_webhook", "verify_webhook"]
 
+# Stripe's SDK refuses signatures older than this many seconds; ones this far ahead are refused here too.
+STRIPE_TOLERANCE_S = 300
 HANDLED = frozenset({
     "checkout.session.completed", "customer.subscription.created", "customer.subscription.updated",
     "customer.subscription.deleted", "invoice.paid", "invoice.payment_failed",
@@ -66,7 +68,7 @@ class StripeEvent(msgspec.Struct):
 class WebhookOutcome(msgspec.Struct, frozen=True):
     event_id: str
     type: str
-    result: Literal["applied", "unchanged", "duplicate", "ignored", "unmatched"]
+    result: EventResult
     account_id: str | None = None
 
 
@@ -78,20 +80,20 @@ def verify_webhook(settings: BillingSettings, payload: bytes, sig_header: str | 
     """Signature and freshness checks, then the decoded event envelope."""
     secret = settings.stripe_webhook_secret
     if not secret:
-        raise BillingNotConfigured("CHEAPEST_STRIPE_WEBHOOK_SECRET is not set")
+        raise BillingNotConfigured("stripe_webhook_secret is not set")
     try:
         text = payload.decode("utf-8")
     except UnicodeDecodeError:
         raise WebhookRejected("bad_signature") from None
     try:
         # The SDK checks the HMAC (constant-time) and refuses timestamps older than the tolerance.
-        stripe.WebhookSignature.verify_header(text, sig_header, secret, settings.stripe_tolerance_s)
+        stripe.WebhookSignature.verify_header(text, sig_header, secret, STRIPE_TOLERANCE_S)
     except stripe.SignatureVerificationError:
         raise WebhookRejected("bad_signature") from None
     # Verified, so the header parses; the SDK leaves future timestamps alone (a captured header
     # pre-signed for later would otherwise stay replayable for as long as its clock says).
     timestamp = _header_timestamp(sig_header or "")
-    if timestamp > (time.time() if now is None else now) + settings.stripe_tolerance_s:
+    if timestamp > (time.time() if now is None else now) + STRIPE_TOLERANCE_S:
         raise WebhookRejected("timestamp_in_future")
     try:
         event = _event_dec.decode(payload)
@@ -102,36 +104,20 @@ def verify_webhook(settings: BillingSettings, payload: bytes, sig_header: str | 
     return event
 
 
-def handle_webhook(ledger: PaymentLedger, settings: BillingSettings, payload: bytes, sig_header: str | None,
+def handle_webhook(ledger: Ledger, settings: BillingSettings, payload: bytes, sig_header: str | None,
                    now: float | None = None) -> WebhookOutcome:
     return apply_event(ledger, settings, verify_webhook(settings, payload, sig_header, now))
 
 
-def apply_event(ledger: PaymentLedger, settings: BillingSettings, event: StripeEvent) -> WebhookOutcome:
-    """Record the event id and apply its facts in ONE write transaction."""
+def apply_event(ledger: Ledger, settings: BillingSettings, event: StripeEvent) -> WebhookOutcome:
+    """Record the event id and apply its facts in ONE ledger step."""
     facts = _facts(event, settings)
-    with ledger.write() as txn:
-        account = facts.account_id
-        for stripe_id in (facts.subscription_id, facts.customer_id):
-            if account is None and stripe_id:
-                account = ledger.linked_account(txn, stripe_id)
-        if account is not None and not ledger.knows_account(txn, account):
-            account = None  # deleted or purged: a late event must not bring its payment references back
-        record = EventRecord(type=event.type, created=event.created, received_at=int(time.time()),
-                             account_id=account)
-        if not ledger.record_event(txn, event.id, record):
-            return WebhookOutcome(event.id, event.type, "duplicate", account)
-        if event.type not in HANDLED:
-            return WebhookOutcome(event.id, event.type, "ignored", account)
-        if account is None:
-            return WebhookOutcome(event.id, event.type, "unmatched", None)
-        for stripe_id in (facts.subscription_id, facts.customer_id):
-            if stripe_id:
-                ledger.link(txn, stripe_id, account)
-        changed = ledger.merge_subscription(txn, account, facts.updates, event.created)
-        if facts.payment is not None:
-            changed = ledger.record_payment(txn, account, facts.payment) or changed
-    return WebhookOutcome(event.id, event.type, "applied" if changed else "unchanged", account)
+    outcome = ledger.record_payment_event(PaymentEvent(
+        event_id=event.id, type=event.type, created=event.created, handled=event.type in HANDLED,
+        account_id=facts.account_id,
+        provider_ids=tuple(i for i in (facts.subscription_id, facts.customer_id) if i),
+        subscription=facts.updates, payment=facts.payment))
+    return WebhookOutcome(event.id, event.type, outcome.result, outcome.account_id)
 
 
 class _Facts(msgspec.Struct):

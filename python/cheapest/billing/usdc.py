@@ -1,37 +1,28 @@
 """USDC top-ups on Base, verified on-chain with web3 and credited exactly once.
 
-Routes call (both off the event loop: web3 and LMDB block):
+A top-up has two steps, both of which block (the chain node, the ledger):
 
-`POST /api/billing/topup {amount_usd, method: "usdc"}`
-    quote = topup_quote(settings, account_id, body.amount_usd) -> TopupQuote
-    {address, chain: "base", chain_id, token, amount_units, claim_message}. The
-    client sends `amount_units` of `token` to `address`, then replaces the
-    literal "{tx_hash}" in `claim_message` with the transaction hash (0x + 64
-    hex, lower case) and signs the result with the SENDING wallet (EIP-191
-    `personal_sign`). Raises `TopupRejected("bad_amount")` (400) or
-    `BillingNotConfigured` (503, no receiver configured).
+`topup_quote(settings, account_id, amount_usd)` -> `TopupQuote` {address, chain: "base", chain_id, token,
+amount_units, claim_message}. The client sends `amount_units` of `token` to `address`, then replaces the literal
+"{tx_hash}" in `claim_message` with the transaction hash (0x + 64 hex, lower case) and signs the result with the
+SENDING wallet (EIP-191 `personal_sign`). Raises `TopupRejected("bad_amount")` or `BillingNotConfigured` (no
+receiver configured).
 
-`POST /api/billing/verify-topup {tx_hash, signature}`
-    verify_topup(settings, ledger, w3, account_id=..., tx_hash=..., signature=...)
-    -> TopupCredited (200): `credited_units` credited by this call (0 and
-       `already_credited` true when this account had claimed it before),
-       `balance_micro` after.
-    -> raises TopupPending (202 or 409 with Retry-After: `retry_after` seconds):
-       the transaction is not mined yet or has fewer than the configured
-       confirmations; nothing was credited, call again later.
-    -> raises TopupRejected(reason_code) (a ValueError, 400), nothing credited:
-       malformed_tx_hash, malformed_signature, wrong_chain (the node is not on
-       the configured chain), tx_not_found, reverted (receipt status 0),
-       no_transfer (no Transfer log emitted BY the configured USDC contract to
-       the configured receiver: look-alike tokens emit identical events from
-       other addresses, and web3's process_receipt does not check that),
-       bad_signature (the claim is not signed by a Transfer's sender: a public
-       tx hash alone claims nothing), already_claimed (another account holds it).
+`verify_topup(settings, ledger, w3, account_id=, tx_hash=, signature=)`:
+    -> `TopupCredited`: `credited_units` credited by this call (0 and `already_credited` true when this account
+       had claimed it before), `balance_micro` after.
+    -> raises `TopupPending` (`retry_after` seconds): the transaction is not mined yet or has fewer than the
+       configured confirmations; nothing was credited, call again later.
+    -> raises `TopupRejected(reason_code)` (a ValueError), nothing credited: malformed_tx_hash,
+       malformed_signature, wrong_chain (the node is not on the configured chain), tx_not_found, reverted
+       (receipt status 0), no_transfer (no Transfer log emitted BY the configured USDC contract to the
+       configured receiver: look-alike tokens emit identical events from other addresses, and web3's
+       process_receipt does not check that), bad_signature (the claim is not signed by a Transfer's sender: a
+       public tx hash alone claims nothing), already_claimed (another account holds it).
 
-Credited amount = the amount transferred (USDC has 6 decimals: 1 unit = 1
-micro-dollar), per Transfer log; each (chain id, tx hash, log index) once, ever.
-Transfers routed through a smart-contract wallet have the contract as sender
-and cannot sign (EIP-1271 is not supported).
+Credited amount = the amount transferred (USDC has 6 decimals: 1 unit = 1 micro-dollar), per Transfer log; each
+(chain id, tx hash, log index) once, ever. Transfers routed through a smart-contract wallet have the contract as
+sender and cannot sign (EIP-1271 is not supported).
 """
 
 from __future__ import annotations
@@ -47,14 +38,18 @@ from eth_utils import keccak
 from web3 import Web3
 from web3.exceptions import TransactionNotFound
 
-from cheapest.billing.ledger import ChainClaim, JournalEntry, PaymentLedger
-from cheapest.billing.settings import BillingNotConfigured, BillingSettings, usd_to_micro
+from cheapest.billing import BillingNotConfigured
+from cheapest.config import BillingSettings
+from cheapest.store.base import Ledger
+from cheapest.store.payments import ChainClaim, JournalEntry, TransferClaim
+from cheapest.vocabulary import usd_to_micro
 
 __all__ = [
     "TopupCredited", "TopupPending", "TopupQuote", "TopupRejected", "claim_message", "make_web3", "topup_quote",
     "verify_topup",
 ]
 
+BLOCK_TIME_S = 2.0  # Base produces a block every 2 s; sizes Retry-After while confirming
 TRANSFER_TOPIC = keccak(text="Transfer(address,address,uint256)")
 _TRANSFER_ABI = [{
     "type": "event", "name": "Transfer", "anonymous": False,
@@ -109,7 +104,7 @@ def claim_message(account_id: str, chain_id: int, tx_hash: str) -> str:
 
 def topup_quote(settings: BillingSettings, account_id: str, amount_usd: object) -> TopupQuote:
     if settings.usdc_receiver is None:
-        raise BillingNotConfigured("CHEAPEST_USDC_RECEIVER is not set")
+        raise BillingNotConfigured("usdc_receiver is not set")
     try:
         units = usd_to_micro(amount_usd)
     except ValueError:
@@ -126,10 +121,10 @@ def make_web3(settings: BillingSettings, timeout_s: float = 10.0) -> Web3:
     return Web3(Web3.HTTPProvider(settings.base_rpc_url, request_kwargs={"timeout": timeout_s}))
 
 
-def verify_topup(settings: BillingSettings, ledger: PaymentLedger, w3: Web3, *, account_id: str, tx_hash: str,
+def verify_topup(settings: BillingSettings, ledger: Ledger, w3: Web3, *, account_id: str, tx_hash: str,
                  signature: str) -> TopupCredited:
     if settings.usdc_receiver is None:
-        raise BillingNotConfigured("CHEAPEST_USDC_RECEIVER is not set")
+        raise BillingNotConfigured("usdc_receiver is not set")
     if not isinstance(tx_hash, str) or not _TX_HASH.fullmatch(tx_hash):
         raise TopupRejected("malformed_tx_hash")
     if not isinstance(signature, str) or not _SIGNATURE.fullmatch(signature):
@@ -151,7 +146,7 @@ def verify_topup(settings: BillingSettings, ledger: PaymentLedger, w3: Web3, *, 
             w3.eth.get_transaction(tx_hash)  # type: ignore[arg-type]
         except TransactionNotFound:
             raise TopupRejected("tx_not_found") from None
-        raise TopupPending(_retry_after(settings, settings.usdc_confirmations), 0,
+        raise TopupPending(_retry_after(settings.usdc_confirmations), 0,
                            settings.usdc_confirmations) from None
     if receipt["status"] != 1:
         raise TopupRejected("reverted")
@@ -166,28 +161,22 @@ def verify_topup(settings: BillingSettings, ledger: PaymentLedger, w3: Web3, *, 
     confirmations = w3.eth.block_number - receipt["blockNumber"] + 1
     if confirmations < settings.usdc_confirmations:
         missing = settings.usdc_confirmations - confirmations
-        raise TopupPending(_retry_after(settings, missing), confirmations, settings.usdc_confirmations)
+        raise TopupPending(_retry_after(missing), confirmations, settings.usdc_confirmations)
 
     now = int(time.time())
-    credited = 0
-    others = 0
-    with ledger.write() as txn:
-        for index, value in mine:
-            claim = ChainClaim(account_id=account_id, amount_units=value, sender=signer,
-                               block_number=receipt["blockNumber"], claimed_at=now)
-            if ledger.claim_transfer(txn, chain_id, tx_hash, index, claim):
-                ledger.record_payment(txn, account_id, JournalEntry(
-                    ref=f"usdc:{chain_id}:{tx_hash}:{index}", kind="usdc_topup", at=now, micro_usd=value))
-                credited += value
-            else:
-                held = ledger.chain_claim(chain_id, tx_hash, index, txn)
-                if held is not None and held.account_id != account_id:
-                    others += 1
-        balance = ledger.balance(account_id, txn)
-    if credited == 0 and others == len(mine):
+    block = receipt["blockNumber"]
+    outcome = ledger.claim_transfers(account_id, [
+        TransferClaim(chain_id, tx_hash, index,
+                      ChainClaim(account_id=account_id, amount_units=value, sender=signer, block_number=block,
+                                 claimed_at=now),
+                      JournalEntry(ref=f"usdc:{chain_id}:{tx_hash}:{index}", kind="usdc_topup", at=now,
+                                   micro_usd=value))
+        for index, value in mine])
+    if outcome.credited_micro == 0 and outcome.held_by_others == len(mine):
         raise TopupRejected("already_claimed")
-    return TopupCredited(tx_hash=tx_hash, chain_id=chain_id, credited_units=credited,
-                         already_credited=credited == 0, log_indexes=[i for i, _ in mine], balance_micro=balance)
+    return TopupCredited(tx_hash=tx_hash, chain_id=chain_id, credited_units=outcome.credited_micro,
+                         already_credited=outcome.credited_micro == 0, log_indexes=[i for i, _ in mine],
+                         balance_micro=outcome.balance_micro)
 
 
 def _transfers_to_receiver(w3: Web3, settings: BillingSettings, receipt: object) -> list[tuple[int, str, int]]:
@@ -207,5 +196,5 @@ def _transfers_to_receiver(w3: Web3, settings: BillingSettings, receipt: object)
     return out
 
 
-def _retry_after(settings: BillingSettings, blocks: int) -> int:
-    return max(1, math.ceil(blocks * settings.block_time_s))
+def _retry_after(blocks: int) -> int:
+    return max(1, math.ceil(blocks * BLOCK_TIME_S))

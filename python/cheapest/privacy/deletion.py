@@ -15,8 +15,7 @@ from __future__ import annotations
 import msgspec
 
 from cheapest.store import AccountRecord, Store
-
-DAY = 86_400
+from cheapest.vocabulary import DAY
 PROMISED_WITHIN = 30 * DAY  # the privacy policy: "Deleted within 30 days of account deletion"
 PURGE_AFTER = PROMISED_WITHIN - DAY
 

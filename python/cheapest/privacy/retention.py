@@ -24,11 +24,10 @@ import msgspec
 
 from cheapest.privacy.deletion import purge_deleted_accounts
 from cheapest.store import Store
+from cheapest.vocabulary import DAY, HOUR
 
 log = logging.getLogger("cheapest.retention")
 
-HOUR = 3600
-DAY = 86_400
 USAGE_KEPT = 90 * DAY  # the privacy policy: "Aggregated and anonymized after 90 days"
 LOCK_NAME = "retention.lock"
 

@@ -9,7 +9,8 @@ import cheapest_core
 import msgspec
 
 from cheapest.store.base import Store
-from cheapest.store.records import AccountRecord, KeyKind, KeyLimits, KeyRecord
+from cheapest.store.records import AccountRecord, KeyLimits, KeyRecord
+from cheapest.vocabulary import AccountStatus, KeyKind
 
 
 def new_id(prefix: str) -> str:
@@ -61,11 +62,10 @@ def find_account(store: Store, id_or_email: str) -> AccountRecord | None:
 
 def grant_credit(store: Store, account_id: str, micro_usd: int, ref: str) -> bool:
     """An operator's credit to the ledger balance (its one owner), once per `ref`; False if `ref` was used."""
-    with store.ledger.write() as txn:
-        return store.ledger.credit(txn, account_id, micro_usd, ref, kind="operator_grant")
+    return store.ledger.credit(account_id, micro_usd, ref, kind="operator_grant")
 
 
-def set_status(store: Store, account_id: str, status: str) -> AccountRecord | None:
+def set_status(store: Store, account_id: str, status: AccountStatus) -> AccountRecord | None:
     """active <-> disabled; a disabled account's keys get 403 on every worker's next request (epoch)."""
     return store.update_account(account_id, lambda a: msgspec.structs.replace(a, status=status))
 

@@ -13,12 +13,9 @@ import time
 
 from cheapest.store.base import Store, UsageKey
 from cheapest.store.records import UsageCounter
+from cheapest.vocabulary import hour_of
 
 log = logging.getLogger("cheapest.metering")
-
-
-def hour_of(ts: float) -> int:
-    return int(ts) // 3600 * 3600
 
 
 class UsageMeter:

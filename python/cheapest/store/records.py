@@ -2,20 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 import msgspec
 
-KeyKind = Literal["sk", "mk"]
-BudgetWindow = Literal["5h", "8h", "1d", "30d"]
-BUDGET_WINDOWS: dict[str, int] = {"5h": 5 * 3600, "8h": 8 * 3600, "1d": 86_400, "30d": 30 * 86_400}
-
-
-def window_start(window: str, now: float) -> int:
-    """Budget windows are fixed and aligned to the Unix epoch (UTC): a 1d window resets at 00:00 UTC, a 5h
-    window at every multiple of 5 hours since 1970-01-01T00:00Z, a 30d one every 30 days from then."""
-    length = BUDGET_WINDOWS[window]
-    return int(now) // length * length
+from cheapest.vocabulary import AccountStatus, BudgetWindow, KeyKind
 
 
 class KeyLimits(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -28,15 +17,15 @@ class KeyLimits(msgspec.Struct, frozen=True, omit_defaults=True):
 
 
 class AccountRecord(msgspec.Struct, frozen=True):
-    """An account. Its spendable credit balance is NOT here: the payment ledger (`billing.ledger`, table
-    pay_credits) is its one owner, so credits and debits stay once-only records beside their journal, and a
-    usage debit never rewrites (and never invalidates cached copies of) this record."""
+    """An account. Its spendable credit balance is NOT here: the payment ledger (`Store.ledger`) is its one
+    owner, so credits and debits stay once-only records beside their journal, and a usage debit never rewrites
+    (and never invalidates cached copies of) this record."""
 
     id: str
     email: str
     created_at: int  # unix seconds
     plan: str
-    status: Literal["active", "disabled", "deleted"] = "active"
+    status: AccountStatus = "active"
     # Stripe's status mirrored from the ledger (none = operator-assigned plan, no subscription).
     subscription_status: str = "none"
     period_end: int | None = None

@@ -1,4 +1,5 @@
-"""The server pepper for key hashing: CHEAPEST_KEY_PEPPER, or generated once into <data>/secrets/pepper (0600)."""
+"""The server pepper for key hashing: the configured `key_pepper`, or generated once into <data>/secrets/pepper
+(0600)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ def load_pepper(data_dir: str | Path, configured: str = "") -> bytes:
     if configured:
         pepper = configured.encode()
         if len(pepper) < MIN_PEPPER_BYTES:
-            raise SystemExit(f"CHEAPEST_KEY_PEPPER must be at least {MIN_PEPPER_BYTES} bytes")
+            raise ValueError(f"key_pepper must be at least {MIN_PEPPER_BYTES} bytes")
         return pepper
     folder = Path(data_dir) / "secrets"
     folder.mkdir(parents=True, exist_ok=True, mode=0o700)

@@ -1,0 +1,113 @@
+"""The model's chat template (from tokenizer_config.json), rendered the way Hugging Face renders it.
+
+Templates are code shipped with a model directory, so they run in Jinja's ImmutableSandboxedEnvironment with
+the same globals and filters as `transformers` (raise_exception, strftime_now, tojson without ASCII escaping,
+trim_blocks/lstrip_blocks, loop controls, the `{% generation %}` marker) so third-party templates render
+byte-for-byte as their authors expect.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import Any
+
+import jinja2
+import jinja2.ext
+import jinja2.nodes
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+_SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token")
+
+
+class ChatTemplateError(ValueError):
+    """The template is missing, invalid, or refused the messages. The message never carries message text."""
+
+
+class NoChatTemplateError(ChatTemplateError):
+    """The model has no chat template (a base model): it serves completions, not chat."""
+
+
+class _GenerationMarker(jinja2.ext.Extension):
+    """`{% generation %}...{% endgeneration %}` marks assistant text for training masks; rendering ignores it."""
+
+    tags = {"generation"}
+
+    def parse(self, parser: jinja2.parser.Parser) -> jinja2.nodes.Node:
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.Scope(body, lineno=lineno)
+
+
+def _raise_exception(message: str) -> None:
+    raise jinja2.exceptions.TemplateError(message)
+
+
+def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
+            separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _strftime_now(fmt: str) -> str:
+    return datetime.now().strftime(fmt)
+
+
+def _token_text(value: Any) -> str | None:
+    # tokenizer_config.json stores special tokens as strings or as serialized AddedToken objects.
+    if isinstance(value, str):
+        return value
+    if isinstance(value, Mapping) and isinstance(value.get("content"), str):
+        return str(value["content"])
+    return None
+
+
+def _pick_template(raw: Any) -> str | None:
+    if isinstance(raw, str):
+        return raw
+    if isinstance(raw, list):  # named templates: [{"name": "default", "template": "..."}, ...]
+        named = {t.get("name"): t.get("template") for t in raw if isinstance(t, Mapping)}
+        chosen = named.get("default")
+        return chosen if isinstance(chosen, str) else None
+    return None
+
+
+class ChatTemplate:
+    def __init__(self, template: str, special_tokens: Mapping[str, str] | None = None) -> None:
+        env = ImmutableSandboxedEnvironment(
+            trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationMarker, jinja2.ext.loopcontrols]
+        )
+        env.filters["tojson"] = _tojson
+        env.globals["raise_exception"] = _raise_exception
+        env.globals["strftime_now"] = _strftime_now
+        try:
+            self._template = env.from_string(template)
+        except jinja2.TemplateError:
+            raise ChatTemplateError("the model's chat template is not valid Jinja") from None
+        self._special_tokens = dict(special_tokens or {})
+
+    @staticmethod
+    def present(config: Mapping[str, Any]) -> bool:
+        """Whether tokenizer_config.json carries a chat template."""
+        return _pick_template(config.get("chat_template")) is not None
+
+    @classmethod
+    def from_tokenizer_config(cls, config: Mapping[str, Any]) -> ChatTemplate:
+        template = _pick_template(config.get("chat_template"))
+        if template is None:
+            raise NoChatTemplateError("this model has no chat template; use /v1/completions")
+        tokens = {k: t for k in _SPECIAL_TOKEN_KEYS if (t := _token_text(config.get(k))) is not None}
+        return cls(template, tokens)
+
+    def render(self, messages: Sequence[tuple[str, str]], *, add_generation_prompt: bool = True) -> str:
+        try:
+            return self._template.render(
+                messages=[{"role": role, "content": content} for role, content in messages],
+                add_generation_prompt=add_generation_prompt,
+                tools=None,
+                documents=None,
+                **self._special_tokens,
+            )
+        except jinja2.TemplateError:
+            # The template's own message may quote the conversation; keep it out of errors that get logged.
+            raise ChatTemplateError("the model's chat template rejected these messages") from None

@@ -1,0 +1,288 @@
+"""Reads a model directory (cheapest.model_layout) and opens it on the best execution provider.
+
+Directories written by `cheapest model convert` say in config.json how each graph must be driven; exports made
+elsewhere are inspected instead (a GroupQueryAttention node means a right-padded shared KV buffer, anything
+else a plain concatenating cache).
+
+Only metadata is logged: model id, provider, thread count, graph file.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import msgspec
+import onnx
+import onnxruntime as ort
+
+from cheapest.engine.types import EngineError
+from cheapest.model_layout import (
+    CONFIG, FUSED_GRAPH, GENERATION_CONFIG, ONNX_DIR, REFERENCE_GRAPH, TOKENIZER, TOKENIZER_CONFIG, GenerationConfig,
+    GraphContract, ModelConfig, token_ids,
+)
+
+log = logging.getLogger("cheapest.engine")
+
+KvLayout = Literal["shared_buffer", "concat"]
+
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+
+# Served graph first; the fp32 reference graph only when nothing else is there.
+_GRAPH_PREFERENCE = (Path(FUSED_GRAPH).name, "model_q4.onnx", "model_int4.onnx", "model_quantized.onnx",
+                     "model_fp16.onnx")
+_REFERENCE_GRAPH = Path(REFERENCE_GRAPH).name
+
+
+class IncrementalDecoder(Protocol):
+    def push(self, id: int) -> str: ...
+    def flush(self) -> str: ...
+
+
+class Tokenizer(Protocol):
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str: ...
+    def decoder(self, skip_special_tokens: bool = False) -> IncrementalDecoder: ...
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    model_dir: Path
+    model_id: str
+    graph_path: Path
+    context_length: int
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    eos_token_ids: frozenset[int]
+    bos_token_id: int | None
+    kv_layout: KvLayout
+    tokenizer_config: dict[str, Any] = field(repr=False)
+    generation_config: dict[str, Any] = field(repr=False)
+
+
+def _read_bytes(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise EngineError(f"cannot read {path.name} in the model directory") from e
+
+
+def _decode(path: Path, data: bytes, kind: type[Any]) -> Any:
+    try:
+        return msgspec.json.decode(data, type=kind)
+    except msgspec.ValidationError as e:
+        raise EngineError(f"{path.name} in the model directory lacks the model dimensions") from e
+    except msgspec.DecodeError as e:
+        raise EngineError(f"{path.name} in the model directory is not a JSON object") from e
+
+
+def _read_dict(path: Path) -> dict[str, Any]:
+    """tokenizer_config.json: free-form (the chat template reads any special-token key)."""
+    data = _read_bytes(path)
+    if data is None:
+        return {}
+    value = _decode(path, data, dict[str, Any])
+    assert isinstance(value, dict)
+    return value
+
+
+def choose_graph(model_dir: Path, graph: str | None = None) -> Path:
+    onnx_dir = model_dir / ONNX_DIR
+    if graph is not None:
+        path = onnx_dir / graph
+        if not path.is_file():
+            raise EngineError(f"graph {graph} not found in the model directory")
+        return path
+    for name in _GRAPH_PREFERENCE:
+        if (onnx_dir / name).is_file():
+            return onnx_dir / name
+    others = sorted(p for p in onnx_dir.glob("model*.onnx") if p.name != _REFERENCE_GRAPH)
+    if others:
+        return others[0]
+    if (onnx_dir / _REFERENCE_GRAPH).is_file():
+        return onnx_dir / _REFERENCE_GRAPH
+    raise EngineError("no onnx/model*.onnx in the model directory")
+
+
+def _graph_has_op(graph_path: Path, op_type: str) -> bool:
+    model = onnx.load(str(graph_path), load_external_data=False)
+    return any(node.op_type == op_type for node in model.graph.node)
+
+
+def read_model_dir(model_dir: str | os.PathLike[str], *, graph: str | None = None) -> ModelSpec:
+    model_dir = Path(model_dir)
+    raw_config = _read_bytes(model_dir / CONFIG)
+    if raw_config is None:
+        raise EngineError("the model directory has no config.json")
+    config: ModelConfig = _decode(model_dir / CONFIG, raw_config, ModelConfig)
+    raw_generation = _read_bytes(model_dir / GENERATION_CONFIG)
+    generation: GenerationConfig = (GenerationConfig() if raw_generation is None
+                                    else _decode(model_dir / GENERATION_CONFIG, raw_generation, GenerationConfig))
+    graph_path = choose_graph(model_dir, graph)
+    ours = config.cheapest
+    model_id = (ours.model_id if ours is not None else None) or config.name_or_path or model_dir.name
+    bos = token_ids(generation.bos_token_id) or token_ids(config.bos_token_id)
+    spec = ModelSpec(
+        model_dir=model_dir,
+        model_id=model_id.rsplit("/", 1)[-1],
+        graph_path=graph_path,
+        context_length=config.max_position_embeddings or 2048,
+        num_layers=config.num_hidden_layers,
+        num_kv_heads=config.num_key_value_heads or config.num_attention_heads,
+        head_dim=config.head_dim or config.hidden_size // config.num_attention_heads,
+        vocab_size=config.vocab_size,
+        eos_token_ids=frozenset(token_ids(generation.eos_token_id) | token_ids(config.eos_token_id)),
+        bos_token_id=min(bos) if bos else None,
+        kv_layout=_kv_layout(ours.graphs if ours is not None else {}, model_dir, graph_path),
+        tokenizer_config=_read_dict(model_dir / TOKENIZER_CONFIG),
+        generation_config=msgspec.to_builtins(generation),
+    )
+    if not (model_dir / TOKENIZER).is_file():
+        raise EngineError("the model directory has no tokenizer.json")
+    return spec
+
+
+def _kv_layout(graphs: dict[str, GraphContract], model_dir: Path, graph_path: Path) -> KvLayout:
+    declared = graphs.get(graph_path.relative_to(model_dir).as_posix())
+    if declared is not None:
+        return "shared_buffer" if declared.kv_padding == "right" else "concat"
+    return "shared_buffer" if _graph_has_op(graph_path, "GroupQueryAttention") else "concat"
+
+
+# --- tokenizer ------------------------------------------------------------------------------------------------
+
+
+class _TextDiffDecoder:
+    """Streaming detokenization for the `tokenizers` fallback (cheapest_core.Tokenizer.decoder() is the fast
+    path). It decodes everything generated so far at each token and emits what is new, holding back trailing
+    U+FFFD (an incomplete UTF-8 sequence that later bytes may complete), so the pieces add up to exactly
+    decode(all ids). O(n) per token: fine for a fallback, which is why the core's decoder exists."""
+
+    def __init__(self, tokenizer: Any, skip_special_tokens: bool) -> None:
+        self._tok = tokenizer
+        self._skip = skip_special_tokens
+        self._ids: list[int] = []
+        self._emitted = 0  # characters of the full decode already handed out
+
+    def push(self, id: int) -> str:
+        self._ids.append(id)
+        text = str(self._tok.decode(self._ids, skip_special_tokens=self._skip)).rstrip("\ufffd")
+        if len(text) <= self._emitted:
+            return ""
+        piece, self._emitted = text[self._emitted :], len(text)
+        return piece
+
+    def flush(self) -> str:
+        text = str(self._tok.decode(self._ids, skip_special_tokens=self._skip))
+        piece, self._emitted = text[self._emitted :], len(text)
+        return piece
+
+
+class _HfTokenizer:
+    """Adapter over the `tokenizers` package with cheapest_core.Tokenizer's interface."""
+
+    def __init__(self, path: Path) -> None:
+        import tokenizers
+
+        self._tok = tokenizers.Tokenizer.from_file(str(path))
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(self._tok.encode(text, add_special_tokens=add_special_tokens).ids)
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        return str(self._tok.decode(ids, skip_special_tokens=skip_special_tokens))
+
+    def decoder(self, skip_special_tokens: bool = False) -> IncrementalDecoder:
+        return _TextDiffDecoder(self._tok, skip_special_tokens)
+
+
+def load_tokenizer(model_dir: Path) -> Tokenizer:
+    path = model_dir / TOKENIZER
+    try:
+        from cheapest_core import Tokenizer as CoreTokenizer
+    except ImportError:
+        return _HfTokenizer(path)
+    tokenizer: Tokenizer = CoreTokenizer.from_file(str(path))
+    return tokenizer
+
+
+# --- execution providers and sessions -------------------------------------------------------------------------
+
+
+def cuda_device_count() -> int:
+    """GPUs the CUDA driver sees (0 without a driver), asked without loading ONNX Runtime's CUDA provider."""
+    try:
+        lib = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return 0
+    count = ctypes.c_int(0)
+    if lib.cuInit(0) != 0 or lib.cuDeviceGetCount(ctypes.byref(count)) != 0:
+        return 0
+    return count.value
+
+
+def choose_providers(requested: Sequence[str] | None = None) -> list[str]:
+    available = ort.get_available_providers()
+    if requested:
+        missing = [p for p in requested if p not in available]
+        if missing:
+            raise EngineError(f"execution provider not available: {', '.join(missing)}")
+        return list(requested)
+    if CUDA in available and cuda_device_count() > 0:
+        return [CUDA, CPU]
+    return [CPU]
+
+
+def default_threads() -> int:
+    """Physical cores are what matmul threads scale with; hyperthreads only add contention."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    return max(1, cores)
+
+
+SPIN_US = 50  # see session_options
+
+
+def session_options(threads: int | None, *, spin_us: int = SPIN_US) -> ort.SessionOptions:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads or default_threads()
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3  # ORT's warnings name nodes and shapes only, but keep the service log quiet
+    # A decode step is ~200 short parallel sections. Pool threads that sleep between them pay a wake-up each
+    # (SmolLM2, 2 cores, idle box: 16.9 ms/step sleeping vs 11.3 ms spinning up to 50 us); spinning without a
+    # bound starves everything else on a busy box (8 vs 45-50 tok/s beside a ~1.9-core job). Bounded at
+    # 50 us, beside one busy core: 21.9 vs 17.4 ms/step. spin_us=0: pool threads always sleep.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin_us > 0 else "0")
+    if spin_us > 0:
+        opts.add_session_config_entry("session.intra_op.spin_duration_us", str(int(spin_us)))
+    return opts
+
+
+def open_session(spec: ModelSpec, *, threads: int | None = None, providers: Iterable[str] | None = None,
+                 spin_us: int = SPIN_US) -> ort.InferenceSession:
+    chosen = choose_providers(list(providers) if providers is not None else None)
+    try:
+        session = ort.InferenceSession(str(spec.graph_path), sess_options=session_options(threads, spin_us=spin_us),
+                                       providers=chosen)
+    except Exception as e:  # ORT raises its own exception types; surface a generic engine failure
+        raise EngineError("the model graph could not be loaded") from e
+    log.info(
+        "model loaded: id=%s provider=%s threads=%d graph=%s kv=%s",
+        spec.model_id, session.get_providers()[0], threads or default_threads(), spec.graph_path.name,
+        spec.kv_layout,
+    )
+    return session

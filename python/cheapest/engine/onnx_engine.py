@@ -1,0 +1,202 @@
+"""The ONNX Runtime engine: one loaded model directory shared by every request of the process.
+
+`generate` hands a sequence to the scheduler thread (batching.py) and awaits its output on the request's
+event loop; nothing here blocks the loop. Per-token text handling (incremental UTF-8-safe detokenization,
+stop strings held back until they can no longer match, EOS, max_tokens) runs in the scheduler thread, and
+each result is passed to the loop with `call_soon_threadsafe`.
+
+Text never leaves memory: errors carry token counts or generic messages only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncGenerator, Callable, Iterable, Sequence
+from typing import Any
+
+from cheapest.engine.batching import Scheduler
+from cheapest.engine.batching import Sequence as BatchSequence
+from cheapest.engine.chat import ChatTemplate
+from cheapest.engine.loader import CPU, SPIN_US, IncrementalDecoder, ModelSpec, Tokenizer, load_tokenizer, \
+    open_session, read_model_dir
+from cheapest.engine.runner import ConcatKv, KvRunner, SharedBufferKv
+from cheapest.engine.sampling import Sampler
+from cheapest.engine.types import ContextLengthError, Delta, EngineError, Finish, FinishReason, SamplingParams
+
+_CLOSED = "the engine is closed"
+
+
+class StopText:
+    """Streams text while withholding anything that might be the start of a stop string."""
+
+    __slots__ = ("_stops", "_held")
+
+    def __init__(self, stops: Iterable[str]) -> None:
+        self._stops = tuple(s for s in stops if s)
+        self._held = ""
+
+    def push(self, text: str) -> tuple[str, bool]:
+        """(text safe to emit, stop string found). After a stop, the text from the stop on is dropped."""
+        if not self._stops:
+            return text, False
+        text = self._held + text
+        cut = min((i for i in (text.find(s) for s in self._stops) if i >= 0), default=-1)
+        if cut >= 0:
+            self._held = ""
+            return text[:cut], True
+        keep = 0
+        for stop in self._stops:
+            # The longest suffix of `text` that is a proper prefix of `stop`.
+            for n in range(min(len(stop) - 1, len(text)), keep, -1):
+                if text.endswith(stop[:n]):
+                    keep = n
+                    break
+        self._held = text[len(text) - keep :] if keep else ""
+        return text[: len(text) - keep], False
+
+    def flush(self) -> str:
+        held, self._held = self._held, ""
+        return held
+
+
+class _Output:
+    """One sequence's token -> text pipeline; called by the scheduler thread."""
+
+    def __init__(self, decoder: IncrementalDecoder, params: SamplingParams, eos: frozenset[int], budget: int,
+                 deliver: Callable[[Delta | Finish | BaseException], None]) -> None:
+        self._decoder = decoder
+        self._stop = StopText(params.stop)
+        self._eos = eos
+        self._budget = budget
+        self._deliver = deliver
+        self._count = 0
+
+    def accept(self, token: int) -> bool:
+        self._count += 1
+        if token in self._eos:  # EOS ends the text; its own text is never shown
+            return self._finish("stop", "", self._decoder.flush())
+        text, stopped = self._stop.push(self._decoder.push(token))
+        if stopped:
+            return self._finish("stop", text, None)
+        if self._count >= self._budget:
+            return self._finish("length", text, self._decoder.flush())
+        self._deliver(Delta(text, self._count))
+        return False
+
+    def _finish(self, reason: FinishReason, text: str, tail: str | None) -> bool:
+        if tail is not None:  # the decoder's last bytes may still complete a stop string
+            more, stopped = self._stop.push(tail)
+            text += more if stopped else more + self._stop.flush()
+            reason = "stop" if stopped else reason
+        self._deliver(Delta(text, self._count))
+        self._deliver(Finish(reason, self._count))
+        return True
+
+
+class OnnxEngine:
+    instant = False  # generation runs in the scheduler thread; the request's loop awaits each token
+
+    def __init__(self, spec: ModelSpec, tokenizer: Tokenizer, runner: KvRunner, provider: str) -> None:
+        self.model_id = spec.model_id
+        self.context_length = spec.context_length
+        self.provider = provider
+        self.spec = spec
+        self.tokenizer = tokenizer
+        self._runner = runner
+        self._template: ChatTemplate | None = None
+        # A base model (Gemma 3 270M) has none: render_chat raises NoChatTemplateError, completions still work.
+        self.has_chat_template = ChatTemplate.present(spec.tokenizer_config)
+        self._scheduler = Scheduler(runner)
+
+    # --- text ---------------------------------------------------------------------------------------------------
+
+    def render_chat(self, messages: Sequence[tuple[str, str]]) -> str:
+        if self._template is None:
+            self._template = ChatTemplate.from_tokenizer_config(self.spec.tokenizer_config)
+        return self._template.render(messages)
+
+    def encode(self, text: str) -> list[int]:
+        # The rendered template already holds its special tokens (BOS included where the model wants it).
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids)
+
+    # --- generation ---------------------------------------------------------------------------------------------
+
+    @property
+    def active_sequences(self) -> int:
+        return self._scheduler.active + self._scheduler.waiting
+
+    @property
+    def decode_steps(self) -> int:
+        return self._scheduler.steps
+
+    @property
+    def prefill_runs(self) -> int:
+        return self._scheduler.prefill_runs
+
+    async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncGenerator[Delta | Finish, None]:
+        if not prompt_ids:  # an empty completion prompt: start from BOS, as the model was trained to
+            if self.spec.bos_token_id is None:
+                raise EngineError("the prompt has no tokens and the model has no BOS token")
+            prompt_ids = [self.spec.bos_token_id]
+        if len(prompt_ids) >= self.context_length:
+            raise ContextLengthError(len(prompt_ids), self.context_length)
+        if params.max_tokens < 1:
+            yield Finish("length", 0)
+            return
+        vocab = self.spec.vocab_size
+        if any(not 0 <= t < vocab for t in prompt_ids):
+            raise EngineError("prompt token id out of range")
+        sampler = Sampler(params)
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Delta | Finish | BaseException] = asyncio.Queue()
+
+        def deliver(item: Delta | Finish | BaseException) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, item)  # RuntimeError once the loop is gone: dropped
+
+        budget = min(params.max_tokens, self.context_length - len(prompt_ids))
+        output = _Output(self.tokenizer.decoder(), params, self.spec.eos_token_ids, budget, deliver)
+        seq = BatchSequence(list(prompt_ids), sampler, output.accept, deliver)
+        try:
+            self._scheduler.submit(seq)
+        except RuntimeError:
+            raise EngineError(_CLOSED) from None
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    message = _CLOSED if str(item) == _CLOSED else "inference failed"
+                    raise EngineError(message) from None
+                yield item
+                if isinstance(item, Finish):
+                    return
+        finally:
+            seq.cancel()
+            self._scheduler.wake()
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self._scheduler.close)
+
+
+def load_engine(model_dir: str | os.PathLike[str], *, threads: int | None = None,
+                providers: Sequence[str] | None = None, max_batch: int | None = None,
+                graph: str | None = None, spin_us: int = SPIN_US, **runner_options: Any) -> OnnxEngine:
+    """Open a model directory. `graph` picks a file under onnx/ (default: the served graph, model.onnx).
+    `spin_us`: how long idle ONNX Runtime pool threads spin before sleeping (0 = never spin; see loader.py)."""
+    spec = read_model_dir(model_dir, graph=graph)
+    session = open_session(spec, threads=threads, providers=providers, spin_us=spin_us)
+    provider = session.get_providers()[0]
+    try:
+        runner: KvRunner
+        if spec.kv_layout == "shared_buffer":
+            device = "cpu" if provider == CPU else "cuda"
+            runner = SharedBufferKv(session, spec, max_batch or (16 if device == "cpu" else 64), device=device,
+                                    **runner_options)
+        else:
+            runner = ConcatKv(session, spec, max_batch or 16)
+    except ValueError as e:
+        raise EngineError("the model graph does not match the model directory") from e
+    return OnnxEngine(spec, load_tokenizer(spec.model_dir), runner, provider)

@@ -1,0 +1,79 @@
+"""The contract between the engine and the HTTP layer.
+
+The HTTP layer only knows these types; the ONNX engine (`onnx_engine.py`) and
+the instant fixed-output model used by the gateway benchmark both implement
+`Engine`. Text in these objects lives for one request and is never logged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, Sequence
+from typing import Literal, Protocol
+
+import msgspec
+
+FinishReason = Literal["stop", "length"]
+
+
+class SamplingParams(msgspec.Struct, frozen=True):
+    max_tokens: int
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    seed: int | None = None
+    stop: tuple[str, ...] = ()  # matched across token boundaries, never emitted
+
+
+class Delta(msgspec.Struct, frozen=True):
+    """New completion text (may be "" when a token ends mid-character or may start a stop string)."""
+
+    text: str
+    completion_tokens: int  # cumulative
+
+
+class Finish(msgspec.Struct, frozen=True):
+    reason: FinishReason
+    completion_tokens: int
+
+
+class ContextLengthError(ValueError):
+    """The prompt (plus requested max_tokens where the caller checks it) does not fit the model's context.
+
+    The message carries token counts only, never text."""
+
+    def __init__(self, prompt_tokens: int, context_length: int) -> None:
+        super().__init__(
+            f"This model's maximum context length is {context_length} tokens; "
+            f"the prompt has {prompt_tokens} tokens."
+        )
+        self.prompt_tokens = prompt_tokens
+        self.context_length = context_length
+
+
+class EngineError(RuntimeError):
+    """Inference failed; the message is generic and carries no request text."""
+
+
+class Engine(Protocol):
+    model_id: str  # e.g. "SmolLM2-135M-Instruct"
+    context_length: int
+    provider: str  # "CUDAExecutionProvider" / "CPUExecutionProvider" / "fixed"
+    # True when `generate` never suspends (it yields everything at once): the HTTP layer then need not watch
+    # for a client that goes away during generation.
+    instant: bool
+
+    def render_chat(self, messages: Sequence[tuple[str, str]]) -> str:
+        """(role, content) pairs -> prompt text via the model's chat template (sandboxed Jinja)."""
+        ...
+
+    def encode(self, text: str) -> list[int]:
+        """Prompt text -> token ids (special tokens in the rendered template are honoured)."""
+        ...
+
+    def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncGenerator[Delta | Finish, None]:
+        """Yields Delta items then exactly one Finish. Raises ContextLengthError before any work if the
+        prompt does not fit. Runs off the event loop; if the consumer stops iterating (aclose() or task
+        cancellation), the sequence leaves the batch at the next decode step."""
+        ...
+
+    async def close(self) -> None: ...

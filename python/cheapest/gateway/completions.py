@@ -1,0 +1,110 @@
+"""Chat and text completions, apart from their wire format: which engine serves the request, the prompt's
+tokens, the sampling parameters within the model's context, and collecting a whole answer.
+
+Prompt and completion text pass through here in memory only; no message built here carries any of it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, Sequence
+
+from cheapest.api.chat import ChatCompletionRequest
+from cheapest.api.completions import CompletionRequest
+from cheapest.gateway.admission import Admission, Admissions
+from cheapest.gateway.auth import Caller
+from cheapest.gateway.errors import Refusal
+from cheapest.engine.types import (
+    ContextLengthError, Delta, Engine, EngineError, Finish, FinishReason, SamplingParams,
+)
+
+_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+
+
+def serving_engine(engine: Engine | None, caller: Caller, model: str) -> Engine:
+    """The engine that serves `model` to this caller (a key may be limited to some models)."""
+    if engine is None:
+        raise Refusal("unavailable", "The model is still loading; retry shortly.", code="not_ready")
+    if model != engine.model_id or not may_use(caller, engine.model_id):
+        # The requested name is not echoed: it is request text.
+        raise Refusal("not_found", "The requested model does not exist or you do not have access to it.", param="model",
+                      code="model_not_found")
+    return engine
+
+
+def may_use(caller: Caller, model: str) -> bool:
+    return caller.key.models is None or model in caller.key.models
+
+
+def prompt_ids(engine: Engine, request: ChatCompletionRequest | CompletionRequest) -> list[int]:
+    """The prompt's token ids: chat messages through the model's chat template, or the text prompt."""
+    if request.n != 1:
+        raise Refusal("invalid_request", "Only n=1 is supported.", param="n", code="invalid_value")
+    if isinstance(request, ChatCompletionRequest):
+        messages: Sequence[tuple[str, str]] = [(_ROLES[m.role], m.text()) for m in request.messages]
+        try:
+            prompt = engine.render_chat(messages)
+        except Exception:
+            raise Refusal("invalid_request", "The messages cannot be rendered with this model's chat template "
+                          "(check the order of roles).", param="messages", code="invalid_messages") from None
+    else:
+        prompt = request.prompt
+    return engine.encode(prompt)
+
+
+def requested_tokens(request: ChatCompletionRequest | CompletionRequest) -> int | None:
+    if isinstance(request, ChatCompletionRequest) and request.max_completion_tokens is not None:
+        return request.max_completion_tokens
+    return request.max_tokens
+
+
+def sampling(engine: Engine, default_max_tokens: int, prompt_tokens: int,
+             request: ChatCompletionRequest | CompletionRequest) -> SamplingParams:
+    """Sampling parameters; the prompt and the completion budget must fit the model's context."""
+    ctx = engine.context_length
+    if prompt_tokens >= ctx:
+        raise Refusal("invalid_request", str(ContextLengthError(prompt_tokens, ctx)), param="messages",
+                      code="context_length_exceeded")
+    requested = requested_tokens(request)
+    if requested is not None and prompt_tokens + requested > ctx:
+        raise Refusal("invalid_request", f"This model's maximum context length is {ctx} tokens; you requested "
+                      f"{prompt_tokens + requested} tokens ({prompt_tokens} in the prompt, {requested} for "
+                      f"the completion).", param="max_tokens", code="context_length_exceeded")
+    max_tokens = requested if requested is not None else min(default_max_tokens, ctx - prompt_tokens)
+    stop = request.stop
+    stops = () if stop is None else (stop,) if isinstance(stop, str) else tuple(s for s in stop if s)
+    return SamplingParams(max_tokens=max_tokens, temperature=1.0 if request.temperature is None else
+                          request.temperature, top_p=1.0 if request.top_p is None else request.top_p,
+                          seed=request.seed, stop=stops)
+
+
+def engine_refusal(exc: ContextLengthError | EngineError) -> Refusal:
+    """What a failure inside generation tells the client (the engine's messages carry no text)."""
+    if isinstance(exc, ContextLengthError):
+        return Refusal("invalid_request", str(exc), param="messages", code="context_length_exceeded")
+    return Refusal("model_failed", "The model failed while generating.", code="engine_error")
+
+
+async def collect(admissions: Admissions, engine: Engine, admission: Admission, ids: list[int],
+                  params: SamplingParams) -> tuple[str, FinishReason]:
+    """The whole completion. However it ends (an answer, a failure, cancellation because the client went away),
+    the tokens generated so far are metered, once."""
+    gen: AsyncGenerator[Delta | Finish, None] = engine.generate(ids, params)
+    parts: list[str] = []
+    reason: FinishReason = "stop"
+    n = 0
+    try:
+        async for item in gen:
+            n = item.completion_tokens
+            if type(item) is Delta:
+                parts.append(item.text)
+            else:
+                assert isinstance(item, Finish)
+                reason = item.reason
+        return "".join(parts), reason
+    except (ContextLengthError, EngineError) as exc:
+        raise engine_refusal(exc) from None
+    finally:
+        admission.completion_tokens = n
+        if getattr(gen, "ag_frame", True) is not None:  # a finished async generator has nothing to close
+            await gen.aclose()
+        admissions.settle(admission)

@@ -1,0 +1,121 @@
+"""What one worker process holds, opened after it starts (never in a server master, never across a fork): the
+store, the shared rate limiter, the usage meter, the retention job, the gateway (with its caches and payment
+clients), the engine, the response-id buffer, the request log and the documents it serves.
+
+The engine comes from a factory named by `model_backend`: "onnx" (the built-in ONNX Runtime engine) or
+"module:callable", `factory(settings: EngineSettings, add_route) -> Engine`, imported in the worker. A factory
+may add routes of its own to this worker's router through `add_route` (they are not in the OpenAPI document).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+import threading
+from collections.abc import Callable
+
+import cheapest_core
+
+from cheapest.config import EngineSettings, Settings
+from cheapest.gateway import Gateway
+from cheapest.engine.types import Engine
+from cheapest.privacy.retention import PeriodicRetention
+from cheapest.server.accesslog import RequestLog
+from cheapest.server.ids import ResponseIds
+from cheapest.server.routes import Route
+from cheapest.store import Store, open_configured_store
+from cheapest.store.metering import UsageMeter
+from cheapest.store.secrets import load_pepper
+
+log = logging.getLogger("cheapest.server")
+
+AddRoute = Callable[[Route], None]
+EngineFactory = Callable[[EngineSettings, AddRoute], Engine]
+
+
+def load_onnx_engine(settings: EngineSettings, add_route: AddRoute) -> Engine:
+    """The built-in backend ("onnx"): a model directory in the Hugging Face ONNX layout."""
+    from cheapest.engine.onnx_engine import load_engine
+
+    return load_engine(settings.model_dir, threads=settings.model_threads or None, spin_us=settings.model_spin_us)
+
+
+def engine_factory(settings: EngineSettings) -> EngineFactory:
+    """`model_backend`: "onnx", or "module:callable" naming another factory (imported here, in the worker)."""
+    if settings.model_backend == "onnx":
+        return load_onnx_engine
+    module, _, name = settings.model_backend.partition(":")
+    factory: EngineFactory = getattr(importlib.import_module(module), name)
+    return factory
+
+
+def _operator_log() -> None:
+    """Send the service's own metadata-only log lines (model loaded, provider, failures by type) to stderr.
+
+    Granian configures only its own loggers; without this, `cheapest.*` INFO lines would vanish. Request
+    metadata lines go to stdout separately (accesslog.RequestLog)."""
+    logger = logging.getLogger("cheapest")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("[%(levelname)s] %(name)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
+class WorkerState:
+    def __init__(self, settings: Settings, add_route: AddRoute) -> None:
+        from cheapest.privacy.hardening import disable_core_dumps
+
+        disable_core_dumps()  # this process will hold prompts and completions in memory
+        _operator_log()
+        self.settings = settings
+        data = settings.data_path
+        data.mkdir(parents=True, exist_ok=True)
+        self.store: Store = open_configured_store(settings.store)
+        self.meter = UsageMeter(self.store, settings.store.usage_flush_interval)
+        self.meter.start()
+        self.retention = PeriodicRetention(self.store, data, settings.store.retention_interval)
+        self.retention.start()
+        limiter = cheapest_core.RateLimiter(str(data / "ratelimit.bin"), settings.store.ratelimit_capacity)
+        self.gateway = Gateway(settings, self.store, load_pepper(data, settings.store.key_pepper), limiter,
+                               self.meter)
+        self.ids = ResponseIds()
+        self.request_log = RequestLog()
+        self.openapi: bytes | None = None  # the OpenAPI document, encoded on first request
+        self.plans: bytes | None = None  # the public plan catalog, encoded on first request
+        self.engine: Engine | None = None
+        self.engine_failed = False
+        self._add_route = add_route
+        self._engine_lock = threading.Lock()
+
+    def load_engine(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        """Load the engine in a thread (/readyz says when it is ready); without a loop, now."""
+        if loop is None:
+            self._load()
+        else:
+            loop.run_in_executor(None, self._load)
+
+    def _load(self) -> None:
+        with self._engine_lock:
+            if self.engine is not None:
+                return
+            try:
+                settings = self.settings.engine
+                self.engine = engine_factory(settings)(settings, self._add_route)
+            except Exception as exc:
+                self.engine_failed = True
+                log.error("model failed to load: %s", type(exc).__name__)
+                raise
+
+    def close(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        self.request_log.flush()
+        self.retention.stop()
+        self.meter.stop()
+        if self.engine is not None and loop is not None and not loop.is_closed():
+            try:
+                loop.run_until_complete(self.engine.close())
+            except Exception:
+                log.exception("engine close failed")
+        self.store.close()

@@ -1,0 +1,30 @@
+"""The store's settings (the `[store]` section of the configuration): where the host's state lives and how it
+is kept - the data directory, the LMDB map size, the shared rate-limit table, the key pepper, flush and
+retention intervals."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import msgspec
+
+from cheapest.store.secrets import MIN_PEPPER_BYTES
+
+
+class StoreSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    data_dir: str = ""  # "" = ~/.local/share/cheapest
+    lmdb_map_size: int = 1 << 30
+    ratelimit_capacity: int = 65536  # distinct keys the shared rate-limit table holds
+    key_pepper: str = ""  # "" = generated once into <data>/secrets/pepper
+    usage_flush_interval: float = 1.0  # seconds between a worker's usage flushes (the most `kill -9` can lose)
+    retention_interval: float = 3600.0  # seconds between in-server retention runs (0 = off)
+
+    def __post_init__(self) -> None:
+        data = self.data_dir or str(Path.home() / ".local" / "share" / "cheapest")
+        msgspec.structs.force_setattr(self, "data_dir", str(Path(data).expanduser()))
+        if self.key_pepper and len(self.key_pepper.encode()) < MIN_PEPPER_BYTES:
+            raise ValueError(f"key_pepper must be at least {MIN_PEPPER_BYTES} bytes")
+
+    @property
+    def data_path(self) -> Path:
+        return Path(self.data_dir)

@@ -1,0 +1,116 @@
+"""An instant fixed-output engine plugin: the gateway benchmark's model and the API tests' default.
+
+Servers load it with `model_backend = "fixed_engine:load"` (this folder on PYTHONPATH); its options come from
+`[engine.model_options]` / `CHEAPEST_MODEL_OPTION_<NAME>`: `text` (the completion), `tokens` (completion length in
+words, cycling the text; 0 = the text once), `delay` (seconds per word, to observe streaming and disconnects),
+`fail_seed` (a request with this seed fails after its first token).
+
+It also adds one route to each worker that loads it, `GET /_test/process`: the worker's pid and its core-dump
+settings as the kernel reports them to the process itself (prctl(PR_GET_DUMPABLE) is not visible from outside to
+a root test runner), so tests can tell which worker answered. A server with any other backend has no such route.
+
+It speaks the same `Engine` contract as the ONNX engine: a ChatML prompt, one token per whitespace-separated
+word, the configured text as completion, `max_tokens` -> "length", stop strings honoured.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import resource
+from collections.abc import AsyncGenerator, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from cheapest.config import DEFAULT_MODEL, EngineSettings
+from cheapest.engine.types import ContextLengthError, Delta, EngineError, Finish, SamplingParams
+from cheapest.privacy.hardening import PR_GET_DUMPABLE, _libc
+from cheapest.server.request import Request, Response, json_response
+from cheapest.server.routes import Route
+
+
+class FixedOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    text: str = "The capital of France is Paris."
+    tokens: int = 0
+    delay: float = 0.0
+    fail_seed: int | None = None
+
+
+def load(settings: EngineSettings, add_route: Callable[[Route], None]) -> FixedEngine:
+    """The engine factory `model_backend` names: the model id is the model directory's name."""
+    opts = msgspec.convert(settings.model_options, FixedOptions, strict=False)
+    add_route(Route("GET", "/_test/process", process_info, "This worker's pid and core-dump settings"))
+    return FixedEngine(Path(settings.model_dir).name or DEFAULT_MODEL, opts.text, tokens=opts.tokens,
+                       delay=opts.delay, fail_seed=opts.fail_seed)
+
+
+async def process_info(state: Any, req: Request) -> Response:
+    soft, hard = resource.getrlimit(resource.RLIMIT_CORE)
+    body = {"pid": os.getpid(), "rlimit_core": [soft, hard], "dumpable": _libc().prctl(PR_GET_DUMPABLE, 0, 0, 0, 0)}
+    return json_response(msgspec.json.encode(body))
+
+
+class FixedEngine:
+    provider = "fixed"
+
+    def __init__(self, model_id: str, text: str, *, context_length: int = 8192, tokens: int = 0,
+                 delay: float = 0.0, fail_seed: int | None = None) -> None:
+        self.model_id = model_id
+        self.context_length = context_length
+        words = text.split(" ")
+        self._pieces = [w if i == 0 else " " + w for i, w in enumerate(words)]
+        self._tokens = tokens or len(self._pieces)
+        self._delay = delay
+        # A request with this seed fails after its first token, to prove an engine failure answers generically
+        # and leaves no request text behind.
+        self._fail_seed = fail_seed
+        self.instant = delay == 0  # answers without ever suspending: the HTTP layer need not watch for disconnects
+
+    def render_chat(self, messages: Sequence[tuple[str, str]]) -> str:
+        body = "".join(f"<|im_start|>{role}\n{content}<|im_end|>\n" for role, content in messages)
+        return body + "<|im_start|>assistant\n"
+
+    def encode(self, text: str) -> list[int]:
+        return [len(w) for w in text.split()]
+
+    async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncGenerator[Delta | Finish, None]:
+        if len(prompt_ids) >= self.context_length:
+            raise ContextLengthError(len(prompt_ids), self.context_length)
+        budget = min(params.max_tokens, self.context_length - len(prompt_ids))
+        if not params.stop and not self._delay and (self._fail_seed is None or params.seed != self._fail_seed):
+            # The common case (no stop strings, no delay, no injected failure): the same items as the loop
+            # below, without its per-token bookkeeping.
+            pieces, count = self._pieces, min(self._tokens, budget)
+            if count <= len(pieces):
+                for n in range(count):
+                    yield Delta(pieces[n], n + 1)
+            else:
+                k = len(pieces)
+                for n in range(count):
+                    yield Delta(pieces[n % k], n + 1)
+            yield Finish("stop", count) if count == self._tokens else Finish("length", count)
+            return
+        text = ""
+        for n in range(1, self._tokens + 1):
+            if n > budget:
+                yield Finish("length", n - 1)
+                return
+            if self._delay:
+                await asyncio.sleep(self._delay)
+            piece = self._pieces[(n - 1) % len(self._pieces)]
+            if params.stop:
+                cut = min((i for i in ((text + piece).find(s) for s in params.stop) if i >= 0), default=-1)
+                if cut >= 0:
+                    yield Delta((text + piece)[len(text):cut], n)
+                    yield Finish("stop", n)
+                    return
+            text += piece
+            yield Delta(piece, n)
+            if self._fail_seed is not None and params.seed == self._fail_seed:
+                raise EngineError("injected failure")
+        yield Finish("stop", self._tokens)
+
+    async def close(self) -> None:
+        return None

@@ -1,0 +1,181 @@
+"""The gateway without HTTP: authentication (and its epoch-checked cache), the one admission decision (standing,
+budgets, credits, rate limits), settlement exactly once, and a whole generation collected and metered."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+
+import msgspec
+import pytest
+from cheapest_core import RateLimiter
+
+from cheapest.config import PlanConfig, PriceConfig, Settings
+from cheapest.gateway import Gateway
+from cheapest.gateway.completions import collect
+from cheapest.gateway.errors import Refusal
+from cheapest.engine.types import SamplingParams
+from cheapest.store import KeyLimits, accounts, open_store
+from cheapest.store.metering import UsageMeter
+from fixed_engine import FixedEngine
+
+PEPPER = b"p" * 32
+MODEL = "m"
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> Iterator[SimpleNamespace]:
+    plans = {"free": PlanConfig(rpm=2, tpm=100), "sub": PlanConfig(rpm=10, tpm=1000, price_usd_month=5.0),
+             "payg": PlanConfig(rpm=10, tpm=1000, funding="credits"),
+             "capped": PlanConfig(rpm=10, tpm=1000, budget_usd=0.000002, budget_window="1d")}
+    settings = Settings(plans=plans, prices={MODEL: PriceConfig(prompt_usd_per_mtok=1.0, completion_usd_per_mtok=1.0)})
+    store = open_store(tmp_path)
+    meter = UsageMeter(store, interval=3600)  # flushed by hand
+    limiter = RateLimiter(str(tmp_path / "ratelimit.bin"), 1024)
+
+    def gateway() -> Gateway:  # another worker: its own caches over the same store and limiter
+        return Gateway(settings, store, PEPPER, limiter, meter)
+
+    def account(plan: str = "free", **key: object) -> tuple[str, str, str]:
+        acct, mk = accounts.create_account(store, f"{time.monotonic_ns()}@example.test", plan, PEPPER)
+        record, sk = accounts.create_key(store, acct.id, "sk", "k", PEPPER, **key)  # type: ignore[arg-type]
+        return acct.id, f"Bearer {sk}", f"Bearer {mk}"
+
+    yield SimpleNamespace(settings=settings, store=store, meter=meter, gateway=gateway, account=account)
+    store.close()
+
+
+def test_authentication_refusals(world: SimpleNamespace) -> None:
+    gw = world.gateway()
+    acct, sk, mk = world.account()
+    for header in (None, "", "Basic abc", "Bearer ", "Bearer sk_notakey", "Bearer " + sk[7:-1] + "x"):
+        with pytest.raises(Refusal) as err:
+            gw.authenticate(header, "sk")
+        assert (err.value.kind, err.value.code) == ("unauthenticated", "invalid_api_key")
+    with pytest.raises(Refusal) as wrong:
+        gw.authenticate(mk, "sk")
+    assert (wrong.value.kind, wrong.value.code) == ("forbidden", "wrong_key_kind")
+    assert "inference key" in wrong.value.message and wrong.value.type == "permission_error"
+    caller = gw.authenticate(sk, "sk")
+    assert caller.account.id == acct and (caller.limits.rpm, caller.limits.tpm) == (2, 100)
+    assert gw.authenticate(sk, "sk") is caller  # cached: the same object while nothing changed
+
+
+def test_every_change_is_seen_on_the_next_call_through_the_epoch(world: SimpleNamespace) -> None:
+    a, b = world.gateway(), world.gateway()  # two workers
+    acct, sk, _ = world.account()
+    key = a.authenticate(sk, "sk").key
+    b.authenticate(sk, "sk")
+    world.store.update_key(key.id, acct, lambda k: msgspec.structs.replace(k, limits=KeyLimits(rpm=1)))
+    assert b.authenticate(sk, "sk").limits.rpm == 1  # the other worker, on its very next call
+    accounts.set_status(world.store, acct, "disabled")
+    with pytest.raises(Refusal) as err:
+        b.authenticate(sk, "sk")
+    assert (err.value.kind, err.value.code) == ("forbidden", "account_disabled")
+    accounts.set_status(world.store, acct, "active")
+    world.store.delete_key(key.id)
+    with pytest.raises(Refusal) as revoked:
+        a.authenticate(sk, "sk")
+    assert revoked.value.kind == "unauthenticated"
+    acct2, sk2, _ = world.account(expires_at=int(time.time()) - 1)
+    with pytest.raises(Refusal) as expired:
+        a.authenticate(sk2, "sk")
+    assert expired.value.code == "key_expired"
+
+
+def test_rate_limits_are_one_decision_with_the_state_to_report(world: SimpleNamespace) -> None:
+    gw = world.gateway()
+    _, sk, _ = world.account()
+    caller = gw.authenticate(sk, "sk")
+    read = gw.admit(caller)  # a read: standing only, nothing charged
+    assert read.rate[0].remaining == 2 and read.settled
+    first = gw.admit(caller, MODEL, 10, 20)
+    assert first.charged_tokens == 30 and first.rate[1].remaining == 70
+    gw.admit(caller, MODEL, 1, 1)
+    with pytest.raises(Refusal) as err:
+        gw.admit(caller, MODEL, 1, 1)
+    assert (err.value.kind, err.value.type, err.value.code) == ("rate_limited", "requests", "rate_limit_exceeded")
+    assert err.value.rate is not None and err.value.rate[0].remaining == 0 and err.value.retry_after
+    with pytest.raises(Refusal) as big:
+        gw.admit(caller, MODEL, 101, 1)
+    assert big.value.type == "tokens" and big.value.retry_after is None  # never fits: no point retrying
+
+
+def test_settlement_corrects_tokens_and_meters_once(world: SimpleNamespace) -> None:
+    gw = world.gateway()
+    _, sk, _ = world.account()
+    caller = gw.authenticate(sk, "sk")
+    admission = gw.admit(caller, MODEL, 10, 50)
+    assert gw.rate_state(caller)[1].remaining == 40
+    admission.completion_tokens = 5
+    gw.settle(admission)
+    gw.settle(admission)  # however many times the caller's cleanup runs
+    assert gw.rate_state(caller)[1].remaining == 85  # 15 really used
+    world.meter.flush()
+    (row,) = world.store.usage([caller.key.id])
+    assert (row.counter.requests, row.counter.prompt_tokens, row.counter.completion_tokens) == (1, 10, 5)
+    assert row.counter.cost_micro == 15  # $1/Mtok each way
+
+
+def test_standing_budgets_and_credits(world: SimpleNamespace) -> None:
+    gw = world.gateway()
+    acct, sk, _ = world.account("sub")
+    caller = gw.authenticate(sk, "sk")
+    gw.admit(caller)  # assigned by the operator: no subscription to be in standing
+    world.store.ledger.merge_subscription(acct, {"plan": "sub", "status": "canceled"}, 10)
+    with pytest.raises(Refusal) as lapsed:
+        gw.admit(gw.authenticate(sk, "sk"))
+    assert (lapsed.value.kind, lapsed.value.code) == ("forbidden", "subscription_inactive")
+
+    _, capped, _ = world.account("capped")
+    caller = gw.authenticate(capped, "sk")
+    admission = gw.admit(caller, MODEL, 1, 1)
+    admission.completion_tokens = 1
+    gw.settle(admission)  # $0.000002 spent: the day's budget is used up, flushed or not
+    with pytest.raises(Refusal) as spent:
+        gw.admit(caller, MODEL, 1, 1)
+    assert (spent.value.kind, spent.value.code) == ("rate_limited", "budget_exceeded")
+    assert spent.value.reset_at is not None
+    assert spent.value.reset_at % 86_400 == 0 and 0 < spent.value.retry_after <= 86_400  # type: ignore[operator]
+
+    payg, paying, _ = world.account("payg")
+    caller = gw.authenticate(paying, "sk")
+    with pytest.raises(Refusal) as empty:
+        gw.admit(caller, MODEL, 1, 1)
+    assert (empty.value.kind, empty.value.code, empty.value.type) == ("payment_required", "insufficient_quota",
+                                                                      "insufficient_quota")
+    world.store.ledger.credit(payg, 3, "grant:test")
+    admission = gw.admit(caller, MODEL, 1, 1)
+    assert admission.debit_to == payg
+    admission.completion_tokens = 2
+    gw.settle(admission)  # costs 3: the balance this worker sees is spent before any flush
+    with pytest.raises(Refusal) as spent_again:
+        gw.admit(caller, MODEL, 1, 1)
+    assert spent_again.value.kind == "payment_required"
+    world.meter.flush()
+    assert world.store.ledger.balance(payg) == 0
+
+
+def test_a_cancelled_generation_is_metered_for_what_it_made(world: SimpleNamespace) -> None:
+    gw = world.gateway()
+    _, sk, _ = world.account()
+    caller = gw.authenticate(sk, "sk")
+    engine = FixedEngine(MODEL, "a b c d e f g h", delay=0.05)
+    admission = gw.admit(caller, MODEL, 3, 8)
+
+    async def run() -> None:
+        task = asyncio.ensure_future(collect(gw.admissions, engine, admission, [1, 2, 3], SamplingParams(8)))
+        await asyncio.sleep(0.12)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(run())
+    assert admission.settled and 1 <= admission.completion_tokens < 8
+    whole = gw.admit(caller, MODEL, 3, 8)
+    text, reason = asyncio.run(collect(gw.admissions, FixedEngine(MODEL, "a b c"), whole, [1, 2, 3],
+                                       SamplingParams(8)))
+    assert (text, reason, whole.completion_tokens, whole.settled) == ("a b c", "stop", 3, True)
