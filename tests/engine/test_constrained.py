@@ -132,8 +132,8 @@ def test_bias_and_penalties_change_the_choice() -> None:
     penalised = Sampler(SamplingParams(1, temperature=0, frequency_penalty=0.6, presence_penalty=0.6))
     assert [penalised(logits) for _ in range(3)] == [0, 1, 0]  # 3-1.2 < 2; then 2-1.2 < 3-1.2
     masked = Sampler(SamplingParams(1, temperature=0))
-    assert masked(logits, np.array([0, 0, 1, 1], dtype=np.uint8)) == 2
-    assert masked(logits, np.zeros(4, dtype=np.uint8), fallback=7) == 7  # nothing allowed: the sequence ends
+    assert masked(logits, np.array([0b1100], dtype=np.int32)) == 2  # a grammar's bitmask: tokens 2 and 3
+    assert masked(logits, np.zeros(1, dtype=np.int32), fallback=7) == 7  # nothing allowed: the sequence ends
     assert logits.tolist() == [3.0, 2.0, 1.0, 0.0]  # the runner's buffer is never written
 
 

@@ -124,8 +124,10 @@ class MaskWorker:
         fill_next_token_bitmask_par(self._executor, [(c.matcher, c.slot) for c in constraints], self.masks)
 
     def allowed(self, c: Constraint) -> np.ndarray:
-        """The tokens c's grammar allows now, as one uint8 (0/1) per vocabulary entry."""
-        return np.unpackbits(self.masks[c.slot].view(np.uint8), count=self.vocab_size, bitorder="little")
+        """The tokens c's grammar allows now: its bitmask row (int32 words, bit i%32 of word i//32), what
+        `cheapest_core.Sampler.sample` takes as is."""
+        mask: np.ndarray = self.masks[c.slot]
+        return mask
 
     def close(self) -> None:
         self._pool.shutdown(wait=False)

@@ -9,10 +9,15 @@ token that is part of a multi-byte character is shown the way OpenAI shows it, i
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING, cast
 
+import cheapest_core
 import numpy as np
 
 from cheapest.engine.types import TokenLogprob
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
 
 
 class TokenTexts:
@@ -30,27 +35,10 @@ class TokenTexts:
         return got
 
 
-def log_softmax_at(logits: np.ndarray) -> tuple[np.ndarray, float]:
-    """(logits as float64, their log-sum-exp): logprob(t) = logits[t] - lse."""
-    scores = logits.astype(np.float64, copy=False)
-    top = float(scores.max())
-    return scores, top + float(np.log(np.exp(scores - top).sum()))
-
-
-def token_logprob(logits: np.ndarray, token: int, k: int, texts: TokenTexts) -> TokenLogprob:
-    """The chosen token and the k most likely tokens of this step (k = 0: the chosen token only)."""
-    scores, lse = log_softmax_at(logits)
+def token_logprob(sampler: cheapest_core.Sampler, logits: np.ndarray, token: int, k: int,
+                  texts: TokenTexts) -> TokenLogprob:
+    """The chosen token and the k most likely tokens of this step (k = 0: the chosen token only), from the raw
+    logits (the core's log-softmax)."""
+    logprob, best = sampler.logprobs(cast("Buffer", logits), token, k)  # numpy arrays are buffers
     text, raw = texts[token]
-    top: tuple[tuple[str, bytes, float], ...] = ()
-    if k > 0:
-        k = min(k, scores.shape[0])
-        best = np.argpartition(-scores, k - 1)[:k]
-        best = best[np.lexsort((best, -scores[best]))]  # most likely first, ties by token id
-        top = tuple((*texts[int(t)], float(scores[t] - lse)) for t in best)
-    return TokenLogprob(text, raw, float(scores[token] - lse), top)
-
-
-def sequence_logprob(logits: np.ndarray, token: int) -> float:
-    """The chosen token's logprob alone (best_of ranks sequences by their mean)."""
-    scores, lse = log_softmax_at(logits)
-    return float(scores[token] - lse)
+    return TokenLogprob(text, raw, logprob, tuple((*texts[t], lp) for t, lp in best))
