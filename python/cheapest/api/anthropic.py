@@ -153,32 +153,36 @@ class AnthropicError(msgspec.Struct, frozen=True):
     type: Literal["error"] = "error"
 
 
-# Stream events: the event name is the `type` field.
+# Stream events: the event's name is its `type` tag.
 
 
-class MessageStart(msgspec.Struct, frozen=True, tag="message_start", tag_field="type"):
+class _Event(msgspec.Struct, frozen=True, tag_field="type"):
+    pass
+
+
+class MessageStart(_Event, frozen=True, tag="message_start"):
     message: Message
 
 
-class ContentBlockStart(msgspec.Struct, frozen=True, tag="content_block_start", tag_field="type"):
+class ContentBlockStart(_Event, frozen=True, tag="content_block_start"):
     index: int
     content_block: TextContent | ToolUseContent
 
 
-class TextDelta(msgspec.Struct, frozen=True, tag="text_delta", tag_field="type"):
-    text: str
+class BlockDelta(msgspec.Struct, frozen=True, omit_defaults=True):
+    """`text_delta` (text) or `input_json_delta` (a piece of a tool_use block's input JSON)."""
+
+    type: Literal["text_delta", "input_json_delta"]
+    text: str | None = None
+    partial_json: str | None = None
 
 
-class InputJsonDelta(msgspec.Struct, frozen=True, tag="input_json_delta", tag_field="type"):
-    partial_json: str
-
-
-class ContentBlockDelta(msgspec.Struct, frozen=True, tag="content_block_delta", tag_field="type"):
+class ContentBlockDelta(_Event, frozen=True, tag="content_block_delta"):
     index: int
-    delta: TextDelta | InputJsonDelta
+    delta: BlockDelta
 
 
-class ContentBlockStop(msgspec.Struct, frozen=True, tag="content_block_stop", tag_field="type"):
+class ContentBlockStop(_Event, frozen=True, tag="content_block_stop"):
     index: int
 
 
@@ -191,16 +195,16 @@ class DeltaUsage(msgspec.Struct, frozen=True):
     output_tokens: int
 
 
-class MessageDelta(msgspec.Struct, frozen=True, tag="message_delta", tag_field="type"):
+class MessageDelta(_Event, frozen=True, tag="message_delta"):
     delta: StopDelta
     usage: DeltaUsage
 
 
-class MessageStop(msgspec.Struct, frozen=True, tag="message_stop", tag_field="type"):
+class MessageStop(_Event, frozen=True, tag="message_stop"):
     pass
 
 
-class Ping(msgspec.Struct, frozen=True, tag="ping", tag_field="type"):
+class Ping(_Event, frozen=True, tag="ping"):
     pass
 
 

@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta
 
-from cheapest.api.common import Usage
+from cheapest.api.common import ResponseHead, Usage
 
 Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
 Temperature = Annotated[float, Meta(ge=0.0, le=2.0)]
@@ -186,10 +186,7 @@ class ChatChoice(msgspec.Struct, frozen=True):
     logprobs: ChoiceLogprobs | None = None
 
 
-class ChatCompletion(msgspec.Struct, frozen=True):
-    id: str
-    created: int
-    model: str
+class ChatCompletion(ResponseHead, frozen=True):
     choices: list[ChatChoice]
     usage: Usage
     object: Literal["chat.completion"] = "chat.completion"
@@ -222,10 +219,7 @@ class ChunkChoice(msgspec.Struct, frozen=True):
     finish_reason: FinishReason | None = None
 
 
-class ChatCompletionChunk(msgspec.Struct, frozen=True):
-    id: str
-    created: int
-    model: str
+class ChatCompletionChunk(ResponseHead, frozen=True):
     choices: list[ChunkChoice]
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     usage: Usage | None = None

@@ -5,6 +5,14 @@ from __future__ import annotations
 import msgspec
 
 
+class ResponseHead(msgspec.Struct, frozen=True):
+    """The fields every completion response and stream chunk starts with."""
+
+    id: str
+    created: int
+    model: str
+
+
 class Usage(msgspec.Struct, frozen=True):
     prompt_tokens: int
     completion_tokens: int

@@ -8,7 +8,7 @@ import msgspec
 from msgspec import Meta
 
 from cheapest.api.chat import GenerationRequest
-from cheapest.api.common import Usage
+from cheapest.api.common import ResponseHead, Usage
 
 TokenId = Annotated[int, Meta(ge=0)]
 
@@ -37,10 +37,7 @@ class CompletionChoice(msgspec.Struct, frozen=True):
     logprobs: CompletionLogprobs | None = None
 
 
-class Completion(msgspec.Struct, frozen=True):
-    id: str
-    created: int
-    model: str
+class Completion(ResponseHead, frozen=True):
     choices: list[CompletionChoice]
     usage: Usage
     object: Literal["text_completion"] = "text_completion"
@@ -54,13 +51,10 @@ class CompletionChunkChoice(msgspec.Struct, frozen=True):
     logprobs: CompletionLogprobs | None = None
 
 
-class CompletionChunk(msgspec.Struct, frozen=True):
+class CompletionChunk(ResponseHead, frozen=True):
     """One SSE event of a streamed text completion (with n, several prompts or logprobs; plain streams are framed
     by the core)."""
 
-    id: str
-    created: int
-    model: str
     choices: list[CompletionChunkChoice]
     object: Literal["text_completion"] = "text_completion"
     usage: Usage | None = None

@@ -110,12 +110,8 @@ class ToolCallParser:
         pieces: list[tuple[int, str]] = []
         buf = self._buf
         while True:
-            if self._state == "open":
-                head = TOOL_CALL_OPEN + _NAME_OPEN
-                if len(buf) - self._pos < len(head):
-                    break
-                self._pos += len(head)
-                self._state = "name"
+            if self._state == "open" and not self._skip(TOOL_CALL_OPEN + _NAME_OPEN, "name"):
+                break
             if self._state == "name":
                 end = buf.find('"', self._pos)
                 if end < 0 or len(buf) < end + len(_ARGS_OPEN):
@@ -137,10 +133,14 @@ class ToolCallParser:
                 if end < 0:
                     break
                 self._pos, self._state = end, "close"
-            if self._state == "close":
-                tail = TOOL_CALL_CLOSE + TOOL_CALL_SEPARATOR
-                if len(buf) - self._pos < len(tail):
-                    break
-                self._pos += len(tail)
-                self._state = "open"
+            if self._state == "close" and not self._skip(TOOL_CALL_CLOSE + TOOL_CALL_SEPARATOR, "open"):
+                break
         return started, pieces
+
+    def _skip(self, literal: str, then: str) -> bool:
+        """Past `literal` (the format guarantees it is there) once it has all arrived."""
+        if len(self._buf) - self._pos < len(literal):
+            return False
+        self._pos += len(literal)
+        self._state = then
+        return True

@@ -11,9 +11,9 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from cheapest.api.anthropic import (
-    AnthropicError, AnthropicErrorDetail, ContentBlockDelta, ContentBlockStart, ContentBlockStop,
-    CountTokensRequest, DeltaUsage, InputJsonDelta, Message, MessageDelta, MessageStart, MessagesRequest,
-    MessageStop, MessageUsage, Ping, StopDelta, StreamEvent, TextContent, TextDelta, TokenCount, ToolUseContent,
+    AnthropicError, AnthropicErrorDetail, BlockDelta, ContentBlockDelta, ContentBlockStart, ContentBlockStop,
+    CountTokensRequest, DeltaUsage, Message, MessageDelta, MessageStart, MessagesRequest,
+    MessageStop, MessageUsage, Ping, StopDelta, StreamEvent, TextContent, TokenCount, ToolUseContent,
 )
 from cheapest.engine.types import Delta, Engine, Finish
 from cheapest.gateway import Admission, Gateway
@@ -143,7 +143,7 @@ class _Blocks:
         if shown:
             if self.open is None:
                 out += self._start(TextContent(""))
-            out.append(_event(ContentBlockDelta(self.count - 1, TextDelta(shown))))
+            out.append(_event(ContentBlockDelta(self.count - 1, BlockDelta("text_delta", text=shown))))
         by_call: dict[int, list[str]] = {}
         for index, args in pieces:
             by_call.setdefault(index, []).append(args)
@@ -153,7 +153,7 @@ class _Blocks:
                 self.calls = True
                 call_id, name = names[index]
                 out += self._start(ToolUseContent(_tool_id(call_id), name, {}))
-            out += [_event(ContentBlockDelta(self.count - 1, InputJsonDelta(args))) for args in by_call.get(index, [])]
+            out += [_event(ContentBlockDelta(self.count - 1, BlockDelta("input_json_delta", partial_json=args))) for args in by_call.get(index, [])]
         return out
 
 
