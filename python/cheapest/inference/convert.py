@@ -1,6 +1,8 @@
 """GGUF -> model directory in the Hugging Face ONNX export layout.
 
   onnx/model.onnx (+ model.onnx_data)            fused graph, the one served (graph_fused.py)
+  onnx/model_cpu.onnx (+ model_cpu.onnx_data)    the same with the core's custom operators, served on CPU
+                                                 (graph_passes.py)
   onnx/model_fp32.onnx (+ model_fp32.onnx_data)  fp32 reference graph (graph_reference.py)
   tokenizer.json, tokenizer_config.json          (tokenizer_build.py; chat_template from the GGUF)
   config.json                                    Llama config + a "cheapest" section: graph I/O contract
@@ -20,16 +22,20 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import onnx
+
 from .gguf_reader import GGUFModel, file_sha256, read_gguf
 from .graph_builder import save_with_external_data
 from .graph_fused import ACCURACY_LEVEL, build_fused_graph
+from .graph_passes import cpu_graph
 from .graph_reference import build_reference_graph
 from .tokenizer_build import tokenizer_config_json, tokenizer_json
 
 # Bump whenever the output for the same GGUF changes: `model pull` reconverts when it differs.
-CONVERTER_VERSION = "4"
+CONVERTER_VERSION = "5"
 MANIFEST = "cheapest_manifest.json"
 FUSED_GRAPH = "onnx/model.onnx"
+CPU_GRAPH = "onnx/model_cpu.onnx"
 REFERENCE_GRAPH = "onnx/model_fp32.onnx"
 
 
@@ -57,7 +63,8 @@ def graph_contract(accuracy_level: int) -> dict[str, Any]:
         "batched_prefill": "any",
         "kv_buffer_sharing": False,
     }
-    return {**fused, "graphs": {FUSED_GRAPH: fused, REFERENCE_GRAPH: reference}}
+    cpu = {**fused, "execution_provider": "CPUExecutionProvider", "custom_ops": "cheapest_core"}
+    return {**fused, "graphs": {FUSED_GRAPH: fused, CPU_GRAPH: cpu, REFERENCE_GRAPH: reference}}
 
 
 def model_config(model: GGUFModel, *, accuracy_level: int, source_sha256: str) -> dict[str, Any]:
@@ -125,6 +132,8 @@ def convert(gguf_path: str | Path, out_dir: str | Path, *, progress=None, accura
     fused = build_fused_graph(model, progress=progress, accuracy_level=accuracy_level)
     save_with_external_data(fused, work / FUSED_GRAPH)
     del fused
+    gc.collect()
+    save_with_external_data(cpu_graph(onnx.load(str(work / FUSED_GRAPH))), work / CPU_GRAPH)
     gc.collect()
     reference = build_reference_graph(model, progress=progress)
     save_with_external_data(reference, work / REFERENCE_GRAPH)

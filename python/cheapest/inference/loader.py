@@ -31,7 +31,9 @@ KvLayout = Literal["shared_buffer", "concat"]
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 
-# Served graph first; the fp32 reference graph only when nothing else is there.
+# Served graph first; the fp32 reference graph only when nothing else is there. The CPU provider prefers
+# CPU_GRAPH, the same graph with the core's custom operators (graph_passes.py), when the directory has it.
+CPU_GRAPH = "model_cpu.onnx"
 _GRAPH_PREFERENCE = ("model.onnx", "model_q4.onnx", "model_int4.onnx", "model_quantized.onnx", "model_fp16.onnx")
 _REFERENCE_GRAPH = "model_fp32.onnx"
 
@@ -101,6 +103,13 @@ def choose_graph(model_dir: Path, graph: str | None = None) -> Path:
     if (onnx_dir / _REFERENCE_GRAPH).is_file():
         return onnx_dir / _REFERENCE_GRAPH
     raise EngineError("no onnx/model*.onnx in the model directory")
+
+
+def served_graph(model_dir: str | os.PathLike[str], providers: Sequence[str]) -> str | None:
+    """The graph file a session on `providers` should load, or None for choose_graph's default."""
+    if providers and providers[0] == CPU and (Path(model_dir) / "onnx" / CPU_GRAPH).is_file():
+        return CPU_GRAPH
+    return None
 
 
 def _graph_has_op(graph_path: Path, op_type: str) -> bool:
@@ -268,7 +277,18 @@ def session_options(threads: int | None, *, spin_us: int = SPIN_US) -> ort.Sessi
     opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin_us > 0 else "0")
     if spin_us > 0:
         opts.add_session_config_entry("session.intra_op.spin_duration_us", str(int(spin_us)))
+    _register_core_ops(opts)
     return opts
+
+
+def _register_core_ops(opts: ort.SessionOptions) -> None:
+    """The core's ONNX Runtime operators (domain `cheapest`, rust/ortops): its extension module is also the
+    custom-op library. Without the core, graphs that use them fail to load by operator name."""
+    try:
+        from cheapest_core import _cheapest_core
+    except ImportError:
+        return
+    opts.register_custom_ops_library(_cheapest_core.__file__)
 
 
 def open_session(spec: ModelSpec, *, threads: int | None = None, providers: Iterable[str] | None = None,

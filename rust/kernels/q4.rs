@@ -1,0 +1,428 @@
+//! `y = x · Wᵀ` for a 4-bit block-quantized weight W [N, K] and fp32 activations x [M, K].
+//!
+//! W is stored in blocks of 32 along K (GGUF's Q4_0 / Q4_1 blocking):
+//!
+//! ```text
+//!   W[n, 32b + j] = scale[n, b] * (q[n, b, j] - zero_point) + offset[n, b]
+//!   q[n, b, j]    = low nibble of codes[n, b, j] for j < 16, high nibble of codes[n, b, j - 16] otherwise
+//! ```
+//!
+//! which is GGUF's own nibble order, so a block's low nibbles meet x[32b .. 32b+16] and its high nibbles
+//! x[32b+16 .. 32b+32], two contiguous loads. Activations stay fp32 and every weight is formed exactly as the
+//! formula says (one fused multiply-add), so the result is the fp32 product with the dequantized matrix up to
+//! summation order; nothing is rounded to int8 on the way (llama.cpp's and ONNX Runtime's fast paths do that,
+//! and it flips near-tie greedy tokens).
+//!
+//! Why it is fast where it is (decode, M = 1..8, is the case that matters):
+//! * AVX-512: the 16 possible weights of a block are one register, `scale * (iota - zp) + offset`, and
+//!   `vpermps` uses only the low 4 bits of each index, so the zero-extended code bytes index that table
+//!   directly (low nibbles) and after one shift (high nibbles): 32 dequantized weights in five instructions,
+//!   with no int -> float conversion.
+//! * The dequantized block is used for up to `MC` rows of x at once, so batched decode pays the unpacking
+//!   once per weight row, not once per sequence.
+//! * Several weight rows run together (`R` accumulators per x row) to hide the fused multiply-add latency.
+//! * AVX2+FMA (no 16-wide permute) converts the nibbles to floats; a portable loop covers everything else.
+
+use core::ops::Range;
+
+pub const BLOCK: usize = 32;
+const BLOCK_BYTES: usize = BLOCK / 2;
+
+/// A borrowed 4-bit weight matrix (see the module docs for the layout).
+#[derive(Clone, Copy, Debug)]
+pub struct Q4Weights<'a> {
+    n: usize,
+    k: usize,
+    codes: &'a [u8],
+    scales: &'a [f32],
+    offsets: Option<&'a [f32]>,
+    zero_point: f32,
+}
+
+impl<'a> Q4Weights<'a> {
+    /// `codes`: N * K/2 bytes; `scales` and `offsets`: N * K/32 values; K a multiple of 32.
+    pub fn new(
+        n: usize,
+        k: usize,
+        codes: &'a [u8],
+        scales: &'a [f32],
+        offsets: Option<&'a [f32]>,
+        zero_point: u8,
+    ) -> Result<Self, &'static str> {
+        if n == 0 || k == 0 || k % BLOCK != 0 {
+            return Err("K must be a positive multiple of 32 and N positive");
+        }
+        let blocks = n * (k / BLOCK);
+        if codes.len() != blocks * BLOCK_BYTES {
+            return Err("codes must hold N * K / 2 bytes");
+        }
+        if scales.len() != blocks || offsets.is_some_and(|o| o.len() != blocks) {
+            return Err("scales and offsets must hold N * K / 32 values");
+        }
+        if zero_point > 15 {
+            return Err("the zero point of a 4-bit code is at most 15");
+        }
+        Ok(Self { n, k, codes, scales, offsets, zero_point: f32::from(zero_point) })
+    }
+
+    pub fn n(&self) -> usize {
+        self.n
+    }
+
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    /// The fp32 weight W[n, j] (for tests and the portable path).
+    pub fn weight(&self, n: usize, j: usize) -> f32 {
+        let (b, i) = (j / BLOCK, j % BLOCK);
+        let block = n * (self.k / BLOCK) + b;
+        let byte = self.codes[block * BLOCK_BYTES + i % BLOCK_BYTES];
+        let q = if i < BLOCK_BYTES { byte & 0x0F } else { byte >> 4 };
+        let offset = self.offsets.map_or(0.0, |o| o[block]);
+        (f32::from(q) - self.zero_point).mul_add(self.scales[block], offset)
+    }
+}
+
+/// Instruction sets a kernel can run on; `Isa::detect` picks the best this CPU has.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Isa {
+    Portable,
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
+}
+
+impl Isa {
+    pub fn detect() -> Isa {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                return Isa::Avx512;
+            }
+            if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                return Isa::Avx2;
+            }
+        }
+        Isa::Portable
+    }
+
+    /// Every instruction set this CPU can run (for tests that compare them).
+    pub fn available() -> Vec<Isa> {
+        let mut out = vec![Isa::Portable];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                out.push(Isa::Avx2);
+            }
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                out.push(Isa::Avx512);
+            }
+        }
+        out
+    }
+}
+
+/// y[M, N] = x[M, K] · Wᵀ, single-threaded.
+pub fn matmul(w: &Q4Weights, x: &[f32], m: usize, y: &mut [f32], isa: Isa) {
+    assert_eq!(x.len(), m * w.k, "x must be [M, K]");
+    assert_eq!(y.len(), m * w.n, "y must be [M, N]");
+    // SAFETY: the slices have the asserted sizes and all columns 0..N are in range.
+    unsafe { matmul_cols(w, x.as_ptr(), m, y.as_mut_ptr(), 0..w.n, isa) }
+}
+
+/// Columns `cols` of y[M, N] = x[M, K] · Wᵀ: threads split N into disjoint column ranges.
+///
+/// # Safety
+/// `x` points to M*K readable floats, `y` to M*N writable floats, `cols` lies within 0..N, `isa` is
+/// supported by this CPU, and no other thread writes the same columns of y concurrently.
+pub unsafe fn matmul_cols(w: &Q4Weights, x: *const f32, m: usize, y: *mut f32, cols: Range<usize>, isa: Isa) {
+    debug_assert!(cols.end <= w.n);
+    match isa {
+        Isa::Portable => portable(w, x, m, y, cols),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => x86::avx2(w, x, m, y, cols),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => x86::avx512(w, x, m, y, cols),
+    }
+}
+
+unsafe fn portable(w: &Q4Weights, x: *const f32, m: usize, y: *mut f32, cols: Range<usize>) {
+    let x = core::slice::from_raw_parts(x, m * w.k);
+    for n in cols {
+        for mi in 0..m {
+            let row = &x[mi * w.k..(mi + 1) * w.k];
+            let mut sum = 0.0f32;
+            for (j, xv) in row.iter().enumerate() {
+                sum = w.weight(n, j).mul_add(*xv, sum);
+            }
+            *y.add(mi * w.n + n) = sum;
+        }
+    }
+}
+
+/// x[M, 2K] = [gate | up] -> out[M, K] = silu(gate) * up (SwiGLU), exact to fp32 rounding.
+pub fn silu_mul(gate_up: &[f32], k: usize, out: &mut [f32]) {
+    assert!(k > 0 && gate_up.len() % (2 * k) == 0 && out.len() * 2 == gate_up.len());
+    for (row, o) in gate_up.chunks_exact(2 * k).zip(out.chunks_exact_mut(k)) {
+        let (gate, up) = row.split_at(k);
+        for ((o, g), u) in o.iter_mut().zip(gate).zip(up) {
+            *o = g / (1.0 + (-g).exp()) * u;
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{Q4Weights, BLOCK, BLOCK_BYTES};
+    use core::arch::x86_64::*;
+    use core::ops::Range;
+
+    /// Walks the columns in groups of R weight rows and the x rows in chunks of at most MC, calling the
+    /// tile kernel for each (a single-row tile for the last N % R columns).
+    macro_rules! drive {
+        ($w:expr, $x:expr, $m:expr, $y:expr, $cols:expr, $tile:ident, $r:literal, [$($mc:literal),+]) => {{
+            let (w, x, m, y, cols) = ($w, $x, $m, $y, $cols);
+            let mut n = cols.start;
+            while n < cols.end {
+                let one = n + $r > cols.end;
+                let mut mi = 0;
+                while mi < m {
+                    let left = m - mi;
+                    let xp = x.add(mi * w.k);
+                    let yp = y.add(mi * w.n);
+                    let done = drive!(@pick w, xp, yp, n, one, left, $tile, $r, [$($mc),+]);
+                    mi += done;
+                }
+                n += if one { 1 } else { $r };
+            }
+        }};
+        (@pick $w:expr, $xp:expr, $yp:expr, $n:expr, $one:expr, $left:expr, $tile:ident, $r:literal, [$($mc:literal),+]) => {{
+            let mut done = 0;
+            $(
+                if done == 0 && $left >= $mc {
+                    match ($one, $w.offsets.is_some()) {
+                        (false, true) => $tile::<$r, $mc, true>($w, $xp, $yp, $n),
+                        (false, false) => $tile::<$r, $mc, false>($w, $xp, $yp, $n),
+                        (true, true) => $tile::<1, $mc, true>($w, $xp, $yp, $n),
+                        (true, false) => $tile::<1, $mc, false>($w, $xp, $yp, $n),
+                    }
+                    done = $mc;
+                }
+            )+
+            done
+        }};
+    }
+
+    pub(super) unsafe fn avx512(w: &Q4Weights, x: *const f32, m: usize, y: *mut f32, cols: Range<usize>) {
+        if m == 1 {
+            drive!(w, x, m, y, cols, tile512, 8, [1]);
+        } else {
+            drive!(w, x, m, y, cols, tile512, 4, [4, 3, 2, 1]);
+        }
+    }
+
+    pub(super) unsafe fn avx2(w: &Q4Weights, x: *const f32, m: usize, y: *mut f32, cols: Range<usize>) {
+        drive!(w, x, m, y, cols, tile256, 4, [2, 1]);
+    }
+
+    /// R weight rows from `n0` times MC rows of x (row stride K) into y (row stride N).
+    #[target_feature(enable = "avx512f")]
+    unsafe fn tile512<const R: usize, const MC: usize, const OFF: bool>(
+        w: &Q4Weights,
+        x: *const f32,
+        y: *mut f32,
+        n0: usize,
+    ) {
+        let nb = w.k / BLOCK;
+        let iota = _mm512_sub_ps(
+            _mm512_setr_ps(0., 1., 2., 3., 4., 5., 6., 7., 8., 9., 10., 11., 12., 13., 14., 15.),
+            _mm512_set1_ps(w.zero_point),
+        );
+        let codes = w.codes.as_ptr();
+        let scales = w.scales.as_ptr();
+        let offsets = w.offsets.map_or(core::ptr::null(), <[f32]>::as_ptr);
+        let mut acc = [[_mm512_setzero_ps(); R]; MC];
+        for b in 0..nb {
+            let mut lo = [_mm512_setzero_ps(); MC];
+            let mut hi = [_mm512_setzero_ps(); MC];
+            for mi in 0..MC {
+                let xb = x.add(mi * w.k + b * BLOCK);
+                lo[mi] = _mm512_loadu_ps(xb);
+                hi[mi] = _mm512_loadu_ps(xb.add(16));
+            }
+            for r in 0..R {
+                let block = (n0 + r) * nb + b;
+                let d = _mm512_set1_ps(*scales.add(block));
+                let table = if OFF {
+                    _mm512_fmadd_ps(iota, d, _mm512_set1_ps(*offsets.add(block)))
+                } else {
+                    _mm512_mul_ps(iota, d)
+                };
+                let c = _mm512_cvtepu8_epi32(_mm_loadu_si128(codes.add(block * BLOCK_BYTES) as *const __m128i));
+                let w_lo = _mm512_permutexvar_ps(c, table);
+                let w_hi = _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(c), table);
+                for mi in 0..MC {
+                    acc[mi][r] = _mm512_fmadd_ps(w_lo, lo[mi], acc[mi][r]);
+                    acc[mi][r] = _mm512_fmadd_ps(w_hi, hi[mi], acc[mi][r]);
+                }
+            }
+        }
+        for mi in 0..MC {
+            for r in 0..R {
+                *y.add(mi * w.n + n0 + r) = _mm512_reduce_add_ps(acc[mi][r]);
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn tile256<const R: usize, const MC: usize, const OFF: bool>(
+        w: &Q4Weights,
+        x: *const f32,
+        y: *mut f32,
+        n0: usize,
+    ) {
+        let nb = w.k / BLOCK;
+        let zp = _mm256_set1_ps(w.zero_point);
+        let nibble = _mm_set1_epi8(0x0F);
+        let codes = w.codes.as_ptr();
+        let scales = w.scales.as_ptr();
+        let offsets = w.offsets.map_or(core::ptr::null(), <[f32]>::as_ptr);
+        let mut acc = [[_mm256_setzero_ps(); R]; MC];
+        for b in 0..nb {
+            for r in 0..R {
+                let block = (n0 + r) * nb + b;
+                let d = _mm256_set1_ps(*scales.add(block));
+                let o = if OFF { _mm256_set1_ps(*offsets.add(block)) } else { _mm256_setzero_ps() };
+                let bytes = _mm_loadu_si128(codes.add(block * BLOCK_BYTES) as *const __m128i);
+                let lo = _mm_and_si128(bytes, nibble);
+                let hi = _mm_and_si128(_mm_srli_epi16::<4>(bytes), nibble);
+                let q = [lo, _mm_srli_si128::<8>(lo), hi, _mm_srli_si128::<8>(hi)];
+                for (part, qp) in q.iter().enumerate() {
+                    let qf = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(*qp));
+                    let wv = _mm256_fmadd_ps(_mm256_sub_ps(qf, zp), d, o);
+                    for mi in 0..MC {
+                        let xv = _mm256_loadu_ps(x.add(mi * w.k + b * BLOCK + 8 * part));
+                        acc[mi][r] = _mm256_fmadd_ps(wv, xv, acc[mi][r]);
+                    }
+                }
+            }
+        }
+        for mi in 0..MC {
+            for r in 0..R {
+                let v = acc[mi][r];
+                let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+                let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+                let s = _mm_add_ss(s, _mm_shuffle_ps::<1>(s, s));
+                *y.add(mi * w.n + n0 + r) = _mm_cvtss_f32(s);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A small deterministic generator, so the tests need no extra crate.
+    struct Lcg(u64);
+    impl Lcg {
+        fn next(&mut self) -> u32 {
+            self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (self.0 >> 33) as u32
+        }
+        fn float(&mut self) -> f32 {
+            self.next() as f32 / (1u64 << 31) as f32 * 2.0 - 1.0
+        }
+    }
+
+    struct Case {
+        codes: Vec<u8>,
+        scales: Vec<f32>,
+        offsets: Vec<f32>,
+    }
+
+    fn case(n: usize, k: usize, seed: u64) -> Case {
+        let mut rng = Lcg(seed);
+        let blocks = n * k / BLOCK;
+        Case {
+            codes: (0..blocks * BLOCK_BYTES).map(|_| rng.next() as u8).collect(),
+            scales: (0..blocks).map(|_| rng.float() * 0.05).collect(),
+            offsets: (0..blocks).map(|_| rng.float() * 0.2).collect(),
+        }
+    }
+
+    /// The plain definition in f64: sum_j W[n, j] * x[m, j], with |W| |x| for the error bound.
+    fn reference(w: &Q4Weights, x: &[f32], m: usize) -> (Vec<f64>, Vec<f64>) {
+        let (mut y, mut mag) = (vec![0.0; m * w.n()], vec![0.0; m * w.n()]);
+        for mi in 0..m {
+            for n in 0..w.n() {
+                for j in 0..w.k() {
+                    let p = f64::from(w.weight(n, j)) * f64::from(x[mi * w.k() + j]);
+                    y[mi * w.n() + n] += p;
+                    mag[mi * w.n() + n] += p.abs();
+                }
+            }
+        }
+        (y, mag)
+    }
+
+    #[test]
+    fn every_isa_matches_the_definition() {
+        for &(n, k, m) in &[(8, 32, 1), (13, 64, 1), (20, 96, 3), (64, 576, 1), (37, 576, 5), (16, 1536, 8), (9, 64, 9)] {
+            let c = case(n, k, (n * k * m) as u64);
+            let x: Vec<f32> = {
+                let mut rng = Lcg(7 + m as u64);
+                (0..m * k).map(|_| rng.float()).collect()
+            };
+            for zp in [0u8, 8] {
+                for offsets in [Some(c.offsets.as_slice()), None] {
+                    let w = Q4Weights::new(n, k, &c.codes, &c.scales, offsets, zp).unwrap();
+                    let (want, mag) = reference(&w, &x, m);
+                    for isa in Isa::available() {
+                        let mut y = vec![f32::NAN; m * n];
+                        matmul(&w, &x, m, &mut y, isa);
+                        for i in 0..m * n {
+                            let err = (f64::from(y[i]) - want[i]).abs();
+                            // fp32 summation of K products: a few ulps of the magnitude sum.
+                            assert!(err <= 1e-6 * mag[i] + 1e-12, "{isa:?} n={n} k={k} m={m} zp={zp} i={i}: {} vs {}", y[i], want[i]);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn column_ranges_compose() {
+        let c = case(24, 64, 3);
+        let w = Q4Weights::new(24, 64, &c.codes, &c.scales, Some(&c.offsets), 8).unwrap();
+        let x: Vec<f32> = (0..2 * 64).map(|i| (i as f32 * 0.37).sin()).collect();
+        let mut whole = vec![0.0; 2 * 24];
+        matmul(&w, &x, 2, &mut whole, Isa::detect());
+        let mut parts = vec![0.0; 2 * 24];
+        for cols in [0..5, 5..16, 16..24] {
+            unsafe { matmul_cols(&w, x.as_ptr(), 2, parts.as_mut_ptr(), cols, Isa::detect()) };
+        }
+        assert_eq!(whole, parts);
+    }
+
+    #[test]
+    fn bad_shapes_are_refused() {
+        let c = case(4, 64, 1);
+        assert!(Q4Weights::new(4, 48, &c.codes, &c.scales, None, 8).is_err());
+        assert!(Q4Weights::new(4, 64, &c.codes[1..], &c.scales, None, 8).is_err());
+        assert!(Q4Weights::new(4, 64, &c.codes, &c.scales, Some(&c.offsets[1..]), 8).is_err());
+        assert!(Q4Weights::new(4, 64, &c.codes, &c.scales, None, 16).is_err());
+    }
+
+    #[test]
+    fn silu_mul_is_swiglu() {
+        let gu = [1.0f32, -2.0, 0.5, 3.0, 10.0, 0.0, -1.0, 2.0];
+        let mut out = [0.0f32; 4];
+        silu_mul(&gu, 2, &mut out);
+        let silu = |g: f32| g / (1.0 + (-g).exp());
+        assert_eq!(out, [silu(1.0) * 0.5, silu(-2.0) * 3.0, silu(10.0) * -1.0, silu(0.0) * 2.0]);
+    }
+}
