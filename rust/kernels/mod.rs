@@ -4,3 +4,4 @@
 //! against straightforward scalar arithmetic without ONNX Runtime.
 
 pub mod q4;
+pub mod q8;

@@ -3,9 +3,14 @@
 //! W is stored in blocks of 32 along K (GGUF's Q4_0 / Q4_1 blocking):
 //!
 //! ```text
-//!   W[n, 32b + j] = scale[n, b] * (q[n, b, j] - zero_point) + offset[n, b]
-//!   q[n, b, j]    = low nibble of codes[n, b, j] for j < 16, high nibble of codes[n, b, j - 16] otherwise
+//!   W[n, 32b + j] = scale[i] * (q[i, j] - zero_point) + offset[i]      i = index of block (n, b)
+//!   q[i, j]       = low nibble of codes[i, j] for j < 16, high nibble of codes[i, j - 16] otherwise
 //! ```
+//!
+//! Blocks are indexed row by row (`i = n * K/32 + b`, `group` 1) or, with `group` G, G rows interleaved:
+//! `i = ((n / G) * K/32 + b) * G + n % G`, so the G rows a tile reads together are one sequential stream
+//! instead of G streams a cache line apart (measured on SmolLM2's down projection, K=1536: separate rows
+//! outran the hardware prefetcher and ran at half the bytes per second of the interleaved layout).
 //!
 //! which is GGUF's own nibble order, so a block's low nibbles meet x[32b .. 32b+16] and its high nibbles
 //! x[32b+16 .. 32b+32], two contiguous loads. Activations stay fp32 and every weight is formed exactly as the
@@ -37,10 +42,12 @@ pub struct Q4Weights<'a> {
     scales: &'a [f32],
     offsets: Option<&'a [f32]>,
     zero_point: f32,
+    group: usize,
 }
 
 impl<'a> Q4Weights<'a> {
-    /// `codes`: N * K/2 bytes; `scales` and `offsets`: N * K/32 values; K a multiple of 32.
+    /// `codes`: N * K/2 bytes; `scales` and `offsets`: N * K/32 values; K a multiple of 32; rows interleaved
+    /// in groups of `group` (1 = none; N must be a multiple of it).
     pub fn new(
         n: usize,
         k: usize,
@@ -48,9 +55,13 @@ impl<'a> Q4Weights<'a> {
         scales: &'a [f32],
         offsets: Option<&'a [f32]>,
         zero_point: u8,
+        group: usize,
     ) -> Result<Self, &'static str> {
         if n == 0 || k == 0 || k % BLOCK != 0 {
             return Err("K must be a positive multiple of 32 and N positive");
+        }
+        if group == 0 || n % group != 0 {
+            return Err("N must be a multiple of the row group");
         }
         let blocks = n * (k / BLOCK);
         if codes.len() != blocks * BLOCK_BYTES {
@@ -62,7 +73,7 @@ impl<'a> Q4Weights<'a> {
         if zero_point > 15 {
             return Err("the zero point of a 4-bit code is at most 15");
         }
-        Ok(Self { n, k, codes, scales, offsets, zero_point: f32::from(zero_point) })
+        Ok(Self { n, k, codes, scales, offsets, zero_point: f32::from(zero_point), group })
     }
 
     pub fn n(&self) -> usize {
@@ -73,10 +84,15 @@ impl<'a> Q4Weights<'a> {
         self.k
     }
 
+    /// Index of block (n, 0); block (n, b) is at `row_base(n) + b * group`.
+    fn row_base(&self, n: usize) -> usize {
+        (n / self.group) * (self.k / BLOCK) * self.group + n % self.group
+    }
+
     /// The fp32 weight W[n, j] (for tests and the portable path).
     pub fn weight(&self, n: usize, j: usize) -> f32 {
         let (b, i) = (j / BLOCK, j % BLOCK);
-        let block = n * (self.k / BLOCK) + b;
+        let block = self.row_base(n) + b * self.group;
         let byte = self.codes[block * BLOCK_BYTES + i % BLOCK_BYTES];
         let q = if i < BLOCK_BYTES { byte & 0x0F } else { byte >> 4 };
         let offset = self.offsets.map_or(0.0, |o| o[block]);
@@ -162,12 +178,18 @@ unsafe fn portable(w: &Q4Weights, x: *const f32, m: usize, y: *mut f32, cols: Ra
     }
 }
 
-/// x[M, 2K] = [gate | up] -> out[M, K] = silu(gate) * up (SwiGLU), exact to fp32 rounding.
+/// x[M, 2K] = [gate | up] -> out[M, K] = silu(gate) * up (SwiGLU), to fp32 rounding (exp within 2 ulp).
 pub fn silu_mul(gate_up: &[f32], k: usize, out: &mut [f32]) {
     assert!(k > 0 && gate_up.len() % (2 * k) == 0 && out.len() * 2 == gate_up.len());
     for (row, o) in gate_up.chunks_exact(2 * k).zip(out.chunks_exact_mut(k)) {
         let (gate, up) = row.split_at(k);
-        for ((o, g), u) in o.iter_mut().zip(gate).zip(up) {
+        let mut done = 0;
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            // SAFETY: the features were just detected; the slices have k elements each.
+            done = unsafe { x86::silu_mul(gate, up, o) };
+        }
+        for ((o, g), u) in o[done..].iter_mut().zip(&gate[done..]).zip(&up[done..]) {
             *o = g / (1.0 + (-g).exp()) * u;
         }
     }
@@ -223,6 +245,40 @@ mod x86 {
         }
     }
 
+    /// silu(g) * u, 8 at a time, for the whole multiples of 8; returns how many were done. exp is Cephes'
+    /// single-precision polynomial (range reduction by ln 2 in two parts, degree-5 polynomial, 2^n by
+    /// exponent bits): within 2 ulp of the true value, where a scalar `exp` per element would cost most of
+    /// the down projection's time (1536 per row).
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn silu_mul(gate: &[f32], up: &[f32], out: &mut [f32]) -> usize {
+        let whole = gate.len() / 8 * 8;
+        let one = _mm256_set1_ps(1.0);
+        for i in (0..whole).step_by(8) {
+            let g = _mm256_loadu_ps(gate.as_ptr().add(i));
+            let e = exp(_mm256_sub_ps(_mm256_setzero_ps(), g));
+            let silu = _mm256_div_ps(g, _mm256_add_ps(one, e));
+            _mm256_storeu_ps(out.as_mut_ptr().add(i), _mm256_mul_ps(silu, _mm256_loadu_ps(up.as_ptr().add(i))));
+        }
+        whole
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn exp(x: __m256) -> __m256 {
+        let x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.336_55)), _mm256_set1_ps(88.376_26));
+        let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+            _mm256_mul_ps(x, _mm256_set1_ps(core::f32::consts::LOG2_E)),
+        );
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), x);
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
+        let mut p = _mm256_set1_ps(1.987_569_1e-4);
+        for c in [1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 5.000_000_1e-1] {
+            p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+        }
+        let p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0)));
+        let scale = _mm256_slli_epi32::<23>(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)));
+        _mm256_mul_ps(p, _mm256_castsi256_ps(scale))
+    }
+
     pub(super) unsafe fn avx2(w: &Q4Weights, x: *const f32, m: usize, y: *mut f32, cols: Range<usize>) {
         drive!(w, x, m, y, cols, tile256, 4, [2, 1]);
     }
@@ -243,6 +299,7 @@ mod x86 {
         let codes = w.codes.as_ptr();
         let scales = w.scales.as_ptr();
         let offsets = w.offsets.map_or(core::ptr::null(), <[f32]>::as_ptr);
+        let base: [usize; R] = core::array::from_fn(|r| w.row_base(n0 + r));
         let mut acc = [[_mm512_setzero_ps(); R]; MC];
         for b in 0..nb {
             let mut lo = [_mm512_setzero_ps(); MC];
@@ -253,7 +310,7 @@ mod x86 {
                 hi[mi] = _mm512_loadu_ps(xb.add(16));
             }
             for r in 0..R {
-                let block = (n0 + r) * nb + b;
+                let block = base[r] + b * w.group;
                 let d = _mm512_set1_ps(*scales.add(block));
                 let table = if OFF {
                     _mm512_fmadd_ps(iota, d, _mm512_set1_ps(*offsets.add(block)))
@@ -289,10 +346,11 @@ mod x86 {
         let codes = w.codes.as_ptr();
         let scales = w.scales.as_ptr();
         let offsets = w.offsets.map_or(core::ptr::null(), <[f32]>::as_ptr);
+        let base: [usize; R] = core::array::from_fn(|r| w.row_base(n0 + r));
         let mut acc = [[_mm256_setzero_ps(); R]; MC];
         for b in 0..nb {
             for r in 0..R {
-                let block = (n0 + r) * nb + b;
+                let block = base[r] + b * w.group;
                 let d = _mm256_set1_ps(*scales.add(block));
                 let o = if OFF { _mm256_set1_ps(*offsets.add(block)) } else { _mm256_setzero_ps() };
                 let bytes = _mm_loadu_si128(codes.add(block * BLOCK_BYTES) as *const __m128i);
@@ -370,15 +428,15 @@ mod tests {
 
     #[test]
     fn every_isa_matches_the_definition() {
-        for &(n, k, m) in &[(8, 32, 1), (13, 64, 1), (20, 96, 3), (64, 576, 1), (37, 576, 5), (16, 1536, 8), (9, 64, 9)] {
+        for &(n, k, m) in &[(8, 32, 1), (13, 64, 1), (24, 96, 3), (64, 576, 1), (37, 576, 5), (16, 1536, 8), (9, 64, 9), (40, 64, 2)] {
             let c = case(n, k, (n * k * m) as u64);
             let x: Vec<f32> = {
                 let mut rng = Lcg(7 + m as u64);
                 (0..m * k).map(|_| rng.float()).collect()
             };
-            for zp in [0u8, 8] {
+            for (zp, group) in [(0u8, 1), (8, 1), (0, if n % 8 == 0 { 8 } else { 1 })] {
                 for offsets in [Some(c.offsets.as_slice()), None] {
-                    let w = Q4Weights::new(n, k, &c.codes, &c.scales, offsets, zp).unwrap();
+                    let w = Q4Weights::new(n, k, &c.codes, &c.scales, offsets, zp, group).unwrap();
                     let (want, mag) = reference(&w, &x, m);
                     for isa in Isa::available() {
                         let mut y = vec![f32::NAN; m * n];
@@ -397,7 +455,7 @@ mod tests {
     #[test]
     fn column_ranges_compose() {
         let c = case(24, 64, 3);
-        let w = Q4Weights::new(24, 64, &c.codes, &c.scales, Some(&c.offsets), 8).unwrap();
+        let w = Q4Weights::new(24, 64, &c.codes, &c.scales, Some(&c.offsets), 8, 8).unwrap();
         let x: Vec<f32> = (0..2 * 64).map(|i| (i as f32 * 0.37).sin()).collect();
         let mut whole = vec![0.0; 2 * 24];
         matmul(&w, &x, 2, &mut whole, Isa::detect());
@@ -411,10 +469,25 @@ mod tests {
     #[test]
     fn bad_shapes_are_refused() {
         let c = case(4, 64, 1);
-        assert!(Q4Weights::new(4, 48, &c.codes, &c.scales, None, 8).is_err());
-        assert!(Q4Weights::new(4, 64, &c.codes[1..], &c.scales, None, 8).is_err());
-        assert!(Q4Weights::new(4, 64, &c.codes, &c.scales, Some(&c.offsets[1..]), 8).is_err());
-        assert!(Q4Weights::new(4, 64, &c.codes, &c.scales, None, 16).is_err());
+        assert!(Q4Weights::new(4, 48, &c.codes, &c.scales, None, 8, 1).is_err());
+        assert!(Q4Weights::new(4, 64, &c.codes[1..], &c.scales, None, 8, 1).is_err());
+        assert!(Q4Weights::new(4, 64, &c.codes, &c.scales, Some(&c.offsets[1..]), 8, 1).is_err());
+        assert!(Q4Weights::new(4, 64, &c.codes, &c.scales, None, 16, 1).is_err());
+        assert!(Q4Weights::new(4, 64, &c.codes, &c.scales, None, 8, 8).is_err());
+    }
+
+    #[test]
+    fn silu_mul_is_within_fp32_rounding_everywhere() {
+        let k = 4099; // a tail that the vector loop leaves to the scalar one
+        let gate: Vec<f32> = (0..k).map(|i| (i as f32 - 2050.0) * 0.05).collect();
+        let gate_up: Vec<f32> = gate.iter().copied().chain((0..k).map(|i| 1.0 + (i % 7) as f32 * 0.25)).collect();
+        let mut out = vec![0f32; k];
+        silu_mul(&gate_up, k, &mut out);
+        for i in 0..k {
+            let (g, u) = (f64::from(gate_up[i]), f64::from(gate_up[k + i]));
+            let want = g / (1.0 + (-g).exp()) * u;
+            assert!((f64::from(out[i]) - want).abs() <= 4.0 * f64::from(f32::EPSILON) * want.abs() + 1e-30, "{i}: {} vs {want}", out[i]);
+        }
     }
 
     #[test]

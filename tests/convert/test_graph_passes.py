@@ -71,7 +71,7 @@ def assert_close(got: np.ndarray, want: np.ndarray, magnitude: np.ndarray) -> No
     assert np.all(np.abs(got.astype(np.float64) - want) <= REL_TOL * magnitude + 1e-6)
 
 
-@pytest.mark.parametrize(("n", "k", "q4_1"), [(40, 64, True), (24, 96, False), (72, 1536, True), (16, 32, True)])
+@pytest.mark.parametrize(("n", "k", "q4_1"), [(40, 64, True), (24, 96, False), (72, 1536, True), (16, 32, True), (12, 64, True)])
 @pytest.mark.parametrize("rows", [(1, 1), (1, 5), (3, 1), (2, 7)])
 def test_q4_linear_matches_matmulnbits_and_numpy(n: int, k: int, q4_1: bool, rows: tuple[int, int]) -> None:
     rng = np.random.default_rng(n * k + rows[0] * 10 + rows[1])
@@ -120,3 +120,35 @@ def test_unrecognised_nodes_are_left_alone() -> None:
     g.op("Identity", [_linear(g, x, lin, "proj", 4)], output="y")
     model = _model(g, 64, 16)
     assert ops(cpu_graph(model)) == ["MatMulNBits", "Identity"]
+
+
+def test_lm_head_scoring_pass_uses_the_int8_kernel() -> None:
+    """MatMulNBits 8-bit at accuracy_level 4 (x rounded to int8 per block) -> cheapest.Q8LinearInt8: the same
+    approximation, so both stay within int8 rounding of the fp32 product and close to each other."""
+    rng = np.random.default_rng(11)
+    n, k = 300, 96
+    codes = rng.integers(0, 256, (n, k // BLOCK, BLOCK), dtype=np.uint8)
+    scales = (rng.random((n, k // BLOCK), dtype=np.float32) * 0.02).astype(np.float32)
+    g = GraphBuilder("head")
+    x = g.input("x", FLOAT, ["batch", "seq", k])
+    g.op("MatMulNBits", [x, g.weight("codes", codes), g.weight("scales", scales)], output="y", domain=MS_DOMAIN,
+         K=k, N=n, bits=8, block_size=BLOCK, accuracy_level=4)
+    xs = rng.standard_normal((2, 1, k), dtype=np.float32)
+    before = run(_model(g, k, n), xs)
+    g.outputs.clear()
+    rewritten = cpu_graph(_model(g, k, n))
+    assert ops(rewritten) == ["Q8LinearInt8"]
+    got = run(rewritten, xs)
+    g.outputs.clear()
+    shared = _model(g, k, n)  # the embedding's gather holds the same scales as [N, K/32, 1]: the head reads those
+    shared.graph.initializer.append(onnx.numpy_helper.from_array(scales[..., None], "gather_scales"))
+    shared.graph.node.append(helper.make_node("Identity", ["gather_scales"], ["gathered"]))
+    shared.graph.output.append(helper.make_tensor_value_info("gathered", FLOAT, None))
+    assert cpu_graph(shared).graph.node[0].input[2] == "gather_scales"
+    assert "scales" not in {t.name for t in shared.graph.initializer}
+    w = ((codes.astype(np.float64) - 128) * scales[..., None]).reshape(n, k)
+    exact = xs.astype(np.float64) @ w.T
+    magnitude = np.abs(xs.astype(np.float64)) @ np.abs(w).T
+    assert np.all(np.abs(got - exact) <= 0.02 * magnitude)
+    assert np.all(np.abs(before - exact) <= 0.02 * magnitude)
+    assert np.all(np.abs(got - before) <= 0.01 * magnitude)

@@ -5,7 +5,10 @@
     Split of the input) plus, for Q4_1, its block minimums (MatMul by the 0/1 block indicator, MatMul by the
     minimums, Add) - by one `cheapest.Q4Linear` on the same codes, scales and minimums, re-laid in the order
     of the core's kernel (rust/kernels/q4.rs: GGUF nibble order, minimums as [N, K/32] offsets);
-  * SwiGLU feeding such a linear (Split of gate|up, QuickGelu(alpha=1), Mul) by the linear's swiglu=1 input.
+  * SwiGLU feeding such a linear (Split of gate|up, QuickGelu(alpha=1), Mul) by the linear's swiglu=1 input;
+  * an 8-bit MatMulNBits at accuracy_level 4 (the LM head's scoring pass: x rounded to int8 per block) by
+    `cheapest.Q8LinearInt8`, the same arithmetic with AVX-512 VNNI, on the same codes (shared with the
+    embedding's gather, read in place).
 
 Why: a decode step of SmolLM2-135M ran 781 ONNX Runtime nodes, most of them tiny (the minimums' products, the
 Adds, the K split that works around MatMulNBits' slow K=1536 fp32 kernel); each node is a dispatch and often
@@ -31,6 +34,7 @@ from .graph_builder import MS_DOMAIN
 
 CHEAPEST_DOMAIN = "cheapest"  # rust/ortops: registered by the core's library (engine loader)
 BLOCK = 32
+ROW_GROUP = 8  # rows whose blocks are interleaved, so a kernel tile reads one stream (rust/kernels/q4.rs)
 
 
 @dataclass
@@ -80,6 +84,13 @@ def _ggml_nibble_order(b: np.ndarray) -> np.ndarray:
     """MatMulNBits' [N, blocks, 16] (byte j = elements 2j | 2j+1 << 4) -> the kernel's (j | j+16 << 4)."""
     q = np.stack([b & 0x0F, b >> 4], axis=-1).reshape(*b.shape[:-1], BLOCK)
     return (q[..., :16] | (q[..., 16:] << 4)).astype(np.uint8)
+
+
+def _interleave_rows(a: np.ndarray, group: int) -> np.ndarray:
+    """[N, blocks, ...] -> blocks of `group` consecutive rows interleaved: [N/group, blocks, group, ...]."""
+    n, blocks = a.shape[:2]
+    grouped = a.reshape(n // group, group, blocks, *a.shape[2:]).swapaxes(1, 2)
+    return np.ascontiguousarray(grouped).reshape(n, -1)
 
 
 def _zero_point(g: _Graph, node: onnx.NodeProto, n: int) -> int | None:
@@ -175,13 +186,42 @@ def _q4_linear(g: _Graph, q: onnx.NodeProto) -> _Rewrite | None:
         offsets, nodes, y = minimums
         replaced += nodes
     base = q.name.removesuffix(".0") or y
-    inits = [numpy_helper.from_array(np.concatenate(codes, axis=1).reshape(n, k // 2), f"{base}.q4_codes"),
-             numpy_helper.from_array(np.ascontiguousarray(np.concatenate(scales, axis=1)), f"{base}.q4_scales")]
+    group = ROW_GROUP if n % ROW_GROUP == 0 else 1
+    arrays = {"codes": np.concatenate(codes, axis=1), "scales": np.concatenate(scales, axis=1)}
     if offsets is not None:
-        inits.append(numpy_helper.from_array(offsets, f"{base}.q4_offsets"))
+        arrays["offsets"] = offsets
+    inits = [numpy_helper.from_array(_interleave_rows(a, group), f"{base}.q4_{name}") for name, a in arrays.items()]
     node = helper.make_node("Q4Linear", [x, *(t.name for t in inits)], [y], name=base, domain=CHEAPEST_DOMAIN,
-                            K=k, N=n, zero_point=zero_point)
+                            K=k, N=n, zero_point=zero_point, row_group=group)
     return _Rewrite(replaced, node, inits)
+
+
+def _q8_linear_int8(g: _Graph, q: onnx.NodeProto) -> _Rewrite | None:
+    a = _attrs(q)
+    if a.get("bits") != 8 or a.get("block_size") != BLOCK or a.get("accuracy_level", 0) != 4:
+        return None
+    if len(q.input) != 3 or q.input[1] not in g.initializers or q.input[2] not in g.initializers:
+        return None  # zero points, g_idx or bias inputs
+    scales = _same_data(g, q.input[2])  # the kernel reads values, not shapes: share the embedding's copy
+    node = helper.make_node("Q8LinearInt8", [q.input[0], q.input[1], scales], list(q.output), name=q.name,
+                            domain=CHEAPEST_DOMAIN, K=int(a["K"]), N=int(a["N"]))
+    return _Rewrite([q], node, [])
+
+
+def _same_data(g: _Graph, name: str) -> str:
+    """Another initializer holding the same values (any shape), read by a node other than MatMulNBits, or `name`.
+    The tied LM head's scales are the embedding gather's, reshaped."""
+    mine = g.array(name)
+    assert mine is not None
+    for other, tensor in g.initializers.items():
+        users = g.consumers.get(other, [])
+        if other == name or not users or all(u.op_type == "MatMulNBits" for u in users):
+            continue
+        if tensor.data_type == g.initializers[name].data_type and np.prod(tensor.dims) == mine.size:
+            data = g.array(other)
+            if data is not None and np.array_equal(data.reshape(-1), mine.reshape(-1)):
+                return other
+    return name
 
 
 def _swiglu_input(g: _Graph, linear: onnx.NodeProto, k: int) -> tuple[str, list[onnx.NodeProto]] | None:
@@ -210,7 +250,7 @@ def cpu_graph(model: onnx.ModelProto) -> onnx.ModelProto:
     """Rewrite `model` (the fused graph) in place for the CPU provider and return it."""
     g = _Graph(model.graph)
     rewrites = [r for node in list(model.graph.node) if node.op_type == "MatMulNBits"
-                and (r := _q4_linear(g, node)) is not None]
+                and (r := _q4_linear(g, node) or _q8_linear_int8(g, node)) is not None]
     _apply(model, rewrites)
     g = _Graph(model.graph)
     fused = []
