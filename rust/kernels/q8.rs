@@ -85,15 +85,20 @@ impl QuantizedRow {
 /// `y` points to M*N writable floats, `cols` lies within 0..N, each row of `xs` has K values, `isa` is
 /// supported by this CPU, and no other thread writes the same columns of y concurrently.
 pub unsafe fn matmul_cols(w: &Q8Weights, xs: &[QuantizedRow], y: *mut f32, cols: Range<usize>, isa: Isa) {
-    for (mi, x) in xs.iter().enumerate() {
-        debug_assert_eq!(x.values.len(), w.k);
-        let out = y.add(mi * w.n);
-        match isa {
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 if std::arch::is_x86_feature_detected!("avx512vnni") => x86::vnni(w, x, out, cols.clone()),
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 | Isa::Avx2 => x86::avx2(w, x, out, cols.clone()),
-            _ => portable(w, x, out, cols.clone()),
+    debug_assert!(xs.iter().all(|x| x.values.len() == w.k));
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 if std::arch::is_x86_feature_detected!("avx512vnni") => x86::vnni(w, xs, y, cols),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 | Isa::Avx2 => {
+            for (mi, x) in xs.iter().enumerate() {
+                x86::avx2(w, x, y.add(mi * w.n), cols.clone());
+            }
+        }
+        _ => {
+            for (mi, x) in xs.iter().enumerate() {
+                portable(w, x, y.add(mi * w.n), cols.clone());
+            }
         }
     }
 }
@@ -129,48 +134,54 @@ mod x86 {
 
     /// Two blocks per `vpdpbusd`: lanes 0-7 sum block b, lanes 8-15 block b+1; the per-block scale vector
     /// [s_b x8, s_b+1 x8] multiplies the converted sums. An odd last block runs in the low half alone.
+    /// Weight rows are read once, in order (one sequential stream: rows interleaved as several streams a row
+    /// apart were followed worse by the prefetcher), and each is applied to every x row while in L1.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-    pub(super) unsafe fn vnni(w: &Q8Weights, x: &QuantizedRow, y: *mut f32, cols: Range<usize>) {
+    pub(super) unsafe fn vnni(w: &Q8Weights, xs: &[QuantizedRow], y: *mut f32, cols: Range<usize>) {
         let nb = w.k / BLOCK;
         let pairs = nb / 2;
         let halves = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
-        // Per block pair: x's values, its scales and the -128 * sum(xq) term spread over 8 lanes each.
-        let mut xv = Vec::with_capacity(pairs);
-        let mut xs = Vec::with_capacity(pairs);
-        let mut xc = Vec::with_capacity(pairs);
-        for p in 0..pairs {
-            xv.push(_mm512_loadu_si512(x.values.as_ptr().add(p * 2 * BLOCK).cast()));
-            let s = _mm512_setr_ps(
-                x.scales[2 * p], x.scales[2 * p], x.scales[2 * p], x.scales[2 * p],
-                x.scales[2 * p], x.scales[2 * p], x.scales[2 * p], x.scales[2 * p],
-                x.scales[2 * p + 1], x.scales[2 * p + 1], x.scales[2 * p + 1], x.scales[2 * p + 1],
-                x.scales[2 * p + 1], x.scales[2 * p + 1], x.scales[2 * p + 1], x.scales[2 * p + 1],
-            );
-            xs.push(s);
-            let (c0, c1) = (x.corrections[2 * p] / 8, x.corrections[2 * p + 1] / 8);
-            xc.push(_mm512_setr_epi32(c0, c0, c0, c0, c0, c0, c0, c0, c1, c1, c1, c1, c1, c1, c1, c1));
+        // Per x row and block pair: the values, the scales and the -128 * sum(xq) term spread over 8 lanes each.
+        let mut xv = Vec::with_capacity(xs.len() * pairs);
+        let mut xsc = Vec::with_capacity(xs.len() * pairs);
+        let mut xc = Vec::with_capacity(xs.len() * pairs);
+        for x in xs {
+            for p in 0..pairs {
+                xv.push(_mm512_loadu_si512(x.values.as_ptr().add(p * 2 * BLOCK).cast()));
+                let (s0, s1) = (_mm256_set1_ps(x.scales[2 * p]), _mm256_set1_ps(x.scales[2 * p + 1]));
+                xsc.push(_mm512_insertf32x8::<1>(_mm512_castps256_ps512(s0), s1));
+                let (c0, c1) = (_mm256_set1_epi32(x.corrections[2 * p] / 8), _mm256_set1_epi32(x.corrections[2 * p + 1] / 8));
+                xc.push(_mm512_inserti64x4::<1>(_mm512_castsi256_si512(c0), c1));
+            }
         }
         let codes = w.codes.as_ptr();
         let scales = w.scales.as_ptr();
-        // One row after another: the matrix is read as a single sequential stream (interleaving rows
-        // made several streams a row apart, which the hardware prefetcher followed worse: 3.6 vs see commit).
-        // Two accumulators (even and odd pairs) hide the multiply-add latency.
+        const CHUNK: usize = 8; // x rows per pass over one weight row (accumulators in registers)
         for row in cols {
-            let mut acc = [_mm512_setzero_ps(); 2];
-            for p in 0..pairs {
-                let c = _mm512_loadu_si512(codes.add((row * nb + 2 * p) * BLOCK).cast());
-                let dot = _mm512_dpbusd_epi32(xc[p], c, xv[p]);
-                let ws = _mm512_permutexvar_ps(
-                    halves,
-                    _mm512_castpd_ps(_mm512_set1_pd((scales.add(row * nb + 2 * p) as *const f64).read_unaligned())),
-                );
-                acc[p % 2] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(ws, xs[p]), acc[p % 2]);
+            for m0 in (0..xs.len()).step_by(CHUNK) {
+                let rows = (xs.len() - m0).min(CHUNK);
+                // Two accumulators per x row (even and odd pairs) hide the multiply-add latency.
+                let mut acc = [[_mm512_setzero_ps(); 2]; CHUNK];
+                for p in 0..pairs {
+                    let c = _mm512_loadu_si512(codes.add((row * nb + 2 * p) * BLOCK).cast());
+                    let ws = _mm512_permutexvar_ps(
+                        halves,
+                        _mm512_castpd_ps(_mm512_set1_pd((scales.add(row * nb + 2 * p) as *const f64).read_unaligned())),
+                    );
+                    for (mi, a) in acc.iter_mut().enumerate().take(rows) {
+                        let i = (m0 + mi) * pairs + p;
+                        let dot = _mm512_dpbusd_epi32(xc[i], c, xv[i]);
+                        a[p % 2] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(ws, xsc[i]), a[p % 2]);
+                    }
+                }
+                for (mi, a) in acc.iter().enumerate().take(rows) {
+                    let mut sum = _mm512_reduce_add_ps(_mm512_add_ps(a[0], a[1]));
+                    if nb % 2 == 1 {
+                        sum += tail_block(w, &xs[m0 + mi], row, nb - 1);
+                    }
+                    *y.add((m0 + mi) * w.n + row) = sum;
+                }
             }
-            let mut sum = _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1]));
-            if nb % 2 == 1 {
-                sum += tail_block(w, x, row, nb - 1);
-            }
-            *y.add(row) = sum;
         }
     }
 

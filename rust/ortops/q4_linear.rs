@@ -73,7 +73,9 @@ impl Kernel for Q4Linear {
         } else {
             x
         };
-        let (chunk, tasks) = column_chunks(n, MIN_CHUNK, usize::MAX);
+        // Prompts (many x rows): wider tasks, so each task streams x through its column panels fewer times.
+        let min_chunk = if m > 16 { 8 * MIN_CHUNK } else { MIN_CHUNK };
+        let (chunk, tasks) = column_chunks(n, min_chunk, usize::MAX);
         let (x, y, weights, isa) = (SharedIn(x), SharedOut(y), &self.weights, self.isa);
         parallel(self.api, context, tasks, move |task| {
             let cols = task * chunk..((task + 1) * chunk).min(n);
