@@ -30,73 +30,53 @@
 
 use core::ops::Range;
 
-pub const BLOCK: usize = 32;
+pub use super::BLOCK;
+use super::BlockMatrix;
+
 const BLOCK_BYTES: usize = BLOCK / 2;
 
-/// A borrowed 4-bit weight matrix (see the module docs for the layout).
+/// What a 4-bit matrix adds to its codes and scales (see the module docs for the layout).
 #[derive(Clone, Copy, Debug)]
-pub struct Q4Weights<'a> {
-    n: usize,
-    k: usize,
-    codes: &'a [u8],
-    scales: &'a [f32],
-    offsets: Option<&'a [f32]>,
-    zero_point: f32,
-    group: usize,
+pub struct Q4Format<'a> {
+    /// One per block (Q4_1's minimum), or none (Q4_0).
+    pub offsets: Option<&'a [f32]>,
+    /// 0..=15.
+    pub zero_point: u8,
+    /// Rows whose blocks are interleaved: 1 = none; N must be a multiple of it.
+    pub group: usize,
 }
 
+/// A borrowed 4-bit weight matrix.
+pub type Q4Weights<'a> = BlockMatrix<'a, Q4Format<'a>>;
+
 impl<'a> Q4Weights<'a> {
-    /// `codes`: N * K/2 bytes; `scales` and `offsets`: N * K/32 values; K a multiple of 32; rows interleaved
-    /// in groups of `group` (1 = none; N must be a multiple of it).
-    pub fn new(
-        n: usize,
-        k: usize,
-        codes: &'a [u8],
-        scales: &'a [f32],
-        offsets: Option<&'a [f32]>,
-        zero_point: u8,
-        group: usize,
-    ) -> Result<Self, &'static str> {
-        if n == 0 || k == 0 || k % BLOCK != 0 {
-            return Err("K must be a positive multiple of 32 and N positive");
-        }
-        if group == 0 || n % group != 0 {
+    /// `codes`: N * K/2 bytes; `scales` and the format's `offsets`: N * K/32 values; K a multiple of 32.
+    pub fn new(n: usize, k: usize, codes: &'a [u8], scales: &'a [f32], format: Q4Format<'a>) -> Result<Self, &'static str> {
+        if format.group == 0 || n % format.group != 0 {
             return Err("N must be a multiple of the row group");
         }
-        let blocks = n * (k / BLOCK);
-        if codes.len() != blocks * BLOCK_BYTES {
-            return Err("codes must hold N * K / 2 bytes");
+        if format.offsets.is_some_and(|o| o.len() != scales.len()) {
+            return Err("offsets must hold one value per block, as scales do");
         }
-        if scales.len() != blocks || offsets.is_some_and(|o| o.len() != blocks) {
-            return Err("scales and offsets must hold N * K / 32 values");
-        }
-        if zero_point > 15 {
+        if format.zero_point > 15 {
             return Err("the zero point of a 4-bit code is at most 15");
         }
-        Ok(Self { n, k, codes, scales, offsets, zero_point: f32::from(zero_point), group })
-    }
-
-    pub fn n(&self) -> usize {
-        self.n
-    }
-
-    pub fn k(&self) -> usize {
-        self.k
+        Self::checked(n, k, codes, scales, BLOCK_BYTES, format)
     }
 
     /// Index of block (n, 0); block (n, b) is at `row_base(n) + b * group`.
     fn row_base(&self, n: usize) -> usize {
-        (n / self.group) * (self.k / BLOCK) * self.group + n % self.group
+        (n / self.format.group) * (self.k / BLOCK) * self.format.group + n % self.format.group
     }
 
     /// The fp32 weight W[n, j] (for tests and the portable path).
     pub fn weight(&self, n: usize, j: usize) -> f32 {
         let (b, i) = (j / BLOCK, j % BLOCK);
-        let block = self.row_base(n) + b * self.group;
+        let block = self.row_base(n) + b * self.format.group;
         let byte = self.codes[block * BLOCK_BYTES + i % BLOCK_BYTES];
         let q = if i < BLOCK_BYTES { byte & 0x0F } else { byte >> 4 };
-        let offset = self.offsets.map_or(0.0, |o| o[block]);
-        (f32::from(q) - self.zero_point).mul_add(self.scales[block], offset)
+        let offset = self.format.offsets.map_or(0.0, |o| o[block]);
+        (f32::from(q) - f32::from(self.format.zero_point)).mul_add(self.scales[block], offset)
     }
 }
 
@@ -203,6 +183,24 @@ mod x86 {
 
     const PANEL: usize = 64;
 
+    /// A tile kernel's operands: R weight rows from `n0` times MC rows of x (row stride K) into y (row stride N).
+    #[derive(Clone, Copy)]
+    struct Tile<'w, 'a> {
+        w: &'w Q4Weights<'a>,
+        x: *const f32,
+        y: *mut f32,
+        n0: usize,
+    }
+
+    impl Tile<'_, '_> {
+        /// Codes, scales, offsets (null without them) and the first block of each of the R rows.
+        fn arrays<const R: usize>(&self) -> (*const u8, *const f32, *const f32, [usize; R]) {
+            let w = self.w;
+            let offsets = w.format.offsets.map_or(core::ptr::null(), <[f32]>::as_ptr);
+            (w.codes.as_ptr(), w.scales.as_ptr(), offsets, core::array::from_fn(|r| w.row_base(self.n0 + r)))
+        }
+    }
+
     /// Columns in panels of PANEL weight rows; within a panel, the x rows in chunks of at most MC, and for
     /// each chunk the panel's rows in groups of R (a single-row tile for the last N % R columns). A panel's
     /// weights and a chunk of x both stay in cache while they meet (a 500-token prefill re-read all of x from
@@ -234,11 +232,12 @@ mod x86 {
             let mut done = 0;
             $(
                 if done == 0 && $left >= $mc {
-                    match ($one, $w.offsets.is_some()) {
-                        (false, true) => $tile::<$r, $mc, true>($w, $xp, $yp, $n),
-                        (false, false) => $tile::<$r, $mc, false>($w, $xp, $yp, $n),
-                        (true, true) => $tile::<1, $mc, true>($w, $xp, $yp, $n),
-                        (true, false) => $tile::<1, $mc, false>($w, $xp, $yp, $n),
+                    let t = Tile { w: $w, x: $xp, y: $yp, n0: $n };
+                    match ($one, $w.format.offsets.is_some()) {
+                        (false, true) => $tile::<$r, $mc, true>(t),
+                        (false, false) => $tile::<$r, $mc, false>(t),
+                        (true, true) => $tile::<1, $mc, true>(t),
+                        (true, false) => $tile::<1, $mc, false>(t),
                     }
                     done = $mc;
                 }
@@ -295,30 +294,22 @@ mod x86 {
         drive!(w, x, m, y, cols, tile256, 4, [2, 1]);
     }
 
-    /// R weight rows from `n0` times MC rows of x (row stride K) into y (row stride N).
     #[target_feature(enable = "avx512f")]
-    unsafe fn tile512<const R: usize, const MC: usize, const OFF: bool>(
-        w: &Q4Weights,
-        x: *const f32,
-        y: *mut f32,
-        n0: usize,
-    ) {
+    unsafe fn tile512<const R: usize, const MC: usize, const OFF: bool>(t: Tile) {
+        let Tile { w, x, y, n0 } = t;
         let nb = w.k / BLOCK;
         let iota = _mm512_sub_ps(
             _mm512_setr_ps(0., 1., 2., 3., 4., 5., 6., 7., 8., 9., 10., 11., 12., 13., 14., 15.),
-            _mm512_set1_ps(w.zero_point),
+            _mm512_set1_ps(f32::from(w.format.zero_point)),
         );
-        let codes = w.codes.as_ptr();
-        let scales = w.scales.as_ptr();
-        let offsets = w.offsets.map_or(core::ptr::null(), <[f32]>::as_ptr);
-        let base: [usize; R] = core::array::from_fn(|r| w.row_base(n0 + r));
+        let (codes, scales, offsets, base) = t.arrays::<R>();
         let mut acc = [[_mm512_setzero_ps(); R]; MC];
         for b in 0..nb {
             // The R rows' blocks first (2R registers), then each x row: two loads and 2R multiply-adds.
             let mut w_lo = [_mm512_setzero_ps(); R];
             let mut w_hi = [_mm512_setzero_ps(); R];
             for r in 0..R {
-                let block = base[r] + b * w.group;
+                let block = base[r] + b * w.format.group;
                 let d = _mm512_set1_ps(*scales.add(block));
                 let table = if OFF {
                     _mm512_fmadd_ps(iota, d, _mm512_set1_ps(*offsets.add(block)))
@@ -346,23 +337,16 @@ mod x86 {
     }
 
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn tile256<const R: usize, const MC: usize, const OFF: bool>(
-        w: &Q4Weights,
-        x: *const f32,
-        y: *mut f32,
-        n0: usize,
-    ) {
+    unsafe fn tile256<const R: usize, const MC: usize, const OFF: bool>(t: Tile) {
+        let Tile { w, x, y, n0 } = t;
         let nb = w.k / BLOCK;
-        let zp = _mm256_set1_ps(w.zero_point);
+        let zp = _mm256_set1_ps(f32::from(w.format.zero_point));
         let nibble = _mm_set1_epi8(0x0F);
-        let codes = w.codes.as_ptr();
-        let scales = w.scales.as_ptr();
-        let offsets = w.offsets.map_or(core::ptr::null(), <[f32]>::as_ptr);
-        let base: [usize; R] = core::array::from_fn(|r| w.row_base(n0 + r));
+        let (codes, scales, offsets, base) = t.arrays::<R>();
         let mut acc = [[_mm256_setzero_ps(); R]; MC];
         for b in 0..nb {
             for r in 0..R {
-                let block = base[r] + b * w.group;
+                let block = base[r] + b * w.format.group;
                 let d = _mm256_set1_ps(*scales.add(block));
                 let o = if OFF { _mm256_set1_ps(*offsets.add(block)) } else { _mm256_setzero_ps() };
                 let bytes = _mm_loadu_si128(codes.add(block * BLOCK_BYTES) as *const __m128i);
@@ -448,7 +432,7 @@ mod tests {
             };
             for (zp, group) in [(0u8, 1), (8, 1), (0, if n % 8 == 0 { 8 } else { 1 })] {
                 for offsets in [Some(c.offsets.as_slice()), None] {
-                    let w = Q4Weights::new(n, k, &c.codes, &c.scales, offsets, zp, group).unwrap();
+                    let w = Q4Weights::new(n, k, &c.codes, &c.scales, Q4Format { offsets, zero_point: zp, group }).unwrap();
                     let (want, mag) = reference(&w, &x, m);
                     for isa in Isa::available() {
                         let mut y = vec![f32::NAN; m * n];
@@ -467,7 +451,7 @@ mod tests {
     #[test]
     fn column_ranges_compose() {
         let c = case(24, 64, 3);
-        let w = Q4Weights::new(24, 64, &c.codes, &c.scales, Some(&c.offsets), 8, 8).unwrap();
+        let w = Q4Weights::new(24, 64, &c.codes, &c.scales, Q4Format { offsets: Some(&c.offsets), zero_point: 8, group: 8 }).unwrap();
         let x: Vec<f32> = (0..2 * 64).map(|i| (i as f32 * 0.37).sin()).collect();
         let mut whole = vec![0.0; 2 * 24];
         matmul(&w, &x, 2, &mut whole, Isa::detect());
@@ -481,11 +465,12 @@ mod tests {
     #[test]
     fn bad_shapes_are_refused() {
         let c = case(4, 64, 1);
-        assert!(Q4Weights::new(4, 48, &c.codes, &c.scales, None, 8, 1).is_err());
-        assert!(Q4Weights::new(4, 64, &c.codes[1..], &c.scales, None, 8, 1).is_err());
-        assert!(Q4Weights::new(4, 64, &c.codes, &c.scales, Some(&c.offsets[1..]), 8, 1).is_err());
-        assert!(Q4Weights::new(4, 64, &c.codes, &c.scales, None, 16, 1).is_err());
-        assert!(Q4Weights::new(4, 64, &c.codes, &c.scales, None, 8, 8).is_err());
+        let plain = Q4Format { offsets: None, zero_point: 8, group: 1 };
+        assert!(Q4Weights::new(4, 48, &c.codes, &c.scales, plain).is_err());
+        assert!(Q4Weights::new(4, 64, &c.codes[1..], &c.scales, plain).is_err());
+        assert!(Q4Weights::new(4, 64, &c.codes, &c.scales, Q4Format { offsets: Some(&c.offsets[1..]), ..plain }).is_err());
+        assert!(Q4Weights::new(4, 64, &c.codes, &c.scales, Q4Format { zero_point: 16, ..plain }).is_err());
+        assert!(Q4Weights::new(4, 64, &c.codes, &c.scales, Q4Format { group: 8, ..plain }).is_err());
     }
 
     #[test]

@@ -17,34 +17,15 @@ use core::ops::Range;
 
 use super::q4::Isa;
 
-pub const BLOCK: usize = 32;
+pub use super::BLOCK;
+use super::BlockMatrix;
 
-/// A borrowed 8-bit weight matrix: `codes` N * K bytes, `scales` N * K/32 values.
-#[derive(Clone, Copy, Debug)]
-pub struct Q8Weights<'a> {
-    n: usize,
-    k: usize,
-    codes: &'a [u8],
-    scales: &'a [f32],
-}
+/// A borrowed 8-bit weight matrix: `codes` N * K bytes (zero point 128), `scales` N * K/32 values.
+pub type Q8Weights<'a> = BlockMatrix<'a, ()>;
 
 impl<'a> Q8Weights<'a> {
     pub fn new(n: usize, k: usize, codes: &'a [u8], scales: &'a [f32]) -> Result<Self, &'static str> {
-        if n == 0 || k == 0 || k % BLOCK != 0 {
-            return Err("K must be a positive multiple of 32 and N positive");
-        }
-        if codes.len() != n * k || scales.len() != n * (k / BLOCK) {
-            return Err("codes must hold N * K bytes and scales N * K / 32 values");
-        }
-        Ok(Self { n, k, codes, scales })
-    }
-
-    pub fn n(&self) -> usize {
-        self.n
-    }
-
-    pub fn k(&self) -> usize {
-        self.k
+        Self::checked(n, k, codes, scales, BLOCK, ())
     }
 }
 

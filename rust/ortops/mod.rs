@@ -33,6 +33,9 @@ const API_VERSION: u32 = 17;
 
 static OPS: [&OrtCustomOp; 2] = [&q4_linear::OP, &q8_linear::OP];
 
+const FLOAT: ONNXTensorElementDataType = ONNXTensorElementDataType::ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+const UINT8: ONNXTensorElementDataType = ONNXTensorElementDataType::ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
+
 /// The C API table, valid for the life of the process once ONNX Runtime has handed it over.
 #[derive(Clone, Copy)]
 struct Api(&'static OrtApi);
@@ -157,7 +160,7 @@ unsafe extern "system" fn provider(_: *const OrtCustomOp) -> *const c_char {
 }
 
 unsafe extern "system" fn input_type<K: Kernel>(_: *const OrtCustomOp, index: usize) -> ONNXTensorElementDataType {
-    K::INPUTS.get(index).copied().unwrap_or(ONNXTensorElementDataType::ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT)
+    K::INPUTS.get(index).copied().unwrap_or(FLOAT)
 }
 
 unsafe extern "system" fn input_count<K: Kernel>(_: *const OrtCustomOp) -> usize {
@@ -165,7 +168,7 @@ unsafe extern "system" fn input_count<K: Kernel>(_: *const OrtCustomOp) -> usize
 }
 
 unsafe extern "system" fn output_type(_: *const OrtCustomOp, _: usize) -> ONNXTensorElementDataType {
-    ONNXTensorElementDataType::ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT
+    FLOAT
 }
 
 unsafe extern "system" fn one_output(_: *const OrtCustomOp) -> usize {
@@ -246,14 +249,21 @@ unsafe fn attribute(api: Api, info: *const OrtKernelInfo, name: &CStr, default: 
     }
 }
 
-/// K and N attributes as sizes.
-unsafe fn dimensions(api: Api, info: *const OrtKernelInfo, op: &str) -> Result<(usize, usize), OrtStatusPtr> {
-    let k = attribute(api, info, c"K", None)?;
-    let n = attribute(api, info, c"N", None)?;
-    match (usize::try_from(k), usize::try_from(n)) {
-        (Ok(k), Ok(n)) => Ok((k, n)),
-        _ => Err(api.error(&format!("{op}: K and N must be non-negative"))),
-    }
+/// The K and N attributes and the codes (input 1) and scales (input 2) every block-quantized operator has.
+#[allow(clippy::type_complexity)]
+unsafe fn block_weights(
+    api: Api,
+    info: *const OrtKernelInfo,
+    op: &str,
+) -> Result<(usize, usize, &'static [u8], &'static [f32]), OrtStatusPtr> {
+    let (Ok(k), Ok(n)) = (usize::try_from(attribute(api, info, c"K", None)?), usize::try_from(attribute(api, info, c"N", None)?))
+    else {
+        return Err(api.error(&format!("{op}: K and N must be non-negative")));
+    };
+    let missing = || api.error(&format!("{op}: codes and scales must be constant initializers"));
+    let codes = constant::<u8>(api, info, 1, op)?.ok_or_else(missing)?;
+    let scales = constant::<f32>(api, info, 2, op)?.ok_or_else(missing)?;
+    Ok((k, n, codes, scales))
 }
 
 /// A constant initializer input, read in place (None when an optional input is absent).

@@ -13,9 +13,9 @@ use core::ffi::CStr;
 use ort_sys::{ONNXTensorElementDataType as T, OrtCustomOp, OrtKernelContext, OrtKernelInfo, OrtStatusPtr};
 
 use super::{
-    attribute, column_chunks, constant, detect, dimensions, op, parallel, row_io, Api, Kernel, SharedIn, SharedOut,
+    attribute, block_weights, FLOAT, UINT8, column_chunks, constant, detect, op, parallel, row_io, Api, Kernel, SharedIn, SharedOut,
 };
-use crate::kernels::q4::{matmul_cols, silu_mul, Isa, Q4Weights};
+use crate::kernels::q4::{matmul_cols, silu_mul, Isa, Q4Format, Q4Weights};
 
 pub(super) static OP: OrtCustomOp = op::<Q4Linear>();
 
@@ -32,27 +32,19 @@ struct Q4Linear {
 
 impl Kernel for Q4Linear {
     const NAME: &'static CStr = c"Q4Linear";
-    const INPUTS: &'static [T] = &[
-        T::ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT,
-        T::ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8,
-        T::ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT,
-        T::ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT,
-    ];
+    const INPUTS: &'static [T] = &[FLOAT, UINT8, FLOAT, FLOAT];
     const REQUIRED_INPUTS: usize = 3;
 
     unsafe fn new(api: Api, info: *const OrtKernelInfo) -> Result<Self, OrtStatusPtr> {
-        let (k, n) = dimensions(api, info, "Q4Linear")?;
+        let (k, n, codes, scales) = block_weights(api, info, "Q4Linear")?;
         let zero_point = attribute(api, info, c"zero_point", Some(8))?;
         let swiglu = attribute(api, info, c"swiglu", Some(0))? != 0;
         let (Ok(zero_point), Ok(group)) = (u8::try_from(zero_point), usize::try_from(attribute(api, info, c"row_group", Some(1))?))
         else {
             return Err(api.error("Q4Linear: zero_point must be 0..15 and row_group positive"));
         };
-        let missing = || api.error("Q4Linear: codes and scales must be constant initializers");
-        let codes = constant::<u8>(api, info, 1, "Q4Linear")?.ok_or_else(missing)?;
-        let scales = constant::<f32>(api, info, 2, "Q4Linear")?.ok_or_else(missing)?;
         let offsets = constant::<f32>(api, info, 3, "Q4Linear")?;
-        let weights = Q4Weights::new(n, k, codes, scales, offsets, zero_point, group)
+        let weights = Q4Weights::new(n, k, codes, scales, Q4Format { offsets, zero_point, group })
             .map_err(|e| api.error(&format!("Q4Linear (K={k}, N={n}): {e}")))?;
         Ok(Q4Linear { api, weights, swiglu, isa: detect() })
     }

@@ -11,7 +11,7 @@ use core::ffi::CStr;
 
 use ort_sys::{ONNXTensorElementDataType as T, OrtCustomOp, OrtKernelContext, OrtKernelInfo, OrtStatusPtr};
 
-use super::{column_chunks, constant, detect, dimensions, op, parallel, row_io, Api, Kernel, SharedOut};
+use super::{block_weights, column_chunks, FLOAT, UINT8, detect, op, parallel, row_io, Api, Kernel, SharedOut};
 use crate::kernels::q4::Isa;
 use crate::kernels::q8::{matmul_cols, QuantizedRow, Q8Weights};
 
@@ -28,18 +28,11 @@ struct Q8LinearInt8 {
 
 impl Kernel for Q8LinearInt8 {
     const NAME: &'static CStr = c"Q8LinearInt8";
-    const INPUTS: &'static [T] = &[
-        T::ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT,
-        T::ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8,
-        T::ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT,
-    ];
+    const INPUTS: &'static [T] = &[FLOAT, UINT8, FLOAT];
     const REQUIRED_INPUTS: usize = 3;
 
     unsafe fn new(api: Api, info: *const OrtKernelInfo) -> Result<Self, OrtStatusPtr> {
-        let (k, n) = dimensions(api, info, "Q8LinearInt8")?;
-        let missing = || api.error("Q8LinearInt8: codes and scales must be constant initializers");
-        let codes = constant::<u8>(api, info, 1, "Q8LinearInt8")?.ok_or_else(missing)?;
-        let scales = constant::<f32>(api, info, 2, "Q8LinearInt8")?.ok_or_else(missing)?;
+        let (k, n, codes, scales) = block_weights(api, info, "Q8LinearInt8")?;
         let weights = Q8Weights::new(n, k, codes, scales)
             .map_err(|e| api.error(&format!("Q8LinearInt8 (K={k}, N={n}): {e}")))?;
         Ok(Q8LinearInt8 { api, weights, isa: detect() })

@@ -3,7 +3,9 @@
 Layout: onnx/model*.onnx (+ external data), config.json, generation_config.json, tokenizer.json,
 tokenizer_config.json. Directories written by `cheapest model convert` add a "cheapest" section to config.json
 describing the graph; exports made elsewhere are inspected instead (a GroupQueryAttention node means a
-right-padded shared KV buffer, anything else a plain concatenating cache).
+right-padded shared KV buffer, anything else a plain concatenating cache). On the CPU provider the directory's
+onnx/model_cpu.onnx is served where present: the same graph with the core's custom operators (graph_passes.py),
+whose library is the core's extension module itself, registered on every session.
 
 Only metadata is logged: model id, provider, thread count, graph file.
 """
