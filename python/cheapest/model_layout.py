@@ -28,6 +28,8 @@ import msgspec
 
 ONNX_DIR = "onnx"
 FUSED_GRAPH = "onnx/model.onnx"
+# The fused graph with the core's ONNX Runtime custom operators (convert/graph_passes.py), served on CPU.
+CPU_GRAPH = "onnx/model_cpu.onnx"
 REFERENCE_GRAPH = "onnx/model_fp32.onnx"
 CONFIG = "config.json"
 GENERATION_CONFIG = "generation_config.json"
@@ -65,6 +67,8 @@ class GraphContract(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=Tru
     kv_buffer_sharing: bool
     seqlens_from: Literal["attention_mask"] | None = None
     accuracy_level: int | None = None  # MatMulNBits accuracy_level (fused graph only)
+    execution_provider: str | None = None  # the only provider that can run it (the CPU graph's custom operators)
+    custom_ops: str | None = None  # the library registering its custom operators ("cheapest_core")
 
 
 class Source(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
@@ -80,7 +84,7 @@ class CheapestSection(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=T
 
     converter_version: str
     source: Source
-    graphs: dict[str, GraphContract]  # by path relative to the directory (FUSED_GRAPH, REFERENCE_GRAPH)
+    graphs: dict[str, GraphContract]  # by path relative to the directory (FUSED_GRAPH, CPU_GRAPH, REFERENCE_GRAPH)
     model_id: str | None = None
 
 

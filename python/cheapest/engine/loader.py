@@ -2,7 +2,9 @@
 
 Directories written by `cheapest model convert` say in config.json how each graph must be driven; exports made
 elsewhere are inspected instead (a GroupQueryAttention node means a right-padded shared KV buffer, anything
-else a plain concatenating cache).
+else a plain concatenating cache). On the CPU provider the directory's onnx/model_cpu.onnx is served where
+present: the same graph with the core's custom operators, whose library is the core's extension module itself,
+registered on every session.
 
 Only metadata is logged: model id, provider, thread count, graph file.
 """
@@ -23,7 +25,7 @@ import onnxruntime as ort
 
 from cheapest.engine.types import EngineError
 from cheapest.model_layout import (
-    CONFIG, FUSED_GRAPH, GENERATION_CONFIG, ONNX_DIR, REFERENCE_GRAPH, TOKENIZER, TOKENIZER_CONFIG, GenerationConfig,
+    CONFIG, CPU_GRAPH, FUSED_GRAPH, GENERATION_CONFIG, ONNX_DIR, REFERENCE_GRAPH, TOKENIZER, TOKENIZER_CONFIG, GenerationConfig,
     GraphContract, ModelConfig, token_ids,
 )
 
@@ -112,6 +114,15 @@ def choose_graph(model_dir: Path, graph: str | None = None) -> Path:
     if (onnx_dir / _REFERENCE_GRAPH).is_file():
         return onnx_dir / _REFERENCE_GRAPH
     raise EngineError("no onnx/model*.onnx in the model directory")
+
+
+def served_graph(model_dir: str | os.PathLike[str], providers: Sequence[str]) -> str | None:
+    """The graph file a session on `providers` should load, or None for choose_graph's default: the CPU
+    provider prefers CPU_GRAPH when the directory has it."""
+    cpu_graph = Path(model_dir) / CPU_GRAPH
+    if providers and providers[0] == CPU and cpu_graph.is_file():
+        return cpu_graph.name
+    return None
 
 
 def _graph_has_op(graph_path: Path, op_type: str) -> bool:
@@ -269,7 +280,18 @@ def session_options(threads: int | None, *, spin_us: int = SPIN_US) -> ort.Sessi
     opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin_us > 0 else "0")
     if spin_us > 0:
         opts.add_session_config_entry("session.intra_op.spin_duration_us", str(int(spin_us)))
+    _register_core_ops(opts)
     return opts
+
+
+def _register_core_ops(opts: ort.SessionOptions) -> None:
+    """The core's ONNX Runtime operators (domain `cheapest`, rust/ortops): its extension module is also the
+    custom-op library. Without the core, graphs that use them fail to load by operator name."""
+    try:
+        from cheapest_core import _cheapest_core
+    except ImportError:
+        return
+    opts.register_custom_ops_library(_cheapest_core.__file__)
 
 
 def open_session(spec: ModelSpec, *, threads: int | None = None, providers: Iterable[str] | None = None,

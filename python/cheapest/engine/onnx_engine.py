@@ -18,8 +18,8 @@ from typing import Any
 from cheapest.engine.batching import Scheduler
 from cheapest.engine.batching import Sequence as BatchSequence
 from cheapest.engine.chat import ChatTemplate
-from cheapest.engine.loader import CPU, SPIN_US, IncrementalDecoder, ModelSpec, Tokenizer, load_tokenizer, \
-    open_session, read_model_dir
+from cheapest.engine.loader import CPU, SPIN_US, IncrementalDecoder, ModelSpec, Tokenizer, choose_providers, \
+    load_tokenizer, open_session, read_model_dir, served_graph
 from cheapest.engine.runner import ConcatKv, KvRunner, SharedBufferKv
 from cheapest.engine.sampling import Sampler
 from cheapest.engine.types import ContextLengthError, Delta, EngineError, Finish, FinishReason, SamplingParams
@@ -184,10 +184,12 @@ class OnnxEngine:
 def load_engine(model_dir: str | os.PathLike[str], *, threads: int | None = None,
                 providers: Sequence[str] | None = None, max_batch: int | None = None,
                 graph: str | None = None, spin_us: int = SPIN_US, **runner_options: Any) -> OnnxEngine:
-    """Open a model directory. `graph` picks a file under onnx/ (default: the served graph, model.onnx).
+    """Open a model directory. `graph` picks a file under onnx/ (default: the served graph,
+    model_cpu.onnx on the CPU provider where the directory has it, else model.onnx).
     `spin_us`: how long idle ONNX Runtime pool threads spin before sleeping (0 = never spin; see loader.py)."""
-    spec = read_model_dir(model_dir, graph=graph)
-    session = open_session(spec, threads=threads, providers=providers, spin_us=spin_us)
+    chosen = choose_providers(providers)
+    spec = read_model_dir(model_dir, graph=graph or served_graph(model_dir, chosen))
+    session = open_session(spec, threads=threads, providers=chosen, spin_us=spin_us)
     provider = session.get_providers()[0]
     try:
         runner: KvRunner
