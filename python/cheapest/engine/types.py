@@ -61,13 +61,16 @@ class Engine(Protocol):
     # True when `generate` never suspends (it yields everything at once): the HTTP layer then need not watch
     # for a client that goes away during generation.
     instant: bool
+    # False for a base model that ships no chat template (and none is configured): it serves completions only.
+    has_chat_template: bool
 
     def render_chat(self, messages: Sequence[tuple[str, str]]) -> str:
         """(role, content) pairs -> prompt text via the model's chat template (sandboxed Jinja)."""
         ...
 
-    def encode(self, text: str) -> list[int]:
-        """Prompt text -> token ids (special tokens in the rendered template are honoured)."""
+    def encode(self, text: str, *, special_tokens: bool = False) -> list[int]:
+        """Prompt text -> token ids (special tokens in the rendered template are honoured). `special_tokens`: add
+        the ones the tokenizer adds to a bare text (a base model's BOS), for a text-completion prompt."""
         ...
 
     def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncGenerator[Delta | Finish, None]:

@@ -43,7 +43,7 @@ async def _complete(state: WorkerState, req: Request, chat: bool) -> Response | 
         raise decode_error(exc) from None
     req.stream = creq.stream
     gateway = state.gateway
-    engine = serving_engine(state.engine, caller, creq.model)
+    engine = serving_engine(state.models, caller, creq.model)
     req.model = engine.model_id
     ids = prompt_ids(engine, creq)
     p = len(ids)
@@ -123,14 +123,13 @@ def _read(state: WorkerState, req: Request) -> tuple[Caller, list[tuple[str, str
 
 async def list_models(state: WorkerState, req: Request) -> Response:
     caller, headers = _read(state, req)
-    engine = state.engine
-    models = [] if engine is None or not may_use(caller, engine.model_id) else [_model(engine)]
+    models = [_model(engine) for engine in state.models.ready() if may_use(caller, engine.model_id)]
     return json_response(_encode(ModelList(models)), headers)
 
 
 async def get_model(state: WorkerState, req: Request, model_id: str) -> Response:
     caller, headers = _read(state, req)
-    return json_response(_encode(_model(serving_engine(state.engine, caller, model_id))), headers)
+    return json_response(_encode(_model(serving_engine(state.models, caller, model_id))), headers)
 
 
 async def key_usage(state: WorkerState, req: Request) -> Response:
