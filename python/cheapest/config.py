@@ -82,6 +82,7 @@ DEFAULT_PLANS = {
 DEFAULT_PRICES = {
     "SmolLM2-135M-Instruct": PriceConfig(prompt_usd_per_mtok=0.05, completion_usd_per_mtok=0.10),
     "gemma-3-270m": PriceConfig(prompt_usd_per_mtok=0.08, completion_usd_per_mtok=0.16),
+    "all-MiniLM-L6-v2": PriceConfig(prompt_usd_per_mtok=0.01),
 }
 
 
@@ -94,6 +95,13 @@ class ServingSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_body_bytes: int = 1 << 20  # larger bodies get 413
     default_max_tokens: int = 1024  # completion budget when a request sets none (clamped to the context)
     request_log: bool = True  # one JSON metadata line per request on stdout
+    embedding_max_inputs: int = 2048  # inputs in one /v1/embeddings request
+    embedding_max_tokens: int = 0  # tokens per embedding input (0 = the model's own limit; never above it)
+    embedding_truncate: bool = False  # cut a longer input to the limit instead of refusing it (400)
+
+    def __post_init__(self) -> None:
+        if self.embedding_max_inputs < 1 or self.embedding_max_tokens < 0:
+            raise ValueError("embedding_max_inputs must be at least 1 and embedding_max_tokens at least 0")
 
 
 class EngineSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

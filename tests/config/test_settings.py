@@ -18,7 +18,8 @@ RECEIVER = "0x2B5AD5c4795c026514f8317c7a215E218DcCD6cF"
 # A value other than the default for every scalar setting (each README variable but CHEAPEST_CONFIG).
 SAMPLE: dict[str, Any] = {
     "host": "0.0.0.0", "port": 9100, "workers": 3, "max_body_bytes": 4096, "default_max_tokens": 7,
-    "request_log": False, "data_dir": "/srv/cheapest", "lmdb_map_size": 1 << 26, "ratelimit_capacity": 1024,
+    "request_log": False, "embedding_max_inputs": 16, "embedding_max_tokens": 64, "embedding_truncate": True,
+    "data_dir": "/srv/cheapest", "lmdb_map_size": 1 << 26, "ratelimit_capacity": 1024,
     "key_pepper": "p" * 24, "usage_flush_interval": 0.5, "retention_interval": 60.0,
     "model_backend": "fixed_engine:load", "model_dir": "/srv/models/M", "model_threads": 2, "model_spin_us": 0,
     "default_plan": "pro", "stripe_secret_key": "sk_test_x", "stripe_webhook_secret": "whsec_x",

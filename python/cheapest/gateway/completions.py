@@ -16,14 +16,14 @@ from cheapest.gateway.auth import Caller
 from cheapest.gateway.errors import Refusal
 from cheapest.engine.registry import ServedModels
 from cheapest.engine.types import (
-    ContextLengthError, Delta, Engine, EngineError, Finish, FinishReason, SamplingParams,
+    ContextLengthError, Delta, Embedder, Engine, EngineError, Finish, FinishReason, SamplingParams,
 )
 
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 LOADING_RETRY_AFTER = 5.0  # seconds a client waits before asking a loading model again
 
 
-def serving_engine(models: ServedModels[Engine], caller: Caller, model: str) -> Engine:
+def served_model(models: ServedModels[Engine | Embedder], caller: Caller, model: str) -> Engine | Embedder:
     """The engine that serves `model` to this caller (a key may be limited to some models). A model still loading
     is "unavailable" with a retry time; one that failed to load, unavailable for good."""
     slot = models.find(model)
@@ -38,6 +38,15 @@ def serving_engine(models: ServedModels[Engine], caller: Caller, model: str) -> 
         raise Refusal("unavailable", f"The model {slot.name} is still loading; retry shortly.", param="model",
                       code="model_loading", retry_after=LOADING_RETRY_AFTER)
     return slot.engine
+
+
+def serving_engine(models: ServedModels[Engine | Embedder], caller: Caller, model: str) -> Engine:
+    """The generating engine for `model`; an embedding model is refused (it serves /v1/embeddings)."""
+    engine = served_model(models, caller, model)
+    if isinstance(engine, Embedder):
+        raise Refusal("invalid_request", f"The model {engine.model_id} is an embedding model: use /v1/embeddings.",
+                      param="model", code="model_not_supported")
+    return engine
 
 
 def may_use(caller: Caller, model: str) -> bool:

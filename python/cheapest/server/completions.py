@@ -1,5 +1,5 @@
-"""/v1 routes: chat and text completions (one JSON body, or SSE chunks framed by the core), models, the calling
-key's usage. Each handler parses the request, calls the gateway, and encodes the answer."""
+"""/v1 routes: chat and text completions (one JSON body, or SSE chunks framed by the core), models (generating and
+embedding ones), the calling key's usage. Each handler parses the request, calls the gateway, and encodes the answer."""
 
 from __future__ import annotations
 
@@ -16,10 +16,10 @@ from cheapest.api.completions import Completion, CompletionChoice, CompletionReq
 from cheapest.api.models import Model, ModelList
 from cheapest.gateway import Admission, Caller, Gateway
 from cheapest.gateway.completions import (
-    collect, engine_refusal, may_use, prompt_ids, sampling, serving_engine,
+    collect, engine_refusal, may_use, prompt_ids, sampling, served_model, serving_engine,
 )
 from cheapest.gateway.usage import key_usage as usage_of
-from cheapest.engine.types import ContextLengthError, Delta, Engine, EngineError, Finish, SamplingParams
+from cheapest.engine.types import ContextLengthError, Delta, Embedder, Engine, EngineError, Finish, SamplingParams
 from cheapest.server.cancellation import until_disconnected
 from cheapest.server.errors import decode_error, rate_headers
 from cheapest.server.request import Request, Response, StreamResponse, json_response
@@ -110,7 +110,7 @@ async def completions(state: WorkerState, req: Request) -> Response | StreamResp
     return await _complete(state, req, chat=False)
 
 
-def _model(engine: Engine) -> Model:
+def _model(engine: Engine | Embedder) -> Model:
     return Model(engine.model_id, created=0, context_length=engine.context_length)
 
 
@@ -129,7 +129,7 @@ async def list_models(state: WorkerState, req: Request) -> Response:
 
 async def get_model(state: WorkerState, req: Request, model_id: str) -> Response:
     caller, headers = _read(state, req)
-    return json_response(_encode(_model(serving_engine(state.models, caller, model_id))), headers)
+    return json_response(_encode(_model(served_model(state.models, caller, model_id))), headers)
 
 
 async def key_usage(state: WorkerState, req: Request) -> Response:

@@ -23,7 +23,7 @@ import msgspec
 from cheapest.config import EngineSettings, Settings
 from cheapest.gateway import Gateway
 from cheapest.engine.registry import ServedModels
-from cheapest.engine.types import Engine
+from cheapest.engine.types import Embedder, Engine
 from cheapest.privacy.retention import PeriodicRetention
 from cheapest.server.accesslog import RequestLog
 from cheapest.server.ids import ResponseIds
@@ -35,13 +35,18 @@ from cheapest.store.secrets import load_pepper
 log = logging.getLogger("cheapest.server")
 
 AddRoute = Callable[[Route], None]
-EngineFactory = Callable[[EngineSettings, AddRoute], Engine]
+EngineFactory = Callable[[EngineSettings, AddRoute], Engine | Embedder]
 
 
-def load_onnx_engine(settings: EngineSettings, add_route: AddRoute) -> Engine:
-    """The built-in backend ("onnx"): a model directory in the Hugging Face ONNX layout."""
+def load_onnx_engine(settings: EngineSettings, add_route: AddRoute) -> Engine | Embedder:
+    """The built-in backend ("onnx"): a model directory in the Hugging Face ONNX layout (a generating model, or a
+    sentence-embedding one)."""
+    from cheapest.engine.embedding import EmbeddingEngine, is_embedding_model
     from cheapest.engine.onnx_engine import load_engine
 
+    if is_embedding_model(settings.model_dir):
+        return EmbeddingEngine(settings.model_dir, threads=settings.model_threads or None,
+                               spin_us=settings.model_spin_us, shared_arena=len(settings.models) > 1)
     return load_engine(settings.model_dir, threads=settings.model_threads or None, spin_us=settings.model_spin_us,
                        chat_templates=settings.chat_templates, shared_arena=len(settings.models) > 1)
 
@@ -93,11 +98,11 @@ class WorkerState:
         self._add_route = add_route
         engine = settings.engine
         factory = engine_factory(engine)
-        self.models: ServedModels[Engine] = ServedModels(
+        self.models: ServedModels[Engine | Embedder] = ServedModels(
             (Path(model_dir).name, self._loader(factory, msgspec.structs.replace(engine, model_dir=model_dir)))
             for model_dir in engine.models)
 
-    def _loader(self, factory: EngineFactory, settings: EngineSettings) -> Callable[[], Engine]:
+    def _loader(self, factory: EngineFactory, settings: EngineSettings) -> Callable[[], Engine | Embedder]:
         return lambda: factory(settings, self._add_route)
 
     def load_engine(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
