@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fixtures_model import pulled
 from math import erf, sqrt
 
 TINY_WORDS = ["the", "a", "man", "woman", "is", "eating", "food", "bread", "piece", "of", "girl", "carrying",
@@ -120,16 +121,14 @@ def tiny_encoder_source(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_encoder_dir(tiny_encoder_source: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny encoder converted, as tiny-minilm (both graphs, tokenizer, sentence-transformers files)."""
     from cheapest.convert.bert import convert_encoder
 
-    return convert_encoder(tiny_encoder_source, tmp_path_factory.mktemp("tiny_encoder_model") / "tiny-minilm")
+    out = tmp_path_factory.mktemp("tiny_encoder_model") / "tiny-minilm"
+    return convert_encoder(tiny_encoder_source, out)
 
 
 @pytest.fixture(scope="session")
 def minilm_dir() -> Path:
     """The real all-MiniLM-L6-v2 from its PyPI package, converted once (slow)."""
-    from cheapest.config import load_settings
-    from cheapest.convert.pull import ensure_model
-
-    settings = load_settings()
-    return ensure_model("all-MiniLM-L6-v2", settings.models_path, settings.cache_path, progress=False)
+    return pulled("all-MiniLM-L6-v2")

@@ -83,12 +83,16 @@ class ServedModels(Generic[E]):
         self._threads: list[threading.Thread] = []
         self._started = False
 
+    def _claim(self) -> bool:
+        """True for the one caller that gets to load the models."""
+        with self._lock:
+            first, self._started = not self._started, True
+        return first
+
     def start(self) -> None:
         """Load every model, each in its own thread; returns at once (the slots say when each is ready)."""
-        with self._lock:
-            if self._started:
-                return
-            self._started = True
+        if not self._claim():
+            return
         for slot, (_, loader) in zip(self.slots, self._loaders):
             thread = threading.Thread(target=self._load, args=(slot, loader), name=f"cheapest-load-{slot.name}",
                                       daemon=True)
@@ -97,10 +101,8 @@ class ServedModels(Generic[E]):
 
     def load_now(self) -> None:
         """Load every model in this thread, in turn (a caller without an event loop); raises the first failure."""
-        with self._lock:
-            if self._started:
-                return
-            self._started = True
+        if not self._claim():
+            return
         for slot, (_, loader) in zip(self.slots, self._loaders):
             self._load(slot, loader, reraise=True)
 
