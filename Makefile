@@ -50,7 +50,7 @@ test-rust:
 	cargo test --release --quiet
 
 stubtest: setup
-	$(BIN)/python -m mypy.stubtest cheapest_core._cheapest_core --allowlist .stubtest-allowlist
+	$(BIN)/python -m mypy.stubtest cheapest_core._cheapest_core
 
 # mypy over python/cheapest, configured in pyproject.toml ([tool.mypy]).
 typecheck: setup

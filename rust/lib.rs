@@ -6,7 +6,9 @@
 
 pub mod keys;
 pub mod ratelimit;
+pub mod sampling;
 pub mod sse;
+pub mod stops;
 pub mod tokens;
 
 #[cfg(feature = "python")]
@@ -24,5 +26,7 @@ fn _cheapest_core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     py::tokens::register(m)?;
     py::ratelimit::register(m)?;
     py::sse::register(m)?;
+    py::stops::register(m)?;
+    py::sampling::register(m)?;
     Ok(())
 }
