@@ -17,7 +17,8 @@ memory <= llama.cpp's.
 The peers live in a bench-only virtualenv (they are not project dependencies):
     python3 -m venv .venv-bench && .venv-bench/bin/pip install llama-cpp-python transformers torch gguf
 A peer that is not installed there is skipped with a message. Prompts are the same token ids for every
-engine (SmolLM2's tokenizer), so prefill work is identical.
+engine (the model's own tokenizer; a base model without a chat template gets the bare text), so prefill work is
+identical. Gemma 3 270M: `--model-dir <data>/models/gemma-3-270m --gguf <data>/cache/gemma-3-270m-q4_k_m.gguf`.
 """
 
 from __future__ import annotations
@@ -229,14 +230,20 @@ def _prompts(model_dir: Path, prompt_tokens: int) -> dict[str, list[int]]:
 
     spec = read_model_dir(model_dir)
     tok = load_tokenizer(model_dir)
-    template = ChatTemplate.from_tokenizer_config(spec.tokenizer_config)
-    story = tok.encode(template.render([("user", STORY)]), add_special_tokens=False)
+
+    def prompt(text: str) -> list[int]:
+        """Through the chat template, or (a base model such as Gemma 3) the bare text with the tokenizer's BOS."""
+        if not ChatTemplate.present(spec.tokenizer_config):
+            return tok.encode(text, add_special_tokens=True)
+        template = ChatTemplate.from_tokenizer_config(spec.tokenizer_config)
+        return tok.encode(template.render([("user", text)]), add_special_tokens=False)
+
+    story = prompt(STORY)
     text = FILLER
     while len(tok.encode(text, add_special_tokens=False)) < prompt_tokens:
         text += FILLER
-    ids = tok.encode(template.render([("user", text + " Summarize this.")]), add_special_tokens=False)
-    chat = tok.encode(template.render([("user", CHAT)]), add_special_tokens=False)
-    return {"story": story, "long": ids[-prompt_tokens:] if len(ids) > prompt_tokens else ids, "chat": chat}
+    ids = prompt(text + " Summarize this.")
+    return {"story": story, "long": ids[-prompt_tokens:] if len(ids) > prompt_tokens else ids, "chat": prompt(CHAT)}
 
 
 def _run_worker(name: str, args: argparse.Namespace, prompts: dict[str, list[int]]) -> dict[str, Any] | None:

@@ -123,11 +123,11 @@ def read_manifest(model_dir: Path) -> Manifest | None:
         return None
 
 
-def is_converted(model_dir: Path, source_sha256: str) -> bool:
+def is_converted(model_dir: Path, source_sha256: str, version: str = CONVERTER_VERSION) -> bool:
     manifest = read_manifest(model_dir)
     return (
         manifest is not None
-        and manifest.converter_version == CONVERTER_VERSION
+        and manifest.converter_version == version
         and manifest.source.sha256 == source_sha256
     )
 
@@ -154,9 +154,10 @@ def _write_metadata(model: GGUFModel, work: Path, accuracy_level: int, sha: str)
     (work / GENERATION_CONFIG).write_bytes(encode_json(generation_config(model)))
 
 
-def _write_manifest(work: Path, source: Source) -> None:
+def write_manifest(work: Path, source: Source, version: str = CONVERTER_VERSION) -> None:
+    """The manifest of every file in `work`, written last: the directory is complete once it exists."""
     files = sorted(p for p in work.rglob("*") if p.is_file())
-    manifest = Manifest(converter_version=CONVERTER_VERSION, source=source,
+    manifest = Manifest(converter_version=version, source=source,
                         files={p.relative_to(work).as_posix(): file_sha256(p) for p in files})
     (work / MANIFEST).write_bytes(encode_json(manifest))
 
@@ -177,7 +178,7 @@ def convert(gguf_path: str | Path, out_dir: str | Path, *, progress: Callable | 
     _write_metadata(model, work, accuracy_level, sha)
     for name, data in (notices or {}).items():
         (work / Path(name).name).write_bytes(data)
-    _write_manifest(work, Source(file=gguf_path.name, sha256=sha))
+    write_manifest(work, Source(file=gguf_path.name, sha256=sha))
     if out_dir.exists():
         shutil.rmtree(out_dir)
     os.replace(work, out_dir)
