@@ -1,6 +1,7 @@
-"""Chat and text completions, apart from their wire format: which engine serves the request, what it asks for
-(`plan`: prompts, sampling, output grammar, tools, logprobs, choices) within the model's context and the
-service's bounds, and running it: the items of every sequence, metered as they come, and whole answers.
+"""Chat and text completions, apart from their wire format: which engine serves the request (routed by `model`
+among the worker's models, within the key's allow-list), what it asks for (`plan`: prompts, sampling, output
+grammar, tools, logprobs, choices) within the model's context and the service's bounds, and running it: the items
+of every sequence, metered as they come, and whole answers.
 
 Prompt and completion text pass through here in memory only; no message built here carries any of it.
 """
@@ -13,8 +14,10 @@ from dataclasses import dataclass, field
 
 from cheapest.api.chat import ChatCompletionRequest
 from cheapest.api.completions import CompletionRequest
+from cheapest.engine.registry import ServedModels
 from cheapest.engine.types import (
-    ContextLengthError, Delta, Engine, EngineError, Finish, FinishReason, Grammar, SamplingParams, TokenLogprob,
+    ContextLengthError, Delta, Embedder, Engine, EngineError, Finish, FinishReason, Grammar, SamplingParams,
+    TokenLogprob,
 )
 from cheapest.gateway.admission import Admission, Admissions
 from cheapest.gateway.auth import Caller
@@ -23,15 +26,32 @@ from cheapest.gateway.parameters import check_supported
 from cheapest.gateway.structured import answer_grammar, compile_for, response_grammar, text_grammar, tool_grammar
 from cheapest.gateway.tools import ToolCallParser, chat_messages, template_tools
 
+LOADING_RETRY_AFTER = 5.0  # seconds a client waits before asking a loading model again
 
-def serving_engine(engine: Engine | None, caller: Caller, model: str) -> Engine:
-    """The engine that serves `model` to this caller (a key may be limited to some models)."""
-    if engine is None:
-        raise Refusal("unavailable", "The model is still loading; retry shortly.", code="not_ready")
-    if model != engine.model_id or not may_use(caller, engine.model_id):
+
+def served_model(models: ServedModels[Engine | Embedder], caller: Caller, model: str) -> Engine | Embedder:
+    """The engine that serves `model` to this caller (a key may be limited to some models). A model still loading
+    is "unavailable" with a retry time; one that failed to load, unavailable for good."""
+    slot = models.find(model)
+    if slot is None or not may_use(caller, slot.engine.model_id if slot.engine is not None else slot.name):
         # The requested name is not echoed: it is request text.
         raise Refusal("not_found", "The requested model does not exist or you do not have access to it.", param="model",
                       code="model_not_found")
+    if slot.engine is None:  # `model` is a configured model's name here: safe to say
+        if slot.state == "failed":
+            raise Refusal("unavailable", f"The model {slot.name} failed to load on this server.", param="model",
+                          code="model_unavailable")
+        raise Refusal("unavailable", f"The model {slot.name} is still loading; retry shortly.", param="model",
+                      code="model_loading", retry_after=LOADING_RETRY_AFTER)
+    return slot.engine
+
+
+def serving_engine(models: ServedModels[Engine | Embedder], caller: Caller, model: str) -> Engine:
+    """The generating engine for `model`; an embedding model is refused (it serves /v1/embeddings)."""
+    engine = served_model(models, caller, model)
+    if isinstance(engine, Embedder):
+        raise Refusal("invalid_request", f"The model {engine.model_id} is an embedding model: use /v1/embeddings.",
+                      param="model", code="model_not_supported")
     return engine
 
 
@@ -110,6 +130,9 @@ def plan(engine: Engine, request: ChatCompletionRequest | CompletionRequest, def
 
 
 def _chat_prompt(engine: Engine, request: ChatCompletionRequest) -> list[int]:
+    if not engine.has_chat_template:
+        raise Refusal("invalid_request", f"The model {engine.model_id} has no chat template (it is a base model): "
+                      "use /v1/completions with a text prompt.", param="model", code="model_has_no_chat_template")
     tools = template_tools(request.tools) if request.tools else None
     try:
         prompt = engine.render_chat(chat_messages(request.messages), tools)
@@ -120,15 +143,16 @@ def _chat_prompt(engine: Engine, request: ChatCompletionRequest) -> list[int]:
 
 
 def _text_prompts(engine: Engine, request: CompletionRequest) -> tuple[list[list[int]], list[str] | None]:
-    """The prompts' token ids, and their texts when they came as text."""
+    """The prompts' token ids, and their texts when they came as text. A text prompt gets the tokens the model's
+    tokenizer adds (a base model's BOS); a rendered chat template already holds its own."""
     prompt = request.prompt
     if isinstance(prompt, str):
-        return [engine.encode(prompt)], [prompt]
+        return [engine.encode(prompt, special_tokens=True)], [prompt]
     texts = [p for p in prompt if isinstance(p, str)]
     single = [p for p in prompt if isinstance(p, int)]
     many = [p for p in prompt if isinstance(p, list)]
     if len(texts) == len(prompt):
-        return [engine.encode(p) for p in texts], texts
+        return [engine.encode(p, special_tokens=True) for p in texts], texts
     if len(single) == len(prompt):
         ids = [single]
     elif len(many) == len(prompt):

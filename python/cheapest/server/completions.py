@@ -1,5 +1,5 @@
-"""/v1 routes: chat and text completions (one JSON body, or SSE chunks), models, the calling key's usage. Each
-handler parses the request, calls the gateway, and encodes the answer.
+"""/v1 routes: chat and text completions (one JSON body, or SSE chunks), models (generating and embedding ones),
+the calling key's usage. Each handler parses the request, calls the gateway, and encodes the answer.
 
 A plain stream (one choice, no logprobs, no tools) is framed by the core; streams with several choices,
 logprobs or tool-call deltas are encoded here, in OpenAI's chunk shapes.
@@ -23,9 +23,11 @@ from cheapest.api.completions import (
     Completion, CompletionChoice, CompletionChunk, CompletionChunkChoice, CompletionLogprobs, CompletionRequest,
 )
 from cheapest.api.models import Model, ModelList
-from cheapest.engine.types import Delta, Engine, Finish, TokenLogprob
+from cheapest.engine.types import Delta, Embedder, Engine, Finish, TokenLogprob
 from cheapest.gateway import Admission, Caller, Gateway
-from cheapest.gateway.completions import Choice, Plan, collect, may_use, plan as plan_of, run, serving_engine
+from cheapest.gateway.completions import (
+    Choice, Plan, collect, may_use, plan as plan_of, run, served_model, serving_engine,
+)
 from cheapest.gateway.errors import Refusal
 from cheapest.gateway.tools import ToolCallParser
 from cheapest.gateway.usage import key_usage as usage_of
@@ -52,7 +54,7 @@ async def _complete(state: WorkerState, req: Request, chat: bool) -> Response | 
         raise decode_error(exc) from None
     req.stream = bool(creq.stream)
     gateway = state.gateway
-    engine = serving_engine(state.engine, caller, creq.model)
+    engine = serving_engine(state.models, caller, creq.model)
     req.model = engine.model_id
     serving = state.settings.serving
     plan = plan_of(engine, creq, serving.default_max_tokens, serving.max_choices)
@@ -229,7 +231,7 @@ async def completions(state: WorkerState, req: Request) -> Response | StreamResp
     return await _complete(state, req, chat=False)
 
 
-def _model(engine: Engine) -> Model:
+def _model(engine: Engine | Embedder) -> Model:
     return Model(engine.model_id, created=0, context_length=engine.context_length)
 
 
@@ -242,14 +244,13 @@ def _read(state: WorkerState, req: Request) -> tuple[Caller, list[tuple[str, str
 
 async def list_models(state: WorkerState, req: Request) -> Response:
     caller, headers = _read(state, req)
-    engine = state.engine
-    models = [] if engine is None or not may_use(caller, engine.model_id) else [_model(engine)]
+    models = [_model(engine) for engine in state.models.ready() if may_use(caller, engine.model_id)]
     return json_response(_encode(ModelList(models)), headers)
 
 
 async def get_model(state: WorkerState, req: Request, model_id: str) -> Response:
     caller, headers = _read(state, req)
-    return json_response(_encode(_model(serving_engine(state.engine, caller, model_id))), headers)
+    return json_response(_encode(_model(served_model(state.models, caller, model_id))), headers)
 
 
 async def key_usage(state: WorkerState, req: Request) -> Response:

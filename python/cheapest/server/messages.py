@@ -59,7 +59,7 @@ async def count_tokens(state: WorkerState, req: Request) -> Response:
     caller = req.caller
     assert caller is not None
     mreq: CountTokensRequest = await _decode(state, req, _count_decoder)
-    engine = serving_engine(state.engine, caller, mreq.model)
+    engine = serving_engine(state.models, caller, mreq.model)
     req.model = engine.model_id
     plan = message_plan(engine, mreq, state.settings.serving.default_max_tokens)
     headers = rate_headers(state.gateway.admit(caller).rate)  # standing only; counting is not charged
@@ -71,7 +71,7 @@ async def messages(state: WorkerState, req: Request) -> Response | StreamRespons
     assert caller is not None
     mreq: MessagesRequest = await _decode(state, req, _messages_decoder)
     req.stream = bool(mreq.stream)
-    engine = serving_engine(state.engine, caller, mreq.model)
+    engine = serving_engine(state.models, caller, mreq.model)
     req.model = engine.model_id
     plan = message_plan(engine, mreq, state.settings.serving.default_max_tokens)
     p = plan.prompt_tokens

@@ -11,9 +11,10 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Literal, NamedTuple
 
-from cheapest.api import anthropic, billing, chat, completions, management, models, privacy
+from cheapest.api import anthropic, billing, chat, completions, embeddings, management, models, privacy
 from cheapest.server import account, completions as generation, dashboard, health, management as manage, messages, \
     payments
+from cheapest.server import embeddings as embedding
 from cheapest.server.errors import method_not_allowed, not_found
 from cheapest.vocabulary import KeyKind
 
@@ -48,6 +49,8 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", "/v1/messages/count_tokens", messages.count_tokens,
           "Count a message's input tokens: Anthropic's Messages API", anthropic.CountTokensRequest,
           anthropic.TokenCount, "sk", api="anthropic"),
+    Route("POST", "/v1/embeddings", embedding.embeddings, "Create embeddings (float or base64 vectors)",
+          embeddings.EmbeddingRequest, embeddings.EmbeddingList, "sk"),
     Route("GET", "/v1/models", generation.list_models, "List models", None, models.ModelList, "sk"),
     Route("GET", "/v1/models/{model}", generation.get_model, "Retrieve a model", None, models.Model, "sk"),
     Route("GET", "/v1/usage", generation.key_usage, "The calling key's limits and usage", None, models.KeyUsage,
@@ -84,7 +87,8 @@ ROUTES: tuple[Route, ...] = (
     Route("DELETE", "/api/account", account.delete,
           "Delete the account: keys stop at once, data purged within 30 days", None, privacy.AccountDeleted, "mk"),
     Route("GET", "/healthz", health.healthz, "Liveness", None, models.Health),
-    Route("GET", "/readyz", health.readyz, "Readiness: the model is loaded", None, models.Health),
+    Route("GET", "/readyz", health.readyz, "Readiness: every model is loaded (?model=ID: that one); each model's state",
+          None, models.Health),
     Route("GET", "/openapi.json", health.openapi, "This document", documented=False),
     Route("GET", "/dashboard", dashboard.asset, "The account owners' dashboard (a web page)", documented=False),
     Route("GET", "/dashboard/", dashboard.asset, "The account owners' dashboard (a web page)", documented=False),
