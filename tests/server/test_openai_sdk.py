@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import httpx
 import openai
@@ -138,8 +139,10 @@ def test_usage_endpoint_counts_requests(api_account: ApiAccount) -> None:
 def test_request_log_lines_are_metadata_only(api_account: ApiAccount) -> None:
     canary = "CANARY-7f3a-log"
     _client(api_account).chat.completions.create(model=MODEL, messages=[{"role": "user", "content": canary}])
-    lines = [x for x in api_account.server.request_log() if x["key_id"] == api_account.key_id]
-    assert lines, "no request line for this key"
+    deadline = time.monotonic() + 5  # the worker writes the line after the response has left
+    while not (lines := [x for x in api_account.server.request_log() if x["key_id"] == api_account.key_id]):
+        assert time.monotonic() < deadline, "no request line for this key"
+        time.sleep(0.05)
     assert set(lines[-1]) == {"ts", "key_id", "model", "status", "prompt_tokens", "completion_tokens",
                               "latency_ms", "stream"}
     assert lines[-1]["status"] == 200 and lines[-1]["model"] == MODEL and lines[-1]["completion_tokens"] == 6
