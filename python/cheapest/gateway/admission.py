@@ -2,7 +2,7 @@
 
 `admit()` is the one decision, in this order: subscription standing (403), budget windows (429 naming the budget
 and its reset), credit balance of credit-funded plans (402), then requests and tokens per minute through the
-core's shared GCRA table (429 with the limiter's state). It returns an `Admission`; `settle()` meters it exactly
+configured `Limiter` (429 with the limiter's state). It returns an `Admission`; `settle()` meters it exactly
 once, however the generation ended.
 
 TPM is charged at admission as prompt tokens + max_tokens (capped at the limit, so a large max_tokens is not
@@ -19,12 +19,12 @@ from __future__ import annotations
 import math
 import time
 from datetime import datetime, timezone
-from cheapest_core import RateDecision, RateLimiter
 
 from cheapest.config import PriceConfig, Settings
 from cheapest.gateway.auth import Caller
 from cheapest.gateway.errors import Refusal
 from cheapest.store import AccountRecord, Store
+from cheapest.store.limiter import Decision, Limiter
 from cheapest.store.metering import UsageMeter
 from cheapest.store.payments import SubscriptionView
 from cheapest.vocabulary import BUDGET_WINDOWS, window_start
@@ -34,7 +34,7 @@ _GOOD_STANDING = frozenset({"none", "active", "trialing", "past_due"})
 
 
 # The caller's place in its per-minute limits, requests then tokens (what `x-ratelimit-*` headers report).
-RateState = tuple[RateDecision, RateDecision]
+RateState = tuple[Decision, Decision]
 
 
 class Admission:
@@ -56,9 +56,10 @@ class Admission:
 
 
 class Admissions:
-    """One worker's admission policy over the shared limiter, the store and the worker's usage meter."""
+    """One worker's admission policy over the rate limiter (this host's table or Redis: only the `Limiter`
+    protocol is used), the store and the worker's usage meter."""
 
-    def __init__(self, settings: Settings, store: Store, limiter: RateLimiter, meter: UsageMeter) -> None:
+    def __init__(self, settings: Settings, store: Store, limiter: Limiter, meter: UsageMeter) -> None:
         self.settings = settings
         self.store = store
         self.limiter = limiter

@@ -4,8 +4,6 @@ caches and clients those decisions use (key cache, prices, Stripe and web3 clien
 
 from __future__ import annotations
 
-from cheapest_core import RateLimiter
-
 from cheapest.api.privacy import AccountDeleted
 from cheapest.config import Settings
 from cheapest.gateway.admission import Admission, Admissions, RateState
@@ -15,12 +13,13 @@ from cheapest.gateway.keys import KeyManager
 from cheapest.gateway.payments import Payments
 from cheapest.privacy.deletion import PROMISED_WITHIN, delete_account
 from cheapest.store import AccountRecord, Store
+from cheapest.store.limiter import Limiter
 from cheapest.store.metering import UsageMeter
 from cheapest.vocabulary import KeyKind
 
 
 class Gateway:
-    def __init__(self, settings: Settings, store: Store, pepper: bytes, limiter: RateLimiter,
+    def __init__(self, settings: Settings, store: Store, pepper: bytes, limiter: Limiter,
                  meter: UsageMeter) -> None:
         self.settings = settings
         self.store = store

@@ -1,5 +1,5 @@
 """What one worker process holds, opened after it starts (never in a server master, never across a fork): the
-store, the shared rate limiter, the usage meter, the retention job, the gateway (with its caches and payment
+store, the rate limiter (this host's table or Redis), the usage meter, the retention job, the gateway (with its caches and payment
 clients), the engine, the response-id buffer, the request log and the documents it serves.
 
 The engine comes from a factory named by `model_backend`: "onnx" (the built-in ONNX Runtime engine) or
@@ -15,8 +15,6 @@ import logging
 import threading
 from collections.abc import Callable
 
-import cheapest_core
-
 from cheapest.config import EngineSettings, Settings
 from cheapest.gateway import Gateway
 from cheapest.engine.types import Engine
@@ -25,6 +23,7 @@ from cheapest.server.accesslog import RequestLog
 from cheapest.server.ids import ResponseIds
 from cheapest.server.routes import Route
 from cheapest.store import Store, open_configured_store
+from cheapest.store.limiter import open_configured_limiter
 from cheapest.store.metering import UsageMeter
 from cheapest.store.secrets import load_pepper
 
@@ -78,8 +77,8 @@ class WorkerState:
         self.meter.start()
         self.retention = PeriodicRetention(self.store, data, settings.store.retention_interval)
         self.retention.start()
-        limiter = cheapest_core.RateLimiter(str(data / "ratelimit.bin"), settings.store.ratelimit_capacity)
-        self.gateway = Gateway(settings, self.store, load_pepper(data, settings.store.key_pepper), limiter,
+        self.limiter = open_configured_limiter(settings.store)
+        self.gateway = Gateway(settings, self.store, load_pepper(data, settings.store.key_pepper), self.limiter,
                                self.meter)
         self.ids = ResponseIds()
         self.request_log = RequestLog()
@@ -118,4 +117,7 @@ class WorkerState:
                 loop.run_until_complete(self.engine.close())
             except Exception:
                 log.exception("engine close failed")
+        close_limiter = getattr(self.limiter, "close", None)  # the Redis limiter's connection and sender thread
+        if close_limiter is not None:
+            close_limiter()
         self.store.close()

@@ -1,0 +1,72 @@
+"""The rate limiter the gateway admits requests through: the `Limiter` protocol and the configured one.
+
+Two implementations, chosen by configuration (`limiter_url`):
+  - the core's shared-memory GCRA table (`cheapest_core.RateLimiter`, `<data>/ratelimit.bin`): every worker of
+    ONE host, no server; the default.
+  - `RedisLimiter` (store/redis/limiter.py): the same GCRA in one Lua script per decision on Redis's clock, so
+    every worker of every host shares each limit exactly.
+
+Names are the limit's table key (e.g. "rpm:<key id>"); a limit is `limit` units per `period` seconds; a decision
+carries what `x-ratelimit-*` headers report. `acquire_all` is all or nothing over any number of limits (a key's
+and its account's), so a refused request charges none of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Protocol
+
+from cheapest.store.settings import StoreSettings
+
+# (name, limit, period in seconds, cost)
+LimitRequest = tuple[str, int, float, int]
+
+
+class Decision(Protocol):
+    """The outcome of one limit's check (the core's `RateDecision` is one)."""
+
+    @property
+    def allowed(self) -> bool: ...
+    @property
+    def limit(self) -> int: ...
+    @property
+    def remaining(self) -> int: ...
+    @property
+    def reset_after(self) -> float:
+        """Seconds until the limit is fully replenished."""
+        ...
+
+    @property
+    def retry_after(self) -> float:
+        """Seconds until this request would be allowed; 0.0 if allowed, inf if never."""
+        ...
+
+
+class Limiter(Protocol):
+    def acquire_all(self, requests: list[LimitRequest], /) -> Sequence[Decision]:
+        """Charge every limit its cost if all of them have room; else charge none, and every decision is not
+        allowed (each `retry_after` is that limit's own wait)."""
+        ...
+
+    def peek(self, key: str, limit: int, period: float, /) -> Decision:
+        """What a request of one unit would get now, changing nothing."""
+        ...
+
+    def adjust(self, key: str, limit: int, period: float, delta: int, /) -> None:
+        """Charge (delta > 0) or refund (delta < 0) units without refusal, e.g. a TPM charge corrected to the
+        tokens really used."""
+        ...
+
+
+def open_configured_limiter(settings: StoreSettings) -> Limiter:
+    """The host's shared-memory table, or Redis (falling back to that table while Redis is unreachable) when
+    `limiter_url` is set. Call inside the worker process."""
+    import cheapest_core
+
+    local = cheapest_core.RateLimiter(str(Path(settings.data_path) / "ratelimit.bin"), settings.ratelimit_capacity)
+    if not settings.limiter_url:
+        return local
+    from cheapest.store.redis.limiter import RedisLimiter
+
+    return RedisLimiter(settings.limiter_url, fallback=local)
