@@ -1,5 +1,5 @@
 """Fixtures for payments: a local EVM with an ERC-20 "USDC" (eth-tester + py-evm, compiled here by vyper), and
-a store whose ledger has the test accounts.
+a store whose ledger has the test accounts (on each backend: `ledger` runs a test once per backend).
 
 `chain` is module-scoped: compiling and deploying once per module keeps the suite fast. It holds `w3`, `tester`,
 `usdc` and a `lookalike` token (same code, another address), a `payer` and a `stranger` wallet (ETH and tokens
@@ -15,6 +15,7 @@ from types import SimpleNamespace
 import pytest
 
 from cheapest.store import AccountRecord, Ledger, open_store
+from fixtures_backends import Backend
 
 ERC20 = Path(__file__).resolve().parent / "billing" / "erc20.vy"
 # Accounts the payment tests credit or subscribe (a late Stripe event for an unknown account is "unmatched").
@@ -51,9 +52,9 @@ def chain() -> SimpleNamespace:
                            stranger=stranger, receiver=receiver)
 
 
-def open_ledger_store(path: Path):  # type: ignore[no-untyped-def]
-    """The store at `path` (created with the test accounts if new)."""
-    store = open_store(path, map_size=64 << 20)
+def open_ledger_store(where: Path | Backend):  # type: ignore[no-untyped-def]
+    """The store at `where` (an LMDB directory, or either backend's state), created with the test accounts."""
+    store = where.open() if isinstance(where, Backend) else open_store(where, map_size=64 << 20)
     for account_id in TEST_ACCOUNTS:
         if store.get_account(account_id) is None:
             store.create_account(AccountRecord(id=account_id, email=f"{account_id}@example.test", created_at=0,
@@ -62,7 +63,8 @@ def open_ledger_store(path: Path):  # type: ignore[no-untyped-def]
 
 
 @pytest.fixture
-def ledger(tmp_path: Path) -> Iterator[Ledger]:
-    store = open_ledger_store(tmp_path)
+def ledger(backend: Backend) -> Iterator[Ledger]:
+    """The payment ledger of each backend (a test using it runs once per backend)."""
+    store = open_ledger_store(backend)
     yield store.ledger
     store.close()
