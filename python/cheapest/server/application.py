@@ -18,10 +18,11 @@ from granian.rsgi import HTTPProtocol, ProtocolClosed, Scope
 from cheapest.config import Settings
 from cheapest.gateway import Refusal
 from cheapest.server.cancellation import ClientGone, until_disconnected
-from cheapest.server.errors import ApiError, internal_error, rate_headers, refused
+from cheapest.server.errors import ApiError, internal_error, rate_headers, refused, store_unavailable
 from cheapest.server.request import JSON, Headers, Request, Response, StreamResponse
 from cheapest.server.routes import Route, Router
 from cheapest.server.state import WorkerState
+from cheapest.store import StoreUnavailable
 
 log = logging.getLogger("cheapest.server")
 
@@ -73,6 +74,8 @@ class App:
             return self._error_response(state, req, err)
         except ClientGone:
             raise
+        except StoreUnavailable:
+            return self._error_response(state, req, store_unavailable())
         except Exception as exc:
             # Only the type: exception messages may carry request text.
             log.error("unhandled %s on %s %s", type(exc).__name__, req.method, req.path)
