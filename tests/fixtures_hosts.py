@@ -42,13 +42,17 @@ HostFactory = Callable[..., ServerProcess]
 @pytest.fixture
 def host_factory(tmp_path_factory: pytest.TempPathFactory, postgres_server: PostgresServer,
                  redis_server: RedisServer) -> Iterator[HostFactory]:
-    """Starts hosts on ONE fresh database and the session's Redis (emptied); every host stopped after."""
+    """Starts hosts on ONE fresh database and the session's Redis (emptied); every host stopped after. Their
+    configuration adds a plan `load` without practical limits, for tests that keep hosts busy."""
     redis_server.flush()
     url = postgres_server.database()
+    config = tmp_path_factory.mktemp("hosts-config") / "cheapest.toml"
+    config.write_text("[plans.load]\nrpm = 1000000000\ntpm = 1000000000\n")
     started: list[ServerProcess] = []
 
     def make(workers: int = 2, extra: dict[str, str] | None = None) -> ServerProcess:
-        started.append(start_host(tmp_path_factory.mktemp("host"), url, redis_server.url, workers, extra))
+        env = {"CHEAPEST_CONFIG": str(config), **(extra or {})}
+        started.append(start_host(tmp_path_factory.mktemp("host"), url, redis_server.url, workers, env))
         return started[-1]
 
     yield make
