@@ -114,6 +114,12 @@ class PostgresServer:
             conn.execute(f"CREATE DATABASE {name} TEMPLATE template_cheapest")
         return self.url(name)
 
+    def drop(self, url: str) -> None:
+        """Drop a database made by `database()` (its remaining connections are ended), keeping the cluster small."""
+        name = url.rsplit("/", 1)[1]
+        with psycopg.connect(self.url("postgres"), autocommit=True) as conn:
+            conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
     def stop(self, sig: int = signal.SIGINT) -> None:
         """SIGINT: fast shutdown (clients disconnected, clean); SIGKILL would be a crash."""
         if self.proc is not None and self.proc.poll() is None:

@@ -31,9 +31,11 @@ def redis_server() -> Iterator[RedisServer]:
 
 
 @pytest.fixture
-def pg_url(postgres_server: PostgresServer) -> str:
-    """A fresh, migrated database of the session's server."""
-    return postgres_server.database()
+def pg_url(postgres_server: PostgresServer) -> Iterator[str]:
+    """A fresh, migrated database of the session's server (dropped after the test)."""
+    url = postgres_server.database()
+    yield url
+    postgres_server.drop(url)
 
 
 @pytest.fixture

@@ -58,6 +58,7 @@ def host_factory(tmp_path_factory: pytest.TempPathFactory, postgres_server: Post
     yield make
     for host in started:
         host.stop()
+    postgres_server.drop(url)
 
 
 def chat(host: ServerProcess, sk: str, client: httpx.Client | None = None) -> httpx.Response:

@@ -34,6 +34,7 @@ def hosts(tmp_path_factory: pytest.TempPathFactory, postgres_server: PostgresSer
     yield a, b
     a.stop()
     b.stop()
+    postgres_server.drop(url)
 
 
 def _h(key: str) -> dict[str, str]:
