@@ -9,8 +9,9 @@ DO NOTHING in the SAME transaction as the change (tables pay_*, see migrations/)
 
 Two hosts applying the same event at once: the second INSERT waits on the first's uncommitted row, then finds it
 committed and changes nothing. Balances (pay_balances) move only by atomic `micro = micro + delta` upserts. An
-event for an account takes a share lock on the account's row, and a purge locks that row first, so a late event
-either lands before the purge (and is erased with the account) or finds no account.
+event for an account locks the account's row first, as a purge does, so a late event either lands before the
+purge (and is erased with it) or finds no account; taking that lock first everywhere (then ledger rows, the epoch
+last) keeps concurrent steps from deadlocking.
 """
 
 from __future__ import annotations
@@ -92,8 +93,8 @@ class PostgresLedger:
                     row = conn.execute("SELECT account_id FROM pay_links WHERE provider_id = %s",
                                        (provider_id,)).fetchone()
                     account = None if row is None else row[0]
-            if account is not None:
-                row = conn.execute("SELECT status FROM accounts WHERE id = %s FOR SHARE", (account,)).fetchone()
+            if account is not None:  # locked first, as every step that changes an account does: no deadlocks
+                row = conn.execute("SELECT status FROM accounts WHERE id = %s FOR UPDATE", (account,)).fetchone()
                 if row is None or row[0] == "deleted":
                     account = None  # deleted or purged: a late event must not bring its payment references back
             if conn.execute(
@@ -188,6 +189,8 @@ class PostgresLedger:
     def _merge_subscription(self, tx: Changes, account_id: str, updates: dict[str, str | int | None],
                             version: int) -> bool:
         conn = tx.conn
+        # Lock order everywhere: the account's row, then its ledger rows, the epoch last.
+        conn.execute("SELECT 1 FROM accounts WHERE id = %s FOR UPDATE", (account_id,))
         conn.execute("INSERT INTO pay_subscriptions (account_id, state) VALUES (%s, '{}') ON CONFLICT DO NOTHING",
                      (account_id,))
         row: Any = conn.execute("SELECT state FROM pay_subscriptions WHERE account_id = %s FOR UPDATE",

@@ -22,6 +22,8 @@ import math
 import threading
 from collections.abc import Sequence
 
+import redis
+
 from cheapest.store.limiter import Decision, LimitRequest, Limiter
 from cheapest.store.redis.link import RedisLink
 
@@ -138,7 +140,7 @@ class RedisLimiter:
     def __init__(self, url: str, fallback: Limiter) -> None:
         self.link = RedisLink(url, "rate limits")
         self.fallback = fallback
-        self._gcra = self.link.script(_GCRA)
+        self._gcra = self.link.script(_GCRA)  # its SHA; (re)loaded when the server does not know it
         self._adjustments: list[LimitRequest] = []
         self._wake = threading.Condition()
         self._closed = False
@@ -147,7 +149,11 @@ class RedisLimiter:
 
     def _run(self, mode: str, requests: Sequence[LimitRequest]) -> list[list[int]]:
         keys, args = _args(mode, requests)
-        rows: list[list[int]] = self.link.call(lambda r: self._gcra(keys=keys, args=args, client=r))
+        try:
+            rows: list[list[int]] = self.link.command("EVALSHA", self._gcra.sha, len(keys), *keys, *args)
+        except redis.exceptions.NoScriptError:  # a restarted or new Redis: load it, once
+            self.link.call(lambda r: r.script_load(_GCRA))
+            rows = self.link.command("EVALSHA", self._gcra.sha, len(keys), *keys, *args)
         return rows
 
     def acquire_all(self, requests: list[LimitRequest], /) -> Sequence[Decision]:

@@ -35,6 +35,7 @@ class RedisLink:
         self._retry_at = 0.0
         self._down = False
         self._lock = threading.Lock()
+        self._local = threading.local()
 
     def call(self, work: Callable[[redis.Redis], T]) -> T:
         """`work(client)`; ConnectionError (no Redis detail) if Redis cannot be reached or the breaker is open."""
@@ -61,5 +62,29 @@ class RedisLink:
         """A Lua script run by its SHA (loaded again by redis-py if the server lost it, e.g. after a restart)."""
         return self.client.register_script(source)
 
+    def command(self, *args: Any) -> Any:
+        """One command on this thread's own connection: the hot path's call. redis-py's client checks a
+        connection out of its pool, wraps the call in its retry logic and returns it, per call: that doubles the
+        client's CPU per decision (about 35 vs 17 us measured here), so the hot path keeps a connection per
+        thread and only sends and reads. A dead connection (Redis restarted) is replaced once, at once."""
+        return self.call(lambda _: self._on_own_connection(args))
+
+    def _on_own_connection(self, args: tuple[Any, ...]) -> Any:
+        for attempt in (0, 1):
+            conn = getattr(self._local, "conn", None)
+            if conn is None:
+                conn = self._local.conn = self.client.connection_pool.make_connection()
+            try:
+                conn.send_command(*args)
+                return conn.read_response()
+            except (redis.ConnectionError, redis.TimeoutError, OSError):
+                conn.disconnect()
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")
+
     def close(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.disconnect()
         self.client.close()
