@@ -66,13 +66,13 @@ class Admissions:
         self.meter = meter
         self._prices: dict[str, PriceConfig] = {}  # per model, looked up once
 
-    def peek(self, caller: Caller) -> RateState:
+    async def peek(self, caller: Caller) -> RateState:
         limits = caller.limits
-        return (self.limiter.peek(limits.rpm_name, limits.rpm, PERIOD),
-                self.limiter.peek(limits.tpm_name, limits.tpm, PERIOD))
+        return (await self.limiter.peek(limits.rpm_name, limits.rpm, PERIOD),
+                await self.limiter.peek(limits.tpm_name, limits.tpm, PERIOD))
 
-    def admit(self, caller: Caller, model: str | None = None, prompt_tokens: int = 0, max_tokens: int = 0,
-              now: float | None = None) -> Admission:
+    async def admit(self, caller: Caller, model: str | None = None, prompt_tokens: int = 0, max_tokens: int = 0,
+                    now: float | None = None) -> Admission:
         """Standing, budgets, credits and rate limits for a generation of `model` with `prompt_tokens` and up to
         `max_tokens`, all or nothing; a refusal names which one. Without a model (a read such as listing models)
         only standing is checked and nothing is charged."""
@@ -80,7 +80,7 @@ class Admissions:
         if account.subscription_status != "none" and plan.funded_by == "subscription":
             self._check_standing(account, time.time() if now is None else now)
         if model is None:
-            return Admission(caller, self.peek(caller))
+            return Admission(caller, await self.peek(caller))
         if caller.budgets:
             self._check_budgets(caller, time.time() if now is None else now)
         debit_to = self._check_credits(account) if plan.funded_by == "credits" else None
@@ -88,10 +88,10 @@ class Admissions:
         if prompt_tokens > limits.tpm:
             raise Refusal("rate_limited", f"Request too large: {prompt_tokens} prompt tokens exceed this "
                           f"key's limit of {limits.tpm} tokens per minute.", type="tokens",
-                          code="rate_limit_exceeded", rate=self.peek(caller))
+                          code="rate_limit_exceeded", rate=await self.peek(caller))
         charge = min(prompt_tokens + max_tokens, limits.tpm)
-        req, tok = self.limiter.acquire_all([(limits.rpm_name, limits.rpm, PERIOD, 1),
-                                             (limits.tpm_name, limits.tpm, PERIOD, charge)])
+        req, tok = await self.limiter.acquire_all([(limits.rpm_name, limits.rpm, PERIOD, 1),
+                                                   (limits.tpm_name, limits.tpm, PERIOD, charge)])
         rate = (req, tok)
         if not (req.allowed and tok.allowed):
             retry = max(req.retry_after, tok.retry_after)

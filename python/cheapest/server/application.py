@@ -69,26 +69,26 @@ class App:
                 req.key_id = caller.key.id
             return await route.handler(state, req, *args)
         except Refusal as refusal:
-            return self._error_response(state, req, refused(refusal))
+            return await self._error_response(state, req, refused(refusal))
         except ApiError as err:
-            return self._error_response(state, req, err)
+            return await self._error_response(state, req, err)
         except ClientGone:
             raise
         except StoreUnavailable:
-            return self._error_response(state, req, store_unavailable())
+            return await self._error_response(state, req, store_unavailable())
         except Exception as exc:
             # Only the type: exception messages may carry request text.
             log.error("unhandled %s on %s %s", type(exc).__name__, req.method, req.path)
-            return self._error_response(state, req, internal_error())
+            return await self._error_response(state, req, internal_error())
 
     @staticmethod
-    def _error_response(state: WorkerState | None, req: Request, err: ApiError) -> Response:
+    async def _error_response(state: WorkerState | None, req: Request, err: ApiError) -> Response:
         """The error in OpenAI's shape; an inference key's answer carries its rate-limit state, as always."""
         headers = [("content-type", JSON), *err.headers]
         caller = req.caller
         if state is not None and caller is not None and caller.key.kind == "sk" \
                 and not any(h[0] == "x-ratelimit-limit-requests" for h in err.headers):
-            headers.extend(rate_headers(state.gateway.rate_state(caller)))
+            headers.extend(rate_headers(await state.gateway.rate_state(caller)))
         return Response(err.status, headers, err.body())
 
     async def __rsgi__(self, scope: Scope, proto: HTTPProtocol) -> None:

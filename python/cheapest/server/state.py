@@ -117,7 +117,5 @@ class WorkerState:
                 loop.run_until_complete(self.engine.close())
             except Exception:
                 log.exception("engine close failed")
-        close_limiter = getattr(self.limiter, "close", None)  # the Redis limiter's connection and sender thread
-        if close_limiter is not None:
-            close_limiter()
+        self.limiter.close()
         self.store.close()

@@ -9,6 +9,11 @@ Two implementations, chosen by configuration (`limiter_url`):
 Names are the limit's table key (e.g. "rpm:<key id>"); a limit is `limit` units per `period` seconds; a decision
 carries what `x-ratelimit-*` headers report. `acquire_all` is all or nothing over any number of limits (a key's
 and its account's), so a refused request charges none of them.
+
+Why decisions are awaited: a decision over the network is a round trip, and a worker serving many connections
+should not pay one per request. Awaiting lets the Redis limiter answer every decision asked in one turn of the
+event loop with ONE script call; the shared-memory table answers at once (awaiting it costs a coroutine, well
+under a microsecond). Adjustments change no decision and are never awaited: they ride along with the next call.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
+
+from cheapest_core import RateLimiter
 
 from cheapest.store.settings import StoreSettings
 
@@ -44,29 +51,48 @@ class Decision(Protocol):
 
 
 class Limiter(Protocol):
-    def acquire_all(self, requests: list[LimitRequest], /) -> Sequence[Decision]:
+    async def acquire_all(self, requests: list[LimitRequest], /) -> Sequence[Decision]:
         """Charge every limit its cost if all of them have room; else charge none, and every decision is not
         allowed (each `retry_after` is that limit's own wait)."""
         ...
 
-    def peek(self, key: str, limit: int, period: float, /) -> Decision:
+    async def peek(self, key: str, limit: int, period: float, /) -> Decision:
         """What a request of one unit would get now, changing nothing."""
         ...
 
     def adjust(self, key: str, limit: int, period: float, delta: int, /) -> None:
         """Charge (delta > 0) or refund (delta < 0) units without refusal, e.g. a TPM charge corrected to the
-        tokens really used."""
+        tokens really used. Not awaited: it may be applied a moment later."""
         ...
+
+    def close(self) -> None: ...
+
+
+class SharedMemoryLimiter:
+    """The core's shared-memory GCRA table (every worker of one host) behind the `Limiter` protocol."""
+
+    def __init__(self, table: RateLimiter) -> None:
+        self.table = table
+
+    async def acquire_all(self, requests: list[LimitRequest], /) -> Sequence[Decision]:
+        return self.table.acquire_all(requests)
+
+    async def peek(self, key: str, limit: int, period: float, /) -> Decision:
+        return self.table.peek(key, limit, period)
+
+    def adjust(self, key: str, limit: int, period: float, delta: int, /) -> None:
+        self.table.adjust(key, limit, period, delta)
+
+    def close(self) -> None:
+        pass
 
 
 def open_configured_limiter(settings: StoreSettings) -> Limiter:
     """The host's shared-memory table, or Redis (falling back to that table while Redis is unreachable) when
     `limiter_url` is set. Call inside the worker process."""
-    import cheapest_core
-
-    local = cheapest_core.RateLimiter(str(Path(settings.data_path) / "ratelimit.bin"), settings.ratelimit_capacity)
+    table = RateLimiter(str(Path(settings.data_path) / "ratelimit.bin"), settings.ratelimit_capacity)
     if not settings.limiter_url:
-        return local
+        return SharedMemoryLimiter(table)
     from cheapest.store.redis.limiter import RedisLimiter
 
-    return RedisLimiter(settings.limiter_url, fallback=local)
+    return RedisLimiter(settings.limiter_url, fallback=table)

@@ -1,16 +1,20 @@
-"""GCRA rate limits in Redis: one Lua script per decision, on the Redis server's clock, shared by every host.
+"""GCRA rate limits in Redis, shared by every host: one Lua script per turn of a worker's event loop, on the
+Redis server's clock.
 
 Why a script: a decision reads and writes the theoretical arrival time (TAT) of each limit; inside one script it
 is atomic with respect to every other client, so N hosts together admit exactly what one table would, and
 `acquire_all` over several limits (a key's and its account's) is all or nothing with no transient charge. Why
 the server's clock (TIME): hosts' clocks drift; one clock makes the limit the same whichever host answers.
 
+Why batches: a round trip per decision would cost more than the rest of the request (bench_many_hosts.py). The
+decisions (and adjustments) asked for during one turn of the event loop are queued and sent together, as ONE
+script call that makes each of them in order - each one all or nothing, exactly as if sent alone - when the loop
+gets to the flush it scheduled. Under load a turn gathers many requests; a lone request costs one round trip.
+Adjustments (the TPM charge corrected after a generation) are never awaited: they ride with the next batch.
+
 The algorithm is the core's (rust/ratelimit.rs), in microseconds: emission interval T = ceil(period / limit),
 burst tolerance tau = limit * T; a cost c at `now` is allowed iff max(tat, now) + c*T - now <= tau, and then
 tat = max(tat, now) + c*T. Each TAT key expires once its TAT has passed (a fresh key is the same as an absent one).
-
-Adjustments (the TPM charge corrected after a generation) change no decision, so they are not sent on the
-request's path: they are queued and sent by a background thread, a few milliseconds later, batched.
 
 When Redis cannot be reached, decisions fall back to the host's own shared-memory table (each host then enforces
 each limit alone: up to N times the limit across N hosts) - see README "Deployment: many hosts".
@@ -18,87 +22,94 @@ each limit alone: up to N times the limit across N hosts) - see README "Deployme
 
 from __future__ import annotations
 
+import asyncio
 import math
-import threading
 from collections.abc import Sequence
 
 import redis
+from cheapest_core import RateLimiter
 
-from cheapest.store.limiter import Decision, LimitRequest, Limiter
+from cheapest.store.limiter import Decision, LimitRequest
 from cheapest.store.redis.link import RedisLink
 
 PREFIX = "cheapest:rl:"
 _US = 1_000_000
+_ACQUIRE, _PEEK, _ADJUST = 0, 1, 2
 
-# ARGV[1]: "acquire" | "peek" | "adjust"; then limit, period (us), cost (or delta) per key.
-# Returns per key {allowed (0/1), limit, remaining, reset_after (us), retry_after (us; -1 = never)}.
+# ARGV[1]: the number of operations; then per operation: its mode (0 acquire, 1 peek, 2 adjust), its number of
+# limits, and per limit: limit, period (us), cost (or delta). KEYS: every operation's limits, in order.
+# Returns per operation a list of {allowed (0/1), limit, remaining, reset_after (us), retry_after (us; -1 never)}.
 _GCRA = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local mode = ARGV[1]
-local n = #KEYS
-local lim, T, tau, cost, tat = {}, {}, {}, {}, {}
-for i = 1, n do
-  local l = tonumber(ARGV[2 + (i - 1) * 3])
-  local p = tonumber(ARGV[3 + (i - 1) * 3])
-  lim[i] = l
-  cost[i] = tonumber(ARGV[4 + (i - 1) * 3])
-  if l == 0 then T[i] = math.max(p, 1); tau[i] = 0 else T[i] = math.floor((p + l - 1) / l); tau[i] = T[i] * l end
-  tat[i] = tonumber(redis.call('GET', KEYS[i]) or '0')
-end
-local function wait(i, c)
-  if c > lim[i] then return -1 end
-  local w = math.max(tat[i], now) + c * T[i] - tau[i] - now
+local a, k = 2, 1
+local results = {}
+
+local function wait(s, c)
+  if c > s.lim then return -1 end
+  local w = math.max(s.tat, now) + c * s.T - s.tau - now
   if w < 0 then return 0 end
   return w
 end
-local function decision(i, allowed, retry)
-  local free = now + tau[i] - tat[i]
+local function decision(s, allowed, retry)
+  local free = now + s.tau - s.tat
   local remaining = 0
-  if free > 0 then remaining = math.min(math.floor(free / T[i]), lim[i]) end
-  return {allowed, lim[i], remaining, math.max(tat[i] - now, 0), retry}
+  if free > 0 then remaining = math.min(math.floor(free / s.T), s.lim) end
+  return {allowed, s.lim, remaining, math.max(s.tat - now, 0), retry}
 end
-local function store(i, new)
-  if new > now then redis.call('SET', KEYS[i], string.format('%d', new), 'PX', math.ceil((new - now) / 1000) + 1000) end
+local function store(s, new)
+  s.tat = new
+  if new > now then
+    redis.call('SET', s.key, string.format('%d', new), 'PX', math.ceil((new - now) / 1000) + 1000)
+  else
+    redis.call('DEL', s.key)
+  end
 end
-local out = {}
-if mode == 'adjust' then
+
+for op = 1, tonumber(ARGV[1]) do
+  local mode, n = tonumber(ARGV[a]), tonumber(ARGV[a + 1])
+  a = a + 2
+  local limits, out = {}, {}
   for i = 1, n do
-    local d = cost[i]
-    if lim[i] > 0 and d ~= 0 then
-      local amount = math.min(math.abs(d) * T[i], 4e15)
-      if d > 0 then store(i, math.max(tat[i], now) + amount)
-      elseif tat[i] > now then
-        local new = math.max(tat[i] - amount, now)
-        if new > now then store(i, new) else redis.call('DEL', KEYS[i]) end
+    local l, p, c = tonumber(ARGV[a]), tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
+    a = a + 3
+    local s = {key = KEYS[k], lim = l, cost = c}
+    k = k + 1
+    if l == 0 then s.T = math.max(p, 1); s.tau = 0 else s.T = math.floor((p + l - 1) / l); s.tau = s.T * l end
+    s.tat = tonumber(redis.call('GET', s.key) or '0')
+    limits[i] = s
+  end
+  if mode == 2 then
+    for _, s in ipairs(limits) do
+      if s.lim > 0 and s.cost ~= 0 then
+        local amount = math.min(math.abs(s.cost) * s.T, 4e15)
+        if s.cost > 0 then store(s, math.max(s.tat, now) + amount)
+        elseif s.tat > now then store(s, math.max(s.tat - amount, now)) end
+      end
+    end
+  elseif mode == 1 then
+    for i, s in ipairs(limits) do
+      local w = wait(s, 1)
+      out[i] = decision(s, w == 0 and 1 or 0, w)
+    end
+  else
+    local waits, ok = {}, true
+    for i, s in ipairs(limits) do
+      waits[i] = wait(s, s.cost)
+      if waits[i] ~= 0 then ok = false end
+    end
+    for i, s in ipairs(limits) do
+      if ok then
+        store(s, math.max(s.tat, now) + s.cost * s.T)
+        out[i] = decision(s, 1, 0)
+      else
+        out[i] = decision(s, 0, waits[i])
       end
     end
   end
-  return out
+  results[op] = out
 end
-if mode == 'peek' then
-  for i = 1, n do
-    local w = wait(i, 1)
-    out[i] = decision(i, w == 0 and 1 or 0, w)
-  end
-  return out
-end
-local ok = true
-local waits = {}
-for i = 1, n do
-  waits[i] = wait(i, cost[i])
-  if waits[i] ~= 0 then ok = false end
-end
-if ok then
-  for i = 1, n do
-    tat[i] = math.max(tat[i], now) + cost[i] * T[i]
-    store(i, tat[i])
-    out[i] = decision(i, 1, 0)
-  end
-else
-  for i = 1, n do out[i] = decision(i, 0, waits[i]) end
-end
-return out
+return results
 """
 
 
@@ -125,82 +136,94 @@ class LimitDecision:
                 f"reset_after={self.reset_after}, retry_after={self.retry_after})")
 
 
-def _args(mode: str, requests: Sequence[LimitRequest]) -> tuple[list[str], list[str | int]]:
-    keys: list[str] = []
-    args: list[str | int] = [mode]
-    for name, limit, period, cost in requests:
-        if limit < 0 or not (math.isfinite(period) and period > 0):
-            raise ValueError("a limit needs limit >= 0 and a positive period")
-        keys.append(PREFIX + name)
-        args += (limit, max(1, round(period * _US)), cost)
-    return keys, args
+_Op = tuple[int, Sequence[LimitRequest], "asyncio.Future[Sequence[Decision]] | None"]
 
 
 class RedisLimiter:
-    def __init__(self, url: str, fallback: Limiter) -> None:
+    def __init__(self, url: str, fallback: RateLimiter) -> None:
         self.link = RedisLink(url, "rate limits")
-        self.fallback = fallback
-        self._gcra = self.link.script(_GCRA)  # its SHA; (re)loaded when the server does not know it
-        self._adjustments: list[LimitRequest] = []
-        self._wake = threading.Condition()
-        self._closed = False
-        self._sender = threading.Thread(target=self._send_adjustments, name="cheapest-limit-adjust", daemon=True)
-        self._sender.start()
+        self.fallback = fallback  # this host's table, while Redis is unreachable
+        self._sha = self.link.script(_GCRA).sha
+        self._ops: list[_Op] = []
+        self._flush_loop: asyncio.AbstractEventLoop | None = None  # where the next flush is scheduled
+        self.batches = 0  # script calls made (the tests and the benchmark read it)
 
-    def _run(self, mode: str, requests: Sequence[LimitRequest]) -> list[list[int]]:
-        keys, args = _args(mode, requests)
-        try:
-            rows: list[list[int]] = self.link.command("EVALSHA", self._gcra.sha, len(keys), *keys, *args)
-        except redis.exceptions.NoScriptError:  # a restarted or new Redis: load it, once
-            self.link.call(lambda r: r.script_load(_GCRA))
-            rows = self.link.command("EVALSHA", self._gcra.sha, len(keys), *keys, *args)
-        return rows
-
-    def acquire_all(self, requests: list[LimitRequest], /) -> Sequence[Decision]:
+    async def acquire_all(self, requests: list[LimitRequest], /) -> Sequence[Decision]:
         if any(cost < 0 for _, _, _, cost in requests):
             raise ValueError("cost must be >= 0")
-        try:
-            return [LimitDecision.of(row) for row in self._run("acquire", requests)]
-        except ConnectionError:
-            return self.fallback.acquire_all(requests)
+        return await self._ask(_ACQUIRE, requests)
 
-    def peek(self, key: str, limit: int, period: float, /) -> Decision:
-        try:
-            return LimitDecision.of(self._run("peek", [(key, limit, period, 1)])[0])
-        except ConnectionError:
-            return self.fallback.peek(key, limit, period)
+    async def peek(self, key: str, limit: int, period: float, /) -> Decision:
+        return (await self._ask(_PEEK, [(key, limit, period, 1)]))[0]
 
     def adjust(self, key: str, limit: int, period: float, delta: int, /) -> None:
         if delta == 0:
             return
-        with self._wake:
-            self._adjustments.append((key, limit, period, delta))
-            self._wake.notify()
-
-    def flush(self) -> None:
-        """Send the queued adjustments now (the background thread does this within milliseconds)."""
-        with self._wake:
-            batch, self._adjustments = self._adjustments, []
-        if not batch:
-            return
+        self._ops.append((_ADJUST, [(key, limit, period, delta)], None))
         try:
-            self._run("adjust", batch)
-        except ConnectionError:
-            for key, limit, period, delta in batch:  # the same correction, where decisions are made meanwhile
-                self.fallback.adjust(key, limit, period, delta)
-
-    def _send_adjustments(self) -> None:
-        while True:
-            with self._wake:
-                while not self._adjustments and not self._closed:
-                    self._wake.wait()
-                if self._closed and not self._adjustments:
-                    return
+            self._schedule(asyncio.get_running_loop())
+        except RuntimeError:  # outside an event loop (a script, a test): at once
             self.flush()
 
+    def _ask(self, mode: int, requests: Sequence[LimitRequest]) -> asyncio.Future[Sequence[Decision]]:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Sequence[Decision]] = loop.create_future()
+        self._ops.append((mode, requests, future))
+        self._schedule(loop)
+        return future
+
+    def _schedule(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._flush_loop is not loop:  # (a loop that ended before its flush ran is replaced)
+            self._flush_loop = loop
+            loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        """Send every queued operation in one script call and resolve each one's future."""
+        self._flush_loop = None
+        ops, self._ops = self._ops, []
+        if not ops:
+            return
+        try:
+            results: list[Sequence[Decision]] = [[LimitDecision.of(row) for row in rows] for rows in self._send(ops)]
+        except ConnectionError:
+            results = [self._locally(mode, requests) for mode, requests, _ in ops]
+        except Exception as exc:  # e.g. a bad argument: every waiting request fails, none hangs
+            for _, _, future in ops:
+                if future is not None and not future.done():
+                    future.set_exception(exc)
+            return
+        for (_, _, future), decisions in zip(ops, results):
+            if future is not None and not future.done():
+                future.set_result(decisions)
+
+    def _send(self, ops: list[_Op]) -> list[list[list[int]]]:
+        keys: list[str] = []
+        args: list[int] = [len(ops)]
+        for mode, requests, _ in ops:
+            args += (mode, len(requests))
+            for name, limit, period, cost in requests:
+                if limit < 0 or not (math.isfinite(period) and period > 0):
+                    raise ValueError("a limit needs limit >= 0 and a positive period")
+                keys.append(PREFIX + name)
+                args += (limit, max(1, round(period * _US)), cost)
+        self.batches += 1
+        try:
+            rows: list[list[list[int]]] = self.link.command("EVALSHA", self._sha, len(keys), *keys, *args)
+        except redis.exceptions.NoScriptError:  # a new or restarted Redis: load the script, once
+            self.link.call(lambda r: r.script_load(_GCRA))
+            rows = self.link.command("EVALSHA", self._sha, len(keys), *keys, *args)
+        return rows
+
+    def _locally(self, mode: int, requests: Sequence[LimitRequest]) -> Sequence[Decision]:
+        table = self.fallback
+        if mode == _ACQUIRE:
+            return table.acquire_all(list(requests))
+        if mode == _PEEK:
+            return [table.peek(name, limit, period) for name, limit, period, _ in requests]
+        for name, limit, period, delta in requests:
+            table.adjust(name, limit, period, delta)
+        return []
+
     def close(self) -> None:
-        with self._wake:
-            self._closed = True
-            self._wake.notify()
-        self._sender.join(timeout=5)
+        self.flush()
         self.link.close()
