@@ -35,6 +35,7 @@ from cheapest.store.redis.link import RedisLink
 PREFIX = "cheapest:rl:"
 _US = 1_000_000
 _ACQUIRE, _PEEK, _ADJUST = 0, 1, 2
+ADJUST_DELAY = 0.005  # seconds an adjustment may wait for a decision to travel with
 
 # ARGV[1]: the number of operations; then per operation: its mode (0 acquire, 1 peek, 2 adjust), its number of
 # limits, and per limit: limit, period (us), cost (or delta). KEYS: every operation's limits, in order.
@@ -145,7 +146,8 @@ class RedisLimiter:
         self.fallback = fallback  # this host's table, while Redis is unreachable
         self._sha = self.link.script(_GCRA).sha
         self._ops: list[_Op] = []
-        self._flush_loop: asyncio.AbstractEventLoop | None = None  # where the next flush is scheduled
+        self._soon: asyncio.AbstractEventLoop | None = None  # the loop where a flush is due this turn
+        self._later: asyncio.TimerHandle | None = None  # a flush of adjustments alone, a moment from now
         self.batches = 0  # script calls made (the tests and the benchmark read it)
 
     async def acquire_all(self, requests: list[LimitRequest], /) -> Sequence[Decision]:
@@ -161,25 +163,30 @@ class RedisLimiter:
             return
         self._ops.append((_ADJUST, [(key, limit, period, delta)], None))
         try:
-            self._schedule(asyncio.get_running_loop())
+            loop = asyncio.get_running_loop()
         except RuntimeError:  # outside an event loop (a script, a test): at once
             self.flush()
+            return
+        # Not urgent: it goes with the next decision, or on its own a moment later (never a round trip of its
+        # own between two requests of a busy connection).
+        if self._soon is not loop and (self._later is None or self._later.cancelled()):
+            self._later = loop.call_later(ADJUST_DELAY, self.flush)
 
     def _ask(self, mode: int, requests: Sequence[LimitRequest]) -> asyncio.Future[Sequence[Decision]]:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Sequence[Decision]] = loop.create_future()
         self._ops.append((mode, requests, future))
-        self._schedule(loop)
-        return future
-
-    def _schedule(self, loop: asyncio.AbstractEventLoop) -> None:
-        if self._flush_loop is not loop:  # (a loop that ended before its flush ran is replaced)
-            self._flush_loop = loop
+        if self._soon is not loop:  # (a loop that ended before its flush ran is replaced)
+            self._soon = loop
             loop.call_soon(self.flush)
+        return future
 
     def flush(self) -> None:
         """Send every queued operation in one script call and resolve each one's future."""
-        self._flush_loop = None
+        self._soon = None
+        if self._later is not None:
+            self._later.cancel()
+            self._later = None
         ops, self._ops = self._ops, []
         if not ops:
             return
