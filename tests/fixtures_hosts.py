@@ -70,7 +70,7 @@ def chat(host: ServerProcess, sk: str, client: httpx.Client | None = None) -> ht
 
 
 def usage_requests(host: ServerProcess, mk: str) -> int:
-    r = httpx.get(host.base_url + "/api/usage", params={"from": int(time.time()) - 2 * 86400}, headers={"Authorization": f"Bearer {mk}"},
-                  timeout=30)
+    r = httpx.get(host.base_url + "/api/usage", params={"from": int(time.time()) - 2 * 86400},
+                  headers={"Authorization": f"Bearer {mk}"}, timeout=30)
     assert r.status_code == 200, r.text
     return sum(int(b["requests"]) for b in r.json()["data"])

@@ -176,7 +176,8 @@ def sign_webhook(payload: bytes, timestamp: int, secret: str = WEBHOOK_SECRET) -
     return f"t={timestamp},v1={mac}"
 
 
-def deliver_webhook(server: ServerProcess, event: dict, raw: bytes | None = None, header: str | None = None) -> httpx.Response:
+def deliver_webhook(server: ServerProcess, event: dict, raw: bytes | None = None,
+                    header: str | None = None) -> httpx.Response:
     raw = json.dumps(event).encode() if raw is None else raw
     header = sign_webhook(raw, int(time.time())) if header is None else header
     return httpx.post(server.base_url + "/webhooks/stripe", content=raw, timeout=10,

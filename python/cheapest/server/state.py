@@ -1,6 +1,6 @@
 """What one worker process holds, opened after it starts (never in a server master, never across a fork): the
-store, the rate limiter (this host's table or Redis), the usage meter, the retention job, the gateway (with its caches and payment
-clients), the engine, the response-id buffer, the request log and the documents it serves.
+store, the rate limiter (this host's table or Redis), the usage meter, the retention job, the gateway (with its
+caches and payment clients), the engine, the response-id buffer, the request log and the documents it serves.
 
 The engine comes from a factory named by `model_backend`: "onnx" (the built-in ONNX Runtime engine) or
 "module:callable", `factory(settings: EngineSettings, add_route) -> Engine`, imported in the worker. A factory

@@ -136,7 +136,8 @@ class PostgresStore:
     def put_account(self, account: AccountRecord) -> None:
         def work(tx: Changes) -> None:
             tx.conn.execute(
-                INSERT_ACCOUNT + " ON CONFLICT (id) DO UPDATE SET email = excluded.email, email_key = excluded.email_key, created_at = excluded.created_at, "
+                INSERT_ACCOUNT + " ON CONFLICT (id) DO UPDATE SET email = excluded.email, "
+                "email_key = excluded.email_key, created_at = excluded.created_at, "
                 "plan = excluded.plan, status = excluded.status, subscription_status = excluded.subscription_status, "
                 "period_end = excluded.period_end, deleted_at = excluded.deleted_at", account_values(account))
             tx.bump()
@@ -216,8 +217,8 @@ class PostgresStore:
 
     def _write_key(self, tx: Changes, key: KeyRecord) -> None:
         tx.conn.execute("UPDATE keys SET name = %s, limits = %s, disabled = %s, expires_at = %s, models = %s "
-                        "WHERE id = %s", (key.name, json_encoder.encode(key.limits).decode(), key.disabled, key.expires_at,
-                                          None if key.models is None else list(key.models), key.id))
+                        "WHERE id = %s", (key.name, json_encoder.encode(key.limits).decode(), key.disabled,
+                                          key.expires_at, None if key.models is None else list(key.models), key.id))
         tx.bump()
 
     def update_key(self, key_id: str, account_id: str,
