@@ -57,7 +57,32 @@ def _wait_port(port: int, proc: subprocess.Popen[bytes], log: Path, what: str, t
     raise RuntimeError(f"{what} did not listen in {timeout}s:\n{log.read_text()[-2000:]}")
 
 
-class PostgresServer:
+class _Server:
+    """A server process of ours in a temporary directory."""
+
+    root: Path
+    proc: subprocess.Popen[bytes] | None
+
+    def _stop(self, sig: int) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def stop(self) -> None:
+        self._stop(signal.SIGTERM)
+
+    def close(self) -> None:
+        self.stop()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+
+class PostgresServer(_Server):
     """One throwaway cluster; `database()` makes a fresh, migrated database from a template in ~0.1 s."""
 
     USER = "cheapest"
@@ -120,27 +145,16 @@ class PostgresServer:
         with psycopg.connect(self.url("postgres"), autocommit=True) as conn:
             conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
-    def stop(self, sig: int = signal.SIGINT) -> None:
-        """SIGINT: fast shutdown (clients disconnected, clean); SIGKILL would be a crash."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
+    def stop(self) -> None:
+        """SIGINT: PostgreSQL's fast shutdown (clients disconnected, clean)."""
+        self._stop(signal.SIGINT)
 
     def restart(self) -> None:
         self.stop()
         self.start()
 
-    def close(self) -> None:
-        self.stop()
-        shutil.rmtree(self.root, ignore_errors=True)
 
-
-class RedisServer:
+class RedisServer(_Server):
     """One throwaway redis-server (Valkey's `valkey-server` works the same), with an append-only file so that a
     restart keeps its state as production's would, and so the privacy tests have its files to search."""
 
@@ -167,25 +181,6 @@ class RedisServer:
                 stdout=log, stderr=log, start_new_session=True)
         _wait_port(self.port, self.proc, self.log, "redis-server")
 
-    def pause(self) -> None:
-        """Stop answering (SIGSTOP): clients time out, as with a partitioned server."""
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGSTOP)
-
-    def resume(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGCONT)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
-
     def flush(self) -> None:
         """Forget every key (between tests that share the server)."""
         import redis
@@ -193,6 +188,3 @@ class RedisServer:
         with redis.Redis.from_url(self.url) as r:
             r.flushall()
 
-    def close(self) -> None:
-        self.stop()
-        shutil.rmtree(self.root, ignore_errors=True)

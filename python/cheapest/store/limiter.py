@@ -31,7 +31,9 @@ LimitRequest = tuple[str, int, float, int]
 
 
 class Decision(Protocol):
-    """The outcome of one limit's check (the core's `RateDecision` is one)."""
+    """The outcome of one limit's check (the core's `RateDecision` is one): whether it was allowed, the limit, the
+    units left, `reset_after` (seconds until fully replenished) and `retry_after` (seconds until this request
+    would be allowed: 0.0 if it was, inf if never). Read-only."""
 
     @property
     def allowed(self) -> bool: ...
@@ -40,14 +42,9 @@ class Decision(Protocol):
     @property
     def remaining(self) -> int: ...
     @property
-    def reset_after(self) -> float:
-        """Seconds until the limit is fully replenished."""
-        ...
-
+    def reset_after(self) -> float: ...
     @property
-    def retry_after(self) -> float:
-        """Seconds until this request would be allowed; 0.0 if allowed, inf if never."""
-        ...
+    def retry_after(self) -> float: ...
 
 
 class Limiter(Protocol):

@@ -24,7 +24,7 @@ import msgspec
 
 from cheapest.store.payments import (
     ChainClaim, ClaimOutcome, EventOutcome, EventRecord, JournalEntry, PaymentEvent, SubscriptionState,
-    SubscriptionView, TransferClaim,
+    SubscriptionView, TransferClaim, credit_entry,
 )
 from cheapest.store.postgres.connection import Conn
 from cheapest.store.postgres.rows import ACCOUNT, account_of
@@ -67,10 +67,7 @@ class PostgresLedger:
 
     # -- money ----------------------------------------------------------------------------------------------
     def credit(self, account_id: str, micro_usd: int, ref: str, kind: str = "credit") -> bool:
-        if micro_usd <= 0:
-            raise ValueError("a credit must be positive")
-        return self.record_payment(account_id, JournalEntry(ref=ref, kind=kind, at=int(time.time()),
-                                                            micro_usd=micro_usd))
+        return self.record_payment(account_id, credit_entry(micro_usd, ref, kind))
 
     def debit(self, account_id: str, micro_usd: int) -> int:
         if micro_usd < 0:
@@ -97,15 +94,14 @@ class PostgresLedger:
                 row = conn.execute("SELECT status FROM accounts WHERE id = %s FOR UPDATE", (account,)).fetchone()
                 if row is None or row[0] == "deleted":
                     account = None  # deleted or purged: a late event must not bring its payment references back
-            if conn.execute(
-                    "INSERT INTO pay_events (event_id, type, created, received_at, account_id) VALUES "
-                    "(%s, %s, %s, %s, %s) ON CONFLICT DO NOTHING RETURNING 1",
-                    (event.event_id, event.type, event.created, int(time.time()), account)).fetchone() is None:
-                return EventOutcome("duplicate", account)
-            if not event.handled:
-                return EventOutcome("ignored", account)
-            if account is None:
-                return EventOutcome("unmatched", None)
+            recorded = conn.execute(
+                "INSERT INTO pay_events (event_id, type, created, received_at, account_id) VALUES "
+                "(%s, %s, %s, %s, %s) ON CONFLICT DO NOTHING RETURNING 1",
+                (event.event_id, event.type, event.created, int(time.time()), account)).fetchone() is not None
+            early = event.settled_early(recorded, account)
+            if early is not None:
+                return early
+            assert account is not None
             for provider_id in event.provider_ids:  # first writer wins
                 conn.execute("INSERT INTO pay_links (provider_id, account_id) VALUES (%s, %s) ON CONFLICT DO NOTHING",
                              (provider_id, account))
@@ -188,6 +184,8 @@ class PostgresLedger:
 
     def _merge_subscription(self, tx: Changes, account_id: str, updates: dict[str, str | int | None],
                             version: int) -> bool:
+        if not updates:
+            return False  # an event stating no subscription fact (a one-off payment): nothing to merge
         conn = tx.conn
         # Lock order everywhere: the account's row, then its ledger rows, the epoch last.
         conn.execute("SELECT 1 FROM accounts WHERE id = %s FOR UPDATE", (account_id,))
