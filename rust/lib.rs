@@ -4,9 +4,13 @@
 //! The PyO3 layer lives in `py/` and is compiled only with the `python`
 //! feature (maturin turns it on), so `cargo test` needs no interpreter.
 
+pub mod kernels;
 pub mod keys;
+pub mod ortops;
 pub mod ratelimit;
+pub mod sampling;
 pub mod sse;
+pub mod stops;
 pub mod tokens;
 
 #[cfg(feature = "python")]
@@ -24,5 +28,7 @@ fn _cheapest_core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     py::tokens::register(m)?;
     py::ratelimit::register(m)?;
     py::sse::register(m)?;
+    py::stops::register(m)?;
+    py::sampling::register(m)?;
     Ok(())
 }

@@ -240,7 +240,8 @@ impl Framer {
         write!(
             s,
             "],\"usage\":{{\"prompt_tokens\":{prompt_tokens},\"completion_tokens\":{completion_tokens},\"total_tokens\":{}}}}}\n\n",
-            prompt_tokens + completion_tokens
+            // u128: two u64 counts from the caller cannot overflow it.
+            u128::from(prompt_tokens) + u128::from(completion_tokens)
         )
         .unwrap();
         out.extend_from_slice(s.as_bytes());
@@ -320,6 +321,9 @@ mod tests {
             "\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":4,\"total_tokens\":7}}\n\n"
         ));
         assert_eq!(f.finish(&mut out, "eos"), Err(SseError::UnknownFinishReason));
+        // The largest counts the binding accepts add up without wrapping.
+        f.usage(&mut out, u64::MAX, u64::MAX);
+        assert!(s(out.clone()).contains("\"total_tokens\":36893488147419103230}"));
     }
 
     #[test]

@@ -3,7 +3,8 @@
 Servers load it with `model_backend = "fixed_engine:load"` (this folder on PYTHONPATH); its options come from
 `[engine.model_options]` / `CHEAPEST_MODEL_OPTION_<NAME>`: `text` (the completion), `tokens` (completion length in
 words, cycling the text; 0 = the text once), `delay` (seconds per word, to observe streaming and disconnects),
-`fail_seed` (a request with this seed fails after its first token).
+`fail_seed` (a request with this seed fails after its first token), `slow_model` and `load_delay` (the model of that
+name takes this many seconds to load, to observe a model still loading beside a ready one).
 
 It also adds one route to each worker that loads it, `GET /_test/process`: the worker's pid and its core-dump
 settings as the kernel reports them to the process itself (prctl(PR_GET_DUMPABLE) is not visible from outside to
@@ -18,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import os
 import resource
+import time
 from collections.abc import AsyncGenerator, Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -36,13 +38,18 @@ class FixedOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     tokens: int = 0
     delay: float = 0.0
     fail_seed: int | None = None
+    slow_model: str = ""
+    load_delay: float = 0.0
 
 
 def load(settings: EngineSettings, add_route: Callable[[Route], None]) -> FixedEngine:
     """The engine factory `model_backend` names: the model id is the model directory's name."""
     opts = msgspec.convert(settings.model_options, FixedOptions, strict=False)
     add_route(Route("GET", "/_test/process", process_info, "This worker's pid and core-dump settings"))
-    return FixedEngine(Path(settings.model_dir).name or DEFAULT_MODEL, opts.text, tokens=opts.tokens,
+    name = Path(settings.model_dir).name or DEFAULT_MODEL
+    if name == opts.slow_model:
+        time.sleep(opts.load_delay)
+    return FixedEngine(name, opts.text, tokens=opts.tokens,
                        delay=opts.delay, fail_seed=opts.fail_seed)
 
 
@@ -54,6 +61,7 @@ async def process_info(state: Any, req: Request) -> Response:
 
 class FixedEngine:
     provider = "fixed"
+    has_chat_template = True
 
     def __init__(self, model_id: str, text: str, *, context_length: int = 8192, tokens: int = 0,
                  delay: float = 0.0, fail_seed: int | None = None) -> None:
@@ -72,7 +80,7 @@ class FixedEngine:
         body = "".join(f"<|im_start|>{role}\n{content}<|im_end|>\n" for role, content in messages)
         return body + "<|im_start|>assistant\n"
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, *, special_tokens: bool = False) -> list[int]:
         return [len(w) for w in text.split()]
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncGenerator[Delta | Finish, None]:

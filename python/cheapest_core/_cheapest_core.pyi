@@ -1,9 +1,36 @@
 """Type stubs for the compiled core; checked by `python -m mypy.stubtest`."""
 
 import os
-from typing import final
+from collections.abc import Sequence
+from typing import ClassVar, final
 
-from typing_extensions import Self
+from typing_extensions import Buffer, Self
+
+# PyO3 fills the module's __all__ with every export; stubtest checks this list against it.
+__all__ = [
+    "IncrementalDecoder",
+    "KeyFormatError",
+    "RateDecision",
+    "RateLimiter",
+    "RateLimiterError",
+    "RateLimiterFull",
+    "Sampler",
+    "SamplerError",
+    "SseError",
+    "SseFramer",
+    "StopMatcher",
+    "StopStringError",
+    "Tokenizer",
+    "TokenizerError",
+    "__version__",
+    "check_key",
+    "generate_key",
+    "hash_key",
+    "json_escape",
+    "key_hint",
+    "key_kind",
+    "verify_key",
+]
 
 __version__: str
 
@@ -11,7 +38,13 @@ __version__: str
 class KeyFormatError(ValueError): ...
 class TokenizerError(ValueError): ...
 class RateLimiterError(OSError): ...
+class RateLimiterFull(RateLimiterError):
+    """Every slot of the rate-limit table the key may use holds a live limit (answer 503)."""
 class SseError(ValueError): ...
+class StopStringError(ValueError):
+    """Too many or too long stop strings, or text with a lone surrogate; never quotes the text."""
+class SamplerError(ValueError):
+    """A bad sampling parameter or logits/mask buffer (wrong dtype or shape, NaN, nothing allowed)."""
 
 # --- keys (keys.rs) ---------------------------------------------------------
 def generate_key(kind: str) -> str:
@@ -85,15 +118,26 @@ class RateDecision:
 
 @final
 class RateLimiter:
-    """GCRA limits in a memory-mapped table shared by every process opening ``path``."""
+    """GCRA limits in a memory-mapped table shared by every process opening ``path``.
+
+    The file and any directory created for it are owner-only (0600/0700). A key's slot is
+    taken by its first charge and serves another key once its limit has been idle for
+    ``reclaim_after`` seconds past refill, or at once after ``forget``. A table of another
+    format version is refused (``RateLimiterError``; it holds only rate-limit state: remove it).
+    """
     def __new__(cls, path: str | os.PathLike[str], capacity: int = 65536) -> Self: ...
     @property
     def capacity(self) -> int: ...
     @property
     def path(self) -> str: ...
+    @property
+    def reclaim_after(self) -> float:
+        """Seconds past a key's theoretical arrival time after which its slot may serve another key."""
     def acquire(
         self, key: str, limit: int, period: float = 60.0, cost: int = 1, now: float | None = None
-    ) -> RateDecision: ...
+    ) -> RateDecision:
+        """Spends ``cost`` units if they fit. Raises ``RateLimiterFull`` when the key has no slot and
+        every slot it may use holds a live limit."""
     def peek(self, key: str, limit: int, period: float = 60.0, now: float | None = None) -> RateDecision: ...
     def adjust(
         self, key: str, limit: int, period: float = 60.0, delta: int = 0, now: float | None = None
@@ -101,8 +145,13 @@ class RateLimiter:
     def acquire_all(
         self, requests: list[tuple[str, int, float, int]], now: float | None = None
     ) -> list[RateDecision]:
-        """All or nothing: if one limit refuses, none is charged and every decision is not allowed."""
-    def reset(self, key: str) -> None: ...
+        """All or nothing: if one limit refuses, none is charged and every decision is not allowed.
+        ``RateLimiterFull`` (before anything is charged) when a key finds no slot."""
+    def forget(self, key: str) -> bool:
+        """Frees the key's slot at once (a revoked or deleted key); its spending is forgotten.
+        Whether it had one."""
+    def occupancy(self, now: float | None = None) -> tuple[int, int]:
+        """(slots in use, of which reclaimable at ``now``): a scan of the whole table, for metrics."""
 
 # --- SSE framing (sse.rs) ---------------------------------------------------
 @final
@@ -121,3 +170,40 @@ class SseFramer:
 
 def json_escape(text: str) -> str:
     """The JSON string literal (quotes included) the framer writes for ``text``."""
+
+# --- stop strings (stops.rs) ------------------------------------------------
+@final
+class StopMatcher:
+    """One completion's stop strings over its streamed text, in time linear in the text.
+
+    ``push`` returns the text safe to emit, withholding any suffix that may be the start of a
+    stop string, and whether a stop string appeared; on a match everything from the earliest
+    stop on is dropped and the matcher starts afresh. ``flush`` returns the withheld text.
+    Empty stop strings are ignored. At most ``MAX_STOPS`` stops of at most ``MAX_STOP_CHARS``
+    characters each, else ``StopStringError``.
+    """
+
+    MAX_STOPS: ClassVar[int]
+    MAX_STOP_CHARS: ClassVar[int]
+    def __new__(cls, stops: Sequence[str]) -> Self: ...
+    def push(self, text: str) -> tuple[str, bool]: ...
+    def flush(self) -> str: ...
+
+# --- sampling (sampling.rs) ---------------------------------------------------
+@final
+class Sampler:
+    """Next-token choice for one sequence. Greedy when ``temperature`` is 0 or ``top_k`` is 1
+    (the first argmax); otherwise temperature, then top_k, then top_p (ties to the lower id).
+    ``seed`` makes the draws reproducible (ChaCha8); ``None`` seeds from the OS."""
+
+    def __new__(cls, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None) -> Self: ...
+    @property
+    def greedy(self) -> bool: ...
+    def sample(self, logits: Buffer, allowed: Buffer | None = None) -> int:
+        """The next token id. ``logits``: contiguous 1-D float32; ``allowed``: 32-bit words (uint32
+        or int32), bit ``i % 32`` of word ``i // 32`` allows token ``i`` (tokens past it are not
+        allowed). The GIL is released; do not write the buffers meanwhile."""
+    def logprobs(self, logits: Buffer, token: int, top_n: int = 0) -> tuple[float, list[tuple[int, float]]]:
+        """``log_softmax(logits)[token]`` and the ``top_n`` most likely ``(id, logprob)``, best first:
+        the raw distribution (before temperature, top_k, top_p and the mask), as OpenAI reports.
+        A ``-inf`` logit gives ``-inf``."""

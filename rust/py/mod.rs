@@ -2,5 +2,7 @@
 pub mod errors;
 pub mod keys;
 pub mod ratelimit;
+pub mod sampling;
 pub mod sse;
+pub mod stops;
 pub mod tokens;

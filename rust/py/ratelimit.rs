@@ -5,12 +5,13 @@ use std::path::PathBuf;
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
-use crate::py::errors::RateLimiterError;
+use crate::py::errors::{RateLimiterError, RateLimiterFull};
 use crate::ratelimit::{self, Decision, Limit, RateLimitError};
 
 fn err(e: RateLimitError) -> PyErr {
     match e {
         RateLimitError::Argument(m) => PyValueError::new_err(m),
+        full @ RateLimitError::Full { .. } => RateLimiterFull::new_err(full.to_string()),
         other => RateLimiterError::new_err(other.to_string()),
     }
 }
@@ -125,8 +126,20 @@ impl RateLimiter {
         Ok(ds.into_iter().map(RateDecision::from).collect())
     }
 
-    fn reset(&self, key: &str) -> PyResult<()> {
-        self.inner.reset(key).map_err(err)
+    fn forget(&self, key: &str) -> bool {
+        self.inner.forget(key)
+    }
+
+    /// Seconds past its TAT after which a key's slot may serve another key.
+    #[getter]
+    fn reclaim_after(&self) -> f64 {
+        ns_to_s(ratelimit::RECLAIM_AFTER_NS)
+    }
+
+    #[pyo3(signature = (now = None))]
+    fn occupancy(&self, py: Python<'_>, now: Option<f64>) -> PyResult<(u64, u64)> {
+        let now = now_arg(now)?;
+        Ok(py.detach(|| self.inner.occupancy(now)))
     }
 
     fn __repr__(&self) -> String {

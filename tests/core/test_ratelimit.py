@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cheapest_core import RateDecision, RateLimiter, RateLimiterError
+from cheapest_core import RateDecision, RateLimiter, RateLimiterError, RateLimiterFull
 from processes import in_processes
 
 BASE = 1_000_000.0  # a fixed "now", in seconds; exactly representable in ns
@@ -160,7 +160,8 @@ def test_adjust_charges_without_refusal_and_refunds_down_to_now(table: RateLimit
     assert d.retry_after == pytest.approx(30.06)
     assert d.reset_after == pytest.approx(90.0)
     table.adjust("unknown", 10, 60.0, delta=-5, now=BASE)  # refunding nothing is a no-op
-    table.reset("tpm")
+    assert table.forget("tpm")
+    assert not table.forget("tpm")
     assert table.peek("tpm", 1000, 60.0, now=BASE).remaining == 1000
 
 
@@ -195,21 +196,120 @@ def test_full_table_and_mismatched_or_foreign_files_are_errors(tmp_path: Path) -
     rl = RateLimiter(tmp_path / "small", capacity=3)
     for k in "abc":
         rl.acquire(k, 1, 1.0, now=BASE)
-    with pytest.raises(RateLimiterError) as err:
+    with pytest.raises(RateLimiterFull) as err:
         rl.acquire("d", 1, 1.0, now=BASE)
-    assert isinstance(err.value, OSError) and "full" in str(err.value)
+    assert isinstance(err.value, RateLimiterError) and isinstance(err.value, OSError)
+    assert "full" in str(err.value) and "d" not in str(err.value).replace("holds", "")
+    with pytest.raises(RateLimiterFull):
+        rl.acquire_all([("a", 1, 1.0, 0), ("d", 1, 1.0, 1)], now=BASE)
     assert rl.peek("d", 1, 1.0, now=BASE).allowed  # looking is not claiming
+    assert rl.peek("a", 1, 1.0, now=BASE).remaining == 0  # and a full table charged nothing
     with pytest.raises(RateLimiterError):
         RateLimiter(tmp_path / "small", capacity=4)
     (tmp_path / "junk").write_bytes(b"not a table" * 100)
     with pytest.raises(RateLimiterError):
         RateLimiter(tmp_path / "junk")
+    (tmp_path / "file").write_bytes(b"")
     with pytest.raises(RateLimiterError):
-        RateLimiter(tmp_path / "no-such-dir" / "rl")
+        RateLimiter(tmp_path / "file" / "rl")  # its directory cannot be made
     default = RateLimiter(str(tmp_path / "default"))
     assert default.capacity == 65536 and default.path == str(tmp_path / "default")
     assert (tmp_path / "default").stat().st_size == 64 + 16 * 65536
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["default", "junk", "small"]  # no temp files left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["default", "file", "junk", "small"]  # no temp files left
+
+
+def test_a_table_of_the_previous_format_is_refused_with_the_fix(tmp_path: Path) -> None:
+    header = b"CHPGCRA1" + (1).to_bytes(4, "little") + (16).to_bytes(4, "little") + (4).to_bytes(8, "little")
+    (tmp_path / "v1").write_bytes(header.ljust(64, b"\0") + bytes(16 * 4))
+    with pytest.raises(RateLimiterError, match="version 1, this build reads 2.*remove it"):
+        RateLimiter(tmp_path / "v1", capacity=4)
+
+
+def test_the_table_and_its_directories_are_owner_only_from_creation(tmp_path: Path) -> None:
+    old = os.umask(0)  # so that the modes can only come from the core
+    try:
+        RateLimiter(tmp_path / "new" / "deeper" / "rl", capacity=8)
+    finally:
+        os.umask(old)
+    assert (tmp_path / "new" / "deeper" / "rl").stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "new" / "deeper").stat().st_mode & 0o777 == 0o700
+    assert (tmp_path / "new").stat().st_mode & 0o777 == 0o700
+    assert os.listdir(tmp_path / "new" / "deeper") == ["rl"]
+
+
+# --- reclaiming slots ----------------------------------------------------------
+
+
+def test_forget_frees_a_slot_at_once(tmp_path: Path) -> None:
+    rl = RateLimiter(tmp_path / "rl", capacity=4)
+    for k in "abcd":
+        assert rl.acquire(k, 5, 60.0, cost=5, now=BASE).allowed
+    with pytest.raises(RateLimiterFull):
+        rl.acquire("e", 5, 60.0, now=BASE)
+    assert rl.occupancy(now=BASE) == (4, 0)
+    assert rl.forget("b") and not rl.forget("b") and not rl.forget("never-seen")
+    assert rl.acquire("e", 5, 60.0, now=BASE).remaining == 4
+    for k in "acd":  # the others kept their state
+        assert not rl.acquire(k, 5, 60.0, now=BASE).allowed
+
+
+def test_a_slot_idle_past_its_refill_serves_another_key(tmp_path: Path) -> None:
+    rl = RateLimiter(tmp_path / "rl", capacity=4)
+    assert rl.reclaim_after == 10.0
+    for k in "abcd":
+        assert rl.acquire(k, 2, 1.0, cost=2, now=BASE).allowed  # TAT: BASE + 1 s
+    with pytest.raises(RateLimiterFull):
+        rl.acquire("e", 2, 1.0, now=BASE + 1.0 + rl.reclaim_after - 0.001)
+    assert rl.occupancy(now=BASE + 1.0 + rl.reclaim_after) == (4, 4)
+    later = BASE + 1.0 + rl.reclaim_after
+    for k in "efgh":
+        assert rl.acquire(k, 2, 1.0, cost=2, now=later).allowed
+    assert rl.occupancy(now=later) == (4, 0)
+    # "a" lost its slot, which only says that it is fresh, as it was anyway.
+    assert rl.acquire("a", 2, 1.0, cost=2, now=later + 1.0 + rl.reclaim_after).allowed
+
+
+class SlotModel(Model):
+    """The GCRA model plus which keys hold a live slot of the table."""
+
+    def is_live(self, key: str, now: int, reclaim_ns: int) -> bool:
+        return key in self.tat and self.tat[key] + reclaim_ns > now
+
+    def live(self, now: int, reclaim_ns: int) -> int:
+        return sum(1 for key in self.tat if self.is_live(key, now, reclaim_ns))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    steps=st.lists(
+        st.tuples(st.integers(0, 40), st.integers(0, 3 * NS), st.integers(0, 3), st.booleans()),
+        min_size=20,
+        max_size=200,
+    ),
+)
+def test_a_small_table_decides_like_unbounded_memory(tmp_path: Path, steps: list[tuple[int, int, int, bool]]) -> None:
+    """Keys come and go through 8 slots: every decision is the GCRA definition's (a slot given away
+    was stale, the same as fresh), and the table is full exactly when 8 other keys hold live limits."""
+    rl = RateLimiter(tmp_path / f"s{time.monotonic_ns()}", capacity=8)
+    reclaim_ns = round(rl.reclaim_after * NS)
+    model = SlotModel()
+    now = round(BASE * NS)
+    for i, (key_no, dt, cost, forget) in enumerate(steps):
+        now += dt
+        key = f"key-{(i // 4) + key_no % 6}"  # a window of keys that moves on
+        if forget:
+            freed = rl.forget(key)
+            if model.is_live(key, now, reclaim_ns) or key not in model.tat:
+                assert freed == (key in model.tat)  # else stale: its slot may have been given away
+            model.tat.pop(key, None)
+        elif not model.is_live(key, now, reclaim_ns) and model.live(now, reclaim_ns) >= 8:
+            with pytest.raises(RateLimiterFull):
+                rl.acquire(key, 3, 1.0, cost=cost, now=now / NS)
+        else:
+            got = rl.acquire(key, 3, 1.0, cost=cost, now=now / NS)
+            allowed, remaining, _ = model.acquire(key, 3, 1.0, cost, now)
+            assert (got.allowed, got.remaining) == (allowed, remaining)
+    assert rl.occupancy(now / NS)[0] - rl.occupancy(now / NS)[1] == model.live(now, reclaim_ns)
 
 
 # --- several processes -------------------------------------------------------
@@ -283,3 +383,67 @@ def test_another_process_sees_the_state(tmp_path: Path) -> None:
         assert pool.apply(_acquire_once, (path,)) == (False, 0)
     reopened = RateLimiter(path, capacity=256)
     assert reopened.peek("seen", 2, 60.0, now=BASE).remaining == 0
+
+
+# Churn: four processes, 16 slots, keys that come and go in phases on a clock running 20x fast.
+CHURN_SCALE, CHURN_PHASE, CHURN_KEYS, CHURN_LIMIT, CHURN_SECONDS = 20.0, 12.0, 4, 5, 3.5
+
+
+def _churn(start: Callable[[], None], path: str, t0: float) -> tuple[list[tuple[str, float]], int, int]:
+    rl = RateLimiter(path, capacity=16)
+    start()
+    end = time.time() + CHURN_SECONDS
+    admitted: list[tuple[str, float]] = []
+    full = tries = 0
+    rng = np.random.default_rng(os.getpid())
+    while (real := time.time()) < end:
+        now = BASE + (real - t0) * CHURN_SCALE
+        # The phase's keys; a phase's keys go stale before the next phase ends.
+        key = f"key-{int((now - BASE) // CHURN_PHASE) * CHURN_KEYS + int(rng.integers(CHURN_KEYS))}"
+        tries += 1
+        try:
+            if rl.acquire(key, CHURN_LIMIT, 1.0, now=now).allowed:
+                admitted.append((key, now))
+        except RateLimiterFull:
+            full += 1
+    return admitted, tries, full
+
+
+def test_processes_churning_keys_through_a_small_table_never_over_admit(tmp_path: Path) -> None:
+    path = str(tmp_path / "rl")
+    RateLimiter(path, capacity=16)
+    parts = in_processes(_churn, path, time.time(), n=4)
+    by_key: dict[str, list[float]] = {}
+    for admitted, _, _ in parts:
+        for key, now in admitted:
+            by_key.setdefault(key, []).append(now)
+    assert sum(full for _, _, full in parts) == 0
+    assert sum(tries for _, tries, _ in parts) > 4 * sum(len(t) for t in by_key.values())
+    # More keys than slots went through, so slots were reclaimed, across processes.
+    assert len(by_key) > 16
+    t = interval_ns(CHURN_LIMIT, 1.0) / NS
+    for key, times in by_key.items():
+        assert not over_admitted(np.sort(np.array(times)), CHURN_LIMIT, t), key
+    # The check has teeth: the same admissions break a limit half as large.
+    half = CHURN_LIMIT // 2
+    assert any(over_admitted(np.sort(np.array(ts)), half, interval_ns(half, 1.0) / NS) for ts in by_key.values())
+    used, stale = RateLimiter(path, capacity=16).occupancy(BASE + 1e6)
+    assert used == stale and used <= 16
+
+
+def _fill(path: str, keys: list[str]) -> None:
+    rl = RateLimiter(path, capacity=4)
+    for key in keys:
+        assert rl.acquire(key, 1, 3600.0, now=BASE).allowed
+
+
+def test_a_table_filled_by_one_process_is_full_for_another_until_a_key_is_forgotten(tmp_path: Path) -> None:
+    path = str(tmp_path / "rl")
+    with mp.get_context("spawn").Pool(1) as pool:
+        pool.apply(_fill, (path, ["a", "b", "c", "d"]))
+    rl = RateLimiter(path, capacity=4)
+    with pytest.raises(RateLimiterFull):
+        rl.acquire("e", 1, 3600.0, now=BASE + 60.0)
+    assert rl.forget("c")
+    assert rl.acquire("e", 1, 3600.0, now=BASE + 60.0).allowed
+    assert not rl.acquire("a", 1, 3600.0, now=BASE + 60.0).allowed

@@ -1,5 +1,5 @@
-"""/v1 routes: chat and text completions (one JSON body, or SSE chunks framed by the core), models, the calling
-key's usage. Each handler parses the request, calls the gateway, and encodes the answer."""
+"""/v1 routes: chat and text completions (one JSON body, or SSE chunks framed by the core), models (generating and
+embedding ones), the calling key's usage. Each handler parses the request, calls the gateway, and encodes the answer."""
 
 from __future__ import annotations
 
@@ -16,10 +16,10 @@ from cheapest.api.completions import Completion, CompletionChoice, CompletionReq
 from cheapest.api.models import Model, ModelList
 from cheapest.gateway import Admission, Caller, Gateway
 from cheapest.gateway.completions import (
-    collect, engine_refusal, may_use, prompt_ids, sampling, serving_engine,
+    collect, engine_refusal, may_use, prompt_ids, sampling, served_model, serving_engine,
 )
 from cheapest.gateway.usage import key_usage as usage_of
-from cheapest.engine.types import ContextLengthError, Delta, Engine, EngineError, Finish, SamplingParams
+from cheapest.engine.types import ContextLengthError, Delta, Embedder, Engine, EngineError, Finish, SamplingParams
 from cheapest.server.cancellation import until_disconnected
 from cheapest.server.errors import decode_error, rate_headers
 from cheapest.server.request import Request, Response, StreamResponse, json_response
@@ -43,7 +43,7 @@ async def _complete(state: WorkerState, req: Request, chat: bool) -> Response | 
         raise decode_error(exc) from None
     req.stream = creq.stream
     gateway = state.gateway
-    engine = serving_engine(state.engine, caller, creq.model)
+    engine = serving_engine(state.models, caller, creq.model)
     req.model = engine.model_id
     ids = prompt_ids(engine, creq)
     p = len(ids)
@@ -110,7 +110,7 @@ async def completions(state: WorkerState, req: Request) -> Response | StreamResp
     return await _complete(state, req, chat=False)
 
 
-def _model(engine: Engine) -> Model:
+def _model(engine: Engine | Embedder) -> Model:
     return Model(engine.model_id, created=0, context_length=engine.context_length)
 
 
@@ -123,14 +123,13 @@ async def _read(state: WorkerState, req: Request) -> tuple[Caller, list[tuple[st
 
 async def list_models(state: WorkerState, req: Request) -> Response:
     caller, headers = await _read(state, req)
-    engine = state.engine
-    models = [] if engine is None or not may_use(caller, engine.model_id) else [_model(engine)]
+    models = [_model(engine) for engine in state.models.ready() if may_use(caller, engine.model_id)]
     return json_response(_encode(ModelList(models)), headers)
 
 
 async def get_model(state: WorkerState, req: Request, model_id: str) -> Response:
     caller, headers = await _read(state, req)
-    return json_response(_encode(_model(serving_engine(state.engine, caller, model_id))), headers)
+    return json_response(_encode(_model(served_model(state.models, caller, model_id))), headers)
 
 
 async def key_usage(state: WorkerState, req: Request) -> Response:
