@@ -11,8 +11,9 @@ the listening thread takes it in well under a millisecond on an idle worker - in
 guaranteed under load. What keeps it safe when the subscription is not there: a worker that is not subscribed
 (Redis unreachable, or the subscription just restarted) has no value, and `current()` then asks Redis (a GET),
 and if Redis cannot answer, the store reads PostgreSQL (exact). The listening thread also compares with Redis
-every second, so a lost announcement costs at most that. A Redis restarted empty has no value: the next reader
-takes PostgreSQL's and publishes it.
+every second, so a lost announcement costs at most that, and retries a publish of its own that failed (the
+writer could not reach Redis) until it lands. A Redis restarted empty has no value: the next reader takes
+PostgreSQL's and publishes it.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ class RedisChanges:
         self.link = RedisLink(url, "change epoch")
         self._raise = self.link.script(_RAISE)
         self._heard: int | None = None  # the epoch as last heard; None while not subscribed
+        self._unpublished: int | None = None  # an epoch of this worker's whose publish failed
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         if listen:
@@ -62,8 +64,11 @@ class RedisChanges:
     def publish(self, epoch: int) -> None:
         try:
             value = int(self.link.call(lambda r: self._raise(keys=[EPOCH_KEY], args=[epoch, CHANNEL], client=r)))
-        except ConnectionError:
-            return  # logged by the link; readers fall back to PostgreSQL while they cannot reach Redis
+        except ConnectionError:  # logged by the link; the listener retries it
+            self._unpublished = max(epoch, self._unpublished or 0)
+            return
+        if self._unpublished is not None and self._unpublished <= epoch:
+            self._unpublished = None
         heard = self._heard
         if heard is not None and value > heard:  # this worker's own change, at once
             self._heard = value
@@ -85,12 +90,16 @@ class RedisChanges:
                 raw = self.link.client.get(EPOCH_KEY)
                 if raw is not None:
                     self._hear(int(raw))
+                if self._unpublished is not None:
+                    self.publish(self._unpublished)
                 while not self._stop.is_set():
                     message = pubsub.get_message(timeout=CHECK_EVERY)
                     if message is not None:
                         if message["type"] == "message":
                             self._hear(int(message["data"]))
                         continue
+                    if self._unpublished is not None:
+                        self.publish(self._unpublished)
                     raw = self.link.client.get(EPOCH_KEY)
                     if raw is None:
                         self._heard = None  # Redis lost it: readers ask, and the first one publishes it again
