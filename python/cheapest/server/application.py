@@ -18,11 +18,12 @@ from granian.rsgi import HTTPProtocol, ProtocolClosed, Scope
 from cheapest.config import Settings
 from cheapest.gateway import Refusal
 from cheapest.server.cancellation import ClientGone, until_disconnected
-from cheapest.server.errors import ApiError, internal_error, rate_headers, refused
+from cheapest.server.errors import ApiError, internal_error, rate_headers, refused, store_unavailable
 from cheapest.server.messages import anthropic_error
 from cheapest.server.request import JSON, Headers, Request, Response, StreamResponse
 from cheapest.server.routes import Route, Router
 from cheapest.server.state import WorkerState
+from cheapest.store import StoreUnavailable
 
 log = logging.getLogger("cheapest.server")
 
@@ -75,25 +76,28 @@ class App:
                 req.key_id = caller.key.id
             return await route.handler(state, req, *args)
         except Refusal as refusal:
-            return self._error_response(state, req, refused(refusal), route)
+            return await self._error_response(state, req, refused(refusal), route)
         except ApiError as err:
-            return self._error_response(state, req, err, route)
+            return await self._error_response(state, req, err, route)
         except ClientGone:
             raise
+        except StoreUnavailable:
+            return await self._error_response(state, req, store_unavailable(), route)
         except Exception as exc:
             # Only the type: exception messages may carry request text.
             log.error("unhandled %s on %s %s", type(exc).__name__, req.method, req.path)
-            return self._error_response(state, req, internal_error(), route)
+            return await self._error_response(state, req, internal_error(), route)
 
     @staticmethod
-    def _error_response(state: WorkerState | None, req: Request, err: ApiError, route: Route | None = None) -> Response:
+    async def _error_response(state: WorkerState | None, req: Request, err: ApiError,
+                              route: Route | None = None) -> Response:
         """The error in its API's shape (OpenAI's, or Anthropic's on its routes); an inference key's answer carries
         its rate-limit state, as always."""
         headers = [("content-type", JSON), *err.headers]
         caller = req.caller
         if state is not None and caller is not None and caller.key.kind == "sk" \
                 and not any(h[0] == "x-ratelimit-limit-requests" for h in err.headers):
-            headers.extend(rate_headers(state.gateway.rate_state(caller)))
+            headers.extend(rate_headers(await state.gateway.rate_state(caller)))
         body = anthropic_error(err) if route is not None and route.api == "anthropic" else err.body()
         return Response(err.status, headers, body)
 

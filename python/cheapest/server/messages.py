@@ -62,7 +62,7 @@ async def count_tokens(state: WorkerState, req: Request) -> Response:
     engine = serving_engine(state.models, caller, mreq.model)
     req.model = engine.model_id
     plan = message_plan(engine, mreq, state.settings.serving.default_max_tokens)
-    headers = rate_headers(state.gateway.admit(caller).rate)  # standing only; counting is not charged
+    headers = rate_headers((await state.gateway.admit(caller)).rate)  # standing only; counting is not charged
     return json_response(_encode(TokenCount(plan.prompt_tokens)), headers)
 
 
@@ -76,7 +76,7 @@ async def messages(state: WorkerState, req: Request) -> Response | StreamRespons
     plan = message_plan(engine, mreq, state.settings.serving.default_max_tokens)
     p = plan.prompt_tokens
     gateway = state.gateway
-    admission = gateway.admit(caller, engine.model_id, p, plan.params.max_tokens)
+    admission = await gateway.admit(caller, engine.model_id, p, plan.params.max_tokens)
     mid = state.ids.new("msg_")
     headers = rate_headers(admission.rate)
     if mreq.stream:
