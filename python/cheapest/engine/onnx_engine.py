@@ -110,7 +110,7 @@ class OnnxEngine:
             chat_template, ChatTemplate.special_tokens(spec.tokenizer_config))
         # A base model (Gemma 3 270M) has none: render_chat raises NoChatTemplateError, completions still work.
         self.has_chat_template = chat_template is not None or ChatTemplate.present(spec.tokenizer_config)
-        self._scheduler = Scheduler(runner)
+        self._scheduler = Scheduler(runner, spec.model_id)
 
     # --- text ---------------------------------------------------------------------------------------------------
 

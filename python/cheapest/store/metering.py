@@ -11,6 +11,7 @@ import logging
 import threading
 import time
 
+from cheapest.metrics import metrics
 from cheapest.store.base import Store, UsageKey
 from cheapest.store.records import UsageCounter
 from cheapest.vocabulary import hour_of
@@ -25,6 +26,7 @@ class UsageMeter:
         self._pending: dict[UsageKey, UsageCounter] = {}
         self._debits: dict[str, int] = {}  # account id -> micro-dollars owed by credit-funded accounts
         self._key_cost: dict[str, int] = {}  # key id -> micro-dollars not flushed yet (budget checks)
+        self._oldest: float | None = None  # when the oldest usage not flushed yet was recorded (flush lag)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -34,6 +36,8 @@ class UsageMeter:
         """`debit_account`: a credit-funded account whose balance pays `cost_micro` (debited at the flush)."""
         k = (key_id, model, hour_of(time.time() if ts is None else ts))
         with self._lock:
+            if self._oldest is None:
+                self._oldest = time.time()
             c = self._pending.get(k)
             if c is None:
                 c = self._pending[k] = UsageCounter()
@@ -58,12 +62,15 @@ class UsageMeter:
             pending, self._pending = self._pending, {}
             debits, self._debits = self._debits, {}
             key_cost, self._key_cost = self._key_cost, {}
+            oldest, self._oldest = self._oldest, None
         if not pending and not debits:
             return
         try:
             self.store.add_usage(pending, debits)
         except Exception:
+            metrics.usage_flush_failed()
             with self._lock:  # keep the deltas for the next try rather than lose billed usage
+                self._oldest = oldest or self._oldest  # older than anything recorded since
                 for k, c in pending.items():
                     self._pending.setdefault(k, UsageCounter()).add(c)
                 for a, m in debits.items():
@@ -71,6 +78,7 @@ class UsageMeter:
                 for kid, m in key_cost.items():
                     self._key_cost[kid] = self._key_cost.get(kid, 0) + m
             raise
+        metrics.usage_flushed(0.0 if oldest is None else time.time() - oldest)
 
     def start(self) -> None:
         if self._thread is None:
