@@ -3,6 +3,7 @@ that they hold metadata only."""
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Iterable
 
@@ -41,9 +42,15 @@ def scrape_until(base_url: str, ready: Callable[[Samples], bool], timeout: float
         time.sleep(0.2)
 
 
+# Any id the store makes (accounts.new_id: a prefix and 16 hex digits), any key secret, any email address.
+IDENTIFIERS = re.compile(r"\b(?:[a-z]+_[0-9a-f]{16}|[sm]k_[0-9A-Za-z]{20,})\b|@")
+
+
 def assert_metadata_only(text: str, forbidden: Iterable[bytes | str]) -> None:
-    """No forbidden string (a canary, a key id, an account id, an email) anywhere in the scraped text."""
+    """No forbidden string (a canary, a key id, an account id) and no identifier at all in the scraped text."""
     raw = text.encode()
     for item in forbidden:
         needle = item if isinstance(item, bytes) else item.encode()
         assert needle not in raw, needle
+    found = IDENTIFIERS.search(text)
+    assert found is None, found
