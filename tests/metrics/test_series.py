@@ -209,3 +209,25 @@ def test_scrape_policy_with_a_token() -> None:
     assert access.denied("10.0.0.7:1", "Bearer s3cret-metrics-token\u00e9", False) is NO_TOKEN
     assert access.denied("192.0.2.1:1", "Bearer s3cret-metrics-token", False) is NOT_ALLOWED
     assert access.denied("127.0.0.1:1", "Bearer s3cret-metrics-token", True) is None  # relayed: the token
+
+
+def test_the_request_hook_counts_as_the_library_would(live: Settings) -> None:
+    from prometheus_client import Histogram
+
+    from cheapest.metrics.series import REQUEST_SECONDS
+
+    reference = Histogram("reference_seconds", "observe()'s own result", registry=None, buckets=REQUEST_SECONDS)
+    durations = [0.0, 0.0005, 0.001, 0.0010001, 0.005, 0.7, 120.0, 121.0, 5000.0, *REQUEST_SECONDS]
+    metrics.model_state("m", "ready")
+    for seconds in durations:
+        metrics.request("POST", CHAT, "m", 200, seconds, 2, 3)
+        reference.observe(seconds)
+    s = _samples()
+    ours = {dict(labels)["le"]: v for (name, labels), v in s.items()
+            if name == "cheapest_request_duration_seconds_bucket"}
+    theirs = {dict(labels)["le"]: v for (name, labels), v in s.items() if name == "reference_seconds_bucket"}
+    assert ours == theirs and len(ours) == len(REQUEST_SECONDS) + 1
+    assert value(s, "cheapest_request_duration_seconds_sum") == pytest.approx(value(s, "reference_seconds_sum"))
+    assert value(s, "cheapest_request_duration_seconds_count") == len(durations)
+    assert value(s, "cheapest_requests_total", model="m") == len(durations)
+    assert value(s, "cheapest_prompt_tokens_total", model="m") == 2 * len(durations)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import time
+from bisect import bisect_left
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -21,7 +22,7 @@ import msgspec
 from cheapest_core import RateLimiterError
 from prometheus_client import Counter, Gauge, Histogram
 
-from cheapest.metrics.files import ProcessValues, prepare, process_ident, reap
+from cheapest.metrics.files import BufferedValue, ProcessValues, prepare, process_ident, reap
 
 if TYPE_CHECKING:
     from cheapest.config import Settings
@@ -141,8 +142,37 @@ class _LiveScheduler(SchedulerSeries):
         self._running.set(running)
 
 
+class _RequestValues:
+    """The values one kind of request (route, method, model, status) adds to, updated together under the process's
+    one lock. The request path is the hottest caller, and prometheus-client's inc() and observe() cost several times
+    the additions themselves (checks, exemplars, a lock each), so this writes a labelled child's values directly: a
+    counter keeps its value in `_value`, a histogram in `_sum` and `_buckets` over `_upper_bounds`, the library's
+    layout since its first releases. tests/metrics/test_series.py checks the text against observe()'s."""
+
+    __slots__ = ("lock", "count", "sum", "buckets", "bounds", "prompt", "completion")
+
+    def __init__(self, requests: Counter, duration: Histogram, prompt: Counter | None,
+                 completion: Counter | None) -> None:
+        self.count: BufferedValue = requests._value
+        self.lock = self.count._lock
+        self.sum: BufferedValue = duration._sum
+        self.buckets: list[BufferedValue] = duration._buckets
+        self.bounds: list[float] = duration._upper_bounds  # ends with +Inf
+        self.prompt: BufferedValue | None = None if prompt is None else prompt._value
+        self.completion: BufferedValue | None = None if completion is None else completion._value
+
+    def add(self, seconds: float, prompt_tokens: int, completion_tokens: int) -> None:
+        with self.lock:
+            self.count.value += 1
+            self.sum.value += seconds
+            self.buckets[bisect_left(self.bounds, seconds)].value += 1  # the first bound >= seconds, as observe()
+            if prompt_tokens and self.prompt is not None:
+                self.prompt.value += prompt_tokens
+            if completion_tokens and self.completion is not None:
+                self.completion.value += completion_tokens
+
+
 _OFF = SchedulerSeries()
-_Children = tuple[Counter, Histogram, Counter | None, Counter | None]  # token counters: served models only
 
 
 class Metrics:
@@ -150,7 +180,7 @@ class Metrics:
         self._s: _Series | None = None
         self._values: ProcessValues | None = None
         self._models: set[str] = set()  # the served models' ids: the only model labels a request can get
-        self._requests: dict[tuple[str, str, str | None, int], _Children] = {}
+        self._requests: dict[tuple[str, str, str | None, int], _RequestValues] = {}
         self._takes_model: dict[tuple[str, str], bool] = {}
 
     @property
@@ -207,15 +237,10 @@ class Metrics:
         c = self._requests.get(key)
         if c is None:
             c = self._bind(key, method, route, model, status)
-        c[0].inc()
-        c[1].observe(seconds)
-        if prompt_tokens and c[2] is not None:
-            c[2].inc(prompt_tokens)
-        if completion_tokens and c[3] is not None:
-            c[3].inc(completion_tokens)
+        c.add(seconds, prompt_tokens, completion_tokens)
 
     def _bind(self, key: tuple[str, str, str | None, int], method: str, route: RouteLike | None, model: str | None,
-              status: int) -> _Children:
+              status: int) -> _RequestValues:
         s = self._s
         assert s is not None
         if route is None:
@@ -230,9 +255,9 @@ class Metrics:
         else:
             label = UNKNOWN
         code = str(status) if 100 <= status <= 599 else OTHER
-        c: _Children = (s.requests.labels(path, method, label, code), s.duration.labels(path, label),
-                        s.prompt_tokens.labels(label) if served else None,
-                        s.completion_tokens.labels(label) if served else None)
+        c = _RequestValues(s.requests.labels(path, method, label, code), s.duration.labels(path, label),
+                           s.prompt_tokens.labels(label) if served else None,  # tokens: served models only
+                           s.completion_tokens.labels(label) if served else None)
         if served or model is None:  # only bounded keys are kept
             self._requests[key] = c
         return c
