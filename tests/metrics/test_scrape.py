@@ -179,3 +179,13 @@ def test_label_sets_stay_bounded(fixed_server: ServerProcess) -> None:
     assert models <= {MODEL, "unknown", "none"}
     methods = {dict(labels).get("method") for _, labels in after} - {None}
     assert methods <= {"GET", "POST", "PATCH", "DELETE", "other"}
+
+
+def test_asgi_serves_the_same_metrics(server_factory) -> None:  # type: ignore[no-untyped-def]
+    server = server_factory(interface="asgi")
+    _, mk = server.create_account()
+    sk = str(server.create_key(mk)["key"])
+    assert _chat(server.v1, sk).status_code == 200
+    assert _chats(scrape(server.base_url)) == 1  # the ASGI client address passes the loopback allow-list
+    r = httpx.get(server.base_url + "/metrics", headers={"X-Forwarded-For": "127.0.0.1"})
+    assert r.status_code == 403
