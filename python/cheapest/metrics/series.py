@@ -318,6 +318,8 @@ class Metrics:
 
     def scheduler(self, model: str) -> SchedulerSeries:
         """The series of a model's scheduler (engine/batching.py, engine/embedding.py): `model` is the loaded
-        model's own id, from the model directory."""
+        model's own id, from the model directory (none: a scheduler made outside a worker, recorded nowhere)."""
+        if not model or self._s is None:
+            return _OFF
         self._models.add(model)
-        return _OFF if self._s is None else _LiveScheduler(self._s, model)
+        return _LiveScheduler(self._s, model)
