@@ -19,11 +19,13 @@ from cheapest.gateway.completions import collect
 from cheapest.gateway.errors import Refusal
 from cheapest.engine.types import SamplingParams
 from cheapest.store import KeyLimits, accounts, open_store
+from cheapest.store.limiter import SharedMemoryLimiter
 from cheapest.store.metering import UsageMeter
 from fixed_engine import FixedEngine
 
 PEPPER = b"p" * 32
 MODEL = "m"
+run = asyncio.run  # the gateway awaits its limiter
 
 
 @pytest.fixture
@@ -34,7 +36,7 @@ def world(tmp_path: Path) -> Iterator[SimpleNamespace]:
     settings = Settings(plans=plans, prices={MODEL: PriceConfig(prompt_usd_per_mtok=1.0, completion_usd_per_mtok=1.0)})
     store = open_store(tmp_path)
     meter = UsageMeter(store, interval=3600)  # flushed by hand
-    limiter = RateLimiter(str(tmp_path / "ratelimit.bin"), 1024)
+    limiter = SharedMemoryLimiter(RateLimiter(str(tmp_path / "ratelimit.bin"), 1024))
 
     def gateway() -> Gateway:  # another worker: its own caches over the same store and limiter
         return Gateway(settings, store, PEPPER, limiter, meter)
@@ -90,17 +92,17 @@ def test_rate_limits_are_one_decision_with_the_state_to_report(world: SimpleName
     gw = world.gateway()
     _, sk, _ = world.account()
     caller = gw.authenticate(sk, "sk")
-    read = gw.admit(caller)  # a read: standing only, nothing charged
+    read = run(gw.admit(caller))  # a read: standing only, nothing charged
     assert read.rate[0].remaining == 2 and read.settled
-    first = gw.admit(caller, MODEL, 10, 20)
+    first = run(gw.admit(caller, MODEL, 10, 20))
     assert first.charged_tokens == 30 and first.rate[1].remaining == 70
-    gw.admit(caller, MODEL, 1, 1)
+    run(gw.admit(caller, MODEL, 1, 1))
     with pytest.raises(Refusal) as err:
-        gw.admit(caller, MODEL, 1, 1)
+        run(gw.admit(caller, MODEL, 1, 1))
     assert (err.value.kind, err.value.type, err.value.code) == ("rate_limited", "requests", "rate_limit_exceeded")
     assert err.value.rate is not None and err.value.rate[0].remaining == 0 and err.value.retry_after
     with pytest.raises(Refusal) as big:
-        gw.admit(caller, MODEL, 101, 1)
+        run(gw.admit(caller, MODEL, 101, 1))
     assert big.value.type == "tokens" and big.value.retry_after is None  # never fits: no point retrying
 
 
@@ -108,12 +110,12 @@ def test_settlement_corrects_tokens_and_meters_once(world: SimpleNamespace) -> N
     gw = world.gateway()
     _, sk, _ = world.account()
     caller = gw.authenticate(sk, "sk")
-    admission = gw.admit(caller, MODEL, 10, 50)
-    assert gw.rate_state(caller)[1].remaining == 40
+    admission = run(gw.admit(caller, MODEL, 10, 50))
+    assert run(gw.rate_state(caller))[1].remaining == 40
     admission.completion_tokens = 5
     gw.settle(admission)
     gw.settle(admission)  # however many times the caller's cleanup runs
-    assert gw.rate_state(caller)[1].remaining == 85  # 15 really used
+    assert run(gw.rate_state(caller))[1].remaining == 85  # 15 really used
     world.meter.flush()
     (row,) = world.store.usage([caller.key.id])
     assert (row.counter.requests, row.counter.prompt_tokens, row.counter.completion_tokens) == (1, 10, 5)
@@ -124,19 +126,19 @@ def test_standing_budgets_and_credits(world: SimpleNamespace) -> None:
     gw = world.gateway()
     acct, sk, _ = world.account("sub")
     caller = gw.authenticate(sk, "sk")
-    gw.admit(caller)  # assigned by the operator: no subscription to be in standing
+    run(gw.admit(caller))  # assigned by the operator: no subscription to be in standing
     world.store.ledger.merge_subscription(acct, {"plan": "sub", "status": "canceled"}, 10)
     with pytest.raises(Refusal) as lapsed:
-        gw.admit(gw.authenticate(sk, "sk"))
+        run(gw.admit(gw.authenticate(sk, "sk")))
     assert (lapsed.value.kind, lapsed.value.code) == ("forbidden", "subscription_inactive")
 
     _, capped, _ = world.account("capped")
     caller = gw.authenticate(capped, "sk")
-    admission = gw.admit(caller, MODEL, 1, 1)
+    admission = run(gw.admit(caller, MODEL, 1, 1))
     admission.completion_tokens = 1
     gw.settle(admission)  # $0.000002 spent: the day's budget is used up, flushed or not
     with pytest.raises(Refusal) as spent:
-        gw.admit(caller, MODEL, 1, 1)
+        run(gw.admit(caller, MODEL, 1, 1))
     assert (spent.value.kind, spent.value.code) == ("rate_limited", "budget_exceeded")
     assert spent.value.reset_at is not None
     assert spent.value.reset_at % 86_400 == 0 and 0 < spent.value.retry_after <= 86_400  # type: ignore[operator]
@@ -144,16 +146,16 @@ def test_standing_budgets_and_credits(world: SimpleNamespace) -> None:
     payg, paying, _ = world.account("payg")
     caller = gw.authenticate(paying, "sk")
     with pytest.raises(Refusal) as empty:
-        gw.admit(caller, MODEL, 1, 1)
+        run(gw.admit(caller, MODEL, 1, 1))
     assert (empty.value.kind, empty.value.code, empty.value.type) == ("payment_required", "insufficient_quota",
                                                                       "insufficient_quota")
     world.store.ledger.credit(payg, 3, "grant:test")
-    admission = gw.admit(caller, MODEL, 1, 1)
+    admission = run(gw.admit(caller, MODEL, 1, 1))
     assert admission.debit_to == payg
     admission.completion_tokens = 2
     gw.settle(admission)  # costs 3: the balance this worker sees is spent before any flush
     with pytest.raises(Refusal) as spent_again:
-        gw.admit(caller, MODEL, 1, 1)
+        run(gw.admit(caller, MODEL, 1, 1))
     assert spent_again.value.kind == "payment_required"
     world.meter.flush()
     assert world.store.ledger.balance(payg) == 0
@@ -164,18 +166,18 @@ def test_a_cancelled_generation_is_metered_for_what_it_made(world: SimpleNamespa
     _, sk, _ = world.account()
     caller = gw.authenticate(sk, "sk")
     engine = FixedEngine(MODEL, "a b c d e f g h", delay=0.05)
-    admission = gw.admit(caller, MODEL, 3, 8)
+    admission = run(gw.admit(caller, MODEL, 3, 8))
 
-    async def run() -> None:
+    async def cancelled() -> None:
         task = asyncio.ensure_future(collect(gw.admissions, engine, admission, [1, 2, 3], SamplingParams(8)))
         await asyncio.sleep(0.12)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
 
-    asyncio.run(run())
+    run(cancelled())
     assert admission.settled and 1 <= admission.completion_tokens < 8
-    whole = gw.admit(caller, MODEL, 3, 8)
+    whole = run(gw.admit(caller, MODEL, 3, 8))
     text, reason = asyncio.run(collect(gw.admissions, FixedEngine(MODEL, "a b c"), whole, [1, 2, 3],
                                        SamplingParams(8)))
     assert (text, reason, whole.completion_tokens, whole.settled) == ("a b c", "stop", 3, True)

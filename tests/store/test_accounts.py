@@ -1,5 +1,6 @@
-"""The accounts side of the LMDB store: the change epoch, atomic updates, budget-window spend, ledger debits
-in the usage transaction, the subscription mirror; and the operator CLI."""
+"""The accounts side of the store contract, on each backend (LMDB; PostgreSQL with Redis): the change epoch,
+atomic updates, budget-window spend, ledger debits in the usage transaction, the subscription mirror; and the
+operator CLI."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from cheapest.store import UsageCounter, accounts, open_store
+from cheapest.store import UsageCounter, accounts
 from cheapest.vocabulary import BUDGET_WINDOWS, window_start
 
 PEPPER = b"p" * 32
@@ -20,10 +21,8 @@ HOUR = 3600
 
 
 @pytest.fixture
-def store(tmp_path: Path):
-    s = open_store(tmp_path)
-    yield s
-    s.close()
+def store(any_store):  # type: ignore[no-untyped-def]
+    return any_store
 
 
 def test_every_key_and_account_change_bumps_the_epoch(store) -> None:  # type: ignore[no-untyped-def]

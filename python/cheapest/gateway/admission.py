@@ -2,7 +2,7 @@
 
 `admit()` is the one decision, in this order: subscription standing (403), budget windows (429 naming the budget
 and its reset), credit balance of credit-funded plans (402), then requests and tokens per minute through the
-core's shared GCRA table (429 with the limiter's state). It returns an `Admission`; `settle()` meters it exactly
+configured `Limiter` (429 with the limiter's state). It returns an `Admission`; `settle()` meters it exactly
 once, however the generation ended.
 
 TPM is charged at admission as prompt tokens + max_tokens (capped at the limit, so a large max_tokens is not
@@ -19,12 +19,12 @@ from __future__ import annotations
 import math
 import time
 from datetime import datetime, timezone
-from cheapest_core import RateDecision, RateLimiter
 
 from cheapest.config import PriceConfig, Settings
 from cheapest.gateway.auth import Caller
 from cheapest.gateway.errors import Refusal
 from cheapest.store import AccountRecord, Store
+from cheapest.store.limiter import Decision, Limiter
 from cheapest.store.metering import UsageMeter
 from cheapest.store.payments import SubscriptionView
 from cheapest.vocabulary import BUDGET_WINDOWS, window_start
@@ -34,7 +34,7 @@ _GOOD_STANDING = frozenset({"none", "active", "trialing", "past_due"})
 
 
 # The caller's place in its per-minute limits, requests then tokens (what `x-ratelimit-*` headers report).
-RateState = tuple[RateDecision, RateDecision]
+RateState = tuple[Decision, Decision]
 
 
 class Admission:
@@ -56,22 +56,23 @@ class Admission:
 
 
 class Admissions:
-    """One worker's admission policy over the shared limiter, the store and the worker's usage meter."""
+    """One worker's admission policy over the rate limiter (this host's table or Redis: only the `Limiter`
+    protocol is used), the store and the worker's usage meter."""
 
-    def __init__(self, settings: Settings, store: Store, limiter: RateLimiter, meter: UsageMeter) -> None:
+    def __init__(self, settings: Settings, store: Store, limiter: Limiter, meter: UsageMeter) -> None:
         self.settings = settings
         self.store = store
         self.limiter = limiter
         self.meter = meter
         self._prices: dict[str, PriceConfig] = {}  # per model, looked up once
 
-    def peek(self, caller: Caller) -> RateState:
+    async def peek(self, caller: Caller) -> RateState:
         limits = caller.limits
-        return (self.limiter.peek(limits.rpm_name, limits.rpm, PERIOD),
-                self.limiter.peek(limits.tpm_name, limits.tpm, PERIOD))
+        return (await self.limiter.peek(limits.rpm_name, limits.rpm, PERIOD),
+                await self.limiter.peek(limits.tpm_name, limits.tpm, PERIOD))
 
-    def admit(self, caller: Caller, model: str | None = None, prompt_tokens: int = 0, max_tokens: int = 0,
-              now: float | None = None) -> Admission:
+    async def admit(self, caller: Caller, model: str | None = None, prompt_tokens: int = 0, max_tokens: int = 0,
+                    now: float | None = None) -> Admission:
         """Standing, budgets, credits and rate limits for a generation of `model` with `prompt_tokens` and up to
         `max_tokens`, all or nothing; a refusal names which one. Without a model (a read such as listing models)
         only standing is checked and nothing is charged."""
@@ -79,7 +80,7 @@ class Admissions:
         if account.subscription_status != "none" and plan.funded_by == "subscription":
             self._check_standing(account, time.time() if now is None else now)
         if model is None:
-            return Admission(caller, self.peek(caller))
+            return Admission(caller, await self.peek(caller))
         if caller.budgets:
             self._check_budgets(caller, time.time() if now is None else now)
         debit_to = self._check_credits(account) if plan.funded_by == "credits" else None
@@ -87,10 +88,10 @@ class Admissions:
         if prompt_tokens > limits.tpm:
             raise Refusal("rate_limited", f"Request too large: {prompt_tokens} prompt tokens exceed this "
                           f"key's limit of {limits.tpm} tokens per minute.", type="tokens",
-                          code="rate_limit_exceeded", rate=self.peek(caller))
+                          code="rate_limit_exceeded", rate=await self.peek(caller))
         charge = min(prompt_tokens + max_tokens, limits.tpm)
-        req, tok = self.limiter.acquire_all([(limits.rpm_name, limits.rpm, PERIOD, 1),
-                                             (limits.tpm_name, limits.tpm, PERIOD, charge)])
+        req, tok = await self.limiter.acquire_all([(limits.rpm_name, limits.rpm, PERIOD, 1),
+                                                   (limits.tpm_name, limits.tpm, PERIOD, charge)])
         rate = (req, tok)
         if not (req.allowed and tok.allowed):
             retry = max(req.retry_after, tok.retry_after)

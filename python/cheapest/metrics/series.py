@@ -16,7 +16,7 @@ import os
 import time
 from bisect import bisect_left
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
 import msgspec
 from cheapest_core import RateLimiterError
@@ -41,7 +41,8 @@ REFUSAL_KINDS = {"budget_exceeded": "budget", "insufficient_quota": "credits",
                  "subscription_inactive": "subscription"}
 # Failures counted by component: the core's rate-limiter errors, the store's own (cheapest.store), and those of
 # the libraries behind the store and the limiter, by their top-level package.
-ERROR_SOURCES = {"lmdb": "store", "psycopg": "store", "redis": "limiter"}
+Component = Literal["store", "limiter"]
+ERROR_SOURCES: dict[str, Component] = {"lmdb": "store", "psycopg": "store", "redis": "limiter"}
 UNMATCHED, UNKNOWN, NONE, OTHER = "unmatched", "unknown", "none", "other"
 
 
@@ -290,12 +291,17 @@ class Metrics:
         if self._s is None:
             return
         if isinstance(exc, RateLimiterError):
-            component: str | None = "limiter"
+            component: Component | None = "limiter"
         else:
             component = ERROR_SOURCES.get(type(exc).__module__.partition(".")[0])
             if component is None and type(exc).__module__.startswith("cheapest.store"):
                 component = "store"
         if component is not None:
+            self._s.errors.labels(component).inc()
+
+    def error(self, component: Component) -> None:
+        """The store or the rate limiter failed where the caller copes (a 503, a limiter's local fallback)."""
+        if self._s is not None:
             self._s.errors.labels(component).inc()
 
     def usage_flushed(self, lag: float) -> None:
@@ -306,7 +312,7 @@ class Metrics:
     def usage_flush_failed(self) -> None:
         if self._s is not None:
             self._s.flush_failures.inc()
-            self._s.errors.labels("store").inc()
+            self.error("store")
 
     def model_state(self, model: str, state: str) -> None:
         """A configured model is loading, ready or failed in this worker (engine/registry.py)."""

@@ -48,7 +48,7 @@ async def _complete(state: WorkerState, req: Request, chat: bool) -> Response | 
     ids = prompt_ids(engine, creq)
     p = len(ids)
     params = sampling(engine, state.settings.serving.default_max_tokens, p, creq)
-    admission = gateway.admit(caller, engine.model_id, p, params.max_tokens)
+    admission = await gateway.admit(caller, engine.model_id, p, params.max_tokens)
     rid = state.ids.new("chatcmpl-" if chat else "cmpl-")
     created = int(time.time())
     headers = rate_headers(admission.rate)
@@ -114,24 +114,24 @@ def _model(engine: Engine | Embedder) -> Model:
     return Model(engine.model_id, created=0, context_length=engine.context_length)
 
 
-def _read(state: WorkerState, req: Request) -> tuple[Caller, list[tuple[str, str]]]:
+async def _read(state: WorkerState, req: Request) -> tuple[Caller, list[tuple[str, str]]]:
     """A /v1 read: the caller, admitted (standing only; nothing is charged), and its rate-limit headers."""
     caller = req.caller
     assert caller is not None
-    return caller, rate_headers(state.gateway.admit(caller).rate)
+    return caller, rate_headers((await state.gateway.admit(caller)).rate)
 
 
 async def list_models(state: WorkerState, req: Request) -> Response:
-    caller, headers = _read(state, req)
+    caller, headers = await _read(state, req)
     models = [_model(engine) for engine in state.models.ready() if may_use(caller, engine.model_id)]
     return json_response(_encode(ModelList(models)), headers)
 
 
 async def get_model(state: WorkerState, req: Request, model_id: str) -> Response:
-    caller, headers = _read(state, req)
+    caller, headers = await _read(state, req)
     return json_response(_encode(_model(served_model(state.models, caller, model_id))), headers)
 
 
 async def key_usage(state: WorkerState, req: Request) -> Response:
-    caller, headers = _read(state, req)
+    caller, headers = await _read(state, req)
     return json_response(_encode(usage_of(state.settings, state.store, caller)), headers)

@@ -34,7 +34,7 @@ async def embeddings(state: WorkerState, req: Request) -> Response:
     req.model = engine.model_id
     inputs = input_ids(engine, ereq, state.settings.serving)
     tokens = sum(len(ids) for ids in inputs)
-    admission = state.gateway.admit(caller, engine.model_id, tokens, 0)
+    admission = await state.gateway.admit(caller, engine.model_id, tokens, 0)
     req.prompt_tokens = tokens
     try:
         vectors = await until_disconnected(engine.embed(inputs), req.watch_disconnect)

@@ -24,6 +24,11 @@ class StoreError(Exception):
     """The store refused an operation (e.g. a duplicate email); the message carries no secrets."""
 
 
+class StoreUnavailable(ConnectionError):
+    """The store's server cannot be reached right now (a network backend): nothing was changed, or - for a
+    usage flush - it may be retried under the same flush id. The server answers 503; the message names no data."""
+
+
 class Ledger(Protocol):
     """What was paid, by whom, credited exactly once; the ONE owner of an account's spendable balance.
 
@@ -108,9 +113,11 @@ class Store(Protocol):
         ...
 
     # usage
-    def add_usage(self, deltas: Mapping[UsageKey, UsageCounter], debits: Mapping[str, int] | None = None) -> None:
+    def add_usage(self, deltas: Mapping[UsageKey, UsageCounter], debits: Mapping[str, int] | None = None,
+                  flush_id: str | None = None) -> None:
         """Add per-worker deltas to the totals and to each key's budget-window spend, and debit credit-funded
-        accounts' balances (`debits`: account id -> micro-dollars), all in one step."""
+        accounts' balances (`debits`: account id -> micro-dollars), all in one step. A `flush_id` (a UUID) makes
+        the step once-only: retried after a lost connection, a flush that did commit changes nothing more."""
         ...
 
     def window_spend(self, key_id: str, window: str, start: int) -> int: ...

@@ -2,7 +2,8 @@
 
 Requests only add to an in-memory dict under a lock (no I/O on the request path); a flusher thread adds the
 deltas to the stored totals in one write transaction, so totals stay exact across workers, the event loop never
-waits for an fsync, and a `kill -9` loses at most one interval of usage.
+waits for an fsync, and a `kill -9` loses at most one interval of usage. A store that cannot be reached loses
+nothing: the flush is kept and retried, under its flush id, until the store takes it.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import uuid
+from typing import NamedTuple
 
 from cheapest.metrics import metrics
 from cheapest.store.base import Store, UsageKey
@@ -17,6 +20,14 @@ from cheapest.store.records import UsageCounter
 from cheapest.vocabulary import hour_of
 
 log = logging.getLogger("cheapest.metering")
+
+
+class _Flush(NamedTuple):
+    id: str  # makes the flush once-only in a store whose commits can be lost in transit (PostgreSQL)
+    deltas: dict[UsageKey, UsageCounter]
+    debits: dict[str, int]
+    key_cost: dict[str, int]
+    recorded: float  # when its oldest usage was recorded (the flush lag the metrics report)
 
 
 class UsageMeter:
@@ -28,6 +39,8 @@ class UsageMeter:
         self._key_cost: dict[str, int] = {}  # key id -> micro-dollars not flushed yet (budget checks)
         self._oldest: float | None = None  # when the oldest usage not flushed yet was recorded (flush lag)
         self._lock = threading.Lock()
+        self._flush_lock = threading.Lock()  # one flush at a time (the flusher thread, or a final one)
+        self._failed: _Flush | None = None  # a flush the store did not take: retried as it is before anything new
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -52,33 +65,36 @@ class UsageMeter:
 
     def pending_cost(self, key_id: str) -> int:
         """This worker's not-yet-flushed spend of a key (admission adds it to the stored spend)."""
-        return self._key_cost.get(key_id, 0)
+        failed = self._failed
+        return self._key_cost.get(key_id, 0) + (failed.key_cost.get(key_id, 0) if failed is not None else 0)
 
     def pending_debit(self, account_id: str) -> int:
-        return self._debits.get(account_id, 0)
+        failed = self._failed
+        return self._debits.get(account_id, 0) + (failed.debits.get(account_id, 0) if failed is not None else 0)
 
     def flush(self) -> None:
-        with self._lock:
-            pending, self._pending = self._pending, {}
-            debits, self._debits = self._debits, {}
-            key_cost, self._key_cost = self._key_cost, {}
-            oldest, self._oldest = self._oldest, None
-        if not pending and not debits:
-            return
+        """Write what was recorded since the last flush. A flush that failed (the store unreachable) is kept and
+        retried first, under the same flush id, so it is applied once even if its commit was lost in transit."""
+        with self._flush_lock:
+            if self._failed is not None:
+                self._write(self._failed)
+            with self._lock:
+                pending, self._pending = self._pending, {}
+                debits, self._debits = self._debits, {}
+                key_cost, self._key_cost = self._key_cost, {}
+                oldest, self._oldest = self._oldest, None
+            if pending or debits:
+                self._write(_Flush(str(uuid.uuid4()), pending, debits, key_cost, oldest or time.time()))
+
+    def _write(self, batch: _Flush) -> None:
+        self._failed = batch
         try:
-            self.store.add_usage(pending, debits)
+            self.store.add_usage(batch.deltas, batch.debits, flush_id=batch.id)
         except Exception:
             metrics.usage_flush_failed()
-            with self._lock:  # keep the deltas for the next try rather than lose billed usage
-                self._oldest = oldest or self._oldest  # older than anything recorded since
-                for k, c in pending.items():
-                    self._pending.setdefault(k, UsageCounter()).add(c)
-                for a, m in debits.items():
-                    self._debits[a] = self._debits.get(a, 0) + m
-                for kid, m in key_cost.items():
-                    self._key_cost[kid] = self._key_cost.get(kid, 0) + m
             raise
-        metrics.usage_flushed(0.0 if oldest is None else time.time() - oldest)
+        self._failed = None
+        metrics.usage_flushed(time.time() - batch.recorded)
 
     def start(self) -> None:
         if self._thread is None:
@@ -86,11 +102,19 @@ class UsageMeter:
             self._thread.start()
 
     def _run(self) -> None:
+        failing = False
         while not self._stop.wait(self.interval):
             try:
                 self.flush()
-            except Exception:
-                log.exception("usage flush failed; will retry")
+            except Exception as exc:  # the type only, once per outage: the usage is kept and retried
+                if not failing:
+                    log.warning("usage flush failed (%s); kept, retrying every %gs", type(exc).__name__,
+                                self.interval)
+                failing = True
+            else:
+                if failing:
+                    log.warning("usage flush recovered")
+                failing = False
 
     def stop(self) -> None:
         """Stop the flusher and write what is left (graceful shutdown)."""

@@ -7,6 +7,7 @@ any order and any number of times converge on the same state; every backend stor
 
 from __future__ import annotations
 
+import time
 from typing import Literal
 
 import msgspec
@@ -15,7 +16,7 @@ from cheapest.vocabulary import DAY
 
 __all__ = [
     "ChainClaim", "ClaimOutcome", "EventOutcome", "EventRecord", "JournalEntry", "PaymentEvent", "SubscriptionState",
-    "SubscriptionView", "TransferClaim", "status_rank",
+    "SubscriptionView", "TransferClaim", "credit_entry", "status_rank",
 ]
 
 # Ties between two facts stamped in the same second are broken by this rank so
@@ -135,6 +136,17 @@ class PaymentEvent(msgspec.Struct, frozen=True):
     subscription: dict[str, str | int | None] = {}
     payment: JournalEntry | None = None
 
+    def settled_early(self, recorded: bool, account_id: str | None) -> EventOutcome | None:
+        """The outcome when there is nothing to apply: a duplicate (`recorded` False: the id was seen), a type
+        not handled, or no live account; None when the event is to be applied to `account_id`."""
+        if not recorded:
+            return EventOutcome("duplicate", account_id)
+        if not self.handled:
+            return EventOutcome("ignored", account_id)
+        if account_id is None:
+            return EventOutcome("unmatched", None)
+        return None
+
 
 EventResult = Literal["applied", "unchanged", "duplicate", "ignored", "unmatched"]
 
@@ -161,6 +173,13 @@ class ClaimOutcome(msgspec.Struct, frozen=True):
     credited_micro: int  # credited by this call
     held_by_others: int  # transfers another account had claimed before
     balance_micro: int  # the account's balance afterwards
+
+
+def credit_entry(micro_usd: int, ref: str, kind: str) -> JournalEntry:
+    """A credit of `micro_usd` (positive) to journal once per `ref`, stamped now."""
+    if micro_usd <= 0:
+        raise ValueError("a credit must be positive")
+    return JournalEntry(ref=ref, kind=kind, at=int(time.time()), micro_usd=micro_usd)
 
 
 def _tie(name: str, value: str | int | None) -> int:

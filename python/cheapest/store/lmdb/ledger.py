@@ -27,7 +27,7 @@ import msgspec
 
 from cheapest.store.payments import (
     ChainClaim, ClaimOutcome, EventOutcome, EventRecord, JournalEntry, PaymentEvent, SubscriptionState,
-    SubscriptionView, TransferClaim,
+    SubscriptionView, TransferClaim, credit_entry,
 )
 
 __all__ = ["AccountSink", "LmdbLedger"]
@@ -96,10 +96,7 @@ class LmdbLedger:
 
     # -- money ----------------------------------------------------------------------------------------------
     def credit(self, account_id: str, micro_usd: int, ref: str, kind: str = "credit") -> bool:
-        if micro_usd <= 0:
-            raise ValueError("a credit must be positive")
-        return self.record_payment(account_id, JournalEntry(ref=ref, kind=kind, at=int(time.time()),
-                                                            micro_usd=micro_usd))
+        return self.record_payment(account_id, credit_entry(micro_usd, ref, kind))
 
     def debit(self, account_id: str, micro_usd: int) -> int:
         with self.env.begin(write=True) as txn:
@@ -124,12 +121,11 @@ class LmdbLedger:
                 account = None  # deleted or purged: a late event must not bring its payment references back
             record = EventRecord(type=event.type, created=event.created, received_at=int(time.time()),
                                  account_id=account)
-            if not txn.put(event.event_id.encode(), _enc.encode(record), db=self._events, overwrite=False):
-                return EventOutcome("duplicate", account)
-            if not event.handled:
-                return EventOutcome("ignored", account)
-            if account is None:
-                return EventOutcome("unmatched", None)
+            recorded = txn.put(event.event_id.encode(), _enc.encode(record), db=self._events, overwrite=False)
+            early = event.settled_early(recorded, account)
+            if early is not None:
+                return early
+            assert account is not None
             for provider_id in event.provider_ids:  # first writer wins
                 txn.put(provider_id.encode(), account.encode(), db=self._links, overwrite=False)
             changed = self._merge_subscription(txn, account, event.subscription, event.created)

@@ -225,9 +225,11 @@ class LmdbStore:
             return [k[len(prefix):].decode() for k in cur.iternext(values=False) if k.startswith(prefix)]
 
     # --- usage ------------------------------------------------------------------------------------------------
-    def add_usage(self, deltas: Mapping[UsageKey, UsageCounter], debits: Mapping[str, int] | None = None) -> None:
+    def add_usage(self, deltas: Mapping[UsageKey, UsageCounter], debits: Mapping[str, int] | None = None,
+                  flush_id: str | None = None) -> None:
         """Add per-worker deltas to the stored totals, the budget-window spend of each key, and debit the
-        credit-funded accounts' balances, all in ONE write transaction (exact across workers)."""
+        credit-funded accounts' balances, all in ONE write transaction (exact across workers). `flush_id` is not
+        needed here: a local commit either happened or raised."""
         if not deltas and not debits:
             return
         with self.env.begin(write=True) as txn:
