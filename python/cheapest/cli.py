@@ -51,6 +51,7 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     from granian.constants import Interfaces
     from granian.server import Server
 
+    from cheapest.metrics.exposition import open_for_server
     from cheapest.server import load_app
 
     overrides = {k: v for k in ("host", "port", "workers") if (v := getattr(args, k)) is not None}
@@ -72,9 +73,15 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
         interface=Interfaces.ASGI if args.interface == "asgi" else Interfaces.RSGI,
         log_access=args.access_log,
         log_access_format=ACCESS_LOG_FORMAT,
+        respawn_failed_workers=True,  # a crashed worker is replaced (and counted: cheapest_worker_restarts_total)
     )
-    # Each worker builds its app from these settings (read here, once), not from the environment again.
-    server.serve(target_loader=partial(load_app, settings))
+    close_metrics = open_for_server(settings)
+    try:
+        # Each worker builds its app from these settings (read here, once), not from the environment again.
+        server.serve(target_loader=partial(load_app, settings))
+    finally:
+        if close_metrics is not None:
+            close_metrics()
     return 0
 
 

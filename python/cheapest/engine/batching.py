@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -26,6 +27,7 @@ import numpy as np
 from cheapest.engine.grammar import Constraint, MaskWorker
 from cheapest.engine.runner import KvRunner
 from cheapest.engine.sampling import Sampler
+from cheapest.metrics import metrics
 
 log = logging.getLogger("cheapest.engine")
 
@@ -35,7 +37,7 @@ PREFILL_TOKENS = 2048  # padded prompt tokens in one batched prefill run (a long
 class Sequence:
     """One request's generation state, touched only by the scheduler thread (except `cancel`)."""
 
-    __slots__ = ("prompt", "sampler", "accept", "fail", "cancelled", "last_token", "constraint", "siblings")
+    __slots__ = ("prompt", "sampler", "accept", "fail", "cancelled", "last_token", "at", "constraint", "siblings")
 
     def __init__(self, prompt: list[int], sampler: Sampler, accept: Callable[[int], bool],
                  fail: Callable[[BaseException], None], constraint: Constraint | None = None) -> None:
@@ -45,6 +47,7 @@ class Sequence:
         self.fail = fail
         self.cancelled = False
         self.last_token = -1
+        self.at = time.perf_counter()  # when it was made (submitted), then when its last token came
         self.constraint = constraint  # the grammar's matcher, if the output is constrained
         self.siblings: list[Sequence] = []  # more sequences from this prompt, sharing its prefill
 
@@ -56,8 +59,9 @@ class Sequence:
 
 
 class Scheduler:
-    def __init__(self, runner: KvRunner) -> None:
+    def __init__(self, runner: KvRunner, model: str = "") -> None:
         self._runner = runner
+        self._series = metrics.scheduler(model)  # queue, batch size, token timings (a no-op when metrics are off)
         self._rows: list[Sequence | None] = []  # batch rows; None = a hole (devices that cannot compact)
         self._waiting: deque[Sequence] = deque()
         self._cv = threading.Condition()
@@ -123,6 +127,7 @@ class Scheduler:
                     joining = []
                 if any(self._rows):
                     self._decode()
+                self._series.queue(len(self._waiting), self.active)
             except Exception as e:  # noqa: BLE001 - a failed step fails its sequences, never the thread
                 self._fail_all(e, also=joining)
         self._fail_all(RuntimeError("the engine is closed"), waiting=True)
@@ -183,6 +188,7 @@ class Scheduler:
         masks = self._start_masks([s for s in self._rows if s is not None])
         logits = self._runner.decode(tokens)  # the masks are computed meanwhile
         self.steps += 1
+        self._series.step(self.active)
         if masks is not None:
             masks.result()
         for row, seq in enumerate(self._rows):
@@ -209,6 +215,7 @@ class Scheduler:
         return token
 
     def _take(self, row: int, seq: Sequence, token: int) -> None:
+        seq.at = self._series.token(seq.at, seq.last_token < 0)
         seq.last_token = token
         try:
             finished = seq.accept(token)

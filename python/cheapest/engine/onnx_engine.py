@@ -130,7 +130,7 @@ class OnnxEngine:
             chat_template, ChatTemplate.special_tokens(spec.tokenizer_config))
         # A base model (Gemma 3 270M) has none: render_chat raises NoChatTemplateError, completions still work.
         self.has_chat_template = chat_template is not None or ChatTemplate.present(spec.tokenizer_config)
-        self._scheduler = Scheduler(runner)
+        self._scheduler = Scheduler(runner, spec.model_id)
         self._grammars = GrammarCompiler((spec.model_dir / TOKENIZER).read_text(encoding="utf-8"),
                                          spec.vocab_size, sorted(spec.eos_token_ids))
         self._eos_token = min(spec.eos_token_ids, default=0)

@@ -23,6 +23,7 @@ from cheapest.config import EngineSettings, Settings
 from cheapest.gateway import Gateway
 from cheapest.engine.registry import ServedModels
 from cheapest.engine.types import Embedder, Engine
+from cheapest.metrics import metrics
 from cheapest.privacy.retention import PeriodicRetention
 from cheapest.server.accesslog import RequestLog
 from cheapest.server.ids import ResponseIds
@@ -80,6 +81,7 @@ class WorkerState:
 
         disable_core_dumps()  # this process will hold prompts and completions in memory
         _operator_log()
+        metrics.start(settings)
         self.settings = settings
         data = settings.data_path
         data.mkdir(parents=True, exist_ok=True)
@@ -123,3 +125,4 @@ class WorkerState:
                 log.exception("engine close failed")
         self.limiter.close()
         self.store.close()
+        metrics.stop()

@@ -14,6 +14,7 @@ import time
 import uuid
 from typing import NamedTuple
 
+from cheapest.metrics import metrics
 from cheapest.store.base import Store, UsageKey
 from cheapest.store.records import UsageCounter
 from cheapest.vocabulary import hour_of
@@ -26,6 +27,7 @@ class _Flush(NamedTuple):
     deltas: dict[UsageKey, UsageCounter]
     debits: dict[str, int]
     key_cost: dict[str, int]
+    recorded: float  # when its oldest usage was recorded (the flush lag the metrics report)
 
 
 class UsageMeter:
@@ -35,6 +37,7 @@ class UsageMeter:
         self._pending: dict[UsageKey, UsageCounter] = {}
         self._debits: dict[str, int] = {}  # account id -> micro-dollars owed by credit-funded accounts
         self._key_cost: dict[str, int] = {}  # key id -> micro-dollars not flushed yet (budget checks)
+        self._oldest: float | None = None  # when the oldest usage not flushed yet was recorded (flush lag)
         self._lock = threading.Lock()
         self._flush_lock = threading.Lock()  # one flush at a time (the flusher thread, or a final one)
         self._failed: _Flush | None = None  # a flush the store did not take: retried as it is before anything new
@@ -46,6 +49,8 @@ class UsageMeter:
         """`debit_account`: a credit-funded account whose balance pays `cost_micro` (debited at the flush)."""
         k = (key_id, model, hour_of(time.time() if ts is None else ts))
         with self._lock:
+            if self._oldest is None:
+                self._oldest = time.time()
             c = self._pending.get(k)
             if c is None:
                 c = self._pending[k] = UsageCounter()
@@ -77,13 +82,19 @@ class UsageMeter:
                 pending, self._pending = self._pending, {}
                 debits, self._debits = self._debits, {}
                 key_cost, self._key_cost = self._key_cost, {}
+                oldest, self._oldest = self._oldest, None
             if pending or debits:
-                self._write(_Flush(str(uuid.uuid4()), pending, debits, key_cost))
+                self._write(_Flush(str(uuid.uuid4()), pending, debits, key_cost, oldest or time.time()))
 
     def _write(self, batch: _Flush) -> None:
         self._failed = batch
-        self.store.add_usage(batch.deltas, batch.debits, flush_id=batch.id)
+        try:
+            self.store.add_usage(batch.deltas, batch.debits, flush_id=batch.id)
+        except Exception:
+            metrics.usage_flush_failed()
+            raise
         self._failed = None
+        metrics.usage_flushed(time.time() - batch.recorded)
 
     def start(self) -> None:
         if self._thread is None:
