@@ -1,4 +1,5 @@
-"""One next-token choice: cheapest_core.Sampler vs the engine's numpy Sampler, same logits and settings.
+"""One next-token choice: cheapest_core.Sampler (the engine's) vs the numpy sampler the engine used before it
+(kept here as the peer), same logits and settings.
 
     make bench   (or: .venv/bin/python -m pytest bench/bench_sampling.py --benchmark-enable)
     .venv/bin/python bench/bench_sampling.py [--repeat 200]     # medians and ratios as a table
@@ -19,8 +20,6 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 
-from cheapest.engine.sampling import Sampler as NumpySampler
-from cheapest.engine.types import SamplingParams
 from cheapest_core import Sampler
 
 VOCABS = {"49k": 49_152, "262k": 262_144}
@@ -32,6 +31,35 @@ SETTINGS: dict[str, dict[str, float]] = {
 }
 
 
+class NumpySampler:
+    """The engine's former sampler: temperature, then top-k (argpartition), then top-p (a sort), in numpy."""
+
+    def __init__(self, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None) -> None:
+        self._greedy = temperature == 0 or top_k == 1
+        self._temperature, self._top_k, self._top_p = float(temperature), int(top_k), float(top_p)
+        self._rng = np.random.Generator(np.random.PCG64(seed))
+
+    def __call__(self, logits: np.ndarray) -> int:
+        if self._greedy:
+            return int(np.argmax(logits))
+        scores = logits.astype(np.float64, copy=False) / self._temperature
+        candidates: np.ndarray | None = None
+        if 0 < self._top_k < scores.shape[0]:
+            candidates = np.argpartition(scores, -self._top_k)[-self._top_k :]
+            scores = scores[candidates]
+        if self._top_p < 1.0:
+            order = np.lexsort((candidates if candidates is not None else np.arange(scores.shape[0]), -scores))
+            scores = scores[order]
+            candidates = order if candidates is None else candidates[order]
+            cumulative = np.cumsum(np.exp(scores - scores[0]))
+            keep = int(np.searchsorted(cumulative, self._top_p * cumulative[-1])) + 1
+            scores, candidates = scores[:keep], candidates[:keep]
+        cumulative = np.cumsum(np.exp(scores - scores.max()))
+        index = min(int(np.searchsorted(cumulative, self._rng.random() * cumulative[-1], side="right")),
+                    cumulative.shape[0] - 1)
+        return int(candidates[index]) if candidates is not None else index
+
+
 def logits_of(vocab: str) -> np.ndarray:
     return (np.random.default_rng(0).standard_normal(VOCABS[vocab]) * 2.5).astype(np.float32)
 
@@ -40,7 +68,7 @@ def peer(name: str, setting: str) -> Callable[[np.ndarray], int]:
     kwargs = SETTINGS[setting]
     if name == "core":
         return Sampler(seed=1, **kwargs).sample  # type: ignore[arg-type]
-    return NumpySampler(SamplingParams(max_tokens=1, seed=1, **kwargs))  # type: ignore[arg-type]
+    return NumpySampler(seed=1, **kwargs)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("setting", list(SETTINGS))

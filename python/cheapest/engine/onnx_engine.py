@@ -3,7 +3,9 @@
 `generate` hands a sequence to the scheduler thread (batching.py) and awaits its output on the request's
 event loop; nothing here blocks the loop. Per-token text handling (incremental UTF-8-safe detokenization,
 stop strings held back until they can no longer match, EOS, max_tokens) runs in the scheduler thread, and
-each result is passed to the loop with `call_soon_threadsafe`.
+each result is passed to the loop with `call_soon_threadsafe`. Stop strings are matched by the core's
+`StopMatcher` (Aho-Corasick, linear in the text whatever the stops), so no request's stops can slow the step
+that every request of the worker shares.
 
 Text never leaves memory: errors carry token counts or generic messages only.
 """
@@ -12,52 +14,22 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncGenerator, Callable, Iterable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from typing import Any
+
+from cheapest_core import StopMatcher
 
 from cheapest.engine.batching import Scheduler
 from cheapest.engine.batching import Sequence as BatchSequence
-from cheapest.engine.chat import ChatTemplate
-from cheapest.engine.loader import CPU, SPIN_US, IncrementalDecoder, ModelSpec, Tokenizer, load_tokenizer, \
-    open_session, read_model_dir
+from cheapest.engine.chat import ChatPrompt, ChatTemplate, ChatTemplateError
+from cheapest.engine.loader import CPU, SPIN_US, IncrementalDecoder, ModelSpec, TextTokenizer, Tokenizer, \
+    load_tokenizer, open_session, read_model_dir
 from cheapest.engine.runner import ConcatKv, KvRunner, SharedBufferKv
 from cheapest.engine.sampling import Sampler
 from cheapest.engine.types import ContextLengthError, Delta, EngineError, Finish, FinishReason, SamplingParams
+from cheapest.model_layout import TOKENIZER
 
 _CLOSED = "the engine is closed"
-
-
-class StopText:
-    """Streams text while withholding anything that might be the start of a stop string."""
-
-    __slots__ = ("_stops", "_held")
-
-    def __init__(self, stops: Iterable[str]) -> None:
-        self._stops = tuple(s for s in stops if s)
-        self._held = ""
-
-    def push(self, text: str) -> tuple[str, bool]:
-        """(text safe to emit, stop string found). After a stop, the text from the stop on is dropped."""
-        if not self._stops:
-            return text, False
-        text = self._held + text
-        cut = min((i for i in (text.find(s) for s in self._stops) if i >= 0), default=-1)
-        if cut >= 0:
-            self._held = ""
-            return text[:cut], True
-        keep = 0
-        for stop in self._stops:
-            # The longest suffix of `text` that is a proper prefix of `stop`.
-            for n in range(min(len(stop) - 1, len(text)), keep, -1):
-                if text.endswith(stop[:n]):
-                    keep = n
-                    break
-        self._held = text[len(text) - keep :] if keep else ""
-        return text[: len(text) - keep], False
-
-    def flush(self) -> str:
-        held, self._held = self._held, ""
-        return held
 
 
 class _Output:
@@ -66,7 +38,8 @@ class _Output:
     def __init__(self, decoder: IncrementalDecoder, params: SamplingParams, eos: frozenset[int], budget: int,
                  deliver: Callable[[Delta | Finish | BaseException], None]) -> None:
         self._decoder = decoder
-        self._stop = StopText(params.stop)
+        # StopStringError (a ValueError) past 16 stops of 256 characters; the API allows 4.
+        self._stop = StopMatcher(params.stop)
         self._eos = eos
         self._budget = budget
         self._deliver = deliver
@@ -107,6 +80,7 @@ class OnnxEngine:
         self._template: ChatTemplate | None = None
         # A base model (Gemma 3 270M) has none: render_chat raises NoChatTemplateError, completions still work.
         self.has_chat_template = ChatTemplate.present(spec.tokenizer_config)
+        self._text = TextTokenizer(spec.model_dir / TOKENIZER) if self.has_chat_template else None
         self._scheduler = Scheduler(runner)
 
     # --- text ---------------------------------------------------------------------------------------------------
@@ -114,11 +88,29 @@ class OnnxEngine:
     def render_chat(self, messages: Sequence[tuple[str, str]]) -> str:
         if self._template is None:
             self._template = ChatTemplate.from_tokenizer_config(self.spec.tokenizer_config)
-        return self._template.render(messages)
+        prompt = self._template.render(messages)
+        if not prompt.parts and any(self._has_special(content) for _, content in messages):
+            # The template changes message content, so content cannot be told from markup in its output.
+            raise ChatTemplateError("a message holds a control token's text, which this model's chat template "
+                                    "cannot keep as text")
+        return prompt
 
     def encode(self, text: str) -> list[int]:
-        # The rendered template already holds its special tokens (BOS included where the model wants it).
-        return list(self.tokenizer.encode(text, add_special_tokens=False))
+        """Prompt text -> ids. The rendered template already holds its special tokens (BOS included where the
+        model wants it); the message content inside it is text, whatever it contains."""
+        if not isinstance(text, ChatPrompt) or not text.parts:
+            return list(self.tokenizer.encode(text, add_special_tokens=False))
+        ids: list[int] = []
+        for part, content in text.parts:
+            piece = self.tokenizer.encode(part, add_special_tokens=False)
+            if content and self._text is not None and not self._text.special_ids.isdisjoint(piece):
+                piece = self._text.encode(part)  # typed control tokens: their characters, not the tokens
+            ids += piece
+        return ids
+
+    def _has_special(self, text: str) -> bool:
+        return self._text is not None and not self._text.special_ids.isdisjoint(
+            self.tokenizer.encode(text, add_special_tokens=False))
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Sequence
 
-from cheapest.api.chat import ChatCompletionRequest
+from cheapest.api.chat import MAX_SEED, ChatCompletionRequest
 from cheapest.api.completions import CompletionRequest
 from cheapest.gateway.admission import Admission, Admissions
 from cheapest.gateway.auth import Caller
@@ -33,6 +33,14 @@ def serving_engine(engine: Engine | None, caller: Caller, model: str) -> Engine:
 
 def may_use(caller: Caller, model: str) -> bool:
     return caller.key.models is None or model in caller.key.models
+
+
+def check_bounds(request: ChatCompletionRequest | CompletionRequest) -> None:
+    """What the request types cannot say themselves, checked as soon as the body is decoded (before any prompt
+    is rendered): a refusal names the field. (Ranges that fit msgspec's bounds are in the types.)"""
+    if request.seed is not None and request.seed > MAX_SEED:
+        raise Refusal("invalid_request", f"`seed` must be between 0 and {MAX_SEED}.", param="seed",
+                      code="invalid_value")
 
 
 def prompt_ids(engine: Engine, request: ChatCompletionRequest | CompletionRequest) -> list[int]:
@@ -94,7 +102,7 @@ async def collect(admissions: Admissions, engine: Engine, admission: Admission, 
     n = 0
     try:
         async for item in gen:
-            n = item.completion_tokens
+            n = admission.completion_tokens = item.completion_tokens  # metered as it goes (LiveUsage)
             if type(item) is Delta:
                 parts.append(item.text)
             else:

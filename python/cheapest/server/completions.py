@@ -1,8 +1,14 @@
 """/v1 routes: chat and text completions (one JSON body, or SSE chunks framed by the core), models, the calling
-key's usage. Each handler parses the request, calls the gateway, and encodes the answer."""
+key's usage. Each handler parses the request, calls the gateway, and encodes the answer.
+
+A generation's request is charged against the caller's request rate before its body is read (the cheapest
+refusal first, and a refused request still counts). Once a stream has started, any failure ends it with an SSE
+error event and `[DONE]` at once: the client is never left waiting on an open response."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from collections.abc import AsyncGenerator
 from typing import TYPE_CHECKING
@@ -16,17 +22,18 @@ from cheapest.api.completions import Completion, CompletionChoice, CompletionReq
 from cheapest.api.models import Model, ModelList
 from cheapest.gateway import Admission, Caller, Gateway
 from cheapest.gateway.completions import (
-    collect, engine_refusal, may_use, prompt_ids, sampling, serving_engine,
+    check_bounds, collect, engine_refusal, may_use, prompt_ids, sampling, serving_engine,
 )
 from cheapest.gateway.usage import key_usage as usage_of
 from cheapest.engine.types import ContextLengthError, Delta, Engine, EngineError, Finish, SamplingParams
 from cheapest.server.cancellation import until_disconnected
-from cheapest.server.errors import decode_error, rate_headers
+from cheapest.server.errors import decode_error, internal_error, rate_headers
 from cheapest.server.request import Request, Response, StreamResponse, json_response
 
 if TYPE_CHECKING:
     from cheapest.server.state import WorkerState
 
+log = logging.getLogger("cheapest.server")
 _encode = msgspec.json.Encoder().encode
 _chat_decoder = msgspec.json.Decoder(ChatCompletionRequest)
 _completion_decoder = msgspec.json.Decoder(CompletionRequest)
@@ -36,19 +43,21 @@ SSE_HEADERS = [("content-type", "text/event-stream"), ("cache-control", "no-cach
 async def _complete(state: WorkerState, req: Request, chat: bool) -> Response | StreamResponse:
     caller = req.caller
     assert caller is not None
+    gateway = state.gateway
+    begun = gateway.begin(caller)  # before the body is read, parsed, rendered or tokenized
     body = await req.body(state.settings.serving.max_body_bytes)
     try:
         creq = (_chat_decoder if chat else _completion_decoder).decode(body)
     except msgspec.DecodeError as exc:
         raise decode_error(exc) from None
+    check_bounds(creq)
     req.stream = creq.stream
-    gateway = state.gateway
     engine = serving_engine(state.engine, caller, creq.model)
     req.model = engine.model_id
     ids = prompt_ids(engine, creq)
     p = len(ids)
     params = sampling(engine, state.settings.serving.default_max_tokens, p, creq)
-    admission = gateway.admit(caller, engine.model_id, p, params.max_tokens)
+    admission = gateway.admit(caller, engine.model_id, p, params.max_tokens, begun=begun)
     rid = state.ids.new("chatcmpl-" if chat else "cmpl-")
     created = int(time.time())
     headers = rate_headers(admission.rate)
@@ -57,7 +66,8 @@ async def _complete(state: WorkerState, req: Request, chat: bool) -> Response | 
         framer = cheapest_core.SseFramer(rid, engine.model_id, created,
                                          "chat.completion.chunk" if chat else "text_completion")
         return StreamResponse(200, SSE_HEADERS + headers,
-                              _stream(req, gateway, engine, admission, ids, params, framer, chat, include_usage))
+                              _stream(req, gateway, engine, admission, ids, params, framer, chat, include_usage),
+                              finish=lambda: gateway.settle(admission))
     work = collect(gateway.admissions, engine, admission, ids, params)
     try:  # an engine that never waits needs no watching; a slow one stops when the client goes away
         text, reason = await (work if engine.instant else until_disconnected(work, req.watch_disconnect))
@@ -95,6 +105,13 @@ async def _stream(req: Request, gateway: Gateway, engine: Engine, admission: Adm
     except (ContextLengthError, EngineError) as exc:
         refusal = engine_refusal(exc)
         yield framer.error(refusal.message, refusal.type, refusal.code)
+        yield framer.done()
+    except (GeneratorExit, asyncio.CancelledError, KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:  # anything else, a Rust panic too: only its type is logged (it may quote text)
+        log.error("stream failed: %s", type(exc).__name__)
+        error = internal_error()
+        yield framer.error(error.message, error.type, error.code)
         yield framer.done()
     finally:
         await gen.aclose()

@@ -100,6 +100,12 @@ def method_not_allowed() -> ApiError:
     return ApiError(405, "Method not allowed on this route.", code="method_not_allowed")
 
 
+def store_full() -> ApiError:
+    """The store refused a write for want of room: nothing of this request was written, nothing before is lost."""
+    return ApiError(507, "The service cannot store this change right now; retry later.", type="server_error",
+                    code="insufficient_storage")
+
+
 def internal_error() -> ApiError:
     return ApiError(500, "The server had an error while processing your request.", type="server_error",
                     code="internal_error")

@@ -27,6 +27,7 @@ from cheapest.server.routes import Route
 from cheapest.store import Store, open_configured_store
 from cheapest.store.metering import UsageMeter
 from cheapest.store.secrets import load_pepper
+from cheapest.store.settings import OLD_RATELIMIT_FILES
 
 log = logging.getLogger("cheapest.server")
 
@@ -66,19 +67,22 @@ def _operator_log() -> None:
 
 class WorkerState:
     def __init__(self, settings: Settings, add_route: AddRoute) -> None:
-        from cheapest.privacy.hardening import disable_core_dumps
+        from cheapest.privacy.hardening import disable_core_dumps, owner_only_dir, owner_only_files
 
         disable_core_dumps()  # this process will hold prompts and completions in memory
+        owner_only_files()  # whatever this worker (or a library it calls) creates is the owner's alone
         _operator_log()
         self.settings = settings
         data = settings.data_path
-        data.mkdir(parents=True, exist_ok=True)
+        owner_only_dir(data)
         self.store: Store = open_configured_store(settings.store)
         self.meter = UsageMeter(self.store, settings.store.usage_flush_interval)
         self.meter.start()
         self.retention = PeriodicRetention(self.store, data, settings.store.retention_interval)
         self.retention.start()
-        limiter = cheapest_core.RateLimiter(str(data / "ratelimit.bin"), settings.store.ratelimit_capacity)
+        for old in OLD_RATELIMIT_FILES:  # an older format's table: transient state only, superseded (see settings)
+            (data / old).unlink(missing_ok=True)
+        limiter = cheapest_core.RateLimiter(str(settings.store.ratelimit_path), settings.store.ratelimit_capacity)
         self.gateway = Gateway(settings, self.store, load_pepper(data, settings.store.key_pepper), limiter,
                                self.meter)
         self.ids = ResponseIds()
@@ -112,6 +116,7 @@ class WorkerState:
     def close(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
         self.request_log.flush()
         self.retention.stop()
+        self.gateway.payments.close()
         self.meter.stop()
         if self.engine is not None and loop is not None and not loop.is_closed():
             try:
