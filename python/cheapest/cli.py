@@ -49,9 +49,10 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
 
     import msgspec
     from granian.constants import Interfaces
-    from granian.server import Server
 
     from cheapest.server import load_app
+    from cheapest.server.state import operator_log
+    from cheapest.server.supervisor import SupervisedServer
 
     overrides = {k: v for k in ("host", "port", "workers") if (v := getattr(args, k)) is not None}
     serving = msgspec.structs.replace(settings.serving, **overrides)
@@ -64,7 +65,8 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
             print(f"  management key:   {created['management_key']}")
             print(f"  OPENAI_API_KEY=   {created['api_key']}")
             print(f"  OPENAI_BASE_URL=  http://{serving.host}:{serving.port}/v1", flush=True)
-    server = Server(
+    operator_log()
+    server = SupervisedServer(  # a crashed worker is replaced; the others keep serving
         "cheapest.server:app",
         address=serving.host,
         port=serving.port,

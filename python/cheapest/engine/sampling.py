@@ -31,4 +31,5 @@ class Sampler:
 
     def __call__(self, logits: np.ndarray) -> int:
         """`logits`: one row, read in place when it is contiguous float32 (the runner's rows are)."""
-        return self._core.sample(np.ascontiguousarray(logits, dtype=np.float32))
+        row = np.ascontiguousarray(logits, dtype=np.float32)
+        return self._core.sample(row)  # type: ignore[arg-type]  # an ndarray is a Buffer; numpy's stubs omit it

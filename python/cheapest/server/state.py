@@ -51,7 +51,7 @@ def engine_factory(settings: EngineSettings) -> EngineFactory:
     return factory
 
 
-def _operator_log() -> None:
+def operator_log() -> None:
     """Send the service's own metadata-only log lines (model loaded, provider, failures by type) to stderr.
 
     Granian configures only its own loggers; without this, `cheapest.*` INFO lines would vanish. Request
@@ -71,7 +71,7 @@ class WorkerState:
 
         disable_core_dumps()  # this process will hold prompts and completions in memory
         owner_only_files()  # whatever this worker (or a library it calls) creates is the owner's alone
-        _operator_log()
+        operator_log()
         self.settings = settings
         data = settings.data_path
         owner_only_dir(data)
