@@ -45,6 +45,17 @@ from cheapest.vocabulary import BUDGET_WINDOWS, DAY, KeyKind, window_start
 _enc = msgspec.msgpack.Encoder()
 _dec_account = msgspec.msgpack.Decoder(AccountRecord)
 _dec_key = msgspec.msgpack.Decoder(KeyRecord)
+
+
+class _KeyState(msgspec.Struct):
+    """The fields of a stored KeyRecord that say whether it is usable (the rest is skipped when decoding)."""
+
+    kind: str
+    disabled: bool = False
+    expires_at: int | None = None
+
+
+_dec_key_state = msgspec.msgpack.Decoder(_KeyState)
 _dec_usage = msgspec.msgpack.Decoder(UsageCounter)
 _HOUR = struct.Struct(">Q")
 _EPOCH_KEY = b"epoch"
@@ -224,11 +235,23 @@ class LmdbStore:
             return list(self._keys_of(txn, account_id, kind, limit, after))
 
     def count_keys(self, account_id: str, kind: KeyKind | None, now: float) -> tuple[int, int]:
+        """One read transaction over the account's index, decoding only what usability needs."""
         total = usable = 0
+        prefix = account_id.encode() + b"\0"
         with self.env.begin() as txn:
-            for key in self._keys_of(txn, account_id, kind, 1 << 62):
-                total += 1
-                usable += key.usable_at(now)
+            cur = txn.cursor(db=self._account_keys)
+            if not cur.set_range(prefix):
+                return 0, 0
+            for k in cur.iternext(values=False):
+                if not k.startswith(prefix):
+                    break
+                raw = txn.get(k[len(prefix):], db=self._keys)
+                if raw is None:
+                    continue
+                state = _dec_key_state.decode(raw)
+                if kind is None or state.kind == kind:
+                    total += 1
+                    usable += not state.disabled and (state.expires_at is None or now < state.expires_at)
         return total, usable
 
     def _keys_of(self, txn: lmdb.Transaction[bytes], account_id: str, kind: KeyKind | None, limit: int,
