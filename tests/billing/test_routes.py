@@ -329,36 +329,21 @@ def test_topup_verifications_are_limited_per_account(server: ServerProcess, chai
     assert r.status_code == 400  # another account is not held back
 
 
-class SlowNode:
+class SlowNode(ChainNode):
     """A chain node that takes `delay` seconds to answer anything (with a JSON-RPC error)."""
 
-    def __init__(self, delay: float) -> None:
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: object) -> None:
-                pass
+    def __init__(self, w3: Web3, delay: float) -> None:
+        self.delay = delay
+        super().__init__(w3)
 
-            def do_POST(self) -> None:
-                self.rfile.read(int(self.headers.get("content-length", 0)))
-                time.sleep(delay)
-                body = json.dumps({"jsonrpc": "2.0", "id": 1, "error": {"code": -32000, "message": "slow"}}).encode()
-                self.send_response(200)
-                self.send_header("content-type", "application/json")
-                self.send_header("content-length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+    def call(self, req: dict[str, Any]) -> dict[str, Any]:
+        time.sleep(self.delay)
+        return {"jsonrpc": "2.0", "id": req.get("id"), "error": {"code": -32000, "message": "slow"}}
 
 
 def test_a_slow_chain_node_never_holds_up_webhooks_or_gdpr_requests(server_factory, chain: SimpleNamespace,
                                                                     stripe: FakeStripe) -> None:  # type: ignore[no-untyped-def]
-    node = SlowNode(delay=3.0)
+    node = SlowNode(chain.w3, delay=3.0)
     try:
         server = server_factory(extra_env={
             "CHEAPEST_STRIPE_WEBHOOK_SECRET": WEBHOOK_SECRET, "CHEAPEST_BASE_RPC_URL": node.url,

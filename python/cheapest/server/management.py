@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
 
 import msgspec
 
-from cheapest.api.management import CreateKeyRequest, CreateManagementKeyRequest, PatchKeyRequest
+from cheapest.api.management import CreatedKey, CreateKeyRequest, CreateManagementKeyRequest, PatchKeyRequest
 from cheapest.gateway.usage import usage_report
 from cheapest.server.errors import ApiError, decode_error
 from cheapest.server.request import Request, Response, json_response
@@ -84,9 +85,7 @@ def _time_param(q: dict[str, list[str]], name: str) -> int | None:
 
 # --- /api/keys and /api/management-keys ----------------------------------------------------------------------
 async def create_key(state: WorkerState, req: Request) -> Response:
-    body: CreateKeyRequest = await decode_body(state, req, _create_decoder)
-    created = await asyncio.to_thread(state.gateway.keys.create, account_of(req), body)
-    return json_response(_encode(created), status=201)
+    return await _create(state, req, _create_decoder, state.gateway.keys.create)
 
 
 async def list_keys(state: WorkerState, req: Request) -> Response:
@@ -107,9 +106,7 @@ async def delete_key(state: WorkerState, req: Request, key_id: str) -> Response:
 
 
 async def create_management_key(state: WorkerState, req: Request) -> Response:
-    body: CreateManagementKeyRequest = await decode_body(state, req, _create_mk_decoder)
-    created = await asyncio.to_thread(state.gateway.keys.create_management, account_of(req), body)
-    return json_response(_encode(created), status=201)
+    return await _create(state, req, _create_mk_decoder, state.gateway.keys.create_management)
 
 
 async def list_management_keys(state: WorkerState, req: Request) -> Response:
@@ -119,6 +116,12 @@ async def list_management_keys(state: WorkerState, req: Request) -> Response:
 async def delete_management_key(state: WorkerState, req: Request, key_id: str) -> Response:
     deleted = await asyncio.to_thread(state.gateway.keys.revoke, account_of(req), key_id, "mk")
     return json_response(_encode(deleted))
+
+
+async def _create(state: WorkerState, req: Request, decoder: msgspec.json.Decoder[Any],
+                  create: Callable[[AccountRecord, Any], CreatedKey]) -> Response:
+    body = await decode_body(state, req, decoder)
+    return json_response(_encode(await asyncio.to_thread(create, account_of(req), body)), status=201)
 
 
 async def _list(state: WorkerState, req: Request, kind: KeyKind) -> Response:
