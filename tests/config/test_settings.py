@@ -10,7 +10,7 @@ import msgspec
 import pytest
 
 from cheapest.config import (
-    ENV_TABLES, FLAT, SECTIONS, ConfigError, PriceConfig, Settings, env_name, load_settings,
+    ENV_TABLES, FILE_ONLY, FLAT, LISTS, SECTIONS, ConfigError, PriceConfig, Settings, env_name, load_settings,
 )
 from cheapest.store import StoreSettings, open_configured_store
 
@@ -18,7 +18,8 @@ RECEIVER = "0x2B5AD5c4795c026514f8317c7a215E218DcCD6cF"
 # A value other than the default for every scalar setting (each README variable but CHEAPEST_CONFIG).
 SAMPLE: dict[str, Any] = {
     "host": "0.0.0.0", "port": 9100, "workers": 3, "max_body_bytes": 4096, "default_max_tokens": 7,
-    "request_log": False, "data_dir": "/srv/cheapest", "lmdb_map_size": 1 << 26, "ratelimit_capacity": 1024,
+    "request_log": False, "embedding_max_inputs": 16, "embedding_max_tokens": 64, "embedding_truncate": True,
+    "data_dir": "/srv/cheapest", "lmdb_map_size": 1 << 26, "ratelimit_capacity": 1024,
     "key_pepper": "p" * 24, "usage_flush_interval": 0.5, "retention_interval": 60.0,
     "model_backend": "fixed_engine:load", "model_dir": "/srv/models/M", "model_threads": 2, "model_spin_us": 0,
     "default_plan": "pro", "stripe_secret_key": "sk_test_x", "stripe_webhook_secret": "whsec_x",
@@ -45,7 +46,27 @@ def _field(settings: Settings, name: str) -> Any:
 
 
 def test_every_scalar_setting_has_a_sample() -> None:
-    assert set(SAMPLE) == set(FLAT) - set(ENV_TABLES)
+    assert set(SAMPLE) == set(FLAT) - set(ENV_TABLES) - FILE_ONLY - LISTS
+
+
+def test_models_to_serve_are_directories_or_names_under_the_data_directory(tmp_path: Path) -> None:
+    default = load_settings({"CHEAPEST_DATA_DIR": str(tmp_path)})
+    assert default.engine.models == [str(tmp_path / "models" / "SmolLM2-135M-Instruct")]  # model_dir alone
+    own = load_settings({"CHEAPEST_DATA_DIR": str(tmp_path), "CHEAPEST_MODEL_DIR": "/srv/m/Mine"})
+    assert own.engine.models == ["/srv/m/Mine"]
+    listed = "SmolLM2-135M-Instruct, gemma-3-270m,/srv/m/Other"
+    from_env = load_settings({"CHEAPEST_DATA_DIR": str(tmp_path), "CHEAPEST_MODELS": listed})
+    from_file = _load(tmp_path, '[engine]\nmodels = ["SmolLM2-135M-Instruct", "gemma-3-270m", "/srv/m/Other"]\n'
+                                '[engine.chat_templates]\n"gemma-3-270m" = "{{ messages[0].content }}"\n',
+                      CHEAPEST_DATA_DIR=str(tmp_path))
+    expected = [str(tmp_path / "models" / "SmolLM2-135M-Instruct"), str(tmp_path / "models" / "gemma-3-270m"),
+                "/srv/m/Other"]
+    assert from_env.engine.models == from_file.engine.models == expected
+    assert from_file.engine.chat_templates == {"gemma-3-270m": "{{ messages[0].content }}"}
+    assert msgspec.structs.replace(from_file, serving=from_file.serving).engine.models == expected  # idempotent
+    assert Settings().price("gemma-3-270m").completion_usd_per_mtok > 0  # each shipped model has a price
+    with pytest.raises(ConfigError, match="twice"):
+        load_settings({"CHEAPEST_MODELS": "gemma-3-270m,/elsewhere/gemma-3-270m"})
 
 
 @pytest.mark.parametrize("name", sorted(SAMPLE))

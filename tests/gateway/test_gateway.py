@@ -193,11 +193,13 @@ def test_a_keys_own_limits_apply_inside_the_plans_all_or_nothing(world: SimpleNa
     tight, free = gw.authenticate(sk, "sk"), gw.authenticate(f"Bearer {other}", "sk")
     assert (tight.limits.rpm, tight.limits.tpm) == (10, 30)
     gw.admit(tight, MODEL, 10, 10)
+    begun = gw.begin(tight)  # as the server does: the request first, its tokens once the prompt is known
     with pytest.raises(Refusal) as own:
-        gw.admit(tight, MODEL, 10, 10)
-    assert "this key's limit of 30 tokens" in own.value.message
-    # The refused request charged the account nothing: its other key has 1000 - 20 tokens and 9 requests left.
-    assert gw.rate_state(free)[1].remaining == 980 and gw.rate_state(free)[0].remaining == 9
+        gw.admit(tight, MODEL, 10, 10, begun=begun)
+    assert own.value.type == "tokens" and "this key's limit of 30 tokens" in own.value.message
+    assert own.value.rate is not None and own.value.rate[0] is begun
+    # The refused tokens charged the account nothing (its other key has 1000 - 20 left); the request counted.
+    assert gw.rate_state(free)[1].remaining == 980 and gw.rate_state(free)[0].remaining == 8
 
 
 def test_live_usage_is_metered_at_every_flush_not_only_at_settlement(world: SimpleNamespace) -> None:

@@ -264,17 +264,34 @@ def test_canaries_leave_no_trace(canary_server: tuple[ServerProcess, Path, str])
 
 @pytest.mark.slow
 def test_canaries_through_the_real_model(server_factory: Callable[..., ServerProcess], tiny_model_dir: Path,
-                                         tmp_path: Path) -> None:
+                                         tiny_encoder_dir: Path, tmp_path: Path) -> None:
     started = time.time() - 1
     server_tmp = tmp_path / "server-tmp"
     server_tmp.mkdir()
-    server = server_factory(workers=2, backend="onnx", model_dir=tiny_model_dir,
-                            extra_env={"CHEAPEST_MODEL_THREADS": "1", "TMPDIR": str(server_tmp)})
+    server = server_factory(workers=2, backend="onnx", extra_env={
+        "CHEAPEST_MODELS": f"{tiny_model_dir},{tiny_encoder_dir}", "CHEAPEST_MODEL_THREADS": "1",
+        "TMPDIR": str(server_tmp)})
     _, mk = server.create_account()
     sk = str(server.create_key(mk)["key"])
     cn = Canaries()
     models = httpx.get(server.v1 + "/models", headers=_auth(sk)).json()["data"]
-    model, ctx = models[0]["id"], models[0]["context_length"]
+    model, ctx = next((m["id"], m["context_length"]) for m in models if m["id"] == tiny_model_dir.name)
+    embedder = tiny_encoder_dir.name
+    # Embedding inputs: served (float and base64), too long (refused by index), to the wrong route, malformed.
+    for fmt in ("float", "base64"):
+        r = httpx.post(server.v1 + "/embeddings", headers=_auth(sk), timeout=60,
+                       json={"model": embedder, "input": [cn(f"embed-{fmt}"), cn("embed-second")],
+                             "encoding_format": fmt, "user": cn("embed-user")})
+        assert r.status_code == 200, r.text
+    for body in ({"model": embedder, "input": ["ok", " ".join([cn("embed-long")] * 40)]},
+                 {"model": model, "input": cn("embed-chat-model")},
+                 {"model": embedder, "input": [cn("embed-mixed"), [1, 2]]},
+                 {"model": cn("embed-model-name"), "input": cn("embed-unknown-model")}):
+        r = httpx.post(server.v1 + "/embeddings", headers=_auth(sk), json=body, timeout=60)
+        assert r.status_code in (400, 404), r.text
+    r = httpx.post(server.v1 + "/chat/completions", headers=_auth(sk), timeout=60,
+                   json={"model": embedder, "messages": [{"role": "user", "content": cn("chat-to-embedder")}]})
+    assert r.status_code == 400
     completions: list[str] = []
     body = {"model": model, "messages": [{"role": "user", "content": cn("real-chat")}], "max_tokens": 16,
             "temperature": 0}
@@ -299,7 +316,7 @@ def test_canaries_through_the_real_model(server_factory: Callable[..., ServerPro
     time.sleep(0.5)
     assert server.stop() == 0
     for line in server.request_log():
-        assert set(line) == REQUEST_LOG_FIELDS and line["model"] in (None, model)
+        assert set(line) == REQUEST_LOG_FIELDS and line["model"] in (None, model, embedder)
     # A random tiny model's output is searched for when it is distinctive enough not to match by chance.
     distinctive = [t for t in completions if len(t.strip()) >= 16 and len(set(t)) >= 8]
     needles = cn.needles() + [t.encode() for t in distinctive]

@@ -141,7 +141,10 @@ def test_rate_limit_429(api_account: ApiAccount) -> None:
 def test_routes_and_openapi(api_account: ApiAccount) -> None:
     base = api_account.server.base_url
     assert httpx.get(base + "/healthz").json()["status"] == "ok"
-    assert httpx.get(base + "/readyz").json() == {"status": "ready", "model": MODEL, "provider": "fixed"}
+    ready = httpx.get(base + "/readyz").json()
+    assert {k: ready[k] for k in ("status", "model", "provider")} == {"status": "ready", "model": MODEL,
+                                                                      "provider": "fixed"}
+    assert [(m["id"], m["status"]) for m in ready["models"]] == [(MODEL, "ready")]
     r = httpx.get(base + "/nope")
     assert r.status_code == 404 and _error(r)
     r = httpx.delete(base + "/v1/chat/completions")

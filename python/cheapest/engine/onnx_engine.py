@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncGenerator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from typing import Any
 
 from cheapest_core import StopMatcher
@@ -23,7 +23,7 @@ from cheapest.engine.batching import Scheduler
 from cheapest.engine.batching import Sequence as BatchSequence
 from cheapest.engine.chat import ChatPrompt, ChatTemplate, ChatTemplateError
 from cheapest.engine.loader import CPU, SPIN_US, IncrementalDecoder, ModelSpec, TextTokenizer, Tokenizer, \
-    load_tokenizer, open_session, read_model_dir
+    choose_providers, load_tokenizer, open_session, read_model_dir, served_graph
 from cheapest.engine.runner import ConcatKv, KvRunner, SharedBufferKv
 from cheapest.engine.sampling import Sampler
 from cheapest.engine.types import ContextLengthError, Delta, EngineError, Finish, FinishReason, SamplingParams
@@ -70,16 +70,19 @@ class _Output:
 class OnnxEngine:
     instant = False  # generation runs in the scheduler thread; the request's loop awaits each token
 
-    def __init__(self, spec: ModelSpec, tokenizer: Tokenizer, runner: KvRunner, provider: str) -> None:
+    def __init__(self, spec: ModelSpec, tokenizer: Tokenizer, runner: KvRunner, provider: str,
+                 chat_template: str | None = None) -> None:
         self.model_id = spec.model_id
         self.context_length = spec.context_length
         self.provider = provider
         self.spec = spec
         self.tokenizer = tokenizer
         self._runner = runner
-        self._template: ChatTemplate | None = None
+        # A template the operator configured for this model wins over the model's own.
+        self._template: ChatTemplate | None = None if chat_template is None else ChatTemplate(
+            chat_template, ChatTemplate.special_tokens(spec.tokenizer_config))
         # A base model (Gemma 3 270M) has none: render_chat raises NoChatTemplateError, completions still work.
-        self.has_chat_template = ChatTemplate.present(spec.tokenizer_config)
+        self.has_chat_template = chat_template is not None or ChatTemplate.present(spec.tokenizer_config)
         self._text = TextTokenizer(spec.model_dir / TOKENIZER) if self.has_chat_template else None
         self._scheduler = Scheduler(runner)
 
@@ -95,11 +98,12 @@ class OnnxEngine:
                                     "cannot keep as text")
         return prompt
 
-    def encode(self, text: str) -> list[int]:
-        """Prompt text -> ids. The rendered template already holds its special tokens (BOS included where the
-        model wants it); the message content inside it is text, whatever it contains."""
+    def encode(self, text: str, *, special_tokens: bool = False) -> list[int]:
+        """Prompt text -> ids; `special_tokens`: the tokenizer's own additions (BOS) for a text prompt. The
+        rendered template already holds its special tokens (BOS included where the model wants it); the message
+        content inside it is text, whatever it contains."""
         if not isinstance(text, ChatPrompt) or not text.parts:
-            return list(self.tokenizer.encode(text, add_special_tokens=False))
+            return list(self.tokenizer.encode(text, add_special_tokens=special_tokens))
         ids: list[int] = []
         for part, content in text.parts:
             piece = self.tokenizer.encode(part, add_special_tokens=False)
@@ -175,11 +179,16 @@ class OnnxEngine:
 
 def load_engine(model_dir: str | os.PathLike[str], *, threads: int | None = None,
                 providers: Sequence[str] | None = None, max_batch: int | None = None,
-                graph: str | None = None, spin_us: int = SPIN_US, **runner_options: Any) -> OnnxEngine:
-    """Open a model directory. `graph` picks a file under onnx/ (default: the served graph, model.onnx).
-    `spin_us`: how long idle ONNX Runtime pool threads spin before sleeping (0 = never spin; see loader.py)."""
-    spec = read_model_dir(model_dir, graph=graph)
-    session = open_session(spec, threads=threads, providers=providers, spin_us=spin_us)
+                graph: str | None = None, spin_us: int = SPIN_US, chat_templates: Mapping[str, str] | None = None,
+                shared_arena: bool = False, **runner_options: Any) -> OnnxEngine:
+    """Open a model directory. `graph` picks a file under onnx/ (default: the served graph,
+    model_cpu.onnx on the CPU provider where the directory has it, else model.onnx).
+    `spin_us`: how long idle ONNX Runtime pool threads spin before sleeping (0 = never spin; see loader.py).
+    `chat_templates`: model id -> a chat template replacing the model's own (or standing in for a missing one).
+    `shared_arena`: the session allocates from the process's one CPU arena (several models in one process)."""
+    chosen = choose_providers(providers)
+    spec = read_model_dir(model_dir, graph=graph or served_graph(model_dir, chosen))
+    session = open_session(spec, threads=threads, providers=chosen, spin_us=spin_us, shared_arena=shared_arena)
     provider = session.get_providers()[0]
     try:
         runner: KvRunner
@@ -191,4 +200,5 @@ def load_engine(model_dir: str | os.PathLike[str], *, threads: int | None = None
             runner = ConcatKv(session, spec, max_batch or 16)
     except ValueError as e:
         raise EngineError("the model graph does not match the model directory") from e
-    return OnnxEngine(spec, load_tokenizer(spec.model_dir), runner, provider)
+    return OnnxEngine(spec, load_tokenizer(spec.model_dir), runner, provider,
+                      (chat_templates or {}).get(spec.model_id))

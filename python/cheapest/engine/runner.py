@@ -16,6 +16,7 @@ rows copies the cache; every step allocates the presents. It is the compatible p
 
 from __future__ import annotations
 
+import mmap
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
@@ -28,6 +29,14 @@ from cheapest.model_layout import ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_ID
 _ORT_TO_NUMPY: dict[str, type[np.generic]] = {
     "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
 }
+
+
+def _zeroed(shape: tuple[int, ...], dtype: type[np.generic]) -> np.ndarray:
+    """A zero array on its own anonymous memory map: only the pages rows actually write become resident.
+    (np.zeros may reuse freed heap memory and clear all of it: measured +95 MiB resident for one sequence when
+    the buffers grew to 1024 positions x 8 rows, against +24 MiB here.)"""
+    size = max(1, int(np.prod(shape)) * np.dtype(dtype).itemsize)
+    return np.frombuffer(mmap.mmap(-1, size), dtype=dtype, count=int(np.prod(shape))).reshape(shape)
 
 
 def _dtype(type_str: str) -> type[np.generic]:
@@ -114,8 +123,7 @@ class SharedBufferKv(KvRunner):
     def _new_buffers(self, capacity: int) -> list[tuple[np.ndarray | ort.OrtValue, np.ndarray | ort.OrtValue]]:
         shape = (self.max_batch, self.spec.num_kv_heads, capacity, self.spec.head_dim)
         if self.device == "cpu":
-            return [(np.zeros(shape, self.kv_dtype), np.zeros(shape, self.kv_dtype))
-                    for _ in range(self.spec.num_layers)]
+            return [(_zeroed(shape, self.kv_dtype), _zeroed(shape, self.kv_dtype)) for _ in range(self.spec.num_layers)]
         return [tuple(
             ort.OrtValue.ortvalue_from_shape_and_type(list(shape), self.kv_dtype, self.device, 0) for _ in range(2)
         ) for _ in range(self.spec.num_layers)]

@@ -8,9 +8,10 @@ the instant fixed-output model used by the gateway benchmark both implement
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Sequence
-from typing import Literal, Protocol
+from typing import Literal, Protocol, runtime_checkable
 
 import msgspec
+import numpy as np
 
 FinishReason = Literal["stop", "length"]
 
@@ -61,19 +62,50 @@ class Engine(Protocol):
     # True when `generate` never suspends (it yields everything at once): the HTTP layer then need not watch
     # for a client that goes away during generation.
     instant: bool
+    # False for a base model that ships no chat template (and none is configured): it serves completions only.
+    has_chat_template: bool
 
     def render_chat(self, messages: Sequence[tuple[str, str]]) -> str:
         """(role, content) pairs -> prompt text via the model's chat template (sandboxed Jinja)."""
         ...
 
-    def encode(self, text: str) -> list[int]:
-        """Prompt text -> token ids (special tokens in the rendered template are honoured)."""
+    def encode(self, text: str, *, special_tokens: bool = False) -> list[int]:
+        """Prompt text -> token ids (special tokens in the rendered template are honoured). `special_tokens`: add
+        the ones the tokenizer adds to a bare text (a base model's BOS), for a text-completion prompt."""
         ...
 
     def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncGenerator[Delta | Finish, None]:
         """Yields Delta items then exactly one Finish. Raises ContextLengthError before any work if the
         prompt does not fit. Runs off the event loop; if the consumer stops iterating (aclose() or task
         cancellation), the sequence leaves the batch at the next decode step."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+@runtime_checkable
+class Embedder(Protocol):
+    """A sentence-embedding model: token ids in, one vector per input out (engine/embedding.py)."""
+
+    model_id: str
+    context_length: int  # tokens per input, the model's special tokens included
+    dimensions: int
+    provider: str
+
+    def tokenize(self, text: str) -> list[int]:
+        """A text's token ids as the model reads them (its special tokens included)."""
+        ...
+
+    def wrap(self, ids: Sequence[int]) -> list[int]:
+        """A client's token ids (without special tokens) as the model reads them."""
+        ...
+
+    def truncate(self, ids: list[int], limit: int) -> list[int]:
+        """An input cut to `limit` tokens, its closing special tokens kept."""
+        ...
+
+    async def embed(self, inputs: Sequence[list[int]]) -> np.ndarray:
+        """float32 [len(inputs), dimensions]; runs off the event loop, batched with other requests' inputs."""
         ...
 
     async def close(self) -> None: ...

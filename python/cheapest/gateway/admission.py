@@ -128,7 +128,7 @@ class Admissions:
         n = len(decisions) - len(limits.tokens)
         rate = (begun if begun is not None else binding(decisions[:n]), binding(decisions[n:]))
         if not decisions[0].allowed:  # all or nothing: every decision reads refused; the longest wait binds
-            if max(d.retry_after for d in decisions[:n]) > max(d.retry_after for d in decisions[n:]):
+            if max((d.retry_after for d in decisions[:n]), default=0.0) > max(d.retry_after for d in decisions[n:]):
                 raise self._rate_refusal(decisions[:n], limits.requests, "requests", rate)
             raise self._rate_refusal(decisions[n:], limits.tokens, "tokens", rate)
         admission = Admission(caller, rate, model, prompt_tokens, charge, debit_to, self.price(model))

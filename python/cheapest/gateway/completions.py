@@ -1,5 +1,6 @@
-"""Chat and text completions, apart from their wire format: which engine serves the request, the prompt's
-tokens, the sampling parameters within the model's context, and collecting a whole answer.
+"""Chat and text completions, apart from their wire format: which engine serves the request (routed by `model`
+among the worker's models, within the key's allow-list), the prompt's tokens, the sampling parameters within the
+model's context, and collecting a whole answer.
 
 Prompt and completion text pass through here in memory only; no message built here carries any of it.
 """
@@ -13,21 +14,38 @@ from cheapest.api.completions import CompletionRequest
 from cheapest.gateway.admission import Admission, Admissions
 from cheapest.gateway.auth import Caller
 from cheapest.gateway.errors import Refusal
+from cheapest.engine.registry import ServedModels
 from cheapest.engine.types import (
-    ContextLengthError, Delta, Engine, EngineError, Finish, FinishReason, SamplingParams,
+    ContextLengthError, Delta, Embedder, Engine, EngineError, Finish, FinishReason, SamplingParams,
 )
 
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+LOADING_RETRY_AFTER = 5.0  # seconds a client waits before asking a loading model again
 
 
-def serving_engine(engine: Engine | None, caller: Caller, model: str) -> Engine:
-    """The engine that serves `model` to this caller (a key may be limited to some models)."""
-    if engine is None:
-        raise Refusal("unavailable", "The model is still loading; retry shortly.", code="not_ready")
-    if model != engine.model_id or not may_use(caller, engine.model_id):
+def served_model(models: ServedModels[Engine | Embedder], caller: Caller, model: str) -> Engine | Embedder:
+    """The engine that serves `model` to this caller (a key may be limited to some models). A model still loading
+    is "unavailable" with a retry time; one that failed to load, unavailable for good."""
+    slot = models.find(model)
+    if slot is None or not may_use(caller, slot.engine.model_id if slot.engine is not None else slot.name):
         # The requested name is not echoed: it is request text.
         raise Refusal("not_found", "The requested model does not exist or you do not have access to it.", param="model",
                       code="model_not_found")
+    if slot.engine is None:  # `model` is a configured model's name here: safe to say
+        if slot.state == "failed":
+            raise Refusal("unavailable", f"The model {slot.name} failed to load on this server.", param="model",
+                          code="model_unavailable")
+        raise Refusal("unavailable", f"The model {slot.name} is still loading; retry shortly.", param="model",
+                      code="model_loading", retry_after=LOADING_RETRY_AFTER)
+    return slot.engine
+
+
+def serving_engine(models: ServedModels[Engine | Embedder], caller: Caller, model: str) -> Engine:
+    """The generating engine for `model`; an embedding model is refused (it serves /v1/embeddings)."""
+    engine = served_model(models, caller, model)
+    if isinstance(engine, Embedder):
+        raise Refusal("invalid_request", f"The model {engine.model_id} is an embedding model: use /v1/embeddings.",
+                      param="model", code="model_not_supported")
     return engine
 
 
@@ -48,15 +66,19 @@ def prompt_ids(engine: Engine, request: ChatCompletionRequest | CompletionReques
     if request.n != 1:
         raise Refusal("invalid_request", "Only n=1 is supported.", param="n", code="invalid_value")
     if isinstance(request, ChatCompletionRequest):
+        if not engine.has_chat_template:
+            raise Refusal("invalid_request", f"The model {engine.model_id} has no chat template (it is a base model): "
+                          "use /v1/completions with a text prompt.", param="model", code="model_has_no_chat_template")
         messages: Sequence[tuple[str, str]] = [(_ROLES[m.role], m.text()) for m in request.messages]
         try:
             prompt = engine.render_chat(messages)
         except Exception:
             raise Refusal("invalid_request", "The messages cannot be rendered with this model's chat template "
                           "(check the order of roles).", param="messages", code="invalid_messages") from None
-    else:
-        prompt = request.prompt
-    return engine.encode(prompt)
+        return engine.encode(prompt)
+    # A text prompt gets the tokens the model's tokenizer adds (a base model's BOS); a rendered chat template
+    # already holds its own.
+    return engine.encode(request.prompt, special_tokens=True)
 
 
 def requested_tokens(request: ChatCompletionRequest | CompletionRequest) -> int | None:

@@ -60,8 +60,10 @@ class App:
             self.state = None
 
     def _add_route(self, route: Route) -> None:
-        """A route an engine plugin adds to this worker (kept out of the OpenAPI document)."""
-        self.router.add(route._replace(documented=False))
+        """A route an engine plugin adds to this worker (kept out of the OpenAPI document); once, however many
+        models the plugin loads."""
+        if not any(r.method == route.method and r.path == route.path for r in self.router.routes):
+            self.router.add(route._replace(documented=False))
 
     # --- requests -----------------------------------------------------------------------------------------
     async def handle(self, req: Request) -> Response | StreamResponse:

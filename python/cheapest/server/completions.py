@@ -1,5 +1,5 @@
-"""/v1 routes: chat and text completions (one JSON body, or SSE chunks framed by the core), models, the calling
-key's usage. Each handler parses the request, calls the gateway, and encodes the answer.
+"""/v1 routes: chat and text completions (one JSON body, or SSE chunks framed by the core), models (generating and
+embedding ones), the calling key's usage. Each handler parses the request, calls the gateway, and encodes the answer.
 
 A generation's request is charged against the caller's request rate before its body is read (the cheapest
 refusal first, and a refused request still counts). Once a stream has started, any failure ends it with an SSE
@@ -22,10 +22,10 @@ from cheapest.api.completions import Completion, CompletionChoice, CompletionReq
 from cheapest.api.models import Model, ModelList
 from cheapest.gateway import Admission, Caller, Gateway
 from cheapest.gateway.completions import (
-    check_bounds, collect, engine_refusal, may_use, prompt_ids, sampling, serving_engine,
+    check_bounds, collect, engine_refusal, may_use, prompt_ids, sampling, served_model, serving_engine,
 )
 from cheapest.gateway.usage import key_usage as usage_of
-from cheapest.engine.types import ContextLengthError, Delta, Engine, EngineError, Finish, SamplingParams
+from cheapest.engine.types import ContextLengthError, Delta, Embedder, Engine, EngineError, Finish, SamplingParams
 from cheapest.server.cancellation import until_disconnected
 from cheapest.server.errors import decode_error, internal_error, rate_headers
 from cheapest.server.request import Request, Response, StreamResponse, json_response
@@ -52,7 +52,7 @@ async def _complete(state: WorkerState, req: Request, chat: bool) -> Response | 
         raise decode_error(exc) from None
     check_bounds(creq)
     req.stream = creq.stream
-    engine = serving_engine(state.engine, caller, creq.model)
+    engine = serving_engine(state.models, caller, creq.model)
     req.model = engine.model_id
     ids = prompt_ids(engine, creq)
     p = len(ids)
@@ -127,7 +127,7 @@ async def completions(state: WorkerState, req: Request) -> Response | StreamResp
     return await _complete(state, req, chat=False)
 
 
-def _model(engine: Engine) -> Model:
+def _model(engine: Engine | Embedder) -> Model:
     return Model(engine.model_id, created=0, context_length=engine.context_length)
 
 
@@ -140,14 +140,13 @@ def _read(state: WorkerState, req: Request) -> tuple[Caller, list[tuple[str, str
 
 async def list_models(state: WorkerState, req: Request) -> Response:
     caller, headers = _read(state, req)
-    engine = state.engine
-    models = [] if engine is None or not may_use(caller, engine.model_id) else [_model(engine)]
+    models = [_model(engine) for engine in state.models.ready() if may_use(caller, engine.model_id)]
     return json_response(_encode(ModelList(models)), headers)
 
 
 async def get_model(state: WorkerState, req: Request, model_id: str) -> Response:
     caller, headers = _read(state, req)
-    return json_response(_encode(_model(serving_engine(state.engine, caller, model_id))), headers)
+    return json_response(_encode(_model(served_model(state.models, caller, model_id))), headers)
 
 
 async def key_usage(state: WorkerState, req: Request) -> Response:

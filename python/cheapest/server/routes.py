@@ -11,8 +11,9 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, NamedTuple
 
-from cheapest.api import billing, chat, completions, management, models, privacy
+from cheapest.api import billing, chat, completions, embeddings, management, models, privacy
 from cheapest.server import account, completions as generation, dashboard, health, management as manage, payments
+from cheapest.server import embeddings as embedding
 from cheapest.server.errors import method_not_allowed, not_found
 from cheapest.vocabulary import KeyKind
 
@@ -40,6 +41,8 @@ ROUTES: tuple[Route, ...] = (
           "sk", streams=True),
     Route("POST", "/v1/completions", generation.completions, "Create a text completion (SSE when stream=true)",
           completions.CompletionRequest, completions.Completion, "sk", streams=True),
+    Route("POST", "/v1/embeddings", embedding.embeddings, "Create embeddings (float or base64 vectors)",
+          embeddings.EmbeddingRequest, embeddings.EmbeddingList, "sk"),
     Route("GET", "/v1/models", generation.list_models, "List models", None, models.ModelList, "sk"),
     Route("GET", "/v1/models/{model}", generation.get_model, "Retrieve a model", None, models.Model, "sk"),
     Route("GET", "/v1/usage", generation.key_usage, "The calling key's limits and usage", None, models.KeyUsage,
@@ -84,7 +87,8 @@ ROUTES: tuple[Route, ...] = (
     Route("DELETE", "/api/account", account.delete,
           "Delete the account: keys stop at once, data purged within 30 days", None, privacy.AccountDeleted, "mk"),
     Route("GET", "/healthz", health.healthz, "Liveness", None, models.Health),
-    Route("GET", "/readyz", health.readyz, "Readiness: the model is loaded", None, models.Health),
+    Route("GET", "/readyz", health.readyz, "Readiness: every model is loaded (?model=ID: that one); each model's state",
+          None, models.Health),
     Route("GET", "/openapi.json", health.openapi, "This document", documented=False),
     Route("GET", "/dashboard", dashboard.asset, "The account owners' dashboard (a web page)", documented=False),
     Route("GET", "/dashboard/", dashboard.asset, "The account owners' dashboard (a web page)", documented=False),

@@ -2,9 +2,11 @@
 store, the shared rate limiter, the usage meter, the retention job, the gateway (with its caches and payment
 clients), the engine, the response-id buffer, the request log and the documents it serves.
 
-The engine comes from a factory named by `model_backend`: "onnx" (the built-in ONNX Runtime engine) or
-"module:callable", `factory(settings: EngineSettings, add_route) -> Engine`, imported in the worker. A factory
-may add routes of its own to this worker's router through `add_route` (they are not in the OpenAPI document).
+Each configured model (`engine.models`) gets an engine from the factory named by `model_backend`: "onnx" (the
+built-in ONNX Runtime engine) or "module:callable", `factory(settings: EngineSettings, add_route) -> Engine`,
+imported in the worker and called once per model with that model's `model_dir`. The models load in parallel
+threads (engine/registry.py); each engine has its own scheduler. A factory may add routes of its own to this
+worker's router through `add_route` (they are not in the OpenAPI document).
 """
 
 from __future__ import annotations
@@ -12,14 +14,16 @@ from __future__ import annotations
 import asyncio
 import importlib
 import logging
-import threading
 from collections.abc import Callable
+from pathlib import Path
 
 import cheapest_core
+import msgspec
 
 from cheapest.config import EngineSettings, Settings
 from cheapest.gateway import Gateway
-from cheapest.engine.types import Engine
+from cheapest.engine.registry import ServedModels
+from cheapest.engine.types import Embedder, Engine
 from cheapest.privacy.retention import PeriodicRetention
 from cheapest.server.accesslog import RequestLog
 from cheapest.server.ids import ResponseIds
@@ -32,14 +36,20 @@ from cheapest.store.settings import OLD_RATELIMIT_FILES
 log = logging.getLogger("cheapest.server")
 
 AddRoute = Callable[[Route], None]
-EngineFactory = Callable[[EngineSettings, AddRoute], Engine]
+EngineFactory = Callable[[EngineSettings, AddRoute], Engine | Embedder]
 
 
-def load_onnx_engine(settings: EngineSettings, add_route: AddRoute) -> Engine:
-    """The built-in backend ("onnx"): a model directory in the Hugging Face ONNX layout."""
+def load_onnx_engine(settings: EngineSettings, add_route: AddRoute) -> Engine | Embedder:
+    """The built-in backend ("onnx"): a model directory in the Hugging Face ONNX layout (a generating model, or a
+    sentence-embedding one)."""
+    from cheapest.engine.embedding import EmbeddingEngine, is_embedding_model
     from cheapest.engine.onnx_engine import load_engine
 
-    return load_engine(settings.model_dir, threads=settings.model_threads or None, spin_us=settings.model_spin_us)
+    if is_embedding_model(settings.model_dir):
+        return EmbeddingEngine(settings.model_dir, threads=settings.model_threads or None,
+                               spin_us=settings.model_spin_us, shared_arena=len(settings.models) > 1)
+    return load_engine(settings.model_dir, threads=settings.model_threads or None, spin_us=settings.model_spin_us,
+                       chat_templates=settings.chat_templates, shared_arena=len(settings.models) > 1)
 
 
 def engine_factory(settings: EngineSettings) -> EngineFactory:
@@ -89,38 +99,31 @@ class WorkerState:
         self.request_log = RequestLog()
         self.openapi: bytes | None = None  # the OpenAPI document, encoded on first request
         self.plans: bytes | None = None  # the public plan catalog, encoded on first request
-        self.engine: Engine | None = None
-        self.engine_failed = False
         self._add_route = add_route
-        self._engine_lock = threading.Lock()
+        engine = settings.engine
+        factory = engine_factory(engine)
+        self.models: ServedModels[Engine | Embedder] = ServedModels(
+            (Path(model_dir).name, self._loader(factory, msgspec.structs.replace(engine, model_dir=model_dir)))
+            for model_dir in engine.models)
+
+    def _loader(self, factory: EngineFactory, settings: EngineSettings) -> Callable[[], Engine | Embedder]:
+        return lambda: factory(settings, self._add_route)
 
     def load_engine(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
-        """Load the engine in a thread (/readyz says when it is ready); without a loop, now."""
+        """Load every model, each in its own thread (/readyz says which are ready); without a loop, now."""
         if loop is None:
-            self._load()
+            self.models.load_now()
         else:
-            loop.run_in_executor(None, self._load)
-
-    def _load(self) -> None:
-        with self._engine_lock:
-            if self.engine is not None:
-                return
-            try:
-                settings = self.settings.engine
-                self.engine = engine_factory(settings)(settings, self._add_route)
-            except Exception as exc:
-                self.engine_failed = True
-                log.error("model failed to load: %s", type(exc).__name__)
-                raise
+            self.models.start()
 
     def close(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
         self.request_log.flush()
         self.retention.stop()
         self.gateway.payments.close()
         self.meter.stop()
-        if self.engine is not None and loop is not None and not loop.is_closed():
+        if loop is not None and not loop.is_closed():
             try:
-                loop.run_until_complete(self.engine.close())
+                loop.run_until_complete(self.models.close())
             except Exception:
                 log.exception("engine close failed")
         self.store.close()

@@ -1,0 +1,303 @@
+"""Rewrites of a built fused graph into the one ONNX Runtime's CPU provider serves (`onnx/model_cpu.onnx`).
+
+`cpu_graph(model)` replaces, in place:
+  * every 4-bit linear at accuracy_level 0 - a MatMulNBits (or one per input-axis part, summed by Add, over a
+    Split of the input) plus, for Q4_1, its block minimums (MatMul by the 0/1 block indicator, MatMul by the
+    minimums, Add) - by one `cheapest.Q4Linear` on the same codes, scales and minimums, re-laid in the order
+    of the core's kernel (rust/kernels/q4.rs: GGUF nibble order, minimums as [N, K/32] offsets);
+  * SwiGLU feeding such a linear (Split of gate|up, QuickGelu(alpha=1), Mul) by the linear's swiglu=1 input;
+  * an 8-bit MatMulNBits at accuracy_level 4 (the LM head's scoring pass: x rounded to int8 per block) by
+    `cheapest.Q8LinearInt8`, the same arithmetic with AVX-512 VNNI, on the same codes (shared with the
+    embedding's gather, read in place).
+
+Why: a decode step of SmolLM2-135M ran 781 ONNX Runtime nodes, most of them tiny (the minimums' products, the
+Adds, the K split that works around MatMulNBits' slow K=1536 fp32 kernel); each node is a dispatch and often
+a synchronisation of the intra-op pool. The custom operator does a linear in one node, reads the weights
+where the session keeps them (no prepacked second copy) and keeps fp32 activations, so the graph computes the
+same GGUF weights to fp32 rounding. Nodes the pass does not recognise are left as they are: the result is
+always a valid graph, just a slower one.
+
+The custom operators are CPU-only; the portable graph (`onnx/model.onnx`) stays what CUDA and other
+providers load.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from .graph_builder import MS_DOMAIN
+
+CHEAPEST_DOMAIN = "cheapest"  # rust/ortops: registered by the core's library (engine loader)
+BLOCK = 32
+ROW_GROUP = 8  # rows whose blocks are interleaved, so a kernel tile reads one stream (rust/kernels/q4.rs)
+
+
+@dataclass
+class _Graph:
+    """Producer/consumer index over a graph's nodes, and its initializers by name."""
+
+    graph: onnx.GraphProto
+    producer: dict[str, onnx.NodeProto] = field(default_factory=dict)
+    consumers: dict[str, list[onnx.NodeProto]] = field(default_factory=lambda: defaultdict(list))
+    initializers: dict[str, onnx.TensorProto] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for node in self.graph.node:
+            for out in node.output:
+                if out:
+                    self.producer[out] = node
+            for inp in node.input:
+                if inp:
+                    self.consumers[inp].append(node)
+        self.initializers = {t.name: t for t in self.graph.initializer}
+
+    def array(self, name: str) -> np.ndarray | None:
+        tensor = self.initializers.get(name)
+        return None if tensor is None else numpy_helper.to_array(tensor)
+
+    def only_consumer(self, name: str) -> onnx.NodeProto | None:
+        users = self.consumers.get(name, [])
+        return users[0] if len(users) == 1 else None
+
+    def made_by(self, name: str, op_type: str) -> onnx.NodeProto | None:
+        node = self.producer.get(name)
+        return node if node is not None and node.op_type == op_type else None
+
+
+def _attrs(node: onnx.NodeProto) -> dict:
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+@dataclass
+class _Rewrite:
+    replaced: list[onnx.NodeProto]  # removed; the new node takes the place of the last of them
+    node: onnx.NodeProto
+    initializers: list[onnx.TensorProto]
+
+
+def _ggml_nibble_order(b: np.ndarray) -> np.ndarray:
+    """MatMulNBits' [N, blocks, 16] (byte j = elements 2j | 2j+1 << 4) -> the kernel's (j | j+16 << 4)."""
+    q = np.stack([b & 0x0F, b >> 4], axis=-1).reshape(*b.shape[:-1], BLOCK)
+    return (q[..., :16] | (q[..., 16:] << 4)).astype(np.uint8)
+
+
+def _interleave_rows(a: np.ndarray, group: int) -> np.ndarray:
+    """[N, blocks, ...] -> blocks of `group` consecutive rows interleaved: [N/group, blocks, group, ...]."""
+    n, blocks = a.shape[:2]
+    grouped = a.reshape(n // group, group, blocks, *a.shape[2:]).swapaxes(1, 2)
+    return np.ascontiguousarray(grouped).reshape(n, -1)
+
+
+def _zero_point(g: _Graph, node: onnx.NodeProto, n: int) -> int | None:
+    """The single zero point of a 4-bit MatMulNBits (8 when the input is absent); None if they differ."""
+    if len(node.input) < 4 or not node.input[3]:
+        return 8
+    packed = g.array(node.input[3])
+    if packed is None or packed.dtype != np.uint8:
+        return None
+    values = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(n, -1)
+    first = int(values.flat[0])
+    return first if np.all(values == first) else None
+
+
+def _parts(g: _Graph, q: onnx.NodeProto) -> tuple[str, list[onnx.NodeProto], list[onnx.NodeProto], str] | None:
+    """(x, MatMulNBits parts in K order, the Split/Add nodes joining them, the summed output) for the linear
+    that MatMulNBits `q` belongs to; None unless `q` is its first part."""
+    split = g.made_by(q.input[0], "Split")
+    if split is None:
+        return q.input[0], [q], [], q.output[0]
+    if split.output[0] != q.input[0]:
+        return None  # a later part: handled from the first one
+    parts = []
+    for out in split.output:
+        user = g.only_consumer(out)
+        if user is None or user.op_type != "MatMulNBits" or user.input[0] != out:
+            return None
+        parts.append(user)
+    joins: list[onnx.NodeProto] = [split]
+    total = parts[0].output[0]
+    for part in parts[1:]:
+        add = g.only_consumer(total)
+        if add is None or add.op_type != "Add" or set(add.input) != {total, part.output[0]}:
+            return None
+        joins.append(add)
+        total = add.output[0]
+    return split.input[0], parts, joins, total
+
+
+def _block_minimums(g: _Graph, x: str, y: str, k: int, n: int) -> tuple[np.ndarray, list[onnx.NodeProto], str] | None:
+    """Q4_1's `y + (x @ indicator) @ mins^T`: (offsets [N, K/32], its nodes, the output) or None."""
+    add = g.only_consumer(y)
+    if add is None or add.op_type != "Add" or len(add.input) != 2:
+        return None
+    corr = add.input[1] if add.input[0] == y else add.input[0]
+    by_mins = g.made_by(corr, "MatMul")
+    if by_mins is None or g.only_consumer(corr) is None:
+        return None
+    sums = g.made_by(by_mins.input[0], "MatMul")
+    mins_t = g.array(by_mins.input[1])
+    if sums is None or sums.input[0] != x or mins_t is None or mins_t.shape != (k // BLOCK, n):
+        return None
+    if g.only_consumer(sums.output[0]) is None:
+        return None
+    indicator = g.array(sums.input[1])
+    expected = np.zeros((k, k // BLOCK), np.float32)
+    expected[np.arange(k), np.arange(k) // BLOCK] = 1.0
+    if indicator is None or indicator.shape != expected.shape or not np.array_equal(indicator, expected):
+        return None
+    return np.ascontiguousarray(mins_t.T.astype(np.float32)), [sums, by_mins, add], add.output[0]
+
+
+def _q4_linear(g: _Graph, q: onnx.NodeProto) -> _Rewrite | None:
+    a = _attrs(q)
+    if a.get("bits") != 4 or a.get("block_size") != BLOCK or a.get("accuracy_level", 0) != 0:
+        return None
+    found = _parts(g, q)
+    if found is None:
+        return None
+    x, parts, joins, y = found
+    n = int(a["N"])
+    codes, scales, zero_points = [], [], set()
+    for part in parts:
+        pa = _attrs(part)
+        b, s = g.array(part.input[1]), g.array(part.input[2])
+        if b is None or s is None or pa.get("bits") != 4 or pa.get("block_size") != BLOCK or int(pa["N"]) != n:
+            return None
+        if pa.get("accuracy_level", 0) != 0 or len(part.input[1:]) > 3 or len(g.consumers[part.input[1]]) != 1:
+            return None  # g_idx / bias inputs, or codes shared with another node (a tied embedding)
+        blocks = int(pa["K"]) // BLOCK
+        codes.append(_ggml_nibble_order(b.reshape(n, blocks, 16)))
+        scales.append(s.reshape(n, blocks).astype(np.float32))
+        zero_points.add(_zero_point(g, part, n))
+    if len(zero_points) != 1 or None in zero_points:
+        return None
+    zero_point = zero_points.pop()
+    assert zero_point is not None
+    k = sum(int(_attrs(p)["K"]) for p in parts)
+    replaced = [*parts, *joins]
+    offsets = None
+    minimums = _block_minimums(g, x, y, k, n)
+    if minimums is not None:
+        offsets, nodes, y = minimums
+        replaced += nodes
+    base = q.name.removesuffix(".0") or y
+    group = ROW_GROUP if n % ROW_GROUP == 0 else 1
+    arrays = {"codes": np.concatenate(codes, axis=1), "scales": np.concatenate(scales, axis=1)}
+    if offsets is not None:
+        arrays["offsets"] = offsets
+    inits = [numpy_helper.from_array(_interleave_rows(a, group), f"{base}.q4_{name}") for name, a in arrays.items()]
+    node = helper.make_node("Q4Linear", [x, *(t.name for t in inits)], [y], name=base, domain=CHEAPEST_DOMAIN,
+                            K=k, N=n, zero_point=zero_point, row_group=group)
+    return _Rewrite(replaced, node, inits)
+
+
+def _q8_linear_int8(g: _Graph, q: onnx.NodeProto) -> _Rewrite | None:
+    a = _attrs(q)
+    if a.get("bits") != 8 or a.get("block_size") != BLOCK or a.get("accuracy_level", 0) != 4:
+        return None
+    if len(q.input) != 3 or q.input[1] not in g.initializers or q.input[2] not in g.initializers:
+        return None  # zero points, g_idx or bias inputs
+    scales = _same_data(g, q.input[2])  # the kernel reads values, not shapes: share the embedding's copy
+    node = helper.make_node("Q8LinearInt8", [q.input[0], q.input[1], scales], list(q.output), name=q.name,
+                            domain=CHEAPEST_DOMAIN, K=int(a["K"]), N=int(a["N"]))
+    return _Rewrite([q], node, [])
+
+
+def _same_data(g: _Graph, name: str) -> str:
+    """Another initializer holding the same values (any shape), read by a node other than MatMulNBits, or `name`.
+    The tied LM head's scales are the embedding gather's, reshaped."""
+    mine = g.array(name)
+    assert mine is not None
+    for other, tensor in g.initializers.items():
+        users = g.consumers.get(other, [])
+        if other == name or not users or all(u.op_type == "MatMulNBits" for u in users):
+            continue
+        if tensor.data_type == g.initializers[name].data_type and np.prod(tensor.dims) == mine.size:
+            data = g.array(other)
+            if data is not None and np.array_equal(data.reshape(-1), mine.reshape(-1)):
+                return other
+    return name
+
+
+def _swiglu_input(g: _Graph, linear: onnx.NodeProto, k: int) -> tuple[str, list[onnx.NodeProto]] | None:
+    """gate|up and the Split, QuickGelu and Mul computing silu(gate) * up into `linear`, or None."""
+    mul = g.made_by(linear.input[0], "Mul")
+    if mul is None or g.only_consumer(mul.output[0]) is None:
+        return None
+    for act_in, up in (mul.input, mul.input[::-1]):
+        gelu = g.made_by(act_in, "QuickGelu")
+        if gelu is None or gelu.domain != MS_DOMAIN or abs(_attrs(gelu).get("alpha", 1.702) - 1.0) > 0:
+            continue
+        split = g.made_by(gelu.input[0], "Split")
+        if split is None or list(split.output) != [gelu.input[0], up] or g.only_consumer(act_in) is None:
+            continue
+        if g.only_consumer(gelu.input[0]) is None or g.only_consumer(up) is None:
+            continue
+        sizes = g.array(split.input[1]) if len(split.input) > 1 and split.input[1] else None
+        axis = _attrs(split).get("axis", 0)
+        if sizes is None or [int(v) for v in sizes] != [k, k] or axis != -1:
+            continue
+        return split.input[0], [split, gelu, mul]
+    return None
+
+
+def cpu_graph(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Rewrite `model` (the fused graph) in place for the CPU provider and return it."""
+    g = _Graph(model.graph)
+    rewrites = [r for node in list(model.graph.node) if node.op_type == "MatMulNBits"
+                and (r := _q4_linear(g, node) or _q8_linear_int8(g, node)) is not None]
+    _apply(model, rewrites)
+    g = _Graph(model.graph)
+    fused = []
+    for node in list(model.graph.node):
+        if node.op_type != "Q4Linear" or node.domain != CHEAPEST_DOMAIN:
+            continue
+        a = _attrs(node)
+        found = _swiglu_input(g, node, int(a["K"]))
+        if found is None:
+            continue
+        gate_up, nodes = found
+        new = helper.make_node("Q4Linear", [gate_up, *node.input[1:]], list(node.output), name=node.name,
+                               domain=CHEAPEST_DOMAIN, **a, swiglu=1)
+        fused.append(_Rewrite([*nodes, node], new, []))
+    _apply(model, fused)
+    used = {i for node in model.graph.node for i in node.input}
+    for i in reversed(range(len(model.graph.initializer))):
+        if model.graph.initializer[i].name not in used:
+            del model.graph.initializer[i]
+    if rewrites and not any(o.domain == CHEAPEST_DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(CHEAPEST_DOMAIN, 1))
+    return model
+
+
+def _key(node: onnx.NodeProto) -> tuple[str, ...]:
+    return tuple(node.output)  # output names are unique in a graph: they identify the node
+
+
+def _apply(model: onnx.ModelProto, rewrites: list[_Rewrite]) -> None:
+    """Each rewrite's node takes the place of the last node it replaces (its inputs exist before that point and
+    its output is read only after it), so node order stays topological."""
+    position = {_key(n): i for i, n in enumerate(model.graph.node)}
+    gone: set[tuple[str, ...]] = set()
+    placed: dict[tuple[str, ...], onnx.NodeProto] = {}
+    for r in rewrites:
+        gone.update(_key(n) for n in r.replaced)
+        placed[max((_key(n) for n in r.replaced), key=position.__getitem__)] = r.node
+    nodes = []
+    for node in model.graph.node:
+        key = _key(node)
+        if key not in gone:
+            kept = onnx.NodeProto()
+            kept.CopyFrom(node)
+            nodes.append(kept)
+        elif key in placed:
+            nodes.append(placed[key])
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    for r in rewrites:
+        model.graph.initializer.extend(r.initializers)

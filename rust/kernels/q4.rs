@@ -1,0 +1,498 @@
+//! `y = x · Wᵀ` for a 4-bit block-quantized weight W [N, K] and fp32 activations x [M, K].
+//!
+//! W is stored in blocks of 32 along K (GGUF's Q4_0 / Q4_1 blocking):
+//!
+//! ```text
+//!   W[n, 32b + j] = scale[i] * (q[i, j] - zero_point) + offset[i]      i = index of block (n, b)
+//!   q[i, j]       = low nibble of codes[i, j] for j < 16, high nibble of codes[i, j - 16] otherwise
+//! ```
+//!
+//! Blocks are indexed row by row (`i = n * K/32 + b`, `group` 1) or, with `group` G, G rows interleaved:
+//! `i = ((n / G) * K/32 + b) * G + n % G`, so the G rows a tile reads together are one sequential stream
+//! instead of G streams a cache line apart (measured on SmolLM2's down projection, K=1536: separate rows
+//! outran the hardware prefetcher and ran at half the bytes per second of the interleaved layout).
+//!
+//! which is GGUF's own nibble order, so a block's low nibbles meet x[32b .. 32b+16] and its high nibbles
+//! x[32b+16 .. 32b+32], two contiguous loads. Activations stay fp32 and every weight is formed exactly as the
+//! formula says (one fused multiply-add), so the result is the fp32 product with the dequantized matrix up to
+//! summation order; nothing is rounded to int8 on the way (llama.cpp's and ONNX Runtime's fast paths do that,
+//! and it flips near-tie greedy tokens).
+//!
+//! Why it is fast where it is (decode, M = 1..8, is the case that matters):
+//! * AVX-512: the 16 possible weights of a block are one register, `scale * (iota - zp) + offset`, and
+//!   `vpermps` uses only the low 4 bits of each index, so the zero-extended code bytes index that table
+//!   directly (low nibbles) and after one shift (high nibbles): 32 dequantized weights in five instructions,
+//!   with no int -> float conversion.
+//! * The dequantized block is used for up to `MC` (12) rows of x at once, so batched decode and prefill pay
+//!   the unpacking once per weight row and 12 sequences or prompt tokens, not once per row of x.
+//! * Several weight rows run together (`R` accumulators per x row) to hide the fused multiply-add latency.
+//! * AVX2+FMA (no 16-wide permute) converts the nibbles to floats; a portable loop covers everything else.
+
+use core::ops::Range;
+
+pub use super::BLOCK;
+use super::BlockMatrix;
+
+const BLOCK_BYTES: usize = BLOCK / 2;
+
+/// What a 4-bit matrix adds to its codes and scales (see the module docs for the layout).
+#[derive(Clone, Copy, Debug)]
+pub struct Q4Format<'a> {
+    /// One per block (Q4_1's minimum), or none (Q4_0).
+    pub offsets: Option<&'a [f32]>,
+    /// 0..=15.
+    pub zero_point: u8,
+    /// Rows whose blocks are interleaved: 1 = none; N must be a multiple of it.
+    pub group: usize,
+}
+
+/// A borrowed 4-bit weight matrix.
+pub type Q4Weights<'a> = BlockMatrix<'a, Q4Format<'a>>;
+
+impl<'a> Q4Weights<'a> {
+    /// `codes`: N * K/2 bytes; `scales` and the format's `offsets`: N * K/32 values; K a multiple of 32.
+    pub fn new(n: usize, k: usize, codes: &'a [u8], scales: &'a [f32], format: Q4Format<'a>) -> Result<Self, &'static str> {
+        if format.group == 0 || n % format.group != 0 {
+            return Err("N must be a multiple of the row group");
+        }
+        if format.offsets.is_some_and(|o| o.len() != scales.len()) {
+            return Err("offsets must hold one value per block, as scales do");
+        }
+        if format.zero_point > 15 {
+            return Err("the zero point of a 4-bit code is at most 15");
+        }
+        Self::checked(n, k, codes, scales, BLOCK_BYTES, format)
+    }
+
+    /// Index of block (n, 0); block (n, b) is at `row_base(n) + b * group`.
+    fn row_base(&self, n: usize) -> usize {
+        (n / self.format.group) * (self.k / BLOCK) * self.format.group + n % self.format.group
+    }
+
+    /// The fp32 weight W[n, j] (for tests and the portable path).
+    pub fn weight(&self, n: usize, j: usize) -> f32 {
+        let (b, i) = (j / BLOCK, j % BLOCK);
+        let block = self.row_base(n) + b * self.format.group;
+        let byte = self.codes[block * BLOCK_BYTES + i % BLOCK_BYTES];
+        let q = if i < BLOCK_BYTES { byte & 0x0F } else { byte >> 4 };
+        let offset = self.format.offsets.map_or(0.0, |o| o[block]);
+        (f32::from(q) - f32::from(self.format.zero_point)).mul_add(self.scales[block], offset)
+    }
+}
+
+/// Instruction sets a kernel can run on; `Isa::detect` picks the best this CPU has.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Isa {
+    Portable,
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
+}
+
+impl Isa {
+    pub fn detect() -> Isa {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                return Isa::Avx512;
+            }
+            if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                return Isa::Avx2;
+            }
+        }
+        Isa::Portable
+    }
+
+    /// Every instruction set this CPU can run (for tests that compare them).
+    pub fn available() -> Vec<Isa> {
+        let mut out = vec![Isa::Portable];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                out.push(Isa::Avx2);
+            }
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                out.push(Isa::Avx512);
+            }
+        }
+        out
+    }
+}
+
+/// y[M, N] = x[M, K] · Wᵀ, single-threaded.
+pub fn matmul(w: &Q4Weights, x: &[f32], m: usize, y: &mut [f32], isa: Isa) {
+    assert_eq!(x.len(), m * w.k, "x must be [M, K]");
+    assert_eq!(y.len(), m * w.n, "y must be [M, N]");
+    // SAFETY: the slices have the asserted sizes and all columns 0..N are in range.
+    unsafe { matmul_cols(w, x.as_ptr(), m, y.as_mut_ptr(), 0..w.n, isa) }
+}
+
+/// Columns `cols` of y[M, N] = x[M, K] · Wᵀ: threads split N into disjoint column ranges.
+///
+/// # Safety
+/// `x` points to M*K readable floats, `y` to M*N writable floats, `cols` lies within 0..N, `isa` is
+/// supported by this CPU, and no other thread writes the same columns of y concurrently.
+pub unsafe fn matmul_cols(w: &Q4Weights, x: *const f32, m: usize, y: *mut f32, cols: Range<usize>, isa: Isa) {
+    debug_assert!(cols.end <= w.n);
+    match isa {
+        Isa::Portable => portable(w, x, m, y, cols),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => x86::avx2(w, x, m, y, cols),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => x86::avx512(w, x, m, y, cols),
+    }
+}
+
+unsafe fn portable(w: &Q4Weights, x: *const f32, m: usize, y: *mut f32, cols: Range<usize>) {
+    let x = core::slice::from_raw_parts(x, m * w.k);
+    for n in cols {
+        for mi in 0..m {
+            let row = &x[mi * w.k..(mi + 1) * w.k];
+            let mut sum = 0.0f32;
+            for (j, xv) in row.iter().enumerate() {
+                sum = w.weight(n, j).mul_add(*xv, sum);
+            }
+            *y.add(mi * w.n + n) = sum;
+        }
+    }
+}
+
+/// x[M, 2K] = [gate | up] -> out[M, K] = silu(gate) * up (SwiGLU), to fp32 rounding (exp within 2 ulp).
+pub fn silu_mul(gate_up: &[f32], k: usize, out: &mut [f32]) {
+    assert!(k > 0 && gate_up.len() % (2 * k) == 0 && out.len() * 2 == gate_up.len());
+    for (row, o) in gate_up.chunks_exact(2 * k).zip(out.chunks_exact_mut(k)) {
+        let (gate, up) = row.split_at(k);
+        let mut done = 0;
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            // SAFETY: the features were just detected; the slices have k elements each.
+            done = unsafe { x86::silu_mul(gate, up, o) };
+        }
+        for ((o, g), u) in o[done..].iter_mut().zip(&gate[done..]).zip(&up[done..]) {
+            *o = g / (1.0 + (-g).exp()) * u;
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{Q4Weights, BLOCK, BLOCK_BYTES};
+    use core::arch::x86_64::*;
+    use core::ops::Range;
+
+    const PANEL: usize = 64;
+
+    /// A tile kernel's operands: R weight rows from `n0` times MC rows of x (row stride K) into y (row stride N).
+    #[derive(Clone, Copy)]
+    struct Tile<'w, 'a> {
+        w: &'w Q4Weights<'a>,
+        x: *const f32,
+        y: *mut f32,
+        n0: usize,
+    }
+
+    impl Tile<'_, '_> {
+        /// Codes, scales, offsets (null without them) and the first block of each of the R rows.
+        fn arrays<const R: usize>(&self) -> (*const u8, *const f32, *const f32, [usize; R]) {
+            let w = self.w;
+            let offsets = w.format.offsets.map_or(core::ptr::null(), <[f32]>::as_ptr);
+            (w.codes.as_ptr(), w.scales.as_ptr(), offsets, core::array::from_fn(|r| w.row_base(self.n0 + r)))
+        }
+    }
+
+    /// Columns in panels of PANEL weight rows; within a panel, the x rows in chunks of at most MC, and for
+    /// each chunk the panel's rows in groups of R (a single-row tile for the last N % R columns). A panel's
+    /// weights and a chunk of x both stay in cache while they meet (a 500-token prefill re-read all of x from
+    /// L2 for every pair of weight rows without the panels).
+    macro_rules! drive {
+        ($w:expr, $x:expr, $m:expr, $y:expr, $cols:expr, $tile:ident, $r:literal, [$($mc:literal),+]) => {{
+            let (w, x, m, y, cols) = ($w, $x, $m, $y, $cols);
+            let mut panel = cols.start;
+            while panel < cols.end {
+                let panel_end = (panel + PANEL).min(cols.end);
+                let mut mi = 0;
+                while mi < m {
+                    let left = m - mi;
+                    let xp = x.add(mi * w.k);
+                    let yp = y.add(mi * w.n);
+                    let mut n = panel;
+                    let mut done = 0;
+                    while n < panel_end {
+                        let one = n + $r > panel_end;
+                        done = drive!(@pick w, xp, yp, n, one, left, $tile, $r, [$($mc),+]);
+                        n += if one { 1 } else { $r };
+                    }
+                    mi += done;
+                }
+                panel = panel_end;
+            }
+        }};
+        (@pick $w:expr, $xp:expr, $yp:expr, $n:expr, $one:expr, $left:expr, $tile:ident, $r:literal, [$($mc:literal),+]) => {{
+            let mut done = 0;
+            $(
+                if done == 0 && $left >= $mc {
+                    let t = Tile { w: $w, x: $xp, y: $yp, n0: $n };
+                    match ($one, $w.format.offsets.is_some()) {
+                        (false, true) => $tile::<$r, $mc, true>(t),
+                        (false, false) => $tile::<$r, $mc, false>(t),
+                        (true, true) => $tile::<1, $mc, true>(t),
+                        (true, false) => $tile::<1, $mc, false>(t),
+                    }
+                    done = $mc;
+                }
+            )+
+            done
+        }};
+    }
+
+    pub(super) unsafe fn avx512(w: &Q4Weights, x: *const f32, m: usize, y: *mut f32, cols: Range<usize>) {
+        if m == 1 {
+            drive!(w, x, m, y, cols, tile512, 8, [1]);
+        } else {
+            // Two weight rows against up to 8 x rows: 16 accumulators + 4 weight registers (12 rows spilled
+            // registers: 1.7x slower prefill), so each dequantized block serves 8 sequences or prompt tokens.
+            drive!(w, x, m, y, cols, tile512, 2, [8, 4, 2, 1]);
+        }
+    }
+
+    /// silu(g) * u, 8 at a time, for the whole multiples of 8; returns how many were done. exp is Cephes'
+    /// single-precision polynomial (range reduction by ln 2 in two parts, degree-5 polynomial, 2^n by
+    /// exponent bits): within 2 ulp of the true value, where a scalar `exp` per element would cost most of
+    /// the down projection's time (1536 per row).
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn silu_mul(gate: &[f32], up: &[f32], out: &mut [f32]) -> usize {
+        let whole = gate.len() / 8 * 8;
+        let one = _mm256_set1_ps(1.0);
+        for i in (0..whole).step_by(8) {
+            let g = _mm256_loadu_ps(gate.as_ptr().add(i));
+            let e = exp(_mm256_sub_ps(_mm256_setzero_ps(), g));
+            let silu = _mm256_div_ps(g, _mm256_add_ps(one, e));
+            _mm256_storeu_ps(out.as_mut_ptr().add(i), _mm256_mul_ps(silu, _mm256_loadu_ps(up.as_ptr().add(i))));
+        }
+        whole
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn exp(x: __m256) -> __m256 {
+        let x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.336_55)), _mm256_set1_ps(88.376_26));
+        let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+            _mm256_mul_ps(x, _mm256_set1_ps(core::f32::consts::LOG2_E)),
+        );
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), x);
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
+        let mut p = _mm256_set1_ps(1.987_569_1e-4);
+        for c in [1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 5.000_000_1e-1] {
+            p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+        }
+        let p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0)));
+        let scale = _mm256_slli_epi32::<23>(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)));
+        _mm256_mul_ps(p, _mm256_castsi256_ps(scale))
+    }
+
+    pub(super) unsafe fn avx2(w: &Q4Weights, x: *const f32, m: usize, y: *mut f32, cols: Range<usize>) {
+        drive!(w, x, m, y, cols, tile256, 4, [2, 1]);
+    }
+
+    #[target_feature(enable = "avx512f")]
+    unsafe fn tile512<const R: usize, const MC: usize, const OFF: bool>(t: Tile) {
+        let Tile { w, x, y, n0 } = t;
+        let nb = w.k / BLOCK;
+        let iota = _mm512_sub_ps(
+            _mm512_setr_ps(0., 1., 2., 3., 4., 5., 6., 7., 8., 9., 10., 11., 12., 13., 14., 15.),
+            _mm512_set1_ps(f32::from(w.format.zero_point)),
+        );
+        let (codes, scales, offsets, base) = t.arrays::<R>();
+        let mut acc = [[_mm512_setzero_ps(); R]; MC];
+        for b in 0..nb {
+            // The R rows' blocks first (2R registers), then each x row: two loads and 2R multiply-adds.
+            let mut w_lo = [_mm512_setzero_ps(); R];
+            let mut w_hi = [_mm512_setzero_ps(); R];
+            for r in 0..R {
+                let block = base[r] + b * w.format.group;
+                let d = _mm512_set1_ps(*scales.add(block));
+                let table = if OFF {
+                    _mm512_fmadd_ps(iota, d, _mm512_set1_ps(*offsets.add(block)))
+                } else {
+                    _mm512_mul_ps(iota, d)
+                };
+                let c = _mm512_cvtepu8_epi32(_mm_loadu_si128(codes.add(block * BLOCK_BYTES) as *const __m128i));
+                w_lo[r] = _mm512_permutexvar_ps(c, table);
+                w_hi[r] = _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(c), table);
+            }
+            for mi in 0..MC {
+                let xb = x.add(mi * w.k + b * BLOCK);
+                let (lo, hi) = (_mm512_loadu_ps(xb), _mm512_loadu_ps(xb.add(16)));
+                for r in 0..R {
+                    acc[mi][r] = _mm512_fmadd_ps(w_lo[r], lo, acc[mi][r]);
+                    acc[mi][r] = _mm512_fmadd_ps(w_hi[r], hi, acc[mi][r]);
+                }
+            }
+        }
+        for mi in 0..MC {
+            for r in 0..R {
+                *y.add(mi * w.n + n0 + r) = _mm512_reduce_add_ps(acc[mi][r]);
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn tile256<const R: usize, const MC: usize, const OFF: bool>(t: Tile) {
+        let Tile { w, x, y, n0 } = t;
+        let nb = w.k / BLOCK;
+        let zp = _mm256_set1_ps(f32::from(w.format.zero_point));
+        let nibble = _mm_set1_epi8(0x0F);
+        let (codes, scales, offsets, base) = t.arrays::<R>();
+        let mut acc = [[_mm256_setzero_ps(); R]; MC];
+        for b in 0..nb {
+            for r in 0..R {
+                let block = base[r] + b * w.format.group;
+                let d = _mm256_set1_ps(*scales.add(block));
+                let o = if OFF { _mm256_set1_ps(*offsets.add(block)) } else { _mm256_setzero_ps() };
+                let bytes = _mm_loadu_si128(codes.add(block * BLOCK_BYTES) as *const __m128i);
+                let lo = _mm_and_si128(bytes, nibble);
+                let hi = _mm_and_si128(_mm_srli_epi16::<4>(bytes), nibble);
+                let q = [lo, _mm_srli_si128::<8>(lo), hi, _mm_srli_si128::<8>(hi)];
+                for (part, qp) in q.iter().enumerate() {
+                    let qf = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(*qp));
+                    let wv = _mm256_fmadd_ps(_mm256_sub_ps(qf, zp), d, o);
+                    for mi in 0..MC {
+                        let xv = _mm256_loadu_ps(x.add(mi * w.k + b * BLOCK + 8 * part));
+                        acc[mi][r] = _mm256_fmadd_ps(wv, xv, acc[mi][r]);
+                    }
+                }
+            }
+        }
+        for mi in 0..MC {
+            for r in 0..R {
+                let v = acc[mi][r];
+                let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+                let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+                let s = _mm_add_ss(s, _mm_shuffle_ps::<1>(s, s));
+                *y.add(mi * w.n + n0 + r) = _mm_cvtss_f32(s);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A small deterministic generator, so the tests need no extra crate.
+    struct Lcg(u64);
+    impl Lcg {
+        fn next(&mut self) -> u32 {
+            self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (self.0 >> 33) as u32
+        }
+        fn float(&mut self) -> f32 {
+            self.next() as f32 / (1u64 << 31) as f32 * 2.0 - 1.0
+        }
+    }
+
+    struct Case {
+        codes: Vec<u8>,
+        scales: Vec<f32>,
+        offsets: Vec<f32>,
+    }
+
+    fn case(n: usize, k: usize, seed: u64) -> Case {
+        let mut rng = Lcg(seed);
+        let blocks = n * k / BLOCK;
+        Case {
+            codes: (0..blocks * BLOCK_BYTES).map(|_| rng.next() as u8).collect(),
+            scales: (0..blocks).map(|_| rng.float() * 0.05).collect(),
+            offsets: (0..blocks).map(|_| rng.float() * 0.2).collect(),
+        }
+    }
+
+    /// The plain definition in f64: sum_j W[n, j] * x[m, j], with |W| |x| for the error bound.
+    fn reference(w: &Q4Weights, x: &[f32], m: usize) -> (Vec<f64>, Vec<f64>) {
+        let (mut y, mut mag) = (vec![0.0; m * w.n()], vec![0.0; m * w.n()]);
+        for mi in 0..m {
+            for n in 0..w.n() {
+                for j in 0..w.k() {
+                    let p = f64::from(w.weight(n, j)) * f64::from(x[mi * w.k() + j]);
+                    y[mi * w.n() + n] += p;
+                    mag[mi * w.n() + n] += p.abs();
+                }
+            }
+        }
+        (y, mag)
+    }
+
+    #[test]
+    fn every_isa_matches_the_definition() {
+        for &(n, k, m) in &[(8, 32, 1), (13, 64, 1), (24, 96, 3), (64, 576, 1), (37, 576, 5), (16, 1536, 8), (9, 64, 9), (40, 64, 2)] {
+            let c = case(n, k, (n * k * m) as u64);
+            let x: Vec<f32> = {
+                let mut rng = Lcg(7 + m as u64);
+                (0..m * k).map(|_| rng.float()).collect()
+            };
+            for (zp, group) in [(0u8, 1), (8, 1), (0, if n % 8 == 0 { 8 } else { 1 })] {
+                for offsets in [Some(c.offsets.as_slice()), None] {
+                    let w = Q4Weights::new(n, k, &c.codes, &c.scales, Q4Format { offsets, zero_point: zp, group }).unwrap();
+                    let (want, mag) = reference(&w, &x, m);
+                    for isa in Isa::available() {
+                        let mut y = vec![f32::NAN; m * n];
+                        matmul(&w, &x, m, &mut y, isa);
+                        for i in 0..m * n {
+                            let err = (f64::from(y[i]) - want[i]).abs();
+                            // fp32 summation of K products: a few ulps of the magnitude sum.
+                            assert!(err <= 1e-6 * mag[i] + 1e-12, "{isa:?} n={n} k={k} m={m} zp={zp} i={i}: {} vs {}", y[i], want[i]);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn column_ranges_compose() {
+        let c = case(24, 64, 3);
+        let w = Q4Weights::new(24, 64, &c.codes, &c.scales, Q4Format { offsets: Some(&c.offsets), zero_point: 8, group: 8 }).unwrap();
+        let x: Vec<f32> = (0..2 * 64).map(|i| (i as f32 * 0.37).sin()).collect();
+        let mut whole = vec![0.0; 2 * 24];
+        matmul(&w, &x, 2, &mut whole, Isa::detect());
+        let mut parts = vec![0.0; 2 * 24];
+        for cols in [0..5, 5..16, 16..24] {
+            unsafe { matmul_cols(&w, x.as_ptr(), 2, parts.as_mut_ptr(), cols, Isa::detect()) };
+        }
+        assert_eq!(whole, parts);
+    }
+
+    #[test]
+    fn bad_shapes_are_refused() {
+        let c = case(4, 64, 1);
+        let plain = Q4Format { offsets: None, zero_point: 8, group: 1 };
+        assert!(Q4Weights::new(4, 48, &c.codes, &c.scales, plain).is_err());
+        assert!(Q4Weights::new(4, 64, &c.codes[1..], &c.scales, plain).is_err());
+        assert!(Q4Weights::new(4, 64, &c.codes, &c.scales, Q4Format { offsets: Some(&c.offsets[1..]), ..plain }).is_err());
+        assert!(Q4Weights::new(4, 64, &c.codes, &c.scales, Q4Format { zero_point: 16, ..plain }).is_err());
+        assert!(Q4Weights::new(4, 64, &c.codes, &c.scales, Q4Format { group: 8, ..plain }).is_err());
+    }
+
+    #[test]
+    fn silu_mul_is_within_fp32_rounding_everywhere() {
+        let k = 4099; // a tail that the vector loop leaves to the scalar one
+        let gate: Vec<f32> = (0..k).map(|i| (i as f32 - 2050.0) * 0.05).collect();
+        let gate_up: Vec<f32> = gate.iter().copied().chain((0..k).map(|i| 1.0 + (i % 7) as f32 * 0.25)).collect();
+        let mut out = vec![0f32; k];
+        silu_mul(&gate_up, k, &mut out);
+        for i in 0..k {
+            let (g, u) = (f64::from(gate_up[i]), f64::from(gate_up[k + i]));
+            let want = g / (1.0 + (-g).exp()) * u;
+            assert!((f64::from(out[i]) - want).abs() <= 4.0 * f64::from(f32::EPSILON) * want.abs() + 1e-30, "{i}: {} vs {want}", out[i]);
+        }
+    }
+
+    #[test]
+    fn silu_mul_is_swiglu() {
+        let gu = [1.0f32, -2.0, 0.5, 3.0, 10.0, 0.0, -1.0, 2.0];
+        let mut out = [0.0f32; 4];
+        silu_mul(&gu, 2, &mut out);
+        let silu = |g: f32| g / (1.0 + (-g).exp());
+        assert_eq!(out, [silu(1.0) * 0.5, silu(-2.0) * 3.0, silu(10.0) * -1.0, silu(0.0) * 2.0]);
+    }
+}

@@ -1,0 +1,244 @@
+//! `y ≈ x · Wᵀ` for an 8-bit block-quantized W [N, K] with x rounded to int8 per block of 32: the
+//! approximate scoring pass of an LM head (the graph then recomputes the best candidates exactly in fp32).
+//!
+//! W is MatMulNBits' 8-bit layout with the default zero point: `W[n, 32b + j] = scale[n, b] * (codes[n, b, j]
+//! - 128)`. Each block of x is quantized symmetrically, `xq = round(x / dx)`, `dx = max|x| / 127` (ONNX
+//! Runtime's accuracy_level 4 does the same), and
+//!
+//! ```text
+//!   y[n] = sum_b scale[n, b] * dx[b] * (sum_j codes[n, b, j] * xq[b, j] - 128 * sum_j xq[b, j])
+//! ```
+//!
+//! The inner sums are exact integers: AVX-512 VNNI's `vpdpbusd` multiplies the unsigned codes by the signed
+//! xq directly, two blocks per instruction, with the `-128 * sum xq` term preloaded into the accumulator;
+//! AVX2 widens both to 16 bits (`vpmaddwd`); a portable loop covers everything else.
+
+use core::ops::Range;
+
+use super::q4::Isa;
+
+pub use super::BLOCK;
+use super::BlockMatrix;
+
+/// A borrowed 8-bit weight matrix: `codes` N * K bytes (zero point 128), `scales` N * K/32 values.
+pub type Q8Weights<'a> = BlockMatrix<'a, ()>;
+
+impl<'a> Q8Weights<'a> {
+    pub fn new(n: usize, k: usize, codes: &'a [u8], scales: &'a [f32]) -> Result<Self, &'static str> {
+        Self::checked(n, k, codes, scales, BLOCK, ())
+    }
+}
+
+/// One row of x quantized per block: int8 values, their scales and `-128 * sum(xq)` per block.
+pub struct QuantizedRow {
+    values: Vec<i8>,
+    scales: Vec<f32>,
+    corrections: Vec<i32>,
+}
+
+impl QuantizedRow {
+    pub fn new(x: &[f32]) -> QuantizedRow {
+        assert!(x.len() % BLOCK == 0);
+        let blocks = x.len() / BLOCK;
+        let mut values = vec![0i8; x.len()];
+        let mut scales = vec![0f32; blocks];
+        let mut corrections = vec![0i32; blocks];
+        for b in 0..blocks {
+            let block = &x[b * BLOCK..(b + 1) * BLOCK];
+            let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let scale = amax / 127.0;
+            let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+            let mut sum = 0i32;
+            for (q, v) in values[b * BLOCK..(b + 1) * BLOCK].iter_mut().zip(block) {
+                *q = (v * inv).round().clamp(-127.0, 127.0) as i8;
+                sum += i32::from(*q);
+            }
+            scales[b] = scale;
+            corrections[b] = -128 * sum;
+        }
+        QuantizedRow { values, scales, corrections }
+    }
+}
+
+/// Columns `cols` of y[M, N] for the quantized rows `xs` (M of them).
+///
+/// # Safety
+/// `y` points to M*N writable floats, `cols` lies within 0..N, each row of `xs` has K values, `isa` is
+/// supported by this CPU, and no other thread writes the same columns of y concurrently.
+pub unsafe fn matmul_cols(w: &Q8Weights, xs: &[QuantizedRow], y: *mut f32, cols: Range<usize>, isa: Isa) {
+    debug_assert!(xs.iter().all(|x| x.values.len() == w.k));
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 if std::arch::is_x86_feature_detected!("avx512vnni") => x86::vnni(w, xs, y, cols),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 | Isa::Avx2 => {
+            for (mi, x) in xs.iter().enumerate() {
+                x86::avx2(w, x, y.add(mi * w.n), cols.clone());
+            }
+        }
+        _ => {
+            for (mi, x) in xs.iter().enumerate() {
+                portable(w, x, y.add(mi * w.n), cols.clone());
+            }
+        }
+    }
+}
+
+/// y[M, N] for x[M, K], single-threaded (tests).
+pub fn matmul(w: &Q8Weights, x: &[f32], m: usize, y: &mut [f32], isa: Isa) {
+    assert_eq!(x.len(), m * w.k);
+    assert_eq!(y.len(), m * w.n);
+    let rows: Vec<QuantizedRow> = x.chunks_exact(w.k).map(QuantizedRow::new).collect();
+    // SAFETY: sizes asserted above.
+    unsafe { matmul_cols(w, &rows, y.as_mut_ptr(), 0..w.n, isa) }
+}
+
+unsafe fn portable(w: &Q8Weights, x: &QuantizedRow, y: *mut f32, cols: Range<usize>) {
+    let nb = w.k / BLOCK;
+    for n in cols {
+        let mut sum = 0f32;
+        for b in 0..nb {
+            let codes = &w.codes[(n * nb + b) * BLOCK..(n * nb + b + 1) * BLOCK];
+            let xq = &x.values[b * BLOCK..(b + 1) * BLOCK];
+            let dot: i32 = codes.iter().zip(xq).map(|(&c, &q)| i32::from(c) * i32::from(q)).sum::<i32>() + x.corrections[b];
+            sum += dot as f32 * (w.scales[n * nb + b] * x.scales[b]);
+        }
+        *y.add(n) = sum;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{QuantizedRow, Q8Weights, BLOCK};
+    use core::arch::x86_64::*;
+    use core::ops::Range;
+
+    /// Two blocks per `vpdpbusd`: lanes 0-7 sum block b, lanes 8-15 block b+1; the per-block scale vector
+    /// [s_b x8, s_b+1 x8] multiplies the converted sums. An odd last block runs in the low half alone.
+    /// Weight rows are read once, in order (one sequential stream: rows interleaved as several streams a row
+    /// apart were followed worse by the prefetcher), and each is applied to every x row while in L1.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub(super) unsafe fn vnni(w: &Q8Weights, xs: &[QuantizedRow], y: *mut f32, cols: Range<usize>) {
+        let nb = w.k / BLOCK;
+        let pairs = nb / 2;
+        let halves = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+        // Per x row and block pair: the values, the scales and the -128 * sum(xq) term spread over 8 lanes each.
+        let mut xv = Vec::with_capacity(xs.len() * pairs);
+        let mut xsc = Vec::with_capacity(xs.len() * pairs);
+        let mut xc = Vec::with_capacity(xs.len() * pairs);
+        for x in xs {
+            for p in 0..pairs {
+                xv.push(_mm512_loadu_si512(x.values.as_ptr().add(p * 2 * BLOCK).cast()));
+                let (s0, s1) = (_mm256_set1_ps(x.scales[2 * p]), _mm256_set1_ps(x.scales[2 * p + 1]));
+                xsc.push(_mm512_insertf32x8::<1>(_mm512_castps256_ps512(s0), s1));
+                let (c0, c1) = (_mm256_set1_epi32(x.corrections[2 * p] / 8), _mm256_set1_epi32(x.corrections[2 * p + 1] / 8));
+                xc.push(_mm512_inserti64x4::<1>(_mm512_castsi256_si512(c0), c1));
+            }
+        }
+        let codes = w.codes.as_ptr();
+        let scales = w.scales.as_ptr();
+        const CHUNK: usize = 8; // x rows per pass over one weight row (accumulators in registers)
+        for row in cols {
+            for m0 in (0..xs.len()).step_by(CHUNK) {
+                let rows = (xs.len() - m0).min(CHUNK);
+                // Two accumulators per x row (even and odd pairs) hide the multiply-add latency.
+                let mut acc = [[_mm512_setzero_ps(); 2]; CHUNK];
+                for p in 0..pairs {
+                    let c = _mm512_loadu_si512(codes.add((row * nb + 2 * p) * BLOCK).cast());
+                    let ws = _mm512_permutexvar_ps(
+                        halves,
+                        _mm512_castpd_ps(_mm512_set1_pd((scales.add(row * nb + 2 * p) as *const f64).read_unaligned())),
+                    );
+                    for (mi, a) in acc.iter_mut().enumerate().take(rows) {
+                        let i = (m0 + mi) * pairs + p;
+                        let dot = _mm512_dpbusd_epi32(xc[i], c, xv[i]);
+                        a[p % 2] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(ws, xsc[i]), a[p % 2]);
+                    }
+                }
+                for (mi, a) in acc.iter().enumerate().take(rows) {
+                    let mut sum = _mm512_reduce_add_ps(_mm512_add_ps(a[0], a[1]));
+                    if nb % 2 == 1 {
+                        sum += tail_block(w, &xs[m0 + mi], row, nb - 1);
+                    }
+                    *y.add((m0 + mi) * w.n + row) = sum;
+                }
+            }
+        }
+    }
+
+    unsafe fn tail_block(w: &Q8Weights, x: &QuantizedRow, row: usize, b: usize) -> f32 {
+        let nb = w.k / BLOCK;
+        let codes = &w.codes[(row * nb + b) * BLOCK..(row * nb + b + 1) * BLOCK];
+        let xq = &x.values[b * BLOCK..(b + 1) * BLOCK];
+        let dot: i32 = codes.iter().zip(xq).map(|(&c, &q)| i32::from(c) * i32::from(q)).sum::<i32>() + x.corrections[b];
+        dot as f32 * (w.scales[row * nb + b] * x.scales[b])
+    }
+
+    /// AVX2: codes and xq widened to 16 bits, `vpmaddwd` pairs them into 8 int32 lanes per block.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn avx2(w: &Q8Weights, x: &QuantizedRow, y: *mut f32, cols: Range<usize>) {
+        let nb = w.k / BLOCK;
+        let mut xw = Vec::with_capacity(2 * nb);
+        for b in 0..nb {
+            let v = _mm256_loadu_si256(x.values.as_ptr().add(b * BLOCK).cast());
+            xw.push(_mm256_cvtepi8_epi16(_mm256_castsi256_si128(v)));
+            xw.push(_mm256_cvtepi8_epi16(_mm256_extracti128_si256::<1>(v)));
+        }
+        let codes = w.codes.as_ptr();
+        for row in cols {
+            let mut acc = _mm256_setzero_ps();
+            for b in 0..nb {
+                let c = _mm256_loadu_si256(codes.add((row * nb + b) * BLOCK).cast());
+                let lo = _mm256_cvtepu8_epi16(_mm256_castsi256_si128(c));
+                let hi = _mm256_cvtepu8_epi16(_mm256_extracti128_si256::<1>(c));
+                let dot = _mm256_add_epi32(_mm256_madd_epi16(lo, xw[2 * b]), _mm256_madd_epi16(hi, xw[2 * b + 1]));
+                let dot = _mm256_add_epi32(dot, _mm256_set1_epi32(x.corrections[b] / 8));
+                let s = _mm256_set1_ps(w.scales[row * nb + b] * x.scales[b]);
+                acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), s, acc);
+            }
+            let s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps::<1>(acc));
+            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+            let s = _mm_add_ss(s, _mm_shuffle_ps::<1>(s, s));
+            *y.add(row) = _mm_cvtss_f32(s);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_isa_matches_the_integer_definition_and_is_close_to_fp32() {
+        let (n, k) = (37, 96);
+        let codes: Vec<u8> = (0..n * k).map(|i| ((i * 7919 + 13) % 251) as u8).collect();
+        let scales: Vec<f32> = (0..n * k / BLOCK).map(|i| 0.001 + (i % 17) as f32 * 0.0003).collect();
+        let w = Q8Weights::new(n, k, &codes, &scales).unwrap();
+        let x: Vec<f32> = (0..2 * k).map(|i| ((i as f32) * 0.731).sin() * (1.0 + (i % 5) as f32)).collect();
+        let mut want = vec![0f32; 2 * n];
+        matmul(&w, &x, 2, &mut want, Isa::Portable);
+        for isa in Isa::available() {
+            let mut got = vec![f32::NAN; 2 * n];
+            matmul(&w, &x, 2, &mut got, isa);
+            for i in 0..2 * n {
+                assert!((got[i] - want[i]).abs() <= 1e-5 * want[i].abs().max(1.0), "{isa:?} {i}: {} vs {}", got[i], want[i]);
+            }
+        }
+        // int8 activations: within a few percent of the fp32 product.
+        for (mi, row) in x.chunks_exact(k).enumerate() {
+            for nn in 0..n {
+                let exact: f32 = (0..k)
+                    .map(|j| (f32::from(codes[nn * k + j]) - 128.0) * scales[nn * (k / BLOCK) + j / BLOCK] * row[j])
+                    .sum();
+                let scale: f32 = (0..k).map(|j| (f32::from(codes[nn * k + j]) - 128.0).abs() * scales[nn * (k / BLOCK) + j / BLOCK] * row[j].abs()).sum();
+                assert!((want[mi * n + nn] - exact).abs() <= 0.02 * scale, "{mi} {nn}");
+            }
+        }
+    }
+
+    #[test]
+    fn bad_shapes_are_refused() {
+        assert!(Q8Weights::new(2, 48, &[0; 96], &[0.0; 3]).is_err());
+        assert!(Q8Weights::new(2, 64, &[0; 127], &[0.0; 4]).is_err());
+    }
+}

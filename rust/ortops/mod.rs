@@ -1,0 +1,388 @@
+//! ONNX Runtime custom operators (domain `cheapest`), registered through ONNX Runtime's custom-op library
+//! interface: `SessionOptions.register_custom_ops_library(<this library>)` calls `RegisterCustomOps`.
+//!
+//! The core's own shared library exports it, so the Python service needs no second binary: it passes the
+//! path of the `_cheapest_core` extension module it already imported. Nothing here links against ONNX
+//! Runtime; every call goes through the `OrtApi` table the runtime hands over (C API version 17, i.e.
+//! ONNX Runtime 1.17 or newer).
+//!
+//! Operators (CPU execution provider):
+//!   Q4Linear      fp32 x times a 4-bit block-quantized weight (kernels::q4), optionally SwiGLU on x first
+//!   Q8LinearInt8  x rounded to int8 per block times an 8-bit weight (kernels::q8): an LM head's scoring pass
+//!
+//! Each kernel reads its weights where the session keeps its constant initializers and splits output
+//! columns over `KernelContext_ParallelFor`, i.e. ONNX Runtime's own intra-op pool with the calling thread
+//! taking part: no second pool competes for the same cores.
+
+mod q4_linear;
+mod q8_linear;
+
+use core::ffi::{c_char, c_int, c_void, CStr};
+use core::ptr;
+use std::sync::OnceLock;
+
+use ort_sys::{
+    ONNXTensorElementDataType, OrtApi, OrtApiBase, OrtCustomOp, OrtCustomOpDomain, OrtCustomOpInputOutputCharacteristic,
+    OrtErrorCode, OrtKernelContext, OrtKernelInfo, OrtMemType, OrtSessionOptions, OrtStatusPtr, OrtValue,
+};
+
+use crate::kernels::q4::Isa;
+
+pub const DOMAIN: &CStr = c"cheapest";
+const API_VERSION: u32 = 17;
+
+static OPS: [&OrtCustomOp; 2] = [&q4_linear::OP, &q8_linear::OP];
+
+const FLOAT: ONNXTensorElementDataType = ONNXTensorElementDataType::ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+const UINT8: ONNXTensorElementDataType = ONNXTensorElementDataType::ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
+
+/// The C API table, valid for the life of the process once ONNX Runtime has handed it over.
+#[derive(Clone, Copy)]
+struct Api(&'static OrtApi);
+
+impl Api {
+    fn get(&self) -> &'static OrtApi {
+        self.0
+    }
+
+    /// An ONNX Runtime error status carrying `message` (operator and shape facts only, never data).
+    fn error(&self, message: &str) -> OrtStatusPtr {
+        let text = std::ffi::CString::new(message).unwrap_or_else(|_| c"cheapest op error".into());
+        // SAFETY: CreateStatus copies the message.
+        unsafe { (self.0.CreateStatus)(OrtErrorCode::ORT_RUNTIME_EXCEPTION, text.as_ptr()) }
+    }
+
+    /// Ok(()) for a null status; otherwise the status itself, to be returned to ONNX Runtime.
+    fn check(&self, status: OrtStatusPtr) -> Result<(), OrtStatusPtr> {
+        if status.0.is_null() {
+            Ok(())
+        } else {
+            Err(status)
+        }
+    }
+}
+
+struct Domain(*mut OrtCustomOpDomain);
+// SAFETY: the domain is created once and only read by ONNX Runtime afterwards.
+unsafe impl Send for Domain {}
+unsafe impl Sync for Domain {}
+
+static DOMAIN_HANDLE: OnceLock<Result<Domain, String>> = OnceLock::new();
+
+/// Entry point ONNX Runtime looks up by name after loading this library.
+///
+/// # Safety
+/// Called by ONNX Runtime with valid session options and its API base.
+#[no_mangle]
+pub unsafe extern "C" fn RegisterCustomOps(options: *mut OrtSessionOptions, api_base: *const OrtApiBase) -> OrtStatusPtr {
+    if options.is_null() || api_base.is_null() {
+        return OrtStatusPtr(ptr::null_mut());
+    }
+    let raw = ((*api_base).GetApi)(API_VERSION);
+    if raw.is_null() {
+        // A runtime older than 1.17 hands out no table to report through; its session then refuses the
+        // graph's `cheapest` operators by name.
+        return OrtStatusPtr(ptr::null_mut());
+    }
+    let api = Api(&*raw);
+    let domain = DOMAIN_HANDLE.get_or_init(|| {
+        let mut domain: *mut OrtCustomOpDomain = ptr::null_mut();
+        let status = (api.get().CreateCustomOpDomain)(DOMAIN.as_ptr(), &mut domain);
+        if !status.0.is_null() {
+            return Err(message_of(api, status));
+        }
+        for op in OPS {
+            let status = (api.get().CustomOpDomain_Add)(domain, op);
+            if !status.0.is_null() {
+                return Err(message_of(api, status));
+            }
+        }
+        Ok(Domain(domain))
+    });
+    match domain {
+        Ok(domain) => (api.get().AddCustomOpDomain)(options, domain.0),
+        Err(message) => api.error(message),
+    }
+}
+
+unsafe fn message_of(api: Api, status: OrtStatusPtr) -> String {
+    let text = CStr::from_ptr((api.get().GetErrorMessage)(status.0) as *const c_char).to_string_lossy().into_owned();
+    (api.get().ReleaseStatus)(status.0);
+    text
+}
+
+// --- one operator = a Kernel type; the C function table is generated from it -------------------------------
+
+/// What an operator declares and does; `op::<K>()` turns it into ONNX Runtime's function table.
+trait Kernel: Sized {
+    const NAME: &'static CStr;
+    /// Element types of the inputs; those from index `REQUIRED_INPUTS` on are optional.
+    const INPUTS: &'static [ONNXTensorElementDataType];
+    const REQUIRED_INPUTS: usize;
+
+    unsafe fn new(api: Api, info: *const OrtKernelInfo) -> Result<Self, OrtStatusPtr>;
+    unsafe fn compute(&self, context: *mut OrtKernelContext) -> Result<(), OrtStatusPtr>;
+}
+
+const fn op<K: Kernel>() -> OrtCustomOp {
+    OrtCustomOp {
+        version: API_VERSION,
+        CreateKernel: None,
+        GetName: Some(name::<K>),
+        GetExecutionProviderType: Some(provider),
+        GetInputType: Some(input_type::<K>),
+        GetInputTypeCount: Some(input_count::<K>),
+        GetOutputType: Some(output_type),
+        GetOutputTypeCount: Some(one_output),
+        KernelCompute: None,
+        KernelDestroy: Some(destroy::<K>),
+        GetInputCharacteristic: Some(input_characteristic::<K>),
+        GetOutputCharacteristic: Some(output_characteristic),
+        GetInputMemoryType: Some(input_memory),
+        GetVariadicInputMinArity: Some(one),
+        GetVariadicInputHomogeneity: Some(one),
+        GetVariadicOutputMinArity: Some(one),
+        GetVariadicOutputHomogeneity: Some(one),
+        CreateKernelV2: Some(create::<K>),
+        KernelComputeV2: Some(compute::<K>),
+        InferOutputShapeFn: None,
+        GetStartVersion: Some(start_version),
+        GetEndVersion: Some(end_version),
+    }
+}
+
+unsafe extern "system" fn name<K: Kernel>(_: *const OrtCustomOp) -> *const c_char {
+    K::NAME.as_ptr()
+}
+
+unsafe extern "system" fn provider(_: *const OrtCustomOp) -> *const c_char {
+    c"CPUExecutionProvider".as_ptr()
+}
+
+unsafe extern "system" fn input_type<K: Kernel>(_: *const OrtCustomOp, index: usize) -> ONNXTensorElementDataType {
+    K::INPUTS.get(index).copied().unwrap_or(FLOAT)
+}
+
+unsafe extern "system" fn input_count<K: Kernel>(_: *const OrtCustomOp) -> usize {
+    K::INPUTS.len()
+}
+
+unsafe extern "system" fn output_type(_: *const OrtCustomOp, _: usize) -> ONNXTensorElementDataType {
+    FLOAT
+}
+
+unsafe extern "system" fn one_output(_: *const OrtCustomOp) -> usize {
+    1
+}
+
+unsafe extern "system" fn input_characteristic<K: Kernel>(
+    _: *const OrtCustomOp,
+    index: usize,
+) -> OrtCustomOpInputOutputCharacteristic {
+    if index >= K::REQUIRED_INPUTS {
+        OrtCustomOpInputOutputCharacteristic::INPUT_OUTPUT_OPTIONAL
+    } else {
+        OrtCustomOpInputOutputCharacteristic::INPUT_OUTPUT_REQUIRED
+    }
+}
+
+unsafe extern "system" fn output_characteristic(_: *const OrtCustomOp, _: usize) -> OrtCustomOpInputOutputCharacteristic {
+    OrtCustomOpInputOutputCharacteristic::INPUT_OUTPUT_REQUIRED
+}
+
+unsafe extern "system" fn input_memory(_: *const OrtCustomOp, _: usize) -> OrtMemType {
+    OrtMemType::OrtMemTypeDefault
+}
+
+unsafe extern "system" fn one(_: *const OrtCustomOp) -> c_int {
+    1
+}
+
+unsafe extern "system" fn start_version(_: *const OrtCustomOp) -> c_int {
+    1
+}
+
+unsafe extern "system" fn end_version(_: *const OrtCustomOp) -> c_int {
+    c_int::MAX
+}
+
+unsafe extern "system" fn create<K: Kernel>(
+    _: *const OrtCustomOp,
+    api: *const OrtApi,
+    info: *const OrtKernelInfo,
+    kernel: *mut *mut c_void,
+) -> OrtStatusPtr {
+    match K::new(Api(&*api), info) {
+        Ok(k) => {
+            *kernel = Box::into_raw(Box::new(k)).cast();
+            OrtStatusPtr(ptr::null_mut())
+        }
+        Err(status) => status,
+    }
+}
+
+unsafe extern "system" fn destroy<K: Kernel>(kernel: *mut c_void) {
+    if !kernel.is_null() {
+        drop(Box::from_raw(kernel.cast::<K>()));
+    }
+}
+
+unsafe extern "system" fn compute<K: Kernel>(kernel: *mut c_void, context: *mut OrtKernelContext) -> OrtStatusPtr {
+    match (*kernel.cast::<K>()).compute(context) {
+        Ok(()) => OrtStatusPtr(ptr::null_mut()),
+        Err(status) => status,
+    }
+}
+
+// --- helpers the kernels share --------------------------------------------------------------------------------
+
+unsafe fn attribute(api: Api, info: *const OrtKernelInfo, name: &CStr, default: Option<i64>) -> Result<i64, OrtStatusPtr> {
+    let mut value = 0i64;
+    let status = (api.get().KernelInfoGetAttribute_int64)(info, name.as_ptr(), &mut value);
+    match (status.0.is_null(), default) {
+        (true, _) => Ok(value),
+        (false, Some(d)) => {
+            (api.get().ReleaseStatus)(status.0);
+            Ok(d)
+        }
+        (false, None) => Err(status),
+    }
+}
+
+/// The K and N attributes and the codes (input 1) and scales (input 2) every block-quantized operator has.
+#[allow(clippy::type_complexity)]
+unsafe fn block_weights(
+    api: Api,
+    info: *const OrtKernelInfo,
+    op: &str,
+) -> Result<(usize, usize, &'static [u8], &'static [f32]), OrtStatusPtr> {
+    let (Ok(k), Ok(n)) = (usize::try_from(attribute(api, info, c"K", None)?), usize::try_from(attribute(api, info, c"N", None)?))
+    else {
+        return Err(api.error(&format!("{op}: K and N must be non-negative")));
+    };
+    let missing = || api.error(&format!("{op}: codes and scales must be constant initializers"));
+    let codes = constant::<u8>(api, info, 1, op)?.ok_or_else(missing)?;
+    let scales = constant::<f32>(api, info, 2, op)?.ok_or_else(missing)?;
+    Ok((k, n, codes, scales))
+}
+
+/// A constant initializer input, read in place (None when an optional input is absent).
+unsafe fn constant<T>(api: Api, info: *const OrtKernelInfo, index: usize, op: &str) -> Result<Option<&'static [T]>, OrtStatusPtr> {
+    let mut count = 0usize;
+    api.check((api.get().KernelInfo_GetInputCount)(info, &mut count))?;
+    if index >= count {
+        return Ok(None);
+    }
+    let mut is_constant: c_int = 0;
+    let mut value: *const OrtValue = ptr::null();
+    let status = (api.get().KernelInfoGetConstantInput_tensor)(info, index, &mut is_constant, &mut value);
+    if !status.0.is_null() {
+        // An omitted optional input reads as "not constant" or as an error, depending on the runtime.
+        (api.get().ReleaseStatus)(status.0);
+        return Ok(None);
+    }
+    if value.is_null() {
+        return Ok(None);
+    }
+    if is_constant == 0 {
+        return Err(api.error(&format!("{op}: weights must be constant initializers")));
+    }
+    let elements: usize = shape(api, value)?.iter().map(|&d| d.max(0) as usize).product();
+    let mut data: *mut c_void = ptr::null_mut();
+    api.check((api.get().GetTensorMutableData)(value.cast_mut(), &mut data))?;
+    if data.align_offset(core::mem::align_of::<T>()) != 0 {
+        return Err(api.error(&format!("{op}: initializer {index} is not aligned for its element type")));
+    }
+    // SAFETY: the session owns the initializer for at least the kernel's life.
+    Ok(Some(core::slice::from_raw_parts(data.cast::<T>(), elements)))
+}
+
+unsafe fn shape(api: Api, value: *const OrtValue) -> Result<Vec<i64>, OrtStatusPtr> {
+    let mut info = ptr::null_mut();
+    api.check((api.get().GetTensorTypeAndShape)(value, &mut info))?;
+    let mut rank = 0usize;
+    let mut dims = Vec::new();
+    let mut status = (api.get().GetDimensionsCount)(info, &mut rank);
+    if status.0.is_null() {
+        dims.resize(rank, 0i64);
+        status = (api.get().GetDimensions)(info, dims.as_mut_ptr(), rank);
+    }
+    (api.get().ReleaseTensorTypeAndShapeInfo)(info);
+    api.check(status)?;
+    Ok(dims)
+}
+
+/// Input 0 of width `width` in its last dimension and output 0 of the same shape with N there:
+/// (x data, rows M, y data).
+unsafe fn row_io(
+    api: Api,
+    context: *mut OrtKernelContext,
+    width: usize,
+    n: usize,
+    op: &str,
+) -> Result<(*const f32, usize, *mut f32), OrtStatusPtr> {
+    let mut x: *const OrtValue = ptr::null();
+    api.check((api.get().KernelContext_GetInput)(context, 0, &mut x))?;
+    let mut dims = shape(api, x)?;
+    if dims.last().copied() != Some(width as i64) {
+        return Err(api.error(&format!("{op}: the input's last dimension must be {width}")));
+    }
+    let m: usize = dims[..dims.len() - 1].iter().map(|&d| d.max(0) as usize).product();
+    *dims.last_mut().expect("rank >= 1") = n as i64;
+    let mut y: *mut OrtValue = ptr::null_mut();
+    api.check((api.get().KernelContext_GetOutput)(context, 0, dims.as_ptr(), dims.len(), &mut y))?;
+    let mut x_data: *mut c_void = ptr::null_mut();
+    let mut y_data: *mut c_void = ptr::null_mut();
+    if m > 0 {
+        api.check((api.get().GetTensorMutableData)(x.cast_mut(), &mut x_data))?;
+        api.check((api.get().GetTensorMutableData)(y, &mut y_data))?;
+    }
+    Ok((x_data.cast::<f32>().cast_const(), m, y_data.cast::<f32>()))
+}
+
+/// Runs `task(i)` for i in 0..tasks on the session's intra-op pool (inline when there is one task).
+unsafe fn parallel<F: Fn(usize) + Sync>(api: Api, context: *mut OrtKernelContext, tasks: usize, task: F) -> Result<(), OrtStatusPtr> {
+    unsafe extern "C" fn trampoline<F: Fn(usize) + Sync>(data: *mut c_void, i: usize) {
+        (*data.cast::<F>())(i);
+    }
+    if tasks <= 1 {
+        task(0);
+        return Ok(());
+    }
+    let data = (&task as *const F).cast_mut().cast::<c_void>();
+    api.check((api.get().KernelContext_ParallelFor)(context, trampoline::<F>, tasks, 0, data))
+}
+
+/// Column ranges for `parallel`: at most `max_tasks` chunks of a multiple of 16 columns, at least `min`.
+fn column_chunks(n: usize, min: usize, max_tasks: usize) -> (usize, usize) {
+    let chunk = n.div_ceil(max_tasks).max(min).next_multiple_of(16);
+    (chunk, n.div_ceil(chunk))
+}
+
+/// Raw pointers crossing into pool threads: tasks read the same input and write their own output columns.
+#[derive(Clone, Copy)]
+struct SharedIn(*const f32);
+unsafe impl Send for SharedIn {}
+unsafe impl Sync for SharedIn {}
+
+#[derive(Clone, Copy)]
+struct SharedOut(*mut f32);
+unsafe impl Send for SharedOut {}
+unsafe impl Sync for SharedOut {}
+
+// Methods, not field access, so closures capture the Sync wrapper rather than the bare pointer.
+impl SharedIn {
+    fn ptr(self) -> *const f32 {
+        self.0
+    }
+}
+
+impl SharedOut {
+    fn ptr(self) -> *mut f32 {
+        self.0
+    }
+}
+
+fn detect() -> Isa {
+    Isa::detect()
+}

@@ -1,0 +1,154 @@
+"""graph_passes.cpu_graph on random 4-bit blocks: the core's Q4Linear against ONNX Runtime's MatMulNBits
+subgraph it replaces and against numpy with the dequantized weights (fast).
+
+Tolerance: fp32 products summed in a different order; 1e-5 of the sum of |w * x| over the row, i.e. a few
+fp32 ulps of the terms, far below the 1e-3 the model-level tests allow.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import helper
+
+from cheapest.convert.graph_builder import FLOAT, MS_DOMAIN, GraphBuilder
+from cheapest.convert.graph_fused import _linear
+from cheapest.convert.graph_passes import CHEAPEST_DOMAIN, cpu_graph
+from cheapest.engine.loader import session_options
+from cheapest.convert.quant_blocks import BLOCK, BlockLinear
+
+REL_TOL = 1e-5
+
+
+def random_linear(rng: np.random.Generator, n: int, k: int, q4_1: bool) -> BlockLinear:
+    """Q4_1 (zero point 0, block minimums) or Q4_0 (zero point 8), codes in MatMulNBits' nibble order."""
+    nb = k // BLOCK
+    codes = rng.integers(0, 256, (n, nb, BLOCK // 2), dtype=np.uint8)
+    scales = (rng.random((n, nb), dtype=np.float32) * 0.1).astype(np.float32)
+    if q4_1:
+        mins = (rng.random((n, nb), dtype=np.float32) - 0.5).astype(np.float32)
+        return BlockLinear(n, k, 4, codes, scales, np.zeros((n, nb), np.uint8), mins)
+    return BlockLinear(n, k, 4, codes, scales, np.full((n, nb), 8, np.uint8), None)
+
+
+def _model(g: GraphBuilder, k: int, n: int) -> onnx.ModelProto:
+    g.output("y", FLOAT, ["batch", "seq", n])
+    model = g.model()
+    model.graph.input[0].CopyFrom(helper.make_tensor_value_info("x", FLOAT, ["batch", "seq", k]))
+    return model
+
+
+def linear_model(lin: BlockLinear) -> onnx.ModelProto:
+    g = GraphBuilder("linear")
+    x = g.input("x", FLOAT, ["batch", "seq", lin.k])
+    g.op("Identity", [_linear(g, x, lin, "proj", 0)], output="y")
+    return _model(g, lin.k, lin.n)
+
+
+def swiglu_model(gate_up: BlockLinear, down: BlockLinear) -> onnx.ModelProto:
+    """The fused graph's MLP: one gate|up product, Split, QuickGelu(alpha=1) * up, the down projection."""
+    g = GraphBuilder("mlp")
+    x = g.input("x", FLOAT, ["batch", "seq", gate_up.k])
+    gu = _linear(g, x, gate_up, "gate_up", 0)
+    gate, up = g.ops("Split", [gu, g.const([down.k, down.k])], outputs=2, axis=-1)
+    act = g.op("Mul", [g.op("QuickGelu", [gate], domain=MS_DOMAIN, alpha=1.0), up])
+    g.op("Identity", [_linear(g, act, down, "down", 0)], output="y")
+    return _model(g, gate_up.k, down.n)
+
+
+def run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    session = ort.InferenceSession(model.SerializeToString(), session_options(2), providers=["CPUExecutionProvider"])
+    return np.asarray(session.run(["y"], {"x": x})[0])
+
+
+def ops(model: onnx.ModelProto) -> list[str]:
+    return [n.op_type for n in model.graph.node]
+
+
+def assert_close(got: np.ndarray, want: np.ndarray, magnitude: np.ndarray) -> None:
+    assert np.all(np.abs(got.astype(np.float64) - want) <= REL_TOL * magnitude + 1e-6)
+
+
+@pytest.mark.parametrize(("n", "k", "q4_1"), [(40, 64, True), (24, 96, False), (72, 1536, True), (16, 32, True), (12, 64, True)])
+@pytest.mark.parametrize("rows", [(1, 1), (1, 5), (3, 1), (2, 7)])
+def test_q4_linear_matches_matmulnbits_and_numpy(n: int, k: int, q4_1: bool, rows: tuple[int, int]) -> None:
+    rng = np.random.default_rng(n * k + rows[0] * 10 + rows[1])
+    lin = random_linear(rng, n, k, q4_1)
+    x = rng.standard_normal((*rows, k), dtype=np.float32)
+    portable = linear_model(lin)
+    before = run(portable, x)
+    rewritten = cpu_graph(linear_model(lin))
+    assert ops(rewritten) == ["Q4Linear", "Identity"]
+    assert rewritten.graph.node[0].domain == CHEAPEST_DOMAIN
+    assert {o.domain for o in rewritten.opset_import} >= {CHEAPEST_DOMAIN}
+    got = run(rewritten, x)
+    w = lin.dequantize().astype(np.float64)
+    want = x.astype(np.float64) @ w.T
+    magnitude = np.abs(x.astype(np.float64)) @ np.abs(w).T
+    assert_close(got, want, magnitude)
+    assert_close(before, want, magnitude)
+    # Only initializers the new node reads are left (the MatMulNBits codes, indicator and minimums are gone).
+    assert {t.name for t in rewritten.graph.initializer} == set(rewritten.graph.node[0].input[1:])
+
+
+def test_swiglu_moves_into_the_down_projection() -> None:
+    rng = np.random.default_rng(7)
+    hidden, inner = 64, 96
+    gate_up, down = random_linear(rng, 2 * inner, hidden, True), random_linear(rng, hidden, inner, True)
+    x = rng.standard_normal((2, 3, hidden), dtype=np.float32)
+    before = run(swiglu_model(gate_up, down), x)
+    rewritten = cpu_graph(swiglu_model(gate_up, down))
+    assert ops(rewritten) == ["Q4Linear", "Q4Linear", "Identity"]
+    assert [a.i for a in rewritten.graph.node[1].attribute if a.name == "swiglu"] == [1]
+    got = run(rewritten, x)
+    gu = x.astype(np.float64) @ gate_up.dequantize().astype(np.float64).T
+    act = gu[..., :inner] / (1 + np.exp(-gu[..., :inner])) * gu[..., inner:]
+    w = down.dequantize().astype(np.float64)
+    magnitude = np.abs(act) @ np.abs(w).T
+    assert_close(got, act @ w.T, magnitude * 10)  # act itself carries the first product's rounding
+    assert_close(before, act @ w.T, magnitude * 10)
+
+
+def test_unrecognised_nodes_are_left_alone() -> None:
+    """accuracy_level 4 asks for int8 activations: the pass keeps ONNX Runtime's operator for it."""
+    rng = np.random.default_rng(3)
+    lin = random_linear(rng, 16, 64, False)
+    g = GraphBuilder("level4")
+    x = g.input("x", FLOAT, ["batch", "seq", 64])
+    g.op("Identity", [_linear(g, x, lin, "proj", 4)], output="y")
+    model = _model(g, 64, 16)
+    assert ops(cpu_graph(model)) == ["MatMulNBits", "Identity"]
+
+
+def test_lm_head_scoring_pass_uses_the_int8_kernel() -> None:
+    """MatMulNBits 8-bit at accuracy_level 4 (x rounded to int8 per block) -> cheapest.Q8LinearInt8: the same
+    approximation, so both stay within int8 rounding of the fp32 product and close to each other."""
+    rng = np.random.default_rng(11)
+    n, k = 300, 96
+    codes = rng.integers(0, 256, (n, k // BLOCK, BLOCK), dtype=np.uint8)
+    scales = (rng.random((n, k // BLOCK), dtype=np.float32) * 0.02).astype(np.float32)
+    g = GraphBuilder("head")
+    x = g.input("x", FLOAT, ["batch", "seq", k])
+    g.op("MatMulNBits", [x, g.weight("codes", codes), g.weight("scales", scales)], output="y", domain=MS_DOMAIN,
+         K=k, N=n, bits=8, block_size=BLOCK, accuracy_level=4)
+    xs = rng.standard_normal((2, 1, k), dtype=np.float32)
+    before = run(_model(g, k, n), xs)
+    g.outputs.clear()
+    rewritten = cpu_graph(_model(g, k, n))
+    assert ops(rewritten) == ["Q8LinearInt8"]
+    got = run(rewritten, xs)
+    g.outputs.clear()
+    shared = _model(g, k, n)  # the embedding's gather holds the same scales as [N, K/32, 1]: the head reads those
+    shared.graph.initializer.append(onnx.numpy_helper.from_array(scales[..., None], "gather_scales"))
+    shared.graph.node.append(helper.make_node("Identity", ["gather_scales"], ["gathered"]))
+    shared.graph.output.append(helper.make_tensor_value_info("gathered", FLOAT, None))
+    assert cpu_graph(shared).graph.node[0].input[2] == "gather_scales"
+    assert "scales" not in {t.name for t in shared.graph.initializer}
+    w = ((codes.astype(np.float64) - 128) * scales[..., None]).reshape(n, k)
+    exact = xs.astype(np.float64) @ w.T
+    magnitude = np.abs(xs.astype(np.float64)) @ np.abs(w).T
+    assert np.all(np.abs(got - exact) <= 0.02 * magnitude)
+    assert np.all(np.abs(before - exact) <= 0.02 * magnitude)
+    assert np.all(np.abs(got - before) <= 0.01 * magnitude)
