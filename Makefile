@@ -63,12 +63,20 @@ $(CHROMEDRIVER):
 	$(if $(filter 0,$(shell id -u)),,sudo) sh -c 'export DEBIAN_FRONTEND=noninteractive; \
 		apt-get install -y chromium chromium-driver || (apt-get update && apt-get install -y chromium chromium-driver)'
 
-test-python: setup $(CHROMEDRIVER)
+# The many-hosts backend's tests (tests/backends.py) start real PostgreSQL and Redis servers from Debian's packages,
+# installed the same way when missing. PostgreSQL refuses root: the tests run it as `nobody` (setpriv).
+REDIS_SERVER := /usr/bin/redis-server
+POSTGRES_LIB := /usr/lib/postgresql
+$(REDIS_SERVER) $(POSTGRES_LIB):
+	$(if $(filter 0,$(shell id -u)),,sudo) sh -c 'export DEBIAN_FRONTEND=noninteractive; \
+		apt-get install -y postgresql redis-server || (apt-get update && apt-get install -y postgresql redis-server)'
+
+test-python: setup $(CHROMEDRIVER) $(REDIS_SERVER) $(POSTGRES_LIB)
 	$(BIN)/python -m pytest -q
 
 test: setup wheels test-rust stubtest typecheck test-python
 
-bench: setup
+bench: setup $(REDIS_SERVER) $(POSTGRES_LIB)
 	$(BIN)/python -m pytest bench --benchmark-enable --benchmark-columns=median,mean,ops -q
 
 clean:

@@ -20,6 +20,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from cheapest.store import Store
+
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
 # The fixed-output engine plugin (tests/fixed_engine.py), importable by the server's workers.
@@ -86,12 +88,19 @@ class ServerProcess:
         return subprocess.run([sys.executable, "-m", "cheapest.cli", *args], env=self.env, capture_output=True,
                               text=True, timeout=60, check=False)
 
+    def open_store(self) -> Store:
+        """The store this server uses, opened from its own settings (LMDB in its data dir, or PostgreSQL)."""
+        from cheapest.config import load_settings
+        from cheapest.store import open_configured_store
+
+        return open_configured_store(load_settings(self.env).store)
+
     def create_account(self, email: str | None = None, plan: str | None = None) -> tuple[str, str]:
         """An account through the store (same code as the CLI) -> (account_id, mk)."""
-        from cheapest.store import accounts, open_store
+        from cheapest.store import accounts
         from cheapest.store.secrets import load_pepper
 
-        store = open_store(self.data_dir)
+        store = self.open_store()
         try:
             account, mk = accounts.create_account(
                 store, email or f"user{time.monotonic_ns()}@example.test", plan or "free",

@@ -1,4 +1,4 @@
-"""The `cheapest` command: serve, model, accounts, retention.
+"""The `cheapest` command: serve, model, accounts, retention, store.
 
 `main()` reads the configuration once (`load_settings()`) and hands it to the command it runs: every command
 is `func(args, settings)`.
@@ -321,6 +321,45 @@ def _retention_run(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _store_migrate(args: argparse.Namespace, settings: Settings) -> int:
+    """Copy an LMDB data directory's store into the configured PostgreSQL store (idempotent)."""
+    from pathlib import Path
+
+    import msgspec
+
+    from cheapest.store import open_configured_store
+    from cheapest.store.lmdb import LmdbStore
+    from cheapest.store.postgres import PostgresStore
+    from cheapest.store.postgres.from_lmdb import check_pepper, copy_from_lmdb
+    from cheapest.store.secrets import load_pepper
+
+    source = Path(args.source).expanduser()
+    if not settings.store.store_url:
+        print("error: set store_url (CHEAPEST_STORE_URL) to the PostgreSQL store to copy into", file=sys.stderr)
+        return 2
+    if not (source / "store" / "data.mdb").exists():
+        print(f"error: no LMDB store in {source} (expected {source / 'store' / 'data.mdb'})", file=sys.stderr)
+        return 2
+    problem = check_pepper(source, load_pepper(settings.data_path, settings.store.key_pepper))
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    src = LmdbStore(source / "store", map_size=settings.store.lmdb_map_size)
+    dst = open_configured_store(settings.store)
+    try:
+        assert isinstance(dst, PostgresStore)
+        report = copy_from_lmdb(src, dst)
+    finally:
+        dst.close()
+        src.close()
+    if args.json:
+        print(msgspec.json.encode(report).decode())
+    else:
+        for table, n in report.read.items():
+            print(f"{table}: {n} read, {report.copied[table]} copied")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cheapest", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -391,6 +430,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--now", type=float, default=None, help=argparse.SUPPRESS)  # tests drive the clock
     run.add_argument("--json", action="store_true")
     run.set_defaults(func=_retention_run)
+
+    st = sub.add_parser("store", help="the store: copy one host's LMDB store into PostgreSQL")
+    st_sub = st.add_subparsers(dest="store_command", required=True)
+    mig = st_sub.add_parser("migrate", help="copy an LMDB data directory into the configured store_url "
+                                            "(idempotent: a second run copies nothing again)")
+    mig.add_argument("--from", dest="source", required=True, help="the old host's data directory")
+    mig.add_argument("--json", action="store_true")
+    mig.set_defaults(func=_store_migrate)
 
     try:  # `model pull` / `model convert` live with the model-supply code
         from cheapest.convert import commands as model_commands

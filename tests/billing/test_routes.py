@@ -5,155 +5,33 @@ credited once."""
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
-import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
 
 import httpx
 import pytest
-from eth_account import Account
-from eth_account.messages import encode_defunct
-from web3 import Web3
-from web3.exceptions import TransactionNotFound
 
 from cheapest.store import open_store
+from fixtures_payments import (
+    ChainNode, billing_env,
+    auth_header as _h, billing_status as _status, chat as _chat, checkout as _checkout, claim_signature as _claim,
+    deliver_webhook as _deliver, sign_webhook as _sign,
+)
 from fixtures_server import ServerProcess, start_server
 from stripe_fake import FakeStripe
 
 pytestmark = pytest.mark.slow
 
-MODEL = "SmolLM2-135M-Instruct"
-MSG = [{"role": "user", "content": "What is the capital of France?"}]
-WEBHOOK_SECRET = "whsec_test_" + "r" * 32
-STRIPE_KEY = "sk_test_routes"
-PRICES = {"price_standard_m": 500, "price_pro_m": 2000}
-
-
-# --- a chain node on loopback -------------------------------------------------------------------------------
-def _wire(value: Any) -> Any:
-    """web3's Python values back to JSON-RPC's wire form (quantities and bytes as 0x-hex)."""
-    if isinstance(value, bool) or value is None or isinstance(value, str):
-        return value
-    if isinstance(value, int):
-        return hex(value)
-    if isinstance(value, (bytes, bytearray)):
-        return "0x" + bytes(value).hex()
-    if isinstance(value, dict) or hasattr(value, "items"):
-        return {k: _wire(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_wire(v) for v in value]
-    raise TypeError(type(value).__name__)
-
-
-class ChainNode:
-    """HTTP JSON-RPC in front of eth-tester (py-evm), so the server's workers reach the chain as they would
-    reach a Base node: through web3's HTTPProvider, in their own processes."""
-
-    def __init__(self, w3: Web3) -> None:
-        self.w3 = w3
-        self.lock = threading.Lock()
-        node = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: object) -> None:
-                pass
-
-            def do_POST(self) -> None:
-                req = json.loads(self.rfile.read(int(self.headers["content-length"])))
-                out = [node.call(r) for r in req] if isinstance(req, list) else node.call(req)
-                data = json.dumps(out).encode()
-                self.send_response(200)
-                self.send_header("content-type", "application/json")
-                self.send_header("content-length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-
-    def call(self, req: dict[str, Any]) -> dict[str, Any]:
-        with self.lock:
-            try:
-                result = self.w3.manager.request_blocking(req["method"], req.get("params") or [])
-            except TransactionNotFound:
-                result = None
-            except Exception as exc:
-                return {"jsonrpc": "2.0", "id": req.get("id"), "error": {"code": -32000, "message": type(exc).__name__}}
-        return {"jsonrpc": "2.0", "id": req.get("id"), "result": _wire(result)}
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
-@pytest.fixture(scope="module")
-def node(chain: SimpleNamespace) -> Iterator[ChainNode]:
-    n = ChainNode(chain.w3)
-    yield n
-    n.close()
-
-
-@pytest.fixture(scope="module")
-def stripe() -> Iterator[FakeStripe]:
-    with FakeStripe(STRIPE_KEY, PRICES) as fake:
-        yield fake
-
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, chain: SimpleNamespace, node: ChainNode, stripe: FakeStripe
            ) -> Iterator[ServerProcess]:
-    env = {
-        "CHEAPEST_STRIPE_SECRET_KEY": STRIPE_KEY, "CHEAPEST_STRIPE_WEBHOOK_SECRET": WEBHOOK_SECRET,
-        "CHEAPEST_STRIPE_API_BASE": stripe.url, "CHEAPEST_STRIPE_PRICE_STANDARD": "price_standard_m",
-        "CHEAPEST_STRIPE_PRICE_PRO": "price_pro_m", "CHEAPEST_BASE_RPC_URL": node.url,
-        "CHEAPEST_USDC_CONTRACT": chain.usdc.address, "CHEAPEST_USDC_RECEIVER": chain.receiver,
-        "CHEAPEST_CHAIN_ID": str(chain.w3.eth.chain_id), "CHEAPEST_USDC_CONFIRMATIONS": "3",
-    }
-    s = start_server(tmp_path_factory.mktemp("billing-routes"), workers=2, extra_env=env)
+    s = start_server(tmp_path_factory.mktemp("billing-routes"), workers=2, extra_env=billing_env(chain, node, stripe))
     yield s
     s.stop()
-
-
-def _h(key: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {key}"}
-
-
-def _sign(payload: bytes, timestamp: int, secret: str = WEBHOOK_SECRET) -> str:
-    mac = hmac.new(secret.encode(), f"{timestamp}.".encode() + payload, hashlib.sha256).hexdigest()
-    return f"t={timestamp},v1={mac}"
-
-
-def _deliver(server: ServerProcess, event: dict, raw: bytes | None = None, header: str | None = None) -> httpx.Response:
-    raw = json.dumps(event).encode() if raw is None else raw
-    header = _sign(raw, int(time.time())) if header is None else header
-    return httpx.post(server.base_url + "/webhooks/stripe", content=raw, timeout=10,
-                      headers={"Stripe-Signature": header, "content-type": "application/json"})
-
-
-def _status(server: ServerProcess, mk: str) -> dict:
-    return dict(httpx.get(server.base_url + "/api/billing/status", headers=_h(mk), timeout=10).json())
-
-
-def _chat(server: ServerProcess, sk: str) -> httpx.Response:
-    return httpx.post(server.v1 + "/chat/completions", json={"model": MODEL, "messages": MSG}, headers=_h(sk),
-                      timeout=10)
-
-
-def _checkout(server: ServerProcess, stripe: FakeStripe, mk: str, plan: str, at: int | None = None) -> list[dict]:
-    r = httpx.post(server.base_url + "/api/billing/checkout", json={"plan": plan}, headers=_h(mk), timeout=20)
-    assert r.status_code == 200, r.text
-    assert r.json()["url"].startswith("https://checkout.stripe.com/")
-    return stripe.complete_session(r.json()["id"], int(time.time()) if at is None else at)
 
 
 # --- Stripe ------------------------------------------------------------------------------------------------
@@ -253,11 +131,6 @@ def test_duplicated_concurrent_webhooks_have_one_effect(server: ServerProcess, s
 
 
 # --- USDC on a local EVM -----------------------------------------------------------------------------------
-def _claim(chain: SimpleNamespace, quote: dict, tx_hash: str, signer: Any) -> str:
-    message = quote["claim_message"].replace("{tx_hash}", tx_hash)
-    return Account.sign_message(encode_defunct(text=message), signer.key).signature.to_0x_hex()
-
-
 def test_usdc_topup_verified_and_credited_once(server: ServerProcess, chain: SimpleNamespace) -> None:
     account_id, mk = server.create_account(plan="payg")
     sk = str(server.create_key(mk)["key"])

@@ -21,6 +21,7 @@ from cheapest.billing.stripe_events import WebhookRejected, handle_webhook
 from cheapest.store import Ledger
 from cheapest.store.payments import SubscriptionView
 from fixtures_payments import open_ledger_store
+from fixtures_backends import Backend
 from processes import in_processes
 from stripe_fake import FakeStripe
 
@@ -314,10 +315,10 @@ def test_any_delivery_order_with_duplicates_converges(data):
 
 
 # -- Concurrency: two worker processes, one store ----------------------------------------------------
-def _webhook_worker(start, path: str, cfg_json: bytes, deliveries: list[tuple[bytes, str]]) -> list[str]:
+def _webhook_worker(start, backend: Backend, cfg_json: bytes, deliveries: list[tuple[bytes, str]]) -> list[str]:
     import msgspec
 
-    store = open_ledger_store(Path(path))
+    store = open_ledger_store(backend)
     cfg = msgspec.json.decode(cfg_json, type=BillingSettings)
     start()
     try:
@@ -326,7 +327,7 @@ def _webhook_worker(start, path: str, cfg_json: bytes, deliveries: list[tuple[by
         store.close()
 
 
-def test_two_processes_apply_each_event_once(fake, cfg, tmp_path):
+def test_two_processes_apply_each_event_once(fake, cfg, backend):
     import msgspec
 
     now = int(time.time())
@@ -334,14 +335,13 @@ def test_two_processes_apply_each_event_once(fake, cfg, tmp_path):
     for n in range(8):
         events += paid_subscription(fake, cfg, f"acct_{n}", random.choice(["standard", "pro"]), now)[1]
     deliveries = [(body(e), sign(body(e), now)) for e in events]
-    path = str(tmp_path / "shared")
-    open_ledger_store(Path(path)).close()
-    a, b = in_processes(_webhook_worker, path, msgspec.json.encode(cfg), deliveries)
+    open_ledger_store(backend).close()
+    a, b = in_processes(_webhook_worker, backend, msgspec.json.encode(cfg), deliveries)
     assert len(a) == len(b) == len(events)
     for ra, rb in zip(a, b):  # per event: one worker applied it, the other found it recorded
         assert [ra, rb].count("duplicate") == 1
         assert {ra, rb} - {"duplicate"} <= {"applied", "unchanged"}
-    store = open_ledger_store(Path(path))
+    store = open_ledger_store(backend)
     try:
         for n in range(8):
             assert len(store.ledger.journal(f"acct_{n}")) == 1  # one invoice each, journaled once

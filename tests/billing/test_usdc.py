@@ -15,6 +15,7 @@ from cheapest.billing.usdc import (
     TopupPending, TopupRejected, claim_message, token_decimals, topup_quote, verify_topup,
 )
 from fixtures_payments import open_ledger_store
+from fixtures_backends import Backend
 from processes import in_processes
 
 USD = 1_000_000
@@ -203,8 +204,8 @@ def test_malformed_signature(chain, cfg, ledger, signature):
 
 
 # -- Concurrency: two worker processes, one store ----------------------------------------------------
-def _claim_worker(start, path: str, cfg: BillingSettings, chain, claims: list[tuple[str, str]]) -> list[int]:
-    store = open_ledger_store(Path(path))  # opened in the worker, after fork
+def _claim_worker(start, backend: Backend, cfg: BillingSettings, chain, claims: list[tuple[str, str]]) -> list[int]:
+    store = open_ledger_store(backend)  # opened in the worker, after fork
     start()
     try:
         return [verify_topup(cfg, store.ledger, chain.w3, account_id="acct_1", tx_hash=tx, signature=sig)
@@ -213,17 +214,16 @@ def _claim_worker(start, path: str, cfg: BillingSettings, chain, claims: list[tu
         store.close()
 
 
-def test_two_processes_claiming_the_same_transfer_credit_once(chain, cfg, tmp_path):
+def test_two_processes_claiming_the_same_transfer_credit_once(chain, cfg, backend):
     txs = [pay(chain, (n + 1) * USD) for n in range(6)]
     mine(chain, 3)
     claims = [(tx, signed_claim(cfg, "acct_1", tx, chain.payer)) for tx in txs]
-    path = str(tmp_path / "shared")
-    open_ledger_store(Path(path)).close()
+    open_ledger_store(backend).close()
     # fork: each worker gets the same local chain (the node they would share over RPC in production).
-    a, b = in_processes(_claim_worker, path, cfg, chain, claims, method="fork")
+    a, b = in_processes(_claim_worker, backend, cfg, chain, claims, method="fork")
     for n, (ca, cb) in enumerate(zip(a, b)):
         assert sorted([ca, cb]) == [0, (n + 1) * USD]
-    store = open_ledger_store(Path(path))
+    store = open_ledger_store(backend)
     try:
         assert store.ledger.balance("acct_1") == sum(range(1, 7)) * USD
         assert len(store.ledger.journal("acct_1")) == 6

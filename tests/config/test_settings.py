@@ -13,6 +13,7 @@ from cheapest.config import (
     ENV_TABLES, FILE_ONLY, FLAT, LISTS, SECTIONS, ConfigError, PriceConfig, Settings, env_name, load_settings,
 )
 from cheapest.store import StoreSettings, open_configured_store
+from cheapest.store.settings import RATELIMIT_FILE
 
 RECEIVER = "0x2B5AD5c4795c026514f8317c7a215E218DcCD6cF"
 # A value other than the default for every scalar setting (each README variable but CHEAPEST_CONFIG).
@@ -21,6 +22,7 @@ SAMPLE: dict[str, Any] = {
     "request_log": False, "embedding_max_inputs": 16, "embedding_max_tokens": 64, "embedding_truncate": True,
     "data_dir": "/srv/cheapest", "lmdb_map_size": 1 << 26, "ratelimit_capacity": 1024,
     "key_pepper": "p" * 24, "usage_flush_interval": 0.5, "retention_interval": 60.0,
+    "store_url": "postgresql://cheapest@db.example.test/cheapest", "limiter_url": "redis://cache.example.test:6379/0",
     "model_backend": "fixed_engine:load", "model_dir": "/srv/models/M", "model_threads": 2, "model_spin_us": 0,
     "default_plan": "pro", "stripe_secret_key": "sk_test_x", "stripe_webhook_secret": "whsec_x",
     "stripe_api_base": "http://127.0.0.1:1", "public_url": "https://example.test",
@@ -127,6 +129,8 @@ def test_derived_values() -> None:
     ("usdc_confirmations = 0\n", "usdc_confirmations"),
     ('key_pepper = "short"\n', "key_pepper"),
     ('model_backend = "fixed"\n', "model_backend"),
+    ('store_url = "mysql://db/x"\n', "store_url"),
+    ('limiter_url = "http://cache"\n', "limiter_url"),
     ("[plans.team]\nrpm = 1\ntpm = 2\nbudget_usd = 5.0\n", "plans.team"),
     ("[store\n", "is not valid TOML"),
 ])
@@ -140,6 +144,9 @@ def test_secrets_never_appear_in_errors(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as err:
         _load(tmp_path, 'key_pepper = "sekrit"\n')
     assert "sekrit" not in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        _load(tmp_path, 'store_url = "pg://admin:hunter2@db/x"\n')
+    assert "hunter2" not in str(err.value)
 
 
 @pytest.mark.parametrize(("env", "named"), [
@@ -169,3 +176,20 @@ def test_the_store_opens_with_its_configured_map_size(tmp_path: Path) -> None:
         assert store.env.info()["map_size"] == 1 << 26  # type: ignore[attr-defined]
     finally:
         store.close()
+
+
+def test_the_configured_postgres_store_and_redis_limiter_open(tmp_path: Path, pg_url: str, redis_url: str) -> None:
+    from cheapest.store.limiter import SharedMemoryLimiter, open_configured_limiter
+    from cheapest.store.postgres import PostgresStore
+    from cheapest.store.redis import RedisChanges, RedisLimiter
+
+    many = StoreSettings(data_dir=str(tmp_path), store_url=pg_url, limiter_url=redis_url)
+    store, limiter = open_configured_store(many), open_configured_limiter(many)
+    try:
+        assert isinstance(store, PostgresStore) and isinstance(store.feed, RedisChanges)
+        assert isinstance(limiter, RedisLimiter)
+    finally:
+        store.close()
+        limiter.close()
+    one = open_configured_limiter(StoreSettings(data_dir=str(tmp_path)))
+    assert isinstance(one, SharedMemoryLimiter) and (tmp_path / RATELIMIT_FILE).exists()

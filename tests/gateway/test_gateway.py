@@ -19,11 +19,13 @@ from cheapest.gateway.completions import collect
 from cheapest.gateway.errors import Refusal
 from cheapest.engine.types import SamplingParams
 from cheapest.store import KeyLimits, accounts, open_store
+from cheapest.store.limiter import SharedMemoryLimiter
 from cheapest.store.metering import UsageMeter
 from fixed_engine import FixedEngine
 
 PEPPER = b"p" * 32
 MODEL = "m"
+run = asyncio.run  # the gateway awaits its limiter
 
 
 @pytest.fixture
@@ -34,7 +36,7 @@ def world(tmp_path: Path) -> Iterator[SimpleNamespace]:
     settings = Settings(plans=plans, prices={MODEL: PriceConfig(prompt_usd_per_mtok=1.0, completion_usd_per_mtok=1.0)})
     store = open_store(tmp_path)
     meter = UsageMeter(store, interval=3600)  # flushed by hand
-    limiter = RateLimiter(str(tmp_path / "ratelimit.bin"), 1024)
+    limiter = SharedMemoryLimiter(RateLimiter(str(tmp_path / "ratelimit.bin"), 1024))
 
     def gateway() -> Gateway:  # another worker: its own caches over the same store and limiter
         return Gateway(settings, store, PEPPER, limiter, meter)
@@ -91,17 +93,17 @@ def test_rate_limits_are_one_decision_with_the_state_to_report(world: SimpleName
     gw = world.gateway()
     _, sk, _ = world.account()
     caller = gw.authenticate(sk, "sk")
-    read = gw.admit(caller)  # a read: standing only, nothing charged
+    read = run(gw.admit(caller))  # a read: standing only, nothing charged
     assert read.rate[0].remaining == 2 and read.settled
-    first = gw.admit(caller, MODEL, 10, 20)
+    first = run(gw.admit(caller, MODEL, 10, 20))
     assert first.charged_tokens == 30 and first.rate[1].remaining == 70
-    gw.admit(caller, MODEL, 1, 1)
+    run(gw.admit(caller, MODEL, 1, 1))
     with pytest.raises(Refusal) as err:
-        gw.admit(caller, MODEL, 1, 1)
+        run(gw.admit(caller, MODEL, 1, 1))
     assert (err.value.kind, err.value.type, err.value.code) == ("rate_limited", "requests", "rate_limit_exceeded")
     assert err.value.rate is not None and err.value.rate[0].remaining == 0 and err.value.retry_after
     with pytest.raises(Refusal) as big:
-        gw.admit(caller, MODEL, 101, 1)
+        run(gw.admit(caller, MODEL, 101, 1))
     assert big.value.type == "tokens" and big.value.retry_after is None  # never fits: no point retrying
 
 
@@ -109,12 +111,12 @@ def test_settlement_corrects_tokens_and_meters_once(world: SimpleNamespace) -> N
     gw = world.gateway()
     _, sk, _ = world.account()
     caller = gw.authenticate(sk, "sk")
-    admission = gw.admit(caller, MODEL, 10, 50)
-    assert gw.rate_state(caller)[1].remaining == 40
+    admission = run(gw.admit(caller, MODEL, 10, 50))
+    assert run(gw.rate_state(caller))[1].remaining == 40
     admission.completion_tokens = 5
     gw.settle(admission)
     gw.settle(admission)  # however many times the caller's cleanup runs
-    assert gw.rate_state(caller)[1].remaining == 85  # 15 really used
+    assert run(gw.rate_state(caller))[1].remaining == 85  # 15 really used
     world.meter.flush()
     (row,) = world.store.usage([caller.key.id])
     assert (row.counter.requests, row.counter.prompt_tokens, row.counter.completion_tokens) == (1, 10, 5)
@@ -125,19 +127,19 @@ def test_standing_budgets_and_credits(world: SimpleNamespace) -> None:
     gw = world.gateway()
     acct, sk, _ = world.account("sub")
     caller = gw.authenticate(sk, "sk")
-    gw.admit(caller)  # assigned by the operator: no subscription to be in standing
+    run(gw.admit(caller))  # assigned by the operator: no subscription to be in standing
     world.store.ledger.merge_subscription(acct, {"plan": "sub", "status": "canceled"}, 10)
     with pytest.raises(Refusal) as lapsed:
-        gw.admit(gw.authenticate(sk, "sk"))
+        run(gw.admit(gw.authenticate(sk, "sk")))
     assert (lapsed.value.kind, lapsed.value.code) == ("forbidden", "subscription_inactive")
 
     _, capped, _ = world.account("capped")
     caller = gw.authenticate(capped, "sk")
-    admission = gw.admit(caller, MODEL, 1, 1)
+    admission = run(gw.admit(caller, MODEL, 1, 1))
     admission.completion_tokens = 1
     gw.settle(admission)  # $0.000002 spent: the day's budget is used up, flushed or not
     with pytest.raises(Refusal) as spent:
-        gw.admit(caller, MODEL, 1, 1)
+        run(gw.admit(caller, MODEL, 1, 1))
     assert (spent.value.kind, spent.value.code) == ("rate_limited", "budget_exceeded")
     assert spent.value.reset_at is not None
     assert spent.value.reset_at % 86_400 == 0 and 0 < spent.value.retry_after <= 86_400  # type: ignore[operator]
@@ -145,16 +147,16 @@ def test_standing_budgets_and_credits(world: SimpleNamespace) -> None:
     payg, paying, _ = world.account("payg")
     caller = gw.authenticate(paying, "sk")
     with pytest.raises(Refusal) as empty:
-        gw.admit(caller, MODEL, 1, 1)
+        run(gw.admit(caller, MODEL, 1, 1))
     assert (empty.value.kind, empty.value.code, empty.value.type) == ("payment_required", "insufficient_quota",
                                                                       "insufficient_quota")
     world.store.ledger.credit(payg, 3, "grant:test")
-    admission = gw.admit(caller, MODEL, 1, 1)
+    admission = run(gw.admit(caller, MODEL, 1, 1))
     assert admission.debit_to == payg
     admission.completion_tokens = 2
     gw.settle(admission)  # costs 3: the balance this worker sees is spent before any flush
     with pytest.raises(Refusal) as spent_again:
-        gw.admit(caller, MODEL, 1, 1)
+        run(gw.admit(caller, MODEL, 1, 1))
     assert spent_again.value.kind == "payment_required"
     world.meter.flush()
     assert world.store.ledger.balance(payg) == 0
@@ -165,23 +167,23 @@ def test_plan_limits_and_budget_bind_the_account_across_its_keys(world: SimpleNa
     acct, sk, mk = world.account()  # free: 2 requests and 100 tokens a minute, for the whole account
     _, sk2 = accounts.create_key(world.store, acct, "sk", "second", PEPPER)
     one, two = gw.authenticate(sk, "sk"), gw.authenticate(f"Bearer {sk2}", "sk")
-    gw.admit(one, MODEL, 10, 50)
+    run(gw.admit(one, MODEL, 10, 50))
     with pytest.raises(Refusal) as tokens:  # 60 of the account's 100 tokens are held by the first key
-        gw.admit(two, MODEL, 10, 40)
+        run(gw.admit(two, MODEL, 10, 40))
     assert tokens.value.type == "tokens" and "free plan's limit of 100 tokens" in tokens.value.message
-    gw.admit(two, MODEL, 10, 20)
+    run(gw.admit(two, MODEL, 10, 20))
     with pytest.raises(Refusal) as requests:  # the account's 2 requests are spent, by two different keys
-        gw.admit(two, MODEL, 1, 1)
+        run(gw.admit(two, MODEL, 1, 1))
     assert requests.value.type == "requests" and "free plan's limit of 2 requests" in requests.value.message
 
     capped, first, _ = world.account("capped")  # $0.000002 a day for the account
     _, second = accounts.create_key(world.store, capped, "sk", "second", PEPPER)
-    admission = gw.admit(gw.authenticate(first, "sk"), MODEL, 1, 1)
+    admission = run(gw.admit(gw.authenticate(first, "sk"), MODEL, 1, 1))
     admission.completion_tokens = 1
     gw.settle(admission)
     world.meter.flush()  # flushed too: the account's spend is in the store
     with pytest.raises(Refusal) as spent:
-        gw.admit(gw.authenticate(f"Bearer {second}", "sk"), MODEL, 1, 1)
+        run(gw.admit(gw.authenticate(f"Bearer {second}", "sk"), MODEL, 1, 1))
     assert spent.value.code == "budget_exceeded" and "capped plan's budget" in spent.value.message
     assert world.store.window_spend(capped, "1d", int(time.time()) // 86_400 * 86_400) == 2
 
@@ -192,21 +194,21 @@ def test_a_keys_own_limits_apply_inside_the_plans_all_or_nothing(world: SimpleNa
     _, other = accounts.create_key(world.store, acct, "sk", "other", PEPPER)
     tight, free = gw.authenticate(sk, "sk"), gw.authenticate(f"Bearer {other}", "sk")
     assert (tight.limits.rpm, tight.limits.tpm) == (10, 30)
-    gw.admit(tight, MODEL, 10, 10)
-    begun = gw.begin(tight)  # as the server does: the request first, its tokens once the prompt is known
+    run(gw.admit(tight, MODEL, 10, 10))
+    begun = run(gw.begin(tight))  # as the server does: the request first, its tokens once the prompt is known
     with pytest.raises(Refusal) as own:
-        gw.admit(tight, MODEL, 10, 10, begun=begun)
+        run(gw.admit(tight, MODEL, 10, 10, begun=begun))
     assert own.value.type == "tokens" and "this key's limit of 30 tokens" in own.value.message
     assert own.value.rate is not None and own.value.rate[0] is begun
     # The refused tokens charged the account nothing (its other key has 1000 - 20 left); the request counted.
-    assert gw.rate_state(free)[1].remaining == 980 and gw.rate_state(free)[0].remaining == 8
+    assert run(gw.rate_state(free))[1].remaining == 980 and run(gw.rate_state(free))[0].remaining == 8
 
 
 def test_live_usage_is_metered_at_every_flush_not_only_at_settlement(world: SimpleNamespace) -> None:
     gw = world.gateway()
     _, sk, _ = world.account()
     caller = gw.authenticate(sk, "sk")
-    admission = gw.admit(caller, MODEL, 10, 50)
+    admission = run(gw.admit(caller, MODEL, 10, 50))
     admission.completion_tokens = 7  # the generation so far
     world.meter.flush()
     (row,) = world.store.usage([caller.key.id])
@@ -225,18 +227,18 @@ def test_a_cancelled_generation_is_metered_for_what_it_made(world: SimpleNamespa
     _, sk, _ = world.account()
     caller = gw.authenticate(sk, "sk")
     engine = FixedEngine(MODEL, "a b c d e f g h", delay=0.05)
-    admission = gw.admit(caller, MODEL, 3, 8)
+    admission = run(gw.admit(caller, MODEL, 3, 8))
 
-    async def run() -> None:
+    async def cancelled() -> None:
         task = asyncio.ensure_future(collect(gw.admissions, engine, admission, [1, 2, 3], SamplingParams(8)))
         await asyncio.sleep(0.12)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
 
-    asyncio.run(run())
+    run(cancelled())
     assert admission.settled and 1 <= admission.completion_tokens < 8
-    whole = gw.admit(caller, MODEL, 3, 8)
+    whole = run(gw.admit(caller, MODEL, 3, 8))
     text, reason = asyncio.run(collect(gw.admissions, FixedEngine(MODEL, "a b c"), whole, [1, 2, 3],
                                        SamplingParams(8)))
     assert (text, reason, whole.completion_tokens, whole.settled) == ("a b c", "stop", 3, True)

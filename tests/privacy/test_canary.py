@@ -1,6 +1,7 @@
 """Canaries: unique strings sent through every route and path of a real two-worker server, then searched for in
 every file of the data directory (LMDB included), everything the workers wrote to stdout/stderr, and the
-temporary directories. Prompts and completions must be found nowhere.
+temporary directories. Prompts and completions must be found nowhere. The same test runs on the many-hosts
+backend too, and then also searches PostgreSQL's data directory (WAL included) and Redis's append-only files.
 
 The fixed test backend answers with a completion canary (CHEAPEST_MODEL_OPTION_TEXT), so completions are proven
 unstored too; the tiny real ONNX model covers the real tokenizer/engine path.
@@ -19,6 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from fixtures_hosts import SHARED_PEPPER
 from fixtures_server import ServerProcess, sdk
 
 pytestmark = pytest.mark.usefixtures("sdk_clients")
@@ -48,10 +50,13 @@ class Canaries:
         return out
 
 
-def scan(roots: Iterable[Path], needles: list[bytes], newer_than: float = 0.0) -> list[tuple[str, bytes]]:
+def scan(roots: Iterable[Path], needles: list[bytes], newer_than: float = 0.0,
+         skip: Iterable[Path] = ()) -> list[tuple[str, bytes]]:
     hits: list[tuple[str, bytes]] = []
+    skipped = {str(p) for p in skip}
     for root in roots:
-        for dirpath, _, files in os.walk(root, onerror=lambda e: None):
+        for dirpath, dirs, files in os.walk(root, onerror=lambda e: None):
+            dirs[:] = [d for d in dirs if os.path.join(dirpath, d) not in skipped]
             for name in files:
                 p = Path(dirpath) / name
                 try:
@@ -78,19 +83,32 @@ def _no_text(r: httpx.Response, *canaries: str) -> None:
         assert c not in r.text, r.text
 
 
-@pytest.fixture
-def canary_server(server_factory: Callable[..., ServerProcess], tmp_path: Path) -> Iterator[tuple[ServerProcess, Path, str]]:
-    """Two workers, the fixed backend answering with a completion canary, slow enough to disconnect from."""
+@pytest.fixture(params=["lmdb", "postgres"])
+def canary_server(request: pytest.FixtureRequest, server_factory: Callable[..., ServerProcess],
+                  tmp_path: Path) -> Iterator[tuple[ServerProcess, Path, str, list[Path]]]:
+    """Two workers, the fixed backend answering with a completion canary, slow enough to disconnect from; on
+    LMDB, or on PostgreSQL and Redis (whose directories are then searched too)."""
     completion = f"COMPLETION{secrets.token_hex(6)} flows back"
     server_tmp = tmp_path / "server-tmp"
     server_tmp.mkdir()
     config = tmp_path / "cheapest.toml"
     config.write_text(f'[prices."{MODEL}"]\nprompt_usd_per_mtok = 1000.0\ncompletion_usd_per_mtok = 1000.0\n')
-    server = server_factory(workers=2, extra_env={
+    env = {
         "CHEAPEST_MODEL_OPTION_TEXT": completion, "CHEAPEST_MODEL_OPTION_TOKENS": "300", "CHEAPEST_MODEL_OPTION_DELAY": "0.01",
         "CHEAPEST_MODEL_OPTION_FAIL_SEED": str(FAIL_SEED), "CHEAPEST_CONFIG": str(config), "TMPDIR": str(server_tmp),
-    })
-    yield server, server_tmp, completion
+    }
+    backend_dirs: list[Path] = []
+    if request.param == "postgres":
+        pg, redis = request.getfixturevalue("postgres_server"), request.getfixturevalue("redis_server")
+        redis.flush()
+        env |= {"CHEAPEST_STORE_URL": pg.database(), "CHEAPEST_LIMITER_URL": redis.url,
+                "CHEAPEST_KEY_PEPPER": SHARED_PEPPER}
+        backend_dirs = [pg.root, redis.root]
+    server = server_factory(workers=2, extra_env=env)
+    yield server, server_tmp, completion, backend_dirs
+    if backend_dirs:
+        server.stop()
+        pg.drop(env["CHEAPEST_STORE_URL"])
 
 
 def _sse_text(r: httpx.Response) -> str:
@@ -99,12 +117,12 @@ def _sse_text(r: httpx.Response) -> str:
         for line in r.text.splitlines() if line.startswith("data: {") and '"choices"' in line)
 
 
-def test_canaries_leave_no_trace(canary_server: tuple[ServerProcess, Path, str]) -> None:
-    server, server_tmp, completion = canary_server
+def test_canaries_leave_no_trace(canary_server: tuple[ServerProcess, Path, str, list[Path]]) -> None:
+    server, server_tmp, completion, backend_dirs = canary_server
     started = time.time() - 1
     cn = Canaries()
     base, v1 = server.base_url, server.v1
-    account_id, mk = server.create_account()
+    account_id, mk = server.create_account(plan="pro")  # room for every request below: refusals count too
     sk = str(server.create_key(mk)["key"])
     word = completion.split()[0]
 
@@ -249,7 +267,13 @@ def test_canaries_leave_no_trace(canary_server: tuple[ServerProcess, Path, str])
         assert set(line) == REQUEST_LOG_FIELDS and line["model"] in (None, MODEL), line
     assert {line["status"] for line in lines} >= {200, 400, 401, 402, 403, 404, 413, 429, 499, 500}
     files = [p for p in server.data_dir.rglob("*") if p.is_file()]
-    assert any(p.name == "data.mdb" for p in files)  # LMDB is among what is searched
+    if backend_dirs:  # PostgreSQL's files (WAL included) and Redis's append-only files are searched, and hold
+        # what was stored: the account id in the database, a key's rate-limit state in Redis
+        assert scan(backend_dirs[:1], [account_id.encode()]) and scan(backend_dirs[1:], [b"cheapest:rl:rpm:"])
+        assert any("pg_wal" in str(p) for p in backend_dirs[0].rglob("*"))
+        assert any("appendonly" in p.name for p in backend_dirs[1].rglob("*"))
+    else:
+        assert any(p.name == "data.mdb" for p in files)  # LMDB is among what is searched
     roots = [server.data_dir, server.stdout_path, server.stderr_path, server_tmp]
     needles = cn.needles([completion.split()[0]])
     # The search can see a leak: one planted in a nested file, UTF-16 encoded, is found.
@@ -258,8 +282,8 @@ def test_canaries_leave_no_trace(canary_server: tuple[ServerProcess, Path, str])
     planted.write_bytes(b"\0" + cn.made["engine-fail"].encode("utf-16-le"))
     assert [h[0] for h in scan(roots, needles)] == [str(planted)]
     planted.unlink()
-    assert scan(roots, needles) == []
-    assert scan([Path(tempfile.gettempdir())], needles, newer_than=started) == []
+    assert scan([*roots, *backend_dirs], needles) == []
+    assert scan([Path(tempfile.gettempdir())], needles, newer_than=started, skip=backend_dirs) == []
 
 
 @pytest.mark.slow

@@ -7,9 +7,9 @@ A generation is admitted in two steps, cheapest first:
   `admit()`  once the prompt is tokenized: budget windows (429 naming the budget and its reset), the credit
              balance of credit-funded plans (402), then tokens per minute (429).
 Each limit is charged all or nothing over the account's limit (the plan's, shared by every key of the account)
-and the key's own where it sets a lower one, through the core's shared GCRA table. `admit()` without a prior
-`begin()` charges the request and its tokens in one step. A table with no free slot for a new limit answers 503
-(`rate_limiter_full`, with Retry-After), never a 500.
+and the key's own where it sets a lower one, through the configured `Limiter` (this host's shared table, or
+Redis). `admit()` without a prior `begin()` charges the request and its tokens in one step. A table with no free
+slot for a new limit answers 503 (`rate_limiter_full`, with Retry-After), never a 500.
 
 TPM is charged at admission as prompt tokens + max_tokens (capped at the limit, so a large max_tokens is not
 refused forever) and corrected at settlement once the real completion length is known. An admitted generation
@@ -30,12 +30,13 @@ import time
 from collections.abc import Sequence
 from datetime import datetime, timezone
 
-from cheapest_core import RateDecision, RateLimiter, RateLimiterError, RateLimiterFull
+from cheapest_core import RateLimiterError, RateLimiterFull
 
 from cheapest.config import PriceConfig, Settings
 from cheapest.gateway.auth import Caller, Limit
 from cheapest.gateway.errors import Refusal
 from cheapest.store import AccountRecord, Store
+from cheapest.store.limiter import Decision, Limiter, LimitRequest
 from cheapest.store.metering import LiveUsage, UsageMeter
 from cheapest.store.payments import SubscriptionView
 from cheapest.vocabulary import BUDGET_WINDOWS, window_start
@@ -45,14 +46,15 @@ log = logging.getLogger("cheapest.gateway")
 PERIOD = 60.0  # rpm and tpm: per minute
 _GOOD_STANDING = frozenset({"none", "active", "trialing", "past_due"})
 _FULL_LOG_EVERY = 60.0  # seconds between "the table is full" warnings of one worker
+FULL_RETRY_S = 10.0  # a full table frees a slot this long after a limit refills (the core's reclaim_after)
 
 
 # The caller's place in its per-minute limits, requests then tokens (what `x-ratelimit-*` headers report): of
 # each kind, the decision of the limit that binds (the refusing one, else the one with the least room).
-RateState = tuple[RateDecision, RateDecision]
+RateState = tuple[Decision, Decision]
 
 
-def binding(decisions: Sequence[RateDecision]) -> RateDecision:
+def binding(decisions: Sequence[Decision]) -> Decision:
     refused = [d for d in decisions if not d.allowed]
     if refused:
         return max(refused, key=lambda d: d.retry_after)
@@ -77,9 +79,10 @@ class Admission(LiveUsage):
 
 
 class Admissions:
-    """One worker's admission policy over the shared limiter, the store and the worker's usage meter."""
+    """One worker's admission policy over the rate limiter (this host's table or Redis: only the `Limiter`
+    protocol is used), the store and the worker's usage meter."""
 
-    def __init__(self, settings: Settings, store: Store, limiter: RateLimiter, meter: UsageMeter) -> None:
+    def __init__(self, settings: Settings, store: Store, limiter: Limiter, meter: UsageMeter) -> None:
         self.settings = settings
         self.store = store
         self.limiter = limiter
@@ -87,23 +90,25 @@ class Admissions:
         self._prices: dict[str, PriceConfig] = {}  # per model, looked up once
         self._full_logged = -math.inf
 
-    def peek(self, caller: Caller) -> RateState:
+    async def peek(self, caller: Caller) -> RateState:
         limits = caller.limits
-        return (binding([self.limiter.peek(name, limit, PERIOD) for name, limit, _ in limits.requests]),
-                binding([self.limiter.peek(name, limit, PERIOD) for name, limit, _ in limits.tokens]))
+        return await self._peek(limits.requests), await self._peek(limits.tokens)
 
-    def begin(self, caller: Caller, now: float | None = None) -> RateDecision:
+    async def _peek(self, limits: Sequence[Limit]) -> Decision:
+        return binding([await self.limiter.peek(name, limit, PERIOD) for name, limit, _ in limits])
+
+    async def begin(self, caller: Caller, now: float | None = None) -> Decision:
         """Before the request is read: standing, then one request against the requests-per-minute limits."""
         self._check_standing(caller, now)
-        decisions = self._acquire([(name, limit, PERIOD, 1) for name, limit, _ in caller.limits.requests])
+        decisions = await self._acquire([(name, limit, PERIOD, 1) for name, limit, _ in caller.limits.requests])
         req = binding(decisions)
         if not req.allowed:
-            tokens = binding([self.limiter.peek(name, limit, PERIOD) for name, limit, _ in caller.limits.tokens])
+            tokens = await self._peek(caller.limits.tokens)
             raise self._rate_refusal(decisions, caller.limits.requests, "requests", (req, tokens))
         return req
 
-    def admit(self, caller: Caller, model: str | None = None, prompt_tokens: int = 0, max_tokens: int = 0,
-              now: float | None = None, begun: RateDecision | None = None) -> Admission:
+    async def admit(self, caller: Caller, model: str | None = None, prompt_tokens: int = 0, max_tokens: int = 0,
+                    now: float | None = None, begun: Decision | None = None) -> Admission:
         """Standing, budgets, credits and rate limits for a generation of `model` with `prompt_tokens` and up to
         `max_tokens`, all or nothing; a refusal names which one. `begun`: the request was charged by `begin()`
         (only its tokens are charged here). Without a model (a read such as listing models) only standing is
@@ -111,7 +116,7 @@ class Admissions:
         if begun is None:
             self._check_standing(caller, now)
         if model is None:
-            return Admission(caller, self.peek(caller))
+            return Admission(caller, await self.peek(caller))
         account, plan, limits = caller.account, caller.plan, caller.limits
         if caller.budgets:
             self._check_budgets(caller, time.time() if now is None else now)
@@ -119,12 +124,12 @@ class Admissions:
         if prompt_tokens > limits.tpm:
             raise Refusal("rate_limited", f"Request too large: {prompt_tokens} prompt tokens exceed the limit of "
                           f"{limits.tpm} tokens per minute.", type="tokens", code="rate_limit_exceeded",
-                          rate=self.peek(caller))
+                          rate=await self.peek(caller))
         charge = min(prompt_tokens + max_tokens, limits.tpm)
         wanted = [(name, limit, PERIOD, charge) for name, limit, _ in limits.tokens]
         if begun is None:
             wanted = [(name, limit, PERIOD, 1) for name, limit, _ in limits.requests] + wanted
-        decisions = self._acquire(wanted)
+        decisions = await self._acquire(wanted)
         n = len(decisions) - len(limits.tokens)
         rate = (begun if begun is not None else binding(decisions[:n]), binding(decisions[n:]))
         if not decisions[0].allowed:  # all or nothing: every decision reads refused; the longest wait binds
@@ -150,19 +155,18 @@ class Admissions:
                     self._log_full()
         self.meter.end(admission)
 
-    def throttle(self, name: str, limit: int, period: float, what: str) -> None:
+    async def throttle(self, name: str, limit: int, period: float, what: str) -> None:
         """A per-account bound on an operation that is expensive for the service (a chain lookup, a new key):
         `limit` per `period` seconds under the limiter's `name`, refused with 429 when spent."""
-        (decision,) = self._acquire([(name, limit, period, 1)])
+        (decision,) = await self._acquire([(name, limit, period, 1)])
         if not decision.allowed:
             raise Refusal("rate_limited", f"Too many {what}: at most {limit} per {period / 60:g} minutes for an "
                           f"account. Retry in {decision.retry_after:.1f}s.", type="requests",
                           code="rate_limit_exceeded", retry_after=decision.retry_after)
 
     def forget(self, names: Sequence[str]) -> None:
-        """Free the limiter's slots of a revoked key or a deleted account at once."""
-        for name in names:
-            self.limiter.forget(name)
+        """Free the limiter's slots of a revoked key or a deleted account at once (not awaited)."""
+        self.limiter.forget(list(names))
 
     def price(self, model: str) -> PriceConfig:
         price = self._prices.get(model)
@@ -179,23 +183,23 @@ class Admissions:
         return self.store.ledger.balance(account_id) - self.meter.pending_debit(account_id)
 
     # --- the parts of the decision ------------------------------------------------------------------------
-    def _acquire(self, requests: list[tuple[str, int, float, int]]) -> list[RateDecision]:
+    async def _acquire(self, requests: list[LimitRequest]) -> Sequence[Decision]:
         try:
-            return self.limiter.acquire_all(requests)
+            return await self.limiter.acquire_all(requests)
         except RateLimiterFull:
             self._log_full()
             raise Refusal("unavailable", "The server's rate-limit table is full; retry shortly.",
-                          code="rate_limiter_full", retry_after=self.limiter.reclaim_after) from None
+                          code="rate_limiter_full", retry_after=FULL_RETRY_S) from None
 
     def _log_full(self) -> None:
         now = time.monotonic()
         if now - self._full_logged >= _FULL_LOG_EVERY:
             self._full_logged = now
-            log.warning("the rate-limit table is full of live limits (capacity %d): requests of new keys get 503; "
-                        "raise ratelimit_capacity", self.limiter.capacity)
+            log.warning("the rate-limit table is full of live limits: requests of new keys get 503; raise "
+                        "ratelimit_capacity")
 
     @staticmethod
-    def _rate_refusal(decisions: Sequence[RateDecision], limits: Sequence[Limit], kind: str,
+    def _rate_refusal(decisions: Sequence[Decision], limits: Sequence[Limit], kind: str,
                       rate: RateState) -> Refusal:
         """Every decision of a refused all-or-nothing group reads "not allowed"; the limit with the longest wait
         is the one that has no room."""

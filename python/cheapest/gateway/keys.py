@@ -8,11 +8,14 @@ change epoch; this worker's key cache forgets the key at once, and a revoked key
 
 Bounds: an account holds at most its plan's `max_keys` live keys (of both kinds) and `MAX_MANAGEMENT_KEYS`
 management keys, and creates at most `KEY_CREATIONS_PER_DAY` keys a day (revoked keys stay in its history:
-their usage is still billed), so no account can grow the store without limit. These methods write to the store
-and block: the server runs them in a thread.
+their usage is still billed), so no account can grow the store without limit. The methods that write to the
+store block: the server runs them in a thread; creating a key is a coroutine (it asks the limiter first, then
+writes in a thread).
 """
 
 from __future__ import annotations
+
+import asyncio
 
 import msgspec
 from msgspec import UNSET
@@ -88,30 +91,31 @@ class KeyManager:
         self.keys = keys
         self.admissions = admissions
 
-    def create(self, account: AccountRecord, body: CreateKeyRequest) -> CreatedKey:
+    async def create(self, account: AccountRecord, body: CreateKeyRequest) -> CreatedKey:
         limits = _limits(self.settings, account, body.limits)
-        record, secret = self._create(account, "sk", body.name, limits=limits, expires_at=body.expires_at,
-                                      models=tuple(body.models) if body.models is not None else None)
+        record, secret = await self._create(account, "sk", body.name, limits=limits, expires_at=body.expires_at,
+                                            models=tuple(body.models) if body.models is not None else None)
         return CreatedKey(key=secret, id=record.id, name=record.name, hint=record.hint, kind="sk",
                           created_at=record.created_at, limits=_limits_body(record.limits),
                           expires_at=record.expires_at, models=body.models)
 
-    def create_management(self, account: AccountRecord, body: CreateManagementKeyRequest) -> CreatedKey:
+    async def create_management(self, account: AccountRecord, body: CreateManagementKeyRequest) -> CreatedKey:
         """A further management key (to rotate one: create, switch over, revoke the old)."""
-        if len(self.store.list_keys(account.id, limit=MAX_MANAGEMENT_KEYS, kind="mk")) >= MAX_MANAGEMENT_KEYS:
+        held = await asyncio.to_thread(self.store.list_keys, account.id, None, MAX_MANAGEMENT_KEYS, "mk")
+        if len(held) >= MAX_MANAGEMENT_KEYS:
             raise Refusal("conflict", f"An account holds at most {MAX_MANAGEMENT_KEYS} management keys; revoke "
                           "one first.", code="management_key_limit")
-        record, secret = self._create(account, "mk", body.name)
+        record, secret = await self._create(account, "mk", body.name)
         return CreatedKey(key=secret, id=record.id, name=record.name, hint=record.hint, kind="mk",
                           created_at=record.created_at, limits=_limits_body(record.limits))
 
-    def _create(self, account: AccountRecord, kind: KeyKind, name: str, limits: KeyLimits | None = None,
-                expires_at: int | None = None, models: tuple[str, ...] | None = None) -> tuple[KeyRecord, str]:
-        self.admissions.throttle(_creations(account.id), KEY_CREATIONS_PER_DAY, DAY, "new keys")
+    async def _create(self, account: AccountRecord, kind: KeyKind, name: str, limits: KeyLimits | None = None,
+                      expires_at: int | None = None, models: tuple[str, ...] | None = None) -> tuple[KeyRecord, str]:
+        await self.admissions.throttle(_creations(account.id), KEY_CREATIONS_PER_DAY, DAY, "new keys")
         cap = self.settings.plan(account.plan).max_keys
         try:
-            return accounts.create_key(self.store, account.id, kind, name, self.keys.pepper, limits=limits,
-                                       expires_at=expires_at, models=models, max_keys=cap)
+            return await asyncio.to_thread(accounts.create_key, self.store, account.id, kind, name, self.keys.pepper,
+                                           limits=limits, expires_at=expires_at, models=models, max_keys=cap)
         except QuotaExceeded:
             raise Refusal("conflict", f"This account has {cap} live keys, its plan's limit; revoke keys it no "
                           "longer uses first.", code="key_limit_reached") from None

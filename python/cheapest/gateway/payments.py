@@ -150,9 +150,9 @@ class Payments:
             self._decimals = usdc.token_decimals(self.web3(), self.billing)
         return self._decimals
 
-    def admit_topup_check(self, account: AccountRecord) -> None:
+    async def admit_topup_check(self, account: AccountRecord) -> None:
         """The account's share of chain lookups (429 past it): ask before taking a chain thread."""
-        self.admissions.throttle(topup_limit_name(account.id), TOPUP_CHECKS_PER_MINUTE, 60.0,
+        await self.admissions.throttle(topup_limit_name(account.id), TOPUP_CHECKS_PER_MINUTE, 60.0,
                                  "top-up verifications")
 
     def verify_topup(self, account: AccountRecord, tx_hash: str,

@@ -4,8 +4,6 @@ caches and clients those decisions use (key cache, prices, Stripe and web3 clien
 
 from __future__ import annotations
 
-from cheapest_core import RateDecision, RateLimiter
-
 from cheapest.api.privacy import AccountDeleted
 from cheapest.config import Settings
 from cheapest.gateway.admission import Admission, Admissions, RateState
@@ -15,12 +13,13 @@ from cheapest.gateway.keys import KeyManager, account_limit_names
 from cheapest.gateway.payments import Payments
 from cheapest.privacy.deletion import PROMISED_WITHIN, delete_account
 from cheapest.store import AccountRecord, Store
+from cheapest.store.limiter import Decision, Limiter
 from cheapest.store.metering import UsageMeter
 from cheapest.vocabulary import KeyKind
 
 
 class Gateway:
-    def __init__(self, settings: Settings, store: Store, pepper: bytes, limiter: RateLimiter,
+    def __init__(self, settings: Settings, store: Store, pepper: bytes, limiter: Limiter,
                  meter: UsageMeter) -> None:
         self.settings = settings
         self.store = store
@@ -34,25 +33,25 @@ class Gateway:
         ("unauthenticated", or "forbidden" naming why)."""
         return self.auth.authenticate(authorization, kind)
 
-    def begin(self, caller: Caller) -> RateDecision:
+    async def begin(self, caller: Caller) -> Decision:
         """Before a generation's request is read: standing and one request against the per-minute request limits,
         so that every request, however it ends, counts and a refused one costs nothing more."""
-        return self.admissions.begin(caller)
+        return await self.admissions.begin(caller)
 
-    def admit(self, caller: Caller, model: str | None = None, prompt_tokens: int = 0, max_tokens: int = 0,
-              now: float | None = None, begun: RateDecision | None = None) -> Admission:
+    async def admit(self, caller: Caller, model: str | None = None, prompt_tokens: int = 0, max_tokens: int = 0,
+                    now: float | None = None, begun: Decision | None = None) -> Admission:
         """One decision for a generation of `model`: subscription standing, budgets, credits, rate limits
         (refused as "forbidden", "rate_limited", "payment_required"; "unavailable" when the limiter's table is
         full). `begun`: what `begin()` returned, if it ran. Without a model (a read), standing only, and the
         caller's rate state to report."""
-        return self.admissions.admit(caller, model, prompt_tokens, max_tokens, now, begun)
+        return await self.admissions.admit(caller, model, prompt_tokens, max_tokens, now, begun)
 
     def settle(self, admission: Admission) -> None:
         """Meter an admitted generation exactly once (tokens, cost, TPM correction)."""
         self.admissions.settle(admission)
 
-    def rate_state(self, caller: Caller) -> RateState:
-        return self.admissions.peek(caller)
+    async def rate_state(self, caller: Caller) -> RateState:
+        return await self.admissions.peek(caller)
 
     def delete_account(self, account: AccountRecord, now: float) -> AccountDeleted:
         """Mark the account deleted: its keys stop everywhere at once (the store's change epoch), their and the

@@ -22,11 +22,11 @@ from granian.rsgi import HTTPProtocol, ProtocolClosed, Scope
 from cheapest.config import Settings
 from cheapest.gateway import Refusal
 from cheapest.server.cancellation import ClientGone, until_disconnected
-from cheapest.server.errors import ApiError, internal_error, rate_headers, refused, store_full
+from cheapest.server.errors import ApiError, internal_error, rate_headers, refused, store_full, store_unavailable
 from cheapest.server.request import JSON, Headers, Request, Response, StreamResponse
 from cheapest.server.routes import Route, Router
 from cheapest.server.state import WorkerState
-from cheapest.store import StoreFull
+from cheapest.store import StoreFull, StoreUnavailable
 
 log = logging.getLogger("cheapest.server")
 # What a failed request may not swallow: cancellation and the process being told to stop.
@@ -77,27 +77,29 @@ class App:
                 req.key_id = caller.key.id
             return await route.handler(state, req, *args)
         except Refusal as refusal:
-            return self._error_response(state, req, refused(refusal))
+            return await self._error_response(state, req, refused(refusal))
         except ApiError as err:
-            return self._error_response(state, req, err)
+            return await self._error_response(state, req, err)
+        except StoreUnavailable:
+            return await self._error_response(state, req, store_unavailable())
         except StoreFull:
-            log.error("the store is full: a write was refused (raise lmdb_map_size)")
-            return self._error_response(state, req, store_full())
+            log.error("the store is full: a write was refused (grow the store: lmdb_map_size, or PostgreSQL's disk)")
+            return await self._error_response(state, req, store_full())
         except (ClientGone, *CONTROL_FLOW):
             raise
         except BaseException as exc:
             # Only the type: exception messages (a panic's too) may carry request text.
             log.error("unhandled %s on %s %s", type(exc).__name__, req.method, req.path)
-            return self._error_response(state, req, internal_error())
+            return await self._error_response(state, req, internal_error())
 
     @staticmethod
-    def _error_response(state: WorkerState | None, req: Request, err: ApiError) -> Response:
+    async def _error_response(state: WorkerState | None, req: Request, err: ApiError) -> Response:
         """The error in OpenAI's shape; an inference key's answer carries its rate-limit state, as always."""
         headers = [("content-type", JSON), *err.headers]
         caller = req.caller
         if state is not None and caller is not None and caller.key.kind == "sk" \
                 and not any(h[0] == "x-ratelimit-limit-requests" for h in err.headers):
-            headers.extend(rate_headers(state.gateway.rate_state(caller)))
+            headers.extend(rate_headers(await state.gateway.rate_state(caller)))
         return Response(err.status, headers, err.body())
 
     async def __rsgi__(self, scope: Scope, proto: HTTPProtocol) -> None:

@@ -44,7 +44,7 @@ async def _complete(state: WorkerState, req: Request, chat: bool) -> Response | 
     caller = req.caller
     assert caller is not None
     gateway = state.gateway
-    begun = gateway.begin(caller)  # before the body is read, parsed, rendered or tokenized
+    begun = await gateway.begin(caller)  # before the body is read, parsed, rendered or tokenized
     body = await req.body(state.settings.serving.max_body_bytes)
     try:
         creq = (_chat_decoder if chat else _completion_decoder).decode(body)
@@ -57,7 +57,7 @@ async def _complete(state: WorkerState, req: Request, chat: bool) -> Response | 
     ids = prompt_ids(engine, creq)
     p = len(ids)
     params = sampling(engine, state.settings.serving.default_max_tokens, p, creq)
-    admission = gateway.admit(caller, engine.model_id, p, params.max_tokens, begun=begun)
+    admission = await gateway.admit(caller, engine.model_id, p, params.max_tokens, begun=begun)
     rid = state.ids.new("chatcmpl-" if chat else "cmpl-")
     created = int(time.time())
     headers = rate_headers(admission.rate)
@@ -131,24 +131,24 @@ def _model(engine: Engine | Embedder) -> Model:
     return Model(engine.model_id, created=0, context_length=engine.context_length)
 
 
-def _read(state: WorkerState, req: Request) -> tuple[Caller, list[tuple[str, str]]]:
+async def _read(state: WorkerState, req: Request) -> tuple[Caller, list[tuple[str, str]]]:
     """A /v1 read: the caller, admitted (standing only; nothing is charged), and its rate-limit headers."""
     caller = req.caller
     assert caller is not None
-    return caller, rate_headers(state.gateway.admit(caller).rate)
+    return caller, rate_headers((await state.gateway.admit(caller)).rate)
 
 
 async def list_models(state: WorkerState, req: Request) -> Response:
-    caller, headers = _read(state, req)
+    caller, headers = await _read(state, req)
     models = [_model(engine) for engine in state.models.ready() if may_use(caller, engine.model_id)]
     return json_response(_encode(ModelList(models)), headers)
 
 
 async def get_model(state: WorkerState, req: Request, model_id: str) -> Response:
-    caller, headers = _read(state, req)
+    caller, headers = await _read(state, req)
     return json_response(_encode(_model(served_model(state.models, caller, model_id))), headers)
 
 
 async def key_usage(state: WorkerState, req: Request) -> Response:
-    caller, headers = _read(state, req)
+    caller, headers = await _read(state, req)
     return json_response(_encode(usage_of(state.settings, state.store, caller)), headers)

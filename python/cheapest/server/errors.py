@@ -106,6 +106,12 @@ def store_full() -> ApiError:
                     code="insufficient_storage")
 
 
+def store_unavailable() -> ApiError:
+    """The shared store (PostgreSQL) cannot be reached: nothing was changed; a retry may succeed."""
+    return ApiError(503, "The service's store is unreachable right now; nothing was changed. Retry shortly.",
+                    type="server_error", code="store_unavailable", headers=[("retry-after", "1")])
+
+
 def internal_error() -> ApiError:
     return ApiError(500, "The server had an error while processing your request.", type="server_error",
                     code="internal_error")

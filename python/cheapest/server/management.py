@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
@@ -119,9 +119,9 @@ async def delete_management_key(state: WorkerState, req: Request, key_id: str) -
 
 
 async def _create(state: WorkerState, req: Request, decoder: msgspec.json.Decoder[Any],
-                  create: Callable[[AccountRecord, Any], CreatedKey]) -> Response:
+                  create: Callable[[AccountRecord, Any], Awaitable[CreatedKey]]) -> Response:
     body = await decode_body(state, req, decoder)
-    return json_response(_encode(await asyncio.to_thread(create, account_of(req), body)), status=201)
+    return json_response(_encode(await create(account_of(req), body)), status=201)
 
 
 async def _list(state: WorkerState, req: Request, kind: KeyKind) -> Response:

@@ -61,7 +61,7 @@ async def verify_topup(state: WorkerState, req: Request) -> Response:
     """In the chain's own threads: a slow node delays top-ups only, never webhooks or GDPR requests."""
     body: VerifyTopupRequest = await decode_body(state, req, _verify_decoder)
     payments = state.gateway.payments
-    payments.admit_topup_check(account_of(req))
+    await payments.admit_topup_check(account_of(req))
     result = await asyncio.get_running_loop().run_in_executor(
         payments.chain_pool, payments.verify_topup, account_of(req), body.tx_hash, body.signature)
     if isinstance(result, TopupPending):

@@ -1,6 +1,6 @@
 """What one worker process holds, opened after it starts (never in a server master, never across a fork): the
-store, the shared rate limiter, the usage meter, the retention job, the gateway (with its caches and payment
-clients), the engine, the response-id buffer, the request log and the documents it serves.
+store, the rate limiter (this host's table or Redis), the usage meter, the retention job, the gateway (with its
+caches and payment clients), the engine, the response-id buffer, the request log and the documents it serves.
 
 Each configured model (`engine.models`) gets an engine from the factory named by `model_backend`: "onnx" (the
 built-in ONNX Runtime engine) or "module:callable", `factory(settings: EngineSettings, add_route) -> Engine`,
@@ -17,7 +17,6 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
-import cheapest_core
 import msgspec
 
 from cheapest.config import EngineSettings, Settings
@@ -29,6 +28,7 @@ from cheapest.server.accesslog import RequestLog
 from cheapest.server.ids import ResponseIds
 from cheapest.server.routes import Route
 from cheapest.store import Store, open_configured_store
+from cheapest.store.limiter import open_configured_limiter
 from cheapest.store.metering import UsageMeter
 from cheapest.store.secrets import load_pepper
 from cheapest.store.settings import OLD_RATELIMIT_FILES
@@ -92,8 +92,8 @@ class WorkerState:
         self.retention.start()
         for old in OLD_RATELIMIT_FILES:  # an older format's table: transient state only, superseded (see settings)
             (data / old).unlink(missing_ok=True)
-        limiter = cheapest_core.RateLimiter(str(settings.store.ratelimit_path), settings.store.ratelimit_capacity)
-        self.gateway = Gateway(settings, self.store, load_pepper(data, settings.store.key_pepper), limiter,
+        self.limiter = open_configured_limiter(settings.store)
+        self.gateway = Gateway(settings, self.store, load_pepper(data, settings.store.key_pepper), self.limiter,
                                self.meter)
         self.ids = ResponseIds()
         self.request_log = RequestLog()
@@ -126,4 +126,5 @@ class WorkerState:
                 loop.run_until_complete(self.models.close())
             except Exception:
                 log.exception("engine close failed")
+        self.limiter.close()
         self.store.close()

@@ -1,20 +1,25 @@
-"""Storage behind one interface (`Store`, with its payment `Ledger`): accounts, keys, usage counters, payments.
+"""Storage behind one interface (`Store`, with its payment `Ledger`): accounts, keys, usage counters, payments;
+and the rate `Limiter` (limiter.py).
 
-`lmdb/` is the embedded backend (one host, any number of workers); nothing outside this package knows which
-backend runs.
+`lmdb/` is the embedded backend (one host, any number of workers); `postgres/` (the system of record) with
+`redis/` (rate limits, the published change epoch) lets many hosts act as one. Nothing outside this package
+knows which backend runs.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from cheapest.store.base import LastManagementKey, Ledger, QuotaExceeded, Store, StoreError, StoreFull, UsageKey
+from cheapest.store.base import (
+    LastManagementKey, Ledger, QuotaExceeded, Store, StoreError, StoreFull, StoreUnavailable, UsageKey,
+)
 from cheapest.store.records import AccountRecord, KeyLimits, KeyRecord, UsageCounter, UsageRow
 from cheapest.store.settings import StoreSettings
 
 __all__ = [
     "AccountRecord", "KeyLimits", "KeyRecord", "LastManagementKey", "Ledger", "QuotaExceeded", "Store", "StoreError",
-    "StoreFull", "StoreSettings", "UsageCounter", "UsageKey", "UsageRow", "open_configured_store", "open_store",
+    "StoreFull", "StoreSettings", "StoreUnavailable", "UsageCounter", "UsageKey", "UsageRow", "open_configured_store",
+    "open_store",
 ]
 
 
@@ -26,5 +31,11 @@ def open_store(data_dir: str | Path, map_size: int = 1 << 30) -> Store:
 
 
 def open_configured_store(settings: StoreSettings) -> Store:
-    """The store the configuration names (its data directory and backend settings)."""
-    return open_store(settings.data_path, settings.lmdb_map_size)
+    """The store the configuration names: PostgreSQL when `store_url` is set (its epoch published through Redis
+    when `limiter_url` is), else LMDB in the data directory. Migrations are applied on opening PostgreSQL."""
+    if not settings.store_url:
+        return open_store(settings.data_path, settings.lmdb_map_size)
+    from cheapest.store.postgres import PostgresStore
+    from cheapest.store.redis import RedisChanges
+
+    return PostgresStore(settings.store_url, RedisChanges(settings.limiter_url) if settings.limiter_url else None)

@@ -25,8 +25,8 @@ class StoreError(Exception):
 
 
 class StoreFull(StoreError):
-    """The store has no room for this write (LMDB's map is full). The write was not made; nothing written
-    before is lost. The operator grows `lmdb_map_size`."""
+    """The store has no room for this write (LMDB's map is full, PostgreSQL's disk). The write was not made;
+    nothing written before is lost. The server answers 507; the operator grows the store."""
 
 
 class QuotaExceeded(StoreError):
@@ -35,6 +35,11 @@ class QuotaExceeded(StoreError):
 
 class LastManagementKey(StoreError):
     """Revoking this key would leave the account without a management key; nothing was written."""
+
+
+class StoreUnavailable(ConnectionError):
+    """The store's server cannot be reached right now (a network backend): nothing was changed, or - for a
+    usage flush - it may be retried under the same flush id. The server answers 503; the message names no data."""
 
 
 class Ledger(Protocol):
@@ -148,10 +153,12 @@ class Store(Protocol):
 
     # usage
     def add_usage(self, deltas: Mapping[UsageKey, UsageCounter], debits: Mapping[str, int] | None = None,
-                  owners: Mapping[str, str] | None = None) -> None:
+                  flush_id: str | None = None, owners: Mapping[str, str] | None = None) -> None:
         """Add per-worker deltas to the totals and to each key's budget-window spend, and debit credit-funded
-        accounts' balances (`debits`: account id -> micro-dollars), all in one step. `owners` (key id -> account
-        id) adds each key's cost to its account's budget-window spend too (a plan's budget binds the account)."""
+        accounts' balances (`debits`: account id -> micro-dollars), all in one step. A `flush_id` (a UUID) makes
+        the step once-only: retried after a lost connection, a flush that did commit changes nothing more.
+        `owners` (key id -> account id) adds each key's cost to its account's budget-window spend too (a plan's
+        budget binds the account)."""
         ...
 
     def window_spend(self, owner_id: str, window: str, start: int) -> int:

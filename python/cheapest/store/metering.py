@@ -2,7 +2,8 @@
 
 Requests only add to an in-memory dict under a lock (no I/O on the request path); a flusher thread adds the
 deltas to the stored totals in one write transaction, so totals stay exact across workers, the event loop never
-waits for an fsync, and a `kill -9` loses at most one interval of usage.
+waits for an fsync, and a `kill -9` loses at most one interval of usage. A store that cannot be reached loses
+nothing: the flush is kept and retried, under its flush id, until the store takes it.
 
 Generations in flight are metered as they go, not only when they end: each is a `LiveUsage` the meter holds
 from admission to settlement, whose completion-token count the generation keeps current; every flush takes
@@ -15,8 +16,10 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import uuid
 import weakref
 from collections.abc import Callable
+from typing import NamedTuple
 
 from cheapest.store.base import Store, UsageKey
 from cheapest.store.records import UsageCounter
@@ -50,6 +53,14 @@ class LiveUsage:
         self._counted = False  # the request and its prompt tokens are held
 
 
+class _Flush(NamedTuple):
+    id: str  # makes the flush once-only in a store whose commits can be lost in transit (PostgreSQL)
+    deltas: dict[UsageKey, UsageCounter]
+    debits: dict[str, int]
+    cost: dict[str, int]  # key or account id -> micro-dollars
+    owners: dict[str, str]  # key id -> account id
+
+
 class UsageMeter:
     def __init__(self, store: Store, interval: float = 1.0) -> None:
         self.store = store
@@ -60,6 +71,8 @@ class UsageMeter:
         self._owners: dict[str, str] = {}  # key id -> account id, for the accounts' budget spend
         self._live: weakref.WeakSet[LiveUsage] = weakref.WeakSet()
         self._lock = threading.Lock()
+        self._flush_lock = threading.Lock()  # one flush at a time (the flusher thread, or a final one)
+        self._failed: _Flush | None = None  # a flush the store did not take: retried as it is before anything new
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -116,34 +129,35 @@ class UsageMeter:
     # --- reads for admission ---------------------------------------------------------------------------------
     def pending_cost(self, owner_id: str) -> int:
         """This worker's not-yet-flushed spend of a key or an account (admission adds it to the stored spend)."""
-        return self._cost.get(owner_id, 0)
+        failed = self._failed
+        return self._cost.get(owner_id, 0) + (failed.cost.get(owner_id, 0) if failed is not None else 0)
 
     def pending_debit(self, account_id: str) -> int:
-        return self._debits.get(account_id, 0)
+        failed = self._failed
+        return self._debits.get(account_id, 0) + (failed.debits.get(account_id, 0) if failed is not None else 0)
 
     # --- flushing --------------------------------------------------------------------------------------------
     def flush(self) -> None:
-        with self._lock:
-            for live in list(self._live):
-                self._take(live)
-            pending, self._pending = self._pending, {}
-            debits, self._debits = self._debits, {}
-            cost, self._cost = self._cost, {}
-            owners, self._owners = self._owners, {}
-        if not pending and not debits:
-            return
-        try:
-            self.store.add_usage(pending, debits, owners)
-        except Exception:
-            with self._lock:  # keep the deltas for the next try rather than lose billed usage
-                for k, c in pending.items():
-                    self._pending.setdefault(k, UsageCounter()).add(c)
-                for a, m in debits.items():
-                    self._debits[a] = self._debits.get(a, 0) + m
-                for owner, m in cost.items():
-                    self._cost[owner] = self._cost.get(owner, 0) + m
-                self._owners.update(owners)
-            raise
+        """Write what was recorded since the last flush, with what each generation in flight made since. A flush
+        that failed (the store unreachable) is kept and retried first, under the same flush id, so it is applied
+        once even if its commit was lost in transit."""
+        with self._flush_lock:
+            if self._failed is not None:
+                self._write(self._failed)
+            with self._lock:
+                for live in list(self._live):
+                    self._take(live)
+                pending, self._pending = self._pending, {}
+                debits, self._debits = self._debits, {}
+                cost, self._cost = self._cost, {}
+                owners, self._owners = self._owners, {}
+            if pending or debits:
+                self._write(_Flush(str(uuid.uuid4()), pending, debits, cost, owners))
+
+    def _write(self, batch: _Flush) -> None:
+        self._failed = batch
+        self.store.add_usage(batch.deltas, batch.debits, flush_id=batch.id, owners=batch.owners)
+        self._failed = None
 
     def start(self) -> None:
         if self._thread is None:

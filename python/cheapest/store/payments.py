@@ -10,6 +10,7 @@ so a late event of one subscription cannot overwrite another's facts.
 
 from __future__ import annotations
 
+import time
 from typing import Literal
 
 import msgspec
@@ -18,7 +19,7 @@ from cheapest.vocabulary import DAY
 
 __all__ = [
     "ChainClaim", "ClaimOutcome", "EventOutcome", "EventRecord", "JournalEntry", "PaymentEvent", "SubscriptionState",
-    "SubscriptionView", "TransferClaim", "governing", "status_rank",
+    "SubscriptionView", "TransferClaim", "credit_entry", "governing", "status_rank",
 ]
 
 # Ties between two facts stamped in the same second are broken by this rank so
@@ -153,6 +154,17 @@ class PaymentEvent(msgspec.Struct, frozen=True):
     subscription: dict[str, str | int | None] = {}
     payment: JournalEntry | None = None
 
+    def settled_early(self, recorded: bool, account_id: str | None) -> EventOutcome | None:
+        """The outcome when there is nothing to apply: a duplicate (`recorded` False: the id was seen), a type
+        not handled, or no live account; None when the event is to be applied to `account_id`."""
+        if not recorded:
+            return EventOutcome("duplicate", account_id)
+        if not self.handled:
+            return EventOutcome("ignored", account_id)
+        if account_id is None:
+            return EventOutcome("unmatched", None)
+        return None
+
 
 EventResult = Literal["applied", "unchanged", "duplicate", "ignored", "unmatched"]
 
@@ -192,6 +204,13 @@ def governing(views: list[SubscriptionView]) -> SubscriptionView | None:
 
 def _precedence(name: str, f: _Field) -> tuple[bool, int, int, str]:
     return (name == "status" and f.value in _TERMINAL, *f.order())
+
+
+def credit_entry(micro_usd: int, ref: str, kind: str) -> JournalEntry:
+    """A credit of `micro_usd` (positive) to journal once per `ref`, stamped now."""
+    if micro_usd <= 0:
+        raise ValueError("a credit must be positive")
+    return JournalEntry(ref=ref, kind=kind, at=int(time.time()), micro_usd=micro_usd)
 
 
 def _tie(name: str, value: str | int | None) -> int:

@@ -30,7 +30,7 @@ import msgspec
 from cheapest.store.lmdb.txn import writing
 from cheapest.store.payments import (
     ChainClaim, ClaimOutcome, EventOutcome, EventRecord, JournalEntry, PaymentEvent, SubscriptionState,
-    SubscriptionView, TransferClaim, governing,
+    SubscriptionView, TransferClaim, credit_entry, governing,
 )
 
 __all__ = ["AccountSink", "LmdbLedger"]
@@ -103,10 +103,7 @@ class LmdbLedger:
 
     # -- money ----------------------------------------------------------------------------------------------
     def credit(self, account_id: str, micro_usd: int, ref: str, kind: str = "credit") -> bool:
-        if micro_usd <= 0:
-            raise ValueError("a credit must be positive")
-        return self.record_payment(account_id, JournalEntry(ref=ref, kind=kind, at=int(time.time()),
-                                                            micro_usd=micro_usd))
+        return self.record_payment(account_id, credit_entry(micro_usd, ref, kind))
 
     def debit(self, account_id: str, micro_usd: int) -> int:
         with writing(self.env) as txn:
@@ -131,12 +128,11 @@ class LmdbLedger:
                 account = None  # deleted or purged: a late event must not bring its payment references back
             record = EventRecord(type=event.type, created=event.created, received_at=int(time.time()),
                                  account_id=account)
-            if not txn.put(event.event_id.encode(), _enc.encode(record), db=self._events, overwrite=False):
-                return EventOutcome("duplicate", account)
-            if not event.handled:
-                return EventOutcome("ignored", account)
-            if account is None:
-                return EventOutcome("unmatched", None)
+            recorded = txn.put(event.event_id.encode(), _enc.encode(record), db=self._events, overwrite=False)
+            early = event.settled_early(recorded, account)
+            if early is not None:
+                return early
+            assert account is not None
             for provider_id in event.provider_ids:  # first writer wins
                 txn.put(provider_id.encode(), account.encode(), db=self._links, overwrite=False)
             changed = self._merge_subscription(txn, account, event.subscription, event.created)

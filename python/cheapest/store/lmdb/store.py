@@ -297,10 +297,10 @@ class LmdbStore:
 
     # --- usage ------------------------------------------------------------------------------------------------
     def add_usage(self, deltas: Mapping[UsageKey, UsageCounter], debits: Mapping[str, int] | None = None,
-                  owners: Mapping[str, str] | None = None) -> None:
+                  flush_id: str | None = None, owners: Mapping[str, str] | None = None) -> None:
         """Add per-worker deltas to the stored totals, the budget-window spend of each key (and of its account,
         when `owners` names it), and debit the credit-funded accounts' balances, all in ONE write transaction
-        (exact across workers)."""
+        (exact across workers). `flush_id` is not needed here: a local commit either happened or raised."""
         if not deltas and not debits:
             return
         owners = owners or {}

@@ -1,4 +1,5 @@
-"""The LMDB store, the usage meter and the pepper, without a server."""
+"""The store contract on each backend (LMDB; PostgreSQL with Redis), the usage meter and the pepper, without a
+server."""
 
 from __future__ import annotations
 
@@ -8,10 +9,11 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from cheapest.store import AccountRecord, KeyLimits, KeyRecord, StoreError, UsageCounter, open_store
+from cheapest.store import AccountRecord, KeyLimits, KeyRecord, StoreError, UsageCounter
 from cheapest.store.metering import UsageMeter
 from cheapest.vocabulary import hour_of
 from cheapest.store.secrets import load_pepper
+from fixtures_backends import Backend
 from processes import in_processes
 
 
@@ -24,8 +26,8 @@ def _key(i: int, account: str = "acct_0000", kind: str = "sk") -> KeyRecord:
                      hint="sk_…abcd", name=f"k{i}", created_at=1)
 
 
-def test_accounts_and_keys_round_trip(tmp_path: Path) -> None:
-    store = open_store(tmp_path)
+def test_accounts_and_keys_round_trip(backend: Backend) -> None:
+    store = backend.open()
     store.create_account(_account())
     with pytest.raises(StoreError):
         store.create_account(msgspec.structs.replace(_account(), id="acct_other", email="U0@EXAMPLE.test"))
@@ -49,8 +51,8 @@ def test_accounts_and_keys_round_trip(tmp_path: Path) -> None:
     store.close()
 
 
-def _add_usage(start: Callable[[], None], path: str, n: int) -> None:
-    store = open_store(path)
+def _add_usage(start: Callable[[], None], backend: Backend, n: int) -> None:
+    store = backend.open()
     meter = UsageMeter(store, interval=0.01)
     start()
     meter.start()
@@ -60,9 +62,9 @@ def _add_usage(start: Callable[[], None], path: str, n: int) -> None:
     store.close()
 
 
-def test_usage_totals_exact_across_processes(tmp_path: Path) -> None:
-    in_processes(_add_usage, str(tmp_path), 500, n=4)
-    store = open_store(tmp_path)
+def test_usage_totals_exact_across_processes(backend: Backend) -> None:
+    in_processes(_add_usage, backend, 500, n=4)
+    store = backend.open()
     rows = list(store.usage(["key_a"]))
     assert [(r.hour, r.counter) for r in rows] == [
         (7200, UsageCounter(1000, 3000, 5000, 7000)),
