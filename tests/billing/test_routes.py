@@ -10,9 +10,11 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
+from typing import Any
 
 import httpx
 import pytest
+from web3 import Web3
 
 from cheapest.store import open_store
 from fixtures_payments import (
@@ -218,10 +220,7 @@ def test_a_slow_chain_node_never_holds_up_webhooks_or_gdpr_requests(server_facto
                                                                     stripe: FakeStripe) -> None:  # type: ignore[no-untyped-def]
     node = SlowNode(chain.w3, delay=3.0)
     try:
-        server = server_factory(extra_env={
-            "CHEAPEST_STRIPE_WEBHOOK_SECRET": WEBHOOK_SECRET, "CHEAPEST_BASE_RPC_URL": node.url,
-            "CHEAPEST_USDC_CONTRACT": chain.usdc.address, "CHEAPEST_USDC_RECEIVER": chain.receiver,
-            "CHEAPEST_CHAIN_ID": str(chain.w3.eth.chain_id)})
+        server = server_factory(extra_env=billing_env(chain, node, stripe))
         # More claims at once than the chain's threads, and than the default thread pool of a CI box (cores + 4).
         owners = [server.create_account() for _ in range(12)]
         tx = "0x" + "cd" * 32
