@@ -50,6 +50,7 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     import msgspec
     from granian.constants import Interfaces
 
+    from cheapest.metrics.exposition import open_for_server
     from cheapest.server import load_app
     from cheapest.server.state import operator_log
     from cheapest.server.supervisor import SupervisedServer
@@ -66,7 +67,7 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
             print(f"  OPENAI_API_KEY=   {created['api_key']}")
             print(f"  OPENAI_BASE_URL=  http://{serving.host}:{serving.port}/v1", flush=True)
     operator_log()
-    server = SupervisedServer(  # a crashed worker is replaced; the others keep serving
+    server = SupervisedServer(  # a crashed worker is replaced, a crash loop backs off; the others keep serving
         "cheapest.server:app",
         address=serving.host,
         port=serving.port,
@@ -74,9 +75,15 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
         interface=Interfaces.ASGI if args.interface == "asgi" else Interfaces.RSGI,
         log_access=args.access_log,
         log_access_format=ACCESS_LOG_FORMAT,
+        respawn_failed_workers=True,  # a crashed worker is replaced (and counted: cheapest_worker_restarts_total)
     )
-    # Each worker builds its app from these settings (read here, once), not from the environment again.
-    server.serve(target_loader=partial(load_app, settings))
+    close_metrics = open_for_server(settings)
+    try:
+        # Each worker builds its app from these settings (read here, once), not from the environment again.
+        server.serve(target_loader=partial(load_app, settings))
+    finally:
+        if close_metrics is not None:
+            close_metrics()
     return 0
 
 

@@ -17,6 +17,7 @@ engine plugin named by `model_backend`).
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import tomllib
@@ -32,6 +33,7 @@ from cheapest.vocabulary import MICRO_PER_USD, BudgetWindow, Funding, usd_to_mic
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 BASE_USDC = "0x833589fCD6eDb6E08f4c7C32D4f71b54bdA02913"  # USDC on Base mainnet
 ENV_PREFIX = "CHEAPEST_"
+MIN_METRICS_TOKEN = 16
 
 
 class ConfigError(ValueError):
@@ -105,10 +107,27 @@ class ServingSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     embedding_max_inputs: int = 2048  # inputs in one /v1/embeddings request
     embedding_max_tokens: int = 0  # tokens per embedding input (0 = the model's own limit; never above it)
     embedding_truncate: bool = False  # cut a longer input to the limit instead of refusing it (400)
+    # Prometheus metrics for operators (metrics/): collected by every worker, served on /metrics, or only on
+    # 127.0.0.1:metrics_port when that is set (`cheapest serve`); to clients in `metrics_allow` (addresses or
+    # networks) that also give `metrics_token` as a bearer token when one is set.
+    metrics: bool = True
+    metrics_port: int = 0
+    metrics_allow: list[str] = msgspec.field(default_factory=lambda: ["127.0.0.0/8", "::1"])
+    metrics_token: str = ""
+    metrics_dir: str = ""  # the workers' metric files; "" = <data>/metrics
 
     def __post_init__(self) -> None:
         if self.embedding_max_inputs < 1 or self.embedding_max_tokens < 0:
             raise ValueError("embedding_max_inputs must be at least 1 and embedding_max_tokens at least 0")
+        if not 0 <= self.metrics_port <= 65535 or self.metrics_port == self.port:
+            raise ValueError("metrics_port must be 0 (off) or a port other than `port`")
+        for entry in self.metrics_allow:
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                raise ValueError("metrics_allow holds an entry that is not an IP address or network") from None
+        if self.metrics_token and len(self.metrics_token) < MIN_METRICS_TOKEN:
+            raise ValueError(f"metrics_token must be at least {MIN_METRICS_TOKEN} characters")
 
 
 class EngineSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -236,6 +255,11 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         return self.data_path / "models"
 
     @property
+    def metrics_path(self) -> Path:
+        """The workers' metric files (prometheus-client's multiprocess files; metrics/files.py)."""
+        return Path(self.serving.metrics_dir) if self.serving.metrics_dir else self.data_path / "metrics"
+
+    @property
     def cache_path(self) -> Path:
         """Downloaded wheels and extracted GGUFs."""
         return self.data_path / "cache"
@@ -252,7 +276,7 @@ SECTIONS: dict[str, type[msgspec.Struct]] = {
 }
 TABLES = ("plans", "prices")
 FILE_ONLY = frozenset({"chat_templates"})  # settings the environment cannot give
-LISTS = frozenset({"models"})  # comma-separated in the environment
+LISTS = frozenset({"models", "metrics_allow"})  # comma-separated in the environment
 # Table-valued settings filled from prefixed variables: name -> (section, variable prefix).
 ENV_TABLES = {"stripe_prices": ("billing", "CHEAPEST_STRIPE_PRICE_"),
               "model_options": ("engine", "CHEAPEST_MODEL_OPTION_")}

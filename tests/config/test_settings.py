@@ -20,6 +20,7 @@ RECEIVER = "0x2B5AD5c4795c026514f8317c7a215E218DcCD6cF"
 SAMPLE: dict[str, Any] = {
     "host": "0.0.0.0", "port": 9100, "workers": 3, "max_body_bytes": 4096, "default_max_tokens": 7,
     "request_log": False, "embedding_max_inputs": 16, "embedding_max_tokens": 64, "embedding_truncate": True,
+    "metrics": False, "metrics_port": 9200, "metrics_token": "m" * 20, "metrics_dir": "/run/cheapest-metrics",
     "data_dir": "/srv/cheapest", "lmdb_map_size": 1 << 26, "ratelimit_capacity": 1024,
     "key_pepper": "p" * 24, "usage_flush_interval": 0.5, "retention_interval": 60.0,
     "store_url": "postgresql://cheapest@db.example.test/cheapest", "limiter_url": "redis://cache.example.test:6379/0",
@@ -128,6 +129,9 @@ def test_derived_values() -> None:
     ('usdc_receiver = "0x1234"\n', "usdc_receiver"),
     ("usdc_confirmations = 0\n", "usdc_confirmations"),
     ('key_pepper = "short"\n', "key_pepper"),
+    ('metrics_allow = ["10.0.0.0/8", "example.test"]\n', "metrics_allow"),
+    ('metrics_token = "short"\n', "metrics_token"),
+    ("port = 9000\nmetrics_port = 9000\n", "metrics_port"),
     ('model_backend = "fixed"\n', "model_backend"),
     ('store_url = "mysql://db/x"\n', "store_url"),
     ('limiter_url = "http://cache"\n', "limiter_url"),
@@ -159,6 +163,15 @@ def test_a_bad_variable_is_a_clear_error_naming_it(env: dict[str, str], named: s
     with pytest.raises(ConfigError) as err:
         load_settings(env)
     assert named in str(err.value)
+
+
+def test_metrics_allow_is_a_list_in_the_file_and_comma_separated_in_the_environment(tmp_path: Path) -> None:
+    assert Settings().serving.metrics_allow == ["127.0.0.0/8", "::1"]  # loopback only
+    from_file = _load(tmp_path, '[serving]\nmetrics_allow = ["10.0.0.5", "fd00::/8"]\n')
+    from_env = load_settings({"CHEAPEST_METRICS_ALLOW": "10.0.0.5, fd00::/8"})
+    assert from_file.serving.metrics_allow == from_env.serving.metrics_allow == ["10.0.0.5", "fd00::/8"]
+    assert from_env.metrics_path == from_env.data_path / "metrics"
+    assert load_settings({"CHEAPEST_METRICS_DIR": "/run/m"}).metrics_path == Path("/run/m")
 
 
 def test_empty_variables_are_unset() -> None:

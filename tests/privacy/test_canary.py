@@ -22,6 +22,7 @@ import pytest
 
 from fixtures_hosts import SHARED_PEPPER
 from fixtures_server import ServerProcess, sdk
+from metrics_text import assert_metadata_only, parse, value
 
 pytestmark = pytest.mark.usefixtures("sdk_clients")
 
@@ -260,6 +261,10 @@ def test_canaries_leave_no_trace(canary_server: tuple[ServerProcess, Path, str, 
     _no_text(r, *cn.made.values(), completion.split()[0])
 
     time.sleep(0.5)  # the last usage flush (0.2 s) and request-log lines
+    samples = _metrics_hold_metadata_only(server, needles=cn.needles([completion.split()[0]]), ids=[account_id])
+    for kind in ("rpm", "tpm", "budget", "credits"):  # the refusals above, counted by kind only
+        assert value(samples, "cheapest_refusals_total", kind=kind) >= 1, kind
+    assert value(samples, "cheapest_requests_total", route="/v1/chat/completions", status="499") >= 1
     assert server.stop() == 0
     lines = server.request_log()
     assert len(lines) >= 40
@@ -338,6 +343,10 @@ def test_canaries_through_the_real_model(server_factory: Callable[..., ServerPro
                       json={"model": model, "prompt": cn("real-disconnect"), "max_tokens": 200, "stream": True}) as s:
         next(s.iter_lines())
     time.sleep(0.5)
+    samples = _metrics_hold_metadata_only(server, cn.needles() + [t.encode() for t in completions if len(t) >= 16])
+    assert value(samples, "cheapest_time_to_first_token_seconds_count", model=model) >= 3  # the scheduler's
+    assert value(samples, "cheapest_inter_token_latency_seconds_count", model=model) >= 1
+    assert value(samples, "cheapest_batch_size_count", model=embedder) >= 1  # the embedding engine's runs
     assert server.stop() == 0
     for line in server.request_log():
         assert set(line) == REQUEST_LOG_FIELDS and line["model"] in (None, model, embedder)
@@ -347,3 +356,20 @@ def test_canaries_through_the_real_model(server_factory: Callable[..., ServerPro
     roots = [server.data_dir, server.stdout_path, server.stderr_path, server_tmp]
     assert scan(roots, needles) == []
     assert scan([Path(tempfile.gettempdir())], needles, newer_than=started) == []
+
+
+def _metrics_hold_metadata_only(server: ServerProcess, needles: list[bytes],
+                                ids: Iterable[str] = ()) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """/metrics after the canary traffic: no canary, no key or account id (any id of the store's format), no email,
+    no secret; every model label a served model or a placeholder. Returns the samples."""
+    r = httpx.get(server.base_url + "/metrics")  # both workers' series, whichever answers
+    assert r.status_code == 200
+    assert_metadata_only(r.text, [*needles, *ids])
+    with pytest.raises(AssertionError):  # the check sees a leak: a planted canary, or an id of the store's format
+        assert_metadata_only(r.text.replace("none", needles[0].decode(errors="replace")), needles)
+    with pytest.raises(AssertionError):
+        assert_metadata_only(r.text + 'x{key="key_0123456789abcdef"} 1\n', [])
+    samples = parse(r.text)
+    served = {str(m["id"]) for m in httpx.get(server.base_url + "/readyz").json()["models"]}
+    assert {dict(labels).get("model") for _, labels in samples} <= served | {None, "unknown", "none"}
+    return samples

@@ -15,6 +15,7 @@ import pytest
 from backends import PostgresServer, RedisServer
 from fixtures_hosts import HostFactory, chat, usage_requests
 from fixtures_server import ServerProcess
+from metrics_text import scrape, value
 
 pytestmark = pytest.mark.slow
 
@@ -131,6 +132,8 @@ def test_redis_stopped_for_seconds_no_500s_and_it_recovers_by_itself(host_factor
             redis_server.start()
     statuses = load.statuses()
     assert set(statuses) == {200}, statuses  # never a 500 (nor a 503): inference went on throughout
+    for host in (a, b):  # each host's operators see that its limits were decided locally meanwhile
+        assert value(scrape(host.base_url), "cheapest_errors_total", component="limiter") >= 1
     assert load.statuses(since=stopped + 0.2)[200] > 0 and load.statuses(since=restarted + 1.5)[200] > 0
     # Recovered: limits are shared across hosts again, exactly.
     fresh = str(b.create_key(mk, limits={"rpm": 4})["key"])

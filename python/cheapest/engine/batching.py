@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 
 from cheapest.engine.runner import KvRunner
 from cheapest.engine.sampling import Sampler
+from cheapest.metrics import metrics
 
 log = logging.getLogger("cheapest.engine")
 
@@ -26,7 +28,7 @@ PREFILL_TOKENS = 2048  # padded prompt tokens in one batched prefill run (a long
 class Sequence:
     """One request's generation state, touched only by the scheduler thread (except `cancel`)."""
 
-    __slots__ = ("prompt", "sampler", "accept", "fail", "cancelled", "last_token")
+    __slots__ = ("prompt", "sampler", "accept", "fail", "cancelled", "last_token", "at")
 
     def __init__(self, prompt: list[int], sampler: Sampler, accept: Callable[[int], bool],
                  fail: Callable[[BaseException], None]) -> None:
@@ -36,14 +38,16 @@ class Sequence:
         self.fail = fail
         self.cancelled = False
         self.last_token = -1
+        self.at = time.perf_counter()  # when it was made (submitted), then when its last token came
 
     def cancel(self) -> None:
         self.cancelled = True  # a plain flag: the scheduler drops the sequence at its next step
 
 
 class Scheduler:
-    def __init__(self, runner: KvRunner) -> None:
+    def __init__(self, runner: KvRunner, model: str = "") -> None:
         self._runner = runner
+        self._series = metrics.scheduler(model)  # queue, batch size, token timings (a no-op when metrics are off)
         self._rows: list[Sequence | None] = []  # batch rows; None = a hole (devices that cannot compact)
         self._waiting: deque[Sequence] = deque()
         self._cv = threading.Condition()
@@ -99,6 +103,7 @@ class Scheduler:
                     joining = []
                 if any(self._rows):
                     self._decode()
+                self._series.queue(len(self._waiting), self.active)
             except Exception as e:  # noqa: BLE001 - a failed step fails its sequences, never the thread
                 self._fail_all(e, also=joining)
         self._fail_all(RuntimeError("the engine is closed"), waiting=True)
@@ -145,12 +150,14 @@ class Scheduler:
         tokens = [seq.last_token if seq is not None else -1 for seq in self._rows]
         logits = self._runner.decode(tokens)
         self.steps += 1
+        self._series.step(self.active)
         for row, seq in enumerate(self._rows):
             if seq is not None:
                 self._take(row, seq, seq.sampler(logits[row]))
         self._compact()
 
     def _take(self, row: int, seq: Sequence, token: int) -> None:
+        seq.at = self._series.token(seq.at, seq.last_token < 0)
         seq.last_token = token
         try:
             finished = seq.accept(token)

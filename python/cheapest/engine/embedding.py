@@ -25,6 +25,7 @@ import onnxruntime as ort
 
 from cheapest.engine.loader import CPU, SPIN_US, choose_graph, choose_providers, load_tokenizer, session_options
 from cheapest.engine.types import EngineError
+from cheapest.metrics import metrics
 from cheapest.model_layout import (
     ATTENTION_MASK, CONFIG, INPUT_IDS, SENTENCE_CONFIG, SENTENCE_EMBEDDING, TOKEN_TYPE_IDS, SentenceConfig,
 )
@@ -117,6 +118,7 @@ class EmbeddingEngine:
         self._cv = threading.Condition()
         self._closing = False
         self.runs = 0  # ONNX runs so far (tests and benchmarks)
+        self._series = metrics.scheduler(self.model_id)  # queue and run sizes (a no-op when metrics are off)
         self._thread = threading.Thread(target=self._loop, name="cheapest-embedding", daemon=True)
         self._thread.start()
         log.info("embedding model loaded: id=%s provider=%s dims=%d graph=%s", self.model_id, self.provider,
@@ -163,10 +165,12 @@ class EmbeddingEngine:
                 if self._closing:
                     break
                 pool, self._pool = [p for p in self._pool if not p[0].cancelled], []
+            self._series.queue(0, len(pool))
             for run in plan_batches([len(ids) for _, _, ids in pool]):
                 items = [pool[i] for i in run if not pool[i][0].cancelled]
                 if items:
                     self._run(items)
+            self._series.queue(len(self._pool), 0)
         for job, _, _ in self._pool:
             job.loop.call_soon_threadsafe(_resolve, job.future, EngineError("the engine is closed"))
 
@@ -188,6 +192,7 @@ class EmbeddingEngine:
                 job.loop.call_soon_threadsafe(_resolve, job.future, EngineError("inference failed"))
             return
         self.runs += 1
+        self._series.step(len(items))
         for row, (job, index, _) in enumerate(items):
             job.vectors[index] = vectors[row]
             job.left -= 1

@@ -84,7 +84,7 @@ class OnnxEngine:
         # A base model (Gemma 3 270M) has none: render_chat raises NoChatTemplateError, completions still work.
         self.has_chat_template = chat_template is not None or ChatTemplate.present(spec.tokenizer_config)
         self._text = TextTokenizer(spec.model_dir / TOKENIZER) if self.has_chat_template else None
-        self._scheduler = Scheduler(runner)
+        self._scheduler = Scheduler(runner, spec.model_id)
 
     # --- text ---------------------------------------------------------------------------------------------------
 

@@ -20,6 +20,8 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Generic, Literal, Protocol, TypeVar
 
+from cheapest.metrics import metrics
+
 log = logging.getLogger("cheapest.engine")
 
 ModelState = Literal["loading", "ready", "failed"]
@@ -78,6 +80,8 @@ class ServedModels(Generic[E]):
         self._loaders = list(loaders)
         self.slots: list[ModelSlot[E]] = [ModelSlot(name) for name, _ in self._loaders]
         self._by_name: dict[str, ModelSlot[E]] = {slot.name: slot for slot in self.slots}
+        for slot in self.slots:
+            metrics.model_state(slot.name, slot.state)
         self._lock = threading.Lock()
         self._pending = len(self.slots)
         self._threads: list[threading.Thread] = []
@@ -116,6 +120,7 @@ class ServedModels(Generic[E]):
             engine = loader()
         except Exception as exc:
             slot.state = "failed"
+            metrics.model_state(slot.name, slot.state)
             log.error("model %s failed to load: %s", slot.name, type(exc).__name__)
             self._loaded()
             if reraise:
@@ -128,6 +133,7 @@ class ServedModels(Generic[E]):
         with self._lock:
             slot.engine = engine
             slot.state = "ready"
+            metrics.model_state(slot.name, slot.state)
             if model_id != slot.name:  # an export whose config names another id: found by both
                 self._by_name.setdefault(model_id, slot)
         log.info("model ready: id=%s seconds=%s resident_mib=%s", model_id, slot.load_seconds,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any
 
@@ -21,6 +22,7 @@ from granian.rsgi import HTTPProtocol, ProtocolClosed, Scope
 
 from cheapest.config import Settings
 from cheapest.gateway import Refusal
+from cheapest.metrics import metrics
 from cheapest.server.cancellation import ClientGone, until_disconnected
 from cheapest.server.errors import ApiError, internal_error, rate_headers, refused, store_full, store_unavailable
 from cheapest.server.request import JSON, Headers, Request, Response, StreamResponse
@@ -72,15 +74,18 @@ class App:
             if state is None:
                 state = self.open(asyncio.get_running_loop())
             route, args = self.router.match(req.method, req.path)
+            req.route = route
             if route.auth is not None:
                 caller = req.caller = state.gateway.authenticate(req.headers.get("authorization"), route.auth)
                 req.key_id = caller.key.id
             return await route.handler(state, req, *args)
         except Refusal as refusal:
+            metrics.refused(refusal)
             return await self._error_response(state, req, refused(refusal))
         except ApiError as err:
             return await self._error_response(state, req, err)
         except StoreUnavailable:
+            metrics.error("store")
             return await self._error_response(state, req, store_unavailable())
         except StoreFull:
             log.error("the store is full: a write was refused (grow the store: lmdb_map_size, or PostgreSQL's disk)")
@@ -90,6 +95,7 @@ class App:
         except BaseException as exc:
             # Only the type: exception messages (a panic's too) may carry request text.
             log.error("unhandled %s on %s %s", type(exc).__name__, req.method, req.path)
+            metrics.failed(exc)
             return await self._error_response(state, req, internal_error())
 
     @staticmethod
@@ -107,7 +113,7 @@ class App:
             return
         headers = scope.headers
         req = Request(scope.method, scope.path, scope.query_string, headers, _rsgi_reader(proto, headers),
-                      proto.client_disconnect)
+                      proto.client_disconnect, scope.client)
         try:
             resp = await self.handle(req)
         except ClientGone:
@@ -129,6 +135,9 @@ class App:
         await serve_asgi(self, scope, receive, send)
 
     def log(self, req: Request, status: int) -> None:
+        """The request's log line and metrics, once it is answered."""
+        metrics.request(req.method, req.route, req.model, status, time.perf_counter() - req.started,
+                        req.prompt_tokens, req.completion_tokens)
         state = self.state
         if state is not None and self.settings.serving.request_log:
             state.request_log.write(req.started, req.key_id, req.model, status, req.prompt_tokens,

@@ -73,8 +73,9 @@ async def serve_asgi(app: App, scope: dict[str, Any], receive: Receive, send: Se
             if (await receive())["type"] == "http.disconnect":
                 gone.set()
 
+    client = scope.get("client")
     req = Request(scope["method"], scope["path"], scope.get("query_string", b"").decode("latin-1"),
-                  _Headers(scope["headers"]), read, watch)
+                  _Headers(scope["headers"]), read, watch, client[0] if client else "")
     try:
         resp = await app.handle(req)
     except ClientGone:

@@ -10,6 +10,7 @@ from cheapest.server.errors import ApiError
 
 if TYPE_CHECKING:
     from cheapest.gateway import Caller
+    from cheapest.server.routes import Route
 
 JSON = "application/json"
 
@@ -25,11 +26,11 @@ class Request:
     """One request; handlers also note metadata here for the single log line (never content)."""
 
     __slots__ = ("method", "path", "query", "headers", "started", "_read", "key_id", "model", "prompt_tokens",
-                 "completion_tokens", "stream", "disconnected", "watch_disconnect", "caller")
+                 "completion_tokens", "stream", "disconnected", "watch_disconnect", "caller", "client", "route")
 
     def __init__(self, method: str, path: str, query: str, headers: Headers,
                  read: Callable[[int], Awaitable[bytes]],
-                 watch_disconnect: Callable[[], Awaitable[object]] | None = None) -> None:
+                 watch_disconnect: Callable[[], Awaitable[object]] | None = None, client: str = "") -> None:
         self.method = method
         self.path = path
         self.query = query
@@ -44,6 +45,8 @@ class Request:
         self.disconnected = False
         self.watch_disconnect = watch_disconnect
         self.caller: Caller | None = None  # once the route's key is authenticated
+        self.client = client  # the peer's address, as the server gives it ("ip:port")
+        self.route: Route | None = None  # the route matched (its template labels the request's metrics)
 
     async def body(self, limit: int) -> bytes:
         declared = self.headers.get("content-length")

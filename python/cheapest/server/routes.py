@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 from cheapest.api import billing, chat, completions, embeddings, management, models, privacy
 from cheapest.server import account, completions as generation, dashboard, health, management as manage, payments
-from cheapest.server import embeddings as embedding
+from cheapest.server import embeddings as embedding, metrics
 from cheapest.server.errors import method_not_allowed, not_found
 from cheapest.vocabulary import KeyKind
 
@@ -90,6 +90,8 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/readyz", health.readyz, "Readiness: every model is loaded (?model=ID: that one); each model's state",
           None, models.Health),
     Route("GET", "/openapi.json", health.openapi, "This document", documented=False),
+    Route("GET", "/metrics", metrics.scrape, "Prometheus metrics for operators (allow-list or metrics token)",
+          documented=False),
     Route("GET", "/dashboard", dashboard.asset, "The account owners' dashboard (a web page)", documented=False),
     Route("GET", "/dashboard/", dashboard.asset, "The account owners' dashboard (a web page)", documented=False),
     Route("GET", "/dashboard/{asset}", dashboard.asset, "The dashboard's scripts, styles and icon",

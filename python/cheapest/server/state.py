@@ -23,6 +23,7 @@ from cheapest.config import EngineSettings, Settings
 from cheapest.gateway import Gateway
 from cheapest.engine.registry import ServedModels
 from cheapest.engine.types import Embedder, Engine
+from cheapest.metrics import metrics
 from cheapest.privacy.retention import PeriodicRetention
 from cheapest.server.accesslog import RequestLog
 from cheapest.server.ids import ResponseIds
@@ -82,6 +83,7 @@ class WorkerState:
         disable_core_dumps()  # this process will hold prompts and completions in memory
         owner_only_files()  # whatever this worker (or a library it calls) creates is the owner's alone
         operator_log()
+        metrics.start(settings)
         self.settings = settings
         data = settings.data_path
         owner_only_dir(data)
@@ -128,3 +130,4 @@ class WorkerState:
                 log.exception("engine close failed")
         self.limiter.close()
         self.store.close()
+        metrics.stop()

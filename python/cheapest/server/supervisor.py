@@ -50,7 +50,7 @@ class SupervisedServer(Server):  # type: ignore[misc, valid-type]
     """Granian's server, failed workers respawned under `CrashLoop` instead of Granian's stop-everything rule."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, respawn_failed_workers=True, **kwargs)
+        super().__init__(*args, **{**kwargs, "respawn_failed_workers": True})
         self.crash_loop = CrashLoop()
 
     def _respawn_workers(self, workers: list[int], spawn_target: Any, target_loader: Any, delay: float = 0) -> None:

@@ -21,6 +21,7 @@ import weakref
 from collections.abc import Callable
 from typing import NamedTuple
 
+from cheapest.metrics import metrics
 from cheapest.store.base import Store, UsageKey
 from cheapest.store.records import UsageCounter
 from cheapest.vocabulary import hour_of
@@ -59,6 +60,7 @@ class _Flush(NamedTuple):
     debits: dict[str, int]
     cost: dict[str, int]  # key or account id -> micro-dollars
     owners: dict[str, str]  # key id -> account id
+    recorded: float  # when its oldest usage was recorded (the flush lag the metrics report)
 
 
 class UsageMeter:
@@ -70,6 +72,7 @@ class UsageMeter:
         self._cost: dict[str, int] = {}  # key id or account id -> micro-dollars not flushed yet (budget checks)
         self._owners: dict[str, str] = {}  # key id -> account id, for the accounts' budget spend
         self._live: weakref.WeakSet[LiveUsage] = weakref.WeakSet()
+        self._oldest: float | None = None  # when the oldest usage not flushed yet was recorded (flush lag)
         self._lock = threading.Lock()
         self._flush_lock = threading.Lock()  # one flush at a time (the flusher thread, or a final one)
         self._failed: _Flush | None = None  # a flush the store did not take: retried as it is before anything new
@@ -86,6 +89,8 @@ class UsageMeter:
     def _add(self, key_id: str, model: str, requests: int, prompt_tokens: int, completion_tokens: int,
              cost_micro: int, ts: float | None, debit_account: str | None, account_id: str | None) -> None:
         """Under the lock."""
+        if self._oldest is None:
+            self._oldest = time.time()
         k = (key_id, model, hour_of(time.time() if ts is None else ts))
         c = self._pending.get(k)
         if c is None:
@@ -151,13 +156,19 @@ class UsageMeter:
                 debits, self._debits = self._debits, {}
                 cost, self._cost = self._cost, {}
                 owners, self._owners = self._owners, {}
+                oldest, self._oldest = self._oldest, None
             if pending or debits:
-                self._write(_Flush(str(uuid.uuid4()), pending, debits, cost, owners))
+                self._write(_Flush(str(uuid.uuid4()), pending, debits, cost, owners, oldest or time.time()))
 
     def _write(self, batch: _Flush) -> None:
         self._failed = batch
-        self.store.add_usage(batch.deltas, batch.debits, flush_id=batch.id, owners=batch.owners)
+        try:
+            self.store.add_usage(batch.deltas, batch.debits, flush_id=batch.id, owners=batch.owners)
+        except Exception:
+            metrics.usage_flush_failed()
+            raise
         self._failed = None
+        metrics.usage_flushed(time.time() - batch.recorded)
 
     def start(self) -> None:
         if self._thread is None:

@@ -29,6 +29,7 @@ from collections.abc import Sequence
 import redis
 from cheapest_core import RateLimiter
 
+from cheapest.metrics import metrics
 from cheapest.store.limiter import Decision, LimitRequest
 from cheapest.store.redis.link import RedisLink
 
@@ -202,6 +203,7 @@ class RedisLimiter:
         try:
             results: list[Sequence[Decision]] = [[LimitDecision.of(row) for row in rows] for rows in self._send(ops)]
         except ConnectionError:
+            metrics.error("limiter")  # Redis unreachable: this host's table decides meanwhile
             results = [self._locally(mode, requests) for mode, requests, _ in ops]
         except Exception as exc:  # e.g. a bad argument: every waiting request fails, none hangs
             for _, _, future in ops:
