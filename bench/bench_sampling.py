@@ -1,5 +1,5 @@
-"""One next-token choice: cheapest_core.Sampler vs a numpy sampler (the engine's before it moved to the core),
-same logits and settings.
+"""One next-token choice: cheapest_core.Sampler (the engine's) vs the numpy sampler the engine used before it
+(kept here as the peer), same logits and settings.
 
     make bench   (or: .venv/bin/python -m pytest bench/bench_sampling.py --benchmark-enable)
     .venv/bin/python bench/bench_sampling.py [--repeat 200]     # medians and ratios as a table
@@ -32,11 +32,11 @@ SETTINGS: dict[str, dict[str, float]] = {
 
 
 class NumpySampler:
-    """The peer: greedy, temperature, top-k, top-p (ties by token id), seeded, in numpy."""
+    """The engine's former sampler: temperature, then top-k (argpartition), then top-p (a sort), in numpy."""
 
-    def __init__(self, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, seed: int = 1) -> None:
+    def __init__(self, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None) -> None:
         self._greedy = temperature == 0 or top_k == 1
-        self._temperature, self._top_k, self._top_p = temperature, int(top_k), top_p
+        self._temperature, self._top_k, self._top_p = float(temperature), int(top_k), float(top_p)
         self._rng = np.random.Generator(np.random.PCG64(seed))
 
     def __call__(self, logits: np.ndarray) -> int:
@@ -45,7 +45,7 @@ class NumpySampler:
         scores = logits.astype(np.float64, copy=False) / self._temperature
         candidates: np.ndarray | None = None
         if 0 < self._top_k < scores.shape[0]:
-            candidates = np.argpartition(scores, -self._top_k)[-self._top_k:]
+            candidates = np.argpartition(scores, -self._top_k)[-self._top_k :]
             scores = scores[candidates]
         if self._top_p < 1.0:
             order = np.lexsort((candidates if candidates is not None else np.arange(scores.shape[0]), -scores))

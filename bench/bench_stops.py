@@ -1,4 +1,5 @@
-"""Stop strings over one streamed completion: cheapest_core.StopMatcher vs the engine's Python StopText.
+"""Stop strings over one streamed completion: cheapest_core.StopMatcher (the engine's) vs StopText, the Python
+matcher the engine used before it (kept here as the peer).
 
     make bench   (or: .venv/bin/python -m pytest bench/bench_stops.py --benchmark-enable)
     .venv/bin/python bench/bench_stops.py [--repeat 5]     # medians and ratios as a table
@@ -23,8 +24,40 @@ from collections.abc import Callable
 
 import pytest
 
-from cheapest.engine.onnx_engine import StopText
 from cheapest_core import StopMatcher
+
+
+class StopText:
+    """The engine's former matcher: withholds anything that might start a stop string, re-scanning the held
+    text for every stop at each push (quadratic in a stop's length per token)."""
+
+    __slots__ = ("_stops", "_held")
+
+    def __init__(self, stops: list[str]) -> None:
+        self._stops = tuple(s for s in stops if s)
+        self._held = ""
+
+    def push(self, text: str) -> tuple[str, bool]:
+        if not self._stops:
+            return text, False
+        text = self._held + text
+        cut = min((i for i in (text.find(s) for s in self._stops) if i >= 0), default=-1)
+        if cut >= 0:
+            self._held = ""
+            return text[:cut], True
+        keep = 0
+        for stop in self._stops:
+            for n in range(min(len(stop) - 1, len(text)), keep, -1):  # longest suffix that starts `stop`
+                if text.endswith(stop[:n]):
+                    keep = n
+                    break
+        self._held = text[len(text) - keep :] if keep else ""
+        return text[: len(text) - keep], False
+
+    def flush(self) -> str:
+        held, self._held = self._held, ""
+        return held
+
 
 A = "a" * 255
 # In this order the Python matcher's search for the withheld suffix is longest.

@@ -76,6 +76,8 @@ struct Stops {
     depth: FxHashMap<StateID, usize>,
     /// Bytes of the longest stop.
     longest: usize,
+    /// The stops, by pattern id (empty ones left out).
+    texts: Vec<String>,
 }
 
 impl Stops {
@@ -108,7 +110,8 @@ impl Stops {
             }
         }
         let longest = stops.iter().map(|s| s.len()).max().unwrap_or(0);
-        Ok(Some(Stops { nfa, depth, longest }))
+        let texts = stops.iter().map(|s| (*s).to_owned()).collect();
+        Ok(Some(Stops { nfa, depth, longest, texts }))
     }
 }
 
@@ -120,6 +123,9 @@ pub struct StopMatcher {
     /// it outgrows the live part so that withholding costs O(1) per push.
     buf: Vec<u8>,
     held: usize,
+    /// The pattern id of the latest stop found (the earliest in its text; of
+    /// several starting there, the first to end).
+    matched: Option<usize>,
 }
 
 /// Text out of bytes this module cut on character boundaries.
@@ -138,7 +144,7 @@ impl StopMatcher {
             Some(s) => s.nfa.start_state(Anchored::No).map_err(|_| StopError::Build)?,
             None => StateID::ZERO,
         };
-        Ok(StopMatcher { stops, state, buf: Vec::new(), held: 0 })
+        Ok(StopMatcher { stops, state, buf: Vec::new(), held: 0, matched: None })
     }
 
     /// (text safe to emit, a stop string was found).
@@ -148,11 +154,11 @@ impl StopMatcher {
         };
         let nfa = &stops.nfa;
         let base = self.buf.len() - self.held; // bytes withheld before this piece
-        let mut earliest: Option<usize> = None; // start of the earliest stop, in `held + piece`
+        let mut earliest: Option<(usize, usize)> = None; // (start, pattern) of the earliest stop, in `held + piece`
         let mut state = self.state;
         for (i, &b) in piece.as_bytes().iter().enumerate() {
             let end = base + i + 1;
-            if let Some(cut) = earliest {
+            if let Some((cut, _)) = earliest {
                 // A stop ending here or later starts at `end - longest` or later.
                 if end.saturating_sub(stops.longest) >= cut {
                     break;
@@ -161,12 +167,16 @@ impl StopMatcher {
             state = nfa.next_state(Anchored::No, state, b);
             if nfa.is_match(state) {
                 for k in 0..nfa.match_len(state) {
-                    let start = end - nfa.pattern_len(nfa.match_pattern(state, k));
-                    earliest = Some(earliest.map_or(start, |e| e.min(start)));
+                    let pattern = nfa.match_pattern(state, k);
+                    let start = end - nfa.pattern_len(pattern);
+                    if earliest.map_or(true, |(e, _)| start < e) {
+                        earliest = Some((start, pattern.as_usize()));
+                    }
                 }
             }
         }
-        if let Some(cut) = earliest {
+        if let Some((cut, pattern)) = earliest {
+            self.matched = Some(pattern);
             let live = &self.buf[self.held..];
             let out = if cut <= live.len() {
                 text(&live[..cut])
@@ -204,6 +214,12 @@ impl StopMatcher {
             self.held = 0;
         }
         (out, false)
+    }
+
+    /// The latest stop string found, if any.
+    pub fn matched(&self) -> Option<&str> {
+        let stops = self.stops.as_ref()?;
+        stops.texts.get(self.matched?).map(String::as_str)
     }
 
     /// The withheld text, which no stop string followed; the matcher starts afresh.
@@ -263,10 +279,15 @@ mod tests {
     #[test]
     fn withholds_what_may_start_a_stop_and_cuts_at_the_earliest() {
         let mut m = StopMatcher::new(&["abcd", "bc"]).unwrap();
+        assert_eq!(m.matched(), None);
         assert_eq!(m.push("xa"), ("x".into(), false));
         assert_eq!(m.push("b"), ("".into(), false));
         // "abc" holds "bc": the stop that starts first wins among those found.
         assert_eq!(m.push("cd"), ("".into(), true));
+        assert_eq!(m.matched(), Some("abcd"));
+        let mut m = StopMatcher::new(&["", "bc", "abcd"]).unwrap();
+        assert_eq!(m.push("xbcd"), ("x".into(), true));
+        assert_eq!(m.matched(), Some("bc"));
         check(&["abcd", "bc"], &["xab", "cd"]);
         check(&["abcd", "bc"], &["xabcd"]);
         check(&["abcd", "bc"], &["xa", "b", "c", "d"]);

@@ -3,8 +3,11 @@
 Servers load it with `model_backend = "fixed_engine:load"` (this folder on PYTHONPATH); its options come from
 `[engine.model_options]` / `CHEAPEST_MODEL_OPTION_<NAME>`: `text` (the completion), `tokens` (completion length in
 words, cycling the text; 0 = the text once), `delay` (seconds per word, to observe streaming and disconnects),
-`fail_seed` (a request with this seed fails after its first token), `slow_model` and `load_delay` (the model of that
-name takes this many seconds to load, to observe a model still loading beside a ready one).
+`fail_seed` (a request with this seed fails after its first token with an EngineError), `crash_seed` (... with a
+ValueError, a bug in the engine) and `panic_seed` (... with `PanicException`, a BaseException as pyo3 raises for a
+Rust panic), the last two carrying the request's messages in their message, as a careless library might;
+`slow_model` and `load_delay` (the model of that name takes this many seconds to load, to observe a model still
+loading beside a ready one).
 
 It also adds one route to each worker that loads it, `GET /_test/process`: the worker's pid and its core-dump
 settings as the kernel reports them to the process itself (prctl(PR_GET_DUMPABLE) is not visible from outside to
@@ -42,8 +45,14 @@ class FixedOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     tokens: int = 0
     delay: float = 0.0
     fail_seed: int | None = None
+    crash_seed: int | None = None
+    panic_seed: int | None = None
     slow_model: str = ""
     load_delay: float = 0.0
+
+
+class PanicException(BaseException):
+    """Like pyo3's: a Rust panic reaches Python as a BaseException, not an Exception."""
 
 
 def load(settings: EngineSettings, add_route: Callable[[Route], None]) -> FixedEngine:
@@ -53,8 +62,8 @@ def load(settings: EngineSettings, add_route: Callable[[Route], None]) -> FixedE
     name = Path(settings.model_dir).name or DEFAULT_MODEL
     if name == opts.slow_model:
         time.sleep(opts.load_delay)
-    return FixedEngine(name, opts.text, tokens=opts.tokens,
-                       delay=opts.delay, fail_seed=opts.fail_seed)
+    return FixedEngine(name, opts.text, tokens=opts.tokens, delay=opts.delay, fail_seed=opts.fail_seed,
+                       crash_seed=opts.crash_seed, panic_seed=opts.panic_seed)
 
 
 async def process_info(state: Any, req: Request) -> Response:
@@ -69,7 +78,8 @@ class FixedEngine:
     has_chat_template = True
 
     def __init__(self, model_id: str, text: str, *, context_length: int = 8192, tokens: int = 0,
-                 delay: float = 0.0, fail_seed: int | None = None) -> None:
+                 delay: float = 0.0, fail_seed: int | None = None, crash_seed: int | None = None,
+                 panic_seed: int | None = None) -> None:
         self.model_id = model_id
         self.context_length = context_length
         words = text.split(" ")
@@ -79,6 +89,9 @@ class FixedEngine:
         # A request with this seed fails after its first token, to prove an engine failure answers generically
         # and leaves no request text behind.
         self._fail_seed = fail_seed
+        self._crash_seed = crash_seed
+        self._panic_seed = panic_seed
+        self._prompt = ""  # the last rendered prompt, quoted by the injected crashes
         self.instant = delay == 0  # answers without ever suspending: the HTTP layer need not watch for disconnects
 
     def render_chat(self, messages: Sequence[tuple[str, str] | Mapping[str, Any]],
@@ -87,6 +100,7 @@ class FixedEngine:
         body = "".join(f"<|im_start|>{role}\n{content}<|im_end|>\n" for role, content in turns)
         if tools:
             body = f"<|im_start|>system\n{json.dumps(list(tools))}<|im_end|>\n" + body
+        self._prompt = body
         return body + "<|im_start|>assistant\n"
 
     def compile_grammar(self, grammar: str) -> Grammar:
@@ -106,7 +120,8 @@ class FixedEngine:
 
     async def _one(self, prompt_ids: list[int], params: SamplingParams) -> AsyncGenerator[Delta | Finish, None]:
         budget = min(params.max_tokens, self.context_length - len(prompt_ids))
-        if not params.stop and not self._delay and (self._fail_seed is None or params.seed != self._fail_seed):
+        injected = params.seed is not None and params.seed in (self._fail_seed, self._crash_seed, self._panic_seed)
+        if not params.stop and not self._delay and not injected:
             # The common case (no stop strings, no delay, no injected failure): the same items as the loop
             # below, without its per-token bookkeeping.
             pieces, count = self._pieces, min(self._tokens, budget)
@@ -138,6 +153,10 @@ class FixedEngine:
             yield Delta(piece, n)
             if self._fail_seed is not None and params.seed == self._fail_seed:
                 raise EngineError("injected failure")
+            if self._crash_seed is not None and params.seed == self._crash_seed:
+                raise ValueError(f"injected bug near {self._prompt!r}")
+            if self._panic_seed is not None and params.seed == self._panic_seed:
+                raise PanicException(f"injected panic near {self._prompt!r}")
         yield Finish("stop", self._tokens)
 
     async def close(self) -> None:

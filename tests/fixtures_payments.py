@@ -4,8 +4,8 @@ through a real server: the chain behind a loopback JSON-RPC node, the loopback S
 deliver webhooks, check out, and sign a top-up claim.
 
 `chain` is module-scoped: compiling and deploying once per module keeps the suite fast. It holds `w3`, `tester`,
-`usdc` and a `lookalike` token (same code, another address), a `payer` and a `stranger` wallet (ETH and tokens
-of both), and the top-up `receiver` address.
+`usdc` and a `lookalike` token (same code, another address), `usdc18` (an 18-decimal stablecoin), a `payer` and
+a `stranger` wallet (ETH and tokens of each), and the top-up `receiver` address.
 """
 
 from __future__ import annotations
@@ -54,17 +54,19 @@ def chain() -> SimpleNamespace:
         tester.add_account(acct.key.to_0x_hex())
         w3.eth.send_transaction({"from": bank, "to": acct.address, "value": 10**18})
 
-    def deploy(name: str):  # type: ignore[no-untyped-def]
+    def deploy(name: str, decimals: int = 6):  # type: ignore[no-untyped-def]
+        one = 10**decimals
         factory = w3.eth.contract(abi=compiled["abi"], bytecode=compiled["bytecode"])
-        receipt = w3.eth.wait_for_transaction_receipt(factory.constructor(name, 10**15).transact({"from": bank}))
+        receipt = w3.eth.wait_for_transaction_receipt(
+            factory.constructor(name, 10**9 * one, decimals).transact({"from": bank}))
         token = w3.eth.contract(address=receipt.contractAddress, abi=compiled["abi"])
         for acct in (payer, stranger):
-            token.functions.transfer(acct.address, 10**12).transact({"from": bank})
+            token.functions.transfer(acct.address, 10**6 * one).transact({"from": bank})
         return token
 
-    usdc, lookalike = deploy("USD Coin"), deploy("USD Coin")
+    usdc, lookalike, usdc18 = deploy("USD Coin"), deploy("USD Coin"), deploy("Dollar 18", 18)
     receiver = Account.from_key(keccak(text="receiver")).address
-    return SimpleNamespace(w3=w3, tester=tester, usdc=usdc, lookalike=lookalike, payer=payer,
+    return SimpleNamespace(w3=w3, tester=tester, usdc=usdc, lookalike=lookalike, usdc18=usdc18, payer=payer,
                            stranger=stranger, receiver=receiver)
 
 

@@ -49,10 +49,11 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
 
     import msgspec
     from granian.constants import Interfaces
-    from granian.server import Server
 
     from cheapest.metrics.exposition import open_for_server
     from cheapest.server import load_app
+    from cheapest.server.state import operator_log
+    from cheapest.server.supervisor import SupervisedServer
 
     overrides = {k: v for k in ("host", "port", "workers") if (v := getattr(args, k)) is not None}
     serving = msgspec.structs.replace(settings.serving, **overrides)
@@ -65,7 +66,8 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
             print(f"  management key:   {created['management_key']}")
             print(f"  OPENAI_API_KEY=   {created['api_key']}")
             print(f"  OPENAI_BASE_URL=  http://{serving.host}:{serving.port}/v1", flush=True)
-    server = Server(
+    operator_log()
+    server = SupervisedServer(  # a crashed worker is replaced, a crash loop backs off; the others keep serving
         "cheapest.server:app",
         address=serving.host,
         port=serving.port,
@@ -156,9 +158,8 @@ def _accounts_show(args: argparse.Namespace, settings: Settings) -> int:
         out = _account_summary(store, account)
         sub = store.ledger.subscription(account.id)
         out["subscription"] = None if sub is None else msgspec.to_builtins(sub)
-        keys = store.list_keys(account.id, limit=1_000_000)
-        out["keys"] = [{"id": k.id, "kind": k.kind, "name": k.name, "hint": k.hint, "disabled": k.disabled,
-                        "expires_at": k.expires_at, "limits": msgspec.to_builtins(k.limits)} for k in keys]
+        out["subscriptions"] = [msgspec.to_builtins(s) for s in store.ledger.subscriptions(account.id)]
+        out["keys"] = [_key_summary(k) for k in _every_key(store, account.id)]
         if args.json:
             print(json.dumps(out))
         else:
@@ -170,6 +171,66 @@ def _accounts_show(args: argparse.Namespace, settings: Settings) -> int:
         return 0
 
     return _with_account(args, settings, show)
+
+
+def _key_summary(k: Any) -> dict[str, Any]:
+    """A key's metadata for printing: never its hash."""
+    import msgspec
+
+    return {"id": k.id, "kind": k.kind, "name": k.name, "hint": k.hint, "disabled": k.disabled,
+            "created_at": k.created_at, "expires_at": k.expires_at, "limits": msgspec.to_builtins(k.limits)}
+
+
+def _every_key(store, account_id: str, kind: Any = None):
+    """The account's keys, read from the store a page at a time."""
+    after = None
+    while page := store.list_keys(account_id, after=after, limit=1000, kind=kind):
+        yield from page
+        after = page[-1].id
+
+
+def _accounts_keys(args: argparse.Namespace, settings: Settings) -> int:
+    def act(settings, store, pepper, account):
+        keys = [_key_summary(k) for k in _every_key(store, account.id, args.kind)]
+        if args.json:
+            print(json.dumps(keys))
+        else:
+            for k in keys:
+                print(f"{k['id']}\t{k['kind']}\t{k['hint']}\tname={k['name']!r}\tdisabled={k['disabled']}")
+        return 0
+
+    return _with_account(args, settings, act)
+
+
+def _accounts_revoke_key(args: argparse.Namespace, settings: Settings) -> int:
+    from cheapest.store import LastManagementKey, accounts
+
+    def act(settings, store, pepper, account):
+        key = store.get_key(args.key_id)
+        if key is None or key.account_id != account.id:
+            print("error: the account has no such key", file=sys.stderr)
+            return 1
+        replacement = None
+        if args.replace:  # the replacement first: the account is never without a key of this kind
+            replacement = accounts.create_key(store, account.id, key.kind, key.name, pepper, limits=key.limits,
+                                              expires_at=key.expires_at, models=key.models)
+        try:
+            store.delete_key(key.id, keep_last_management=True)
+        except LastManagementKey:
+            print("error: this is the account's only management key; revoke it with --replace to issue a new "
+                  "one in the same step", file=sys.stderr)
+            return 1
+        out: dict[str, Any] = {"account_id": account.id, "revoked": key.id}
+        if replacement is not None:
+            out.update(key_id=replacement[0].id, key=replacement[1])
+        if args.json:
+            print(json.dumps(out))
+        else:
+            print(f"revoked {key.id}" + (f"; replacement {out['key_id']} (shown once): {out['key']}"
+                                           if replacement is not None else ""))
+        return 0
+
+    return _with_account(args, settings, act)
 
 
 def _accounts_set_status(status: AccountStatus):
@@ -357,6 +418,18 @@ def build_parser() -> argparse.ArgumentParser:
     newkey.add_argument("--name", default="operator-issued key")
     newkey.add_argument("--json", action="store_true")
     newkey.set_defaults(func=_accounts_new_key)
+    keys = acc_sub.add_parser("keys", help="the account's keys: metadata only, never secrets")
+    keys.add_argument("account", help="account id or email")
+    keys.add_argument("--kind", choices=("mk", "sk"), default=None)
+    keys.add_argument("--json", action="store_true")
+    keys.set_defaults(func=_accounts_keys)
+    revoke = acc_sub.add_parser("revoke-key", help="revoke a key (the last management key only with --replace)")
+    revoke.add_argument("account", help="account id or email")
+    revoke.add_argument("key_id")
+    revoke.add_argument("--replace", action="store_true",
+                        help="issue a replacement of the same kind first and print it once (e.g. a leaked mk_ key)")
+    revoke.add_argument("--json", action="store_true")
+    revoke.set_defaults(func=_accounts_revoke_key)
 
     ret = sub.add_parser("retention", help="data retention: anonymize old usage, purge deleted accounts")
     ret_sub = ret.add_subparsers(dest="retention_command", required=True)
@@ -383,6 +456,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from cheapest.privacy.hardening import owner_only_files
+
+    owner_only_files()  # the store, secrets, models and locks any command creates are the owner's alone
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -23,7 +23,7 @@ import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 
@@ -41,9 +41,11 @@ class ConfigError(ValueError):
 
 
 class PlanConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """A plan's per-key limits and how it is paid for. `funding`: "free" (no charge), "subscription" (a Stripe
-    subscription must be in good standing), "credits" (usage debits the account's credit balance; an empty
-    balance is refused with 402). Unset: "subscription" when the plan has a monthly price, else "free"."""
+    """A plan's limits, for the whole account across all its keys (rpm, tpm, budget_usd per budget_window; a
+    key's own limits apply inside them), how many live keys the account may hold, and how it is paid for.
+    `funding`: "free" (no charge), "subscription" (a Stripe subscription must be in good standing), "credits"
+    (usage debits the account's credit balance; an empty balance is refused with 402). Unset: "subscription"
+    when the plan has a monthly price, else "free"."""
 
     rpm: int
     tpm: int
@@ -51,6 +53,11 @@ class PlanConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     budget_usd: float | None = None
     budget_window: BudgetWindow | None = None
     funding: Funding | None = None
+    max_keys: int = 1000  # live keys (inference and management) an account may hold
+
+    def __post_init__(self) -> None:
+        if self.rpm < 1 or self.tpm < 1 or self.max_keys < 1:
+            raise ValueError("rpm, tpm and max_keys must be at least 1")
 
     @property
     def funded_by(self) -> Funding:
@@ -164,7 +171,8 @@ class BillingSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     usdc_contract: str = BASE_USDC
     usdc_receiver: str | None = None
     chain_id: int = 8453
-    usdc_confirmations: int = 12  # blocks on top of the transfer's, inclusive
+    usdc_confirmations: int = 12  # blocks on top of the transfer's, inclusive, up to the `usdc_finality` block
+    usdc_finality: Literal["safe", "finalized", "latest"] = "safe"  # the newest block that counts (see billing)
     usdc_min_topup_usd: float = 1.0
     usdc_max_topup_usd: float = 10_000.0
 

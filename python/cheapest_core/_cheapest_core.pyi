@@ -187,6 +187,10 @@ class StopMatcher:
     MAX_STOP_CHARS: ClassVar[int]
     def __new__(cls, stops: Sequence[str]) -> Self: ...
     def push(self, text: str) -> tuple[str, bool]: ...
+    @property
+    def matched(self) -> str | None:
+        """The latest stop string found (the earliest in the text; of several starting there, the
+        first to end), or None."""
     def flush(self) -> str: ...
 
 # --- sampling (sampling.rs) ---------------------------------------------------

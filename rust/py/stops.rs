@@ -38,6 +38,12 @@ impl PyStopMatcher {
         Ok(self.inner.push(utf8(text, "text")?))
     }
 
+    /// The latest stop string found, if any.
+    #[getter]
+    fn matched(&self) -> Option<&str> {
+        self.inner.matched()
+    }
+
     fn flush(&mut self) -> String {
         self.inner.flush()
     }

@@ -1,8 +1,8 @@
 # pragma version ~=0.4.3
-"""A minimal ERC-20 with 6 decimals, like USDC, for tests on a local EVM.
+"""A minimal ERC-20 with the decimals it is deployed with (6, like USDC), for tests on a local EVM.
 
-Deployed twice by the tests: once as "USDC", once as a look-alike that emits
-the very same Transfer events from another address.
+Deployed by the tests as "USDC", as a look-alike that emits the very same
+Transfer events from another address, and as an 18-decimal stablecoin.
 """
 
 event Transfer:
@@ -17,9 +17,9 @@ balanceOf: public(HashMap[address, uint256])
 
 
 @deploy
-def __init__(_name: String[32], _supply: uint256):
+def __init__(_name: String[32], _supply: uint256, _decimals: uint8):
     self.name = _name
-    self.decimals = 6
+    self.decimals = _decimals
     self.totalSupply = _supply
     self.balanceOf[msg.sender] = _supply
     log Transfer(sender=empty(address), receiver=msg.sender, value=_supply)

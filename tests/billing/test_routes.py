@@ -10,9 +10,11 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
+from typing import Any
 
 import httpx
 import pytest
+from web3 import Web3
 
 from cheapest.store import open_store
 from fixtures_payments import (
@@ -72,6 +74,39 @@ def test_checkout_and_signed_webhooks_drive_plan_and_status(server: ServerProces
         _deliver(server, event)
     assert _status(server, mk)["subscription_status"] == "active"
     assert _chat(server, sk).headers["x-ratelimit-limit-requests"] == "60"
+
+
+def test_each_subscription_keeps_its_own_state(server: ServerProcess, stripe: FakeStripe) -> None:
+    """Pro (A) paid then canceled, standard (B) active: a late payment failure of A, and B's own life, decide the
+    account's plan and standing from both subscriptions, never from A's facts overwriting B's."""
+    _, mk = server.create_account()
+    sk = str(server.create_key(mk)["key"])
+    t0 = int(time.time()) - 100
+    a_events = _checkout(server, stripe, mk, "pro", at=t0)
+    sub_a = next(e for e in a_events if e["type"] == "checkout.session.completed")["data"]["object"]["subscription"]
+    for event in a_events:
+        assert _deliver(server, event).status_code == 200
+    b_events = _checkout(server, stripe, mk, "standard", at=t0 + 10)
+    sub_b = next(e for e in b_events if e["type"] == "checkout.session.completed")["data"]["object"]["subscription"]
+    for event in b_events + stripe.cancel(sub_a, t0 + 20):
+        assert _deliver(server, event).status_code == 200
+    st = _status(server, mk)
+    assert (st["plan"], st["subscription_status"]) == ("standard", "active")
+    # A's last invoice fails after it was canceled (stamped later than everything else).
+    failed = next(e for e in stripe.fail_payment(sub_a, t0 + 30) if e["type"] == "invoice.payment_failed")
+    assert _deliver(server, failed).status_code == 200
+    st = _status(server, mk)
+    assert (st["plan"], st["subscription_status"]) == ("standard", "active")
+    r = _chat(server, sk)
+    assert r.status_code == 200 and r.headers["x-ratelimit-limit-requests"] == "60"  # standard's, not pro's
+    # B past due: the account is past due on B's plan; B canceled too: now the account's keys stop.
+    for event in stripe.fail_payment(sub_b, t0 + 40):
+        assert _deliver(server, event).status_code == 200
+    assert (_status(server, mk)["plan"], _status(server, mk)["subscription_status"]) == ("standard", "past_due")
+    for event in stripe.cancel(sub_b, t0 + 50):
+        assert _deliver(server, event).status_code == 200
+    assert _status(server, mk)["subscription_status"] == "canceled"
+    assert _chat(server, sk).status_code == 403
 
 
 def test_duplicated_concurrent_webhooks_have_one_effect(server: ServerProcess, stripe: FakeStripe) -> None:
@@ -146,3 +181,65 @@ def test_usdc_topup_verified_and_credited_once(server: ServerProcess, chain: Sim
         assert [e.kind for e in store.ledger.journal(account_id)] == ["usdc_topup"]
     finally:
         store.close()
+
+
+def test_ambiguous_signature_header_is_a_400_never_a_500(server: ServerProcess, stripe: FakeStripe) -> None:
+    event = FakeStripe.event("charge.refunded", {"id": "ch_1", "object": "charge"}, int(time.time()))
+    raw = json.dumps(event).encode()
+    good = _sign(raw, int(time.time()))
+    for header in ("t =x," + good, f"t={int(time.time())}," + good):  # (a leading space is no valid header)
+        r = _deliver(server, event, raw, header)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "ambiguous_signature_header", r.text
+    assert _deliver(server, event, raw, good).status_code == 200
+
+
+def test_topup_verifications_are_limited_per_account(server: ServerProcess, chain: SimpleNamespace) -> None:
+    _, mk = server.create_account(plan="payg")
+    _, other_mk = server.create_account(plan="payg")
+    body = {"tx_hash": "0x" + "ab" * 32, "signature": "0x" + "11" * 65}
+    statuses = [httpx.post(server.base_url + "/api/billing/verify-topup", json=body, headers=_h(mk),
+                           timeout=20).status_code for _ in range(21)]
+    assert statuses[:20] == [400] * 20 and statuses[20] == 429, statuses
+    r = httpx.post(server.base_url + "/api/billing/verify-topup", json=body, headers=_h(other_mk), timeout=20)
+    assert r.status_code == 400  # another account is not held back
+
+
+class SlowNode(ChainNode):
+    """A chain node that takes `delay` seconds to answer anything (with a JSON-RPC error)."""
+
+    def __init__(self, w3: Web3, delay: float) -> None:
+        self.delay = delay
+        super().__init__(w3)
+
+    def call(self, req: dict[str, Any]) -> dict[str, Any]:
+        time.sleep(self.delay)
+        return {"jsonrpc": "2.0", "id": req.get("id"), "error": {"code": -32000, "message": "slow"}}
+
+
+def test_a_slow_chain_node_never_holds_up_webhooks_or_gdpr_requests(server_factory, chain: SimpleNamespace,
+                                                                    stripe: FakeStripe) -> None:  # type: ignore[no-untyped-def]
+    node = SlowNode(chain.w3, delay=3.0)
+    try:
+        server = server_factory(extra_env=billing_env(chain, node, stripe))
+        # More claims at once than the chain's threads, and than the default thread pool of a CI box (cores + 4).
+        owners = [server.create_account() for _ in range(12)]
+        tx = "0x" + "cd" * 32
+        signed = [_claim(chain, {"claim_message": f"cheapest USDC top-up claim\naccount: {account_id}\nchain: "
+                                 f"{chain.w3.eth.chain_id}\ntx: {{tx_hash}}"}, tx, chain.payer)
+                  for account_id, _ in owners]
+        with ThreadPoolExecutor(len(owners) + 2) as pool:
+            claims = [pool.submit(httpx.post, server.base_url + "/api/billing/verify-topup", timeout=60,
+                                  headers=_h(mk), json={"tx_hash": tx, "signature": sig})
+                      for (_, mk), sig in zip(owners, signed)]
+            time.sleep(1.0)  # every chain thread is waiting on the node now
+            event = FakeStripe.event("charge.refunded", {"id": "ch_2", "object": "charge"}, int(time.time()))
+            started = time.monotonic()
+            hook = _deliver(server, event)
+            export = httpx.get(server.base_url + "/api/account/export", headers=_h(owners[0][1]), timeout=30)
+            waited = time.monotonic() - started
+            results = [c.result() for c in claims]
+        assert hook.status_code == 200 and export.status_code == 200
+        assert waited < 2.0, waited  # not behind the chain calls (each takes 3 s)
+        assert {r.status_code for r in results} == {502}, [r.text for r in results]
+    finally:
+        node.close()

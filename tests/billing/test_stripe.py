@@ -181,6 +181,33 @@ def test_bad_signature_headers_are_refused(fake, cfg, ledger, header):
     _assert_nothing_recorded(ledger, event)
 
 
+@pytest.mark.parametrize("shape", ["second_t_later", "spaced_t_first", "garbage_t_first", "t_twice_same"])
+def test_ambiguous_signature_headers_are_refused(fake, cfg, ledger, shape):
+    """A header naming its timestamp more than once could be read one way by the freshness check and another by
+    the SDK's signature check: refused (400), never a 500, nothing recorded."""
+    event = paid_subscription(fake, cfg, "acct_1", "pro", int(time.time()))[1][0]
+    raw, now = body(event), int(time.time())
+    later = now + 30 * 86_400
+    mac_later = sign(raw, later).split("v1=")[1]
+    value = {
+        "second_t_later": f"v0=0, t={now},t={later},v1={mac_later}",
+        "spaced_t_first": f" t={now},t={later},v1={mac_later}",
+        "garbage_t_first": f" t=x,{sign(raw, now)}",
+        "t_twice_same": f"t={now},{sign(raw, now)}",
+    }[shape]
+    with pytest.raises(WebhookRejected) as err:
+        handle_webhook(ledger, cfg, raw, value)
+    assert err.value.reason_code == "ambiguous_signature_header"
+    _assert_nothing_recorded(ledger, event)
+
+
+@pytest.mark.parametrize("header", ["t=,v1=ab", "t=12a,v1=ab", "t=-5,v1=ab", "t=" + "9" * 40 + ",v1=ab", "v1=ab"])
+def test_unusable_timestamps_are_bad_signatures(cfg, ledger, header):
+    with pytest.raises(WebhookRejected) as err:
+        handle_webhook(ledger, cfg, b"{}", header)
+    assert err.value.reason_code == "bad_signature"
+
+
 @pytest.mark.parametrize(("offset", "expected"), [
     (-301, "bad_signature"), (-200, None), (60, None), (299, None), (301, "timestamp_in_future"),
     (86_400, "timestamp_in_future"),

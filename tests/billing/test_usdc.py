@@ -7,10 +7,13 @@ from pathlib import Path
 import pytest
 from eth_account import Account
 from eth_account.messages import encode_defunct
+from web3 import EthereumTesterProvider
 
 from cheapest.billing import BillingNotConfigured
 from cheapest.config import BillingSettings
-from cheapest.billing.usdc import TopupPending, TopupRejected, claim_message, topup_quote, verify_topup
+from cheapest.billing.usdc import (
+    TopupPending, TopupRejected, claim_message, token_decimals, topup_quote, verify_topup,
+)
 from fixtures_payments import open_ledger_store
 from fixtures_backends import Backend
 from processes import in_processes
@@ -42,9 +45,10 @@ def signed_claim(cfg: BillingSettings, account_id: str, tx_hash: str, signer) ->
     return Account.sign_message(encode_defunct(text=message), signer.key).signature.to_0x_hex()
 
 
-def verify(chain, cfg, ledger, account_id: str, tx_hash: str, signer=None):
+def verify(chain, cfg, ledger, account_id: str, tx_hash: str, signer=None, w3=None):
     sig = signed_claim(cfg, account_id, tx_hash, chain.payer if signer is None else signer)
-    return verify_topup(cfg, ledger, chain.w3, account_id=account_id, tx_hash=tx_hash, signature=sig)
+    return verify_topup(cfg, ledger, chain.w3 if w3 is None else w3, account_id=account_id, tx_hash=tx_hash,
+                        signature=sig)
 
 
 def rejected(chain, cfg, ledger, account_id, tx_hash, signer=None) -> str:
@@ -225,3 +229,68 @@ def test_two_processes_claiming_the_same_transfer_credit_once(chain, cfg, backen
         assert len(store.ledger.journal("acct_1")) == 6
     finally:
         store.close()
+
+
+# -- finality and the token's decimals -----------------------------------------------------------------------
+class FinalityNode(EthereumTesterProvider):
+    """The local chain behind a node whose `safe` block trails its latest by `lag` blocks, or that does not know
+    the tag at all (`lag=None`, as older nodes answer)."""
+
+    def __init__(self, tester, lag: int | None) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(ethereum_tester=tester)
+        self.lag = lag
+        self.tags: list[str] = []
+
+    def make_request(self, method, params):  # type: ignore[no-untyped-def]
+        if method == "eth_getBlockByNumber" and params[0] in ("safe", "finalized"):
+            self.tags.append(params[0])
+            if self.lag is None:
+                return {"jsonrpc": "2.0", "id": 1, "error": {"code": -32602, "message": "invalid block tag"}}
+            latest = super().make_request("eth_blockNumber", [])["result"]  # an int from eth-tester
+            params = [latest - self.lag, *params[1:]]
+        return super().make_request(method, params)
+
+
+def test_confirmations_count_up_to_the_safe_block(chain, cfg, ledger):
+    from web3 import Web3
+
+    node = FinalityNode(chain.tester, lag=5)
+    w3 = Web3(node)
+    tx = pay(chain, 2 * USD)
+    mine(chain, 5)  # 6 blocks on the latest head, but the safe head is 5 behind: 1 confirmation
+    with pytest.raises(TopupPending) as err:
+        verify(chain, cfg, ledger, "acct_1", tx, w3=w3)
+    assert (err.value.confirmations, err.value.required) == (1, 3) and node.tags == ["safe"]
+    mine(chain, 2)
+    assert verify(chain, cfg, ledger, "acct_1", tx, w3=w3).credited_units == 2 * USD
+    finalized = BillingSettings(**{**{f: getattr(cfg, f) for f in cfg.__struct_fields__},
+                                   "usdc_finality": "finalized"})
+    tx = pay(chain, USD)
+    mine(chain, 9)
+    assert verify(chain, finalized, ledger, "acct_1", tx, w3=w3).credited_units == USD
+    assert node.tags[-1] == "finalized"
+
+
+def test_a_node_without_the_safe_tag_counts_from_its_latest_block(chain, cfg, ledger):
+    from web3 import Web3
+
+    node = FinalityNode(chain.tester, lag=None)
+    tx = pay(chain, 3 * USD)
+    mine(chain, 2)
+    assert verify(chain, cfg, ledger, "acct_1", tx, w3=Web3(node)).credited_units == 3 * USD
+    assert node.tags == ["safe"]  # asked, refused, fell back
+
+
+def test_the_tokens_decimals_are_read_from_its_contract(chain, ledger):
+    cfg = BillingSettings(usdc_contract=chain.usdc18.address, usdc_receiver=chain.receiver,
+                          chain_id=chain.w3.eth.chain_id, usdc_confirmations=1)
+    assert token_decimals(chain.w3, cfg) == 18
+    quote = topup_quote(cfg, "acct_1", "2.5", lambda: token_decimals(chain.w3, cfg))
+    assert quote.amount_units == 2_500_000 * 10**12
+    tx = pay(chain, quote.amount_units + 999, token=chain.usdc18)  # dust below a micro-dollar
+    result = verify(chain, cfg, ledger, "acct_1", tx)
+    assert result.credited_units == 2_500_000 and ledger.balance("acct_1") == 2_500_000  # not 2.5e18
+    claim = ledger.chain_claim(cfg.chain_id, tx, result.log_indexes[0])
+    assert claim is not None and claim.amount_units == quote.amount_units + 999  # what was sent, in token units
+    dust = pay(chain, 10**11, token=chain.usdc18)  # a tenth of a micro-dollar credits nothing
+    assert rejected(chain, cfg, ledger, "acct_2", dust) == "no_transfer"

@@ -13,6 +13,7 @@ from cheapest.config import (
     ENV_TABLES, FILE_ONLY, FLAT, LISTS, SECTIONS, ConfigError, PriceConfig, Settings, env_name, load_settings,
 )
 from cheapest.store import StoreSettings, open_configured_store
+from cheapest.store.settings import RATELIMIT_FILE
 
 RECEIVER = "0x2B5AD5c4795c026514f8317c7a215E218DcCD6cF"
 # A value other than the default for every scalar setting (each README variable but CHEAPEST_CONFIG).
@@ -29,6 +30,7 @@ SAMPLE: dict[str, Any] = {
     "stripe_success_url": "https://example.test/ok", "stripe_cancel_url": "https://example.test/no",
     "base_rpc_url": "http://127.0.0.1:2", "usdc_contract": RECEIVER, "usdc_receiver": RECEIVER,
     "chain_id": 84532, "usdc_confirmations": 5, "usdc_min_topup_usd": 2.5, "usdc_max_topup_usd": 500.0,
+    "usdc_finality": "finalized",
 }
 
 
@@ -203,4 +205,4 @@ def test_the_configured_postgres_store_and_redis_limiter_open(tmp_path: Path, pg
         store.close()
         limiter.close()
     one = open_configured_limiter(StoreSettings(data_dir=str(tmp_path)))
-    assert isinstance(one, SharedMemoryLimiter) and (tmp_path / "ratelimit.bin").exists()
+    assert isinstance(one, SharedMemoryLimiter) and (tmp_path / RATELIMIT_FILE).exists()

@@ -53,7 +53,8 @@ def world(tmp_path: Path) -> Iterator[SimpleNamespace]:
 def test_authentication_refusals(world: SimpleNamespace) -> None:
     gw = world.gateway()
     acct, sk, mk = world.account()
-    for header in (None, "", "Basic abc", "Bearer ", "Bearer sk_notakey", "Bearer " + sk[7:-1] + "x"):
+    typo = "Bearer " + sk[7:-1] + ("y" if sk.endswith("x") else "x")  # one character off: the checksum fails
+    for header in (None, "", "Basic abc", "Bearer ", "Bearer sk_notakey", typo):
         with pytest.raises(Refusal) as err:
             gw.authenticate(header, "sk")
         assert (err.value.kind, err.value.code) == ("unauthenticated", "invalid_api_key")
@@ -159,6 +160,66 @@ def test_standing_budgets_and_credits(world: SimpleNamespace) -> None:
     assert spent_again.value.kind == "payment_required"
     world.meter.flush()
     assert world.store.ledger.balance(payg) == 0
+
+
+def test_plan_limits_and_budget_bind_the_account_across_its_keys(world: SimpleNamespace) -> None:
+    gw = world.gateway()
+    acct, sk, mk = world.account()  # free: 2 requests and 100 tokens a minute, for the whole account
+    _, sk2 = accounts.create_key(world.store, acct, "sk", "second", PEPPER)
+    one, two = gw.authenticate(sk, "sk"), gw.authenticate(f"Bearer {sk2}", "sk")
+    run(gw.admit(one, MODEL, 10, 50))
+    with pytest.raises(Refusal) as tokens:  # 60 of the account's 100 tokens are held by the first key
+        run(gw.admit(two, MODEL, 10, 40))
+    assert tokens.value.type == "tokens" and "free plan's limit of 100 tokens" in tokens.value.message
+    run(gw.admit(two, MODEL, 10, 20))
+    with pytest.raises(Refusal) as requests:  # the account's 2 requests are spent, by two different keys
+        run(gw.admit(two, MODEL, 1, 1))
+    assert requests.value.type == "requests" and "free plan's limit of 2 requests" in requests.value.message
+
+    capped, first, _ = world.account("capped")  # $0.000002 a day for the account
+    _, second = accounts.create_key(world.store, capped, "sk", "second", PEPPER)
+    admission = run(gw.admit(gw.authenticate(first, "sk"), MODEL, 1, 1))
+    admission.completion_tokens = 1
+    gw.settle(admission)
+    world.meter.flush()  # flushed too: the account's spend is in the store
+    with pytest.raises(Refusal) as spent:
+        run(gw.admit(gw.authenticate(f"Bearer {second}", "sk"), MODEL, 1, 1))
+    assert spent.value.code == "budget_exceeded" and "capped plan's budget" in spent.value.message
+    assert world.store.window_spend(capped, "1d", int(time.time()) // 86_400 * 86_400) == 2
+
+
+def test_a_keys_own_limits_apply_inside_the_plans_all_or_nothing(world: SimpleNamespace) -> None:
+    gw = world.gateway()
+    acct, sk, _ = world.account("sub", limits=KeyLimits(tpm=30))  # the plan: 10 rpm, 1000 tpm
+    _, other = accounts.create_key(world.store, acct, "sk", "other", PEPPER)
+    tight, free = gw.authenticate(sk, "sk"), gw.authenticate(f"Bearer {other}", "sk")
+    assert (tight.limits.rpm, tight.limits.tpm) == (10, 30)
+    run(gw.admit(tight, MODEL, 10, 10))
+    begun = run(gw.begin(tight))  # as the server does: the request first, its tokens once the prompt is known
+    with pytest.raises(Refusal) as own:
+        run(gw.admit(tight, MODEL, 10, 10, begun=begun))
+    assert own.value.type == "tokens" and "this key's limit of 30 tokens" in own.value.message
+    assert own.value.rate is not None and own.value.rate[0] is begun
+    # The refused tokens charged the account nothing (its other key has 1000 - 20 left); the request counted.
+    assert run(gw.rate_state(free))[1].remaining == 980 and run(gw.rate_state(free))[0].remaining == 8
+
+
+def test_live_usage_is_metered_at_every_flush_not_only_at_settlement(world: SimpleNamespace) -> None:
+    gw = world.gateway()
+    _, sk, _ = world.account()
+    caller = gw.authenticate(sk, "sk")
+    admission = run(gw.admit(caller, MODEL, 10, 50))
+    admission.completion_tokens = 7  # the generation so far
+    world.meter.flush()
+    (row,) = world.store.usage([caller.key.id])
+    assert (row.counter.requests, row.counter.prompt_tokens, row.counter.completion_tokens) == (1, 10, 7)
+    admission.completion_tokens = 12
+    world.meter.flush()
+    gw.settle(admission)
+    world.meter.flush()
+    (row,) = world.store.usage([caller.key.id])
+    assert (row.counter.requests, row.counter.prompt_tokens, row.counter.completion_tokens) == (1, 10, 12)
+    assert row.counter.cost_micro == 22  # computed on the totals: no rounding per flush
 
 
 def test_a_cancelled_generation_is_metered_for_what_it_made(world: SimpleNamespace) -> None:

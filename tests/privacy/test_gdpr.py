@@ -82,6 +82,7 @@ def test_export_is_one_document_with_everything_kept(two_workers: ServerProcess)
                                 "micro_usd": 2_500_000, "amount_minor": 0, "currency": "usd"}]
     assert doc["credit_balance_micro"] == 2_500_000
     assert doc["subscription"]["customer_id"] == "cus_EXPORT" and doc["subscription"]["status"] == "active"
+    assert doc["subscriptions"] == [doc["subscription"]]  # each subscription kept, each its own state
     # Secrets never leave: no key secret, no key hash.
     assert str(live["key"]) not in r.text and mk not in r.text and "hash" not in r.text
     # Another account's management key exports only its own account.

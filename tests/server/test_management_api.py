@@ -3,6 +3,7 @@ object-level authorization on every route, clear 400s for bad bodies and queries
 
 from __future__ import annotations
 
+import json
 import time
 
 import httpx
@@ -36,8 +37,10 @@ def _wait_usage(server: ServerProcess, mk: str, path: str, requests: int, timeou
     while True:
         body = _api(server, "GET", path, mk).json()
         if sum(t["requests"] for t in body["totals"]) >= requests or time.monotonic() > deadline:
-            return body
+            break
         time.sleep(0.1)
+    time.sleep(0.4)  # a generation is metered while it runs: its last tokens may land one flush later
+    return _api(server, "GET", path, mk).json()
 
 
 def test_key_lifecycle_secret_shown_once(api_account: ApiAccount) -> None:
@@ -277,3 +280,49 @@ def test_account_and_subscription_changes_apply_on_the_next_request(api_account:
         a, period_end=int(time.time()) + 86400)))
     r = _chat(s, sk)
     assert r.status_code == 200 and r.headers["x-ratelimit-limit-requests"] == "60"  # the standard plan's
+
+
+def test_management_keys_are_created_listed_and_revoked_never_the_last(api_account: ApiAccount) -> None:
+    s, mk = api_account.server, api_account.mk
+    created = _api(s, "POST", "/api/management-keys", mk, json={"name": "rotation"})
+    assert created.status_code == 201, created.text
+    second = created.json()
+    assert second["kind"] == "mk" and second["key"].startswith("mk_") and second["name"] == "rotation"
+    listed = _api(s, "GET", "/api/management-keys", second["key"]).json()  # the new key manages the account
+    assert [k["kind"] for k in listed["data"]] == ["mk", "mk"] and second["id"] in {k["id"] for k in listed["data"]}
+    assert all("key" not in k and "hash" not in k and k["hint"].startswith("mk_") for k in listed["data"])
+    assert second["key"] not in str(listed) and mk not in str(listed)
+    first_id = next(k["id"] for k in listed["data"] if k["id"] != second["id"])
+    # Inference keys and management keys live on their own routes.
+    assert all(k["kind"] == "sk" for k in _api(s, "GET", "/api/keys", mk).json()["data"])
+    assert _api(s, "DELETE", f"/api/keys/{first_id}", mk).status_code == 404
+    assert _api(s, "DELETE", f"/api/management-keys/{api_account.key_id}", mk).status_code == 404
+    assert _api(s, "GET", "/api/management-keys", api_account.sk).status_code == 403
+    # Rotate: the new key revokes the old one, which stops at once; the last one cannot go.
+    assert _api(s, "DELETE", f"/api/management-keys/{first_id}", second["key"]).status_code == 200
+    assert _api(s, "GET", "/api/management-keys", mk).status_code == 401
+    last = _api(s, "DELETE", f"/api/management-keys/{second['id']}", second["key"])
+    assert last.status_code == 409 and last.json()["error"]["code"] == "last_management_key"
+    assert _api(s, "GET", "/api/billing/status", second["key"]).status_code == 200
+    # Another account's management keys are unknown ids here.
+    _, other_mk = s.create_account()
+    other = _api(s, "GET", "/api/management-keys", other_mk).json()["data"][0]["id"]
+    assert _api(s, "DELETE", f"/api/management-keys/{other}", second["key"]).status_code == 404
+
+
+def test_cli_lists_and_rotates_management_keys(api_account: ApiAccount) -> None:
+    s = api_account.server
+    listed = s.cli("accounts", "keys", api_account.account_id, "--kind", "mk", "--json")
+    assert listed.returncode == 0, listed.stderr
+    (only,) = json.loads(listed.stdout)
+    assert only["kind"] == "mk" and "hash" not in only and api_account.mk not in listed.stdout
+    refused = s.cli("accounts", "revoke-key", api_account.account_id, only["id"])
+    assert refused.returncode == 1 and "--replace" in refused.stderr
+    rotated = s.cli("accounts", "revoke-key", api_account.account_id, only["id"], "--replace", "--json")
+    assert rotated.returncode == 0, rotated.stderr
+    out = json.loads(rotated.stdout)
+    assert out["revoked"] == only["id"] and out["key"].startswith("mk_")
+    assert _api(s, "GET", "/api/keys", api_account.mk).status_code == 401  # the leaked key is gone
+    assert _api(s, "GET", "/api/keys", out["key"]).status_code == 200
+    sk_revoked = s.cli("accounts", "revoke-key", api_account.account_id, api_account.key_id)
+    assert sk_revoked.returncode == 0 and _chat(s, api_account.sk).status_code == 401

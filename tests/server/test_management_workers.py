@@ -132,7 +132,7 @@ def test_concurrent_patches_and_creates_lose_nothing(server: ServerProcess) -> N
 
 
 def test_usage_agrees_exactly_across_workers(server: ServerProcess) -> None:
-    _, mk = server.create_account()
+    _, mk = server.create_account(plan="pro")  # 200 rpm for the account: its two keys share them
     keys = [server.create_key(mk, name=f"k{i}") for i in range(2)]
     with ThreadPoolExecutor(8) as pool:
         results = list(pool.map(lambda i: (i % 2, _chat(server, str(keys[i % 2]["key"]))), range(30)))

@@ -59,8 +59,12 @@ def _usage(server: ServerProcess, mk: str, requests: int) -> dict[str, dict[str,
         r = httpx.get(server.base_url + "/api/usage", headers={"Authorization": f"Bearer {mk}"}, timeout=10)
         totals = {row["model"]: row for row in r.json()["totals"]}
         if sum(row["requests"] for row in totals.values()) >= requests or time.monotonic() > deadline:
-            return totals
+            break
         time.sleep(0.2)
+    # A generation is metered while it runs: its last tokens may land one flush (0.2 s) after its request did.
+    time.sleep(0.4)
+    r = httpx.get(server.base_url + "/api/usage", headers={"Authorization": f"Bearer {mk}"}, timeout=10)
+    return {row["model"]: row for row in r.json()["totals"]}
 
 
 def test_two_onnx_models_routed_by_model_with_their_own_prices(

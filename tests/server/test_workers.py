@@ -35,11 +35,15 @@ def _stored_totals(server: ServerProcess, key_id: str) -> tuple[int, int, int]:
             sum(r.counter.completion_tokens for r in rows))
 
 
-def _wait_totals(server: ServerProcess, key_id: str, requests: int, timeout: float = 5.0) -> tuple[int, int, int]:
+def _wait_totals(server: ServerProcess, key_id: str, requests: int, timeout: float = 5.0,
+                 completion: int | None = None) -> tuple[int, int, int]:
+    """Until `requests` (and, if given, `completion` tokens) are stored: a generation is metered while it runs,
+    so an early flush may hold its first tokens only."""
     deadline = time.monotonic() + timeout
     while True:
         totals = _stored_totals(server, key_id)
-        if totals[0] >= requests or time.monotonic() > deadline:
+        done = totals[0] >= requests and (completion is None or totals[2] >= completion)
+        if done or time.monotonic() > deadline:
             return totals
         time.sleep(0.1)
 
@@ -64,7 +68,7 @@ def test_two_workers_share_limits_and_count_exactly(server_factory) -> None:  # 
     assert all(r.json()["error"]["code"] == "rate_limit_exceeded" for r in limited)
     prompt = sum(r.json()["usage"]["prompt_tokens"] for r in ok)
     completion = sum(r.json()["usage"]["completion_tokens"] for r in ok)
-    assert _wait_totals(server, key_id, n) == (n, prompt, completion)
+    assert _wait_totals(server, key_id, n, completion=completion) == (n, prompt, completion)
     time.sleep(0.5)
     assert _stored_totals(server, key_id) == (n, prompt, completion)  # refused requests are not metered
     log = [x for x in server.request_log() if x["key_id"] == key_id]
@@ -98,7 +102,7 @@ def test_disconnect_stops_generation_and_is_metered(server_factory) -> None:  # 
     generated = int(line["completion_tokens"])  # type: ignore[call-overload]
     assert 10 <= generated < 100, line  # stopped soon after the client left, far from 400
     assert float(line["latency_ms"]) < (closed + 2.0) * 1000  # type: ignore[arg-type]
-    requests, _, completion = _wait_totals(server, key_id, 1)
+    requests, _, completion = _wait_totals(server, key_id, 1, completion=generated)
     assert (requests, completion) == (1, generated)
     # the same holds for a non-streaming request abandoned by its client
     with pytest.raises(httpx.ReadTimeout):

@@ -100,8 +100,12 @@ def test_subscription_changes_mirror_into_the_account(store) -> None:  # type: i
     got = store.get_account(acct.id)
     assert (got.plan, got.subscription_status, got.period_end) == ("pro", "active", 99)
     assert store.epoch() > before
-    assert not ledger.merge_subscription(acct.id, {"status": "canceled"}, 5)  # an older fact changes nothing
+    assert not ledger.merge_subscription(acct.id, {"status": "past_due"}, 5)  # an older fact changes nothing
     assert store.get_account(acct.id).subscription_status == "active"
+    # Canceled is final (Stripe never revives a subscription), whenever the fact is stamped.
+    assert ledger.merge_subscription(acct.id, {"status": "canceled"}, 5)
+    assert not ledger.merge_subscription(acct.id, {"status": "active"}, 20)
+    assert store.get_account(acct.id).subscription_status == "canceled"
 
 
 def _cli(data: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -131,3 +135,62 @@ def test_operator_cli(tmp_path: Path) -> None:
     listed = json.loads(_cli(tmp_path, "list", "--json").stdout)
     assert [(a["email"], a["status"]) for a in listed] == [("ops@example.test", "active")]
     assert _cli(tmp_path, "show", "nobody@example.test").returncode == 1
+
+
+def test_live_keys_are_capped_and_the_last_management_key_stays(store) -> None:  # type: ignore[no-untyped-def]
+    from cheapest.store import LastManagementKey, QuotaExceeded
+
+    acct, _ = accounts.create_account(store, "cap@example.test", "free", PEPPER)  # one mk key
+    kept, _ = accounts.create_key(store, acct.id, "sk", "a", PEPPER, max_keys=3)
+    gone, _ = accounts.create_key(store, acct.id, "sk", "b", PEPPER, max_keys=3)
+    with pytest.raises(QuotaExceeded):
+        accounts.create_key(store, acct.id, "sk", "c", PEPPER, max_keys=3)
+    assert store.count_keys(acct.id, None, 0) == (3, 3)
+    store.delete_key(gone.id)
+    accounts.create_key(store, acct.id, "sk", "c", PEPPER, max_keys=3, expires_at=100)
+    store.update_key(kept.id, acct.id, lambda k: msgspec.structs.replace(k, disabled=True))
+    assert store.count_keys(acct.id, "sk", 50) == (2, 1) and store.count_keys(acct.id, "sk", 150) == (2, 0)
+    (mk,) = store.list_keys(acct.id, kind="mk")
+    with pytest.raises(LastManagementKey):
+        store.delete_key(mk.id, keep_last_management=True)
+    second, _ = accounts.create_key(store, acct.id, "mk", "rotation", PEPPER)
+    assert store.delete_key(mk.id, keep_last_management=True)
+    with pytest.raises(LastManagementKey):
+        store.delete_key(second.id, keep_last_management=True)
+    assert store.delete_key(second.id)  # the operator's own revocation may (the CLI replaces it first)
+
+
+def test_an_accounts_budget_spend_sums_its_keys(store) -> None:  # type: ignore[no-untyped-def]
+    acct, _ = accounts.create_account(store, "spend@example.test", "free", PEPPER)
+    a, _ = accounts.create_key(store, acct.id, "sk", "a", PEPPER)
+    b, _ = accounts.create_key(store, acct.id, "sk", "b", PEPPER)
+    owners = {a.id: acct.id, b.id: acct.id}
+    store.add_usage({(a.id, "m", 0): UsageCounter(1, 1, 1, 30), (b.id, "m", HOUR): UsageCounter(1, 1, 1, 12)},
+                    owners=owners)
+    store.add_usage({(b.id, "m", HOUR): UsageCounter(1, 1, 1, 5)}, owners=owners,
+                    flush_id="6f1d2e3c-0000-4000-8000-0000000000aa")
+    assert (store.window_spend(a.id, "1d", 0), store.window_spend(b.id, "1d", 0)) == (30, 17)
+    assert store.window_spend(acct.id, "1d", 0) == 47 and store.window_spend(acct.id, "5h", 0) == 47
+    accounts.set_status(store, acct.id, "deleted")
+    assert store.purge_account(acct.id) and store.window_spend(acct.id, "1d", 0) == 0
+
+
+def test_each_subscription_keeps_its_own_state(store) -> None:  # type: ignore[no-untyped-def]
+    acct, _ = accounts.create_account(store, "subs@example.test", "free", PEPPER)
+    ledger = store.ledger
+    ledger.merge_subscription(acct.id, {"subscription_id": "sub_a", "plan": "pro", "status": "active"}, 10)
+    ledger.merge_subscription(acct.id, {"subscription_id": "sub_b", "plan": "standard", "status": "active"}, 20)
+    ledger.merge_subscription(acct.id, {"subscription_id": "sub_a", "status": "canceled"}, 30)
+    got = store.get_account(acct.id)
+    assert (got.plan, got.subscription_status) == ("standard", "active")
+    ledger.merge_subscription(acct.id, {"subscription_id": "sub_a", "status": "past_due"}, 40)  # late, for A
+    got = store.get_account(acct.id)
+    assert (got.plan, got.subscription_status) == ("standard", "active")
+    assert {(s.subscription_id, s.status) for s in ledger.subscriptions(acct.id)} == {
+        ("sub_a", "canceled"), ("sub_b", "active")}
+    ledger.merge_subscription(acct.id, {"subscription_id": "sub_b", "status": "past_due"}, 50)
+    assert store.get_account(acct.id).subscription_status == "past_due"
+    ledger.merge_subscription(acct.id, {"subscription_id": "sub_b", "status": "canceled"}, 60)
+    assert store.get_account(acct.id).subscription_status == "canceled"
+    view = ledger.subscription(acct.id)
+    assert view is not None and view.subscription_id == "sub_b"  # the latest of the lapsed ones

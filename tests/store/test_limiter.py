@@ -101,3 +101,13 @@ def test_redis_restarted_empty_loads_the_script_again(redis_server: RedisServer,
         assert run(limiter.acquire_all([("k", 5, 60.0, 1)]))[0].remaining == 3
     finally:
         limiter.close()
+
+
+def test_a_forgotten_limit_starts_afresh(limiter: Limiter) -> None:
+    async def go() -> None:
+        assert all(d.allowed for d in await limiter.acquire_all([("rpm:gone", 2, 60.0, 2), ("rpm:kept", 2, 60.0, 2)]))
+        limiter.forget(["rpm:gone"])  # a revoked key: its state and its room go at once
+        assert (await limiter.peek("rpm:gone", 2, 60.0)).remaining == 2
+        assert (await limiter.peek("rpm:kept", 2, 60.0)).remaining == 0
+
+    run(go())

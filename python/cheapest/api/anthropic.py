@@ -13,6 +13,8 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta
 
+StopSequence = Annotated[str, Meta(max_length=256)]
+
 
 class ContentBlock(msgspec.Struct, frozen=True, kw_only=True):
     """A request content block, any kind: text, tool_use (an assistant's call), tool_result (a user's answer to
@@ -90,7 +92,7 @@ class CountTokensRequest(msgspec.Struct, frozen=True, kw_only=True):
 
 class MessagesRequest(CountTokensRequest, frozen=True, kw_only=True):
     max_tokens: Annotated[int, Meta(ge=1)]
-    stop_sequences: list[str] | None = None
+    stop_sequences: Annotated[list[StopSequence], Meta(max_length=16)] | None = None  # the engine's matcher's bounds
     stream: bool | None = None
     temperature: Annotated[float, Meta(ge=0.0, le=1.0)] | None = None
     top_p: Annotated[float, Meta(gt=0.0, le=1.0)] | None = None

@@ -19,8 +19,9 @@ __all__ = [
 
 
 class PlanInfo(msgspec.Struct, frozen=True):
-    """Limits apply per key; `funding`: free (no charge), subscription (monthly, Stripe), credits (each
-    request's cost debits the account's balance; an empty balance gets 402)."""
+    """Limits apply to the account, across all its keys (a key's own limits apply inside them); `max_keys`: the
+    live keys it may hold; `funding`: free (no charge), subscription (monthly, Stripe), credits (each request's
+    cost debits the account's balance; an empty balance gets 402)."""
 
     name: str
     rpm: int
@@ -30,6 +31,7 @@ class PlanInfo(msgspec.Struct, frozen=True):
     default: bool
     budget_usd: float | None = None
     budget_window: BudgetWindow | None = None
+    max_keys: int = 1000
     # the windows a key's own budget may use
     budget_windows: list[str] = msgspec.field(default_factory=lambda: list(BUDGET_WINDOWS))
 

@@ -18,7 +18,11 @@ Temperature = Annotated[float, Meta(ge=0.0, le=2.0)]
 TopP = Annotated[float, Meta(gt=0.0, le=1.0)]
 MaxTokens = Annotated[int, Meta(ge=1)]
 Penalty = Annotated[float, Meta(ge=-2.0, le=2.0)]
-Stop = str | Annotated[list[str], Meta(max_length=4)]
+# Stop strings: at most 4 (OpenAI's bound) of at most 256 characters (the engine's matcher allows 16 x 256).
+StopString = Annotated[str, Meta(max_length=256)]
+Stop = StopString | Annotated[list[StopString], Meta(max_length=4)]
+Seed = Annotated[int, Meta(ge=0)]  # and at most MAX_SEED (msgspec bounds stop at int64: checked by the gateway)
+MAX_SEED = 2**64 - 1  # the sampler's generator takes an unsigned 64-bit seed
 FunctionName = Annotated[str, Meta(pattern="^[a-zA-Z0-9_-]{1,64}$")]
 Choices = Annotated[int, Meta(ge=1, le=128)]
 
@@ -109,7 +113,7 @@ class GenerationRequest(msgspec.Struct, frozen=True, kw_only=True):
     max_tokens: MaxTokens | None = None
     temperature: Temperature | None = None
     top_p: TopP | None = None
-    seed: int | None = None
+    seed: Seed | None = None
     stop: Stop | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None

@@ -1,5 +1,6 @@
-"""The Management API (mk_ keys): /api/keys and /api/usage. Requests refuse unknown fields (a typo gets a 400
-naming it rather than being ignored); responses never carry a secret except `CreatedKey.key`, once."""
+"""The Management API (mk_ keys): /api/keys, /api/management-keys and /api/usage. Requests refuse unknown fields
+(a typo gets a 400 naming it rather than being ignored); responses never carry a secret except `CreatedKey.key`,
+once. Every field is bounded (name length, models per key and their length) so an account's keys stay small."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ from msgspec import UNSET, Meta, UnsetType
 from cheapest.vocabulary import BudgetWindow, KeyKind
 
 Name = Annotated[str, Meta(min_length=1, max_length=200)]
-ModelName = Annotated[str, Meta(min_length=1, max_length=200)]
-Models = Annotated[list[ModelName], Meta(min_length=1, max_length=64)]
+ModelName = Annotated[str, Meta(min_length=1, max_length=128)]
+Models = Annotated[list[ModelName], Meta(min_length=1, max_length=16)]
 UnixTime = Annotated[int, Meta(ge=0)]
 
 
@@ -32,6 +33,10 @@ class CreateKeyRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     limits: KeyLimitsBody | None = None
     expires_at: UnixTime | None = None  # unix seconds
     models: Models | None = None  # None = every model
+
+
+class CreateManagementKeyRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    name: Name = "management key"
 
 
 class PatchKeyRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -67,7 +72,7 @@ class CreatedKey(msgspec.Struct, frozen=True):
     id: str
     name: str
     hint: str
-    kind: Literal["sk"]
+    kind: KeyKind
     created_at: int
     limits: KeyLimitsBody
     expires_at: int | None = None

@@ -71,10 +71,11 @@ class AccountExport(msgspec.Struct, frozen=True):
     account: ExportedAccount
     keys: list[ExportedKey]
     revoked_key_ids: list[str]  # keys deleted earlier: only their ids and usage remain
-    subscription: ExportedSubscription | None
+    subscription: ExportedSubscription | None  # the one the account's plan and standing follow
     credit_balance_micro: int
     payments: list[ExportedPayment]
     usage: list[ExportedUsage]
+    subscriptions: list[ExportedSubscription] = []  # every subscription, each its own state
     object: Literal["account_export"] = "account_export"
 
 

@@ -8,9 +8,10 @@
   well in every case;
 - raises `WebhookRejected(reason_code)` (a ValueError), nothing written. Codes:
   "bad_signature" (missing/garbled header, wrong secret, tampered body, or older
-  than the tolerance: checked by the official SDK), "timestamp_in_future" (more
-  than the tolerance ahead: the SDK does not check that), "malformed_event"
-  (signed, but not a Stripe event);
+  than the tolerance: checked by the official SDK), "ambiguous_signature_header"
+  (more than one timestamp item), "timestamp_in_future" (more than the tolerance
+  ahead: the SDK does not check that), "malformed_event" (signed, but not a
+  Stripe event);
 - raises `BillingNotConfigured` when no webhook secret is set.
 
 Order independence: an event describes its object's state at the event's
@@ -85,14 +86,14 @@ def verify_webhook(settings: BillingSettings, payload: bytes, sig_header: str | 
         text = payload.decode("utf-8")
     except UnicodeDecodeError:
         raise WebhookRejected("bad_signature") from None
+    timestamp = signed_timestamp(sig_header)
     try:
         # The SDK checks the HMAC (constant-time) and refuses timestamps older than the tolerance.
         stripe.WebhookSignature.verify_header(text, sig_header, secret, STRIPE_TOLERANCE_S)
     except stripe.SignatureVerificationError:
         raise WebhookRejected("bad_signature") from None
-    # Verified, so the header parses; the SDK leaves future timestamps alone (a captured header
-    # pre-signed for later would otherwise stay replayable for as long as its clock says).
-    timestamp = _header_timestamp(sig_header or "")
+    # The SDK leaves future timestamps alone (a captured header pre-signed for later would otherwise stay
+    # replayable for as long as its clock says).
     if timestamp > (time.time() if now is None else now) + STRIPE_TOLERANCE_S:
         raise WebhookRejected("timestamp_in_future")
     try:
@@ -203,12 +204,20 @@ def _plan_of_prices(settings: BillingSettings, prices: Any) -> str | None:
     return None
 
 
-def _header_timestamp(header: str) -> int:
-    for item in header.split(","):
-        key, _, value = item.partition("=")
-        if key.strip() == "t":
-            return int(value)
-    raise WebhookRejected("bad_signature")
+def signed_timestamp(header: str | None) -> int:
+    """The one timestamp a `Stripe-Signature` header carries, read exactly as the SDK reads it (items split on
+    ",", each on its first "=", the key compared as is), so the freshness check here and the SDK's signature
+    check are about the same number. A header naming a timestamp more than once - even as " t" or "t " - could
+    be read two ways and is refused as ambiguous; a header without a usable one is a bad signature."""
+    if not header:
+        raise WebhookRejected("bad_signature")
+    items = [item.split("=", 1) for item in header.split(",")]
+    if sum(1 for item in items if item[0].strip() == "t") > 1:
+        raise WebhookRejected("ambiguous_signature_header")
+    values = [item[1] for item in items if item[0] == "t" and len(item) == 2]
+    if len(values) != 1 or not values[0].isascii() or not values[0].isdigit() or len(values[0]) > 12:
+        raise WebhookRejected("bad_signature")
+    return int(values[0])
 
 
 def _dict(v: Any) -> dict[str, Any]:

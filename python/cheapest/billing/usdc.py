@@ -2,8 +2,8 @@
 
 A top-up has two steps, both of which block (the chain node, the ledger):
 
-`topup_quote(settings, account_id, amount_usd)` -> `TopupQuote` {address, chain: "base", chain_id, token,
-amount_units, claim_message}. The client sends `amount_units` of `token` to `address`, then replaces the literal
+`topup_quote(settings, account_id, amount_usd, decimals)` -> `TopupQuote` {address, chain: "base", chain_id,
+token, amount_units (in the token's own units: `decimals` from `token_decimals`), claim_message}. The client sends `amount_units` of `token` to `address`, then replaces the literal
 "{tx_hash}" in `claim_message` with the transaction hash (0x + 64 hex, lower case) and signs the result with the
 SENDING wallet (EIP-191 `personal_sign`). Raises `TopupRejected("bad_amount")` or `BillingNotConfigured` (no
 receiver configured).
@@ -20,9 +20,14 @@ receiver configured).
        process_receipt does not check that), bad_signature (the claim is not signed by a Transfer's sender: a
        public tx hash alone claims nothing), already_claimed (another account holds it).
 
-Credited amount = the amount transferred (USDC has 6 decimals: 1 unit = 1 micro-dollar), per Transfer log; each
-(chain id, tx hash, log index) once, ever. Transfers routed through a smart-contract wallet have the contract as
-sender and cannot sign (EIP-1271 is not supported).
+Credited amount = the amount transferred, per Transfer log, in micro-dollars: the token's `decimals()` is read
+from the configured contract (USDC has 6: 1 unit = 1 micro-dollar; a token with more is rounded down to whole
+micro-dollars). Each (chain id, tx hash, log index) once, ever. Transfers routed through a smart-contract wallet
+have the contract as sender and cannot sign (EIP-1271 is not supported).
+
+Confirmations are counted up to the node's `safe` block (`usdc_finality`: "safe", "finalized" or "latest"): a
+block the chain may still reorganize away is not counted. A node that does not know the tag is asked for its
+latest block instead, and the confirmations required on top of it stand in for finality.
 """
 
 from __future__ import annotations
@@ -30,13 +35,14 @@ from __future__ import annotations
 import math
 import re
 import time
+from collections.abc import Callable
 
 import msgspec
 from eth_account import Account
 from eth_account.messages import encode_defunct
 from eth_utils import keccak
 from web3 import Web3
-from web3.exceptions import TransactionNotFound
+from web3.exceptions import TransactionNotFound, Web3Exception
 
 from cheapest.billing import BillingNotConfigured
 from cheapest.config import BillingSettings
@@ -59,6 +65,8 @@ _TRANSFER_ABI = [{
         {"name": "value", "type": "uint256", "indexed": False},
     ],
 }]
+_DECIMALS_ABI = [{"type": "function", "name": "decimals", "stateMutability": "view", "inputs": [],
+                  "outputs": [{"name": "", "type": "uint8"}]}]
 _TX_HASH = re.compile(r"0x[0-9a-fA-F]{64}")
 _SIGNATURE = re.compile(r"(0x)?[0-9a-fA-F]{130}")
 
@@ -91,7 +99,7 @@ class TopupQuote(msgspec.Struct, frozen=True):
 class TopupCredited(msgspec.Struct, frozen=True):
     tx_hash: str
     chain_id: int
-    credited_units: int
+    credited_units: int  # micro-dollars credited by this call (a USDC unit is one)
     already_credited: bool
     log_indexes: list[int]
     balance_micro: int
@@ -102,18 +110,45 @@ def claim_message(account_id: str, chain_id: int, tx_hash: str) -> str:
     return f"cheapest USDC top-up claim\naccount: {account_id}\nchain: {chain_id}\ntx: {tx_hash}"
 
 
-def topup_quote(settings: BillingSettings, account_id: str, amount_usd: object) -> TopupQuote:
+def topup_quote(settings: BillingSettings, account_id: str, amount_usd: object,
+                decimals: Callable[[], int] = lambda: 6) -> TopupQuote:
+    """`decimals` reads the token's (e.g. `token_decimals`); it is called only for a valid request."""
     if settings.usdc_receiver is None:
         raise BillingNotConfigured("usdc_receiver is not set")
     try:
-        units = usd_to_micro(amount_usd)
+        micro = usd_to_micro(amount_usd)
     except ValueError:
         raise TopupRejected("bad_amount") from None
-    if not settings.usdc_min_topup_micro <= units <= settings.usdc_max_topup_micro:
+    if not settings.usdc_min_topup_micro <= micro <= settings.usdc_max_topup_micro:
         raise TopupRejected("bad_amount")
+    # The token's units for that many micro-dollars, rounded up so the transfer covers the amount.
+    places = decimals()
+    units = micro * 10 ** (places - 6) if places >= 6 else -(-micro // 10 ** (6 - places))
     return TopupQuote(address=settings.usdc_receiver, chain="base" if settings.chain_id == 8453 else "evm",
                       chain_id=settings.chain_id, token=settings.usdc_contract, amount_units=units,
                       claim_message=claim_message(account_id, settings.chain_id, "{tx_hash}"))
+
+
+def token_decimals(w3: Web3, settings: BillingSettings) -> int:
+    """The configured token contract's `decimals()` (a worker reads it once and keeps it)."""
+    token = w3.eth.contract(address=Web3.to_checksum_address(settings.usdc_contract), abi=_DECIMALS_ABI)
+    return int(token.functions.decimals().call())
+
+
+def to_micro(units: int, decimals: int) -> int:
+    """Token units -> micro-dollars (1 token = 1 USD), rounded down."""
+    return units // 10 ** (decimals - 6) if decimals >= 6 else units * 10 ** (6 - decimals)
+
+
+def confirmed_head(w3: Web3, finality: str) -> int:
+    """The number of the newest block that counts: the node's `finality` block ("safe", "finalized"), or its
+    latest block when the node does not know that tag (or `finality` is "latest")."""
+    if finality != "latest":
+        try:
+            return int(w3.eth.get_block(finality)["number"])  # type: ignore[arg-type]
+        except (Web3Exception, ValueError, KeyError):  # an older node: no such block tag
+            pass
+    return int(w3.eth.block_number)
 
 
 def make_web3(settings: BillingSettings, timeout_s: float = 10.0) -> Web3:
@@ -122,7 +157,8 @@ def make_web3(settings: BillingSettings, timeout_s: float = 10.0) -> Web3:
 
 
 def verify_topup(settings: BillingSettings, ledger: Ledger, w3: Web3, *, account_id: str, tx_hash: str,
-                 signature: str) -> TopupCredited:
+                 signature: str, decimals: int | None = None) -> TopupCredited:
+    """`decimals`: the token's, when the caller already read them (`token_decimals`)."""
     if settings.usdc_receiver is None:
         raise BillingNotConfigured("usdc_receiver is not set")
     if not isinstance(tx_hash, str) or not _TX_HASH.fullmatch(tx_hash):
@@ -151,14 +187,17 @@ def verify_topup(settings: BillingSettings, ledger: Ledger, w3: Web3, *, account
     if receipt["status"] != 1:
         raise TopupRejected("reverted")
 
-    paid = _transfers_to_receiver(w3, settings, receipt)
+    if decimals is None:
+        decimals = token_decimals(w3, settings)
+    paid = [(i, sender, units, micro) for i, sender, units in _transfers_to_receiver(w3, settings, receipt)
+            if (micro := to_micro(units, decimals)) > 0]
     if not paid:
         raise TopupRejected("no_transfer")
-    mine = [(index, value) for index, sender, value in paid if sender == signer]
+    mine = [(index, units, micro) for index, sender, units, micro in paid if sender == signer]
     if not mine:
         raise TopupRejected("bad_signature")
 
-    confirmations = w3.eth.block_number - receipt["blockNumber"] + 1
+    confirmations = confirmed_head(w3, settings.usdc_finality) - receipt["blockNumber"] + 1
     if confirmations < settings.usdc_confirmations:
         missing = settings.usdc_confirmations - confirmations
         raise TopupPending(_retry_after(missing), confirmations, settings.usdc_confirmations)
@@ -167,15 +206,15 @@ def verify_topup(settings: BillingSettings, ledger: Ledger, w3: Web3, *, account
     block = receipt["blockNumber"]
     outcome = ledger.claim_transfers(account_id, [
         TransferClaim(chain_id, tx_hash, index,
-                      ChainClaim(account_id=account_id, amount_units=value, sender=signer, block_number=block,
+                      ChainClaim(account_id=account_id, amount_units=units, sender=signer, block_number=block,
                                  claimed_at=now),
                       JournalEntry(ref=f"usdc:{chain_id}:{tx_hash}:{index}", kind="usdc_topup", at=now,
-                                   micro_usd=value))
-        for index, value in mine])
+                                   micro_usd=micro))
+        for index, units, micro in mine])
     if outcome.credited_micro == 0 and outcome.held_by_others == len(mine):
         raise TopupRejected("already_claimed")
     return TopupCredited(tx_hash=tx_hash, chain_id=chain_id, credited_units=outcome.credited_micro,
-                         already_credited=outcome.credited_micro == 0, log_indexes=[i for i, _ in mine],
+                         already_credited=outcome.credited_micro == 0, log_indexes=[i for i, _, _ in mine],
                          balance_micro=outcome.balance_micro)
 
 

@@ -13,6 +13,8 @@ import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
+from cheapest.privacy.hardening import owner_only_dir
+
 from .bert import convert_encoder, is_encoder_converted
 from .catalog import CatalogEntry
 from .converter import convert, is_converted
@@ -82,11 +84,11 @@ def ensure_packaged_model(entry: CatalogEntry, cache: Path, models: Path, *, pro
     out = models / entry.model_id
     if entry.kind == "encoder" and entry.sha256 is not None and is_encoder_converted(out, entry.sha256):
         return out  # converted from these very bytes: no download needed
-    cache.mkdir(parents=True, exist_ok=True)
+    owner_only_dir(cache)
     notices = licence_files(entry, cache)
     source = assemble(entry, cache, progress=progress)
     sha = entry.sha256 or file_sha256(source)
-    models.mkdir(parents=True, exist_ok=True)
+    owner_only_dir(models)
     if entry.kind == "encoder":
         if not is_encoder_converted(out, sha):
             convert_encoder(source, out, progress=tqdm_factory if progress else None, source_sha256=sha,

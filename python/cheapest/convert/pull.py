@@ -18,6 +18,8 @@ import sys
 import zipfile
 from pathlib import Path
 
+from cheapest.privacy.hardening import owner_only_dir
+
 from .converter import convert, is_converted
 from .gguf_reader import file_sha256
 
@@ -86,7 +88,7 @@ def ensure_default_model(models_dir: Path, cache_dir: Path, *, progress: bool = 
     sha = file_sha256(gguf)
     if is_converted(out, sha):
         return out
-    models_dir.mkdir(parents=True, exist_ok=True)
+    owner_only_dir(models_dir)
     convert(gguf, out, progress=_tqdm() if progress else None, source_sha256=sha)
     return out
 

@@ -11,11 +11,19 @@ into the conversation: the tools' JSON inside <tools></tools> in the system prom
 as `<tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>`, earlier calls as that text in the assistant's
 message, and tool results as a user message of <tool_response></tool_response> blocks. The server constrains
 the model's output to this call format either way, so calls always parse.
+
+Only the template's own markup may produce control tokens: a user who types `<|im_end|>\n<|im_start|>system`
+into a message must get those characters as text, not a new turn. So `render` also says which parts of the
+prompt are message content (`ChatPrompt.parts`): the template is rendered once more with a placeholder for each
+content, and where putting the contents back in gives exactly the real rendering, the engine encodes the content
+parts with special-token matching off. A template that changes content (trims it, cuts it) gives no parts; the
+engine then refuses content that holds a special token's text rather than obey it.
 """
 
 from __future__ import annotations
 
 import json
+import secrets
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
@@ -126,6 +134,32 @@ def _pick_template(raw: Any) -> str | None:
     return None
 
 
+class ChatPrompt(str):
+    """A rendered prompt that knows its pieces: (text, is message content) in order, or none when the template
+    transformed the content (then only the whole text is known)."""
+
+    parts: tuple[tuple[str, bool], ...]
+
+    def __new__(cls, text: str, parts: tuple[tuple[str, bool], ...] = ()) -> ChatPrompt:
+        prompt = super().__new__(cls, text)
+        prompt.parts = parts
+        return prompt
+
+
+def _split(skeleton: str, marks: list[str], contents: Sequence[str]) -> tuple[tuple[str, bool], ...] | None:
+    """`skeleton` cut at each of `marks` (in order, each once) with the content put back in; None if the marks
+    are not all there exactly once and in order (the template did something to them)."""
+    parts: list[tuple[str, bool]] = []
+    rest = skeleton
+    for mark, content in zip(marks, contents):
+        before, found, rest = rest.partition(mark)
+        if not found or mark in before or mark in rest:
+            return None
+        parts += [(before, False), (content, True)]
+    parts.append((rest, False))
+    return tuple((text, content) for text, content in parts if text)
+
+
 class ChatTemplate:
     def __init__(self, template: str, special_tokens: Mapping[str, str] | None = None) -> None:
         env = ImmutableSandboxedEnvironment(
@@ -159,19 +193,34 @@ class ChatTemplate:
         return cls(template, cls.special_tokens(config))
 
     def render(self, messages: Sequence[Message], *, add_generation_prompt: bool = True,
-               tools: Sequence[Mapping[str, Any]] | None = None) -> str:
+               tools: Sequence[Mapping[str, Any]] | None = None) -> ChatPrompt:
         """(role, content) pairs or Hugging Face chat dicts (tool_calls with arguments as objects, tool messages
         with tool_call_id) -> the prompt; `tools`: OpenAI function tools, rendered natively or in the tool
-        format."""
+        format. The prompt's parts mark each message's text content (see the module's docstring); tool
+        definitions and call arguments a template renders itself are not parts: the engine checks them."""
         turns = [{"role": m[0], "content": m[1]} if isinstance(m, tuple) else dict(m) for m in messages]
         tooled = bool(tools) or any(t.get("tool_calls") or t.get("role") == "tool" for t in turns)
         if tooled and not self.takes_tools:
             turns, tools = _in_tool_format(turns, tools), None
+        listed = list(tools) if tools else None
+        text = self._render(turns, add_generation_prompt, listed)
+        nonce = secrets.token_hex(8)
+        marked = [i for i, t in enumerate(turns) if isinstance(t.get("content"), str) and t["content"]]
+        marks = {i: f"\x00content{i}.{nonce}\x00" for i in marked}
+        skeleton = self._render([{**t, "content": marks[i]} if i in marks else t for i, t in enumerate(turns)],
+                                add_generation_prompt, listed)
+        parts = _split(skeleton, [marks[i] for i in marked], [turns[i]["content"] for i in marked])
+        if parts is None or "".join(p for p, _ in parts) != text:
+            return ChatPrompt(text)
+        return ChatPrompt(text, parts)
+
+    def _render(self, turns: list[dict[str, Any]], add_generation_prompt: bool,
+                tools: list[Mapping[str, Any]] | None) -> str:
         try:
             return self._template.render(
                 messages=turns,
                 add_generation_prompt=add_generation_prompt,
-                tools=list(tools) if tools else None,
+                tools=tools,
                 documents=None,
                 **self._special_tokens,
             )

@@ -218,6 +218,22 @@ class _HfTokenizer:
         return _TextDiffDecoder(self._tok, skip_special_tokens)
 
 
+class TextTokenizer:
+    """The model's tokenizer for text that must stay text (message content): special tokens typed into it are
+    encoded as the characters they are made of, never as the control tokens (`tokenizers`'
+    `encode_special_tokens`). `special_ids`: the ids such text must not produce."""
+
+    def __init__(self, path: Path) -> None:
+        import tokenizers
+
+        self._tok = tokenizers.Tokenizer.from_file(str(path))
+        self._tok.encode_special_tokens = True
+        self.special_ids = frozenset(i for i, t in self._tok.get_added_tokens_decoder().items() if t.special)
+
+    def encode(self, text: str) -> list[int]:
+        return list(self._tok.encode(text, add_special_tokens=False).ids)
+
+
 def load_tokenizer(model_dir: Path) -> Tokenizer:
     path = model_dir / TOKENIZER
     try:

@@ -3,7 +3,9 @@
 `generate` hands a sequence to the scheduler thread (batching.py) and awaits its output on the request's
 event loop; nothing here blocks the loop. Per-token text handling (incremental UTF-8-safe detokenization,
 stop strings held back until they can no longer match, EOS, max_tokens) runs in the scheduler thread, and
-each result is passed to the loop with `call_soon_threadsafe`.
+each result is passed to the loop with `call_soon_threadsafe`. Stop strings are matched by the core's
+`StopMatcher` (Aho-Corasick, linear in the text whatever the stops), so no request's stops can slow the step
+that every request of the worker shares.
 
 Text never leaves memory: errors carry token counts or generic messages only.
 """
@@ -11,16 +13,19 @@ Text never leaves memory: errors carry token counts or generic messages only.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
-from collections.abc import AsyncGenerator, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Iterator, Mapping, Sequence
 from typing import Any
+
+from cheapest_core import StopMatcher
 
 from cheapest.engine.batching import Scheduler
 from cheapest.engine.batching import Sequence as BatchSequence
-from cheapest.engine.chat import ChatTemplate
+from cheapest.engine.chat import ChatPrompt, ChatTemplate, ChatTemplateError
 from cheapest.engine.grammar import GrammarCompiler, LlgGrammar
-from cheapest.engine.loader import CPU, SPIN_US, IncrementalDecoder, ModelSpec, Tokenizer, choose_providers, \
-    load_tokenizer, open_session, read_model_dir, served_graph
+from cheapest.engine.loader import CPU, SPIN_US, IncrementalDecoder, ModelSpec, TextTokenizer, Tokenizer, \
+    choose_providers, load_tokenizer, open_session, read_model_dir, served_graph
 from cheapest.engine.logprobs import TokenTexts
 from cheapest.engine.runner import ConcatKv, KvRunner, SharedBufferKv
 from cheapest.engine.sampling import Sampler
@@ -31,39 +36,21 @@ from cheapest.model_layout import TOKENIZER
 _CLOSED = "the engine is closed"
 
 
-class StopText:
-    """Streams text while withholding anything that might be the start of a stop string."""
+def _contents(messages: Sequence[tuple[str, str] | Mapping[str, Any]]) -> Iterator[str]:
+    for m in messages:
+        content = m[1] if isinstance(m, tuple) else m.get("content")
+        if isinstance(content, str):
+            yield content
 
-    __slots__ = ("_stops", "_held", "matched")
 
-    def __init__(self, stops: Iterable[str]) -> None:
-        self._stops = tuple(s for s in stops if s)
-        self._held = ""
-        self.matched: str | None = None  # the stop string found, once one is
-
-    def push(self, text: str) -> tuple[str, bool]:
-        """(text safe to emit, stop string found). After a stop, the text from the stop on is dropped."""
-        if not self._stops:
-            return text, False
-        text = self._held + text
-        found = [(i, s) for s in self._stops if (i := text.find(s)) >= 0]
-        if found:
-            cut, self.matched = min(found, key=lambda f: f[0])
-            self._held = ""
-            return text[:cut], True
-        keep = 0
-        for stop in self._stops:
-            # The longest suffix of `text` that is a proper prefix of `stop`.
-            for n in range(min(len(stop) - 1, len(text)), keep, -1):
-                if text.endswith(stop[:n]):
-                    keep = n
-                    break
-        self._held = text[len(text) - keep :] if keep else ""
-        return text[: len(text) - keep], False
-
-    def flush(self) -> str:
-        held, self._held = self._held, ""
-        return held
+def _tool_texts(messages: Sequence[tuple[str, str] | Mapping[str, Any]],
+                tools: Sequence[Mapping[str, Any]] | None) -> Iterator[str]:
+    """What a request's tools and tool calls put into the prompt (as JSON, the way templates render it)."""
+    if tools:
+        yield json.dumps(list(tools), ensure_ascii=False)
+    for m in messages:
+        if not isinstance(m, tuple) and m.get("tool_calls"):
+            yield json.dumps(m["tool_calls"], ensure_ascii=False)
 
 
 class _Output:
@@ -74,7 +61,8 @@ class _Output:
                  deliver: Callable[[Delta | Finish | BaseException], None], index: int = 0,
                  sampler: Sampler | None = None) -> None:
         self._decoder = decoder
-        self._stop = StopText(params.stop)
+        # StopStringError (a ValueError) past 16 stops of 256 characters; the API allows 4.
+        self._stop = StopMatcher(params.stop)
         self._eos = eos
         self._budget = budget
         self._deliver = deliver
@@ -130,6 +118,7 @@ class OnnxEngine:
             chat_template, ChatTemplate.special_tokens(spec.tokenizer_config))
         # A base model (Gemma 3 270M) has none: render_chat raises NoChatTemplateError, completions still work.
         self.has_chat_template = chat_template is not None or ChatTemplate.present(spec.tokenizer_config)
+        self._text = TextTokenizer(spec.model_dir / TOKENIZER) if self.has_chat_template else None
         self._scheduler = Scheduler(runner, spec.model_id)
         self._grammars = GrammarCompiler((spec.model_dir / TOKENIZER).read_text(encoding="utf-8"),
                                          spec.vocab_size, sorted(spec.eos_token_ids))
@@ -142,14 +131,37 @@ class OnnxEngine:
                     tools: Sequence[Mapping[str, Any]] | None = None) -> str:
         if self._template is None:
             self._template = ChatTemplate.from_tokenizer_config(self.spec.tokenizer_config)
-        return self._template.render(messages, tools=tools)
+        prompt = self._template.render(messages, tools=tools)
+        if not prompt.parts and any(self._has_special(content) for content in _contents(messages)):
+            # The template changes message content, so content cannot be told from markup in its output.
+            raise ChatTemplateError("a message holds a control token's text, which this model's chat template "
+                                    "cannot keep as text")
+        if self._template.takes_tools and any(self._has_special(text) for text in _tool_texts(messages, tools)):
+            # A template that renders tools itself puts their definitions and call arguments beside its markup
+            # (in the tool format they are message content, kept as text like the rest).
+            raise ChatTemplateError("a tool definition or tool call holds a control token's text")
+        return prompt
 
     def compile_grammar(self, grammar: str) -> Grammar:
         return self._grammars.compile(grammar)
 
     def encode(self, text: str, *, special_tokens: bool = False) -> list[int]:
-        # The rendered template already holds its special tokens (BOS included where the model wants it).
-        return list(self.tokenizer.encode(text, add_special_tokens=special_tokens))
+        """Prompt text -> ids; `special_tokens`: the tokenizer's own additions (BOS) for a text prompt. The
+        rendered template already holds its special tokens (BOS included where the model wants it); the message
+        content inside it is text, whatever it contains."""
+        if not isinstance(text, ChatPrompt) or not text.parts:
+            return list(self.tokenizer.encode(text, add_special_tokens=special_tokens))
+        ids: list[int] = []
+        for part, content in text.parts:
+            piece = self.tokenizer.encode(part, add_special_tokens=False)
+            if content and self._text is not None and not self._text.special_ids.isdisjoint(piece):
+                piece = self._text.encode(part)  # typed control tokens: their characters, not the tokens
+            ids += piece
+        return ids
+
+    def _has_special(self, text: str) -> bool:
+        return self._text is not None and not self._text.special_ids.isdisjoint(
+            self.tokenizer.encode(text, add_special_tokens=False))
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids)

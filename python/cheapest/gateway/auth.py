@@ -26,41 +26,60 @@ CACHE_TTL = 30.0
 CACHE_MAX = 10_000
 
 
+def limit_names(owner_id: str) -> tuple[str, str]:
+    """The limiter's table keys of a key's or an account's requests and tokens per minute."""
+    return "rpm:" + owner_id, "tpm:" + owner_id
+
+
+# A limit in the limiter's table: its name there, units per minute, and whose it is ("this key's", "the free
+# plan's") for the refusal's message.
+Limit = tuple[str, int, str]
+
+
 class Limits:
-    """A key's effective per-minute limits (its own inside its plan's: the lower wins) and the limiter's table
-    keys for them, built once per cached key rather than per request."""
+    """The per-minute limits a caller's requests are charged against, all at once: its account's (the plan's,
+    across every key of the account) and, inside them, the key's own where it sets a lower one. `rpm` and `tpm`
+    are the effective (lowest) values. Built once per cached key rather than per request."""
 
-    __slots__ = ("rpm", "tpm", "rpm_name", "tpm_name")
+    __slots__ = ("rpm", "tpm", "requests", "tokens")
 
-    def __init__(self, rpm: int, tpm: int, key_id: str) -> None:
-        self.rpm = rpm
-        self.tpm = tpm
-        self.rpm_name = "rpm:" + key_id
-        self.tpm_name = "tpm:" + key_id
+    def __init__(self, requests: tuple[Limit, ...], tokens: tuple[Limit, ...]) -> None:
+        self.requests = requests
+        self.tokens = tokens
+        self.rpm = min(limit for _, limit, _ in requests)
+        self.tpm = min(limit for _, limit, _ in tokens)
 
 
-def limits_for(plan: PlanConfig, key: KeyRecord) -> Limits:
-    rpm, tpm = plan.rpm, plan.tpm
+def limits_for(plan: PlanConfig, account: AccountRecord, key: KeyRecord) -> Limits:
+    plan_rpm, plan_tpm = limit_names(account.id)
+    key_rpm, key_tpm = limit_names(key.id)
+    whose = f"the {account.plan} plan's"
+    requests: list[Limit] = [(plan_rpm, plan.rpm, whose)]
+    tokens: list[Limit] = [(plan_tpm, plan.tpm, whose)]
     own = key.limits
-    if own.rpm is not None and own.rpm < rpm:
-        rpm = own.rpm
-    if own.tpm is not None and own.tpm < tpm:
-        tpm = own.tpm
-    return Limits(rpm, tpm, key.id)
+    # A key's own limit at or above its plan's can never bind (the key's use is part of the account's): no slot.
+    if own.rpm is not None and own.rpm < plan.rpm:
+        requests.append((key_rpm, own.rpm, "this key's"))
+    if own.tpm is not None and own.tpm < plan.tpm:
+        tokens.append((key_tpm, own.tpm, "this key's"))
+    return Limits(tuple(requests), tuple(tokens))
 
 
-Budget = tuple[int, str, str]  # cap in micro-dollars, window, whose ("this key's", "the pro plan's")
+# cap in micro-dollars, window, whose ("this key's", "the pro plan's"), and whose spend counts: the key's id, or
+# the account's (a plan's budget binds the account, across its keys)
+Budget = tuple[int, str, str, str]
 
 
 def budgets_for(plan: PlanConfig, account: AccountRecord, key: KeyRecord) -> tuple[Budget, ...]:
-    """The key's own budget and its plan's; both apply."""
+    """The key's own budget and its plan's (over the whole account); both apply."""
     out: list[Budget] = []
     if key.limits.budget_usd is not None:
         window = key.limits.budget_window or plan.budget_window
         if window is not None:
-            out.append((round(key.limits.budget_usd * MICRO_PER_USD), window, "this key's"))
+            out.append((round(key.limits.budget_usd * MICRO_PER_USD), window, "this key's", key.id))
     if plan.budget_usd is not None and plan.budget_window is not None:
-        out.append((round(plan.budget_usd * MICRO_PER_USD), plan.budget_window, f"the {account.plan} plan's"))
+        out.append((round(plan.budget_usd * MICRO_PER_USD), plan.budget_window, f"the {account.plan} plan's",
+                    account.id))
     return tuple(out)
 
 
@@ -74,7 +93,7 @@ class Caller:
         self.key = key
         self.account = account
         self.plan = plan
-        self.limits = limits_for(plan, key)
+        self.limits = limits_for(plan, account, key)
         self.budgets = budgets_for(plan, account, key)
 
 

@@ -12,7 +12,7 @@ import asyncio
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 
-from cheapest.api.chat import ChatCompletionRequest
+from cheapest.api.chat import MAX_SEED, ChatCompletionRequest
 from cheapest.api.completions import CompletionRequest
 from cheapest.engine.registry import ServedModels
 from cheapest.engine.types import (
@@ -57,6 +57,14 @@ def serving_engine(models: ServedModels[Engine | Embedder], caller: Caller, mode
 
 def may_use(caller: Caller, model: str) -> bool:
     return caller.key.models is None or model in caller.key.models
+
+
+def check_bounds(request: ChatCompletionRequest | CompletionRequest) -> None:
+    """What the request types cannot say themselves, checked as soon as the body is decoded (before any prompt
+    is rendered): a refusal names the field. (Ranges that fit msgspec's bounds are in the types.)"""
+    if request.seed is not None and request.seed > MAX_SEED:
+        raise Refusal("invalid_request", f"`seed` must be between 0 and {MAX_SEED}.", param="seed",
+                      code="invalid_value")
 
 
 def invalid(message: str, param: str) -> Refusal:

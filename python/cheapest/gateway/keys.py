@@ -1,25 +1,54 @@
-"""Inference keys managed by their account (the Management API's rules, apart from HTTP).
+"""An account's keys, managed by the account itself (the Management API's rules, apart from HTTP).
 
 Object-level authorization: every lookup is by (account, id); another account's key answers exactly like an id
-that does not exist, so ids cannot be probed. Management keys (mk_) are the operator's business (`cheapest
-accounts`), so these operations list and change inference keys (sk_) only. Every change reaches every worker on
-its next request through the store's change epoch; this worker's key cache forgets the key at once.
+that does not exist, so ids cannot be probed. Inference keys (sk_) are created, listed, changed and revoked;
+management keys (mk_) are created (a second one, to rotate), listed and revoked, never the last one: an account
+always keeps a way to manage itself. Every change reaches every worker on its next request through the store's
+change epoch; this worker's key cache forgets the key at once, and a revoked key's rate-limit slots are freed.
+
+Bounds: an account holds at most its plan's `max_keys` live keys (of both kinds) and `MAX_MANAGEMENT_KEYS`
+management keys, and creates at most `KEY_CREATIONS_PER_DAY` keys a day (revoked keys stay in its history:
+their usage is still billed), so no account can grow the store without limit. The methods that write to the
+store block: the server runs them in a thread; creating a key is a coroutine (it asks the limiter first, then
+writes in a thread).
 """
 
 from __future__ import annotations
+
+import asyncio
 
 import msgspec
 from msgspec import UNSET
 
 from cheapest.api.management import (
-    CreatedKey, CreateKeyRequest, Deleted, KeyInfo, KeyLimitsBody, KeyList, PatchKeyRequest,
+    CreatedKey, CreateKeyRequest, CreateManagementKeyRequest, Deleted, KeyInfo, KeyLimitsBody, KeyList,
+    PatchKeyRequest,
 )
 from cheapest.config import Settings
-from cheapest.gateway.auth import KeyCache
+from cheapest.gateway.admission import Admissions
+from cheapest.gateway.auth import KeyCache, limit_names
 from cheapest.gateway.errors import Refusal
-from cheapest.store import AccountRecord, KeyLimits, KeyRecord, Store, accounts
+from cheapest.store import (
+    AccountRecord, KeyLimits, KeyRecord, LastManagementKey, QuotaExceeded, Store, accounts,
+)
+from cheapest.vocabulary import DAY, KeyKind
 
 PAGE_MAX = 100
+MAX_MANAGEMENT_KEYS = 10
+KEY_CREATIONS_PER_DAY = 1000
+
+
+def account_limit_names(account_id: str) -> tuple[str, ...]:
+    """Every rate-limit slot an account itself holds (not its keys'): freed when it is deleted."""
+    return (*limit_names(account_id), _creations(account_id), topup_limit_name(account_id))
+
+
+def topup_limit_name(account_id: str) -> str:
+    return "topup:" + account_id
+
+
+def _creations(account_id: str) -> str:
+    return "newkey:" + account_id
 
 
 def _key_not_found() -> Refusal:
@@ -54,27 +83,48 @@ class _NotOwned(Exception):
 
 
 class KeyManager:
-    """Create, list, read, change and revoke an account's inference keys."""
+    """Create, list, read, change and revoke an account's keys."""
 
-    def __init__(self, settings: Settings, store: Store, keys: KeyCache) -> None:
+    def __init__(self, settings: Settings, store: Store, keys: KeyCache, admissions: Admissions) -> None:
         self.settings = settings
         self.store = store
         self.keys = keys
+        self.admissions = admissions
 
-    def create(self, account: AccountRecord, body: CreateKeyRequest) -> CreatedKey:
+    async def create(self, account: AccountRecord, body: CreateKeyRequest) -> CreatedKey:
         limits = _limits(self.settings, account, body.limits)
-        record, secret = accounts.create_key(
-            self.store, account.id, "sk", body.name, self.keys.pepper, limits=limits, expires_at=body.expires_at,
-            models=tuple(body.models) if body.models is not None else None)
+        record, secret = await self._create(account, "sk", body.name, limits=limits, expires_at=body.expires_at,
+                                            models=tuple(body.models) if body.models is not None else None)
         return CreatedKey(key=secret, id=record.id, name=record.name, hint=record.hint, kind="sk",
                           created_at=record.created_at, limits=_limits_body(record.limits),
                           expires_at=record.expires_at, models=body.models)
 
-    def page(self, account: AccountRecord, limit: int, after: str | None) -> KeyList:
+    async def create_management(self, account: AccountRecord, body: CreateManagementKeyRequest) -> CreatedKey:
+        """A further management key (to rotate one: create, switch over, revoke the old)."""
+        held = await asyncio.to_thread(self.store.list_keys, account.id, None, MAX_MANAGEMENT_KEYS, "mk")
+        if len(held) >= MAX_MANAGEMENT_KEYS:
+            raise Refusal("conflict", f"An account holds at most {MAX_MANAGEMENT_KEYS} management keys; revoke "
+                          "one first.", code="management_key_limit")
+        record, secret = await self._create(account, "mk", body.name)
+        return CreatedKey(key=secret, id=record.id, name=record.name, hint=record.hint, kind="mk",
+                          created_at=record.created_at, limits=_limits_body(record.limits))
+
+    async def _create(self, account: AccountRecord, kind: KeyKind, name: str, limits: KeyLimits | None = None,
+                      expires_at: int | None = None, models: tuple[str, ...] | None = None) -> tuple[KeyRecord, str]:
+        await self.admissions.throttle(_creations(account.id), KEY_CREATIONS_PER_DAY, DAY, "new keys")
+        cap = self.settings.plan(account.plan).max_keys
+        try:
+            return await asyncio.to_thread(accounts.create_key, self.store, account.id, kind, name, self.keys.pepper,
+                                           limits=limits, expires_at=expires_at, models=models, max_keys=cap)
+        except QuotaExceeded:
+            raise Refusal("conflict", f"This account has {cap} live keys, its plan's limit; revoke keys it no "
+                          "longer uses first.", code="key_limit_reached") from None
+
+    def page(self, account: AccountRecord, limit: int, after: str | None, kind: KeyKind = "sk") -> KeyList:
         if not 1 <= limit <= PAGE_MAX:
             raise Refusal("invalid_request", f"`limit` must be between 1 and {PAGE_MAX}.", param="limit",
                           code="invalid_value")
-        keys = self.store.list_keys(account.id, after=after, limit=limit + 1, kind="sk")
+        keys = self.store.list_keys(account.id, after=after, limit=limit + 1, kind=kind)
         page = keys[:limit]
         return KeyList([key_info(k) for k in page], has_more=len(keys) > limit,
                        last_id=page[-1].id if page else None)
@@ -110,10 +160,17 @@ class KeyManager:
         self.keys.forget(key.hash)
         return key_info(key)
 
-    def revoke(self, account: AccountRecord, key_id: str) -> Deleted:
-        key = self._owned(account, key_id)
-        self.store.delete_key(key.id)
+    def revoke(self, account: AccountRecord, key_id: str, kind: KeyKind = "sk") -> Deleted:
+        """Revoke one of the account's keys of `kind`; a management key only while another one remains."""
+        key = self._owned(account, key_id, kind)
+        try:
+            self.store.delete_key(key.id, keep_last_management=True)
+        except LastManagementKey:
+            raise Refusal("conflict", "This is the account's only management key: create another one (POST "
+                          "/api/management-keys) before revoking it.", param="key_id",
+                          code="last_management_key") from None
         self.keys.forget(key.hash)
+        self.admissions.forget(limit_names(key.id))
         return Deleted(key.id)
 
     def history(self, account: AccountRecord, key_id: str | None = None) -> list[str]:
@@ -125,8 +182,8 @@ class KeyManager:
             raise _key_not_found()
         return [key_id]
 
-    def _owned(self, account: AccountRecord, key_id: str) -> KeyRecord:
+    def _owned(self, account: AccountRecord, key_id: str, kind: KeyKind = "sk") -> KeyRecord:
         key = self.store.get_key(key_id)
-        if key is None or key.account_id != account.id or key.kind != "sk":
+        if key is None or key.account_id != account.id or key.kind != kind:
             raise _key_not_found()
         return key

@@ -2,13 +2,19 @@
 
 The payment logic is `cheapest.billing`; this module decides what each outcome means for the caller (a refusal
 and its reason code, or a result) and holds this worker's clients: one Stripe client and one web3 connection,
-made on first use. Stripe's API and the chain node block: callers run these methods off the event loop.
+made on first use, and the token's decimals, read once. Stripe's API and the chain node block: callers run these
+methods off the event loop - chain calls in their own few threads (`chain_pool`), so a slow node can hold up
+top-ups only, never webhooks or GDPR requests; and an account verifies at most `TOPUP_CHECKS_PER_MINUTE`
+top-ups a minute.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 import stripe
 from web3 import Web3
@@ -18,9 +24,14 @@ from cheapest.billing import BillingNotConfigured, checkout, stripe_events, usdc
 from cheapest.config import Settings
 from cheapest.gateway.admission import Admissions, subscription_status
 from cheapest.gateway.errors import Refusal
+from cheapest.gateway.keys import topup_limit_name
 from cheapest.store import AccountRecord, Store
 
 log = logging.getLogger("cheapest.billing")
+
+T = TypeVar("T")
+TOPUP_CHECKS_PER_MINUTE = 20
+CHAIN_THREADS = 4
 
 _REJECTION_TEXT = {
     "malformed_tx_hash": ("tx_hash", "`tx_hash` must be 0x followed by 64 hex digits."),
@@ -44,7 +55,7 @@ def plan_list(settings: Settings) -> PlanList:
     return PlanList(
         data=[PlanInfo(name=name, rpm=p.rpm, tpm=p.tpm, price_usd_month=p.price_usd_month,
                        funding=p.funded_by, default=name == settings.billing.default_plan,
-                       budget_usd=p.budget_usd, budget_window=p.budget_window)
+                       budget_usd=p.budget_usd, budget_window=p.budget_window, max_keys=p.max_keys)
               for name, p in sorted(settings.plans.items(), key=lambda kv: (kv[1].price_usd_month, kv[0]))],
         prices=[ModelPrice(m, p.prompt_usd_per_mtok, p.completion_usd_per_mtok)
                 for m, p in sorted(settings.prices.items())],
@@ -59,16 +70,20 @@ class Payments:
         self.admissions = admissions
         self._stripe: stripe.StripeClient | None = None
         self._web3: Web3 | None = None
+        self._decimals: int | None = None
+        self.chain_pool = ThreadPoolExecutor(CHAIN_THREADS, thread_name_prefix="cheapest-chain")
+
+    def close(self) -> None:
+        self.chain_pool.shutdown(wait=False, cancel_futures=True)
 
     def status(self, account: AccountRecord, now: float | None = None) -> BillingStatus:
         now = time.time() if now is None else now
-        keys = self.store.list_keys(account.id, limit=1_000_000, kind="sk")
+        keys, active = self.store.count_keys(account.id, "sk", now)  # counted in the store, never loaded here
         balance = self.admissions.balance(account.id)
         return BillingStatus(
             account_id=account.id, plan=account.plan, funding=self.settings.plan(account.plan).funded_by,
             subscription_status=subscription_status(account, now), credit_balance_micro=balance,
-            credit_balance_usd=balance / 1e6, keys=len(keys), active_keys=sum(1 for k in keys if k.usable_at(now)),
-            period_end=account.period_end,
+            credit_balance_usd=balance / 1e6, keys=keys, active_keys=active, period_end=account.period_end,
         )
 
     # --- Stripe -----------------------------------------------------------------------------------------------
@@ -111,11 +126,12 @@ class Payments:
 
     # --- USDC ---------------------------------------------------------------------------------------------------
     def topup_quote(self, account: AccountRecord, amount_usd: object, method: str) -> usdc.TopupQuote:
+        """Blocks on the chain node the first time (the token's decimals): run it in `chain_pool`."""
         if method != "usdc":
             raise Refusal("invalid_request", "Card payments are subscriptions: use POST /api/billing/checkout. "
                           "Top-ups take method `usdc`.", param="method", code="invalid_value")
         try:
-            return usdc.topup_quote(self.billing, account.id, amount_usd)
+            return usdc.topup_quote(self.billing, account.id, amount_usd, lambda: self._chain(self.decimals))
         except usdc.TopupRejected:
             b = self.billing
             raise Refusal("invalid_request", f"`amount_usd` must be between {b.usdc_min_topup_micro / 1e6:g} and "
@@ -124,14 +140,29 @@ class Payments:
         except BillingNotConfigured:
             raise not_configured() from None
 
+    def web3(self) -> Web3:
+        if self._web3 is None:
+            self._web3 = usdc.make_web3(self.billing)
+        return self._web3
+
+    def decimals(self) -> int:
+        if self._decimals is None:
+            self._decimals = usdc.token_decimals(self.web3(), self.billing)
+        return self._decimals
+
+    async def admit_topup_check(self, account: AccountRecord) -> None:
+        """The account's share of chain lookups (429 past it): ask before taking a chain thread."""
+        await self.admissions.throttle(topup_limit_name(account.id), TOPUP_CHECKS_PER_MINUTE, 60.0,
+                                 "top-up verifications")
+
     def verify_topup(self, account: AccountRecord, tx_hash: str,
                      signature: str) -> usdc.TopupCredited | TopupPending:
-        """Credit a confirmed transfer once; `TopupPending` while it is not confirmed enough."""
+        """Credit a confirmed transfer once; `TopupPending` while it is not confirmed enough. Blocks on the
+        chain node: run it in `chain_pool`, after `admit_topup_check`."""
         try:
-            if self._web3 is None:
-                self._web3 = usdc.make_web3(self.billing)
-            return usdc.verify_topup(self.billing, self.store.ledger, self._web3, account_id=account.id,
-                                     tx_hash=tx_hash, signature=signature)
+            return self._chain(lambda: usdc.verify_topup(
+                self.billing, self.store.ledger, self.web3(), account_id=account.id, tx_hash=tx_hash,
+                signature=signature, decimals=self.decimals()))
         except usdc.TopupPending as exc:
             return TopupPending(tx_hash=tx_hash.lower(), confirmations=exc.confirmations, required=exc.required,
                                 retry_after=exc.retry_after)
@@ -145,11 +176,17 @@ class Payments:
             raise Refusal("invalid_request", text, param=param, code=exc.reason_code) from None
         except BillingNotConfigured:
             raise not_configured() from None
+
+    @staticmethod
+    def _chain(call: Callable[[], T]) -> T:
+        """A call to the chain node; its failures as refusals (only the error's type is logged)."""
+        try:
+            return call()
         except (OSError, ConnectionError, TimeoutError) as exc:
             log.error("chain node unreachable: %s", type(exc).__name__)
             raise Refusal("unavailable", "The chain node could not be reached; retry later.",
                           code="chain_unavailable") from None
-        except Exception as exc:  # requests/web3 errors from the node: only the type is logged
+        except Exception as exc:  # requests/web3 errors from the node
             if type(exc).__module__.split(".")[0] not in ("requests", "web3", "urllib3"):
                 raise
             log.error("chain node error: %s", type(exc).__name__)

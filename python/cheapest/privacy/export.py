@@ -12,6 +12,7 @@ from cheapest.api.privacy import (
     AccountExport, ExportedAccount, ExportedKey, ExportedPayment, ExportedSubscription, ExportedUsage,
 )
 from cheapest.store import AccountRecord, KeyRecord, Store
+from cheapest.store.payments import SubscriptionView
 
 _PAGE = 100
 
@@ -21,6 +22,12 @@ def _key(key: KeyRecord) -> ExportedKey:
                        disabled=key.disabled, expires_at=key.expires_at,
                        models=list(key.models) if key.models is not None else None,
                        limits=msgspec.to_builtins(key.limits))
+
+
+def _subscription(sub: SubscriptionView) -> ExportedSubscription:
+    return ExportedSubscription(plan=sub.plan, status=sub.status, current_period_end=sub.current_period_end,
+                                subscription_id=sub.subscription_id, customer_id=sub.customer_id,
+                                updated_at=sub.updated_at)
 
 
 def _all_keys(store: Store, account_id: str) -> list[KeyRecord]:
@@ -53,9 +60,8 @@ def export_account(store: Store, account: AccountRecord, now: float) -> AccountE
                                 deleted_at=account.deleted_at),
         keys=[_key(k) for k in keys],
         revoked_key_ids=sorted(set(history) - live),
-        subscription=None if sub is None else ExportedSubscription(
-            plan=sub.plan, status=sub.status, current_period_end=sub.current_period_end,
-            subscription_id=sub.subscription_id, customer_id=sub.customer_id, updated_at=sub.updated_at),
+        subscription=None if sub is None else _subscription(sub),
+        subscriptions=[_subscription(s) for s in ledger.subscriptions(account.id)],
         credit_balance_micro=ledger.balance(account.id),
         payments=[ExportedPayment(e.ref, e.kind, e.at, e.micro_usd, e.amount_minor, e.currency)
                   for e in ledger.journal(account.id)],

@@ -4,6 +4,10 @@ RSGI entry point (ASGI in asgi.py), one log line per request.
 Per-worker state (store, rate-limit table, gateway, engine) is opened in `__rsgi_init__` (or ASGI's lifespan
 startup), which Granian calls in each worker process after it starts - never at import, so a master process
 holds no store handle across fork.
+
+Whatever escapes a handler becomes an answer, never a dropped connection: a refusal its 4xx, a full store a
+507, anything else a generic 500 - a Rust panic too (pyo3's PanicException is a BaseException, not an
+Exception) - logged by its type alone, since an exception's message may quote the request.
 """
 
 from __future__ import annotations
@@ -20,14 +24,16 @@ from cheapest.config import Settings
 from cheapest.gateway import Refusal
 from cheapest.metrics import metrics
 from cheapest.server.cancellation import ClientGone, until_disconnected
-from cheapest.server.errors import ApiError, internal_error, rate_headers, refused, store_unavailable
+from cheapest.server.errors import ApiError, internal_error, rate_headers, refused, store_full, store_unavailable
 from cheapest.server.messages import anthropic_error
 from cheapest.server.request import JSON, Headers, Request, Response, StreamResponse
 from cheapest.server.routes import Route, Router
 from cheapest.server.state import WorkerState
-from cheapest.store import StoreUnavailable
+from cheapest.store import StoreFull, StoreUnavailable
 
 log = logging.getLogger("cheapest.server")
+# What a failed request may not swallow: cancellation and the process being told to stop.
+CONTROL_FLOW = (asyncio.CancelledError, KeyboardInterrupt, SystemExit, GeneratorExit)
 
 
 class App:
@@ -83,13 +89,17 @@ class App:
             return await self._error_response(state, req, refused(refusal), route)
         except ApiError as err:
             return await self._error_response(state, req, err, route)
-        except ClientGone:
-            raise
         except StoreUnavailable:
             metrics.error("store")
             return await self._error_response(state, req, store_unavailable(), route)
-        except Exception as exc:
-            # Only the type: exception messages may carry request text.
+        except StoreFull:
+            metrics.error("store")
+            log.error("the store is full: a write was refused (grow the store: lmdb_map_size, or PostgreSQL's disk)")
+            return await self._error_response(state, req, store_full(), route)
+        except (ClientGone, *CONTROL_FLOW):
+            raise
+        except BaseException as exc:
+            # Only the type: exception messages (a panic's too) may carry request text.
             log.error("unhandled %s on %s %s", type(exc).__name__, req.method, req.path)
             metrics.failed(exc)
             return await self._error_response(state, req, internal_error(), route)
@@ -166,7 +176,11 @@ async def send_stream(resp: StreamResponse, send: Callable[[bytes], Awaitable[No
         log.error("stream failed: %s", type(exc).__name__)
         return 499
     finally:
-        await chunks.aclose()
+        try:
+            await chunks.aclose()
+        finally:
+            if resp.finish is not None:
+                resp.finish()
 
 
 def _rsgi_reader(proto: HTTPProtocol, headers: Headers) -> Callable[[int], Awaitable[bytes]]:

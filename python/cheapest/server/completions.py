@@ -3,10 +3,15 @@ the calling key's usage. Each handler parses the request, calls the gateway, and
 
 A plain stream (one choice, no logprobs, no tools) is framed by the core; streams with several choices,
 logprobs or tool-call deltas are encoded here, in OpenAI's chunk shapes.
-"""
+
+A generation's request is charged against the caller's request rate before its body is read (the cheapest
+refusal first, and a refused request still counts). Once a stream has started, any failure ends it with an SSE
+error event and `[DONE]` at once: the client is never left waiting on an open response."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from collections.abc import AsyncGenerator, Iterable
 from typing import TYPE_CHECKING
@@ -26,18 +31,19 @@ from cheapest.api.models import Model, ModelList
 from cheapest.engine.types import Delta, Embedder, Engine, Finish, TokenLogprob
 from cheapest.gateway import Admission, Caller, Gateway
 from cheapest.gateway.completions import (
-    Choice, Plan, collect, may_use, plan as plan_of, run, served_model, serving_engine,
+    Choice, Plan, check_bounds, collect, may_use, plan as plan_of, run, served_model, serving_engine,
 )
 from cheapest.gateway.errors import Refusal
 from cheapest.gateway.tools import ToolCallParser
 from cheapest.gateway.usage import key_usage as usage_of
 from cheapest.server.cancellation import until_disconnected
-from cheapest.server.errors import decode_error, rate_headers
+from cheapest.server.errors import decode_error, internal_error, rate_headers
 from cheapest.server.request import Request, Response, StreamResponse, json_response
 
 if TYPE_CHECKING:
     from cheapest.server.state import WorkerState
 
+log = logging.getLogger("cheapest.server")
 _encode = msgspec.json.Encoder().encode
 _chat_decoder = msgspec.json.Decoder(ChatCompletionRequest)
 _completion_decoder = msgspec.json.Decoder(CompletionRequest)
@@ -47,19 +53,22 @@ SSE_HEADERS = [("content-type", "text/event-stream"), ("cache-control", "no-cach
 async def _complete(state: WorkerState, req: Request, chat: bool) -> Response | StreamResponse:
     caller = req.caller
     assert caller is not None
+    gateway = state.gateway
+    begun = await gateway.begin(caller)  # before the body is read, parsed, rendered or tokenized
     body = await req.body(state.settings.serving.max_body_bytes)
     try:
         creq = (_chat_decoder if chat else _completion_decoder).decode(body)
     except msgspec.DecodeError as exc:
         raise decode_error(exc) from None
+    check_bounds(creq)
     req.stream = bool(creq.stream)
-    gateway = state.gateway
     engine = serving_engine(state.models, caller, creq.model)
     req.model = engine.model_id
     serving = state.settings.serving
     plan = plan_of(engine, creq, serving.default_max_tokens, serving.max_choices)
     p = plan.prompt_tokens
-    admission = await gateway.admit(caller, engine.model_id, p, plan.params.max_tokens * plan.sequences)
+    admission = await gateway.admit(caller, engine.model_id, p, plan.params.max_tokens * plan.sequences,
+                                    begun=begun)
     rid = state.ids.new("chatcmpl-" if chat else "cmpl-")
     created = int(time.time())
     headers = rate_headers(admission.rate)
@@ -70,7 +79,8 @@ async def _complete(state: WorkerState, req: Request, chat: bool) -> Response | 
         plain = plan.sequences == 1 and plan.logprobs is None and not plan.tools and plan.echo is None
         chunks = _Chunks(rid, created, engine.model_id, framer, plan, chat)
         return StreamResponse(200, SSE_HEADERS + headers,
-                              _stream(req, gateway, engine, admission, plan, chunks, plain, include_usage))
+                              _stream(req, gateway, engine, admission, plan, chunks, plain, include_usage),
+                              finish=lambda: gateway.settle(admission))
     work = collect(gateway.admissions, engine, plan, admission)
     try:  # an engine that never waits needs no watching; a slow one stops when the client goes away
         answers = await (work if engine.instant else until_disconnected(work, req.watch_disconnect))
@@ -216,6 +226,13 @@ async def _stream(req: Request, gateway: Gateway, engine: Engine, admission: Adm
         yield framer.done()
     except Refusal as refusal:
         yield framer.error(refusal.message, refusal.type, refusal.code)
+        yield framer.done()
+    except (GeneratorExit, asyncio.CancelledError, KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:  # anything else, a Rust panic too: only its type is logged (it may quote text)
+        log.error("stream failed: %s", type(exc).__name__)
+        error = internal_error()
+        yield framer.error(error.message, error.type, error.code)
         yield framer.done()
     finally:
         await items.aclose()

@@ -25,6 +25,7 @@ _decoder = msgspec.json.Decoder(EmbeddingRequest)
 async def embeddings(state: WorkerState, req: Request) -> Response:
     caller = req.caller
     assert caller is not None
+    begun = await state.gateway.begin(caller)  # the request counts before its body is read (see completions)
     body = await req.body(state.settings.serving.max_body_bytes)
     try:
         ereq = _decoder.decode(body)
@@ -34,7 +35,7 @@ async def embeddings(state: WorkerState, req: Request) -> Response:
     req.model = engine.model_id
     inputs = input_ids(engine, ereq, state.settings.serving)
     tokens = sum(len(ids) for ids in inputs)
-    admission = await state.gateway.admit(caller, engine.model_id, tokens, 0)
+    admission = await state.gateway.admit(caller, engine.model_id, tokens, 0, begun=begun)
     req.prompt_tokens = tokens
     try:
         vectors = await until_disconnected(engine.embed(inputs), req.watch_disconnect)

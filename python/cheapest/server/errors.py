@@ -100,6 +100,12 @@ def method_not_allowed() -> ApiError:
     return ApiError(405, "Method not allowed on this route.", code="method_not_allowed")
 
 
+def store_full() -> ApiError:
+    """The store refused a write for want of room: nothing of this request was written, nothing before is lost."""
+    return ApiError(507, "The service cannot store this change right now; retry later.", type="server_error",
+                    code="insufficient_storage")
+
+
 def store_unavailable() -> ApiError:
     """The shared store (PostgreSQL) cannot be reached: nothing was changed; a retry may succeed."""
     return ApiError(503, "The service's store is unreachable right now; nothing was changed. Retry shortly.",

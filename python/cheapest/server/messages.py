@@ -4,7 +4,9 @@ and answers their errors in Anthropic's shape (see `anthropic_error`)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 from collections.abc import AsyncGenerator
 from typing import TYPE_CHECKING, Any
 
@@ -24,12 +26,13 @@ from cheapest.gateway.messages import message_plan, stop_reason
 from cheapest.gateway.tools import ToolCallParser
 from cheapest.server.cancellation import until_disconnected
 from cheapest.server.completions import SSE_HEADERS
-from cheapest.server.errors import ApiError, decode_error, rate_headers
+from cheapest.server.errors import ApiError, decode_error, internal_error, rate_headers
 from cheapest.server.request import Request, Response, StreamResponse, json_response
 
 if TYPE_CHECKING:
     from cheapest.server.state import WorkerState
 
+log = logging.getLogger("cheapest.server")
 _encode = msgspec.json.Encoder().encode
 _messages_decoder = msgspec.json.Decoder(MessagesRequest)
 _count_decoder = msgspec.json.Decoder(CountTokensRequest)
@@ -69,18 +72,20 @@ async def count_tokens(state: WorkerState, req: Request) -> Response:
 async def messages(state: WorkerState, req: Request) -> Response | StreamResponse:
     caller = req.caller
     assert caller is not None
+    gateway = state.gateway
+    begun = await gateway.begin(caller)  # before the body is read, parsed, rendered or tokenized
     mreq: MessagesRequest = await _decode(state, req, _messages_decoder)
     req.stream = bool(mreq.stream)
     engine = serving_engine(state.models, caller, mreq.model)
     req.model = engine.model_id
     plan = message_plan(engine, mreq, state.settings.serving.default_max_tokens)
     p = plan.prompt_tokens
-    gateway = state.gateway
-    admission = await gateway.admit(caller, engine.model_id, p, plan.params.max_tokens)
+    admission = await gateway.admit(caller, engine.model_id, p, plan.params.max_tokens, begun=begun)
     mid = state.ids.new("msg_")
     headers = rate_headers(admission.rate)
     if mreq.stream:
-        return StreamResponse(200, SSE_HEADERS + headers, _stream(req, gateway, engine, admission, plan, mid))
+        return StreamResponse(200, SSE_HEADERS + headers, _stream(req, gateway, engine, admission, plan, mid),
+                              finish=lambda: gateway.settle(admission))
     work = collect(gateway.admissions, engine, plan, admission)
     try:
         (answer,) = await (work if engine.instant else until_disconnected(work, req.watch_disconnect))
@@ -181,6 +186,12 @@ async def _stream(req: Request, gateway: Gateway, engine: Engine, admission: Adm
     except Refusal as refusal:
         err = AnthropicError(AnthropicErrorDetail("api_error" if refusal.kind == "model_failed"
                                                   else "invalid_request_error", refusal.message))
+        yield b"event: error\ndata: " + _encode(err) + b"\n\n"
+    except (GeneratorExit, asyncio.CancelledError, KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:  # anything else, a Rust panic too: only its type is logged (it may quote text)
+        log.error("stream failed: %s", type(exc).__name__)
+        err = AnthropicError(AnthropicErrorDetail("api_error", internal_error().message))
         yield b"event: error\ndata: " + _encode(err) + b"\n\n"
     finally:
         await items.aclose()

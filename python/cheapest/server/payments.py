@@ -33,7 +33,7 @@ async def plans(state: WorkerState, req: Request) -> Response:
 
 
 async def status(state: WorkerState, req: Request) -> Response:
-    return json_response(_encode(state.gateway.payments.status(account_of(req))))
+    return json_response(_encode(await asyncio.to_thread(state.gateway.payments.status, account_of(req))))
 
 
 async def checkout(state: WorkerState, req: Request) -> Response:
@@ -51,13 +51,19 @@ async def stripe_webhook(state: WorkerState, req: Request) -> Response:
 
 async def topup(state: WorkerState, req: Request) -> Response:
     body: TopupRequest = await decode_body(state, req, _topup_decoder)
-    return json_response(_encode(state.gateway.payments.topup_quote(account_of(req), body.amount_usd, body.method)))
+    payments = state.gateway.payments
+    quote = await asyncio.get_running_loop().run_in_executor(
+        payments.chain_pool, payments.topup_quote, account_of(req), body.amount_usd, body.method)
+    return json_response(_encode(quote))
 
 
 async def verify_topup(state: WorkerState, req: Request) -> Response:
+    """In the chain's own threads: a slow node delays top-ups only, never webhooks or GDPR requests."""
     body: VerifyTopupRequest = await decode_body(state, req, _verify_decoder)
-    result = await asyncio.to_thread(state.gateway.payments.verify_topup, account_of(req), body.tx_hash,
-                                     body.signature)
+    payments = state.gateway.payments
+    await payments.admit_topup_check(account_of(req))
+    result = await asyncio.get_running_loop().run_in_executor(
+        payments.chain_pool, payments.verify_topup, account_of(req), body.tx_hash, body.signature)
     if isinstance(result, TopupPending):
         return json_response(_encode(result), [("retry-after", str(result.retry_after))], status=202)
     return json_response(_encode(result))

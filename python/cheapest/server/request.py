@@ -76,14 +76,18 @@ class Response:
 
 
 class StreamResponse:
-    """SSE: `chunks` is driven by the server; closing it early (client gone) runs the handler's cleanup."""
+    """SSE: `chunks` is driven by the server; closing it early (client gone) runs the handler's cleanup.
+    `finish`, when given, runs once the stream is over however it ended, even if it never started (a client
+    that left before the first chunk): what must not depend on the generator's own cleanup running."""
 
-    __slots__ = ("status", "headers", "chunks")
+    __slots__ = ("status", "headers", "chunks", "finish")
 
-    def __init__(self, status: int, headers: list[tuple[str, str]], chunks: AsyncGenerator[bytes, None]) -> None:
+    def __init__(self, status: int, headers: list[tuple[str, str]], chunks: AsyncGenerator[bytes, None],
+                 finish: Callable[[], None] | None = None) -> None:
         self.status = status
         self.headers = headers
         self.chunks = chunks
+        self.finish = finish
 
 
 def json_response(body: bytes, headers: list[tuple[str, str]] | None = None, status: int = 200) -> Response:

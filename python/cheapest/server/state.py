@@ -32,6 +32,7 @@ from cheapest.store import Store, open_configured_store
 from cheapest.store.limiter import open_configured_limiter
 from cheapest.store.metering import UsageMeter
 from cheapest.store.secrets import load_pepper
+from cheapest.store.settings import OLD_RATELIMIT_FILES
 
 log = logging.getLogger("cheapest.server")
 
@@ -61,7 +62,7 @@ def engine_factory(settings: EngineSettings) -> EngineFactory:
     return factory
 
 
-def _operator_log() -> None:
+def operator_log() -> None:
     """Send the service's own metadata-only log lines (model loaded, provider, failures by type) to stderr.
 
     Granian configures only its own loggers; without this, `cheapest.*` INFO lines would vanish. Request
@@ -77,19 +78,22 @@ def _operator_log() -> None:
 
 class WorkerState:
     def __init__(self, settings: Settings, add_route: AddRoute) -> None:
-        from cheapest.privacy.hardening import disable_core_dumps
+        from cheapest.privacy.hardening import disable_core_dumps, owner_only_dir, owner_only_files
 
         disable_core_dumps()  # this process will hold prompts and completions in memory
-        _operator_log()
+        owner_only_files()  # whatever this worker (or a library it calls) creates is the owner's alone
+        operator_log()
         metrics.start(settings)
         self.settings = settings
         data = settings.data_path
-        data.mkdir(parents=True, exist_ok=True)
+        owner_only_dir(data)
         self.store: Store = open_configured_store(settings.store)
         self.meter = UsageMeter(self.store, settings.store.usage_flush_interval)
         self.meter.start()
         self.retention = PeriodicRetention(self.store, data, settings.store.retention_interval)
         self.retention.start()
+        for old in OLD_RATELIMIT_FILES:  # an older format's table: transient state only, superseded (see settings)
+            (data / old).unlink(missing_ok=True)
         self.limiter = open_configured_limiter(settings.store)
         self.gateway = Gateway(settings, self.store, load_pepper(data, settings.store.key_pepper), self.limiter,
                                self.meter)
@@ -117,6 +121,7 @@ class WorkerState:
     def close(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
         self.request_log.flush()
         self.retention.stop()
+        self.gateway.payments.close()
         self.meter.stop()
         if loop is not None and not loop.is_closed():
             try:

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cheapest.store.base import Ledger, Store, StoreError, StoreUnavailable, UsageKey
+from cheapest.store.base import (
+    LastManagementKey, Ledger, QuotaExceeded, Store, StoreError, StoreFull, StoreUnavailable, UsageKey,
+)
 from cheapest.store.records import AccountRecord, KeyLimits, KeyRecord, UsageCounter, UsageRow
 from cheapest.store.settings import StoreSettings
 
 __all__ = [
-    "AccountRecord", "KeyLimits", "KeyRecord", "Ledger", "Store", "StoreError", "StoreSettings", "StoreUnavailable",
-    "UsageCounter", "UsageKey", "UsageRow", "open_configured_store", "open_store",
+    "AccountRecord", "KeyLimits", "KeyRecord", "LastManagementKey", "Ledger", "QuotaExceeded", "Store", "StoreError",
+    "StoreFull", "StoreSettings", "StoreUnavailable", "UsageCounter", "UsageKey", "UsageRow", "open_configured_store",
+    "open_store",
 ]
 
 

@@ -35,7 +35,9 @@ def create_key(
     limits: KeyLimits | None = None,
     expires_at: int | None = None,
     models: tuple[str, ...] | None = None,
+    max_keys: int | None = None,
 ) -> tuple[KeyRecord, str]:
+    """A new key; `max_keys`: refused (`QuotaExceeded`) when the account already holds that many live keys."""
     secret = cheapest_core.generate_key(kind)
     record = KeyRecord(
         id=new_id("key"),
@@ -49,7 +51,7 @@ def create_key(
         expires_at=expires_at,
         models=models,
     )
-    store.create_key(record)
+    store.create_key(record, max_keys)
     return record, secret
 
 

@@ -24,6 +24,19 @@ class StoreError(Exception):
     """The store refused an operation (e.g. a duplicate email); the message carries no secrets."""
 
 
+class StoreFull(StoreError):
+    """The store has no room for this write (LMDB's map is full, PostgreSQL's disk). The write was not made;
+    nothing written before is lost. The server answers 507; the operator grows the store."""
+
+
+class QuotaExceeded(StoreError):
+    """A per-account bound would be passed (e.g. its live keys); nothing was written."""
+
+
+class LastManagementKey(StoreError):
+    """Revoking this key would leave the account without a management key; nothing was written."""
+
+
 class StoreUnavailable(ConnectionError):
     """The store's server cannot be reached right now (a network backend): nothing was changed, or - for a
     usage flush - it may be retried under the same flush id. The server answers 503; the message names no data."""
@@ -32,14 +45,22 @@ class StoreUnavailable(ConnectionError):
 class Ledger(Protocol):
     """What was paid, by whom, credited exactly once; the ONE owner of an account's spendable balance.
 
-    Subscription facts merged here are mirrored into the account record (plan, subscription status, period end)
-    in the same atomic step, with the store's change epoch bumped, so every worker sees them on its next request.
+    Subscription facts are kept per subscription; what all of an account's subscriptions together say (its plan,
+    subscription status, period end) is mirrored into the account record in the same atomic step, with the
+    store's change epoch bumped, so every worker sees it on its next request.
     """
 
     # reads
     def balance(self, account_id: str) -> int: ...
     def journal(self, account_id: str) -> list[JournalEntry]: ...
-    def subscription(self, account_id: str) -> SubscriptionView | None: ...
+    def subscription(self, account_id: str) -> SubscriptionView | None:
+        """The subscription the account's plan and standing follow (`payments.governing` over all of them)."""
+        ...
+
+    def subscriptions(self, account_id: str) -> list[SubscriptionView]:
+        """Each of the account's subscriptions, its own state (never merged with another's)."""
+        ...
+
     def event(self, event_id: str) -> EventRecord | None: ...
     def chain_claim(self, chain_id: int, tx_hash: str, log_index: int) -> ChainClaim | None: ...
 
@@ -92,11 +113,18 @@ class Store(Protocol):
         """Read-modify-write in one step (no lost updates between workers); None if unknown."""
         ...
 
-    def list_accounts(self) -> Iterator[AccountRecord]: ...
+    def list_accounts(self) -> Iterator[AccountRecord]:
+        """Every account, read a page at a time (never all of them in memory at once)."""
+        ...
+
     def count_accounts(self) -> int: ...
 
     # keys
-    def create_key(self, key: KeyRecord) -> None: ...
+    def create_key(self, key: KeyRecord, max_keys: int | None = None) -> None:
+        """Store a new key; with `max_keys`, `QuotaExceeded` (nothing written) when the account already has that
+        many live keys. The check and the insert are one step."""
+        ...
+
     def get_key(self, key_id: str) -> KeyRecord | None: ...
     def find_key_by_hash(self, key_hash: bytes) -> KeyRecord | None: ...
     def put_key(self, key: KeyRecord) -> None: ...
@@ -105,22 +133,39 @@ class Store(Protocol):
         """Read-modify-write of one of `account_id`'s keys in one step; None if unknown or not the account's."""
         ...
 
-    def delete_key(self, key_id: str) -> bool: ...
+    def delete_key(self, key_id: str, keep_last_management: bool = False) -> bool:
+        """Revoke a key (False if unknown). With `keep_last_management`, `LastManagementKey` (nothing written)
+        when it is the account's only management key. The check and the delete are one step."""
+        ...
+
     def list_keys(self, account_id: str, after: str | None = None, limit: int = 100,
-                  kind: KeyKind | None = None) -> list[KeyRecord]: ...
+                  kind: KeyKind | None = None) -> list[KeyRecord]:
+        """At most `limit` of the account's live keys after the id `after`, in id order (one page)."""
+        ...
+
+    def count_keys(self, account_id: str, kind: KeyKind | None, now: float) -> tuple[int, int]:
+        """(live keys, of which usable at `now`: not disabled, not expired), counted in the store."""
+        ...
+
     def key_history(self, account_id: str) -> list[str]:
         """Ids of every key the account ever had, revoked ones included (their usage is still billed)."""
         ...
 
     # usage
     def add_usage(self, deltas: Mapping[UsageKey, UsageCounter], debits: Mapping[str, int] | None = None,
-                  flush_id: str | None = None) -> None:
+                  flush_id: str | None = None, owners: Mapping[str, str] | None = None) -> None:
         """Add per-worker deltas to the totals and to each key's budget-window spend, and debit credit-funded
         accounts' balances (`debits`: account id -> micro-dollars), all in one step. A `flush_id` (a UUID) makes
-        the step once-only: retried after a lost connection, a flush that did commit changes nothing more."""
+        the step once-only: retried after a lost connection, a flush that did commit changes nothing more.
+        `owners` (key id -> account id) adds each key's cost to its account's budget-window spend too (a plan's
+        budget binds the account)."""
         ...
 
-    def window_spend(self, key_id: str, window: str, start: int) -> int: ...
+    def window_spend(self, owner_id: str, window: str, start: int) -> int:
+        """Micro-dollars spent in the budget window that began at `start` by a key (its id) or an account (its
+        id, the sum over its keys)."""
+        ...
+
     def usage(self, key_ids: Iterable[str], start: int = 0, end: int | None = None) -> Iterator[UsageRow]: ...
 
     # data lifecycle (privacy/): anonymous aggregates and erasure

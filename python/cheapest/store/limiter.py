@@ -1,8 +1,9 @@
 """The rate limiter the gateway admits requests through: the `Limiter` protocol and the configured one.
 
 Two implementations, chosen by configuration (`limiter_url`):
-  - the core's shared-memory GCRA table (`cheapest_core.RateLimiter`, `<data>/ratelimit.bin`): every worker of
-    ONE host, no server; the default.
+  - the core's shared-memory GCRA table (`cheapest_core.RateLimiter`, `<data>/ratelimit-v2.bin`): every worker
+    of ONE host, no server; the default. A table whose every slot holds a live limit refuses a new name with
+    `RateLimiterFull` (the gateway answers 503).
   - `RedisLimiter` (store/redis/limiter.py): the same GCRA in one Lua script per decision on Redis's clock, so
     every worker of every host shares each limit exactly.
 
@@ -19,7 +20,6 @@ under a microsecond). Adjustments change no decision and are never awaited: they
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Protocol
 
 from cheapest_core import RateLimiter
@@ -62,6 +62,11 @@ class Limiter(Protocol):
         tokens really used. Not awaited: it may be applied a moment later."""
         ...
 
+    def forget(self, keys: list[str], /) -> None:
+        """Drop these limits (a revoked key's, a deleted account's): their state and the room they take. Not
+        awaited; callable from any thread."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -80,6 +85,10 @@ class SharedMemoryLimiter:
     def adjust(self, key: str, limit: int, period: float, delta: int, /) -> None:
         self.table.adjust(key, limit, period, delta)
 
+    def forget(self, keys: list[str], /) -> None:
+        for key in keys:
+            self.table.forget(key)
+
     def close(self) -> None:
         pass
 
@@ -87,7 +96,7 @@ class SharedMemoryLimiter:
 def open_configured_limiter(settings: StoreSettings) -> Limiter:
     """The host's shared-memory table, or Redis (falling back to that table while Redis is unreachable) when
     `limiter_url` is set. Call inside the worker process."""
-    table = RateLimiter(str(Path(settings.data_path) / "ratelimit.bin"), settings.ratelimit_capacity)
+    table = RateLimiter(str(settings.ratelimit_path), settings.ratelimit_capacity)
     if not settings.limiter_url:
         return SharedMemoryLimiter(table)
     from cheapest.store.redis.limiter import RedisLimiter

@@ -2,7 +2,10 @@
 
 Nothing here stores card data or any Stripe object verbatim: only the few fields named in the Structs below.
 Subscription state is a set of last-writer-wins registers (`SubscriptionState.merged`), so webhooks applied in
-any order and any number of times converge on the same state; every backend stores the merged value.
+any order and any number of times converge on the same state; every backend stores the merged value, one per
+subscription. An account may hold several subscriptions (a plan changed by buying another, an old one still
+winding down): its plan and standing are derived from all of them (`governing`), never merged into one record,
+so a late event of one subscription cannot overwrite another's facts.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from cheapest.vocabulary import DAY
 
 __all__ = [
     "ChainClaim", "ClaimOutcome", "EventOutcome", "EventRecord", "JournalEntry", "PaymentEvent", "SubscriptionState",
-    "SubscriptionView", "TransferClaim", "credit_entry", "status_rank",
+    "SubscriptionView", "TransferClaim", "credit_entry", "governing", "status_rank",
 ]
 
 # Ties between two facts stamped in the same second are broken by this rank so
@@ -25,6 +28,14 @@ _STATUS_RANK = {
     "incomplete": 0, "trialing": 1, "active": 2, "past_due": 3, "paused": 4, "unpaid": 5,
     "incomplete_expired": 6, "canceled": 7,
 }
+
+
+# A subscription in one of these states never leaves it (Stripe makes a new subscription instead), so a status
+# register holding one keeps it whatever a later-stamped event says (a payment failure of its last invoice).
+_TERMINAL = frozenset({"canceled", "incomplete_expired"})
+# How well a subscription keeps its account in standing: the account follows its best subscription.
+_STANDING = {"active": 0, "trialing": 0, "past_due": 1, "incomplete": 2, "paused": 3, "unpaid": 4,
+             "incomplete_expired": 5, "canceled": 5}
 
 
 def status_rank(status: str) -> int:
@@ -81,9 +92,16 @@ class SubscriptionState(msgspec.Struct, frozen=True):
         for name, value in updates.items():
             candidate = _Field(value, version, _tie(name, value))
             old = out.get(name)
-            if old is None or candidate.order() > old.order():
+            if old is None or _precedence(name, candidate) > _precedence(name, old):
                 out[name] = candidate
         return SubscriptionState(out)
+
+    def absorb(self, other: SubscriptionState) -> SubscriptionState:
+        """Both states merged (each field's register takes the later fact)."""
+        out = self
+        for name, f in other.fields.items():
+            out = out.merged({name: f.value}, f.version)
+        return out
 
     def view(self) -> SubscriptionView:
         def get(name: str) -> str | int | None:
@@ -173,6 +191,19 @@ class ClaimOutcome(msgspec.Struct, frozen=True):
     credited_micro: int  # credited by this call
     held_by_others: int  # transfers another account had claimed before
     balance_micro: int  # the account's balance afterwards
+
+
+def governing(views: list[SubscriptionView]) -> SubscriptionView | None:
+    """The subscription an account's plan and standing follow: the one in the best standing (active before
+    past due before canceled), the most recently changed among equals. A canceled old plan beside an active new
+    one leaves the account active on the new plan; only when every subscription has lapsed does the account."""
+    if not views:
+        return None
+    return min(views, key=lambda v: (_STANDING.get(v.status or "", 6), -v.updated_at, v.subscription_id or ""))
+
+
+def _precedence(name: str, f: _Field) -> tuple[bool, int, int, str]:
+    return (name == "status" and f.value in _TERMINAL, *f.order())
 
 
 def credit_entry(micro_usd: int, ref: str, kind: str) -> JournalEntry:

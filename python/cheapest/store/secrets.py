@@ -1,11 +1,13 @@
 """The server pepper for key hashing: the configured `key_pepper`, or generated once into <data>/secrets/pepper
-(0600)."""
+(0600, in a 0700 directory)."""
 
 from __future__ import annotations
 
 import os
 import secrets
 from pathlib import Path
+
+from cheapest.privacy.hardening import owner_only_dir
 
 MIN_PEPPER_BYTES = 16
 
@@ -17,7 +19,7 @@ def load_pepper(data_dir: str | Path, configured: str = "") -> bytes:
             raise ValueError(f"key_pepper must be at least {MIN_PEPPER_BYTES} bytes")
         return pepper
     folder = Path(data_dir) / "secrets"
-    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    owner_only_dir(folder)
     path = folder / "pepper"
     try:
         return path.read_bytes()

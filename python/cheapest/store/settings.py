@@ -34,3 +34,15 @@ class StoreSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     @property
     def data_path(self) -> Path:
         return Path(self.data_dir)
+
+    @property
+    def ratelimit_path(self) -> Path:
+        """The host's shared rate-limit table. The name carries the table's format version: a table of an older
+        version is refused by the core, and it held nothing but a few minutes of rate state, so a new file is
+        simply started beside it (`OLD_RATELIMIT_FILES` are removed at start) - no worker ever has to delete a
+        file another one may be opening."""
+        return self.data_path / RATELIMIT_FILE
+
+
+RATELIMIT_FILE = "ratelimit-v2.bin"
+OLD_RATELIMIT_FILES = ("ratelimit.bin",)

@@ -4,7 +4,9 @@ It keeps its own named sub-databases in the store's environment (`LmdbLedger.DAT
 
   pay_events         Stripe event id -> EventRecord      (each event applied once)
   pay_chain_claims   "chain:tx:log"  -> ChainClaim       (each transfer credited once)
-  pay_subscriptions  account id      -> SubscriptionState
+  pay_subscriptions  account id \\0 subscription id -> SubscriptionState (one per subscription; a record
+                     under the bare account id is an older version's merged state, folded in when its
+                     subscription next changes)
   pay_credits        account id      -> credit balance, integer micro-dollars
   pay_journal        account \\0 ref  -> JournalEntry     (payments and credits, by reference)
   pay_links          Stripe customer/subscription id -> account id
@@ -25,9 +27,10 @@ from typing import Protocol
 import lmdb
 import msgspec
 
+from cheapest.store.lmdb.txn import writing
 from cheapest.store.payments import (
     ChainClaim, ClaimOutcome, EventOutcome, EventRecord, JournalEntry, PaymentEvent, SubscriptionState,
-    SubscriptionView, TransferClaim, credit_entry,
+    SubscriptionView, TransferClaim, credit_entry, governing,
 )
 
 __all__ = ["AccountSink", "LmdbLedger"]
@@ -60,7 +63,7 @@ class LmdbLedger:
     def __init__(self, env: lmdb.Environment, accounts: AccountSink) -> None:
         self.env = env
         self.accounts = accounts
-        with env.begin(write=True) as txn:
+        with writing(env) as txn:
             dbs = [env.open_db(name, txn=txn) for name in self.DATABASES]
         self._events, self._claims, self._subs, self._credits, self._journal, self._links = dbs
 
@@ -81,9 +84,13 @@ class LmdbLedger:
         return sorted(out, key=lambda e: (e.at, e.ref))
 
     def subscription(self, account_id: str) -> SubscriptionView | None:
+        """The subscription the account's plan and standing follow (`governing` over all of them)."""
         with self.env.begin() as txn:
-            raw = txn.get(account_id.encode(), db=self._subs)
-        return None if raw is None else _sub_dec.decode(raw).view()
+            return governing([state.view() for state in self._subscriptions(txn, account_id).values()])
+
+    def subscriptions(self, account_id: str) -> list[SubscriptionView]:
+        with self.env.begin() as txn:
+            return [state.view() for state in self._subscriptions(txn, account_id).values()]
 
     def event(self, event_id: str) -> EventRecord | None:
         with self.env.begin() as txn:
@@ -99,20 +106,20 @@ class LmdbLedger:
         return self.record_payment(account_id, credit_entry(micro_usd, ref, kind))
 
     def debit(self, account_id: str, micro_usd: int) -> int:
-        with self.env.begin(write=True) as txn:
+        with writing(self.env) as txn:
             return self.debit_in(txn, account_id, micro_usd)
 
     def record_payment(self, account_id: str, entry: JournalEntry) -> bool:
-        with self.env.begin(write=True) as txn:
+        with writing(self.env) as txn:
             return self._record_payment(txn, account_id, entry)
 
     # -- subscriptions and provider events ------------------------------------------------------------------
     def merge_subscription(self, account_id: str, updates: dict[str, str | int | None], version: int) -> bool:
-        with self.env.begin(write=True) as txn:
+        with writing(self.env) as txn:
             return self._merge_subscription(txn, account_id, updates, version)
 
     def record_payment_event(self, event: PaymentEvent) -> EventOutcome:
-        with self.env.begin(write=True) as txn:
+        with writing(self.env) as txn:
             account = event.account_id
             for provider_id in event.provider_ids:
                 if account is None:
@@ -135,7 +142,7 @@ class LmdbLedger:
 
     def claim_transfers(self, account_id: str, claims: Sequence[TransferClaim]) -> ClaimOutcome:
         credited = others = 0
-        with self.env.begin(write=True) as txn:
+        with writing(self.env) as txn:
             for c in claims:
                 key = claim_key(c.chain_id, c.tx_hash, c.log_index)
                 if txn.put(key, _enc.encode(c.claim), db=self._claims, overwrite=False):
@@ -165,13 +172,14 @@ class LmdbLedger:
         for account in ids:
             for db in (self._subs, self._credits):
                 touched += bool(txn.delete(account, db=db))
-        with txn.cursor(db=self._journal) as cur:
-            for account in ids:
-                prefix = account + b"\0"
-                ok = cur.set_range(prefix)
-                while ok and cur.key().startswith(prefix):
-                    ok = cur.delete()
-                    touched += 1
+        for db in (self._journal, self._subs):
+            with txn.cursor(db=db) as cur:
+                for account in ids:
+                    prefix = account + b"\0"
+                    ok = cur.set_range(prefix)
+                    while ok and cur.key().startswith(prefix):
+                        ok = cur.delete()
+                        touched += 1
         with txn.cursor(db=self._links) as cur:
             for key, value in list(cur):
                 if bytes(value) in ids:
@@ -214,15 +222,41 @@ class LmdbLedger:
             self._add(txn, account_id, entry.micro_usd)
         return True
 
-    def _merge_subscription(self, txn: lmdb.Transaction, account_id: str, updates: dict[str, str | int | None],
+    def _subscriptions(self, txn: lmdb.Transaction[bytes], account_id: str) -> dict[bytes, SubscriptionState]:
+        """The account's subscriptions by their record key (an older version's merged record included)."""
+        out: dict[bytes, SubscriptionState] = {}
+        legacy = txn.get(account_id.encode(), db=self._subs)
+        if legacy is not None:
+            out[account_id.encode()] = _sub_dec.decode(legacy)
+        prefix = account_id.encode() + b"\0"
+        with txn.cursor(db=self._subs) as cur:
+            ok = cur.set_range(prefix)
+            while ok and cur.key().startswith(prefix):
+                out[bytes(cur.key())] = _sub_dec.decode(cur.value())
+                ok = cur.next()
+        return out
+
+    def _merge_subscription(self, txn: lmdb.Transaction[bytes], account_id: str, updates: dict[str, str | int | None],
                             version: int) -> bool:
-        raw = txn.get(account_id.encode(), db=self._subs)
-        old = SubscriptionState() if raw is None else _sub_dec.decode(raw)
+        """Merge facts into the state of the subscription they name, then mirror what all of the account's
+        subscriptions together say into the account record."""
+        states = self._subscriptions(txn, account_id)
+        subscription = updates.get("subscription_id")
+        key = account_id.encode() + b"\0" + (b"" if subscription is None else str(subscription).encode())
+        old = states.get(key, SubscriptionState())
+        legacy = states.get(account_id.encode())
+        if legacy is not None and legacy.view().subscription_id in (None, subscription):
+            old = old.absorb(legacy)  # an older version's record of this subscription: it moves here
+            txn.delete(account_id.encode(), db=self._subs)
+            del states[account_id.encode()]
         new = old.merged(updates, version)
-        if new == old:
+        if new == states.get(key):
             return False
-        txn.put(account_id.encode(), _enc.encode(new), db=self._subs)
-        self.accounts.on_subscription(txn, account_id, new.view())
+        txn.put(key, _enc.encode(new), db=self._subs)
+        states[key] = new
+        view = governing([state.view() for state in states.values()])
+        assert view is not None
+        self.accounts.on_subscription(txn, account_id, view)
         return True
 
     def _linked_account(self, txn: lmdb.Transaction, provider_id: str) -> str | None:

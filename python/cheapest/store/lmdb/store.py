@@ -12,7 +12,8 @@ Sub-databases:
     account_keys   account_id \\0 key_id                -> b""   (listing and pagination in id order)
     usage          key_id \\0 hour(u64 BE) \\0 model      -> UsageCounter
     account_history account_id \\0 key_id               -> b""   (every key ever made: usage of revoked keys)
-    spend          key_id \\0 window \\0 start(u64 BE)     -> cost in micro-dollars (budget windows, all four)
+    spend          owner \\0 window \\0 start(u64 BE)      -> cost in micro-dollars (budget windows, all four);
+                                                          owner: a key id, or an account id (all its keys)
     meta           b"epoch"                           -> u64 BE, bumped by every key/account change
     usage_daily    day(u64 BE) \\0 model                 -> UsageCounter (anonymous: no key or account id)
 
@@ -34,8 +35,9 @@ from pathlib import Path
 import lmdb
 import msgspec
 
-from cheapest.store.base import StoreError, UsageKey
+from cheapest.store.base import LastManagementKey, QuotaExceeded, StoreError, UsageKey
 from cheapest.store.lmdb.ledger import LmdbLedger
+from cheapest.store.lmdb.txn import writing
 from cheapest.store.payments import SubscriptionView
 from cheapest.store.records import AccountRecord, DailyUsage, KeyRecord, UsageCounter, UsageRow
 from cheapest.vocabulary import BUDGET_WINDOWS, DAY, KeyKind, window_start
@@ -43,10 +45,22 @@ from cheapest.vocabulary import BUDGET_WINDOWS, DAY, KeyKind, window_start
 _enc = msgspec.msgpack.Encoder()
 _dec_account = msgspec.msgpack.Decoder(AccountRecord)
 _dec_key = msgspec.msgpack.Decoder(KeyRecord)
+
+
+class _KeyState(msgspec.Struct):
+    """The fields of a stored KeyRecord that say whether it is usable (the rest is skipped when decoding)."""
+
+    kind: str
+    disabled: bool = False
+    expires_at: int | None = None
+
+
+_dec_key_state = msgspec.msgpack.Decoder(_KeyState)
 _dec_usage = msgspec.msgpack.Decoder(UsageCounter)
 _HOUR = struct.Struct(">Q")
 _EPOCH_KEY = b"epoch"
 _dec_int = msgspec.msgpack.Decoder(int)
+_PAGE = 1000  # records per read transaction when listing a whole table
 
 
 def _usage_key(key_id: str, model: str, hour: int) -> bytes:
@@ -56,8 +70,9 @@ def _usage_key(key_id: str, model: str, hour: int) -> bytes:
 class LmdbStore:
     def __init__(self, path: str | os.PathLike[str], map_size: int = 1 << 30) -> None:
         Path(path).mkdir(parents=True, exist_ok=True, mode=0o700)
-        # Room for these tables, the payment ledger's (LmdbLedger.DATABASES) and a few more.
-        self.env = lmdb.open(str(path), map_size=map_size, max_dbs=32, subdir=True, readahead=False)
+        # Room for these tables, the payment ledger's (LmdbLedger.DATABASES) and a few more. `mode`: the
+        # directory 0700, data.mdb and lock.mdb 0600 (LMDB drops the execute bits), whatever the umask.
+        self.env = lmdb.open(str(path), map_size=map_size, max_dbs=32, subdir=True, readahead=False, mode=0o700)
         self._accounts = self.env.open_db(b"accounts")
         self._email = self.env.open_db(b"account_email")
         self._keys = self.env.open_db(b"keys")
@@ -86,7 +101,7 @@ class LmdbStore:
 
     # --- accounts ---------------------------------------------------------------------------------------------
     def create_account(self, account: AccountRecord) -> None:
-        with self.env.begin(write=True) as txn:
+        with writing(self.env) as txn:
             if not txn.put(account.email.lower().encode(), account.id.encode(), db=self._email, overwrite=False):
                 raise StoreError("an account with this email already exists")
             if not txn.put(account.id.encode(), _enc.encode(account), db=self._accounts, overwrite=False):
@@ -105,13 +120,13 @@ class LmdbStore:
         return None if raw is None else _dec_account.decode(raw)
 
     def put_account(self, account: AccountRecord) -> None:
-        with self.env.begin(write=True) as txn:
+        with writing(self.env) as txn:
             txn.put(account.id.encode(), _enc.encode(account), db=self._accounts)
             self.bump_epoch(txn)
 
     def update_account(self, account_id: str, change: Callable[[AccountRecord], AccountRecord]) -> AccountRecord | None:
         """Read-modify-write in ONE write transaction (no lost updates between workers); None if unknown."""
-        with self.env.begin(write=True) as txn:
+        with writing(self.env) as txn:
             raw = txn.get(account_id.encode(), db=self._accounts)
             if raw is None:
                 return None
@@ -123,19 +138,34 @@ class LmdbStore:
         return new
 
     def list_accounts(self) -> Iterator[AccountRecord]:
-        with self.env.begin() as txn:
-            rows = [_dec_account.decode(v) for _, v in txn.cursor(db=self._accounts)]
-        return iter(rows)
+        """Every account, a page per read transaction: memory stays bounded and no reader is held open while the
+        caller works on a page."""
+        after = b""
+        while True:
+            with self.env.begin() as txn, txn.cursor(db=self._accounts) as cur:
+                ok = cur.set_range(after) if after else cur.first()
+                if ok and after and cur.key() == after:
+                    ok = cur.next()
+                page: list[AccountRecord] = []
+                while ok and len(page) < _PAGE:
+                    page.append(_dec_account.decode(cur.value()))
+                    after = bytes(cur.key())
+                    ok = cur.next()
+            yield from page
+            if not ok:
+                return
 
     def count_accounts(self) -> int:
         with self.env.begin() as txn:
             return int(txn.stat(self._accounts)["entries"])
 
     # --- keys -------------------------------------------------------------------------------------------------
-    def create_key(self, key: KeyRecord) -> None:
-        with self.env.begin(write=True) as txn:
+    def create_key(self, key: KeyRecord, max_keys: int | None = None) -> None:
+        with writing(self.env) as txn:
             if txn.get(key.account_id.encode(), db=self._accounts) is None:
                 raise StoreError("unknown account")
+            if max_keys is not None and self._live_keys(txn, key.account_id, stop_at=max_keys) >= max_keys:
+                raise QuotaExceeded(f"the account already has {max_keys} keys")
             if not txn.put(key.hash, key.id.encode(), db=self._hash, overwrite=False):
                 raise StoreError("key hash collision")
             txn.put(key.id.encode(), _enc.encode(key), db=self._keys, overwrite=False)
@@ -156,7 +186,7 @@ class LmdbStore:
 
     def put_key(self, key: KeyRecord) -> None:
         """Replace a key's metadata (name, limits, disabled, expiry); its hash and owner never change."""
-        with self.env.begin(write=True) as txn:
+        with writing(self.env) as txn:
             old = txn.get(key.id.encode(), db=self._keys)
             if old is None:
                 raise StoreError("unknown key")
@@ -170,7 +200,7 @@ class LmdbStore:
                    change: Callable[[KeyRecord], KeyRecord]) -> KeyRecord | None:
         """Read-modify-write of one of `account_id`'s keys in ONE write transaction, so two concurrent PATCHes
         of different fields on different workers both land. None if the key is unknown or not the account's."""
-        with self.env.begin(write=True) as txn:
+        with writing(self.env) as txn:
             raw = txn.get(key_id.encode(), db=self._keys)
             if raw is None:
                 return None
@@ -184,12 +214,15 @@ class LmdbStore:
             self.bump_epoch(txn)
         return new
 
-    def delete_key(self, key_id: str) -> bool:
-        with self.env.begin(write=True) as txn:
+    def delete_key(self, key_id: str, keep_last_management: bool = False) -> bool:
+        with writing(self.env) as txn:
             raw = txn.get(key_id.encode(), db=self._keys)
             if raw is None:
                 return False
             key = _dec_key.decode(raw)
+            if keep_last_management and key.kind == "mk" and not any(
+                    k.id != key_id for k in self._keys_of(txn, key.account_id, "mk", 2)):
+                raise LastManagementKey("this is the account's only management key")
             txn.delete(key.hash, db=self._hash)
             txn.delete(key_id.encode(), db=self._keys)
             txn.delete(key.account_id.encode() + b"\0" + key_id.encode(), db=self._account_keys)
@@ -198,22 +231,60 @@ class LmdbStore:
 
     def list_keys(self, account_id: str, after: str | None = None, limit: int = 100,
                   kind: KeyKind | None = None) -> list[KeyRecord]:
+        with self.env.begin() as txn:
+            return list(self._keys_of(txn, account_id, kind, limit, after))
+
+    def count_keys(self, account_id: str, kind: KeyKind | None, now: float) -> tuple[int, int]:
+        """One read transaction over the account's index, decoding only what usability needs."""
+        total = usable = 0
         prefix = account_id.encode() + b"\0"
-        out: list[KeyRecord] = []
         with self.env.begin() as txn:
             cur = txn.cursor(db=self._account_keys)
-            start = prefix + (after.encode() + b"\0" if after else b"")
-            if not cur.set_range(start):
-                return out
+            if not cur.set_range(prefix):
+                return 0, 0
             for k in cur.iternext(values=False):
-                if not k.startswith(prefix) or len(out) >= limit:
+                if not k.startswith(prefix):
                     break
                 raw = txn.get(k[len(prefix):], db=self._keys)
-                if raw is not None:
-                    key = _dec_key.decode(raw)
-                    if kind is None or key.kind == kind:
-                        out.append(key)
-        return out
+                if raw is None:
+                    continue
+                state = _dec_key_state.decode(raw)
+                if kind is None or state.kind == kind:
+                    total += 1
+                    usable += not state.disabled and (state.expires_at is None or now < state.expires_at)
+        return total, usable
+
+    def _keys_of(self, txn: lmdb.Transaction[bytes], account_id: str, kind: KeyKind | None, limit: int,
+                 after: str | None = None) -> Iterator[KeyRecord]:
+        """The account's live keys (of `kind`) in id order after `after`, at most `limit`."""
+        prefix = account_id.encode() + b"\0"
+        cur = txn.cursor(db=self._account_keys)
+        if limit <= 0 or not cur.set_range(prefix + (after.encode() + b"\0" if after else b"")):
+            return
+        n = 0
+        for k in cur.iternext(values=False):
+            if not k.startswith(prefix):
+                return
+            raw = txn.get(k[len(prefix):], db=self._keys)
+            if raw is not None:
+                key = _dec_key.decode(raw)
+                if kind is None or key.kind == kind:
+                    yield key
+                    n += 1
+                    if n >= limit:
+                        return
+
+    def _live_keys(self, txn: lmdb.Transaction[bytes], account_id: str, stop_at: int) -> int:
+        """How many live keys the account has, counting no further than `stop_at` (the index alone, no decode)."""
+        prefix = account_id.encode() + b"\0"
+        cur = txn.cursor(db=self._account_keys)
+        n = 0
+        if cur.set_range(prefix):
+            for k in cur.iternext(values=False):
+                if not k.startswith(prefix) or n >= stop_at:
+                    break
+                n += 1
+        return n
 
     def key_history(self, account_id: str) -> list[str]:
         """Ids of every key the account ever had, revoked ones included (their usage is still billed)."""
@@ -226,13 +297,14 @@ class LmdbStore:
 
     # --- usage ------------------------------------------------------------------------------------------------
     def add_usage(self, deltas: Mapping[UsageKey, UsageCounter], debits: Mapping[str, int] | None = None,
-                  flush_id: str | None = None) -> None:
-        """Add per-worker deltas to the stored totals, the budget-window spend of each key, and debit the
-        credit-funded accounts' balances, all in ONE write transaction (exact across workers). `flush_id` is not
-        needed here: a local commit either happened or raised."""
+                  flush_id: str | None = None, owners: Mapping[str, str] | None = None) -> None:
+        """Add per-worker deltas to the stored totals, the budget-window spend of each key (and of its account,
+        when `owners` names it), and debit the credit-funded accounts' balances, all in ONE write transaction
+        (exact across workers). `flush_id` is not needed here: a local commit either happened or raised."""
         if not deltas and not debits:
             return
-        with self.env.begin(write=True) as txn:
+        owners = owners or {}
+        with writing(self.env) as txn:
             for (key_id, model, hour), delta in deltas.items():
                 k = _usage_key(key_id, model, hour)
                 raw = txn.get(k, db=self._usage)
@@ -241,25 +313,28 @@ class LmdbStore:
                 txn.put(k, _enc.encode(total), db=self._usage)
                 if delta.cost_micro:
                     self._add_spend(txn, key_id, hour, delta.cost_micro)
+                    account_id = owners.get(key_id)
+                    if account_id is not None:
+                        self._add_spend(txn, account_id, hour, delta.cost_micro)
             for account_id, micro in (debits or {}).items():
                 if micro:
                     self.ledger.debit_in(txn, account_id, micro)
 
-    def _add_spend(self, txn: lmdb.Transaction, key_id: str, hour: int, micro: int) -> None:
+    def _add_spend(self, txn: lmdb.Transaction, owner_id: str, hour: int, micro: int) -> None:
         # Every window is a whole number of hours and epoch-aligned, so an hourly delta falls in exactly one
         # window of each length. All four are kept, so changing a key's window later starts from exact spend.
         for window, length in BUDGET_WINDOWS.items():
             start = window_start(window, hour)
-            k = _spend_key(key_id, window, start)
+            k = _spend_key(owner_id, window, start)
             raw = txn.get(k, db=self._spend)
             if raw is None and start >= length:  # a new window: the one before it is over, drop it
-                txn.delete(_spend_key(key_id, window, start - length), db=self._spend)
+                txn.delete(_spend_key(owner_id, window, start - length), db=self._spend)
             txn.put(k, _enc.encode((0 if raw is None else _dec_int.decode(raw)) + micro), db=self._spend)
 
-    def window_spend(self, key_id: str, window: str, start: int) -> int:
-        """Micro-dollars a key spent in the budget window that began at `start` (flushed usage only)."""
+    def window_spend(self, owner_id: str, window: str, start: int) -> int:
+        """Micro-dollars a key or an account spent in the budget window that began at `start` (flushed usage)."""
         with self.env.begin(db=self._spend) as txn:
-            raw = txn.get(_spend_key(key_id, window, start))
+            raw = txn.get(_spend_key(owner_id, window, start))
         return 0 if raw is None else _dec_int.decode(raw)
 
     def usage(self, key_ids: Iterable[str], start: int = 0, end: int | None = None) -> Iterator[UsageRow]:
@@ -311,7 +386,7 @@ class LmdbStore:
         account ids. Write transactions of at most `batch` rows keep other workers' flushes from waiting long."""
         moved, start = 0, b""
         while True:
-            with self.env.begin(write=True) as txn:
+            with writing(self.env) as txn:
                 cur = txn.cursor(db=self._usage)
                 if not (cur.set_range(start) if start else cur.first()):
                     return moved
@@ -340,7 +415,7 @@ class LmdbStore:
         into the anonymous daily aggregates. False if there is no such account."""
         aid = account_id.encode()
         prefix = aid + b"\0"
-        with self.env.begin(write=True) as txn:
+        with writing(self.env) as txn:
             raw = txn.get(aid, db=self._accounts)
             if raw is None:
                 return False
@@ -352,8 +427,8 @@ class LmdbStore:
                     while ok and cur.key().startswith(prefix):
                         key_ids.add(cur.key()[len(prefix):])
                         ok = cur.delete() and bool(cur.key())
-            for kid in sorted(key_ids):
-                key_raw = txn.get(kid, db=self._keys)
+            for kid in sorted(key_ids | {aid}):  # the account's own budget spend goes with its keys'
+                key_raw = None if kid == aid else txn.get(kid, db=self._keys)
                 if key_raw is not None:
                     txn.delete(_dec_key.decode(key_raw).hash, db=self._hash)
                     txn.delete(kid, db=self._keys)
@@ -374,8 +449,8 @@ class LmdbStore:
         return True
 
 
-def _spend_key(key_id: str, window: str, start: int) -> bytes:
-    return key_id.encode() + b"\0" + window.encode() + b"\0" + _HOUR.pack(start)
+def _spend_key(owner_id: str, window: str, start: int) -> bytes:
+    return owner_id.encode() + b"\0" + window.encode() + b"\0" + _HOUR.pack(start)
 
 
 class AccountMirror:

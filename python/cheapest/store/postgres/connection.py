@@ -19,7 +19,7 @@ import psycopg
 from psycopg import errors
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from cheapest.store.base import StoreUnavailable
+from cheapest.store.base import StoreFull, StoreUnavailable
 
 log = logging.getLogger("cheapest.store")
 
@@ -66,13 +66,19 @@ class Database:
                     if not transaction:
                         try:
                             return work(conn)
+                        except errors.DiskFull:
+                            raise
                         except psycopg.OperationalError as exc:
                             raise _BeforeCommit() from exc
                     with conn.transaction():
                         try:
                             return work(conn)
+                        except errors.DiskFull:
+                            raise
                         except psycopg.OperationalError as exc:
                             raise _BeforeCommit() from exc
+            except errors.DiskFull:  # nothing was committed; retrying cannot help until the operator acts
+                raise StoreFull("the PostgreSQL store's disk is full") from None
             except _CONFLICTS:
                 time.sleep(0.002 * (attempt + 1))
             except _BeforeCommit as exc:

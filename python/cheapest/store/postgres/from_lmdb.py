@@ -84,8 +84,9 @@ def copy_from_lmdb(src: LmdbStore, dst: PostgresStore) -> MigrateReport:
         ("pay_chain_claims", "INSERT INTO pay_chain_claims (chain_id, tx_hash, log_index, account_id, amount_units, "
                              "sender, block_number, claimed_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
          lambda: (_claim_row(k, msgspec.msgpack.decode(v, type=ChainClaim)) for k, v in _records(src, ledger._claims))),
-        ("pay_subscriptions", "INSERT INTO pay_subscriptions (account_id, state) VALUES (%s, %s)",
-         lambda: ((k.decode(), json_encoder.encode(msgspec.msgpack.decode(v, type=SubscriptionState)).decode())
+        ("pay_subscriptions", "INSERT INTO pay_subscriptions (account_id, subscription_id, state) VALUES (%s, %s, %s)",
+         lambda: ((*(p.decode() for p in (k.split(b"\0", 1) + [b""])[:2]),
+                   json_encoder.encode(msgspec.msgpack.decode(v, type=SubscriptionState)).decode())
                   for k, v in _records(src, ledger._subs))),
         ("pay_balances", "INSERT INTO pay_balances (account_id, micro) VALUES (%s, %s)",
          lambda: ((k.decode(), _int.decode(v)) for k, v in _records(src, ledger._credits))),

@@ -24,7 +24,7 @@ import msgspec
 
 from cheapest.store.payments import (
     ChainClaim, ClaimOutcome, EventOutcome, EventRecord, JournalEntry, PaymentEvent, SubscriptionState,
-    SubscriptionView, TransferClaim, credit_entry,
+    SubscriptionView, TransferClaim, credit_entry, governing,
 )
 from cheapest.store.postgres.connection import Conn
 from cheapest.store.postgres.rows import ACCOUNT, account_of
@@ -52,9 +52,11 @@ class PostgresLedger:
         return [JournalEntry(*r) for r in rows]
 
     def subscription(self, account_id: str) -> SubscriptionView | None:
-        row = self.db.read(lambda c: c.execute("SELECT state FROM pay_subscriptions WHERE account_id = %s",
-                                               (account_id,)).fetchone())
-        return None if row is None else msgspec.convert(row[0], SubscriptionState).view()
+        """The subscription the account's plan and standing follow (`governing` over all of them)."""
+        return governing(self.subscriptions(account_id))
+
+    def subscriptions(self, account_id: str) -> list[SubscriptionView]:
+        return [state.view() for state in self.db.read(lambda c: self._subscriptions(c, account_id)).values()]
 
     def event(self, event_id: str) -> EventRecord | None:
         row = self.db.read(lambda c: c.execute(
@@ -182,24 +184,41 @@ class PostgresLedger:
             self.add_in(conn, [(account_id, entry.micro_usd)])
         return True
 
+    @staticmethod
+    def _subscriptions(conn: Conn, account_id: str, lock: bool = False) -> dict[str, SubscriptionState]:
+        """The account's subscriptions by id ('' for a first-schema row holding a merged state)."""
+        rows: Any = conn.execute("SELECT subscription_id, state FROM pay_subscriptions WHERE account_id = %s "
+                                 "ORDER BY subscription_id" + (" FOR UPDATE" if lock else ""), (account_id,)).fetchall()
+        return {r[0]: msgspec.convert(r[1], SubscriptionState) for r in rows}
+
     def _merge_subscription(self, tx: Changes, account_id: str, updates: dict[str, str | int | None],
                             version: int) -> bool:
+        """Merge facts into the state of the subscription they name, then mirror what all of the account's
+        subscriptions together say into the account record."""
         if not updates:
             return False  # an event stating no subscription fact (a one-off payment): nothing to merge
         conn = tx.conn
         # Lock order everywhere: the account's row, then its ledger rows, the epoch last.
         conn.execute("SELECT 1 FROM accounts WHERE id = %s FOR UPDATE", (account_id,))
-        conn.execute("INSERT INTO pay_subscriptions (account_id, state) VALUES (%s, '{}') ON CONFLICT DO NOTHING",
-                     (account_id,))
-        row: Any = conn.execute("SELECT state FROM pay_subscriptions WHERE account_id = %s FOR UPDATE",
-                                (account_id,)).fetchone()
-        old = msgspec.convert(row[0], SubscriptionState)
+        states = self._subscriptions(conn, account_id, lock=True)
+        subscription = updates.get("subscription_id")
+        sub = "" if subscription is None else str(subscription)
+        old = states.get(sub, SubscriptionState())
+        legacy = states.get("")
+        if sub and legacy is not None and legacy.view().subscription_id in (None, sub):
+            old = old.absorb(legacy)  # a first-schema record of this subscription: it moves here
+            conn.execute("DELETE FROM pay_subscriptions WHERE account_id = %s AND subscription_id = ''", (account_id,))
+            del states[""]
         new = old.merged(updates, version)
-        if new == old:
+        if new == states.get(sub):
             return False
-        conn.execute("UPDATE pay_subscriptions SET state = %s WHERE account_id = %s",
-                     (_json.encode(new).decode(), account_id))
-        self._mirror(tx, account_id, new.view())
+        conn.execute("INSERT INTO pay_subscriptions (account_id, subscription_id, state) VALUES (%s, %s, %s) "
+                     "ON CONFLICT (account_id, subscription_id) DO UPDATE SET state = excluded.state",
+                     (account_id, sub, _json.encode(new).decode()))
+        states[sub] = new
+        view = governing([state.view() for state in states.values()])
+        assert view is not None
+        self._mirror(tx, account_id, view)
         return True
 
     def _mirror(self, tx: Changes, account_id: str, view: SubscriptionView) -> None:

@@ -22,7 +22,7 @@ from typing import Any, Protocol
 import msgspec
 from psycopg import errors
 
-from cheapest.store.base import StoreError, UsageKey
+from cheapest.store.base import LastManagementKey, QuotaExceeded, StoreError, UsageKey
 from cheapest.store.postgres.connection import Conn, Database
 from cheapest.store.postgres.ledger import PostgresLedger
 from cheapest.store.postgres.rows import (
@@ -33,6 +33,7 @@ from cheapest.store.records import AccountRecord, DailyUsage, KeyRecord, UsageCo
 from cheapest.vocabulary import BUDGET_WINDOWS, DAY, KeyKind, window_start
 
 _COUNTER = "requests, prompt_tokens, completion_tokens, cost_micro"
+_PAGE = 1000  # rows per read when listing a whole table
 _ADD_COUNTER = ", ".join(f"{c} = {{t}}.{c} + excluded.{c}" for c in _COUNTER.split(", "))
 
 
@@ -171,16 +172,29 @@ class PostgresStore:
         tx.bump()
 
     def list_accounts(self) -> Iterator[AccountRecord]:
-        rows = self.db.read(lambda c: c.execute(f"SELECT {ACCOUNT} FROM accounts ORDER BY id").fetchall())
-        return iter([account_of(r) for r in rows])
+        """Every account, a page per query (keyset pagination by id): memory stays bounded."""
+        after = ""
+        while True:
+            rows = self.db.read(lambda c: c.execute(
+                f"SELECT {ACCOUNT} FROM accounts WHERE id > %s ORDER BY id LIMIT %s", (after, _PAGE)).fetchall())
+            page = [account_of(r) for r in rows]
+            yield from page
+            if len(page) < _PAGE:
+                return
+            after = page[-1].id
 
     def count_accounts(self) -> int:
         row = self.db.read(lambda c: c.execute("SELECT count(*) FROM accounts").fetchone())
         return int(row[0]) if row else 0
 
     # --- keys -------------------------------------------------------------------------------------------------
-    def create_key(self, key: KeyRecord) -> None:
+    def create_key(self, key: KeyRecord, max_keys: int | None = None) -> None:
         def work(tx: Changes) -> None:
+            # The account's row first (the one lock order): concurrent creations for it count one at a time.
+            if tx.conn.execute("SELECT 1 FROM accounts WHERE id = %s FOR UPDATE", (key.account_id,)).fetchone() is None:
+                raise StoreError("unknown account")
+            if max_keys is not None and self._live_keys(tx.conn, key.account_id, max_keys) >= max_keys:
+                raise QuotaExceeded(f"the account already has {max_keys} keys")
             try:
                 tx.conn.execute(f"INSERT INTO keys ({KEY}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
                                 key_values(key))
@@ -242,9 +256,18 @@ class PostgresStore:
         result: KeyRecord | None = self.change(work)
         return result
 
-    def delete_key(self, key_id: str) -> bool:
+    def delete_key(self, key_id: str, keep_last_management: bool = False) -> bool:
         def work(tx: Changes) -> bool:
-            if tx.conn.execute("DELETE FROM keys WHERE id = %s RETURNING 1", (key_id,)).fetchone() is None:
+            conn = tx.conn
+            row = conn.execute("SELECT account_id, kind FROM keys WHERE id = %s", (key_id,)).fetchone()
+            if row is None:
+                return False
+            if keep_last_management and row[1] == "mk":
+                conn.execute("SELECT 1 FROM accounts WHERE id = %s FOR UPDATE", (row[0],))  # one revocation at a time
+                if conn.execute("SELECT 1 FROM keys WHERE account_id = %s AND kind = 'mk' AND id <> %s LIMIT 1",
+                                (row[0], key_id)).fetchone() is None:
+                    raise LastManagementKey("this is the account's only management key")
+            if conn.execute("DELETE FROM keys WHERE id = %s RETURNING 1", (key_id,)).fetchone() is None:
                 return False
             tx.bump()
             return True  # usage rows and the key_history entry stay: they are the account's billing history
@@ -258,6 +281,19 @@ class PostgresStore:
             "ORDER BY id LIMIT %s", (account_id, after or "", kind, kind, limit)).fetchall())
         return [key_of(r) for r in rows]
 
+    def count_keys(self, account_id: str, kind: KeyKind | None, now: float) -> tuple[int, int]:
+        row = self.db.read(lambda c: c.execute(
+            "SELECT count(*), count(*) FILTER (WHERE NOT disabled AND (expires_at IS NULL OR expires_at > %s)) "
+            "FROM keys WHERE account_id = %s AND (%s::text IS NULL OR kind = %s)",
+            (now, account_id, kind, kind)).fetchone())
+        return (0, 0) if row is None else (int(row[0]), int(row[1]))
+
+    @staticmethod
+    def _live_keys(conn: Conn, account_id: str, stop_at: int) -> int:
+        row = conn.execute("SELECT count(*) FROM (SELECT 1 FROM keys WHERE account_id = %s LIMIT %s) AS held",
+                           (account_id, stop_at)).fetchone()
+        return 0 if row is None else int(row[0])
+
     def key_history(self, account_id: str) -> list[str]:
         rows = self.db.read(lambda c: c.execute(
             "SELECT key_id FROM key_history WHERE account_id = %s ORDER BY key_id", (account_id,)).fetchall())
@@ -265,10 +301,12 @@ class PostgresStore:
 
     # --- usage ------------------------------------------------------------------------------------------------
     def add_usage(self, deltas: Mapping[UsageKey, UsageCounter], debits: Mapping[str, int] | None = None,
-                  flush_id: str | None = None) -> None:
-        """One transaction: the flush id (once-only), the usage upsert, the budget-window spend (and the end of
-        each key's previous windows), the ledger debits. Rows go in key order: concurrent flushes never
-        deadlock."""
+                  flush_id: str | None = None, owners: Mapping[str, str] | None = None) -> None:
+        """One transaction: the flush id (once-only), the usage upsert, the budget-window spend of each key and,
+        when `owners` names it, of its account (the table's `key_id` column holds either: a plan's budget binds
+        the account), the end of each one's previous windows, the ledger debits. Rows go in key order:
+        concurrent flushes never deadlock."""
+        owners = owners or {}
         debits = {a: m for a, m in (debits or {}).items() if m}
         if not deltas and not debits:
             return
@@ -276,9 +314,11 @@ class PostgresStore:
         spend: dict[tuple[str, str, int], int] = {}
         for key_id, hour, _, c in rows:
             if c.cost_micro:
-                for window in BUDGET_WINDOWS:
-                    at = (key_id, window, window_start(window, hour))
-                    spend[at] = spend.get(at, 0) + c.cost_micro
+                account_id = owners.get(key_id)
+                for owner in (key_id,) if account_id is None else (key_id, account_id):
+                    for window in BUDGET_WINDOWS:
+                        at = (owner, window, window_start(window, hour))
+                        spend[at] = spend.get(at, 0) + c.cost_micro
         spent = sorted(spend.items())
 
         def work(conn: Conn) -> None:
@@ -310,10 +350,10 @@ class PostgresStore:
 
         self.db.write(work)
 
-    def window_spend(self, key_id: str, window: str, start: int) -> int:
+    def window_spend(self, owner_id: str, window: str, start: int) -> int:
         row = self.db.read(lambda c: c.execute(
             "SELECT micro FROM spend WHERE key_id = %s AND window_len = %s AND start = %s",
-            (key_id, window, start)).fetchone())
+            (owner_id, window, start)).fetchone())
         return 0 if row is None else int(row[0])
 
     def usage(self, key_ids: Iterable[str], start: int = 0, end: int | None = None) -> Iterator[UsageRow]:
@@ -365,7 +405,7 @@ class PostgresStore:
                 "SELECT key_id FROM key_history WHERE account_id = %s UNION SELECT id FROM keys WHERE account_id = %s",
                 (account_id, account_id)).fetchall()]
             conn.execute(self._FOLD.format(where="key_id = ANY(%s)"), (ids,))
-            conn.execute("DELETE FROM spend WHERE key_id = ANY(%s)", (ids,))
+            conn.execute("DELETE FROM spend WHERE key_id = ANY(%s)", ([*ids, account_id],))  # the account's own too
             conn.execute("DELETE FROM keys WHERE account_id = %s", (account_id,))
             conn.execute("DELETE FROM key_history WHERE account_id = %s", (account_id,))
             self.ledger.forget_accounts_in(conn, [account_id])

@@ -173,6 +173,15 @@ class RedisLimiter:
         if self._soon is not loop and (self._later is None or self._later.cancelled()):
             self._later = loop.call_later(ADJUST_DELAY, self.flush)
 
+    def forget(self, keys: list[str], /) -> None:
+        """Delete the limits' TATs (and this host's fallback state), now: a revoked key or a deleted account."""
+        for key in keys:
+            self.fallback.forget(key)
+        try:
+            self.link.command("DEL", *(PREFIX + key for key in keys))
+        except ConnectionError:  # unreachable: each TAT expires by itself once it has passed
+            pass
+
     def _ask(self, mode: int, requests: Sequence[LimitRequest]) -> asyncio.Future[Sequence[Decision]]:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Sequence[Decision]] = loop.create_future()
