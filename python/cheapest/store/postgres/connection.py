@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from typing import Any, TypeVar
 
 import psycopg
@@ -62,21 +63,13 @@ class Database:
     def _run(self, work: Callable[[Conn], T], transaction: bool) -> T:
         for attempt in range(_TRIES):
             try:
-                with self.pool.connection() as conn:
-                    if not transaction:
-                        try:
-                            return work(conn)
-                        except errors.DiskFull:
-                            raise
-                        except psycopg.OperationalError as exc:
-                            raise _BeforeCommit() from exc
-                    with conn.transaction():
-                        try:
-                            return work(conn)
-                        except errors.DiskFull:
-                            raise
-                        except psycopg.OperationalError as exc:
-                            raise _BeforeCommit() from exc
+                with self.pool.connection() as conn, conn.transaction() if transaction else nullcontext():
+                    try:
+                        return work(conn)
+                    except errors.DiskFull:
+                        raise
+                    except psycopg.OperationalError as exc:
+                        raise _BeforeCommit() from exc
             except errors.DiskFull:  # nothing was committed; retrying cannot help until the operator acts
                 raise StoreFull("the PostgreSQL store's disk is full") from None
             except _CONFLICTS:
