@@ -53,7 +53,7 @@ def register(subparsers) -> None:
     pull.add_argument("model", nargs="*", help="catalogued models, e.g. gemma-3-270m")
     pull.add_argument("--quiet", action="store_true", help="no progress bars")
     pull.set_defaults(func=_pull)
-    conv = sub.add_parser("convert", help="convert a llama-architecture GGUF into an ONNX model directory")
+    conv = sub.add_parser("convert", help="convert a GGUF (llama, qwen2, qwen3, phi3, gemma3) into an ONNX model directory")
     conv.add_argument("gguf", type=Path)
     conv.add_argument("dir", type=Path)
     conv.add_argument("--accuracy-level", type=int, default=0, choices=(0, 4),
