@@ -76,7 +76,7 @@ def test_usage_flush_lag_and_failures(live: Settings) -> None:
     class FlakyStore:
         fail = True
 
-        def add_usage(self, pending: object, debits: object, flush_id: str | None = None) -> None:
+        def add_usage(self, pending: object, debits: object, flush_id: str | None = None, owners: object = None) -> None:
             if self.fail:
                 raise StoreError("the store refused")
 
