@@ -103,6 +103,9 @@ class FixedEngine:
         self._prompt = body
         return body + "<|im_start|>assistant\n"
 
+    async def grammar_ready(self) -> None:
+        return None
+
     def compile_grammar(self, grammar: str) -> Grammar:
         if llguidance.LLMatcher.validate_grammar(llguidance.LLMatcher.grammar_from_lark(grammar)):
             raise GrammarError("the grammar engine cannot compile this constraint")

@@ -218,19 +218,36 @@ class _HfTokenizer:
         return _TextDiffDecoder(self._tok, skip_special_tokens)
 
 
+class _AddedToken(msgspec.Struct):
+    id: int
+    special: bool = False
+
+
+class _AddedTokens(msgspec.Struct):
+    added_tokens: list[_AddedToken] = []
+
+
 class TextTokenizer:
     """The model's tokenizer for text that must stay text (message content): special tokens typed into it are
     encoded as the characters they are made of, never as the control tokens (`tokenizers`'
-    `encode_special_tokens`). `special_ids`: the ids such text must not produce."""
+    `encode_special_tokens`). `special_ids`: the ids such text must not produce. The second tokenizer is built
+    the first time typed control tokens need it (~25 MiB a model that most workers never spend)."""
 
     def __init__(self, path: Path) -> None:
-        import tokenizers
-
-        self._tok = tokenizers.Tokenizer.from_file(str(path))
-        self._tok.encode_special_tokens = True
-        self.special_ids = frozenset(i for i, t in self._tok.get_added_tokens_decoder().items() if t.special)
+        self._path = path
+        self._tok: Any = None
+        self._lock = threading.Lock()
+        added = msgspec.json.decode(path.read_bytes(), type=_AddedTokens).added_tokens
+        self.special_ids = frozenset(t.id for t in added if t.special)
 
     def encode(self, text: str) -> list[int]:
+        with self._lock:
+            if self._tok is None:
+                import tokenizers
+
+                tok = tokenizers.Tokenizer.from_file(str(self._path))
+                tok.encode_special_tokens = True
+                self._tok = tok
         return list(self._tok.encode(text, add_special_tokens=False).ids)
 
 

@@ -120,8 +120,7 @@ class OnnxEngine:
         self.has_chat_template = chat_template is not None or ChatTemplate.present(spec.tokenizer_config)
         self._text = TextTokenizer(spec.model_dir / TOKENIZER) if self.has_chat_template else None
         self._scheduler = Scheduler(runner, spec.model_id)
-        self._grammars = GrammarCompiler((spec.model_dir / TOKENIZER).read_text(encoding="utf-8"),
-                                         spec.vocab_size, sorted(spec.eos_token_ids))
+        self._grammars = GrammarCompiler(spec.model_dir / TOKENIZER, spec.vocab_size, sorted(spec.eos_token_ids))
         self._eos_token = min(spec.eos_token_ids, default=0)
         self._texts = TokenTexts(lambda token: self._grammars.tokenizer.decode_bytes([token]))
 
@@ -141,6 +140,9 @@ class OnnxEngine:
             # (in the tool format they are message content, kept as text like the rest).
             raise ChatTemplateError("a tool definition or tool call holds a control token's text")
         return prompt
+
+    async def grammar_ready(self) -> None:
+        await self._grammars.ready()
 
     def compile_grammar(self, grammar: str) -> Grammar:
         return self._grammars.compile(grammar)
@@ -202,6 +204,8 @@ class OnnxEngine:
             loop.call_soon_threadsafe(queue.put_nowait, item)  # RuntimeError once the loop is gone: dropped
 
         budget = min(params.max_tokens, self.context_length - len(prompt_ids))
+        if params.logprobs is not None or params.grammar is not None:
+            await self._grammars.ready()  # built on first use; the scheduler thread must not wait for it
         texts = self._texts if params.logprobs is not None else None
         seqs: list[BatchSequence] = []
         try:

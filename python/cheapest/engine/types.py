@@ -103,6 +103,11 @@ class Engine(Protocol):
         prompt of engine/chat.py's tool format."""
         ...
 
+    async def grammar_ready(self) -> None:
+        """Until compile_grammar can run without waiting (the grammar engine's view of the vocabulary is built on
+        first use)."""
+        ...
+
     def compile_grammar(self, grammar: str) -> Grammar:
         """An llguidance grammar (Lark syntax, `%json {schema}` inside) -> a Grammar for SamplingParams.
         Raises GrammarError when it cannot be compiled."""

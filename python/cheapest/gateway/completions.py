@@ -67,6 +67,11 @@ def check_bounds(request: ChatCompletionRequest | CompletionRequest) -> None:
                       code="invalid_value")
 
 
+def needs_grammar(request: ChatCompletionRequest | CompletionRequest) -> bool:
+    """Whether planning the request compiles a grammar: await the engine's `grammar_ready()` first."""
+    return isinstance(request, ChatCompletionRequest) and (request.response_format is not None or bool(request.tools))
+
+
 def invalid(message: str, param: str) -> Refusal:
     return Refusal("invalid_request", message, param=param, code="invalid_value")
 

@@ -118,6 +118,11 @@ def _renamed(refusal: Refusal) -> Refusal:
     return refusal
 
 
+def needs_grammar(request: CountTokensRequest) -> bool:
+    """Whether planning the request compiles a grammar: await the engine's `grammar_ready()` first."""
+    return bool(request.tools) or (request.output_config is not None and request.output_config.format is not None)
+
+
 def message_plan(engine: Engine, request: CountTokensRequest, default_max_tokens: int) -> Plan:
     """The generation a Messages request asks for (a count_tokens request: its prompt alone)."""
     try:

@@ -31,7 +31,7 @@ from cheapest.api.models import Model, ModelList
 from cheapest.engine.types import Delta, Embedder, Engine, Finish, TokenLogprob
 from cheapest.gateway import Admission, Caller, Gateway
 from cheapest.gateway.completions import (
-    Choice, Plan, check_bounds, collect, may_use, plan as plan_of, run, served_model, serving_engine,
+    Choice, Plan, check_bounds, collect, may_use, needs_grammar, plan as plan_of, run, served_model, serving_engine,
 )
 from cheapest.gateway.errors import Refusal
 from cheapest.gateway.tools import ToolCallParser
@@ -65,6 +65,8 @@ async def _complete(state: WorkerState, req: Request, chat: bool) -> Response | 
     engine = serving_engine(state.models, caller, creq.model)
     req.model = engine.model_id
     serving = state.settings.serving
+    if needs_grammar(creq):
+        await engine.grammar_ready()
     plan = plan_of(engine, creq, serving.default_max_tokens, serving.max_choices)
     p = plan.prompt_tokens
     admission = await gateway.admit(caller, engine.model_id, p, plan.params.max_tokens * plan.sequences,

@@ -22,7 +22,7 @@ from cheapest.gateway import Admission, Gateway
 from cheapest.gateway.completions import Plan, collect, serving_engine
 from cheapest.gateway.completions import run as run_plan
 from cheapest.gateway.errors import Refusal
-from cheapest.gateway.messages import message_plan, stop_reason
+from cheapest.gateway.messages import message_plan, needs_grammar, stop_reason
 from cheapest.gateway.tools import ToolCallParser
 from cheapest.server.cancellation import until_disconnected
 from cheapest.server.completions import SSE_HEADERS
@@ -64,6 +64,8 @@ async def count_tokens(state: WorkerState, req: Request) -> Response:
     mreq: CountTokensRequest = await _decode(state, req, _count_decoder)
     engine = serving_engine(state.models, caller, mreq.model)
     req.model = engine.model_id
+    if needs_grammar(mreq):
+        await engine.grammar_ready()
     plan = message_plan(engine, mreq, state.settings.serving.default_max_tokens)
     headers = rate_headers((await state.gateway.admit(caller)).rate)  # standing only; counting is not charged
     return json_response(_encode(TokenCount(plan.prompt_tokens)), headers)
@@ -78,6 +80,8 @@ async def messages(state: WorkerState, req: Request) -> Response | StreamRespons
     req.stream = bool(mreq.stream)
     engine = serving_engine(state.models, caller, mreq.model)
     req.model = engine.model_id
+    if needs_grammar(mreq):
+        await engine.grammar_ready()
     plan = message_plan(engine, mreq, state.settings.serving.default_max_tokens)
     p = plan.prompt_tokens
     admission = await gateway.admit(caller, engine.model_id, p, plan.params.max_tokens, begun=begun)
