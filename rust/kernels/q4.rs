@@ -177,20 +177,11 @@ pub fn silu_mul(gate_up: &[f32], k: usize, out: &mut [f32]) {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{Q4Weights, BLOCK, BLOCK_BYTES};
+    use super::{Q4Format, Q4Weights, BLOCK, BLOCK_BYTES};
     use core::arch::x86_64::*;
     use core::ops::Range;
 
-    const PANEL: usize = 64;
-
-    /// A tile kernel's operands: R weight rows from `n0` times MC rows of x (row stride K) into y (row stride N).
-    #[derive(Clone, Copy)]
-    struct Tile<'w, 'a> {
-        w: &'w Q4Weights<'a>,
-        x: *const f32,
-        y: *mut f32,
-        n0: usize,
-    }
+    type Tile<'w, 'a> = super::super::Tile<'w, 'a, Q4Format<'a>>;
 
     impl Tile<'_, '_> {
         /// Codes, scales, offsets (null without them) and the first block of each of the R rows.
@@ -199,51 +190,6 @@ mod x86 {
             let offsets = w.format.offsets.map_or(core::ptr::null(), <[f32]>::as_ptr);
             (w.codes.as_ptr(), w.scales.as_ptr(), offsets, core::array::from_fn(|r| w.row_base(self.n0 + r)))
         }
-    }
-
-    /// Columns in panels of PANEL weight rows; within a panel, the x rows in chunks of at most MC, and for
-    /// each chunk the panel's rows in groups of R (a single-row tile for the last N % R columns). A panel's
-    /// weights and a chunk of x both stay in cache while they meet (a 500-token prefill re-read all of x from
-    /// L2 for every pair of weight rows without the panels).
-    macro_rules! drive {
-        ($w:expr, $x:expr, $m:expr, $y:expr, $cols:expr, $tile:ident, $r:literal, [$($mc:literal),+]) => {{
-            let (w, x, m, y, cols) = ($w, $x, $m, $y, $cols);
-            let mut panel = cols.start;
-            while panel < cols.end {
-                let panel_end = (panel + PANEL).min(cols.end);
-                let mut mi = 0;
-                while mi < m {
-                    let left = m - mi;
-                    let xp = x.add(mi * w.k);
-                    let yp = y.add(mi * w.n);
-                    let mut n = panel;
-                    let mut done = 0;
-                    while n < panel_end {
-                        let one = n + $r > panel_end;
-                        done = drive!(@pick w, xp, yp, n, one, left, $tile, $r, [$($mc),+]);
-                        n += if one { 1 } else { $r };
-                    }
-                    mi += done;
-                }
-                panel = panel_end;
-            }
-        }};
-        (@pick $w:expr, $xp:expr, $yp:expr, $n:expr, $one:expr, $left:expr, $tile:ident, $r:literal, [$($mc:literal),+]) => {{
-            let mut done = 0;
-            $(
-                if done == 0 && $left >= $mc {
-                    let t = Tile { w: $w, x: $xp, y: $yp, n0: $n };
-                    match ($one, $w.format.offsets.is_some()) {
-                        (false, true) => $tile::<$r, $mc, true>(t),
-                        (false, false) => $tile::<$r, $mc, false>(t),
-                        (true, true) => $tile::<1, $mc, true>(t),
-                        (true, false) => $tile::<1, $mc, false>(t),
-                    }
-                    done = $mc;
-                }
-            )+
-            done
-        }};
     }
 
     pub(super) unsafe fn avx512(w: &Q4Weights, x: *const f32, m: usize, y: *mut f32, cols: Range<usize>) {

@@ -9,6 +9,7 @@
 //! Operators (CPU execution provider):
 //!   Q4Linear      fp32 x times a 4-bit block-quantized weight (kernels::q4), optionally SwiGLU on x first
 //!   Q8LinearInt8  x rounded to int8 per block times an 8-bit weight (kernels::q8): an LM head's scoring pass
+//!   Q8Linear      fp32 x times an 8-bit block-quantized weight (kernels::q8f): Q5_0, Q8_0, Q6_K ... tensors
 //!
 //! Each kernel reads its weights where the session keeps its constant initializers and splits output
 //! columns over `KernelContext_ParallelFor`, i.e. ONNX Runtime's own intra-op pool with the calling thread
@@ -16,8 +17,10 @@
 
 mod q4_linear;
 mod q8_linear;
+mod q8f_linear;
 
 use core::ffi::{c_char, c_int, c_void, CStr};
+use core::ops::Range;
 use core::ptr;
 use std::sync::OnceLock;
 
@@ -31,10 +34,11 @@ use crate::kernels::q4::Isa;
 pub const DOMAIN: &CStr = c"cheapest";
 const API_VERSION: u32 = 17;
 
-static OPS: [&OrtCustomOp; 2] = [&q4_linear::OP, &q8_linear::OP];
+static OPS: [&OrtCustomOp; 3] = [&q4_linear::OP, &q8_linear::OP, &q8f_linear::OP];
 
 const FLOAT: ONNXTensorElementDataType = ONNXTensorElementDataType::ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
 const UINT8: ONNXTensorElementDataType = ONNXTensorElementDataType::ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
+const INT8: ONNXTensorElementDataType = ONNXTensorElementDataType::ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8;
 
 /// The C API table, valid for the life of the process once ONNX Runtime has handed it over.
 #[derive(Clone, Copy)]
@@ -351,6 +355,28 @@ unsafe fn parallel<F: Fn(usize) + Sync>(api: Api, context: *mut OrtKernelContext
     }
     let data = (&task as *const F).cast_mut().cast::<c_void>();
     api.check((api.get().KernelContext_ParallelFor)(context, trampoline::<F>, tasks, 0, data))
+}
+
+/// Output columns per parallel task of an fp32-activation linear, at least: small enough to balance two busy
+/// cores, large enough that the per-task cost (an atomic claim and a call) stays negligible.
+const MIN_CHUNK: usize = 32;
+
+/// y[M, N] computed by `cols(x, y, range)` over disjoint column ranges on the intra-op pool: the split both
+/// fp32-activation linears (Q4Linear, Q8Linear) use.
+unsafe fn split_columns<F: Fn(*const f32, *mut f32, Range<usize>) + Sync>(
+    api: Api,
+    context: *mut OrtKernelContext,
+    x: *const f32,
+    m: usize,
+    n: usize,
+    y: *mut f32,
+    cols: F,
+) -> Result<(), OrtStatusPtr> {
+    // Prompts (many x rows): wider tasks, so each task streams x through its column panels fewer times.
+    let min_chunk = if m > 16 { 8 * MIN_CHUNK } else { MIN_CHUNK };
+    let (chunk, tasks) = column_chunks(n, min_chunk, usize::MAX);
+    let (x, y) = (SharedIn(x), SharedOut(y));
+    parallel(api, context, tasks, move |task| cols(x.ptr(), y.ptr(), task * chunk..((task + 1) * chunk).min(n)))
 }
 
 /// Column ranges for `parallel`: at most `max_tasks` chunks of a multiple of 16 columns, at least `min`.

@@ -12,16 +12,10 @@ use core::ffi::CStr;
 
 use ort_sys::{ONNXTensorElementDataType as T, OrtCustomOp, OrtKernelContext, OrtKernelInfo, OrtStatusPtr};
 
-use super::{
-    attribute, block_weights, FLOAT, UINT8, column_chunks, constant, detect, op, parallel, row_io, Api, Kernel, SharedIn, SharedOut,
-};
+use super::{attribute, block_weights, constant, detect, op, row_io, split_columns, Api, Kernel, FLOAT, UINT8};
 use crate::kernels::q4::{matmul_cols, silu_mul, Isa, Q4Format, Q4Weights};
 
 pub(super) static OP: OrtCustomOp = op::<Q4Linear>();
-
-/// Output columns per parallel task, at least: small enough to balance two busy cores, large enough that
-/// the per-task cost (an atomic claim and a call) stays negligible.
-const MIN_CHUNK: usize = 32;
 
 struct Q4Linear {
     api: Api,
@@ -65,14 +59,8 @@ impl Kernel for Q4Linear {
         } else {
             x
         };
-        // Prompts (many x rows): wider tasks, so each task streams x through its column panels fewer times.
-        let min_chunk = if m > 16 { 8 * MIN_CHUNK } else { MIN_CHUNK };
-        let (chunk, tasks) = column_chunks(n, min_chunk, usize::MAX);
-        let (x, y, weights, isa) = (SharedIn(x), SharedOut(y), &self.weights, self.isa);
-        parallel(self.api, context, tasks, move |task| {
-            let cols = task * chunk..((task + 1) * chunk).min(n);
-            // SAFETY: each task writes its own columns of y; x and y have the sizes row_io checked.
-            unsafe { matmul_cols(weights, x.ptr(), m, y.ptr(), cols, isa) }
-        })
+        let (weights, isa) = (&self.weights, self.isa);
+        // SAFETY: each task writes its own columns of y; x and y have the sizes row_io checked.
+        split_columns(self.api, context, x, m, n, y, move |x, y, cols| unsafe { matmul_cols(weights, x, m, y, cols, isa) })
     }
 }

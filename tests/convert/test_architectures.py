@@ -16,8 +16,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
+from cheapest_core import _cheapest_core
 from fixtures_arch import numpy_forward, write_arch_gguf
 from fixtures_model import assert_fused_logits, collect_generation, graph_feed
 from gguf import GGMLQuantizationType as Q
@@ -76,6 +78,7 @@ def windowed(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
 def _logits(model_dir: Path, graph: str, ids: list[int]) -> np.ndarray:
     so = ort.SessionOptions()
     so.intra_op_num_threads = 2
+    so.register_custom_ops_library(_cheapest_core.__file__)  # model_cpu.onnx's operators
     session = ort.InferenceSession(str(model_dir / "onnx" / graph), so, providers=["CPUExecutionProvider"])
     config = json.loads((model_dir / "config.json").read_text())
     return session.run(["logits"], graph_feed(config, np.array([ids])))[0][0]
@@ -91,6 +94,17 @@ def test_reference_graph_matches_numpy(converted: tuple[str, Path, Path]) -> Non
 def test_fused_graph_matches_numpy(converted: tuple[str, Path, Path]) -> None:
     _, gguf, model_dir = converted
     assert_fused_logits(_logits(model_dir, "model.onnx", PROMPT)[0], numpy_forward(gguf, PROMPT)[-1], FUSED_TOL)
+
+
+def test_cpu_graph_matches_the_fused_graph(converted: tuple[str, Path, Path]) -> None:
+    """model_cpu.onnx (the core's Q4Linear / Q8Linear for every block type they take) gives the portable fused
+    graph's logits to fp32 rounding: the same GGUF weights, summed in another order. No 8-bit linear is left to
+    ONNX Runtime's nibble planes."""
+    _, _, model_dir = converted
+    fused, cpu = (_logits(model_dir, graph, PROMPT)[0] for graph in ("model.onnx", "model_cpu.onnx"))
+    np.testing.assert_allclose(cpu, fused, atol=1e-4 * np.abs(fused).max(), rtol=0)
+    nodes = onnx.load(str(model_dir / "onnx" / "model_cpu.onnx"), load_external_data=False).graph.node
+    assert not [n.name for n in nodes if n.op_type == "Concat" and len(set(n.input)) == 1]
 
 
 @pytest.mark.parametrize("graph", ["model.onnx", "model_fp32.onnx"])

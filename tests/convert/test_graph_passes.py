@@ -1,5 +1,5 @@
-"""graph_passes.cpu_graph on random 4-bit blocks: the core's Q4Linear against ONNX Runtime's MatMulNBits
-subgraph it replaces and against numpy with the dequantized weights (fast).
+"""graph_passes.cpu_graph on random 4- and 8-bit blocks: the core's Q4Linear and Q8Linear against ONNX Runtime's
+MatMulNBits subgraphs they replace and against numpy with the dequantized weights (fast).
 
 Tolerance: fp32 products summed in a different order; 1e-5 of the sum of |w * x| over the row, i.e. a few
 fp32 ulps of the terms, far below the 1e-3 the model-level tests allow.
@@ -91,6 +91,39 @@ def test_q4_linear_matches_matmulnbits_and_numpy(n: int, k: int, q4_1: bool, row
     assert_close(before, want, magnitude)
     # Only initializers the new node reads are left (the MatMulNBits codes, indicator and minimums are gone).
     assert {t.name for t in rewritten.graph.initializer} == set(rewritten.graph.node[0].input[1:])
+
+
+def random_8bit_linear(rng: np.random.Generator, n: int, k: int, block: int, mins: bool) -> BlockLinear:
+    """8-bit codes with zero point 128 (Q5_0, Q8_0, Q6_K's blocks of 16), and block terms like Q5_1 / Q5_K."""
+    nb = k // block
+    codes = rng.integers(0, 256, (n, nb, block), dtype=np.uint8)
+    scales = (rng.random((n, nb), dtype=np.float32) * 0.01).astype(np.float32)
+    terms = (rng.random((n, nb), dtype=np.float32) - 0.5).astype(np.float32) if mins else None
+    return BlockLinear(n, k, 8, codes, scales, np.full((n, nb), 128, np.uint8), terms, block)
+
+
+@pytest.mark.parametrize(("n", "k", "block", "mins"),
+                         [(40, 64, 32, False), (24, 640, 32, False), (16, 2048, 16, False), (12, 96, 16, True),
+                          (48, 640, 32, True)])
+@pytest.mark.parametrize("rows", [(1, 1), (2, 7)])
+def test_q8_linear_replaces_the_nibble_planes(n: int, k: int, block: int, mins: bool, rows: tuple[int, int]) -> None:
+    """The fused graph's two 4-bit planes over [x, x] (and Split/Add, and the block term's products) become one
+    Q8Linear on the 8-bit codes: the same fp32 product as the planes and as numpy."""
+    rng = np.random.default_rng(n * k + block + rows[1])
+    lin = random_8bit_linear(rng, n, k, block, mins)
+    x = rng.standard_normal((*rows, k), dtype=np.float32)
+    before = run(linear_model(lin), x)
+    rewritten = cpu_graph(linear_model(lin))
+    assert ops(rewritten) == ["Q8Linear", "Identity"]
+    node = rewritten.graph.node[0]
+    assert node.domain == CHEAPEST_DOMAIN and {a.name: a.i for a in node.attribute}["block"] == block
+    got = run(rewritten, x)
+    w = lin.dequantize().astype(np.float64)
+    want = x.astype(np.float64) @ w.T
+    magnitude = np.abs(x.astype(np.float64)) @ np.abs(w).T
+    assert_close(got, want, magnitude)
+    assert_close(before, want, magnitude)
+    assert {t.name for t in rewritten.graph.initializer} == set(node.input[1:])
 
 
 def test_swiglu_moves_into_the_down_projection() -> None:

@@ -5,6 +5,11 @@
     Split of the input) plus, for Q4_1, its block minimums (MatMul by the 0/1 block indicator, MatMul by the
     minimums, Add) - by one `cheapest.Q4Linear` on the same codes, scales and minimums, re-laid in the order
     of the core's kernel (rust/kernels/q4.rs: GGUF nibble order, minimums as [N, K/32] offsets);
+  * every 8-bit linear at accuracy_level 0 - the fused graph's two exact 4-bit nibble planes (a Concat of the
+    input with itself, one or more MatMulNBits over it split along K and summed by Add; quant_blocks.py) plus
+    any block term (as for Q4_1) - by one `cheapest.Q8Linear` on the 8-bit codes the planes encode, stored as
+    signed bytes (code - zero point), with their block scales (blocks of 32, or 16 for Q6_K's sub-blocks) and
+    terms (rust/kernels/q8f.rs);
   * SwiGLU feeding such a linear (Split of gate|up, QuickGelu(alpha=1), Mul) by the linear's swiglu=1 input;
   * an 8-bit MatMulNBits at accuracy_level 4 (the LM head's scoring pass: x rounded to int8 per block) by
     `cheapest.Q8LinearInt8`, the same arithmetic with AVX-512 VNNI, on the same codes (shared with the
@@ -16,6 +21,10 @@ a synchronisation of the intra-op pool. The custom operator does a linear in one
 where the session keeps them (no prepacked second copy) and keeps fp32 activations, so the graph computes the
 same GGUF weights to fp32 rounding. Nodes the pass does not recognise are left as they are: the result is
 always a valid graph, just a slower one.
+
+Gemma 3's projections with K=640 cannot be K-quants, so its GGUF stores them as Q5_0 / Q8_0 (and its down
+projections as Q6_K): 144 MatMulNBits nibble planes with their Concat/Split/Add plumbing per decode step before
+the 8-bit rewrite, one Q8Linear per projection after it.
 
 The custom operators are CPU-only; the portable graph (`onnx/model.onnx`) stays what CUDA and other
 providers load.
@@ -130,8 +139,9 @@ def _parts(g: _Graph, q: onnx.NodeProto) -> tuple[str, list[onnx.NodeProto], lis
     return split.input[0], parts, joins, total
 
 
-def _block_minimums(g: _Graph, x: str, y: str, k: int, n: int) -> tuple[np.ndarray, list[onnx.NodeProto], str] | None:
-    """Q4_1's `y + (x @ indicator) @ mins^T`: (offsets [N, K/32], its nodes, the output) or None."""
+def _block_minimums(g: _Graph, x: str, y: str, k: int, n: int, block: int = BLOCK
+                    ) -> tuple[np.ndarray, list[onnx.NodeProto], str] | None:
+    """The block term `y + (x @ indicator) @ mins^T`: (offsets [N, K/block], its nodes, the output) or None."""
     add = g.only_consumer(y)
     if add is None or add.op_type != "Add" or len(add.input) != 2:
         return None
@@ -141,13 +151,13 @@ def _block_minimums(g: _Graph, x: str, y: str, k: int, n: int) -> tuple[np.ndarr
         return None
     sums = g.made_by(by_mins.input[0], "MatMul")
     mins_t = g.array(by_mins.input[1])
-    if sums is None or sums.input[0] != x or mins_t is None or mins_t.shape != (k // BLOCK, n):
+    if sums is None or sums.input[0] != x or mins_t is None or mins_t.shape != (k // block, n):
         return None
     if g.only_consumer(sums.output[0]) is None:
         return None
     indicator = g.array(sums.input[1])
-    expected = np.zeros((k, k // BLOCK), np.float32)
-    expected[np.arange(k), np.arange(k) // BLOCK] = 1.0
+    expected = np.zeros((k, k // block), np.float32)
+    expected[np.arange(k), np.arange(k) // block] = 1.0
     if indicator is None or indicator.shape != expected.shape or not np.array_equal(indicator, expected):
         return None
     return np.ascontiguousarray(mins_t.T.astype(np.float32)), [sums, by_mins, add], add.output[0]
@@ -193,6 +203,68 @@ def _q4_linear(g: _Graph, q: onnx.NodeProto) -> _Rewrite | None:
     inits = [numpy_helper.from_array(_interleave_rows(a, group), f"{base}.q4_{name}") for name, a in arrays.items()]
     node = helper.make_node("Q4Linear", [x, *(t.name for t in inits)], [y], name=base, domain=CHEAPEST_DOMAIN,
                             K=k, N=n, zero_point=zero_point, row_group=group)
+    return _Rewrite(replaced, node, inits)
+
+
+def _unpacked_zero_points(g: _Graph, node: onnx.NodeProto, n: int, blocks: int) -> np.ndarray | None:
+    """A 4-bit MatMulNBits' zero points as uint8 [N, blocks] (8 when the input is absent); None if not constant."""
+    if len(node.input) < 4 or not node.input[3]:
+        return np.full((n, blocks), 8, np.uint8)
+    packed = g.array(node.input[3])
+    if packed is None or packed.dtype != np.uint8 or packed.size != n * ((blocks + 1) // 2):
+        return None
+    return np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(n, -1)[:, :blocks]
+
+
+def _q8_linear(g: _Graph, q: onnx.NodeProto) -> _Rewrite | None:
+    """The nibble planes of one 8-bit linear (q their first MatMulNBits) -> Q8Linear on the 8-bit codes."""
+    a = _attrs(q)
+    block = a.get("block_size")
+    if a.get("bits") != 4 or block not in (16, 32) or a.get("accuracy_level", 0) != 0:
+        return None
+    found = _parts(g, q)
+    concat = None if found is None else g.made_by(found[0], "Concat")
+    if found is None or concat is None or g.only_consumer(concat.output[0]) is None:
+        return None
+    x = concat.input[0]
+    if list(concat.input) != [x, x] or _attrs(concat).get("axis") != -1:
+        return None
+    _, parts, joins, y = found
+    n = int(a["N"])
+    planes, scales, zero_points = [], [], []
+    for part in parts:
+        pa = _attrs(part)
+        blocks = int(pa["K"]) // block
+        b, s = g.array(part.input[1]), g.array(part.input[2])
+        zp = _unpacked_zero_points(g, part, n, blocks)
+        if b is None or s is None or zp is None or (pa.get("bits"), pa.get("block_size"), int(pa["N"])) != (4, block, n):
+            return None
+        if pa.get("accuracy_level", 0) != 0 or len(part.input[1:]) > 3 or len(g.consumers[part.input[1]]) != 1:
+            return None
+        b = b.reshape(n, blocks, block // 2)
+        planes.append(np.stack([b & 0x0F, b >> 4], axis=-1).reshape(n, blocks, block))
+        scales.append(s.reshape(n, blocks).astype(np.float32))
+        zero_points.append(zp)
+    nibbles, scale, zps = (np.concatenate(p, axis=1) for p in (planes, scales, zero_points))
+    nb = nibbles.shape[1] // 2
+    if nibbles.shape[1] != 2 * nb or not np.array_equal(scale[:, nb:], scale[:, :nb] * np.float32(16)):
+        return None  # not the low | high planes of one 8-bit matrix
+    codes = nibbles[:, :nb].astype(np.int16) + 16 * nibbles[:, nb:].astype(np.int16)
+    signed = codes - (zps[:, :nb].astype(np.int16) + 16 * zps[:, nb:].astype(np.int16))[..., None]
+    if signed.min(initial=0) < -128 or signed.max(initial=0) > 127:
+        return None
+    k = nb * block
+    replaced = [concat, *parts, *joins]
+    arrays = {"codes": signed.astype(np.int8), "scales": scale[:, :nb]}
+    minimums = _block_minimums(g, x, y, k, n, block)
+    if minimums is not None:
+        arrays["offsets"], nodes, y = minimums
+        replaced += nodes
+    base = q.name.removesuffix(".0") or y
+    group = ROW_GROUP if n % ROW_GROUP == 0 else 1
+    inits = [numpy_helper.from_array(_interleave_rows(a, group), f"{base}.q8_{name}") for name, a in arrays.items()]
+    node = helper.make_node("Q8Linear", [x, *(t.name for t in inits)], [y], name=base, domain=CHEAPEST_DOMAIN,
+                            K=k, N=n, block=block, row_group=group)
     return _Rewrite(replaced, node, inits)
 
 
@@ -250,7 +322,7 @@ def cpu_graph(model: onnx.ModelProto) -> onnx.ModelProto:
     """Rewrite `model` (the fused graph) in place for the CPU provider and return it."""
     g = _Graph(model.graph)
     rewrites = [r for node in list(model.graph.node) if node.op_type == "MatMulNBits"
-                and (r := _q4_linear(g, node) or _q8_linear_int8(g, node)) is not None]
+                and (r := _q8_linear(g, node) or _q4_linear(g, node) or _q8_linear_int8(g, node)) is not None]
     _apply(model, rewrites)
     g = _Graph(model.graph)
     fused = []
