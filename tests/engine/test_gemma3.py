@@ -17,6 +17,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import tokenizers
+from cheapest_core import _cheapest_core
 from fixtures_model import collect_generation, graph_feed
 
 from cheapest.engine.onnx_engine import load_engine
@@ -47,13 +48,17 @@ def test_greedy_continuation_through_the_engine(gemma3_dir: Path) -> None:
     assert "".join(d.text for d in deltas).startswith(FRANCE_CONTINUATION)
 
 
-def test_fused_logits_match_the_fp32_graph(gemma3_dir: Path) -> None:
+@pytest.mark.parametrize("graph", ["model.onnx", "model_cpu.onnx"])
+def test_fused_logits_match_the_fp32_graph(gemma3_dir: Path, graph: str) -> None:
+    """Both fused graphs: the portable one and the CPU one (the core's Q8Linear on the Q5_0 / Q8_0 / Q6_K
+    projections, Q4Linear on the Q4_K ones)."""
     config = json.loads((gemma3_dir / "config.json").read_text())
     so = ort.SessionOptions()
     so.intra_op_num_threads = 2
+    so.register_custom_ops_library(_cheapest_core.__file__)
     feed = graph_feed(config, np.array([FRANCE_IDS]))
     ref = ort.InferenceSession(str(gemma3_dir / "onnx/model_fp32.onnx"), so).run(["logits"], feed)[0][0, -1]
-    got = ort.InferenceSession(str(gemma3_dir / "onnx/model.onnx"), so).run(["logits"], feed)[0][0, 0]
+    got = ort.InferenceSession(str(gemma3_dir / "onnx" / graph), so).run(["logits"], feed)[0][0, 0]
     top = np.argsort(-ref)[:TOP]
     print(f"top-{TOP} max |fused - fp32| {np.abs(got[top] - ref[top]).max():.2e}, all {np.abs(got - ref).max():.3f}")
     np.testing.assert_allclose(got[top], ref[top], atol=TOP_TOL, rtol=0)
