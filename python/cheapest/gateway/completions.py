@@ -12,12 +12,14 @@ import asyncio
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 
+import msgspec
+
 from cheapest.api.chat import MAX_SEED, ChatCompletionRequest
 from cheapest.api.completions import CompletionRequest
 from cheapest.engine.registry import ServedModels
 from cheapest.engine.types import (
     ContextLengthError, Delta, Embedder, Engine, EngineError, Finish, FinishReason, Grammar, SamplingParams,
-    TokenLogprob,
+    TokenLogprob, is_embedder,
 )
 from cheapest.gateway.admission import Admission, Admissions
 from cheapest.gateway.auth import Caller
@@ -49,7 +51,7 @@ def served_model(models: ServedModels[Engine | Embedder], caller: Caller, model:
 def serving_engine(models: ServedModels[Engine | Embedder], caller: Caller, model: str) -> Engine:
     """The generating engine for `model`; an embedding model is refused (it serves /v1/embeddings)."""
     engine = served_model(models, caller, model)
-    if isinstance(engine, Embedder):
+    if is_embedder(engine):
         raise Refusal("invalid_request", f"The model {engine.model_id} is an embedding model: use /v1/embeddings.",
                       param="model", code="model_not_supported")
     return engine
@@ -267,35 +269,35 @@ async def run(engine: Engine, plan: Plan, admission: Admission) -> AsyncGenerato
     sequences are k*n..k*n+n-1); the admission's completion tokens follow them. Engine failures become
     refusals; closing this generator stops every sequence."""
     counts = [0] * plan.sequences
-    gen = _items(engine, plan)
+    # One prompt: the engine's own generator (its items carry their sequence's index); several: merged.
+    gen = engine.generate(plan.prompts[0], plan.params) if len(plan.prompts) == 1 else _merged(engine, plan)
     try:
-        async for index, item in gen:
-            counts[index] = item.completion_tokens
-            admission.completion_tokens = sum(counts)
-            yield index, item
+        if plan.sequences == 1:
+            async for item in gen:
+                admission.completion_tokens = item.completion_tokens
+                yield 0, item
+        else:
+            async for item in gen:
+                counts[item.index] = item.completion_tokens
+                admission.completion_tokens = sum(counts)
+                yield item.index, item
     except (ContextLengthError, EngineError) as exc:
         raise engine_refusal(exc) from None
     finally:
         await gen.aclose()
 
 
-async def _items(engine: Engine, plan: Plan) -> AsyncGenerator[tuple[int, Delta | Finish], None]:
+async def _merged(engine: Engine, plan: Plan) -> AsyncGenerator[Delta | Finish, None]:
+    """The items of several prompts' generations as they come, each re-indexed: prompt k's sequence i is
+    k*n+i."""
     n = plan.params.n
-    if len(plan.prompts) == 1:
-        gen = engine.generate(plan.prompts[0], plan.params)
-        try:
-            async for item in gen:
-                yield item.index, item
-        finally:
-            await gen.aclose()
-        return
-    queue: asyncio.Queue[tuple[int, Delta | Finish] | BaseException] = asyncio.Queue()
+    queue: asyncio.Queue[Delta | Finish | BaseException] = asyncio.Queue()
 
     async def pump(k: int, ids: list[int]) -> None:
         gen = engine.generate(ids, plan.params)
         try:
             async for item in gen:
-                queue.put_nowait((k * n + item.index, item))
+                queue.put_nowait(msgspec.structs.replace(item, index=k * n + item.index))
         except Exception as exc:  # noqa: BLE001 - handed to the consumer, which raises it
             queue.put_nowait(exc)
         finally:
@@ -309,7 +311,7 @@ async def _items(engine: Engine, plan: Plan) -> AsyncGenerator[tuple[int, Delta 
             if isinstance(got, BaseException):
                 raise got
             yield got
-            if isinstance(got[1], Finish):
+            if isinstance(got, Finish):
                 running -= 1
     finally:
         for task in tasks:

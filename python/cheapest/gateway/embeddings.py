@@ -15,7 +15,7 @@ import numpy as np
 from cheapest.api.embeddings import EmbeddingRequest
 from cheapest.config import ServingSettings
 from cheapest.engine.registry import ServedModels
-from cheapest.engine.types import Embedder, Engine
+from cheapest.engine.types import Embedder, Engine, is_embedder
 from cheapest.gateway.auth import Caller
 from cheapest.gateway.completions import served_model
 from cheapest.gateway.errors import Refusal
@@ -23,7 +23,7 @@ from cheapest.gateway.errors import Refusal
 
 def embedding_engine(models: ServedModels[Engine | Embedder], caller: Caller, model: str) -> Embedder:
     engine = served_model(models, caller, model)
-    if not isinstance(engine, Embedder):
+    if not is_embedder(engine):
         raise Refusal("invalid_request", f"The model {engine.model_id} is not an embedding model: use "
                       "/v1/chat/completions or /v1/completions.", param="model", code="model_not_supported")
     return engine
