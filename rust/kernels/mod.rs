@@ -50,6 +50,71 @@ macro_rules! drive {
 }
 
 
+/// `matmul` and `matmul_cols` for a fp32-activation kernel module whose weight type is `$w` and whose
+/// `portable`, `x86::avx2` and `x86::avx512` compute columns of y.
+macro_rules! fp32_linear_entry_points {
+    ($w:ty) => {
+        /// y[M, N] = x[M, K] · Wᵀ, single-threaded.
+        pub fn matmul(w: &$w, x: &[f32], m: usize, y: &mut [f32], isa: Isa) {
+            assert_eq!(x.len(), m * w.k, "x must be [M, K]");
+            assert_eq!(y.len(), m * w.n, "y must be [M, N]");
+            // SAFETY: the slices have the asserted sizes and all columns 0..N are in range.
+            unsafe { matmul_cols(w, x.as_ptr(), m, y.as_mut_ptr(), 0..w.n, isa) }
+        }
+
+        /// Columns `cols` of y[M, N] = x[M, K] · Wᵀ: threads split N into disjoint column ranges.
+        ///
+        /// # Safety
+        /// `x` points to M*K readable floats, `y` to M*N writable floats, `cols` lies within 0..N, `isa` is
+        /// supported by this CPU, and no other thread writes the same columns of y concurrently.
+        pub unsafe fn matmul_cols(w: &$w, x: *const f32, m: usize, y: *mut f32, cols: Range<usize>, isa: Isa) {
+            debug_assert!(cols.end <= w.n);
+            match isa {
+                Isa::Portable => portable(w, x, m, y, cols),
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx2 => x86::avx2(w, x, m, y, cols),
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx512 => x86::avx512(w, x, m, y, cols),
+            }
+        }
+    };
+}
+
+/// `RowBlocks` for a format struct with `offsets` and `group` fields.
+macro_rules! row_blocks {
+    ($format:ident) => {
+        impl super::RowBlocks for $format<'_> {
+            fn offsets(&self) -> Option<&[f32]> {
+                self.offsets
+            }
+
+            fn group(&self) -> usize {
+                self.group
+            }
+        }
+    };
+}
+
+/// The x86 entry points of a tiled kernel module over its `tile512` / `tile256` (weight type `$w`).
+#[cfg(target_arch = "x86_64")]
+macro_rules! x86_drivers {
+    ($w:ty) => {
+        pub(super) unsafe fn avx512(w: &$w, x: *const f32, m: usize, y: *mut f32, cols: Range<usize>) {
+            if m == 1 {
+                drive!(w, x, m, y, cols, tile512, 8, [1]);
+            } else {
+                // Two weight rows against up to 8 x rows: 16 accumulators + 4 weight registers (12 rows spilled
+                // registers: 1.7x slower prefill), so each dequantized block serves 8 sequences or prompt tokens.
+                drive!(w, x, m, y, cols, tile512, 2, [8, 4, 2, 1]);
+            }
+        }
+
+        pub(super) unsafe fn avx2(w: &$w, x: *const f32, m: usize, y: *mut f32, cols: Range<usize>) {
+            drive!(w, x, m, y, cols, tile256, 4, [2, 1]);
+        }
+    };
+}
+
 pub mod q4;
 pub mod q8;
 pub mod q8f;
@@ -68,21 +133,9 @@ pub struct BlockMatrix<'a, F> {
 }
 
 impl<'a, F> BlockMatrix<'a, F> {
-    /// Checks the sizes: K a positive multiple of 32, N positive, `code_bytes` per block, one scale per block.
-    fn checked(n: usize, k: usize, codes: &'a [u8], scales: &'a [f32], code_bytes: usize, format: F) -> Result<Self, &'static str> {
-        Self::checked_blocks(n, k, BLOCK, codes, scales, code_bytes, format)
-    }
-
-    /// `checked` for blocks of `block` weights (K a positive multiple of 32 all the same).
-    fn checked_blocks(
-        n: usize,
-        k: usize,
-        block: usize,
-        codes: &'a [u8],
-        scales: &'a [f32],
-        code_bytes: usize,
-        format: F,
-    ) -> Result<Self, &'static str> {
+    /// Checks the sizes: K a positive multiple of 32, N positive, blocks of `block` weights (a divisor of 32) of
+    /// `code_bytes` each, one scale per block.
+    fn checked(n: usize, k: usize, block: usize, codes: &'a [u8], scales: &'a [f32], code_bytes: usize, format: F) -> Result<Self, &'static str> {
         if n == 0 || k == 0 || k % BLOCK != 0 || block == 0 || BLOCK % block != 0 {
             return Err("K must be a positive multiple of 32, N positive and the block a divisor of 32");
         }
@@ -117,4 +170,69 @@ struct Tile<'w, 'a, F> {
     x: *const f32,
     y: *mut f32,
     n0: usize,
+}
+
+/// What the tiled kernels read of a format: its per-block additive terms and how many rows' blocks interleave.
+pub trait RowBlocks {
+    fn offsets(&self) -> Option<&[f32]>;
+    fn group(&self) -> usize;
+}
+
+impl<'a, F: RowBlocks> BlockMatrix<'a, F> {
+    /// `checked`, and the format's row group divides N and its offsets (if any) are one per block.
+    fn checked_rows(n: usize, k: usize, block: usize, codes: &'a [u8], scales: &'a [f32], code_bytes: usize, format: F) -> Result<Self, &'static str> {
+        if format.group() == 0 || n % format.group() != 0 {
+            return Err("N must be a multiple of the row group");
+        }
+        if format.offsets().is_some_and(|o| o.len() != scales.len()) {
+            return Err("offsets must hold one value per block, as scales do");
+        }
+        Self::checked(n, k, block, codes, scales, code_bytes, format)
+    }
+
+    /// Index of block (n, 0); block (n, b) is at `first_block(n) + b * group` (G rows' blocks interleaved:
+    /// `((n / G) * K/block + b) * G + n % G`).
+    fn first_block(&self, n: usize) -> usize {
+        let g = self.format.group();
+        (n - n % g) * (self.k / self.block) + n % g
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+impl<F: RowBlocks> Tile<'_, '_, F> {
+    /// Codes, scales, offsets (null without them) and the first block of each of the R rows.
+    fn arrays<const R: usize>(&self) -> (*const u8, *const f32, *const f32, [usize; R]) {
+        let w = self.w;
+        let offsets = w.format.offsets().map_or(core::ptr::null(), <[f32]>::as_ptr);
+        (w.codes.as_ptr(), w.scales.as_ptr(), offsets, core::array::from_fn(|r| w.first_block(self.n0 + r)))
+    }
+}
+
+/// Checks the fp32-activation kernels' tests share.
+#[cfg(test)]
+mod testing {
+    use super::q4::Isa;
+    use core::ops::Range;
+
+    /// `product(isa, y)` on every instruction set this CPU has, against `want` within a few fp32 ulps of the
+    /// magnitude sum `mag` (fp32 summation of K products in another order).
+    pub(super) fn assert_every_isa(want: &[f64], mag: &[f64], case: &str, product: impl Fn(Isa, &mut [f32])) {
+        for isa in Isa::available() {
+            let mut y = vec![f32::NAN; want.len()];
+            product(isa, &mut y);
+            for (i, (got, want)) in y.iter().zip(want).enumerate() {
+                let err = (f64::from(*got) - want).abs();
+                assert!(err <= 1e-6 * mag[i] + 1e-12, "{isa:?} {case} i={i}: {got} vs {want}");
+            }
+        }
+    }
+
+    /// Columns computed in three ranges (`cols(range, y)`, N = 24) equal the whole product (`whole`).
+    pub(super) fn assert_columns_compose(whole: &[f32], cols: impl Fn(Range<usize>, *mut f32)) {
+        let mut parts = vec![0.0; whole.len()];
+        for range in [0..5, 5..16, 16..24] {
+            cols(range, parts.as_mut_ptr());
+        }
+        assert_eq!(whole, parts);
+    }
 }

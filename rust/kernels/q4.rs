@@ -46,33 +46,24 @@ pub struct Q4Format<'a> {
     pub group: usize,
 }
 
+row_blocks!(Q4Format);
+
 /// A borrowed 4-bit weight matrix.
 pub type Q4Weights<'a> = BlockMatrix<'a, Q4Format<'a>>;
 
 impl<'a> Q4Weights<'a> {
     /// `codes`: N * K/2 bytes; `scales` and the format's `offsets`: N * K/32 values; K a multiple of 32.
     pub fn new(n: usize, k: usize, codes: &'a [u8], scales: &'a [f32], format: Q4Format<'a>) -> Result<Self, &'static str> {
-        if format.group == 0 || n % format.group != 0 {
-            return Err("N must be a multiple of the row group");
-        }
-        if format.offsets.is_some_and(|o| o.len() != scales.len()) {
-            return Err("offsets must hold one value per block, as scales do");
-        }
         if format.zero_point > 15 {
             return Err("the zero point of a 4-bit code is at most 15");
         }
-        Self::checked(n, k, codes, scales, BLOCK_BYTES, format)
-    }
-
-    /// Index of block (n, 0); block (n, b) is at `row_base(n) + b * group`.
-    fn row_base(&self, n: usize) -> usize {
-        (n / self.format.group) * (self.k / BLOCK) * self.format.group + n % self.format.group
+        Self::checked_rows(n, k, BLOCK, codes, scales, BLOCK_BYTES, format)
     }
 
     /// The fp32 weight W[n, j] (for tests and the portable path).
     pub fn weight(&self, n: usize, j: usize) -> f32 {
         let (b, i) = (j / BLOCK, j % BLOCK);
-        let block = self.row_base(n) + b * self.format.group;
+        let block = self.first_block(n) + b * self.format.group;
         let byte = self.codes[block * BLOCK_BYTES + i % BLOCK_BYTES];
         let q = if i < BLOCK_BYTES { byte & 0x0F } else { byte >> 4 };
         let offset = self.format.offsets.map_or(0.0, |o| o[block]);
@@ -120,29 +111,7 @@ impl Isa {
     }
 }
 
-/// y[M, N] = x[M, K] · Wᵀ, single-threaded.
-pub fn matmul(w: &Q4Weights, x: &[f32], m: usize, y: &mut [f32], isa: Isa) {
-    assert_eq!(x.len(), m * w.k, "x must be [M, K]");
-    assert_eq!(y.len(), m * w.n, "y must be [M, N]");
-    // SAFETY: the slices have the asserted sizes and all columns 0..N are in range.
-    unsafe { matmul_cols(w, x.as_ptr(), m, y.as_mut_ptr(), 0..w.n, isa) }
-}
-
-/// Columns `cols` of y[M, N] = x[M, K] · Wᵀ: threads split N into disjoint column ranges.
-///
-/// # Safety
-/// `x` points to M*K readable floats, `y` to M*N writable floats, `cols` lies within 0..N, `isa` is
-/// supported by this CPU, and no other thread writes the same columns of y concurrently.
-pub unsafe fn matmul_cols(w: &Q4Weights, x: *const f32, m: usize, y: *mut f32, cols: Range<usize>, isa: Isa) {
-    debug_assert!(cols.end <= w.n);
-    match isa {
-        Isa::Portable => portable(w, x, m, y, cols),
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => x86::avx2(w, x, m, y, cols),
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => x86::avx512(w, x, m, y, cols),
-    }
-}
+fp32_linear_entry_points!(Q4Weights);
 
 unsafe fn portable(w: &Q4Weights, x: *const f32, m: usize, y: *mut f32, cols: Range<usize>) {
     let x = core::slice::from_raw_parts(x, m * w.k);
@@ -183,24 +152,7 @@ mod x86 {
 
     type Tile<'w, 'a> = super::super::Tile<'w, 'a, Q4Format<'a>>;
 
-    impl Tile<'_, '_> {
-        /// Codes, scales, offsets (null without them) and the first block of each of the R rows.
-        fn arrays<const R: usize>(&self) -> (*const u8, *const f32, *const f32, [usize; R]) {
-            let w = self.w;
-            let offsets = w.format.offsets.map_or(core::ptr::null(), <[f32]>::as_ptr);
-            (w.codes.as_ptr(), w.scales.as_ptr(), offsets, core::array::from_fn(|r| w.row_base(self.n0 + r)))
-        }
-    }
-
-    pub(super) unsafe fn avx512(w: &Q4Weights, x: *const f32, m: usize, y: *mut f32, cols: Range<usize>) {
-        if m == 1 {
-            drive!(w, x, m, y, cols, tile512, 8, [1]);
-        } else {
-            // Two weight rows against up to 8 x rows: 16 accumulators + 4 weight registers (12 rows spilled
-            // registers: 1.7x slower prefill), so each dequantized block serves 8 sequences or prompt tokens.
-            drive!(w, x, m, y, cols, tile512, 2, [8, 4, 2, 1]);
-        }
-    }
+    x86_drivers!(Q4Weights);
 
     /// silu(g) * u, 8 at a time, for the whole multiples of 8; returns how many were done. exp is Cephes'
     /// single-precision polynomial (range reduction by ln 2 in two parts, degree-5 polynomial, 2^n by
@@ -234,10 +186,6 @@ mod x86 {
         let p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0)));
         let scale = _mm256_slli_epi32::<23>(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)));
         _mm256_mul_ps(p, _mm256_castsi256_ps(scale))
-    }
-
-    pub(super) unsafe fn avx2(w: &Q4Weights, x: *const f32, m: usize, y: *mut f32, cols: Range<usize>) {
-        drive!(w, x, m, y, cols, tile256, 4, [2, 1]);
     }
 
     #[target_feature(enable = "avx512f")]
@@ -323,6 +271,7 @@ mod x86 {
 
 #[cfg(test)]
 mod tests {
+    use super::super::testing::{assert_columns_compose, assert_every_isa};
     use super::*;
 
     /// A small deterministic generator, so the tests need no extra crate.
@@ -380,15 +329,8 @@ mod tests {
                 for offsets in [Some(c.offsets.as_slice()), None] {
                     let w = Q4Weights::new(n, k, &c.codes, &c.scales, Q4Format { offsets, zero_point: zp, group }).unwrap();
                     let (want, mag) = reference(&w, &x, m);
-                    for isa in Isa::available() {
-                        let mut y = vec![f32::NAN; m * n];
-                        matmul(&w, &x, m, &mut y, isa);
-                        for i in 0..m * n {
-                            let err = (f64::from(y[i]) - want[i]).abs();
-                            // fp32 summation of K products: a few ulps of the magnitude sum.
-                            assert!(err <= 1e-6 * mag[i] + 1e-12, "{isa:?} n={n} k={k} m={m} zp={zp} i={i}: {} vs {}", y[i], want[i]);
-                        }
-                    }
+                    let case = format!("n={n} k={k} m={m} zp={zp}");
+                    assert_every_isa(&want, &mag, &case, |isa, y| matmul(&w, &x, m, y, isa));
                 }
             }
         }
@@ -401,11 +343,8 @@ mod tests {
         let x: Vec<f32> = (0..2 * 64).map(|i| (i as f32 * 0.37).sin()).collect();
         let mut whole = vec![0.0; 2 * 24];
         matmul(&w, &x, 2, &mut whole, Isa::detect());
-        let mut parts = vec![0.0; 2 * 24];
-        for cols in [0..5, 5..16, 16..24] {
-            unsafe { matmul_cols(&w, x.as_ptr(), 2, parts.as_mut_ptr(), cols, Isa::detect()) };
-        }
-        assert_eq!(whole, parts);
+        // SAFETY: x is [2, K] and each range writes its own columns of a [2, N] y.
+        assert_columns_compose(&whole, |cols, y| unsafe { matmul_cols(&w, x.as_ptr(), 2, y, cols, Isa::detect()) });
     }
 
     #[test]

@@ -25,7 +25,7 @@ pub type Q8Weights<'a> = BlockMatrix<'a, ()>;
 
 impl<'a> Q8Weights<'a> {
     pub fn new(n: usize, k: usize, codes: &'a [u8], scales: &'a [f32]) -> Result<Self, &'static str> {
-        Self::checked(n, k, codes, scales, BLOCK, ())
+        Self::checked(n, k, BLOCK, codes, scales, BLOCK, ())
     }
 }
 

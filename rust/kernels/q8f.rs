@@ -35,6 +35,8 @@ pub struct Q8Format<'a> {
     pub group: usize,
 }
 
+row_blocks!(Q8Format);
+
 /// A borrowed 8-bit weight matrix with signed codes (bytes read as i8).
 pub type Q8FWeights<'a> = BlockMatrix<'a, Q8Format<'a>>;
 
@@ -45,19 +47,7 @@ impl<'a> Q8FWeights<'a> {
         if block != 16 && block != 32 {
             return Err("the block must be 16 or 32 weights");
         }
-        if format.group == 0 || n % format.group != 0 {
-            return Err("N must be a multiple of the row group");
-        }
-        if format.offsets.is_some_and(|o| o.len() != scales.len()) {
-            return Err("offsets must hold one value per block, as scales do");
-        }
-        Self::checked_blocks(n, k, block, codes, scales, block, format)
-    }
-
-    /// Index of block (n, 0); block (n, b) is at `first_block(n) + b * group`.
-    fn first_block(&self, n: usize) -> usize {
-        let g = self.format.group;
-        (n - n % g) * (self.k / self.block) + n % g
+        Self::checked_rows(n, k, block, codes, scales, block, format)
     }
 
     /// The fp32 weight W[n, j] (for tests and the portable path).
@@ -68,29 +58,7 @@ impl<'a> Q8FWeights<'a> {
     }
 }
 
-/// y[M, N] = x[M, K] · Wᵀ, single-threaded.
-pub fn matmul(w: &Q8FWeights, x: &[f32], m: usize, y: &mut [f32], isa: Isa) {
-    assert_eq!(x.len(), m * w.k, "x must be [M, K]");
-    assert_eq!(y.len(), m * w.n, "y must be [M, N]");
-    // SAFETY: the slices have the asserted sizes and all columns 0..N are in range.
-    unsafe { matmul_cols(w, x.as_ptr(), m, y.as_mut_ptr(), 0..w.n, isa) }
-}
-
-/// Columns `cols` of y[M, N] = x[M, K] · Wᵀ: threads split N into disjoint column ranges.
-///
-/// # Safety
-/// `x` points to M*K readable floats, `y` to M*N writable floats, `cols` lies within 0..N, `isa` is
-/// supported by this CPU, and no other thread writes the same columns of y concurrently.
-pub unsafe fn matmul_cols(w: &Q8FWeights, x: *const f32, m: usize, y: *mut f32, cols: Range<usize>, isa: Isa) {
-    debug_assert!(cols.end <= w.n);
-    match isa {
-        Isa::Portable => portable(w, x, m, y, cols),
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => x86::avx2(w, x, m, y, cols),
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => x86::avx512(w, x, m, y, cols),
-    }
-}
+fp32_linear_entry_points!(Q8FWeights);
 
 /// Each weight row dequantized once, then applied to every row of x.
 unsafe fn portable(w: &Q8FWeights, x: *const f32, m: usize, y: *mut f32, cols: Range<usize>) {
@@ -114,26 +82,7 @@ mod x86 {
 
     type Tile<'w, 'a> = super::super::Tile<'w, 'a, Q8Format<'a>>;
 
-    impl Tile<'_, '_> {
-        /// Codes (as i8), scales, offsets (null without them) and the first block of each of the R rows.
-        fn arrays<const R: usize>(&self) -> (*const i8, *const f32, *const f32, [usize; R]) {
-            let w = self.w;
-            let offsets = w.format.offsets.map_or(core::ptr::null(), <[f32]>::as_ptr);
-            (w.codes.as_ptr().cast(), w.scales.as_ptr(), offsets, core::array::from_fn(|r| w.first_block(self.n0 + r)))
-        }
-    }
-
-    pub(super) unsafe fn avx512(w: &Q8FWeights, x: *const f32, m: usize, y: *mut f32, cols: Range<usize>) {
-        if m == 1 {
-            drive!(w, x, m, y, cols, tile512, 8, [1]);
-        } else {
-            drive!(w, x, m, y, cols, tile512, 2, [8, 4, 2, 1]);
-        }
-    }
-
-    pub(super) unsafe fn avx2(w: &Q8FWeights, x: *const f32, m: usize, y: *mut f32, cols: Range<usize>) {
-        drive!(w, x, m, y, cols, tile256, 4, [2, 1]);
-    }
+    x86_drivers!(Q8FWeights);
 
     /// The block size as a constant (V vectors of 16 weights per block), so the inner loops unroll.
     #[target_feature(enable = "avx512f")]
@@ -151,6 +100,7 @@ mod x86 {
         let bs = 16 * V;
         let nb = w.k / bs;
         let (codes, scales, offsets, base) = t.arrays::<R>();
+        let codes = codes.cast::<i8>();
         let mut acc = [[_mm512_setzero_ps(); R]; MC];
         for b in 0..nb {
             let mut wv = [[_mm512_setzero_ps(); V]; R];
@@ -186,12 +136,12 @@ mod x86 {
         let bs = w.block;
         let nb = w.k / bs;
         let (codes, scales, offsets, base) = t.arrays::<R>();
+        let codes = codes.cast::<i8>();
         let mut acc = [[_mm256_setzero_ps(); R]; MC];
         for b in 0..nb {
-            for r in 0..R {
-                let block = base[r] + b * w.format.group;
-                let d = _mm256_set1_ps(*scales.add(block));
-                let o = if OFF { _mm256_set1_ps(*offsets.add(block)) } else { _mm256_setzero_ps() };
+            for (r, first) in base.iter().enumerate() {
+                let block = first + b * w.format.group;
+                let (d, o) = (_mm256_set1_ps(*scales.add(block)), _mm256_set1_ps(if OFF { *offsets.add(block) } else { 0.0 }));
                 for part in 0..bs / 8 {
                     let c = _mm256_cvtepi8_epi32(_mm_loadl_epi64(codes.add(block * bs + 8 * part).cast()));
                     let wv = _mm256_fmadd_ps(_mm256_cvtepi32_ps(c), d, o);
@@ -214,6 +164,7 @@ mod x86 {
 
 #[cfg(test)]
 mod tests {
+    use super::super::testing::{assert_columns_compose, assert_every_isa};
     use super::*;
 
     /// Deterministic pseudo-random values without an extra crate.
@@ -254,14 +205,8 @@ mod tests {
                     for offsets in [Some(offs.as_slice()), None] {
                         let w = Q8FWeights::new(n, k, block, &codes, &scales, Q8Format { offsets, group }).unwrap();
                         let (want, mag) = reference(n, k, block, group, &codes, &scales, offsets, &x, m);
-                        for isa in Isa::available() {
-                            let mut y = vec![f32::NAN; m * n];
-                            matmul(&w, &x, m, &mut y, isa);
-                            for i in 0..m * n {
-                                let err = (f64::from(y[i]) - want[i]).abs();
-                                assert!(err <= 1e-6 * mag[i] + 1e-12, "{isa:?} n={n} k={k} m={m} block={block} group={group} i={i}: {} vs {}", y[i], want[i]);
-                            }
-                        }
+                        let case = format!("n={n} k={k} m={m} block={block} group={group}");
+                        assert_every_isa(&want, &mag, &case, |isa, y| matmul(&w, &x, m, y, isa));
                     }
                 }
             }
@@ -277,11 +222,8 @@ mod tests {
         let x: Vec<f32> = (0..2 * k).map(|i| (i as f32 * 0.37).sin()).collect();
         let mut whole = vec![0.0; 2 * n];
         matmul(&w, &x, 2, &mut whole, Isa::detect());
-        let mut parts = vec![0.0; 2 * n];
-        for cols in [0..5, 5..16, 16..24] {
-            unsafe { matmul_cols(&w, x.as_ptr(), 2, parts.as_mut_ptr(), cols, Isa::detect()) };
-        }
-        assert_eq!(whole, parts);
+        // SAFETY: x is [2, K] and each range writes its own columns of a [2, N] y.
+        assert_columns_compose(&whole, |cols, y| unsafe { matmul_cols(&w, x.as_ptr(), 2, y, cols, Isa::detect()) });
     }
 
     #[test]

@@ -71,6 +71,18 @@ def assert_close(got: np.ndarray, want: np.ndarray, magnitude: np.ndarray) -> No
     assert np.all(np.abs(got.astype(np.float64) - want) <= REL_TOL * magnitude + 1e-6)
 
 
+def assert_both_match_numpy(lin: BlockLinear, x: np.ndarray, before: np.ndarray, rewritten: onnx.ModelProto) -> None:
+    """The rewritten one-node graph and the subgraph it replaced (`before`) both give x @ W^T to fp32 rounding, and
+    only initializers the new node reads are left (the MatMulNBits codes, indicator and minimums are gone)."""
+    got = run(rewritten, x)
+    w = lin.dequantize().astype(np.float64)
+    want = x.astype(np.float64) @ w.T
+    magnitude = np.abs(x.astype(np.float64)) @ np.abs(w).T
+    assert_close(got, want, magnitude)
+    assert_close(before, want, magnitude)
+    assert {t.name for t in rewritten.graph.initializer} == set(rewritten.graph.node[0].input[1:])
+
+
 @pytest.mark.parametrize(("n", "k", "q4_1"), [(40, 64, True), (24, 96, False), (72, 1536, True), (16, 32, True), (12, 64, True)])
 @pytest.mark.parametrize("rows", [(1, 1), (1, 5), (3, 1), (2, 7)])
 def test_q4_linear_matches_matmulnbits_and_numpy(n: int, k: int, q4_1: bool, rows: tuple[int, int]) -> None:
@@ -83,14 +95,7 @@ def test_q4_linear_matches_matmulnbits_and_numpy(n: int, k: int, q4_1: bool, row
     assert ops(rewritten) == ["Q4Linear", "Identity"]
     assert rewritten.graph.node[0].domain == CHEAPEST_DOMAIN
     assert {o.domain for o in rewritten.opset_import} >= {CHEAPEST_DOMAIN}
-    got = run(rewritten, x)
-    w = lin.dequantize().astype(np.float64)
-    want = x.astype(np.float64) @ w.T
-    magnitude = np.abs(x.astype(np.float64)) @ np.abs(w).T
-    assert_close(got, want, magnitude)
-    assert_close(before, want, magnitude)
-    # Only initializers the new node reads are left (the MatMulNBits codes, indicator and minimums are gone).
-    assert {t.name for t in rewritten.graph.initializer} == set(rewritten.graph.node[0].input[1:])
+    assert_both_match_numpy(lin, x, before, rewritten)
 
 
 def random_8bit_linear(rng: np.random.Generator, n: int, k: int, block: int, mins: bool) -> BlockLinear:
@@ -117,13 +122,7 @@ def test_q8_linear_replaces_the_nibble_planes(n: int, k: int, block: int, mins: 
     assert ops(rewritten) == ["Q8Linear", "Identity"]
     node = rewritten.graph.node[0]
     assert node.domain == CHEAPEST_DOMAIN and {a.name: a.i for a in node.attribute}["block"] == block
-    got = run(rewritten, x)
-    w = lin.dequantize().astype(np.float64)
-    want = x.astype(np.float64) @ w.T
-    magnitude = np.abs(x.astype(np.float64)) @ np.abs(w).T
-    assert_close(got, want, magnitude)
-    assert_close(before, want, magnitude)
-    assert {t.name for t in rewritten.graph.initializer} == set(node.input[1:])
+    assert_both_match_numpy(lin, x, before, rewritten)
 
 
 def test_swiglu_moves_into_the_down_projection() -> None:
