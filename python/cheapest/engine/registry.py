@@ -153,14 +153,6 @@ class ServedModels(Generic[E]):
     def ready(self) -> list[E]:
         return [slot.engine for slot in self.slots if slot.engine is not None]
 
-    @property
-    def all_ready(self) -> bool:
-        return all(slot.state == "ready" for slot in self.slots)
-
-    @property
-    def any_failed(self) -> bool:
-        return any(slot.state == "failed" for slot in self.slots)
-
     async def close(self) -> None:
         for engine in self.ready():
             await engine.close()

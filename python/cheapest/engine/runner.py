@@ -247,10 +247,6 @@ class SharedBufferKv(KvRunner):
         self.copy(src, dst)
         self.lengths[src] = 0
 
-    @property
-    def cache_bytes(self) -> int:
-        return 2 * self.spec.num_layers * self.max_batch * self._row_bytes
-
 
 class ConcatKv(KvRunner):
     def __init__(self, session: ort.InferenceSession, spec: ModelSpec, max_batch: int) -> None:

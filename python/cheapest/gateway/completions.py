@@ -62,8 +62,8 @@ def may_use(caller: Caller, model: str) -> bool:
 
 
 def check_bounds(request: ChatCompletionRequest | CompletionRequest) -> None:
-    """What the request types cannot say themselves, checked as soon as the body is decoded (before any prompt
-    is rendered): a refusal names the field. (Ranges that fit msgspec's bounds are in the types.)"""
+    """What the request types cannot say themselves, checked by `plan` before any prompt is rendered: a refusal
+    names the field. (Ranges that fit msgspec's bounds are in the types.)"""
     if request.seed is not None and request.seed > MAX_SEED:
         raise Refusal("invalid_request", f"`seed` must be between 0 and {MAX_SEED}.", param="seed",
                       code="invalid_value")
@@ -103,6 +103,7 @@ def plan(engine: Engine, request: ChatCompletionRequest | CompletionRequest, def
          max_choices: int) -> Plan:
     """What the request asks of the engine; every field honoured or refused by name."""
     check_supported(request)
+    check_bounds(request)
     n = request.n or 1
     grammar: Grammar | None = None
     tools = False

@@ -31,7 +31,7 @@ from cheapest.api.models import Model, ModelList
 from cheapest.engine.types import Delta, Embedder, Engine, Finish, TokenLogprob
 from cheapest.gateway import Admission, Caller, Gateway
 from cheapest.gateway.completions import (
-    Choice, Plan, check_bounds, collect, may_use, needs_grammar, plan as plan_of, run, served_model, serving_engine,
+    Choice, Plan, collect, may_use, needs_grammar, plan as plan_of, run, served_model, serving_engine,
 )
 from cheapest.gateway.errors import Refusal
 from cheapest.gateway.tools import ToolCallParser
@@ -60,7 +60,6 @@ async def _complete(state: WorkerState, req: Request, chat: bool) -> Response | 
         creq = (_chat_decoder if chat else _completion_decoder).decode(body)
     except msgspec.DecodeError as exc:
         raise decode_error(exc) from None
-    check_bounds(creq)
     req.stream = bool(creq.stream)
     engine = serving_engine(state.models, caller, creq.model)
     req.model = engine.model_id
