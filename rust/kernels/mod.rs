@@ -117,6 +117,7 @@ macro_rules! x86_drivers {
 
 pub mod q4;
 pub mod q8;
+pub mod q8planes;
 pub mod q8f;
 
 /// A borrowed block-quantized weight matrix W [N, K]: codes, one scale per block of `block` weights along K
