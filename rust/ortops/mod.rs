@@ -10,6 +10,9 @@
 //!   Q4Linear      fp32 x times a 4-bit block-quantized weight (kernels::q4), optionally SwiGLU on x first
 //!   Q8LinearInt8  x rounded to int8 per block times an 8-bit weight (kernels::q8): an LM head's scoring pass
 //!   Q8Linear      fp32 x times an 8-bit block-quantized weight (kernels::q8f): Q5_0, Q8_0, Q6_K ... tensors
+//!   Q8HeadPlanes  a tied 8-bit LM head held as two 4-bit planes (kernels::q8planes): scored from the high
+//!                 plane, every row that could be the argmax recomputed exactly
+//!   Q8GatherPlanes  the embedding lookup on the same planes
 //!
 //! Each kernel reads its weights where the session keeps its constant initializers and splits output
 //! columns over `KernelContext_ParallelFor`, i.e. ONNX Runtime's own intra-op pool with the calling thread
@@ -17,6 +20,7 @@
 
 mod q4_linear;
 mod q8_linear;
+mod q8_planes;
 mod q8f_linear;
 
 use core::ffi::{c_char, c_int, c_void, CStr};
@@ -34,11 +38,12 @@ use crate::kernels::q4::Isa;
 pub const DOMAIN: &CStr = c"cheapest";
 const API_VERSION: u32 = 17;
 
-static OPS: [&OrtCustomOp; 3] = [&q4_linear::OP, &q8_linear::OP, &q8f_linear::OP];
+static OPS: [&OrtCustomOp; 5] = [&q4_linear::OP, &q8_linear::OP, &q8f_linear::OP, &q8_planes::HEAD, &q8_planes::GATHER];
 
 const FLOAT: ONNXTensorElementDataType = ONNXTensorElementDataType::ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
 const UINT8: ONNXTensorElementDataType = ONNXTensorElementDataType::ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
 const INT8: ONNXTensorElementDataType = ONNXTensorElementDataType::ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8;
+const INT64: ONNXTensorElementDataType = ONNXTensorElementDataType::ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64;
 
 /// The C API table, valid for the life of the process once ONNX Runtime has handed it over.
 #[derive(Clone, Copy)]
