@@ -13,8 +13,8 @@ import onnxruntime as ort
 import pytest
 from onnx import helper
 
-from cheapest.convert.graph_builder import FLOAT, MS_DOMAIN, GraphBuilder
-from cheapest.convert.graph_fused import _linear
+from cheapest.convert.graph_builder import FLOAT, INT64, MS_DOMAIN, GraphBuilder
+from cheapest.convert.graph_fused import _embedding_rows, _linear, _lm_head_rescored
 from cheapest.convert.graph_passes import CHEAPEST_DOMAIN, cpu_graph
 from cheapest.engine.loader import session_options
 from cheapest.convert.quant_blocks import BLOCK, BlockLinear
@@ -184,3 +184,52 @@ def test_lm_head_scoring_pass_uses_the_int8_kernel() -> None:
     assert np.all(np.abs(got - exact) <= 0.02 * magnitude)
     assert np.all(np.abs(before - exact) <= 0.02 * magnitude)
     assert np.all(np.abs(got - before) <= 0.01 * magnitude)
+
+
+def rescored_head_model(lin: BlockLinear) -> onnx.ModelProto:
+    """The fused graph's tied 8-bit embedding and rescored LM head: ids -> rows, x -> y."""
+    g = GraphBuilder("tied_head")
+    ids = g.input("ids", INT64, ["batch", "seq"])
+    x = g.input("x", FLOAT, ["batch", 1, lin.k])
+    g.op("Identity", [_embedding_rows(g, ids, lin, lin.k)], output="rows")
+    g.op("Identity", [_lm_head_rescored(g, x, lin, True, lin.k, 0)], output="y")
+    g.output("rows", FLOAT, ["batch", "seq", lin.k])
+    g.output("y", FLOAT, ["batch", 1, lin.n])
+    return g.model()
+
+
+@pytest.mark.parametrize(("n", "k", "winners"), [(300, 96, 0), (1000, 640, 3), (200, 576, 40)])
+def test_tied_8bit_head_reads_two_planes_and_keeps_the_exact_argmax(n: int, k: int, winners: int) -> None:
+    """The rescored head and its embedding's gather become Q8HeadPlanes and Q8GatherPlanes on two 4-bit planes of
+    the same bytes: embedding rows identical; the argmax, its logit and at least 64 rows (the best coarse ones) exact to fp32 rounding;
+    every row left coarse scores below the winner. `winners` rows aligned with x make a clear top (few
+    candidates) or, with none, random rows make a flat one (many)."""
+    rng = np.random.default_rng(n + k + winners)
+    lin = random_8bit_linear(rng, n, k, BLOCK, False)
+    x = rng.standard_normal((3, 1, k), dtype=np.float32)
+    for row in range(winners):
+        lin.codes[row] = np.where(x[row % 3, 0] > 0, 200 + row % 50, 56 - row % 50).reshape(k // BLOCK, BLOCK)
+    ids = rng.integers(0, n, (2, 5), dtype=np.int64)
+    feeds = {"ids": ids, "x": x}
+    session = ort.InferenceSession(rescored_head_model(lin).SerializeToString(), session_options(2))
+    rows_before, before = session.run(["rows", "y"], feeds)
+    rewritten = cpu_graph(rescored_head_model(lin))
+    assert ops(rewritten) == ["Q8GatherPlanes", "Reshape", "Identity", "Q8HeadPlanes", "Identity"]
+    planes = {t.name: onnx.numpy_helper.to_array(t) for t in rewritten.graph.initializer}
+    assert sum(a.nbytes for name, a in planes.items() if name.endswith((".hi", ".lo"))) == lin.codes.nbytes
+    session = ort.InferenceSession(rewritten.SerializeToString(), session_options(2))
+    rows, got = session.run(["rows", "y"], feeds)
+    assert np.array_equal(rows, rows_before)
+    w = lin.dequantize().astype(np.float64)
+    exact = x[:, 0].astype(np.float64) @ w.T
+    magnitude = np.abs(x[:, 0].astype(np.float64)) @ np.abs(w).T
+    got = got[:, 0].astype(np.float64)
+    tol = REL_TOL * magnitude + 1e-6
+    for b in range(3):
+        best = int(np.argmax(got[b]))
+        assert abs(got[b, best] - exact[b, best]) <= tol[b, best]
+        assert exact[b, best] >= exact[b].max() - 2 * tol[b].max()
+        coarse = np.abs(got[b] - exact[b]) > tol[b]
+        assert np.count_nonzero(~coarse) >= min(64, n)
+        assert np.all(got[b, coarse] < got[b, best])
+        assert best == int(np.argmax(before[b, 0])) or abs(exact[b, best] - exact[b].max()) <= 2 * tol[b].max()

@@ -11,7 +11,14 @@
     signed bytes (code - zero point), with their block scales (blocks of 32, or 16 for Q6_K's sub-blocks) and
     terms (rust/kernels/q8f.rs);
   * SwiGLU feeding such a linear (Split of gate|up, QuickGelu(alpha=1), Mul) by the linear's swiglu=1 input;
-  * an 8-bit MatMulNBits at accuracy_level 4 (the LM head's scoring pass: x rounded to int8 per block) by
+  * the 8-bit LM head the fused graph scores with int8 activations and rescores exactly in fp32 (MatMulNBits at
+    accuracy_level 4, TopK, GatherBlockQuantized, MatMul, ScatterElements), with its embedding's
+    GatherBlockQuantized on the same codes, by `cheapest.Q8HeadPlanes` and `cheapest.Q8GatherPlanes` over the
+    codes split into two 4-bit planes (high and low nibbles, the same bytes; rust/kernels/q8planes.rs): the
+    head scores every row from the high plane alone (half the bytes) with a rigorous per-row error bound and
+    recomputes exactly the RESCORE best rows and every row that could still be the argmax, so greedy choices
+    are those of the exact fp32 logits for any input and the rows top-k / top-p read are exact as before;
+  * any other 8-bit MatMulNBits at accuracy_level 4 (an LM head's scoring pass: x rounded to int8 per block) by
     `cheapest.Q8LinearInt8`, the same arithmetic with AVX-512 VNNI, on the same codes (shared with the
     embedding's gather, read in place).
 
@@ -43,6 +50,7 @@ from .graph_builder import MS_DOMAIN
 
 CHEAPEST_DOMAIN = "cheapest"  # rust/ortops: registered by the core's library (engine loader)
 BLOCK = 32
+RESCORE = 64  # rows the head always recomputes exactly (rust/kernels/q8planes.rs)
 ROW_GROUP = 8  # rows whose blocks are interleaved, so a kernel tile reads one stream (rust/kernels/q4.rs)
 
 
@@ -280,6 +288,83 @@ def _q8_linear_int8(g: _Graph, q: onnx.NodeProto) -> _Rewrite | None:
     return _Rewrite([q], node, [])
 
 
+def _one_user(g: _Graph, name: str, op_type: str, first: str | None = None) -> onnx.NodeProto | None:
+    """The only consumer of `name` if it is an `op_type` (whose first input is `first`, when given)."""
+    user = g.only_consumer(name)
+    if user is None or user.op_type != op_type or (first is not None and user.input[0] != first):
+        return None
+    return user
+
+
+def _rescored_head(g: _Graph, q: onnx.NodeProto) -> list[onnx.NodeProto] | None:
+    """The fused graph's rescored LM head around its scoring MatMulNBits `q` (graph_fused._lm_head_rescored):
+    [q, TopK, GatherBlockQuantized, Reshape, Unsqueeze, MatMul, Reshape, ScatterElements], or None."""
+    x, codes, approx = q.input[0], q.input[1], q.output[0]
+    users = sorted(g.consumers.get(approx, []), key=lambda u: u.op_type)
+    if [u.op_type for u in users] != ["ScatterElements", "TopK"]:
+        return None
+    scatter, top_k = users
+    k = g.array(top_k.input[1]) if len(top_k.input) > 1 else None
+    if top_k.input[0] != approx or k is None or int(k.reshape(-1)[0]) > RESCORE or len(top_k.output) < 2:
+        return None
+    top = top_k.output[1]
+    gather = next((u for u in g.consumers.get(top, []) if u.op_type == "GatherBlockQuantized"), None)
+    if gather is None or gather.input[0] != codes or len(g.consumers[top]) != 2:
+        return None
+    rows = _one_user(g, gather.output[0], "Reshape")
+    matmul = None if rows is None else _one_user(g, rows.output[0], "MatMul", rows.output[0])
+    unsqueeze = None if matmul is None else g.made_by(matmul.input[1], "Unsqueeze")
+    exact = None if matmul is None else _one_user(g, matmul.output[0], "Reshape")
+    if rows is None or matmul is None or unsqueeze is None or exact is None or unsqueeze.input[0] != x:
+        return None
+    if list(scatter.input) != [approx, top, exact.output[0]] or _attrs(scatter).get("axis") != -1:
+        return None
+    return [q, top_k, gather, rows, unsqueeze, matmul, exact, scatter]
+
+
+def _embedding_gather(g: _Graph, node: onnx.NodeProto, scales: np.ndarray) -> bool:
+    """Whether `node` gathers rows of the head's codes with the head's scales (no zero points)."""
+    a = _attrs(node)
+    if node.op_type != "GatherBlockQuantized" or len(node.input) != 3 or node.domain != MS_DOMAIN:
+        return False
+    if (a.get("bits"), a.get("block_size"), a.get("gather_axis"), a.get("quantize_axis")) != (8, BLOCK, 0, 2):
+        return False
+    mine = g.array(node.input[2])
+    return mine is not None and mine.size == scales.size and np.array_equal(mine.reshape(scales.shape), scales)
+
+
+def _head_planes(g: _Graph, q: onnx.NodeProto) -> list[_Rewrite] | None:
+    """The rescored 8-bit head and its embedding's gathers -> Q8HeadPlanes and Q8GatherPlanes on two planes."""
+    a = _attrs(q)
+    if a.get("bits") != 8 or a.get("block_size") != BLOCK or a.get("accuracy_level", 0) != 4 or len(q.input) != 3:
+        return None
+    head = _rescored_head(g, q)
+    codes, scales = g.array(q.input[1]), g.array(q.input[2])
+    if head is None or codes is None or scales is None or codes.dtype != np.uint8:
+        return None
+    k, n = int(a["K"]), int(a["N"])
+    scales = scales.reshape(n, k // BLOCK).astype(np.float32)
+    gathers = [u for u in g.consumers[q.input[1]] if u is not q and u is not head[2]]
+    if not all(_embedding_gather(g, u, scales) for u in gathers):
+        return None
+    blocks = codes.reshape(n, k // BLOCK, BLOCK)
+
+    def plane(nibbles: np.ndarray) -> np.ndarray:  # byte j of a block: element j | element j + 16 << 4
+        return (nibbles[..., :16] | (nibbles[..., 16:] << 4)).astype(np.uint8).reshape(-1)
+
+    inits = [numpy_helper.from_array(plane(blocks >> 4), f"{q.input[1]}.hi"),
+             numpy_helper.from_array(plane(blocks & 15), f"{q.input[1]}.lo"),
+             numpy_helper.from_array(scales, f"{q.input[1]}.plane_scales")]
+    weights = [t.name for t in inits]
+    out = [_Rewrite(head, helper.make_node("Q8HeadPlanes", [q.input[0], *weights], list(head[-1].output),
+                                           name=q.name, domain=CHEAPEST_DOMAIN, K=k, N=n), inits)]
+    for gather in gathers:
+        node = helper.make_node("Q8GatherPlanes", [gather.input[1], *weights], list(gather.output),
+                                name=gather.name or gather.output[0], domain=CHEAPEST_DOMAIN, K=k, N=n)
+        out.append(_Rewrite([gather], node, []))
+    return out
+
+
 def _same_data(g: _Graph, name: str) -> str:
     """Another initializer holding the same values (any shape), read by a node other than MatMulNBits, or `name`.
     The tied LM head's scales are the embedding gather's, reshaped."""
@@ -321,8 +406,15 @@ def _swiglu_input(g: _Graph, linear: onnx.NodeProto, k: int) -> tuple[str, list[
 def cpu_graph(model: onnx.ModelProto) -> onnx.ModelProto:
     """Rewrite `model` (the fused graph) in place for the CPU provider and return it."""
     g = _Graph(model.graph)
-    rewrites = [r for node in list(model.graph.node) if node.op_type == "MatMulNBits"
-                and (r := _q8_linear(g, node) or _q4_linear(g, node) or _q8_linear_int8(g, node)) is not None]
+    rewrites: list[_Rewrite] = []
+    for node in list(model.graph.node):
+        if node.op_type != "MatMulNBits":
+            continue
+        planes = _head_planes(g, node)
+        if planes is not None:
+            rewrites += planes
+        elif (r := _q8_linear(g, node) or _q4_linear(g, node) or _q8_linear_int8(g, node)) is not None:
+            rewrites.append(r)
     _apply(model, rewrites)
     g = _Graph(model.graph)
     fused = []
