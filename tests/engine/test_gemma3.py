@@ -28,7 +28,10 @@ pytestmark = pytest.mark.slow
 FRANCE = "The capital of France is"
 FRANCE_IDS = [2, 818, 5279, 529, 7001, 563]  # <bos> The capital of France is
 FRANCE_CONTINUATION = " the capital of the country of France."
-TOP, TOP_TOL, TAIL_TOL = 16, 1e-3, 1.0
+TOP, TOP_TOL = 16, 1e-3
+# The rest of the vocabulary: int8 activations (portable graph) or the high 4-bit plane of the 8-bit head (CPU
+# graph, within 7.5 * sum_b scale_b * |x_b|_1 of exact; ~2.7 seen here).
+TAIL_TOL = {"model.onnx": 1.0, "model_cpu.onnx": 4.0}
 
 
 def test_tokenizer(gemma3_dir: Path) -> None:
@@ -62,7 +65,7 @@ def test_fused_logits_match_the_fp32_graph(gemma3_dir: Path, graph: str) -> None
     top = np.argsort(-ref)[:TOP]
     print(f"top-{TOP} max |fused - fp32| {np.abs(got[top] - ref[top]).max():.2e}, all {np.abs(got - ref).max():.3f}")
     np.testing.assert_allclose(got[top], ref[top], atol=TOP_TOL, rtol=0)
-    assert np.abs(got - ref).max() <= TAIL_TOL
+    assert np.abs(got - ref).max() <= TAIL_TOL[graph]
     assert int(np.argmax(got)) == int(np.argmax(ref))
 
 
