@@ -1,0 +1,144 @@
+//! `cheapest.Q8HeadPlanes` and `cheapest.Q8GatherPlanes`: a tied 8-bit embedding / LM head held as two 4-bit
+//! planes (kernels::q8planes), read by the head's scoring pass and by the embedding lookup.
+//!
+//! Q8HeadPlanes: logits[.., N] for x[.., K]: every row scored from the high plane with a per-row error bound,
+//!   the 64 best and every row whose upper bound reaches their best exact value recomputed exactly in fp32,
+//!   so the argmax is the exact argmax and the best coarse rows are exact.
+//! Q8GatherPlanes: rows[.., K] = W[ids, :] in fp32 (scale * code, the values GatherBlockQuantized gives).
+//!
+//! Inputs:  X float [.., K] (head) or ids int64 [..] (gather), hi uint8 [N * K/2], lo uint8 [N * K/2],
+//!          scales float [N, K/32] (the last three constant initializers, read in place and shared by both).
+//! Attributes: K, N (int).
+//! Output:  float [.., N] (head) or [.., K] (gather).
+
+use core::ffi::{c_void, CStr};
+use core::ptr;
+use core::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+use ort_sys::{ONNXTensorElementDataType as T, OrtCustomOp, OrtKernelContext, OrtKernelInfo, OrtStatusPtr, OrtValue};
+
+use super::{attribute, column_chunks, constant, detect, op, parallel, row_io, shape, Api, Kernel, SharedIn, SharedOut, FLOAT, INT64, UINT8};
+use crate::kernels::q8planes::{block_norms, coarse_cols, exact_cols, exact_pass, Isa, Planes};
+
+pub(super) static HEAD: OrtCustomOp = op::<Q8HeadPlanes>();
+pub(super) static GATHER: OrtCustomOp = op::<Q8GatherPlanes>();
+
+/// Parallel tasks per pass, at most: the vocabulary is wide, so a few dozen chunks balance two cores.
+const MAX_TASKS: usize = 32;
+
+/// The K and N attributes and the two planes and scales (inputs 1-3), checked.
+unsafe fn planes(api: Api, info: *const OrtKernelInfo, op: &str) -> Result<Planes<'static>, OrtStatusPtr> {
+    let (Ok(k), Ok(n)) = (usize::try_from(attribute(api, info, c"K", None)?), usize::try_from(attribute(api, info, c"N", None)?))
+    else {
+        return Err(api.error(&format!("{op}: K and N must be non-negative")));
+    };
+    let missing = || api.error(&format!("{op}: planes and scales must be constant initializers"));
+    let hi = constant::<u8>(api, info, 1, op)?.ok_or_else(missing)?;
+    let lo = constant::<u8>(api, info, 2, op)?.ok_or_else(missing)?;
+    let scales = constant::<f32>(api, info, 3, op)?.ok_or_else(missing)?;
+    Planes::new(n, k, hi, lo, scales).map_err(|e| api.error(&format!("{op} (K={k}, N={n}): {e}")))
+}
+
+struct Q8HeadPlanes {
+    api: Api,
+    weights: Planes<'static>,
+    isa: Isa,
+    /// The upper bounds of the last call, kept so a decode step does not fault in a fresh vocabulary-sized
+    /// buffer (a call that finds it taken allocates its own).
+    upper: Mutex<Vec<f32>>,
+}
+
+impl Kernel for Q8HeadPlanes {
+    const NAME: &'static CStr = c"Q8HeadPlanes";
+    const INPUTS: &'static [T] = &[FLOAT, UINT8, UINT8, FLOAT];
+    const REQUIRED_INPUTS: usize = 4;
+
+    unsafe fn new(api: Api, info: *const OrtKernelInfo) -> Result<Self, OrtStatusPtr> {
+        Ok(Q8HeadPlanes { api, weights: planes(api, info, "Q8HeadPlanes")?, isa: detect(), upper: Mutex::new(Vec::new()) })
+    }
+
+    unsafe fn compute(&self, context: *mut OrtKernelContext) -> Result<(), OrtStatusPtr> {
+        let (api, w, isa) = (self.api, &self.weights, self.isa);
+        let (k, n) = (w.k(), w.n());
+        let (x, m, y) = row_io(api, context, k, n, "Q8HeadPlanes")?;
+        if m == 0 {
+            return Ok(());
+        }
+        let xs = core::slice::from_raw_parts(x, m * k);
+        let norms: Vec<f32> = xs.chunks_exact(k).flat_map(block_norms).collect();
+        let mut kept = self.upper.try_lock().ok();
+        let mut own = Vec::new();
+        let upper = kept.as_deref_mut().unwrap_or(&mut own);
+        upper.resize(m * n, 0.0);
+        let (chunk, tasks) = column_chunks(n, 64, MAX_TASKS);
+        let (xp, yp, up) = (SharedIn(x), SharedOut(y), SharedOut(upper.as_mut_ptr()));
+        let norms = &norms;
+        parallel(api, context, tasks, move |task| {
+            let cols = task * chunk..((task + 1) * chunk).min(n);
+            // SAFETY: each task writes its own columns of y and upper, both [M, N]; x is [M, K].
+            unsafe { coarse_cols(w, xp.ptr(), norms, m, yp.ptr(), up.ptr(), cols, isa) }
+        })?;
+        let y = core::slice::from_raw_parts_mut(y, m * n);
+        for ((xr, yr), ur) in xs.chunks_exact(k).zip(y.chunks_exact_mut(n)).zip(upper.chunks_exact_mut(n)) {
+            let mut failed = None;
+            exact_pass(w, xr, yr, ur, |yr, ur, floor| {
+                let (count, yp, up) = (AtomicUsize::new(0), SharedOut(yr.as_mut_ptr()), SharedIn(ur.as_ptr()));
+                let count_ref = &count;
+                let done = parallel(api, context, tasks, move |task| {
+                    let cols = task * chunk..((task + 1) * chunk).min(n);
+                    // SAFETY: each task reads and writes its own columns of one row of y and upper.
+                    let c = unsafe { exact_cols(w, xr, yp.ptr(), up.ptr(), floor, cols) };
+                    count_ref.fetch_add(c, Ordering::Relaxed);
+                });
+                failed = done.err();
+                count.load(Ordering::Relaxed)
+            });
+            if let Some(status) = failed {
+                return Err(status);
+            }
+        }
+        Ok(())
+    }
+}
+
+struct Q8GatherPlanes {
+    api: Api,
+    weights: Planes<'static>,
+}
+
+impl Kernel for Q8GatherPlanes {
+    const NAME: &'static CStr = c"Q8GatherPlanes";
+    const INPUTS: &'static [T] = &[INT64, UINT8, UINT8, FLOAT];
+    const REQUIRED_INPUTS: usize = 4;
+
+    unsafe fn new(api: Api, info: *const OrtKernelInfo) -> Result<Self, OrtStatusPtr> {
+        Ok(Q8GatherPlanes { api, weights: planes(api, info, "Q8GatherPlanes")? })
+    }
+
+    unsafe fn compute(&self, context: *mut OrtKernelContext) -> Result<(), OrtStatusPtr> {
+        let (api, w) = (self.api, &self.weights);
+        let mut ids: *const OrtValue = ptr::null();
+        api.check((api.get().KernelContext_GetInput)(context, 0, &mut ids))?;
+        let mut dims = shape(api, ids)?;
+        let count: usize = dims.iter().map(|&d| d.max(0) as usize).product();
+        dims.push(w.k() as i64);
+        let mut out: *mut OrtValue = ptr::null_mut();
+        api.check((api.get().KernelContext_GetOutput)(context, 0, dims.as_ptr(), dims.len(), &mut out))?;
+        if count == 0 {
+            return Ok(());
+        }
+        let (mut id_data, mut out_data): (*mut c_void, *mut c_void) = (ptr::null_mut(), ptr::null_mut());
+        api.check((api.get().GetTensorMutableData)(ids.cast_mut(), &mut id_data))?;
+        api.check((api.get().GetTensorMutableData)(out, &mut out_data))?;
+        let ids = core::slice::from_raw_parts(id_data.cast::<i64>(), count);
+        let rows = core::slice::from_raw_parts_mut(out_data.cast::<f32>(), count * w.k());
+        for (&id, row) in ids.iter().zip(rows.chunks_exact_mut(w.k())) {
+            let Some(id) = usize::try_from(id).ok().filter(|&i| i < w.n()) else {
+                return Err(api.error(&format!("Q8GatherPlanes: an id is outside 0..{}", w.n())));
+            };
+            w.row(id, row);
+        }
+        Ok(())
+    }
+}
