@@ -37,10 +37,10 @@ macro_rules! drive {
             if done == 0 && $left >= $mc {
                 let t = $crate::kernels::Tile { w: $w, x: $xp, y: $yp, n0: $n };
                 match ($one, $w.format.offsets.is_some()) {
-                    (false, true) => $tile::<$r, $mc, true>(t),
-                    (false, false) => $tile::<$r, $mc, false>(t),
-                    (true, true) => $tile::<1, $mc, true>(t),
-                    (true, false) => $tile::<1, $mc, false>(t),
+                    (false, true) => $tile::<S, $r, $mc, true>(t),
+                    (false, false) => $tile::<S, $r, $mc, false>(t),
+                    (true, true) => $tile::<S, 1, $mc, true>(t),
+                    (true, false) => $tile::<S, 1, $mc, false>(t),
                 }
                 done = $mc;
             }
@@ -50,12 +50,12 @@ macro_rules! drive {
 }
 
 
-/// `matmul` and `matmul_cols` for a fp32-activation kernel module whose weight type is `$w` and whose
-/// `portable`, `x86::avx2` and `x86::avx512` compute columns of y.
+/// `matmul` and `matmul_cols` for a fp32-activation kernel module whose weight type is `$w<'a, S>` (S the
+/// stored type of its block scales) and whose `portable`, `x86::avx2` and `x86::avx512` compute columns of y.
 macro_rules! fp32_linear_entry_points {
-    ($w:ty) => {
+    ($w:ident) => {
         /// y[M, N] = x[M, K] · Wᵀ, single-threaded.
-        pub fn matmul(w: &$w, x: &[f32], m: usize, y: &mut [f32], isa: Isa) {
+        pub fn matmul<S: Scale>(w: &$w<'_, S>, x: &[f32], m: usize, y: &mut [f32], isa: Isa) {
             assert_eq!(x.len(), m * w.k, "x must be [M, K]");
             assert_eq!(y.len(), m * w.n, "y must be [M, N]");
             // SAFETY: the slices have the asserted sizes and all columns 0..N are in range.
@@ -67,7 +67,7 @@ macro_rules! fp32_linear_entry_points {
         /// # Safety
         /// `x` points to M*K readable floats, `y` to M*N writable floats, `cols` lies within 0..N, `isa` is
         /// supported by this CPU, and no other thread writes the same columns of y concurrently.
-        pub unsafe fn matmul_cols(w: &$w, x: *const f32, m: usize, y: *mut f32, cols: Range<usize>, isa: Isa) {
+        pub unsafe fn matmul_cols<S: Scale>(w: &$w<'_, S>, x: *const f32, m: usize, y: *mut f32, cols: Range<usize>, isa: Isa) {
             debug_assert!(cols.end <= w.n);
             match isa {
                 Isa::Portable => portable(w, x, m, y, cols),
@@ -80,11 +80,13 @@ macro_rules! fp32_linear_entry_points {
     };
 }
 
-/// `RowBlocks` for a format struct with `offsets` and `group` fields.
+/// `RowBlocks` for a format struct `$format<'a, S>` with `offsets: Option<&[S]>` and `group` fields.
 macro_rules! row_blocks {
     ($format:ident) => {
-        impl super::RowBlocks for $format<'_> {
-            fn offsets(&self) -> Option<&[f32]> {
+        impl<S: Scale> super::RowBlocks for $format<'_, S> {
+            type Scale = S;
+
+            fn offsets(&self) -> Option<&[S]> {
                 self.offsets
             }
 
@@ -98,8 +100,8 @@ macro_rules! row_blocks {
 /// The x86 entry points of a tiled kernel module over its `tile512` / `tile256` (weight type `$w`).
 #[cfg(target_arch = "x86_64")]
 macro_rules! x86_drivers {
-    ($w:ty) => {
-        pub(super) unsafe fn avx512(w: &$w, x: *const f32, m: usize, y: *mut f32, cols: Range<usize>) {
+    ($w:ident) => {
+        pub(super) unsafe fn avx512<S: Scale>(w: &$w<'_, S>, x: *const f32, m: usize, y: *mut f32, cols: Range<usize>) {
             if m == 1 {
                 drive!(w, x, m, y, cols, tile512, 8, [1]);
             } else {
@@ -109,7 +111,7 @@ macro_rules! x86_drivers {
             }
         }
 
-        pub(super) unsafe fn avx2(w: &$w, x: *const f32, m: usize, y: *mut f32, cols: Range<usize>) {
+        pub(super) unsafe fn avx2<S: Scale>(w: &$w<'_, S>, x: *const f32, m: usize, y: *mut f32, cols: Range<usize>) {
             drive!(w, x, m, y, cols, tile256, 4, [2, 1]);
         }
     };
@@ -120,23 +122,74 @@ pub mod q8;
 pub mod q8planes;
 pub mod q8f;
 
+/// How a block's scale (and additive term) is stored: fp32, or fp16 where every value of a tensor is exactly
+/// an fp16 - GGUF's Q4_0 / Q4_1 / Q5_0 / Q8_0 block headers are fp16 themselves, so their scales and minimums
+/// lose nothing and a decode step reads 2 bytes less per block and value (SmolLM2's Q4_1 projections: 20 bytes
+/// a block instead of 24). The kernels widen a scale to fp32 as they read it; every product stays fp32.
+pub trait Scale: Copy + Send + Sync + core::fmt::Debug + 'static {
+    /// Stored as IEEE binary16 (else binary32).
+    const HALF: bool;
+    fn to_f32(self) -> f32;
+}
+
+impl Scale for f32 {
+    const HALF: bool = false;
+    fn to_f32(self) -> f32 {
+        self
+    }
+}
+
+impl Scale for half::f16 {
+    const HALF: bool = true;
+    fn to_f32(self) -> f32 {
+        half::f16::to_f32(self)
+    }
+}
+
+/// `*p` widened to fp32 in every lane (AVX-512: 16, AVX2: 8).
+#[cfg(target_arch = "x86_64")]
+mod splat {
+    use super::Scale;
+    use core::arch::x86_64::*;
+
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    pub(super) unsafe fn splat512<S: Scale>(p: *const S) -> __m512 {
+        if S::HALF {
+            _mm512_cvtph_ps(_mm256_set1_epi16(p.cast::<i16>().read()))
+        } else {
+            _mm512_set1_ps(p.cast::<f32>().read())
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    pub(super) unsafe fn splat256<S: Scale>(p: *const S) -> __m256 {
+        if S::HALF {
+            _mm256_cvtph_ps(_mm_set1_epi16(p.cast::<i16>().read()))
+        } else {
+            _mm256_set1_ps(p.cast::<f32>().read())
+        }
+    }
+}
+
 /// A borrowed block-quantized weight matrix W [N, K]: codes, one scale per block of `block` weights along K
-/// (32 unless a format says otherwise), and what the format adds (`format`). Each kernel module says how its
-/// codes are laid out.
+/// (32 unless a format says otherwise) stored as `S`, and what the format adds (`format`). Each kernel module
+/// says how its codes are laid out.
 #[derive(Clone, Copy, Debug)]
-pub struct BlockMatrix<'a, F> {
+pub struct BlockMatrix<'a, F, S = f32> {
     n: usize,
     k: usize,
     block: usize,
     codes: &'a [u8],
-    scales: &'a [f32],
+    scales: &'a [S],
     format: F,
 }
 
-impl<'a, F> BlockMatrix<'a, F> {
+impl<'a, F, S: Scale> BlockMatrix<'a, F, S> {
     /// Checks the sizes: K a positive multiple of 32, N positive, blocks of `block` weights (a divisor of 32) of
     /// `code_bytes` each, one scale per block.
-    fn checked(n: usize, k: usize, block: usize, codes: &'a [u8], scales: &'a [f32], code_bytes: usize, format: F) -> Result<Self, &'static str> {
+    fn checked(n: usize, k: usize, block: usize, codes: &'a [u8], scales: &'a [S], code_bytes: usize, format: F) -> Result<Self, &'static str> {
         if n == 0 || k == 0 || k % BLOCK != 0 || block == 0 || BLOCK % block != 0 {
             return Err("K must be a positive multiple of 32, N positive and the block a divisor of 32");
         }
@@ -166,8 +219,8 @@ const PANEL: usize = 64;
 /// A tile kernel's operands: R weight rows from `n0` times MC rows of x (row stride K) into y (row stride N).
 #[cfg(target_arch = "x86_64")]
 #[derive(Clone, Copy)]
-struct Tile<'w, 'a, F> {
-    w: &'w BlockMatrix<'a, F>,
+struct Tile<'w, 'a, F, S> {
+    w: &'w BlockMatrix<'a, F, S>,
     x: *const f32,
     y: *mut f32,
     n0: usize,
@@ -175,13 +228,15 @@ struct Tile<'w, 'a, F> {
 
 /// What the tiled kernels read of a format: its per-block additive terms and how many rows' blocks interleave.
 pub trait RowBlocks {
-    fn offsets(&self) -> Option<&[f32]>;
+    /// How the offsets are stored (as the scales are).
+    type Scale;
+    fn offsets(&self) -> Option<&[Self::Scale]>;
     fn group(&self) -> usize;
 }
 
-impl<'a, F: RowBlocks> BlockMatrix<'a, F> {
+impl<'a, S: Scale, F: RowBlocks<Scale = S>> BlockMatrix<'a, F, S> {
     /// `checked`, and the format's row group divides N and its offsets (if any) are one per block.
-    fn checked_rows(n: usize, k: usize, block: usize, codes: &'a [u8], scales: &'a [f32], code_bytes: usize, format: F) -> Result<Self, &'static str> {
+    fn checked_rows(n: usize, k: usize, block: usize, codes: &'a [u8], scales: &'a [S], code_bytes: usize, format: F) -> Result<Self, &'static str> {
         if format.group() == 0 || n % format.group() != 0 {
             return Err("N must be a multiple of the row group");
         }
@@ -200,11 +255,11 @@ impl<'a, F: RowBlocks> BlockMatrix<'a, F> {
 }
 
 #[cfg(target_arch = "x86_64")]
-impl<F: RowBlocks> Tile<'_, '_, F> {
+impl<S: Scale, F: RowBlocks<Scale = S>> Tile<'_, '_, F, S> {
     /// Codes, scales, offsets (null without them) and the first block of each of the R rows.
-    fn arrays<const R: usize>(&self) -> (*const u8, *const f32, *const f32, [usize; R]) {
+    fn arrays<const R: usize>(&self) -> (*const u8, *const S, *const S, [usize; R]) {
         let w = self.w;
-        let offsets = w.format.offsets().map_or(core::ptr::null(), <[f32]>::as_ptr);
+        let offsets = w.format.offsets().map_or(core::ptr::null(), <[S]>::as_ptr);
         (w.codes.as_ptr(), w.scales.as_ptr(), offsets, core::array::from_fn(|r| w.first_block(self.n0 + r)))
     }
 }
@@ -225,6 +280,17 @@ mod testing {
                 let err = (f64::from(*got) - want).abs();
                 assert!(err <= 1e-6 * mag[i] + 1e-12, "{isa:?} {case} i={i}: {got} vs {want}");
             }
+        }
+    }
+
+    /// `half(isa, y)` and `full(isa, y)` give the same bits on every instruction set (fp16 scales against their
+    /// exact fp32 values: widening is exact, so nothing downstream may differ).
+    pub(super) fn assert_same_every_isa(len: usize, half: impl Fn(Isa, &mut [f32]), full: impl Fn(Isa, &mut [f32])) {
+        for isa in Isa::available() {
+            let (mut a, mut b) = (vec![f32::NAN; len], vec![f32::NAN; len]);
+            half(isa, &mut a);
+            full(isa, &mut b);
+            assert_eq!(a.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), b.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), "{isa:?}");
         }
     }
 

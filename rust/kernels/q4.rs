@@ -30,16 +30,16 @@
 
 use core::ops::Range;
 
-pub use super::BLOCK;
+pub use super::{Scale, BLOCK};
 use super::BlockMatrix;
 
 const BLOCK_BYTES: usize = BLOCK / 2;
 
 /// What a 4-bit matrix adds to its codes and scales (see the module docs for the layout).
 #[derive(Clone, Copy, Debug)]
-pub struct Q4Format<'a> {
-    /// One per block (Q4_1's minimum), or none (Q4_0).
-    pub offsets: Option<&'a [f32]>,
+pub struct Q4Format<'a, S = f32> {
+    /// One per block (Q4_1's minimum), or none (Q4_0); stored as the scales are.
+    pub offsets: Option<&'a [S]>,
     /// 0..=15.
     pub zero_point: u8,
     /// Rows whose blocks are interleaved: 1 = none; N must be a multiple of it.
@@ -48,12 +48,12 @@ pub struct Q4Format<'a> {
 
 row_blocks!(Q4Format);
 
-/// A borrowed 4-bit weight matrix.
-pub type Q4Weights<'a> = BlockMatrix<'a, Q4Format<'a>>;
+/// A borrowed 4-bit weight matrix whose block scales and offsets are stored as `S` (f32 or f16).
+pub type Q4Weights<'a, S = f32> = BlockMatrix<'a, Q4Format<'a, S>, S>;
 
-impl<'a> Q4Weights<'a> {
+impl<'a, S: Scale> Q4Weights<'a, S> {
     /// `codes`: N * K/2 bytes; `scales` and the format's `offsets`: N * K/32 values; K a multiple of 32.
-    pub fn new(n: usize, k: usize, codes: &'a [u8], scales: &'a [f32], format: Q4Format<'a>) -> Result<Self, &'static str> {
+    pub fn new(n: usize, k: usize, codes: &'a [u8], scales: &'a [S], format: Q4Format<'a, S>) -> Result<Self, &'static str> {
         if format.zero_point > 15 {
             return Err("the zero point of a 4-bit code is at most 15");
         }
@@ -66,8 +66,8 @@ impl<'a> Q4Weights<'a> {
         let block = self.first_block(n) + b * self.format.group;
         let byte = self.codes[block * BLOCK_BYTES + i % BLOCK_BYTES];
         let q = if i < BLOCK_BYTES { byte & 0x0F } else { byte >> 4 };
-        let offset = self.format.offsets.map_or(0.0, |o| o[block]);
-        (f32::from(q) - f32::from(self.format.zero_point)).mul_add(self.scales[block], offset)
+        let offset = self.format.offsets.map_or(0.0, |o| o[block].to_f32());
+        (f32::from(q) - f32::from(self.format.zero_point)).mul_add(self.scales[block].to_f32(), offset)
     }
 }
 
@@ -88,7 +88,10 @@ impl Isa {
             if std::arch::is_x86_feature_detected!("avx512f") {
                 return Isa::Avx512;
             }
-            if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+                && std::arch::is_x86_feature_detected!("f16c")
+            {
                 return Isa::Avx2;
             }
         }
@@ -100,7 +103,10 @@ impl Isa {
         let mut out = vec![Isa::Portable];
         #[cfg(target_arch = "x86_64")]
         {
-            if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+                && std::arch::is_x86_feature_detected!("f16c")
+            {
                 out.push(Isa::Avx2);
             }
             if std::arch::is_x86_feature_detected!("avx512f") {
@@ -113,7 +119,7 @@ impl Isa {
 
 fp32_linear_entry_points!(Q4Weights);
 
-unsafe fn portable(w: &Q4Weights, x: *const f32, m: usize, y: *mut f32, cols: Range<usize>) {
+unsafe fn portable<S: Scale>(w: &Q4Weights<S>, x: *const f32, m: usize, y: *mut f32, cols: Range<usize>) {
     let x = core::slice::from_raw_parts(x, m * w.k);
     for n in cols {
         for mi in 0..m {
@@ -146,11 +152,12 @@ pub fn silu_mul(gate_up: &[f32], k: usize, out: &mut [f32]) {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{Q4Format, Q4Weights, BLOCK, BLOCK_BYTES};
+    use super::super::splat::{splat256, splat512};
+    use super::{Q4Format, Q4Weights, Scale, BLOCK, BLOCK_BYTES};
     use core::arch::x86_64::*;
     use core::ops::Range;
 
-    type Tile<'w, 'a> = super::super::Tile<'w, 'a, Q4Format<'a>>;
+    type Tile<'w, 'a, S> = super::super::Tile<'w, 'a, Q4Format<'a, S>, S>;
 
     x86_drivers!(Q4Weights);
 
@@ -189,7 +196,7 @@ mod x86 {
     }
 
     #[target_feature(enable = "avx512f")]
-    unsafe fn tile512<const R: usize, const MC: usize, const OFF: bool>(t: Tile) {
+    unsafe fn tile512<S: Scale, const R: usize, const MC: usize, const OFF: bool>(t: Tile<S>) {
         let Tile { w, x, y, n0 } = t;
         let nb = w.k / BLOCK;
         let iota = _mm512_sub_ps(
@@ -204,9 +211,9 @@ mod x86 {
             let mut w_hi = [_mm512_setzero_ps(); R];
             for r in 0..R {
                 let block = base[r] + b * w.format.group;
-                let d = _mm512_set1_ps(*scales.add(block));
+                let d = splat512(scales.add(block));
                 let table = if OFF {
-                    _mm512_fmadd_ps(iota, d, _mm512_set1_ps(*offsets.add(block)))
+                    _mm512_fmadd_ps(iota, d, splat512(offsets.add(block)))
                 } else {
                     _mm512_mul_ps(iota, d)
                 };
@@ -230,8 +237,8 @@ mod x86 {
         }
     }
 
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn tile256<const R: usize, const MC: usize, const OFF: bool>(t: Tile) {
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn tile256<S: Scale, const R: usize, const MC: usize, const OFF: bool>(t: Tile<S>) {
         let Tile { w, x, y, n0 } = t;
         let nb = w.k / BLOCK;
         let zp = _mm256_set1_ps(f32::from(w.format.zero_point));
@@ -241,8 +248,8 @@ mod x86 {
         for b in 0..nb {
             for r in 0..R {
                 let block = base[r] + b * w.format.group;
-                let d = _mm256_set1_ps(*scales.add(block));
-                let o = if OFF { _mm256_set1_ps(*offsets.add(block)) } else { _mm256_setzero_ps() };
+                let d = splat256(scales.add(block));
+                let o = if OFF { splat256(offsets.add(block)) } else { _mm256_setzero_ps() };
                 let bytes = _mm_loadu_si128(codes.add(block * BLOCK_BYTES) as *const __m128i);
                 let lo = _mm_and_si128(bytes, nibble);
                 let hi = _mm_and_si128(_mm_srli_epi16::<4>(bytes), nibble);
@@ -271,8 +278,9 @@ mod x86 {
 
 #[cfg(test)]
 mod tests {
-    use super::super::testing::{assert_columns_compose, assert_every_isa};
+    use super::super::testing::{assert_columns_compose, assert_every_isa, assert_same_every_isa};
     use super::*;
+    use half::f16;
 
     /// A small deterministic generator, so the tests need no extra crate.
     struct Lcg(u64);
@@ -332,6 +340,22 @@ mod tests {
                     let case = format!("n={n} k={k} m={m} zp={zp}");
                     assert_every_isa(&want, &mag, &case, |isa, y| matmul(&w, &x, m, y, isa));
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn half_scales_compute_what_their_fp32_values_do() {
+        for &(n, k, m) in &[(16, 64, 1), (24, 576, 3), (16, 1536, 8), (8, 64, 13)] {
+            let c = case(n, k, 11 + m as u64);
+            let halves = |v: &[f32]| v.iter().map(|&s| f16::from_f32(s)).collect::<Vec<_>>();
+            let (s16, o16) = (halves(&c.scales), halves(&c.offsets));
+            let (s32, o32): (Vec<f32>, Vec<f32>) = (s16.iter().map(|v| v.to_f32()).collect(), o16.iter().map(|v| v.to_f32()).collect());
+            let x: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.61).sin()).collect();
+            for (group, with_offsets) in [(1, true), (8, true), (8, false)] {
+                let w16 = Q4Weights::new(n, k, &c.codes, &s16, Q4Format { offsets: with_offsets.then_some(&o16[..]), zero_point: 8, group }).unwrap();
+                let w32 = Q4Weights::new(n, k, &c.codes, &s32, Q4Format { offsets: with_offsets.then_some(&o32[..]), zero_point: 8, group }).unwrap();
+                assert_same_every_isa(m * n, |isa, y| matmul(&w16, &x, m, y, isa), |isa, y| matmul(&w32, &x, m, y, isa));
             }
         }
     }

@@ -24,13 +24,14 @@
 use core::ops::Range;
 
 pub use super::q4::Isa;
+pub use super::Scale;
 use super::BlockMatrix;
 
 /// What an 8-bit matrix adds to its codes and scales (see the module docs for the layout).
 #[derive(Clone, Copy, Debug)]
-pub struct Q8Format<'a> {
-    /// One per block (an additive term), or none.
-    pub offsets: Option<&'a [f32]>,
+pub struct Q8Format<'a, S = f32> {
+    /// One per block (an additive term), or none; stored as the scales are.
+    pub offsets: Option<&'a [S]>,
     /// Rows whose blocks are interleaved: 1 = none; N must be a multiple of it.
     pub group: usize,
 }
@@ -38,12 +39,12 @@ pub struct Q8Format<'a> {
 row_blocks!(Q8Format);
 
 /// A borrowed 8-bit weight matrix with signed codes (bytes read as i8).
-pub type Q8FWeights<'a> = BlockMatrix<'a, Q8Format<'a>>;
+pub type Q8FWeights<'a, S = f32> = BlockMatrix<'a, Q8Format<'a, S>, S>;
 
-impl<'a> Q8FWeights<'a> {
+impl<'a, S: Scale> Q8FWeights<'a, S> {
     /// `codes`: N * K bytes (int8 two's complement); `scales` and the format's `offsets`: N * K/block values;
     /// K a multiple of 32, block 16 or 32.
-    pub fn new(n: usize, k: usize, block: usize, codes: &'a [u8], scales: &'a [f32], format: Q8Format<'a>) -> Result<Self, &'static str> {
+    pub fn new(n: usize, k: usize, block: usize, codes: &'a [u8], scales: &'a [S], format: Q8Format<'a, S>) -> Result<Self, &'static str> {
         if block != 16 && block != 32 {
             return Err("the block must be 16 or 32 weights");
         }
@@ -54,14 +55,14 @@ impl<'a> Q8FWeights<'a> {
     pub fn weight(&self, n: usize, j: usize) -> f32 {
         let block = self.first_block(n) + (j / self.block) * self.format.group;
         let q = self.codes[block * self.block + j % self.block] as i8;
-        f32::from(q).mul_add(self.scales[block], self.format.offsets.map_or(0.0, |o| o[block]))
+        f32::from(q).mul_add(self.scales[block].to_f32(), self.format.offsets.map_or(0.0, |o| o[block].to_f32()))
     }
 }
 
 fp32_linear_entry_points!(Q8FWeights);
 
 /// Each weight row dequantized once, then applied to every row of x.
-unsafe fn portable(w: &Q8FWeights, x: *const f32, m: usize, y: *mut f32, cols: Range<usize>) {
+unsafe fn portable<S: Scale>(w: &Q8FWeights<S>, x: *const f32, m: usize, y: *mut f32, cols: Range<usize>) {
     let xs = core::slice::from_raw_parts(x, m * w.k);
     let mut row = vec![0f32; w.k];
     for n in cols {
@@ -76,26 +77,27 @@ unsafe fn portable(w: &Q8FWeights, x: *const f32, m: usize, y: *mut f32, cols: R
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{Q8FWeights, Q8Format};
+    use super::super::splat::{splat256, splat512};
+    use super::{Q8FWeights, Q8Format, Scale};
     use core::arch::x86_64::*;
     use core::ops::Range;
 
-    type Tile<'w, 'a> = super::super::Tile<'w, 'a, Q8Format<'a>>;
+    type Tile<'w, 'a, S> = super::super::Tile<'w, 'a, Q8Format<'a, S>, S>;
 
     x86_drivers!(Q8FWeights);
 
     /// The block size as a constant (V vectors of 16 weights per block), so the inner loops unroll.
     #[target_feature(enable = "avx512f")]
-    unsafe fn tile512<const R: usize, const MC: usize, const OFF: bool>(t: Tile) {
+    unsafe fn tile512<S: Scale, const R: usize, const MC: usize, const OFF: bool>(t: Tile<S>) {
         if t.w.block == 16 {
-            tile512_v::<R, MC, OFF, 1>(t)
+            tile512_v::<S, R, MC, OFF, 1>(t)
         } else {
-            tile512_v::<R, MC, OFF, 2>(t)
+            tile512_v::<S, R, MC, OFF, 2>(t)
         }
     }
 
     #[target_feature(enable = "avx512f")]
-    unsafe fn tile512_v<const R: usize, const MC: usize, const OFF: bool, const V: usize>(t: Tile) {
+    unsafe fn tile512_v<S: Scale, const R: usize, const MC: usize, const OFF: bool, const V: usize>(t: Tile<S>) {
         let Tile { w, x, y, n0 } = t;
         let bs = 16 * V;
         let nb = w.k / bs;
@@ -106,11 +108,11 @@ mod x86 {
             let mut wv = [[_mm512_setzero_ps(); V]; R];
             for r in 0..R {
                 let block = base[r] + b * w.format.group;
-                let d = _mm512_set1_ps(*scales.add(block));
+                let d = splat512(scales.add(block));
                 for (v, slot) in wv[r].iter_mut().enumerate() {
                     let c = _mm512_cvtepi8_epi32(_mm_loadu_si128(codes.add(block * bs + 16 * v).cast()));
                     let q = _mm512_cvtepi32_ps(c);
-                    *slot = if OFF { _mm512_fmadd_ps(q, d, _mm512_set1_ps(*offsets.add(block))) } else { _mm512_mul_ps(q, d) };
+                    *slot = if OFF { _mm512_fmadd_ps(q, d, splat512(offsets.add(block))) } else { _mm512_mul_ps(q, d) };
                 }
             }
             for (mi, a) in acc.iter_mut().enumerate() {
@@ -130,8 +132,8 @@ mod x86 {
         }
     }
 
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn tile256<const R: usize, const MC: usize, const OFF: bool>(t: Tile) {
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn tile256<S: Scale, const R: usize, const MC: usize, const OFF: bool>(t: Tile<S>) {
         let Tile { w, x, y, n0 } = t;
         let bs = w.block;
         let nb = w.k / bs;
@@ -141,7 +143,7 @@ mod x86 {
         for b in 0..nb {
             for (r, first) in base.iter().enumerate() {
                 let block = first + b * w.format.group;
-                let (d, o) = (_mm256_set1_ps(*scales.add(block)), _mm256_set1_ps(if OFF { *offsets.add(block) } else { 0.0 }));
+                let (d, o) = (splat256(scales.add(block)), if OFF { splat256(offsets.add(block)) } else { _mm256_setzero_ps() });
                 for part in 0..bs / 8 {
                     let c = _mm256_cvtepi8_epi32(_mm_loadl_epi64(codes.add(block * bs + 8 * part).cast()));
                     let wv = _mm256_fmadd_ps(_mm256_cvtepi32_ps(c), d, o);
@@ -164,8 +166,9 @@ mod x86 {
 
 #[cfg(test)]
 mod tests {
-    use super::super::testing::{assert_columns_compose, assert_every_isa};
+    use super::super::testing::{assert_columns_compose, assert_every_isa, assert_same_every_isa};
     use super::*;
+    use half::f16;
 
     /// Deterministic pseudo-random values without an extra crate.
     fn noise(seed: usize, i: usize) -> f32 {
@@ -210,6 +213,21 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    #[test]
+    fn half_scales_compute_what_their_fp32_values_do() {
+        let (n, k, m) = (16, 640, 3);
+        let codes: Vec<u8> = (0..n * k).map(|i| (noise(1, i) * 127.9) as i8 as u8).collect();
+        let x: Vec<f32> = (0..m * k).map(|i| noise(4, i)).collect();
+        for block in [16, 32] {
+            let s16: Vec<f16> = (0..n * k / block).map(|i| f16::from_f32(noise(2, i) * 0.05)).collect();
+            let o16: Vec<f16> = (0..n * k / block).map(|i| f16::from_f32(noise(3, i) * 0.2)).collect();
+            let (s32, o32): (Vec<f32>, Vec<f32>) = (s16.iter().map(|v| v.to_f32()).collect(), o16.iter().map(|v| v.to_f32()).collect());
+            let w16 = Q8FWeights::new(n, k, block, &codes, &s16, Q8Format { offsets: Some(&o16), group: 8 }).unwrap();
+            let w32 = Q8FWeights::new(n, k, block, &codes, &s32, Q8Format { offsets: Some(&o32), group: 8 }).unwrap();
+            assert_same_every_isa(m * n, |isa, y| matmul(&w16, &x, m, y, isa), |isa, y| matmul(&w32, &x, m, y, isa));
         }
     }
 

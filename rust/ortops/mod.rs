@@ -44,6 +44,40 @@ const FLOAT: ONNXTensorElementDataType = ONNXTensorElementDataType::ONNX_TENSOR_
 const UINT8: ONNXTensorElementDataType = ONNXTensorElementDataType::ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
 const INT8: ONNXTensorElementDataType = ONNXTensorElementDataType::ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8;
 const INT64: ONNXTensorElementDataType = ONNXTensorElementDataType::ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64;
+const FLOAT16: ONNXTensorElementDataType = ONNXTensorElementDataType::ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
+/// An input declared with this type takes any element type; the kernel checks what it got (block scales: fp32
+/// or fp16).
+const ANY: ONNXTensorElementDataType = ONNXTensorElementDataType::ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+
+/// A Rust element type and the ONNX tensor element type it reads.
+trait Element: Sized {
+    const TYPE: ONNXTensorElementDataType;
+
+    fn reads(element: ONNXTensorElementDataType) -> bool {
+        element == Self::TYPE
+    }
+}
+
+/// Codes are bytes, whichever of the two byte types the graph declares them as.
+impl Element for u8 {
+    const TYPE: ONNXTensorElementDataType = UINT8;
+
+    fn reads(element: ONNXTensorElementDataType) -> bool {
+        element == UINT8 || element == INT8
+    }
+}
+
+impl Element for i8 {
+    const TYPE: ONNXTensorElementDataType = INT8;
+}
+
+impl Element for f32 {
+    const TYPE: ONNXTensorElementDataType = FLOAT;
+}
+
+impl Element for half::f16 {
+    const TYPE: ONNXTensorElementDataType = FLOAT16;
+}
 
 /// The C API table, valid for the life of the process once ONNX Runtime has handed it over.
 #[derive(Clone, Copy)]
@@ -260,23 +294,42 @@ unsafe fn attribute(api: Api, info: *const OrtKernelInfo, name: &CStr, default: 
 
 /// The K and N attributes and the codes (input 1) and scales (input 2) every block-quantized operator has.
 #[allow(clippy::type_complexity)]
-unsafe fn block_weights(
+unsafe fn block_weights<S: Element>(
     api: Api,
     info: *const OrtKernelInfo,
     op: &str,
-) -> Result<(usize, usize, &'static [u8], &'static [f32]), OrtStatusPtr> {
+) -> Result<(usize, usize, &'static [u8], &'static [S]), OrtStatusPtr> {
     let (Ok(k), Ok(n)) = (usize::try_from(attribute(api, info, c"K", None)?), usize::try_from(attribute(api, info, c"N", None)?))
     else {
         return Err(api.error(&format!("{op}: K and N must be non-negative")));
     };
     let missing = || api.error(&format!("{op}: codes and scales must be constant initializers"));
     let codes = constant::<u8>(api, info, 1, op)?.ok_or_else(missing)?;
-    let scales = constant::<f32>(api, info, 2, op)?.ok_or_else(missing)?;
+    let scales = constant::<S>(api, info, 2, op)?.ok_or_else(missing)?;
     Ok((k, n, codes, scales))
 }
 
-/// A constant initializer input, read in place (None when an optional input is absent).
-unsafe fn constant<T>(api: Api, info: *const OrtKernelInfo, index: usize, op: &str) -> Result<Option<&'static [T]>, OrtStatusPtr> {
+/// Whether the block scales (input 2, declared `ANY`) are stored as fp16 (else they must be fp32).
+unsafe fn half_scales(api: Api, info: *const OrtKernelInfo, op: &str) -> Result<bool, OrtStatusPtr> {
+    let mut typeinfo = ptr::null_mut();
+    api.check((api.get().KernelInfo_GetInputTypeInfo)(info, 2, &mut typeinfo))?;
+    let mut tensor = ptr::null();
+    let mut element = ANY;
+    let mut status = (api.get().CastTypeInfoToTensorInfo)(typeinfo, &mut tensor);
+    if status.0.is_null() && !tensor.is_null() {
+        status = (api.get().GetTensorElementType)(tensor, &mut element);
+    }
+    (api.get().ReleaseTypeInfo)(typeinfo);
+    api.check(status)?;
+    match element {
+        FLOAT16 => Ok(true),
+        FLOAT => Ok(false),
+        _ => Err(api.error(&format!("{op}: block scales must be float or float16"))),
+    }
+}
+
+/// A constant initializer input of element type T, read in place (None when an optional input is absent).
+unsafe fn constant<T: Element>(api: Api, info: *const OrtKernelInfo, index: usize, op: &str) -> Result<Option<&'static [T]>, OrtStatusPtr> {
     let mut count = 0usize;
     api.check((api.get().KernelInfo_GetInputCount)(info, &mut count))?;
     if index >= count {
@@ -296,6 +349,9 @@ unsafe fn constant<T>(api: Api, info: *const OrtKernelInfo, index: usize, op: &s
     if is_constant == 0 {
         return Err(api.error(&format!("{op}: weights must be constant initializers")));
     }
+    if !T::reads(element_type(api, value)?) {
+        return Err(api.error(&format!("{op}: initializer {index} has the wrong element type")));
+    }
     let elements: usize = shape(api, value)?.iter().map(|&d| d.max(0) as usize).product();
     let mut data: *mut c_void = ptr::null_mut();
     api.check((api.get().GetTensorMutableData)(value.cast_mut(), &mut data))?;
@@ -304,6 +360,16 @@ unsafe fn constant<T>(api: Api, info: *const OrtKernelInfo, index: usize, op: &s
     }
     // SAFETY: the session owns the initializer for at least the kernel's life.
     Ok(Some(core::slice::from_raw_parts(data.cast::<T>(), elements)))
+}
+
+unsafe fn element_type(api: Api, value: *const OrtValue) -> Result<ONNXTensorElementDataType, OrtStatusPtr> {
+    let mut info = ptr::null_mut();
+    api.check((api.get().GetTensorTypeAndShape)(value, &mut info))?;
+    let mut element = ANY;
+    let status = (api.get().GetTensorElementType)(info, &mut element);
+    (api.get().ReleaseTensorTypeAndShapeInfo)(info);
+    api.check(status)?;
+    Ok(element)
 }
 
 unsafe fn shape(api: Api, value: *const OrtValue) -> Result<Vec<i64>, OrtStatusPtr> {

@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from onnx import helper
+from onnx import helper, numpy_helper
 
 from cheapest.convert.graph_builder import FLOAT, INT64, MS_DOMAIN, GraphBuilder
 from cheapest.convert.graph_fused import _embedding_rows, _linear, _lm_head_rescored
@@ -123,6 +123,42 @@ def test_q8_linear_replaces_the_nibble_planes(n: int, k: int, block: int, mins: 
     node = rewritten.graph.node[0]
     assert node.domain == CHEAPEST_DOMAIN and {a.name: a.i for a in node.attribute}["block"] == block
     assert_both_match_numpy(lin, x, before, rewritten)
+
+
+def _as_fp16_values(lin: BlockLinear) -> BlockLinear:
+    """The same linear with its scales and terms on a 1/1024 grid: fp16 values, as GGUF's Q4_0/Q4_1/Q5_0/Q8_0
+    headers are, and so are the fused graph's Q4_1 terms m + 8d."""
+    def rounded(v: np.ndarray | None) -> np.ndarray | None:
+        return None if v is None else (np.round(v * 1024) / 1024).astype(np.float32)
+    return BlockLinear(lin.n, lin.k, lin.bits, lin.codes, rounded(lin.scales), lin.zero_points, rounded(lin.mins),
+                       lin.block_size)
+
+
+def _stored_types(model: onnx.ModelProto) -> set[int]:
+    node = model.graph.node[0]
+    return {t.data_type for t in model.graph.initializer if t.name in node.input[2:]}
+
+
+@pytest.mark.parametrize("kind", ["q4_0", "q4_1", "q8", "q8_terms"])
+def test_block_scales_are_stored_in_fp16_exactly_when_they_are_fp16_values(kind: str) -> None:
+    """Scales (and offsets) that are exactly fp16 - every GGUF Q4_0/Q4_1/Q5_0/Q8_0 tensor - are stored in fp16 and
+    give the same bits as the fp32 graph; a tensor with any value an fp16 cannot hold stays fp32."""
+    rng = np.random.default_rng(7)
+    if kind.startswith("q4"):
+        lin = random_linear(rng, 48, 576, kind == "q4_1")
+    else:
+        lin = random_8bit_linear(rng, 48, 640, 32, kind == "q8_terms")
+    x = rng.standard_normal((2, 3, lin.k), dtype=np.float32)
+    halves = _as_fp16_values(lin)
+    narrow = cpu_graph(linear_model(halves))
+    assert _stored_types(narrow) == {onnx.TensorProto.FLOAT16}
+    assert _stored_types(cpu_graph(linear_model(lin))) == {onnx.TensorProto.FLOAT}  # random fp32 values
+    wide = cpu_graph(linear_model(halves))
+    for t in wide.graph.initializer:  # the same values written as fp32: what the converter wrote before
+        if t.data_type == onnx.TensorProto.FLOAT16:
+            t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float32), t.name))
+    assert np.array_equal(run(narrow, x), run(wide, x))
+    assert_both_match_numpy(halves, x, run(linear_model(halves), x), narrow)
 
 
 def test_swiglu_moves_into_the_down_projection() -> None:

@@ -4,7 +4,8 @@
   * every 4-bit linear at accuracy_level 0 - a MatMulNBits (or one per input-axis part, summed by Add, over a
     Split of the input) plus, for Q4_1, its block minimums (MatMul by the 0/1 block indicator, MatMul by the
     minimums, Add) - by one `cheapest.Q4Linear` on the same codes, scales and minimums, re-laid in the order
-    of the core's kernel (rust/kernels/q4.rs: GGUF nibble order, minimums as [N, K/32] offsets);
+    of the core's kernel (rust/kernels/q4.rs: GGUF nibble order, minimums as [N, K/32] offsets; scales and
+    offsets in fp16 where that is exact, see `_block_terms`);
   * every 8-bit linear at accuracy_level 0 - the fused graph's two exact 4-bit nibble planes (a Concat of the
     input with itself, one or more MatMulNBits over it split along K and summed by Add; quant_blocks.py) plus
     any block term (as for Q4_1) - by one `cheapest.Q8Linear` on the 8-bit codes the planes encode, stored as
@@ -171,6 +172,16 @@ def _block_minimums(g: _Graph, x: str, y: str, k: int, n: int, block: int = BLOC
     return np.ascontiguousarray(mins_t.T.astype(np.float32)), [sums, by_mins, add], add.output[0]
 
 
+def _block_terms(scales: np.ndarray, offsets: np.ndarray | None) -> dict[str, np.ndarray]:
+    """A linear's block scales (and offsets) as the kernels read them: fp16 when every value is exactly an fp16
+    (GGUF's Q4_0 / Q4_1 / Q5_0 / Q8_0 block headers are fp16 themselves, so nothing changes but the bytes a
+    decode step reads), else fp32 (K-quants: a super-block's fp16 scale times a 6-bit sub-scale)."""
+    terms = {"scales": scales} if offsets is None else {"scales": scales, "offsets": offsets}
+    exact = all(np.array_equal(v.astype(np.float16).astype(np.float32), v) for v in terms.values())
+    dtype = np.float16 if exact else np.float32
+    return {name: v.astype(dtype) for name, v in terms.items()}
+
+
 def _q4_linear(g: _Graph, q: onnx.NodeProto) -> _Rewrite | None:
     a = _attrs(q)
     if a.get("bits") != 4 or a.get("block_size") != BLOCK or a.get("accuracy_level", 0) != 0:
@@ -205,9 +216,7 @@ def _q4_linear(g: _Graph, q: onnx.NodeProto) -> _Rewrite | None:
         replaced += nodes
     base = q.name.removesuffix(".0") or y
     group = ROW_GROUP if n % ROW_GROUP == 0 else 1
-    arrays = {"codes": np.concatenate(codes, axis=1), "scales": np.concatenate(scales, axis=1)}
-    if offsets is not None:
-        arrays["offsets"] = offsets
+    arrays = {"codes": np.concatenate(codes, axis=1), **_block_terms(np.concatenate(scales, axis=1), offsets)}
     inits = [numpy_helper.from_array(_interleave_rows(a, group), f"{base}.q4_{name}") for name, a in arrays.items()]
     node = helper.make_node("Q4Linear", [x, *(t.name for t in inits)], [y], name=base, domain=CHEAPEST_DOMAIN,
                             K=k, N=n, zero_point=zero_point, row_group=group)
@@ -263,11 +272,12 @@ def _q8_linear(g: _Graph, q: onnx.NodeProto) -> _Rewrite | None:
         return None
     k = nb * block
     replaced = [concat, *parts, *joins]
-    arrays = {"codes": signed.astype(np.int8), "scales": scale[:, :nb]}
+    offsets = None
     minimums = _block_minimums(g, x, y, k, n, block)
     if minimums is not None:
-        arrays["offsets"], nodes, y = minimums
+        offsets, nodes, y = minimums
         replaced += nodes
+    arrays = {"codes": signed.astype(np.int8), **_block_terms(scale[:, :nb], offsets)}
     base = q.name.removesuffix(".0") or y
     group = ROW_GROUP if n % ROW_GROUP == 0 else 1
     inits = [numpy_helper.from_array(_interleave_rows(a, group), f"{base}.q8_{name}") for name, a in arrays.items()]
