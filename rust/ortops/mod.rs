@@ -311,8 +311,13 @@ unsafe fn block_weights<S: Element>(
 
 /// Whether the block scales (input 2, declared `ANY`) are stored as fp16 (else they must be fp32).
 unsafe fn half_scales(api: Api, info: *const OrtKernelInfo, op: &str) -> Result<bool, OrtStatusPtr> {
+    half_input(api, info, 2, op)
+}
+
+/// Whether block scales at input `index` (declared `ANY`) are stored as fp16 (else they must be fp32).
+unsafe fn half_input(api: Api, info: *const OrtKernelInfo, index: usize, op: &str) -> Result<bool, OrtStatusPtr> {
     let mut typeinfo = ptr::null_mut();
-    api.check((api.get().KernelInfo_GetInputTypeInfo)(info, 2, &mut typeinfo))?;
+    api.check((api.get().KernelInfo_GetInputTypeInfo)(info, index, &mut typeinfo))?;
     let mut tensor = ptr::null();
     let mut element = ANY;
     let mut status = (api.get().CastTypeInfoToTensorInfo)(typeinfo, &mut tensor);

@@ -7,7 +7,8 @@
 //! Q8GatherPlanes: rows[.., K] = W[ids, :] in fp32 (scale * code, the values GatherBlockQuantized gives).
 //!
 //! Inputs:  X float [.., K] (head) or ids int64 [..] (gather), hi uint8 [N * K/2], lo uint8 [N * K/2],
-//!          scales float [N, K/32] (the last three constant initializers, read in place and shared by both).
+//!          scales float or float16 [N, K/32] (the last three constant initializers, read in place and shared
+//!          by both).
 //! Attributes: K, N (int).
 //! Output:  float [.., N] (head) or [.., K] (gather).
 
@@ -16,10 +17,11 @@ use core::ptr;
 use core::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
+use half::f16;
 use ort_sys::{ONNXTensorElementDataType as T, OrtCustomOp, OrtKernelContext, OrtKernelInfo, OrtStatusPtr, OrtValue};
 
-use super::{attribute, column_chunks, constant, detect, op, parallel, row_io, shape, Api, Kernel, SharedIn, SharedOut, FLOAT, INT64, UINT8};
-use crate::kernels::q8planes::{block_norms, coarse_cols, exact_cols, exact_pass, Isa, Planes};
+use super::{attribute, column_chunks, constant, detect, half_input, op, parallel, row_io, shape, Api, Element, Kernel, SharedIn, SharedOut, ANY, FLOAT, INT64, UINT8};
+use crate::kernels::q8planes::{block_norms, coarse_cols, exact_cols, exact_pass, Isa, Planes, Scale};
 
 pub(super) static HEAD: OrtCustomOp = op::<Q8HeadPlanes>();
 pub(super) static GATHER: OrtCustomOp = op::<Q8GatherPlanes>();
@@ -27,8 +29,20 @@ pub(super) static GATHER: OrtCustomOp = op::<Q8GatherPlanes>();
 /// Parallel tasks per pass, at most: the vocabulary is wide, so a few dozen chunks balance two cores.
 const MAX_TASKS: usize = 32;
 
+/// The planes with their scales as stored.
+enum Weights {
+    F32(Planes<'static, f32>),
+    F16(Planes<'static, f16>),
+}
+
+impl Weights {
+    unsafe fn new(api: Api, info: *const OrtKernelInfo, op: &str) -> Result<Self, OrtStatusPtr> {
+        Ok(if half_input(api, info, 3, op)? { Weights::F16(planes(api, info, op)?) } else { Weights::F32(planes(api, info, op)?) })
+    }
+}
+
 /// The K and N attributes and the two planes and scales (inputs 1-3), checked.
-unsafe fn planes(api: Api, info: *const OrtKernelInfo, op: &str) -> Result<Planes<'static>, OrtStatusPtr> {
+unsafe fn planes<S: Scale + Element>(api: Api, info: *const OrtKernelInfo, op: &str) -> Result<Planes<'static, S>, OrtStatusPtr> {
     let (Ok(k), Ok(n)) = (usize::try_from(attribute(api, info, c"K", None)?), usize::try_from(attribute(api, info, c"N", None)?))
     else {
         return Err(api.error(&format!("{op}: K and N must be non-negative")));
@@ -36,13 +50,13 @@ unsafe fn planes(api: Api, info: *const OrtKernelInfo, op: &str) -> Result<Plane
     let missing = || api.error(&format!("{op}: planes and scales must be constant initializers"));
     let hi = constant::<u8>(api, info, 1, op)?.ok_or_else(missing)?;
     let lo = constant::<u8>(api, info, 2, op)?.ok_or_else(missing)?;
-    let scales = constant::<f32>(api, info, 3, op)?.ok_or_else(missing)?;
+    let scales = constant::<S>(api, info, 3, op)?.ok_or_else(missing)?;
     Planes::new(n, k, hi, lo, scales).map_err(|e| api.error(&format!("{op} (K={k}, N={n}): {e}")))
 }
 
 struct Q8HeadPlanes {
     api: Api,
-    weights: Planes<'static>,
+    weights: Weights,
     isa: Isa,
     /// The upper bounds of the last call, kept so a decode step does not fault in a fresh vocabulary-sized
     /// buffer (a call that finds it taken allocates its own).
@@ -51,15 +65,25 @@ struct Q8HeadPlanes {
 
 impl Kernel for Q8HeadPlanes {
     const NAME: &'static CStr = c"Q8HeadPlanes";
-    const INPUTS: &'static [T] = &[FLOAT, UINT8, UINT8, FLOAT];
+    const INPUTS: &'static [T] = &[FLOAT, UINT8, UINT8, ANY];
     const REQUIRED_INPUTS: usize = 4;
 
     unsafe fn new(api: Api, info: *const OrtKernelInfo) -> Result<Self, OrtStatusPtr> {
-        Ok(Q8HeadPlanes { api, weights: planes(api, info, "Q8HeadPlanes")?, isa: detect(), upper: Mutex::new(Vec::new()) })
+        let weights = Weights::new(api, info, "Q8HeadPlanes")?;
+        Ok(Q8HeadPlanes { api, weights, isa: detect(), upper: Mutex::new(Vec::new()) })
     }
 
     unsafe fn compute(&self, context: *mut OrtKernelContext) -> Result<(), OrtStatusPtr> {
-        let (api, w, isa) = (self.api, &self.weights, self.isa);
+        match &self.weights {
+            Weights::F32(w) => self.run(w, context),
+            Weights::F16(w) => self.run(w, context),
+        }
+    }
+}
+
+impl Q8HeadPlanes {
+    unsafe fn run<S: Scale>(&self, w: &Planes<'static, S>, context: *mut OrtKernelContext) -> Result<(), OrtStatusPtr> {
+        let (api, isa) = (self.api, self.isa);
         let (k, n) = (w.k(), w.n());
         let (x, m, y) = row_io(api, context, k, n, "Q8HeadPlanes")?;
         if m == 0 {
@@ -82,13 +106,13 @@ impl Kernel for Q8HeadPlanes {
         let y = core::slice::from_raw_parts_mut(y, m * n);
         for ((xr, yr), ur) in xs.chunks_exact(k).zip(y.chunks_exact_mut(n)).zip(upper.chunks_exact_mut(n)) {
             let mut failed = None;
-            exact_pass(w, xr, yr, ur, |yr, ur, floor| {
+            exact_pass(w, xr, yr, ur, isa, |yr, ur, floor| {
                 let (count, yp, up) = (AtomicUsize::new(0), SharedOut(yr.as_mut_ptr()), SharedIn(ur.as_ptr()));
                 let count_ref = &count;
                 let done = parallel(api, context, tasks, move |task| {
                     let cols = task * chunk..((task + 1) * chunk).min(n);
                     // SAFETY: each task reads and writes its own columns of one row of y and upper.
-                    let c = unsafe { exact_cols(w, xr, yp.ptr(), up.ptr(), floor, cols) };
+                    let c = unsafe { exact_cols(w, xr, yp.ptr(), up.ptr(), floor, cols, isa) };
                     count_ref.fetch_add(c, Ordering::Relaxed);
                 });
                 failed = done.err();
@@ -104,20 +128,29 @@ impl Kernel for Q8HeadPlanes {
 
 struct Q8GatherPlanes {
     api: Api,
-    weights: Planes<'static>,
+    weights: Weights,
 }
 
 impl Kernel for Q8GatherPlanes {
     const NAME: &'static CStr = c"Q8GatherPlanes";
-    const INPUTS: &'static [T] = &[INT64, UINT8, UINT8, FLOAT];
+    const INPUTS: &'static [T] = &[INT64, UINT8, UINT8, ANY];
     const REQUIRED_INPUTS: usize = 4;
 
     unsafe fn new(api: Api, info: *const OrtKernelInfo) -> Result<Self, OrtStatusPtr> {
-        Ok(Q8GatherPlanes { api, weights: planes(api, info, "Q8GatherPlanes")? })
+        Ok(Q8GatherPlanes { api, weights: Weights::new(api, info, "Q8GatherPlanes")? })
     }
 
     unsafe fn compute(&self, context: *mut OrtKernelContext) -> Result<(), OrtStatusPtr> {
-        let (api, w) = (self.api, &self.weights);
+        match &self.weights {
+            Weights::F32(w) => self.run(w, context),
+            Weights::F16(w) => self.run(w, context),
+        }
+    }
+}
+
+impl Q8GatherPlanes {
+    unsafe fn run<S: Scale>(&self, w: &Planes<'static, S>, context: *mut OrtKernelContext) -> Result<(), OrtStatusPtr> {
+        let api = self.api;
         let mut ids: *const OrtValue = ptr::null();
         api.check((api.get().KernelContext_GetInput)(context, 0, &mut ids))?;
         let mut dims = shape(api, ids)?;

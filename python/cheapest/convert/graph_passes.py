@@ -364,7 +364,7 @@ def _head_planes(g: _Graph, q: onnx.NodeProto) -> list[_Rewrite] | None:
 
     inits = [numpy_helper.from_array(plane(blocks >> 4), f"{q.input[1]}.hi"),
              numpy_helper.from_array(plane(blocks & 15), f"{q.input[1]}.lo"),
-             numpy_helper.from_array(scales, f"{q.input[1]}.plane_scales")]
+             numpy_helper.from_array(_block_terms(scales, None)["scales"], f"{q.input[1]}.plane_scales")]
     weights = [t.name for t in inits]
     out = [_Rewrite(head, helper.make_node("Q8HeadPlanes", [q.input[0], *weights], list(head[-1].output),
                                            name=q.name, domain=CHEAPEST_DOMAIN, K=k, N=n), inits)]
