@@ -227,12 +227,19 @@ FUSED_TOL = 1e-3  # fused (accuracy_level 0) vs fp32 logits on the tiny models: 
 FUSED_TOP = 16  # the best logits, always inside the LM head's exactly rescored set (RESCORE_TOP = 64)
 
 
-def assert_fused_logits(got: np.ndarray, ref: np.ndarray, tol: float = FUSED_TOL) -> None:
-    """Fused (accuracy_level 0) vs fp32 logits: the FUSED_TOP best exact to `tol`; the tail, scored with int8
-    activations in an 8-bit LM head, within 5% of the largest logit."""
+# The tail of an 8-bit LM head's logits, as a share of the largest logit: scored with int8 activations (the
+# portable graph), or from the codes' high nibbles (the CPU graph's Q8HeadPlanes: within 7.5 * sum_b scale_b *
+# |x_b|_1 of exact; up to ~11% of the largest logit seen on the tiny random models, whose logits are flat).
+TAIL = {"model.onnx": 0.05, "model_cpu.onnx": 0.2}
+
+
+def assert_fused_logits(got: np.ndarray, ref: np.ndarray, tol: float = FUSED_TOL, graph: str = "model.onnx") -> None:
+    """Fused (accuracy_level 0) vs fp32 logits: the FUSED_TOP best exact to `tol` and the same argmax; the tail,
+    scored approximately in an 8-bit LM head, within TAIL[graph] of the largest logit."""
     top = np.argsort(-ref)[:FUSED_TOP]
     np.testing.assert_allclose(got[top], ref[top], atol=tol, rtol=0)
-    assert np.abs(got - ref).max() <= 0.05 * np.abs(ref).max()
+    assert int(np.argmax(got)) == int(np.argmax(ref))
+    assert np.abs(got - ref).max() <= TAIL[graph] * np.abs(ref).max()
 
 
 def graph_feed(config: dict, input_ids: np.ndarray, attention_mask: np.ndarray | None = None,

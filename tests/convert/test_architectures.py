@@ -98,11 +98,12 @@ def test_fused_graph_matches_numpy(converted: tuple[str, Path, Path]) -> None:
 
 def test_cpu_graph_matches_the_fused_graph(converted: tuple[str, Path, Path]) -> None:
     """model_cpu.onnx (the core's Q4Linear / Q8Linear for every block type they take) gives the portable fused
-    graph's logits to fp32 rounding: the same GGUF weights, summed in another order. No 8-bit linear is left to
-    ONNX Runtime's nibble planes."""
+    graph's best logits and argmax to fp32 rounding: the same GGUF weights, summed in another order (the tail of
+    a tied 8-bit head is scored from the codes' high nibbles there, so it is held to the tail tolerance). No 8-bit
+    linear is left to ONNX Runtime's nibble planes."""
     _, _, model_dir = converted
     fused, cpu = (_logits(model_dir, graph, PROMPT)[0] for graph in ("model.onnx", "model_cpu.onnx"))
-    np.testing.assert_allclose(cpu, fused, atol=1e-4 * np.abs(fused).max(), rtol=0)
+    assert_fused_logits(cpu, fused, 1e-4 * np.abs(fused).max(), graph="model_cpu.onnx")
     nodes = onnx.load(str(model_dir / "onnx" / "model_cpu.onnx"), load_external_data=False).graph.node
     assert not [n.name for n in nodes if n.op_type == "Concat" and len(set(n.input)) == 1]
 

@@ -100,7 +100,7 @@ def test_fused_matches_fp32_graph(tiny_model_dir: Path, ids: list[int], graph: s
     ref = _reference_logits(tiny_model_dir, ids)
     fused = _session(tiny_model_dir, graph).run(["logits"], graph_feed(_config(tiny_model_dir), np.array([ids])))[0]
     assert fused.shape == (1, 1, ref.shape[-1])  # last real token only
-    assert_fused_logits(fused[0, 0], ref[-1])
+    assert_fused_logits(fused[0, 0], ref[-1], graph=graph)
 
 
 @pytest.mark.parametrize("graph", FUSED_GRAPHS)
@@ -116,7 +116,7 @@ def test_fused_right_padded_batch_prefill_then_ragged_decode(tiny_gguf: Path, ti
         ids[b, : len(p)], mask[b, : len(p)] = p, 1
     out = sess.run(None, graph_feed(cfg, ids, mask))
     for b, p in enumerate(PROMPTS):
-        assert_fused_logits(out[0][b, 0], numpy_llama_forward(tiny_gguf, p)[-1])
+        assert_fused_logits(out[0][b, 0], numpy_llama_forward(tiny_gguf, p)[-1], graph=graph)
 
     capacity = width + 8  # preallocated cache, longer than any row
     past = []
@@ -131,7 +131,7 @@ def test_fused_right_padded_batch_prefill_then_ragged_decode(tiny_gguf: Path, ti
     out2 = sess.run(None, graph_feed(cfg, np.array(new)[:, None], step_mask, np.array(lengths)[:, None], past))
     assert out2[1].shape[2] == capacity
     for b, p in enumerate(PROMPTS):
-        assert_fused_logits(out2[0][b, 0], numpy_llama_forward(tiny_gguf, p + [new[b]])[-1])
+        assert_fused_logits(out2[0][b, 0], numpy_llama_forward(tiny_gguf, p + [new[b]])[-1], graph=graph)
 
 
 def test_fp32_graph_left_padded_decode(tiny_gguf: Path, tiny_model_dir: Path) -> None:
