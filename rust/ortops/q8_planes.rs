@@ -29,6 +29,10 @@ pub(super) static GATHER: OrtCustomOp = op::<Q8GatherPlanes>();
 /// Parallel tasks per pass, at most: the vocabulary is wide, so a few dozen chunks balance two cores.
 const MAX_TASKS: usize = 32;
 
+/// x rows whose upper bounds the head keeps between calls (Gemma 3: 1 MiB a row): a decode batch of up to this
+/// many reuses its buffer; a larger one allocates its own each call.
+const KEEP_ROWS: usize = 8;
+
 /// The planes with their scales as stored.
 enum Weights {
     F32(Planes<'static, f32>),
@@ -58,8 +62,8 @@ struct Q8HeadPlanes {
     api: Api,
     weights: Weights,
     isa: Isa,
-    /// The upper bounds of the last call, kept so a decode step does not fault in a fresh vocabulary-sized
-    /// buffer (a call that finds it taken allocates its own).
+    /// The upper bounds of the last call (up to KEEP_ROWS rows), kept so a decode step does not fault in a
+    /// fresh vocabulary-sized buffer (a call that finds it taken allocates its own).
     upper: Mutex<Vec<f32>>,
 }
 
@@ -121,6 +125,9 @@ impl Q8HeadPlanes {
             if let Some(status) = failed {
                 return Err(status);
             }
+        }
+        if upper.capacity() > KEEP_ROWS * n {
+            *upper = Vec::new(); // a large batch's bounds are not held for the worker's life
         }
         Ok(())
     }
