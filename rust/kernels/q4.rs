@@ -152,7 +152,8 @@ pub fn silu_mul(gate_up: &[f32], k: usize, out: &mut [f32]) {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::super::splat::{splat256, splat512};
+    use super::super::WIDE_VALUES;
+    use core::mem::MaybeUninit;
     use super::{Q4Format, Q4Weights, Scale, BLOCK, BLOCK_BYTES};
     use core::arch::x86_64::*;
     use core::ops::Range;
@@ -203,7 +204,8 @@ mod x86 {
             _mm512_setr_ps(0., 1., 2., 3., 4., 5., 6., 7., 8., 9., 10., 11., 12., 13., 14., 15.),
             _mm512_set1_ps(f32::from(w.format.zero_point)),
         );
-        let (codes, scales, offsets, base) = t.arrays::<R>();
+        let mut bufs = [MaybeUninit::<[f32; WIDE_VALUES]>::uninit(); 2];
+        let (codes, scales, offsets, base) = t.arrays::<R>(&mut bufs);
         let mut acc = [[_mm512_setzero_ps(); R]; MC];
         for b in 0..nb {
             // The R rows' blocks first (2R registers), then each x row: two loads and 2R multiply-adds.
@@ -211,9 +213,9 @@ mod x86 {
             let mut w_hi = [_mm512_setzero_ps(); R];
             for r in 0..R {
                 let block = base[r] + b * w.format.group;
-                let d = splat512(scales.add(block));
+                let d = _mm512_set1_ps(*scales.at(block));
                 let table = if OFF {
-                    _mm512_fmadd_ps(iota, d, splat512(offsets.add(block)))
+                    _mm512_fmadd_ps(iota, d, _mm512_set1_ps(*offsets.at(block)))
                 } else {
                     _mm512_mul_ps(iota, d)
                 };
@@ -243,13 +245,13 @@ mod x86 {
         let nb = w.k / BLOCK;
         let zp = _mm256_set1_ps(f32::from(w.format.zero_point));
         let nibble = _mm_set1_epi8(0x0F);
-        let (codes, scales, offsets, base) = t.arrays::<R>();
+        let mut bufs = [MaybeUninit::<[f32; WIDE_VALUES]>::uninit(); 2];
+        let (codes, scales, offsets, base) = t.arrays::<R>(&mut bufs);
         let mut acc = [[_mm256_setzero_ps(); R]; MC];
         for b in 0..nb {
             for r in 0..R {
                 let block = base[r] + b * w.format.group;
-                let d = splat256(scales.add(block));
-                let o = if OFF { splat256(offsets.add(block)) } else { _mm256_setzero_ps() };
+                let (d, o) = (_mm256_set1_ps(*scales.at(block)), if OFF { _mm256_set1_ps(*offsets.at(block)) } else { _mm256_setzero_ps() });
                 let bytes = _mm_loadu_si128(codes.add(block * BLOCK_BYTES) as *const __m128i);
                 let lo = _mm_and_si128(bytes, nibble);
                 let hi = _mm_and_si128(_mm_srli_epi16::<4>(bytes), nibble);

@@ -77,7 +77,8 @@ unsafe fn portable<S: Scale>(w: &Q8FWeights<S>, x: *const f32, m: usize, y: *mut
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::super::splat::{splat256, splat512};
+    use super::super::WIDE_VALUES;
+    use core::mem::MaybeUninit;
     use super::{Q8FWeights, Q8Format, Scale};
     use core::arch::x86_64::*;
     use core::ops::Range;
@@ -101,18 +102,19 @@ mod x86 {
         let Tile { w, x, y, n0 } = t;
         let bs = 16 * V;
         let nb = w.k / bs;
-        let (codes, scales, offsets, base) = t.arrays::<R>();
+        let mut bufs = [MaybeUninit::<[f32; WIDE_VALUES]>::uninit(); 2];
+        let (codes, scales, offsets, base) = t.arrays::<R>(&mut bufs);
         let codes = codes.cast::<i8>();
         let mut acc = [[_mm512_setzero_ps(); R]; MC];
         for b in 0..nb {
             let mut wv = [[_mm512_setzero_ps(); V]; R];
             for r in 0..R {
                 let block = base[r] + b * w.format.group;
-                let d = splat512(scales.add(block));
+                let d = _mm512_set1_ps(*scales.at(block));
                 for (v, slot) in wv[r].iter_mut().enumerate() {
                     let c = _mm512_cvtepi8_epi32(_mm_loadu_si128(codes.add(block * bs + 16 * v).cast()));
                     let q = _mm512_cvtepi32_ps(c);
-                    *slot = if OFF { _mm512_fmadd_ps(q, d, splat512(offsets.add(block))) } else { _mm512_mul_ps(q, d) };
+                    *slot = if OFF { _mm512_fmadd_ps(q, d, _mm512_set1_ps(*offsets.at(block))) } else { _mm512_mul_ps(q, d) };
                 }
             }
             for (mi, a) in acc.iter_mut().enumerate() {
@@ -137,13 +139,14 @@ mod x86 {
         let Tile { w, x, y, n0 } = t;
         let bs = w.block;
         let nb = w.k / bs;
-        let (codes, scales, offsets, base) = t.arrays::<R>();
+        let mut bufs = [MaybeUninit::<[f32; WIDE_VALUES]>::uninit(); 2];
+        let (codes, scales, offsets, base) = t.arrays::<R>(&mut bufs);
         let codes = codes.cast::<i8>();
         let mut acc = [[_mm256_setzero_ps(); R]; MC];
         for b in 0..nb {
             for (r, first) in base.iter().enumerate() {
                 let block = first + b * w.format.group;
-                let (d, o) = (splat256(scales.add(block)), if OFF { splat256(offsets.add(block)) } else { _mm256_setzero_ps() });
+                let (d, o) = (_mm256_set1_ps(*scales.at(block)), if OFF { _mm256_set1_ps(*offsets.at(block)) } else { _mm256_setzero_ps() });
                 for part in 0..bs / 8 {
                     let c = _mm256_cvtepi8_epi32(_mm_loadl_epi64(codes.add(block * bs + 8 * part).cast()));
                     let wv = _mm256_fmadd_ps(_mm256_cvtepi32_ps(c), d, o);

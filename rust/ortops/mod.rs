@@ -18,6 +18,16 @@
 //! columns over `KernelContext_ParallelFor`, i.e. ONNX Runtime's own intra-op pool with the calling thread
 //! taking part: no second pool competes for the same cores.
 
+/// `$body` with `$w` bound to the weights, whichever way their scales are stored.
+macro_rules! by_scale {
+    ($weights:expr, |$w:ident| $body:expr) => {
+        match $weights {
+            ByScale::F32($w) => $body,
+            ByScale::F16($w) => $body,
+        }
+    };
+}
+
 mod q4_linear;
 mod q8_linear;
 mod q8_planes;
@@ -453,6 +463,54 @@ unsafe fn split_columns<F: Fn(*const f32, *mut f32, Range<usize>) + Sync>(
     let (chunk, tasks) = column_chunks(n, min_chunk, usize::MAX);
     let (x, y) = (SharedIn(x), SharedOut(y));
     parallel(api, context, tasks, move |task| cols(x.ptr(), y.ptr(), task * chunk..((task + 1) * chunk).min(n)))
+}
+
+/// A kernel's weights with their block scales as stored (fp32 or fp16; `by_scale!` runs code on either).
+enum ByScale<A, B> {
+    F32(A),
+    F16(B),
+}
+
+impl<A, B> ByScale<A, B> {
+    /// The fp16 form where input 2 (the block scales) is fp16, else the fp32 one.
+    unsafe fn load(
+        api: Api,
+        info: *const OrtKernelInfo,
+        op: &str,
+        full: impl FnOnce() -> Result<A, OrtStatusPtr>,
+        half: impl FnOnce() -> Result<B, OrtStatusPtr>,
+    ) -> Result<Self, OrtStatusPtr> {
+        Ok(if half_scales(api, info, op)? { ByScale::F16(half()?) } else { ByScale::F32(full()?) })
+    }
+}
+
+/// An fp32-activation linear: input 0 ([.., width]) through `activate` (x[M, width] -> [M, k]) when given,
+/// then y[M, N] by `cols(x, m, y, range)` over column ranges on the intra-op pool (Q4Linear, Q8Linear).
+#[allow(clippy::too_many_arguments)]
+unsafe fn run_linear<F: Fn(*const f32, usize, *mut f32, Range<usize>) + Sync>(
+    api: Api,
+    context: *mut OrtKernelContext,
+    op: &str,
+    (width, k, n): (usize, usize, usize),
+    activate: Option<fn(&[f32], usize, &mut [f32])>,
+    cols: F,
+) -> Result<(), OrtStatusPtr> {
+    let (x, m, y) = row_io(api, context, width, n, op)?;
+    if m == 0 {
+        return Ok(());
+    }
+    let activated: Vec<f32>;
+    let x = match activate {
+        Some(f) => {
+            let mut out = vec![0.0f32; m * k];
+            f(core::slice::from_raw_parts(x, m * width), k, &mut out);
+            activated = out;
+            activated.as_ptr()
+        }
+        None => x,
+    };
+    // SAFETY (callers): each task writes its own columns of y; x and y have the sizes row_io checked.
+    split_columns(api, context, x, m, n, y, move |x, y, range| cols(x, m, y, range))
 }
 
 /// Column ranges for `parallel`: at most `max_tasks` chunks of a multiple of 16 columns, at least `min`.

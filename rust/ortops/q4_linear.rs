@@ -14,20 +14,14 @@ use core::ffi::CStr;
 use ort_sys::{ONNXTensorElementDataType as T, OrtCustomOp, OrtKernelContext, OrtKernelInfo, OrtStatusPtr};
 
 use half::f16;
-use super::{attribute, block_weights, constant, detect, half_scales, op, row_io, split_columns, Api, Element, Kernel, ANY, FLOAT, UINT8};
+use super::{attribute, block_weights, constant, detect, op, run_linear, Api, ByScale, Element, Kernel, ANY, FLOAT, UINT8};
 use crate::kernels::q4::{matmul_cols, silu_mul, Isa, Q4Format, Q4Weights, Scale};
 
 pub(super) static OP: OrtCustomOp = op::<Q4Linear>();
 
-/// The weights with their scales as stored.
-enum Weights {
-    F32(Q4Weights<'static, f32>),
-    F16(Q4Weights<'static, f16>),
-}
-
 struct Q4Linear {
     api: Api,
-    weights: Weights,
+    weights: ByScale<Q4Weights<'static, f32>, Q4Weights<'static, f16>>,
     swiglu: bool,
     isa: Isa,
 }
@@ -51,41 +45,16 @@ impl Kernel for Q4Linear {
         else {
             return Err(api.error("Q4Linear: zero_point must be 0..15 and row_group positive"));
         };
-        let weights = if half_scales(api, info, "Q4Linear")? {
-            Weights::F16(weights(api, info, zero_point, group)?)
-        } else {
-            Weights::F32(weights(api, info, zero_point, group)?)
-        };
+        let weights = ByScale::load(api, info, "Q4Linear", || weights(api, info, zero_point, group), || weights(api, info, zero_point, group))?;
         Ok(Q4Linear { api, weights, swiglu, isa: detect() })
     }
 
     unsafe fn compute(&self, context: *mut OrtKernelContext) -> Result<(), OrtStatusPtr> {
-        match &self.weights {
-            Weights::F32(w) => self.run(w, context),
-            Weights::F16(w) => self.run(w, context),
-        }
-    }
-}
-
-impl Q4Linear {
-    unsafe fn run<S: Scale>(&self, weights: &Q4Weights<'static, S>, context: *mut OrtKernelContext) -> Result<(), OrtStatusPtr> {
-        let (k, n) = (weights.k(), weights.n());
-        let width = if self.swiglu { 2 * k } else { k };
-        let (x, m, y) = row_io(self.api, context, width, n, "Q4Linear")?;
-        if m == 0 {
-            return Ok(());
-        }
-        let activated: Vec<f32>;
-        let x = if self.swiglu {
-            let mut out = vec![0.0f32; m * k];
-            silu_mul(core::slice::from_raw_parts(x, m * width), k, &mut out);
-            activated = out;
-            activated.as_ptr()
-        } else {
-            x
-        };
-        let isa = self.isa;
-        // SAFETY: each task writes its own columns of y; x and y have the sizes row_io checked.
-        split_columns(self.api, context, x, m, n, y, move |x, y, cols| unsafe { matmul_cols(weights, x, m, y, cols, isa) })
+        let (api, isa, swiglu) = (self.api, self.isa, self.swiglu);
+        by_scale!(&self.weights, |w| {
+            let (k, n) = (w.k(), w.n());
+            let (width, activate) = if swiglu { (2 * k, Some(silu_mul as fn(&[f32], usize, &mut [f32]))) } else { (k, None) };
+            run_linear(api, context, "Q4Linear", (width, k, n), activate, move |x, m, y, cols| unsafe { matmul_cols(w, x, m, y, cols, isa) })
+        })
     }
 }

@@ -13,20 +13,14 @@ use core::ffi::CStr;
 use ort_sys::{ONNXTensorElementDataType as T, OrtCustomOp, OrtKernelContext, OrtKernelInfo, OrtStatusPtr};
 
 use half::f16;
-use super::{attribute, block_weights, constant, detect, half_scales, op, row_io, split_columns, Api, Element, Kernel, ANY, FLOAT, INT8};
+use super::{attribute, block_weights, constant, detect, op, run_linear, Api, ByScale, Element, Kernel, ANY, FLOAT, INT8};
 use crate::kernels::q8f::{matmul_cols, Isa, Q8FWeights, Q8Format, Scale};
 
 pub(super) static OP: OrtCustomOp = op::<Q8Linear>();
 
-/// The weights with their scales as stored.
-enum Weights {
-    F32(Q8FWeights<'static, f32>),
-    F16(Q8FWeights<'static, f16>),
-}
-
 struct Q8Linear {
     api: Api,
-    weights: Weights,
+    weights: ByScale<Q8FWeights<'static, f32>, Q8FWeights<'static, f16>>,
     isa: Isa,
 }
 
@@ -49,31 +43,15 @@ impl Kernel for Q8Linear {
         ) else {
             return Err(api.error("Q8Linear: block and row_group must be positive"));
         };
-        let weights = if half_scales(api, info, "Q8Linear")? {
-            Weights::F16(weights(api, info, block, group)?)
-        } else {
-            Weights::F32(weights(api, info, block, group)?)
-        };
+        let weights = ByScale::load(api, info, "Q8Linear", || weights(api, info, block, group), || weights(api, info, block, group))?;
         Ok(Q8Linear { api, weights, isa: detect() })
     }
 
     unsafe fn compute(&self, context: *mut OrtKernelContext) -> Result<(), OrtStatusPtr> {
-        match &self.weights {
-            Weights::F32(w) => self.run(w, context),
-            Weights::F16(w) => self.run(w, context),
-        }
-    }
-}
-
-impl Q8Linear {
-    unsafe fn run<S: Scale>(&self, weights: &Q8FWeights<'static, S>, context: *mut OrtKernelContext) -> Result<(), OrtStatusPtr> {
-        let (k, n) = (weights.k(), weights.n());
-        let (x, m, y) = row_io(self.api, context, k, n, "Q8Linear")?;
-        if m == 0 {
-            return Ok(());
-        }
-        let isa = self.isa;
-        // SAFETY: each task writes its own columns of y; x and y have the sizes row_io checked.
-        split_columns(self.api, context, x, m, n, y, move |x, y, cols| unsafe { matmul_cols(weights, x, m, y, cols, isa) })
+        let (api, isa) = (self.api, self.isa);
+        by_scale!(&self.weights, |w| {
+            let (k, n) = (w.k(), w.n());
+            run_linear(api, context, "Q8Linear", (k, k, n), None, move |x, m, y, cols| unsafe { matmul_cols(w, x, m, y, cols, isa) })
+        })
     }
 }
