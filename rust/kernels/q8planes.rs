@@ -216,10 +216,30 @@ unsafe fn portable<S: Scale>(w: &Planes<S>, x: *const f32, norms: &[f32], m: usi
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::super::splat::{splat256, splat512};
     use super::{Out, Planes, Scale, BLOCK};
     use core::arch::x86_64::*;
     use core::ops::Range;
+
+    /// `*p` widened to fp32 in every lane. (One block per row and step here: the tile reads each scale once.)
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn splat512<S: Scale>(p: *const S) -> __m512 {
+        if S::HALF {
+            _mm512_cvtph_ps(_mm256_set1_epi16(p.cast::<i16>().read()))
+        } else {
+            _mm512_set1_ps(p.cast::<f32>().read())
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn splat256<S: Scale>(p: *const S) -> __m256 {
+        if S::HALF {
+            _mm256_cvtph_ps(_mm_set1_epi16(p.cast::<i16>().read()))
+        } else {
+            _mm256_set1_ps(p.cast::<f32>().read())
+        }
+    }
 
     /// R weight rows against MC rows of x per tile: R * MC independent accumulator chains.
     macro_rules! tiles {

@@ -319,11 +319,6 @@ unsafe fn block_weights<S: Element>(
     Ok((k, n, codes, scales))
 }
 
-/// Whether the block scales (input 2, declared `ANY`) are stored as fp16 (else they must be fp32).
-unsafe fn half_scales(api: Api, info: *const OrtKernelInfo, op: &str) -> Result<bool, OrtStatusPtr> {
-    half_input(api, info, 2, op)
-}
-
 /// Whether block scales at input `index` (declared `ANY`) are stored as fp16 (else they must be fp32).
 unsafe fn half_input(api: Api, info: *const OrtKernelInfo, index: usize, op: &str) -> Result<bool, OrtStatusPtr> {
     let mut typeinfo = ptr::null_mut();
@@ -480,7 +475,19 @@ impl<A, B> ByScale<A, B> {
         full: impl FnOnce() -> Result<A, OrtStatusPtr>,
         half: impl FnOnce() -> Result<B, OrtStatusPtr>,
     ) -> Result<Self, OrtStatusPtr> {
-        Ok(if half_scales(api, info, op)? { ByScale::F16(half()?) } else { ByScale::F32(full()?) })
+        Self::load_at(api, info, 2, op, full, half)
+    }
+
+    /// As `load`, with the block scales at input `index`.
+    unsafe fn load_at(
+        api: Api,
+        info: *const OrtKernelInfo,
+        index: usize,
+        op: &str,
+        full: impl FnOnce() -> Result<A, OrtStatusPtr>,
+        half: impl FnOnce() -> Result<B, OrtStatusPtr>,
+    ) -> Result<Self, OrtStatusPtr> {
+        Ok(if half_input(api, info, index, op)? { ByScale::F16(half()?) } else { ByScale::F32(full()?) })
     }
 }
 

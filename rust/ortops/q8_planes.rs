@@ -20,7 +20,7 @@ use std::sync::Mutex;
 use half::f16;
 use ort_sys::{ONNXTensorElementDataType as T, OrtCustomOp, OrtKernelContext, OrtKernelInfo, OrtStatusPtr, OrtValue};
 
-use super::{attribute, column_chunks, constant, detect, half_input, op, parallel, row_io, shape, Api, Element, Kernel, SharedIn, SharedOut, ANY, FLOAT, INT64, UINT8};
+use super::{attribute, column_chunks, constant, detect, op, parallel, row_io, shape, Api, ByScale, Element, Kernel, SharedIn, SharedOut, ANY, FLOAT, INT64, UINT8};
 use crate::kernels::q8planes::{block_norms, coarse_cols, exact_cols, exact_pass, Isa, Planes, Scale};
 
 pub(super) static HEAD: OrtCustomOp = op::<Q8HeadPlanes>();
@@ -33,16 +33,11 @@ const MAX_TASKS: usize = 32;
 /// many reuses its buffer; a larger one allocates its own each call.
 const KEEP_ROWS: usize = 8;
 
-/// The planes with their scales as stored.
-enum Weights {
-    F32(Planes<'static, f32>),
-    F16(Planes<'static, f16>),
-}
+/// The planes with their scales as stored (input 3: fp32 or fp16).
+type Weights = ByScale<Planes<'static, f32>, Planes<'static, f16>>;
 
-impl Weights {
-    unsafe fn new(api: Api, info: *const OrtKernelInfo, op: &str) -> Result<Self, OrtStatusPtr> {
-        Ok(if half_input(api, info, 3, op)? { Weights::F16(planes(api, info, op)?) } else { Weights::F32(planes(api, info, op)?) })
-    }
+unsafe fn load(api: Api, info: *const OrtKernelInfo, op: &str) -> Result<Weights, OrtStatusPtr> {
+    ByScale::load_at(api, info, 3, op, || planes(api, info, op), || planes(api, info, op))
 }
 
 /// The K and N attributes and the two planes and scales (inputs 1-3), checked.
@@ -73,15 +68,12 @@ impl Kernel for Q8HeadPlanes {
     const REQUIRED_INPUTS: usize = 4;
 
     unsafe fn new(api: Api, info: *const OrtKernelInfo) -> Result<Self, OrtStatusPtr> {
-        let weights = Weights::new(api, info, "Q8HeadPlanes")?;
+        let weights = load(api, info, "Q8HeadPlanes")?;
         Ok(Q8HeadPlanes { api, weights, isa: detect(), upper: Mutex::new(Vec::new()) })
     }
 
     unsafe fn compute(&self, context: *mut OrtKernelContext) -> Result<(), OrtStatusPtr> {
-        match &self.weights {
-            Weights::F32(w) => self.run(w, context),
-            Weights::F16(w) => self.run(w, context),
-        }
+        by_scale!(&self.weights, |w| self.run(w, context))
     }
 }
 
@@ -144,14 +136,11 @@ impl Kernel for Q8GatherPlanes {
     const REQUIRED_INPUTS: usize = 4;
 
     unsafe fn new(api: Api, info: *const OrtKernelInfo) -> Result<Self, OrtStatusPtr> {
-        Ok(Q8GatherPlanes { api, weights: Weights::new(api, info, "Q8GatherPlanes")? })
+        Ok(Q8GatherPlanes { api, weights: load(api, info, "Q8GatherPlanes")? })
     }
 
     unsafe fn compute(&self, context: *mut OrtKernelContext) -> Result<(), OrtStatusPtr> {
-        match &self.weights {
-            Weights::F32(w) => self.run(w, context),
-            Weights::F16(w) => self.run(w, context),
-        }
+        by_scale!(&self.weights, |w| self.run(w, context))
     }
 }
 
