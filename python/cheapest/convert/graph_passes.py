@@ -12,8 +12,8 @@
     signed bytes (code - zero point), with their block scales (blocks of 32, or 16 for Q6_K's sub-blocks) and
     terms (rust/kernels/q8f.rs);
   * SwiGLU feeding such a linear (Split of gate|up, QuickGelu(alpha=1), Mul) by the linear's swiglu=1 input;
-  * the 8-bit LM head the fused graph scores with int8 activations and rescores exactly in fp32 (MatMulNBits at
-    accuracy_level 4, TopK, GatherBlockQuantized, MatMul, ScatterElements), with its embedding's
+  * a large 8-bit LM head (PLANES_MIN_WEIGHTS) the fused graph scores with int8 activations and rescores exactly
+    in fp32 (MatMulNBits at accuracy_level 4, TopK, GatherBlockQuantized, MatMul, ScatterElements), with its embedding's
     GatherBlockQuantized on the same codes, by `cheapest.Q8HeadPlanes` and `cheapest.Q8GatherPlanes` over the
     codes split into two 4-bit planes (high and low nibbles, the same bytes; rust/kernels/q8planes.rs): the
     head scores every row from the high plane alone (half the bytes) with a rigorous per-row error bound and
@@ -52,6 +52,11 @@ from .graph_builder import MS_DOMAIN
 CHEAPEST_DOMAIN = "cheapest"  # rust/ortops: registered by the core's library (engine loader)
 BLOCK = 32
 RESCORE = 64  # rows the head always recomputes exactly (rust/kernels/q8planes.rs)
+# The planes head where the head is most of a decode step's bytes: Gemma 3's 262,144 x 640 head (1.25x faster
+# steps, the exact set median 64 rows). SmolLM2's 49,152 x 576 head gained nothing (1.01x: its flatter logits
+# leave 4-24 thousand rows within the bound, recomputed one by one) and keeps the int8 pass, whose far tail is
+# closer to exact (~1 logit against ~3 from the high plane) for requests that sample the whole vocabulary.
+PLANES_MIN_WEIGHTS = 64 * 1024 * 1024
 ROW_GROUP = 8  # rows whose blocks are interleaved, so a kernel tile reads one stream (rust/kernels/q4.rs)
 
 
@@ -343,10 +348,13 @@ def _embedding_gather(g: _Graph, node: onnx.NodeProto, scales: np.ndarray) -> bo
     return mine is not None and mine.size == scales.size and np.array_equal(mine.reshape(scales.shape), scales)
 
 
-def _head_planes(g: _Graph, q: onnx.NodeProto) -> list[_Rewrite] | None:
-    """The rescored 8-bit head and its embedding's gathers -> Q8HeadPlanes and Q8GatherPlanes on two planes."""
+def _head_planes(g: _Graph, q: onnx.NodeProto, min_weights: int) -> list[_Rewrite] | None:
+    """The rescored 8-bit head (of at least `min_weights` weights) and its embedding's gathers -> Q8HeadPlanes and
+    Q8GatherPlanes on two planes."""
     a = _attrs(q)
     if a.get("bits") != 8 or a.get("block_size") != BLOCK or a.get("accuracy_level", 0) != 4 or len(q.input) != 3:
+        return None
+    if int(a["K"]) * int(a["N"]) < min_weights:
         return None
     head = _rescored_head(g, q)
     codes, scales = g.array(q.input[1]), g.array(q.input[2])
@@ -413,14 +421,15 @@ def _swiglu_input(g: _Graph, linear: onnx.NodeProto, k: int) -> tuple[str, list[
     return None
 
 
-def cpu_graph(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Rewrite `model` (the fused graph) in place for the CPU provider and return it."""
+def cpu_graph(model: onnx.ModelProto, planes_min_weights: int = PLANES_MIN_WEIGHTS) -> onnx.ModelProto:
+    """Rewrite `model` (the fused graph) in place for the CPU provider and return it. A tied 8-bit LM head of at
+    least `planes_min_weights` weights is scored from two planes, a smaller one with int8 activations."""
     g = _Graph(model.graph)
     rewrites: list[_Rewrite] = []
     for node in list(model.graph.node):
         if node.op_type != "MatMulNBits":
             continue
-        planes = _head_planes(g, node)
+        planes = _head_planes(g, node, planes_min_weights)
         if planes is not None:
             rewrites += planes
         elif (r := _q8_linear(g, node) or _q4_linear(g, node) or _q8_linear_int8(g, node)) is not None:
