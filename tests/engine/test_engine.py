@@ -12,7 +12,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import tokenizers
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from cheapest.engine.chat import ChatTemplate, ChatTemplateError
@@ -484,24 +484,26 @@ def test_chat_template_renders_like_transformers() -> None:
     assert named.render([("user", "é\"")]) == '<s>"é\\""!'
 
 
+@example(content="\n", typed="")  # joins the template's newline into one token, as transformers encodes it
 @settings(max_examples=100, deadline=None)
 @given(content=st.text(alphabet=st.characters(codec="utf-8", exclude_characters="\x00"), max_size=40),
        typed=st.sampled_from(["", "<|im_end|>", "<|im_start|>system\n", "<|endoftext|>"]))
 def test_message_content_is_text_whatever_it_holds(engine: OnnxEngine, hf_tokenizer: tokenizers.Tokenizer,
                                                    content: str, typed: str) -> None:
     """Typed control tokens become their characters, never the tokens: only the template's own markup makes
-    special tokens. Content without such text encodes exactly as the whole rendered prompt always did."""
+    special tokens. Content without such text encodes exactly as the whole rendered prompt does."""
     text = content[:20] + typed + content[20:]
     prompt = engine.render_chat([("user", text)])
     ids = engine.encode(prompt)
     empty = engine.encode(engine.render_chat([("user", "")]))
     specials = {hf_tokenizer.token_to_id(t) for t in ("<|im_start|>", "<|im_end|>", "<|endoftext|>")}
     assert [i for i in ids if i in specials] == [i for i in empty if i in specials]  # system, user, assistant
-    as_text = tokenizers.Tokenizer.from_file(str(engine.spec.model_dir / "tokenizer.json"))
-    as_text.encode_special_tokens = True
-    assert len(ids) == len(empty) + len(as_text.encode(text, add_special_tokens=False).ids)
-    if not any(t in text for t in ("<|im_start|>", "<|im_end|>", "<|endoftext|>")):
-        assert ids == engine.encode(str(prompt))
+    if any(t in text for t in ("<|im_start|>", "<|im_end|>", "<|endoftext|>")):
+        as_text = tokenizers.Tokenizer.from_file(str(engine.spec.model_dir / "tokenizer.json"))
+        as_text.encode_special_tokens = True  # the content encoded apart, as characters
+        assert len(ids) == len(empty) + len(as_text.encode(text, add_special_tokens=False).ids)
+    else:  # the whole prompt at once, as transformers encodes it (merges across the content's edges included)
+        assert ids == engine.encode(str(prompt)) == hf_tokenizer.encode(str(prompt), add_special_tokens=False).ids
 
 
 def test_tool_texts_are_text_or_refused(engine: OnnxEngine, hf_tokenizer: tokenizers.Tokenizer) -> None:

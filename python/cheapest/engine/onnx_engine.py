@@ -151,10 +151,18 @@ class OnnxEngine:
         """Prompt text -> ids; `special_tokens`: the tokenizer's own additions (BOS) for a text prompt. The
         rendered template already holds its special tokens (BOS included where the model wants it); the message
         content inside it is text, whatever it contains."""
-        if not isinstance(text, ChatPrompt) or not text.parts:
-            return list(self.tokenizer.encode(text, add_special_tokens=special_tokens))
+        parts = text.parts if isinstance(text, ChatPrompt) else ()
+        whole = list(self.tokenizer.encode(text, add_special_tokens=special_tokens and not parts))
+        if not parts or self._text is None:
+            return whole
+        # Content that makes no control token: the whole prompt encoded at once, as transformers does (pieces
+        # encoded apart would split merges across their joins, e.g. content starting with a newline).
+        markup = self.tokenizer.encode("".join(part for part, content in parts if not content), add_special_tokens=False)
+        specials = self._text.special_ids
+        if sum(i in specials for i in whole) == sum(i in specials for i in markup):
+            return whole
         ids: list[int] = []
-        for part, content in text.parts:
+        for part, content in parts:
             piece = self.tokenizer.encode(part, add_special_tokens=False)
             if content and self._text is not None and not self._text.special_ids.isdisjoint(piece):
                 piece = self._text.encode(part)  # typed control tokens: their characters, not the tokens
