@@ -251,6 +251,18 @@ class TextTokenizer:
         return list(self._tok.encode(text, add_special_tokens=False).ids)
 
 
+def release_freed_heap() -> None:
+    """Hand heap memory freed while loading back to the OS. glibc's malloc keeps freed blocks for reuse, and
+    parsing a large tokenizer.json (Gemma 3's 33 MB peaks at ~300 MiB) would leave ~190 MiB of them resident for
+    the worker's life (measured: 317 -> 124 MiB anonymous after Gemma 3's tokenizer). No-op where the C library
+    has no malloc_trim."""
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return
+    trim(0)
+
+
 def load_tokenizer(model_dir: Path) -> Tokenizer:
     path = model_dir / TOKENIZER
     try:

@@ -25,7 +25,7 @@ from cheapest.engine.batching import Sequence as BatchSequence
 from cheapest.engine.chat import ChatPrompt, ChatTemplate, ChatTemplateError
 from cheapest.engine.grammar import GrammarCompiler, LlgGrammar
 from cheapest.engine.loader import CPU, SPIN_US, IncrementalDecoder, ModelSpec, TextTokenizer, Tokenizer, \
-    choose_providers, load_tokenizer, open_session, read_model_dir, served_graph
+    choose_providers, load_tokenizer, open_session, read_model_dir, release_freed_heap, served_graph
 from cheapest.engine.logprobs import TokenTexts
 from cheapest.engine.runner import ConcatKv, KvRunner, SharedBufferKv
 from cheapest.engine.sampling import Sampler
@@ -273,5 +273,6 @@ def load_engine(model_dir: str | os.PathLike[str], *, threads: int | None = None
             runner = ConcatKv(session, spec, max_batch or 16)
     except ValueError as e:
         raise EngineError("the model graph does not match the model directory") from e
-    return OnnxEngine(spec, load_tokenizer(spec.model_dir), runner, provider,
-                      (chat_templates or {}).get(spec.model_id))
+    engine = OnnxEngine(spec, load_tokenizer(spec.model_dir), runner, provider, (chat_templates or {}).get(spec.model_id))
+    release_freed_heap()
+    return engine
