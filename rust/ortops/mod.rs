@@ -309,14 +309,19 @@ unsafe fn block_weights<S: Element>(
     info: *const OrtKernelInfo,
     op: &str,
 ) -> Result<(usize, usize, &'static [u8], &'static [S]), OrtStatusPtr> {
-    let (Ok(k), Ok(n)) = (usize::try_from(attribute(api, info, c"K", None)?), usize::try_from(attribute(api, info, c"N", None)?))
-    else {
-        return Err(api.error(&format!("{op}: K and N must be non-negative")));
-    };
+    let (k, n) = dims(api, info, op)?;
     let missing = || api.error(&format!("{op}: codes and scales must be constant initializers"));
     let codes = constant::<u8>(api, info, 1, op)?.ok_or_else(missing)?;
     let scales = constant::<S>(api, info, 2, op)?.ok_or_else(missing)?;
     Ok((k, n, codes, scales))
+}
+
+/// The K and N attributes of a weight matrix [N, K].
+unsafe fn dims(api: Api, info: *const OrtKernelInfo, op: &str) -> Result<(usize, usize), OrtStatusPtr> {
+    match (usize::try_from(attribute(api, info, c"K", None)?), usize::try_from(attribute(api, info, c"N", None)?)) {
+        (Ok(k), Ok(n)) => Ok((k, n)),
+        _ => Err(api.error(&format!("{op}: K and N must be non-negative"))),
+    }
 }
 
 /// Whether block scales at input `index` (declared `ANY`) are stored as fp16 (else they must be fp32).

@@ -20,7 +20,7 @@ use std::sync::Mutex;
 use half::f16;
 use ort_sys::{ONNXTensorElementDataType as T, OrtCustomOp, OrtKernelContext, OrtKernelInfo, OrtStatusPtr, OrtValue};
 
-use super::{attribute, column_chunks, constant, detect, op, parallel, row_io, shape, Api, ByScale, Element, Kernel, SharedIn, SharedOut, ANY, FLOAT, INT64, UINT8};
+use super::{column_chunks, constant, dims, detect, op, parallel, row_io, shape, Api, ByScale, Element, Kernel, SharedIn, SharedOut, ANY, FLOAT, INT64, UINT8};
 use crate::kernels::q8planes::{block_norms, coarse_cols, exact_cols, exact_pass, Isa, Planes, Scale};
 
 pub(super) static HEAD: OrtCustomOp = op::<Q8HeadPlanes>();
@@ -42,10 +42,7 @@ unsafe fn load(api: Api, info: *const OrtKernelInfo, op: &str) -> Result<Weights
 
 /// The K and N attributes and the two planes and scales (inputs 1-3), checked.
 unsafe fn planes<S: Scale + Element>(api: Api, info: *const OrtKernelInfo, op: &str) -> Result<Planes<'static, S>, OrtStatusPtr> {
-    let (Ok(k), Ok(n)) = (usize::try_from(attribute(api, info, c"K", None)?), usize::try_from(attribute(api, info, c"N", None)?))
-    else {
-        return Err(api.error(&format!("{op}: K and N must be non-negative")));
-    };
+    let (k, n) = dims(api, info, op)?;
     let missing = || api.error(&format!("{op}: planes and scales must be constant initializers"));
     let hi = constant::<u8>(api, info, 1, op)?.ok_or_else(missing)?;
     let lo = constant::<u8>(api, info, 2, op)?.ok_or_else(missing)?;
