@@ -125,7 +125,8 @@ pub mod q8f;
 /// How a block's scale (and additive term) is stored: fp32, or fp16 where every value of a tensor is exactly
 /// an fp16 - GGUF's Q4_0 / Q4_1 / Q5_0 / Q8_0 block headers are fp16 themselves, so their scales and minimums
 /// lose nothing and a decode step reads 2 bytes less per block and value (SmolLM2's Q4_1 projections: 20 bytes
-/// a block instead of 24). The kernels widen a scale to fp32 as they read it; every product stays fp32.
+/// a block instead of 24). The tiled kernels widen a tile's scales to fp32 once (`Widened`); every product stays
+/// fp32, bit for bit what the same values stored in fp32 give.
 pub trait Scale: Copy + Send + Sync + core::fmt::Debug + 'static {
     /// Stored as IEEE binary16 (else binary32).
     const HALF: bool;
@@ -146,7 +147,8 @@ impl Scale for half::f16 {
     }
 }
 
-/// fp16 block values a tile can widen at once: K/block * row_group of them (see `BlockMatrix::checked`).
+/// fp16 block values a tile can widen at once: K/block * row_group of them (`BlockMatrix::checked_rows` refuses
+/// more; the converter keeps such a matrix's scales in fp32, graph_passes.WIDE_VALUES).
 pub const WIDE_VALUES: usize = 4096;
 
 /// A tile's scales or offsets as fp32, indexed by block number like the stored ones (`at(block)`).

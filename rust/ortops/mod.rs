@@ -77,10 +77,6 @@ impl Element for u8 {
     }
 }
 
-impl Element for i8 {
-    const TYPE: ONNXTensorElementDataType = INT8;
-}
-
 impl Element for f32 {
     const TYPE: ONNXTensorElementDataType = FLOAT;
 }
@@ -302,18 +298,22 @@ unsafe fn attribute(api: Api, info: *const OrtKernelInfo, name: &CStr, default: 
     }
 }
 
-/// The K and N attributes and the codes (input 1) and scales (input 2) every block-quantized operator has.
-#[allow(clippy::type_complexity)]
-unsafe fn block_weights<S: Element>(
-    api: Api,
-    info: *const OrtKernelInfo,
-    op: &str,
-) -> Result<(usize, usize, &'static [u8], &'static [S]), OrtStatusPtr> {
+/// What every block-quantized operator reads: K, N, the codes (input 1), the scales (input 2) and the optional
+/// per-block terms stored as the scales are (input 3).
+struct BlockInputs<S: 'static> {
+    k: usize,
+    n: usize,
+    codes: &'static [u8],
+    scales: &'static [S],
+    offsets: Option<&'static [S]>,
+}
+
+unsafe fn block_weights<S: Element>(api: Api, info: *const OrtKernelInfo, op: &str) -> Result<BlockInputs<S>, OrtStatusPtr> {
     let (k, n) = dims(api, info, op)?;
     let missing = || api.error(&format!("{op}: codes and scales must be constant initializers"));
     let codes = constant::<u8>(api, info, 1, op)?.ok_or_else(missing)?;
     let scales = constant::<S>(api, info, 2, op)?.ok_or_else(missing)?;
-    Ok((k, n, codes, scales))
+    Ok(BlockInputs { k, n, codes, scales, offsets: constant::<S>(api, info, 3, op)? })
 }
 
 /// The K and N attributes of a weight matrix [N, K].

@@ -14,7 +14,7 @@ use core::ffi::CStr;
 use ort_sys::{ONNXTensorElementDataType as T, OrtCustomOp, OrtKernelContext, OrtKernelInfo, OrtStatusPtr};
 
 use half::f16;
-use super::{attribute, block_weights, constant, detect, op, run_linear, Api, ByScale, Element, Kernel, ANY, FLOAT, UINT8};
+use super::{attribute, block_weights, detect, BlockInputs, op, run_linear, Api, ByScale, Element, Kernel, ANY, FLOAT, UINT8};
 use crate::kernels::q4::{matmul_cols, silu_mul, Isa, Q4Format, Q4Weights, Scale};
 
 pub(super) static OP: OrtCustomOp = op::<Q4Linear>();
@@ -27,8 +27,7 @@ struct Q4Linear {
 }
 
 unsafe fn weights<S: Scale + Element>(api: Api, info: *const OrtKernelInfo, zero_point: u8, group: usize) -> Result<Q4Weights<'static, S>, OrtStatusPtr> {
-    let (k, n, codes, scales) = block_weights::<S>(api, info, "Q4Linear")?;
-    let offsets = constant::<S>(api, info, 3, "Q4Linear")?;
+    let BlockInputs { k, n, codes, scales, offsets } = block_weights::<S>(api, info, "Q4Linear")?;
     Q4Weights::new(n, k, codes, scales, Q4Format { offsets, zero_point, group })
         .map_err(|e| api.error(&format!("Q4Linear (K={k}, N={n}): {e}")))
 }

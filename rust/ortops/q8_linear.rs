@@ -11,7 +11,7 @@ use core::ffi::CStr;
 
 use ort_sys::{ONNXTensorElementDataType as T, OrtCustomOp, OrtKernelContext, OrtKernelInfo, OrtStatusPtr};
 
-use super::{block_weights, column_chunks, FLOAT, UINT8, detect, op, parallel, row_io, Api, Kernel, SharedOut};
+use super::{block_weights, BlockInputs, column_chunks, FLOAT, UINT8, detect, op, parallel, row_io, Api, Kernel, SharedOut};
 use crate::kernels::q4::Isa;
 use crate::kernels::q8::{matmul_cols, QuantizedRow, Q8Weights};
 
@@ -32,7 +32,7 @@ impl Kernel for Q8LinearInt8 {
     const REQUIRED_INPUTS: usize = 3;
 
     unsafe fn new(api: Api, info: *const OrtKernelInfo) -> Result<Self, OrtStatusPtr> {
-        let (k, n, codes, scales) = block_weights(api, info, "Q8LinearInt8")?;
+        let BlockInputs { k, n, codes, scales, .. } = block_weights::<f32>(api, info, "Q8LinearInt8")?;
         let weights = Q8Weights::new(n, k, codes, scales)
             .map_err(|e| api.error(&format!("Q8LinearInt8 (K={k}, N={n}): {e}")))?;
         Ok(Q8LinearInt8 { api, weights, isa: detect() })

@@ -13,7 +13,7 @@ use core::ffi::CStr;
 use ort_sys::{ONNXTensorElementDataType as T, OrtCustomOp, OrtKernelContext, OrtKernelInfo, OrtStatusPtr};
 
 use half::f16;
-use super::{attribute, block_weights, constant, detect, op, run_linear, Api, ByScale, Element, Kernel, ANY, FLOAT, INT8};
+use super::{attribute, block_weights, detect, BlockInputs, op, run_linear, Api, ByScale, Element, Kernel, ANY, FLOAT, INT8};
 use crate::kernels::q8f::{matmul_cols, Isa, Q8FWeights, Q8Format, Scale};
 
 pub(super) static OP: OrtCustomOp = op::<Q8Linear>();
@@ -25,8 +25,7 @@ struct Q8Linear {
 }
 
 unsafe fn weights<S: Scale + Element>(api: Api, info: *const OrtKernelInfo, block: usize, group: usize) -> Result<Q8FWeights<'static, S>, OrtStatusPtr> {
-    let (k, n, codes, scales) = block_weights::<S>(api, info, "Q8Linear")?;
-    let offsets = constant::<S>(api, info, 3, "Q8Linear")?;
+    let BlockInputs { k, n, codes, scales, offsets } = block_weights::<S>(api, info, "Q8Linear")?;
     Q8FWeights::new(n, k, block, codes, scales, Q8Format { offsets, group })
         .map_err(|e| api.error(&format!("Q8Linear (K={k}, N={n}, block={block}): {e}")))
 }

@@ -270,3 +270,14 @@ def test_tied_8bit_head_reads_two_planes_and_keeps_the_exact_argmax(n: int, k: i
         assert np.count_nonzero(~coarse) >= min(64, n)
         assert np.all(got[b, coarse] < got[b, best])
         assert best == int(np.argmax(before[b, 0])) or abs(exact[b, best] - exact[b].max()) <= 2 * tol[b].max()
+
+
+def test_scales_too_wide_for_a_tile_stay_fp32() -> None:
+    """fp16 scales are widened a tile at a time (K/32 * row group of them at most, WIDE_VALUES): a wider matrix
+    keeps fp32 scales, which the kernel reads in place, instead of failing to load."""
+    from cheapest.convert.graph_passes import WIDE_VALUES, _block_terms
+    halves = np.full((8, WIDE_VALUES // 8), 0.5, np.float32)
+    assert _block_terms(halves, None, 8)["scales"].dtype == np.float16
+    wide = np.full((8, WIDE_VALUES // 8 + 1), 0.5, np.float32)
+    assert _block_terms(wide, wide, 8)["scales"].dtype == np.float32
+    assert _block_terms(wide, None, 0)["scales"].dtype == np.float16  # a kernel that widens per block

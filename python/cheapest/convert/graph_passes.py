@@ -58,6 +58,7 @@ RESCORE = 64  # rows the head always recomputes exactly (rust/kernels/q8planes.r
 # closer to exact (~1 logit against ~3 from the high plane) for requests that sample the whole vocabulary.
 PLANES_MIN_WEIGHTS = 64 * 1024 * 1024
 ROW_GROUP = 8  # rows whose blocks are interleaved, so a kernel tile reads one stream (rust/kernels/q4.rs)
+WIDE_VALUES = 4096  # fp16 block values a kernel tile widens at once: K/block * row_group (rust/kernels/mod.rs)
 
 
 @dataclass
@@ -177,12 +178,14 @@ def _block_minimums(g: _Graph, x: str, y: str, k: int, n: int, block: int = BLOC
     return np.ascontiguousarray(mins_t.T.astype(np.float32)), [sums, by_mins, add], add.output[0]
 
 
-def _block_terms(scales: np.ndarray, offsets: np.ndarray | None) -> dict[str, np.ndarray]:
-    """A linear's block scales (and offsets) as the kernels read them: fp16 when every value is exactly an fp16
-    (GGUF's Q4_0 / Q4_1 / Q5_0 / Q8_0 block headers are fp16 themselves, so nothing changes but the bytes a
-    decode step reads), else fp32 (K-quants: a super-block's fp16 scale times a 6-bit sub-scale)."""
+def _block_terms(scales: np.ndarray, offsets: np.ndarray | None, group: int = 0) -> dict[str, np.ndarray]:
+    """A linear's block scales (and offsets) [N, K/block] as the kernels read them: fp16 when every value is
+    exactly an fp16 (GGUF's Q4_0 / Q4_1 / Q5_0 / Q8_0 block headers are fp16 themselves, so nothing changes but
+    the bytes a decode step reads) and a kernel tile of `group` rows can widen them at once (WIDE_VALUES; 0: the
+    kernel widens each block's own), else fp32 (K-quants: a super-block's fp16 scale times a 6-bit sub-scale)."""
     terms = {"scales": scales} if offsets is None else {"scales": scales, "offsets": offsets}
-    exact = all(np.array_equal(v.astype(np.float16).astype(np.float32), v) for v in terms.values())
+    exact = scales.shape[-1] * group <= WIDE_VALUES and all(
+        np.array_equal(v.astype(np.float16).astype(np.float32), v) for v in terms.values())
     dtype = np.float16 if exact else np.float32
     return {name: v.astype(dtype) for name, v in terms.items()}
 
@@ -221,7 +224,7 @@ def _q4_linear(g: _Graph, q: onnx.NodeProto) -> _Rewrite | None:
         replaced += nodes
     base = q.name.removesuffix(".0") or y
     group = ROW_GROUP if n % ROW_GROUP == 0 else 1
-    arrays = {"codes": np.concatenate(codes, axis=1), **_block_terms(np.concatenate(scales, axis=1), offsets)}
+    arrays = {"codes": np.concatenate(codes, axis=1), **_block_terms(np.concatenate(scales, axis=1), offsets, group)}
     inits = [numpy_helper.from_array(_interleave_rows(a, group), f"{base}.q4_{name}") for name, a in arrays.items()]
     node = helper.make_node("Q4Linear", [x, *(t.name for t in inits)], [y], name=base, domain=CHEAPEST_DOMAIN,
                             K=k, N=n, zero_point=zero_point, row_group=group)
@@ -282,9 +285,9 @@ def _q8_linear(g: _Graph, q: onnx.NodeProto) -> _Rewrite | None:
     if minimums is not None:
         offsets, nodes, y = minimums
         replaced += nodes
-    arrays = {"codes": signed.astype(np.int8), **_block_terms(scale[:, :nb], offsets)}
     base = q.name.removesuffix(".0") or y
     group = ROW_GROUP if n % ROW_GROUP == 0 else 1
+    arrays = {"codes": signed.astype(np.int8), **_block_terms(scale[:, :nb], offsets, group)}
     inits = [numpy_helper.from_array(_interleave_rows(a, group), f"{base}.q8_{name}") for name, a in arrays.items()]
     node = helper.make_node("Q8Linear", [x, *(t.name for t in inits)], [y], name=base, domain=CHEAPEST_DOMAIN,
                             K=k, N=n, block=block, row_group=group)

@@ -165,7 +165,7 @@ class OnnxEngine:
         ids: list[int] = []
         for part, content in parts:
             piece = self.tokenizer.encode(part, add_special_tokens=False)
-            if content and self._text is not None and not self._text.special_ids.isdisjoint(piece):
+            if content and not specials.isdisjoint(piece):
                 piece = self._text.encode(part)  # typed control tokens: their characters, not the tokens
             ids += piece
         return ids
