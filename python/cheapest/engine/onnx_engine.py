@@ -13,7 +13,6 @@ Text never leaves memory: errors carry token counts or generic messages only.
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 import os
 from collections.abc import AsyncGenerator, Callable, Iterator, Mapping, Sequence
@@ -120,7 +119,6 @@ class OnnxEngine:
         # A base model (Gemma 3 270M) has none: render_chat raises NoChatTemplateError, completions still work.
         self.has_chat_template = chat_template is not None or ChatTemplate.present(spec.tokenizer_config)
         self._text = TextTokenizer(spec.model_dir / TOKENIZER) if self.has_chat_template else None
-        self._markup_specials = functools.lru_cache(maxsize=256)(self._count_specials)
         self._scheduler = Scheduler(runner, spec.model_id)
         self._grammars = GrammarCompiler(spec.model_dir / TOKENIZER, spec.vocab_size, sorted(spec.eos_token_ids))
         self._eos_token = min(spec.eos_token_ids, default=0)
@@ -159,8 +157,10 @@ class OnnxEngine:
             return whole
         # Content that makes no control token: the whole prompt encoded at once, as transformers does (pieces
         # encoded apart would split merges across their joins, e.g. content starting with a newline).
+        # (Not cached: a template's markup can hold request text, such as tool definitions it renders itself.)
         specials = self._text.special_ids
-        if sum(i in specials for i in whole) == self._markup_specials("".join(p for p, content in parts if not content)):
+        markup = self.tokenizer.encode("".join(p for p, content in parts if not content), add_special_tokens=False)
+        if sum(i in specials for i in whole) == sum(i in specials for i in markup):
             return whole
         ids: list[int] = []
         for part, content in parts:
@@ -169,11 +169,6 @@ class OnnxEngine:
                 piece = self._text.encode(part)  # typed control tokens: their characters, not the tokens
             ids += piece
         return ids
-
-    def _count_specials(self, markup: str) -> int:
-        """Control tokens in a template's markup (cached: requests of one shape share it; 22 -> 10 us an encode)."""
-        assert self._text is not None
-        return sum(i in self._text.special_ids for i in self.tokenizer.encode(markup, add_special_tokens=False))
 
     def _has_special(self, text: str) -> bool:
         return self._text is not None and not self._text.special_ids.isdisjoint(
