@@ -21,7 +21,7 @@ use half::f16;
 use ort_sys::{ONNXTensorElementDataType as T, OrtCustomOp, OrtKernelContext, OrtKernelInfo, OrtStatusPtr, OrtValue};
 
 use super::{column_chunks, constant, dims, detect, op, parallel, row_io, shape, Api, ByScale, Element, Kernel, SharedIn, SharedOut, ANY, FLOAT, INT64, UINT8};
-use crate::kernels::q8planes::{block_norms, coarse_cols, exact_cols, exact_pass, Isa, Planes, Scale};
+use crate::kernels::q8planes::{coarse_cols, CoarseRow, exact_cols, exact_pass, Isa, Planes, Scale};
 
 pub(super) static HEAD: OrtCustomOp = op::<Q8HeadPlanes>();
 pub(super) static GATHER: OrtCustomOp = op::<Q8GatherPlanes>();
@@ -83,18 +83,18 @@ impl Q8HeadPlanes {
             return Ok(());
         }
         let xs = core::slice::from_raw_parts(x, m * k);
-        let norms: Vec<f32> = xs.chunks_exact(k).flat_map(block_norms).collect();
+        let rows: Vec<CoarseRow> = xs.chunks_exact(k).map(CoarseRow::new).collect();
         let mut kept = self.upper.try_lock().ok();
         let mut own = Vec::new();
         let upper = kept.as_deref_mut().unwrap_or(&mut own);
         upper.resize(m * n, 0.0);
         let (chunk, tasks) = column_chunks(n, 64, MAX_TASKS);
-        let (xp, yp, up) = (SharedIn(x), SharedOut(y), SharedOut(upper.as_mut_ptr()));
-        let norms = &norms;
+        let (yp, up) = (SharedOut(y), SharedOut(upper.as_mut_ptr()));
+        let rows = &rows;
         parallel(api, context, tasks, move |task| {
             let cols = task * chunk..((task + 1) * chunk).min(n);
             // SAFETY: each task writes its own columns of y and upper, both [M, N]; x is [M, K].
-            unsafe { coarse_cols(w, xp.ptr(), norms, m, yp.ptr(), up.ptr(), cols, isa) }
+            unsafe { coarse_cols(w, rows, yp.ptr(), up.ptr(), cols, isa) }
         })?;
         let y = core::slice::from_raw_parts_mut(y, m * n);
         for ((xr, yr), ur) in xs.chunks_exact(k).zip(y.chunks_exact_mut(n)).zip(upper.chunks_exact_mut(n)) {

@@ -29,8 +29,9 @@ FRANCE = "The capital of France is"
 FRANCE_IDS = [2, 818, 5279, 529, 7001, 563]  # <bos> The capital of France is
 FRANCE_CONTINUATION = " the capital of the country of France."
 TOP, TOP_TOL = 16, 1e-3
-# The rest of the vocabulary: int8 activations (portable graph) or the high 4-bit plane of the 8-bit head (CPU
-# graph, within 7.5 * sum_b scale_b * |x_b|_1 of exact; ~2.7 seen here).
+# The rest of the vocabulary: int8 activations (portable graph) or the high 4-bit plane of the 8-bit head with x
+# as two int8 terms (CPU graph, within 7.5 * sum_b |scale_b| * |x_b|_1 + 120.5 * sum_b |scale_b| * |e_b|_1 of
+# exact, e the rounding of x; ~2.7 seen here).
 TAIL_TOL = {"model.onnx": 1.0, "model_cpu.onnx": 4.0}
 
 
