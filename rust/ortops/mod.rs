@@ -32,6 +32,7 @@ mod q4_linear;
 mod q8_linear;
 mod q8_planes;
 mod q8f_linear;
+mod qk_norm;
 
 use core::ffi::{c_char, c_int, c_void, CStr};
 use core::ops::Range;
@@ -48,7 +49,7 @@ use crate::kernels::q4::Isa;
 pub const DOMAIN: &CStr = c"cheapest";
 const API_VERSION: u32 = 17;
 
-static OPS: [&OrtCustomOp; 5] = [&q4_linear::OP, &q8_linear::OP, &q8f_linear::OP, &q8_planes::HEAD, &q8_planes::GATHER];
+static OPS: [&OrtCustomOp; 6] = [&q4_linear::OP, &q8_linear::OP, &q8f_linear::OP, &q8_planes::HEAD, &q8_planes::GATHER, &qk_norm::OP];
 
 const FLOAT: ONNXTensorElementDataType = ONNXTensorElementDataType::ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
 const UINT8: ONNXTensorElementDataType = ONNXTensorElementDataType::ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;

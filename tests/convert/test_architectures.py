@@ -24,6 +24,7 @@ from fixtures_arch import numpy_forward, write_arch_gguf
 from fixtures_model import assert_fused_logits, collect_generation, graph_feed
 from gguf import GGMLQuantizationType as Q
 
+from cheapest.convert import graph_passes
 from cheapest.convert.converter import convert
 from cheapest.convert.gguf_reader import UnsupportedModelError, read_gguf
 from cheapest.engine.onnx_engine import load_engine
@@ -107,6 +108,33 @@ def test_cpu_graph_matches_the_fused_graph(converted: tuple[str, Path, Path]) ->
     nodes = onnx.load(str(model_dir / "onnx" / "model_cpu.onnx"), load_external_data=False).graph.node
     assert not [n.name for n in nodes if n.op_type == "Concat" and len(set(n.input)) == 1]
 
+
+
+def test_qk_norm_fuses_to_the_same_bits(tmp_path_factory: pytest.TempPathFactory,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Per-head query / key norms of a packed QKV (Split, Reshape, SimplifiedLayerNormalization, Reshape) become
+    one QkNorm per layer feeding GroupQueryAttention the packed QKV, and the logits at every position are the
+    same bits as with the nodes it replaces. (qwen3 here has q / k / v of different block types, so no packed
+    QKV to fuse: its graph keeps the norms.)"""
+    _, _, model_dir = _convert("gemma3", tmp_path_factory)
+    fused = onnx.load(str(model_dir / "onnx" / "model.onnx"))
+    kept = onnx.ModelProto()
+    kept.CopyFrom(fused)
+    config = json.loads((model_dir / "config.json").read_text())
+
+    def logits(model: onnx.ModelProto) -> np.ndarray:
+        so = ort.SessionOptions()
+        so.register_custom_ops_library(_cheapest_core.__file__)
+        session = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        return session.run(["logits"], graph_feed(config, np.array([PROMPT])))[0]
+
+    with_qk = graph_passes.cpu_graph(fused)
+    monkeypatch.setattr(graph_passes, "_qk_norm", lambda g, node: None)
+    without = graph_passes.cpu_graph(kept)
+    ops = [n.op_type for n in with_qk.graph.node]
+    assert ops.count("QkNorm") == config["num_hidden_layers"] and "Split" not in ops[:ops.index("QkNorm") + 1]
+    assert [n.op_type for n in without.graph.node].count("QkNorm") == 0
+    assert np.array_equal(logits(with_qk), logits(without))
 
 @pytest.mark.parametrize("graph", ["model.onnx", "model_fp32.onnx"])
 def test_engine_greedy_past_the_window(windowed: tuple[str, Path, Path], graph: str) -> None:

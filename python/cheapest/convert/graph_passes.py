@@ -12,6 +12,9 @@
     signed bytes (code - zero point), with their block scales (blocks of 32, or 16 for Q6_K's sub-blocks) and
     terms (rust/kernels/q8f.rs);
   * SwiGLU feeding such a linear (Split of gate|up, QuickGelu(alpha=1), Mul) by the linear's swiglu=1 input;
+  * the per-head query and key norms of a packed QKV (Gemma 3's q_norm / k_norm: a Split, four Reshapes and two
+    SimplifiedLayerNormalization a layer) by one `cheapest.QkNorm`, GroupQueryAttention then reading the packed
+    QKV (rust/ortops/qk_norm.rs: the same bits as the nodes it replaces);
   * a large 8-bit LM head (PLANES_MIN_WEIGHTS) the fused graph scores with int8 activations and rescores exactly
     in fp32 (MatMulNBits at accuracy_level 4, TopK, GatherBlockQuantized, MatMul, ScatterElements), with its embedding's
     GatherBlockQuantized on the same codes, by `cheapest.Q8HeadPlanes` and `cheapest.Q8GatherPlanes` over the
@@ -87,6 +90,14 @@ class _Graph:
     def only_consumer(self, name: str) -> onnx.NodeProto | None:
         users = self.consumers.get(name, [])
         return users[0] if len(users) == 1 else None
+
+    def fresh_name(self, base: str) -> str:
+        """`base`, or `base` with a numeric suffix, unused as a value name in the graph."""
+        name, i = base, 0
+        while name in self.producer or name in self.consumers or name in self.initializers:
+            i += 1
+            name = f"{base}.{i}"
+        return name
 
     def made_by(self, name: str, op_type: str) -> onnx.NodeProto | None:
         node = self.producer.get(name)
@@ -424,6 +435,50 @@ def _swiglu_input(g: _Graph, linear: onnx.NodeProto, k: int) -> tuple[str, list[
     return None
 
 
+
+def _qk_norm(g: _Graph, gqa: onnx.NodeProto) -> tuple[_Rewrite, str] | None:
+    """A GroupQueryAttention whose query and key come from a packed QKV through a per-head RMS norm (Split,
+    Reshape to heads, SimplifiedLayerNormalization, Reshape back; Gemma 3's q_norm / k_norm) -> one QkNorm on
+    the packed QKV (rust/ortops/qk_norm.rs) and the name GroupQueryAttention reads as its packed input."""
+    if gqa.domain != MS_DOMAIN or len(gqa.input) < 3 or not gqa.input[1] or not gqa.input[2]:
+        return None
+    a = _attrs(gqa)
+    split, nodes, norms = None, [], []
+    for inp, heads in ((gqa.input[0], a.get("num_heads")), (gqa.input[1], a.get("kv_num_heads"))):
+        back = g.made_by(inp, "Reshape")
+        norm = None if back is None else g.made_by(back.input[0], "SimplifiedLayerNormalization")
+        fwd = None if norm is None else g.made_by(norm.input[0], "Reshape")
+        part = None if fwd is None else g.made_by(fwd.input[0], "Split")
+        if part is None or (split is not None and part is not split) or len(norm.input) != 2:
+            return None
+        split, weight, na = part, g.array(norm.input[1]), _attrs(norm)
+        if weight is None or weight.dtype != np.float32 or weight.ndim != 1 or na.get("axis", -1) != -1:
+            return None
+        dim = weight.shape[0]
+        shapes = [g.array(fwd.input[1]), g.array(back.input[1])]
+        if any(s is None for s in shapes) or [list(s) for s in shapes] != [[0, 0, heads, dim], [0, 0, heads * dim]]:
+            return None
+        if any(g.only_consumer(t) is None for t in (fwd.input[0], fwd.output[0], norm.output[0], back.output[0])):
+            return None
+        nodes += [fwd, norm, back]
+        norms.append((norm.input[1], float(na.get("epsilon", 1e-5)), dim))
+    (q_weight, epsilon, dim), (k_weight, k_epsilon, k_dim) = norms
+    assert split is not None
+    sizes = g.array(split.input[1]) if len(split.input) > 1 and split.input[1] else None
+    heads, kv_heads = int(a["num_heads"]), int(a["kv_num_heads"])
+    if (epsilon, dim) != (k_epsilon, k_dim) or _attrs(split).get("axis", 0) != -1 or sizes is None:
+        return None
+    if [int(v) for v in sizes] != [heads * dim, kv_heads * dim, kv_heads * dim] or len(split.output) != 3:
+        return None
+    if list(split.output) != [nodes[0].input[0], nodes[3].input[0], gqa.input[2]] or \
+            g.only_consumer(gqa.input[2]) is None:
+        return None
+    packed = g.fresh_name(f"{gqa.name}.qkv_normed")
+    node = helper.make_node("QkNorm", [split.input[0], q_weight, k_weight], [packed], name=f"{gqa.name}.qk_norm",
+                            domain=CHEAPEST_DOMAIN, num_heads=heads, kv_num_heads=kv_heads, head_dim=dim,
+                            epsilon=epsilon)
+    return _Rewrite([split, *nodes], node, []), packed
+
 def cpu_graph(model: onnx.ModelProto, planes_min_weights: int = PLANES_MIN_WEIGHTS) -> onnx.ModelProto:
     """Rewrite `model` (the fused graph) in place for the CPU provider and return it. A tied 8-bit LM head of at
     least `planes_min_weights` weights is scored from two planes, a smaller one with int8 activations."""
@@ -451,6 +506,10 @@ def cpu_graph(model: onnx.ModelProto, planes_min_weights: int = PLANES_MIN_WEIGH
         new = helper.make_node("Q4Linear", [gate_up, *node.input[1:]], list(node.output), name=node.name,
                                domain=CHEAPEST_DOMAIN, **a, swiglu=1)
         fused.append(_Rewrite([*nodes, node], new, []))
+    for node in model.graph.node:
+        if node.op_type == "GroupQueryAttention" and (found_qk := _qk_norm(g, node)) is not None:
+            fused.append(found_qk[0])
+            node.input[0], node.input[1], node.input[2] = found_qk[1], "", ""  # packed QKV
     _apply(model, fused)
     used = {i for node in model.graph.node for i in node.input}
     for i in reversed(range(len(model.graph.initializer))):
