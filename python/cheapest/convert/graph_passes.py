@@ -436,6 +436,28 @@ def _swiglu_input(g: _Graph, linear: onnx.NodeProto, k: int) -> tuple[str, list[
 
 
 
+def _head_norm(g: _Graph, name: str, heads: int) -> tuple[list[onnx.NodeProto], str, float, int] | None:
+    """The per-head RMS norm ending in `name` (Reshape to [.., heads, D], SimplifiedLayerNormalization, Reshape
+    back, each read only by the next): its nodes, weight and epsilon, and D; None if `name` is not one."""
+    back = g.made_by(name, "Reshape")
+    norm = None if back is None else g.made_by(back.input[0], "SimplifiedLayerNormalization")
+    fwd = None if norm is None else g.made_by(norm.input[0], "Reshape")
+    if back is None or norm is None or fwd is None or len(norm.input) != 2:
+        return None
+    weight, attrs = g.array(norm.input[1]), _attrs(norm)
+    if weight is None or weight.dtype != np.float32 or weight.ndim != 1 or attrs.get("axis", -1) != -1:
+        return None
+    dim = int(weight.shape[0])
+    to_heads, back_shape = g.array(fwd.input[1]), g.array(back.input[1])
+    if to_heads is None or back_shape is None:
+        return None
+    if [int(v) for v in to_heads] != [0, 0, heads, dim] or [int(v) for v in back_shape] != [0, 0, heads * dim]:
+        return None
+    if any(g.only_consumer(t) is None for t in (fwd.input[0], fwd.output[0], norm.output[0], back.output[0])):
+        return None
+    return [fwd, norm, back], norm.input[1], float(attrs.get("epsilon", 1e-5)), dim
+
+
 def _qk_norm(g: _Graph, gqa: onnx.NodeProto) -> tuple[_Rewrite, str] | None:
     """A GroupQueryAttention whose query and key come from a packed QKV through a per-head RMS norm (Split,
     Reshape to heads, SimplifiedLayerNormalization, Reshape back; Gemma 3's q_norm / k_norm) -> one QkNorm on
@@ -443,41 +465,24 @@ def _qk_norm(g: _Graph, gqa: onnx.NodeProto) -> tuple[_Rewrite, str] | None:
     if gqa.domain != MS_DOMAIN or len(gqa.input) < 3 or not gqa.input[1] or not gqa.input[2]:
         return None
     a = _attrs(gqa)
-    split, nodes, norms = None, [], []
-    for inp, heads in ((gqa.input[0], a.get("num_heads")), (gqa.input[1], a.get("kv_num_heads"))):
-        back = g.made_by(inp, "Reshape")
-        norm = None if back is None else g.made_by(back.input[0], "SimplifiedLayerNormalization")
-        fwd = None if norm is None else g.made_by(norm.input[0], "Reshape")
-        part = None if fwd is None else g.made_by(fwd.input[0], "Split")
-        if part is None or (split is not None and part is not split) or len(norm.input) != 2:
-            return None
-        split, weight, na = part, g.array(norm.input[1]), _attrs(norm)
-        if weight is None or weight.dtype != np.float32 or weight.ndim != 1 or na.get("axis", -1) != -1:
-            return None
-        dim = weight.shape[0]
-        shapes = [g.array(fwd.input[1]), g.array(back.input[1])]
-        if any(s is None for s in shapes) or [list(s) for s in shapes] != [[0, 0, heads, dim], [0, 0, heads * dim]]:
-            return None
-        if any(g.only_consumer(t) is None for t in (fwd.input[0], fwd.output[0], norm.output[0], back.output[0])):
-            return None
-        nodes += [fwd, norm, back]
-        norms.append((norm.input[1], float(na.get("epsilon", 1e-5)), dim))
-    (q_weight, epsilon, dim), (k_weight, k_epsilon, k_dim) = norms
-    assert split is not None
+    heads, kv_heads = int(a.get("num_heads", 0)), int(a.get("kv_num_heads", 0))
+    q, k = _head_norm(g, gqa.input[0], heads), _head_norm(g, gqa.input[1], kv_heads)
+    if q is None or k is None or q[2:] != k[2:]:
+        return None
+    (q_nodes, q_weight, epsilon, dim), (k_nodes, k_weight, _, _) = q, k
+    split = g.made_by(q_nodes[0].input[0], "Split")
+    if split is None or list(split.output) != [q_nodes[0].input[0], k_nodes[0].input[0], gqa.input[2]]:
+        return None
     sizes = g.array(split.input[1]) if len(split.input) > 1 and split.input[1] else None
-    heads, kv_heads = int(a["num_heads"]), int(a["kv_num_heads"])
-    if (epsilon, dim) != (k_epsilon, k_dim) or _attrs(split).get("axis", 0) != -1 or sizes is None:
+    if sizes is None or [int(v) for v in sizes] != [heads * dim, kv_heads * dim, kv_heads * dim]:
         return None
-    if [int(v) for v in sizes] != [heads * dim, kv_heads * dim, kv_heads * dim] or len(split.output) != 3:
-        return None
-    if list(split.output) != [nodes[0].input[0], nodes[3].input[0], gqa.input[2]] or \
-            g.only_consumer(gqa.input[2]) is None:
+    if _attrs(split).get("axis", 0) != -1 or g.only_consumer(gqa.input[2]) is None:
         return None
     packed = g.fresh_name(f"{gqa.name}.qkv_normed")
     node = helper.make_node("QkNorm", [split.input[0], q_weight, k_weight], [packed], name=f"{gqa.name}.qk_norm",
                             domain=CHEAPEST_DOMAIN, num_heads=heads, kv_num_heads=kv_heads, head_dim=dim,
                             epsilon=epsilon)
-    return _Rewrite([split, *nodes], node, []), packed
+    return _Rewrite([split, *q_nodes, *k_nodes], node, []), packed
 
 def cpu_graph(model: onnx.ModelProto, planes_min_weights: int = PLANES_MIN_WEIGHTS) -> onnx.ModelProto:
     """Rewrite `model` (the fused graph) in place for the CPU provider and return it. A tied 8-bit LM head of at
