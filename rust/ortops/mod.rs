@@ -13,6 +13,7 @@
 //!   Q8HeadPlanes  a tied 8-bit LM head held as two 4-bit planes (kernels::q8planes): scored from the high
 //!                 plane, every row that could be the argmax recomputed exactly
 //!   Q8GatherPlanes  the embedding lookup on the same planes
+//!   QkNorm        per-head RMS norms of the query and key heads of a packed QKV (Gemma 3's q_norm / k_norm)
 //!
 //! Each kernel reads its weights where the session keeps its constant initializers and splits output
 //! columns over `KernelContext_ParallelFor`, i.e. ONNX Runtime's own intra-op pool with the calling thread

@@ -93,7 +93,7 @@ impl Q8HeadPlanes {
         let rows = &rows;
         parallel(api, context, tasks, move |task| {
             let cols = task * chunk..((task + 1) * chunk).min(n);
-            // SAFETY: each task writes its own columns of y and upper, both [M, N]; x is [M, K].
+            // SAFETY: each task writes its own columns of y and upper, both [M, N]; `rows` were made from K values.
             unsafe { coarse_cols(w, rows, yp.ptr(), up.ptr(), cols, isa) }
         })?;
         let y = core::slice::from_raw_parts_mut(y, m * n);

@@ -435,7 +435,6 @@ def _swiglu_input(g: _Graph, linear: onnx.NodeProto, k: int) -> tuple[str, list[
     return None
 
 
-
 def _head_norm(g: _Graph, name: str, heads: int) -> tuple[list[onnx.NodeProto], str, float, int] | None:
     """The per-head RMS norm ending in `name` (Reshape to [.., heads, D], SimplifiedLayerNormalization, Reshape
     back, each read only by the next): its nodes, weight and epsilon, and D; None if `name` is not one."""
@@ -483,6 +482,7 @@ def _qk_norm(g: _Graph, gqa: onnx.NodeProto) -> tuple[_Rewrite, str] | None:
                             domain=CHEAPEST_DOMAIN, num_heads=heads, kv_num_heads=kv_heads, head_dim=dim,
                             epsilon=epsilon)
     return _Rewrite([split, *q_nodes, *k_nodes], node, []), packed
+
 
 def cpu_graph(model: onnx.ModelProto, planes_min_weights: int = PLANES_MIN_WEIGHTS) -> onnx.ModelProto:
     """Rewrite `model` (the fused graph) in place for the CPU provider and return it. A tied 8-bit LM head of at
