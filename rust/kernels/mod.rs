@@ -118,6 +118,7 @@ macro_rules! x86_drivers {
 }
 
 pub mod q4;
+pub mod q4x;
 pub mod q8;
 pub mod q8planes;
 pub mod q8f;

@@ -498,33 +498,60 @@ impl<A, B> ByScale<A, B> {
     }
 }
 
-/// An fp32-activation linear: input 0 ([.., width]) through `activate` (x[M, width] -> [M, k]) when given,
-/// then y[M, N] by `cols(x, m, y, range)` over column ranges on the intra-op pool (Q4Linear, Q8Linear).
-#[allow(clippy::too_many_arguments)]
-unsafe fn run_linear<F: Fn(*const f32, usize, *mut f32, Range<usize>) + Sync>(
+/// A linear's input: input 0 as stored, or what `activate` made of it.
+enum LinearInput {
+    Stored(*const f32),
+    Activated(Vec<f32>),
+}
+
+impl LinearInput {
+    fn ptr(&self) -> *const f32 {
+        match self {
+            LinearInput::Stored(p) => *p,
+            LinearInput::Activated(v) => v.as_ptr(),
+        }
+    }
+}
+
+/// Input 0 ([.., width]) through `activate` (x[M, width] -> [M, k]) when given, and output 0 ([.., N]):
+/// (x [M, k], M, y [M, N]), or None when M is 0.
+unsafe fn linear_io(
     api: Api,
     context: *mut OrtKernelContext,
     op: &str,
     (width, k, n): (usize, usize, usize),
     activate: Option<fn(&[f32], usize, &mut [f32])>,
-    cols: F,
-) -> Result<(), OrtStatusPtr> {
+) -> Result<Option<(LinearInput, usize, *mut f32)>, OrtStatusPtr> {
     let (x, m, y) = row_io(api, context, width, n, op)?;
     if m == 0 {
-        return Ok(());
+        return Ok(None);
     }
-    let activated: Vec<f32>;
     let x = match activate {
         Some(f) => {
             let mut out = vec![0.0f32; m * k];
             f(core::slice::from_raw_parts(x, m * width), k, &mut out);
-            activated = out;
-            activated.as_ptr()
+            LinearInput::Activated(out)
         }
-        None => x,
+        None => LinearInput::Stored(x),
+    };
+    Ok(Some((x, m, y)))
+}
+
+/// An fp32-activation linear: `linear_io`, then y[M, N] by `cols(x, m, y, range)` over column ranges on the
+/// intra-op pool (Q4Linear, Q8Linear).
+unsafe fn run_linear<F: Fn(*const f32, usize, *mut f32, Range<usize>) + Sync>(
+    api: Api,
+    context: *mut OrtKernelContext,
+    op: &str,
+    shape: (usize, usize, usize),
+    activate: Option<fn(&[f32], usize, &mut [f32])>,
+    cols: F,
+) -> Result<(), OrtStatusPtr> {
+    let Some((x, m, y)) = linear_io(api, context, op, shape, activate)? else {
+        return Ok(());
     };
     // SAFETY (callers): each task writes its own columns of y; x and y have the sizes row_io checked.
-    split_columns(api, context, x, m, n, y, move |x, y, range| cols(x, m, y, range))
+    split_columns(api, context, x.ptr(), m, shape.2, y, move |x, y, range| cols(x, m, y, range))
 }
 
 /// Column ranges for `parallel`: at most `max_tasks` chunks of a multiple of 16 columns, at least `min`.

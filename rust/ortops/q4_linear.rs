@@ -6,7 +6,9 @@
 //!          kernel reads them in place, so the session holds one copy of the weights (ONNX Runtime's own
 //!          MatMulNBits keeps a prepacked second).
 //! Attributes: K, N (int), zero_point (int, default 8), swiglu (int, default 0), row_group (int, default 1:
-//!          blocks of that many rows interleaved, see kernels::q4).
+//!          blocks of that many rows interleaved, see kernels::q4), layout (int, default 0: kernels::q4's rows
+//!          with fp32 multiply-adds; 1: kernels::q4x's groups of 16 rows, x as block integers and integer dot
+//!          products, N a multiple of 16; row_group is then ignored).
 //! Output:  Y float [.., N].
 
 use core::ffi::CStr;
@@ -14,22 +16,34 @@ use core::ffi::CStr;
 use ort_sys::{ONNXTensorElementDataType as T, OrtCustomOp, OrtKernelContext, OrtKernelInfo, OrtStatusPtr};
 
 use half::f16;
-use super::{attribute, block_weights, detect, BlockInputs, op, run_linear, Api, ByScale, Element, Kernel, ANY, FLOAT, UINT8};
+use super::{attribute, block_weights, detect, linear_io, op, run_linear, split_columns, Api, BlockInputs, ByScale, Element, Kernel, ANY, FLOAT, UINT8};
 use crate::kernels::q4::{matmul_cols, silu_mul, Isa, Q4Format, Q4Weights, Scale};
+use crate::kernels::q4x::{self, Q4Grouped, Terms};
 
 pub(super) static OP: OrtCustomOp = op::<Q4Linear>();
 
 struct Q4Linear {
     api: Api,
-    weights: ByScale<Q4Weights<'static, f32>, Q4Weights<'static, f16>>,
+    weights: Layout,
     swiglu: bool,
     isa: Isa,
+}
+
+/// The weights in the layout the node's `layout` attribute names.
+enum Layout {
+    Rows(ByScale<Q4Weights<'static, f32>, Q4Weights<'static, f16>>),
+    Grouped(ByScale<Q4Grouped<'static, f32>, Q4Grouped<'static, f16>>),
 }
 
 unsafe fn weights<S: Scale + Element>(api: Api, info: *const OrtKernelInfo, zero_point: u8, group: usize) -> Result<Q4Weights<'static, S>, OrtStatusPtr> {
     let BlockInputs { k, n, codes, scales, offsets } = block_weights::<S>(api, info, "Q4Linear")?;
     Q4Weights::new(n, k, codes, scales, Q4Format { offsets, zero_point, group })
         .map_err(|e| api.error(&format!("Q4Linear (K={k}, N={n}): {e}")))
+}
+
+unsafe fn grouped<S: Scale + Element>(api: Api, info: *const OrtKernelInfo, zero_point: u8) -> Result<Q4Grouped<'static, S>, OrtStatusPtr> {
+    let BlockInputs { k, n, codes, scales, offsets } = block_weights::<S>(api, info, "Q4Linear")?;
+    Q4Grouped::new(n, k, codes, scales, offsets, zero_point).map_err(|e| api.error(&format!("Q4Linear (K={k}, N={n}, layout=1): {e}")))
 }
 
 impl Kernel for Q4Linear {
@@ -44,16 +58,35 @@ impl Kernel for Q4Linear {
         else {
             return Err(api.error("Q4Linear: zero_point must be 0..15 and row_group positive"));
         };
-        let weights = ByScale::load(api, info, "Q4Linear", || weights(api, info, zero_point, group), || weights(api, info, zero_point, group))?;
+        let weights = match attribute(api, info, c"layout", Some(0))? {
+            0 => Layout::Rows(ByScale::load(api, info, "Q4Linear", || weights(api, info, zero_point, group), || weights(api, info, zero_point, group))?),
+            1 => Layout::Grouped(ByScale::load(api, info, "Q4Linear", || grouped(api, info, zero_point), || grouped(api, info, zero_point))?),
+            _ => return Err(api.error("Q4Linear: layout must be 0 or 1")),
+        };
         Ok(Q4Linear { api, weights, swiglu, isa: detect() })
     }
 
     unsafe fn compute(&self, context: *mut OrtKernelContext) -> Result<(), OrtStatusPtr> {
         let (api, isa, swiglu) = (self.api, self.isa, self.swiglu);
-        by_scale!(&self.weights, |w| {
-            let (k, n) = (w.k(), w.n());
-            let (width, activate) = if swiglu { (2 * k, Some(silu_mul as fn(&[f32], usize, &mut [f32]))) } else { (k, None) };
-            run_linear(api, context, "Q4Linear", (width, k, n), activate, move |x, m, y, cols| unsafe { matmul_cols(w, x, m, y, cols, isa) })
-        })
+        let activate = |k: usize| if swiglu { (2 * k, Some(silu_mul as fn(&[f32], usize, &mut [f32]))) } else { (k, None) };
+        match &self.weights {
+            Layout::Rows(weights) => by_scale!(weights, |w| {
+                let (k, n) = (w.k(), w.n());
+                let (width, activate) = activate(k);
+                run_linear(api, context, "Q4Linear", (width, k, n), activate, move |x, m, y, cols| unsafe { matmul_cols(w, x, m, y, cols, isa) })
+            }),
+            Layout::Grouped(weights) => by_scale!(weights, |w| {
+                let (k, n) = (w.k(), w.n());
+                let (width, activate) = activate(k);
+                let Some((x, m, y)) = linear_io(api, context, "Q4Linear", (width, k, n), activate)? else {
+                    return Ok(());
+                };
+                // x as block integers once, before the columns are split between threads.
+                let terms = Terms::new(core::slice::from_raw_parts(x.ptr(), m * k), k, w.zero_point());
+                let terms = &terms;
+                // SAFETY: column chunks are multiples of 16 (N is one too) and each task writes its own columns.
+                split_columns(api, context, x.ptr(), m, n, y, move |_, y, cols| unsafe { q4x::matmul_cols(w, terms, y, cols, isa) })
+            }),
+        }
     }
 }

@@ -83,9 +83,11 @@ def assert_both_match_numpy(lin: BlockLinear, x: np.ndarray, before: np.ndarray,
     assert {t.name for t in rewritten.graph.initializer} == set(rewritten.graph.node[0].input[1:])
 
 
-@pytest.mark.parametrize(("n", "k", "q4_1"), [(40, 64, True), (24, 96, False), (72, 1536, True), (16, 32, True), (12, 64, True)])
+@pytest.mark.parametrize(("n", "k", "q4_1"), [(40, 64, True), (24, 96, False), (72, 1536, True), (16, 32, True), (12, 64, True),
+                                              (48, 576, False), (64, 1536, True)])
 @pytest.mark.parametrize("rows", [(1, 1), (1, 5), (3, 1), (2, 7)])
 def test_q4_linear_matches_matmulnbits_and_numpy(n: int, k: int, q4_1: bool, rows: tuple[int, int]) -> None:
+    """N a multiple of 16 takes the grouped layout (integer dot products, x as block integers), else the rows one."""
     rng = np.random.default_rng(n * k + rows[0] * 10 + rows[1])
     lin = random_linear(rng, n, k, q4_1)
     x = rng.standard_normal((*rows, k), dtype=np.float32)
@@ -94,6 +96,7 @@ def test_q4_linear_matches_matmulnbits_and_numpy(n: int, k: int, q4_1: bool, row
     rewritten = cpu_graph(linear_model(lin))
     assert ops(rewritten) == ["Q4Linear", "Identity"]
     assert rewritten.graph.node[0].domain == CHEAPEST_DOMAIN
+    assert {a.name: a.i for a in rewritten.graph.node[0].attribute}.get("layout", 0) == (1 if n % 16 == 0 else 0)
     assert {o.domain for o in rewritten.opset_import} >= {CHEAPEST_DOMAIN}
     assert_both_match_numpy(lin, x, before, rewritten)
 

@@ -61,6 +61,7 @@ RESCORE = 64  # rows the head always recomputes exactly (rust/kernels/q8planes.r
 # closer to exact (~1 logit against ~3 from the high plane) for requests that sample the whole vocabulary.
 PLANES_MIN_WEIGHTS = 64 * 1024 * 1024
 ROW_GROUP = 8  # rows whose blocks are interleaved, so a kernel tile reads one stream (rust/kernels/q4.rs)
+GROUP_ROWS = 16  # rows of a 4-bit linear multiplied with integer dot products together (rust/kernels/q4x.rs)
 WIDE_VALUES = 4096  # fp16 block values a kernel tile widens at once: K/block * row_group (rust/kernels/mod.rs)
 
 
@@ -234,12 +235,29 @@ def _q4_linear(g: _Graph, q: onnx.NodeProto) -> _Rewrite | None:
         offsets, nodes, y = minimums
         replaced += nodes
     base = q.name.removesuffix(".0") or y
-    group = ROW_GROUP if n % ROW_GROUP == 0 else 1
-    arrays = {"codes": np.concatenate(codes, axis=1), **_block_terms(np.concatenate(scales, axis=1), offsets, group)}
-    inits = [numpy_helper.from_array(_interleave_rows(a, group), f"{base}.q4_{name}") for name, a in arrays.items()]
+    all_codes, all_scales = np.concatenate(codes, axis=1), np.concatenate(scales, axis=1)
+    if n % GROUP_ROWS == 0:
+        # Groups of 16 rows, x as block integers (rust/kernels/q4x.rs): no fp16 widening buffer to fit.
+        arrays = {"codes": _grouped_codes(all_codes), **{name: _interleave_rows(a, GROUP_ROWS) for name, a in
+                                                         _block_terms(all_scales, offsets).items()}}
+        layout = {"layout": 1}
+    else:
+        group = ROW_GROUP if n % ROW_GROUP == 0 else 1
+        arrays = {name: _interleave_rows(a, group) for name, a in
+                  {"codes": all_codes, **_block_terms(all_scales, offsets, group)}.items()}
+        layout = {"row_group": group}
+    inits = [numpy_helper.from_array(a, f"{base}.q4_{name}") for name, a in arrays.items()]
     node = helper.make_node("Q4Linear", [x, *(t.name for t in inits)], [y], name=base, domain=CHEAPEST_DOMAIN,
-                            K=k, N=n, zero_point=zero_point, row_group=group)
+                            K=k, N=n, zero_point=zero_point, **layout)
     return _Rewrite(replaced, node, inits)
+
+
+def _grouped_codes(codes: np.ndarray) -> np.ndarray:
+    """GGUF-order 4-bit codes [N, K/32, 16] -> groups of 16 rows, each block's 16 bytes a row as four 64-byte lines
+    of 4 bytes from every row (rust/kernels/q4x.rs): [N/16, K/32, 4, 16, 4], flattened to [N, K/2]."""
+    n, half = codes.shape[0], codes[0].size
+    lines = codes.reshape(n // GROUP_ROWS, GROUP_ROWS, half // 16, 4, 4).transpose(0, 2, 3, 1, 4)
+    return np.ascontiguousarray(lines).reshape(n, half)
 
 
 def _unpacked_zero_points(g: _Graph, node: onnx.NodeProto, n: int, blocks: int) -> np.ndarray | None:
