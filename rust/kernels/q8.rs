@@ -138,7 +138,10 @@ mod x86 {
         let codes = w.codes.as_ptr();
         let scales = w.scales.as_ptr();
         const CHUNK: usize = 8; // x rows per pass over one weight row (accumulators in registers)
-        for row in cols {
+        // Two halves of the range in alternation: two streams of weight rows in flight instead of one.
+        let half = cols.len().div_ceil(2);
+        let order = (0..half).flat_map(|i| [cols.start + i, cols.start + half + i]).filter(|&r| r < cols.end);
+        for row in order {
             for m0 in (0..xs.len()).step_by(CHUNK) {
                 let rows = (xs.len() - m0).min(CHUNK);
                 // Two accumulators per x row (even and odd pairs) hide the multiply-add latency.
@@ -242,3 +245,4 @@ mod tests {
         assert!(Q8Weights::new(2, 64, &[0; 127], &[0.0; 4]).is_err());
     }
 }
+
