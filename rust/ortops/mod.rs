@@ -460,9 +460,20 @@ unsafe fn split_columns<F: Fn(*const f32, *mut f32, Range<usize>) + Sync>(
     y: *mut f32,
     cols: F,
 ) -> Result<(), OrtStatusPtr> {
+    split_columns_in(api, context, (x, m, n, y), usize::MAX, cols)
+}
+
+/// `split_columns` in at most `max_tasks` column ranges.
+unsafe fn split_columns_in<F: Fn(*const f32, *mut f32, Range<usize>) + Sync>(
+    api: Api,
+    context: *mut OrtKernelContext,
+    (x, m, n, y): (*const f32, usize, usize, *mut f32),
+    max_tasks: usize,
+    cols: F,
+) -> Result<(), OrtStatusPtr> {
     // Prompts (many x rows): wider tasks, so each task streams x through its column panels fewer times.
     let min_chunk = if m > 16 { 8 * MIN_CHUNK } else { MIN_CHUNK };
-    let (chunk, tasks) = column_chunks(n, min_chunk, usize::MAX);
+    let (chunk, tasks) = column_chunks(n, min_chunk, max_tasks);
     let (x, y) = (SharedIn(x), SharedOut(y));
     parallel(api, context, tasks, move |task| cols(x.ptr(), y.ptr(), task * chunk..((task + 1) * chunk).min(n)))
 }
