@@ -248,7 +248,8 @@ def _q4_linear(g: _Graph, q: onnx.NodeProto) -> _Rewrite | None:
         layout = {"row_group": group}
     inits = [numpy_helper.from_array(a, f"{base}.q4_{name}") for name, a in arrays.items()]
     node = helper.make_node("Q4Linear", [x, *(t.name for t in inits)], [y], name=base, domain=CHEAPEST_DOMAIN,
-                            K=k, N=n, zero_point=zero_point, **layout)
+                            K=k, N=n, zero_point=zero_point)
+    node.attribute.extend(helper.make_attribute(name, value) for name, value in layout.items())
     return _Rewrite(replaced, node, inits)
 
 
