@@ -117,6 +117,20 @@ macro_rules! x86_drivers {
     };
 }
 
+/// CPU features the integer kernels (q4x, q8planes) choose between.
+#[cfg(target_arch = "x86_64")]
+mod cpu {
+    /// AVX-512 with byte operations and VNNI (`vpdpbusd`).
+    pub(super) fn has_vnni() -> bool {
+        is_x86_feature_detected!("avx512bw") && is_x86_feature_detected!("avx512vnni")
+    }
+
+    /// AVX2 with FMA and fp16 conversions.
+    pub(super) fn has_avx2() -> bool {
+        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c")
+    }
+}
+
 pub mod q4;
 pub mod q4x;
 pub mod q8;
@@ -300,6 +314,21 @@ impl<S: Scale, F: RowBlocks<Scale = S>> Tile<'_, '_, F, S> {
 mod testing {
     use super::q4::Isa;
     use core::ops::Range;
+
+    /// A small deterministic generator, so the tests need no extra crate.
+    pub(super) struct Lcg(pub(super) u64);
+
+    impl Lcg {
+        pub(super) fn next(&mut self) -> u32 {
+            self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (self.0 >> 33) as u32
+        }
+
+        /// Uniform in [-1, 1).
+        pub(super) fn float(&mut self) -> f32 {
+            self.next() as f32 / (1u64 << 31) as f32 * 2.0 - 1.0
+        }
+    }
 
     /// `product(isa, y)` on every instruction set this CPU has, against `want` within a few fp32 ulps of the
     /// magnitude sum `mag` (fp32 summation of K products in another order).

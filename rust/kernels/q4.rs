@@ -280,21 +280,10 @@ mod x86 {
 
 #[cfg(test)]
 mod tests {
-    use super::super::testing::{assert_columns_compose, assert_every_isa, assert_same_every_isa};
+    use super::super::testing::{assert_columns_compose, assert_every_isa, assert_same_every_isa, Lcg};
     use super::*;
     use half::f16;
 
-    /// A small deterministic generator, so the tests need no extra crate.
-    struct Lcg(u64);
-    impl Lcg {
-        fn next(&mut self) -> u32 {
-            self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            (self.0 >> 33) as u32
-        }
-        fn float(&mut self) -> f32 {
-            self.next() as f32 / (1u64 << 31) as f32 * 2.0 - 1.0
-        }
-    }
 
     struct Case {
         codes: Vec<u8>,

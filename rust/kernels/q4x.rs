@@ -241,16 +241,9 @@ unsafe fn portable<S: Scale>(w: &Q4Grouped<S>, x: &Terms, y: *mut f32, cols: Ran
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::{Q4Grouped, Scale, Terms, BLOCK, LINES, ROWS, TERM_BYTES};
+    pub(super) use super::super::cpu::{has_avx2, has_vnni};
     use core::arch::x86_64::*;
     use core::ops::Range;
-
-    pub(super) fn has_vnni() -> bool {
-        is_x86_feature_detected!("avx512bw") && is_x86_feature_detected!("avx512vnni")
-    }
-
-    pub(super) fn has_avx2() -> bool {
-        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c")
-    }
 
     /// Every block of x into `t` (`split_block`'s operations, 16 elements a register).
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
@@ -494,19 +487,10 @@ mod x86 {
 
 #[cfg(test)]
 mod tests {
+    use super::super::testing::Lcg;
     use super::*;
     use half::f16;
 
-    struct Lcg(u64);
-    impl Lcg {
-        fn next(&mut self) -> u32 {
-            self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            (self.0 >> 33) as u32
-        }
-        fn float(&mut self) -> f32 {
-            self.next() as f32 / (1u64 << 31) as f32 * 2.0 - 1.0
-        }
-    }
 
     /// Rows of x with the shapes activations take: mostly small values, a few large ones per block, zeros,
     /// a block of all zeros and values at exact halves of the term steps.

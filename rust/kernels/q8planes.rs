@@ -285,16 +285,9 @@ unsafe fn portable<S: Scale>(w: &Planes<S>, xs: &[CoarseRow], out: Out, cols: Ra
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::{CoarseRow, Out, Planes, Scale, BLOCK, GROUP, GROUP_BYTES};
+    pub(super) use super::super::cpu::{has_avx2, has_vnni};
     use core::arch::x86_64::*;
     use core::ops::Range;
-
-    pub(super) fn has_vnni() -> bool {
-        is_x86_feature_detected!("avx512bw") && is_x86_feature_detected!("avx512vnni")
-    }
-
-    pub(super) fn has_avx2() -> bool {
-        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c")
-    }
 
     /// `*p` widened to fp32 in every lane.
     #[target_feature(enable = "avx512f")]
