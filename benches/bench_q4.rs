@@ -1,7 +1,8 @@
 //! The two 4-bit kernels on SmolLM2-135M's projection shapes, one thread: `q4` (fp32 weights, fp32 multiply-adds)
 //! against `q4x` (x as block integers, integer dot products; its per-call split of x included), at one row of x
-//! (batch-1 decode) and eight (a batch of eight). Weights are ~0.3-1.1 MB, so this is the kernels' arithmetic from
-//! cache; bench/bench_inference.py measures whole decode steps, where the weights stream from memory.
+//! (batch-1 decode) and eight (a batch of eight), with the best instruction set and with AVX2. Weights are
+//! ~0.3-1.1 MB, so this is the kernels' arithmetic from cache; bench/bench_inference.py measures whole decode
+//! steps, where the weights stream from memory.
 use _cheapest_core::kernels::q4::{self, Isa, Q4Format, Q4Weights};
 use _cheapest_core::kernels::q4x::{self, Q4Grouped, Terms};
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
@@ -22,6 +23,11 @@ fn bench(c: &mut Criterion) {
             let mut y = vec![0f32; m * n];
             g.bench_function(format!("fp32[m={m}]"), |b| b.iter(|| q4::matmul(&rows, black_box(&x), m, &mut y, isa)));
             g.bench_function(format!("int[m={m}]"), |b| b.iter(|| q4x::matmul(&grouped, &Terms::new(black_box(&x), k, 0), &mut y, isa)));
+            if isa != Isa::Avx2 && Isa::available().contains(&Isa::Avx2) {
+                // What a host without AVX-512 runs (its x split is the portable loop there; here it is not).
+                g.bench_function(format!("fp32-avx2[m={m}]"), |b| b.iter(|| q4::matmul(&rows, black_box(&x), m, &mut y, Isa::Avx2)));
+                g.bench_function(format!("int-avx2[m={m}]"), |b| b.iter(|| q4x::matmul(&grouped, &Terms::new(black_box(&x), k, 0), &mut y, Isa::Avx2)));
+            }
         }
         g.finish();
     }
