@@ -140,6 +140,10 @@ impl Terms {
             // SAFETY: the features were just detected; `t` holds `blocks` blocks of every array.
             unsafe { x86::split512(x, &mut t, i32::from(zero_point)) };
             done = blocks;
+        } else if x86::has_avx2() {
+            // SAFETY: as above.
+            unsafe { x86::split256(x, &mut t, i32::from(zero_point)) };
+            done = blocks;
         }
         for b in done..blocks {
             split_block(&x[b * BLOCK..][..BLOCK], &mut t, b, i32::from(zero_point));
@@ -283,6 +287,52 @@ mod x86 {
 
     /// Bytes of codes asked for ahead of the line being read (and the matching share of scales and offsets).
     const AHEAD: usize = 8192;
+
+    /// `split512` on AVX2 (hosts without AVX-512 VNNI run the AVX2 kernel): the same operations, 8 at a time.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn split256(x: &[f32], t: &mut Terms, zero_point: i32) {
+        let magnitude = _mm256_set1_epi32(0x7fff_ffff);
+        let clamp = |v: __m256, limit: f32| _mm256_min_ps(_mm256_max_ps(v, _mm256_set1_ps(-limit)), _mm256_set1_ps(limit));
+        let abs = |v: __m256| _mm256_castsi256_ps(_mm256_and_si256(_mm256_castps_si256(v), magnitude));
+        const NEAREST: i32 = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+        for b in 0..x.len() / BLOCK {
+            let p = x.as_ptr().add(b * BLOCK);
+            let v: [__m256; 4] = core::array::from_fn(|i| _mm256_loadu_ps(p.add(8 * i)));
+            let m = _mm256_max_ps(_mm256_max_ps(abs(v[0]), abs(v[1])), _mm256_max_ps(abs(v[2]), abs(v[3])));
+            let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps::<1>(m));
+            let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+            let max = _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps::<1>(m, m)));
+            let d = max / 127.0;
+            let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+            let (nd, nd2) = (_mm256_set1_ps(-d), _mm256_set1_ps(-(d * (1.0 / 128.0))));
+            let (inv1, inv2, inv3) = (_mm256_set1_ps(inv), _mm256_set1_ps(inv * 128.0), _mm256_set1_ps(inv * 32768.0));
+            let out = t.terms.as_mut_ptr().add(b * TERM_BYTES);
+            let mut total = _mm256_setzero_si256();
+            for (h, v) in v.into_iter().enumerate() {
+                let t1 = clamp(_mm256_round_ps::<NEAREST>(_mm256_mul_ps(v, inv1)), 127.0);
+                let r1 = _mm256_fmadd_ps(nd, t1, v);
+                let t2 = clamp(_mm256_round_ps::<NEAREST>(_mm256_mul_ps(r1, inv2)), 64.0);
+                let r2 = _mm256_fmadd_ps(nd2, t2, r1);
+                let t3 = clamp(_mm256_round_ps::<NEAREST>(_mm256_mul_ps(r2, inv3)), 127.0);
+                let [i1, i2, i3] = [t1, t2, t3].map(|v| _mm256_cvtps_epi32(v));
+                for (k, i) in [i1, i2, i3].into_iter().enumerate() {
+                    // Eight int32 in -127..=127 to eight bytes: saturating packs, then the two halves' low words.
+                    let w = _mm256_packs_epi32(i, i);
+                    let bytes = _mm256_packs_epi16(w, w);
+                    let lo = _mm_cvtsi128_si32(_mm256_castsi256_si128(bytes));
+                    let hi = _mm_cvtsi128_si32(_mm256_extracti128_si256::<1>(bytes));
+                    out.add(k * BLOCK + 8 * h).cast::<[i32; 2]>().write_unaligned([lo, hi]);
+                }
+                let big = _mm256_add_epi32(_mm256_slli_epi32::<8>(_mm256_add_epi32(_mm256_slli_epi32::<7>(i1), i2)), i3);
+                total = _mm256_add_epi32(total, big);
+            }
+            let s = _mm_add_epi32(_mm256_castsi256_si128(total), _mm256_extracti128_si256::<1>(total));
+            let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b01_00_11_10>(s));
+            let total = _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32::<0b10_11_00_01>(s)));
+            let unit = d * (1.0 / 32768.0);
+            (t.unit[b], t.sum[b], t.shift[b]) = (unit, unit * total as f32, zero_point * total);
+        }
+    }
 
     /// A group's 16 block values (scales or offsets) from index i, as fp32.
     #[target_feature(enable = "avx512f")]
@@ -525,7 +575,7 @@ mod tests {
                 }
             }
         }
-        // The portable split gives the same terms as the vector one.
+        // The portable split gives the same terms as the vector ones.
         let mut scalar = Terms { k, terms: vec![0; t.terms.len()], unit: vec![0.0; t.unit.len()], sum: vec![0.0; t.unit.len()], shift: vec![0; t.unit.len()] };
         for b in 0..m * k / BLOCK {
             split_block(&x[b * BLOCK..][..BLOCK], &mut scalar, b, 8);
@@ -534,6 +584,16 @@ mod tests {
         assert_eq!(scalar.unit.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), t.unit.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
         assert_eq!(scalar.sum.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), t.sum.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
         assert_eq!(scalar.shift, t.shift);
+        #[cfg(target_arch = "x86_64")]
+        if x86::has_avx2() {
+            let mut v = Terms { k, terms: vec![0; t.terms.len()], unit: vec![0.0; t.unit.len()], sum: vec![0.0; t.unit.len()], shift: vec![0; t.unit.len()] };
+            // SAFETY: AVX2 was just detected; `v` holds every block of x.
+            unsafe { x86::split256(&x, &mut v, 8) };
+            assert_eq!(v.terms, scalar.terms);
+            assert_eq!(v.unit.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), scalar.unit.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
+            assert_eq!(v.sum.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), scalar.sum.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
+            assert_eq!(v.shift, scalar.shift);
+        }
     }
 
     #[test]
@@ -618,5 +678,3 @@ mod tests {
         assert!(Q4Grouped::new(32, 64, &codes, &scales, None, 16).is_err());
     }
 }
-
-
