@@ -119,9 +119,7 @@ mod x86 {
     /// apart were followed worse by the prefetcher), and each is applied to every x row while in L1.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
     pub(super) unsafe fn vnni(w: &Q8Weights, xs: &[QuantizedRow], y: *mut f32, cols: Range<usize>) {
-        let nb = w.k / BLOCK;
-        let pairs = nb / 2;
-        let halves = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+        let pairs = w.k / BLOCK / 2;
         // Per x row and block pair: the values, the scales and the -128 * sum(xq) term spread over 8 lanes each.
         let mut xv = Vec::with_capacity(xs.len() * pairs);
         let mut xsc = Vec::with_capacity(xs.len() * pairs);
@@ -135,37 +133,67 @@ mod x86 {
                 xc.push(_mm512_inserti64x4::<1>(_mm512_castsi256_si512(c0), c1));
             }
         }
-        let codes = w.codes.as_ptr();
-        let scales = w.scales.as_ptr();
-        const CHUNK: usize = 8; // x rows per pass over one weight row (accumulators in registers)
+        let x = Prepared { v: xv, s: xsc, c: xc, pairs };
         // Two halves of the range in alternation: two streams of weight rows in flight instead of one.
         let half = cols.len().div_ceil(2);
         let order = (0..half).flat_map(|i| [cols.start + i, cols.start + half + i]).filter(|&r| r < cols.end);
         for row in order {
-            for m0 in (0..xs.len()).step_by(CHUNK) {
-                let rows = (xs.len() - m0).min(CHUNK);
-                // Two accumulators per x row (even and odd pairs) hide the multiply-add latency.
-                let mut acc = [[_mm512_setzero_ps(); 2]; CHUNK];
-                for p in 0..pairs {
-                    let c = _mm512_loadu_si512(codes.add((row * nb + 2 * p) * BLOCK).cast());
-                    let ws = _mm512_permutexvar_ps(
-                        halves,
-                        _mm512_castpd_ps(_mm512_set1_pd((scales.add(row * nb + 2 * p) as *const f64).read_unaligned())),
-                    );
-                    for (mi, a) in acc.iter_mut().enumerate().take(rows) {
-                        let i = (m0 + mi) * pairs + p;
-                        let dot = _mm512_dpbusd_epi32(xc[i], c, xv[i]);
-                        a[p % 2] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(ws, xsc[i]), a[p % 2]);
-                    }
-                }
-                for (mi, a) in acc.iter().enumerate().take(rows) {
-                    let mut sum = _mm512_reduce_add_ps(_mm512_add_ps(a[0], a[1]));
-                    if nb % 2 == 1 {
-                        sum += tail_block(w, &xs[m0 + mi], row, nb - 1);
-                    }
-                    *y.add((m0 + mi) * w.n + row) = sum;
-                }
+            let mut m0 = 0;
+            while m0 < xs.len() {
+                // x rows per pass over one weight row, their accumulators in registers.
+                let rows = match xs.len() - m0 {
+                    8.. => { row_tile::<8>(w, xs, &x, row, m0, y); 8 }
+                    4.. => { row_tile::<4>(w, xs, &x, row, m0, y); 4 }
+                    2.. => { row_tile::<2>(w, xs, &x, row, m0, y); 2 }
+                    _ => { row_tile::<1>(w, xs, &x, row, m0, y); 1 }
+                };
+                m0 += rows;
             }
+        }
+    }
+
+    /// The rows of x as `vnni` reads them, per row and block pair (index `m * pairs + p`): the values, the
+    /// scales and the -128 * sum(xq) term, each block's spread over 8 lanes.
+    struct Prepared {
+        v: Vec<__m512i>,
+        s: Vec<__m512>,
+        c: Vec<__m512i>,
+        pairs: usize,
+    }
+
+    /// Weight row `row` against rows m0..m0+MC of x. Two accumulators per row of x (even and odd pairs, the
+    /// pair loop taken two at a time so both stay in registers) hide the multiply-add latency.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    #[inline]
+    unsafe fn row_tile<const MC: usize>(w: &Q8Weights, xs: &[QuantizedRow], x: &Prepared, row: usize, m0: usize, y: *mut f32) {
+        let nb = w.k / BLOCK;
+        let halves = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+        let (codes, scales) = (w.codes.as_ptr(), w.scales.as_ptr());
+        let step = |acc: &mut [__m512; MC], p: usize| {
+            let c = _mm512_loadu_si512(codes.add((row * nb + 2 * p) * BLOCK).cast());
+            let ws = _mm512_permutexvar_ps(halves, _mm512_castpd_ps(_mm512_set1_pd((scales.add(row * nb + 2 * p) as *const f64).read_unaligned())));
+            for (mi, a) in acc.iter_mut().enumerate() {
+                let i = (m0 + mi) * x.pairs + p;
+                let dot = _mm512_dpbusd_epi32(*x.c.get_unchecked(i), c, *x.v.get_unchecked(i));
+                *a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(ws, *x.s.get_unchecked(i)), *a);
+            }
+        };
+        let (mut even, mut odd) = ([_mm512_setzero_ps(); MC], [_mm512_setzero_ps(); MC]);
+        let mut p = 0;
+        while p + 2 <= x.pairs {
+            step(&mut even, p);
+            step(&mut odd, p + 1);
+            p += 2;
+        }
+        if p < x.pairs {
+            step(&mut even, p);
+        }
+        for (mi, (e, o)) in even.into_iter().zip(odd).enumerate() {
+            let mut sum = _mm512_reduce_add_ps(_mm512_add_ps(e, o));
+            if nb % 2 == 1 {
+                sum += tail_block(w, &xs[m0 + mi], row, nb - 1);
+            }
+            *y.add((m0 + mi) * w.n + row) = sum;
         }
     }
 
@@ -213,28 +241,30 @@ mod tests {
 
     #[test]
     fn every_isa_matches_the_integer_definition_and_is_close_to_fp32() {
-        let (n, k) = (37, 96);
-        let codes: Vec<u8> = (0..n * k).map(|i| ((i * 7919 + 13) % 251) as u8).collect();
-        let scales: Vec<f32> = (0..n * k / BLOCK).map(|i| 0.001 + (i % 17) as f32 * 0.0003).collect();
-        let w = Q8Weights::new(n, k, &codes, &scales).unwrap();
-        let x: Vec<f32> = (0..2 * k).map(|i| ((i as f32) * 0.731).sin() * (1.0 + (i % 5) as f32)).collect();
-        let mut want = vec![0f32; 2 * n];
-        matmul(&w, &x, 2, &mut want, Isa::Portable);
-        for isa in Isa::available() {
-            let mut got = vec![f32::NAN; 2 * n];
-            matmul(&w, &x, 2, &mut got, isa);
-            for i in 0..2 * n {
-                assert!((got[i] - want[i]).abs() <= 1e-5 * want[i].abs().max(1.0), "{isa:?} {i}: {} vs {}", got[i], want[i]);
+        // Odd and even numbers of block pairs, a tail block, and rows of x in every tile size (8, 4, 2, 1).
+        for &(n, k, m) in &[(37, 96, 2), (19, 576, 1), (23, 640, 11), (9, 160, 8), (5, 64, 15)] {
+            let codes: Vec<u8> = (0..n * k).map(|i| ((i * 7919 + 13) % 251) as u8).collect();
+            let scales: Vec<f32> = (0..n * k / BLOCK).map(|i| 0.001 + (i % 17) as f32 * 0.0003).collect();
+            let w = Q8Weights::new(n, k, &codes, &scales).unwrap();
+            let x: Vec<f32> = (0..m * k).map(|i| ((i as f32) * 0.731).sin() * (1.0 + (i % 5) as f32)).collect();
+            let mut want = vec![0f32; m * n];
+            matmul(&w, &x, m, &mut want, Isa::Portable);
+            for isa in Isa::available() {
+                let mut got = vec![f32::NAN; m * n];
+                matmul(&w, &x, m, &mut got, isa);
+                for i in 0..m * n {
+                    assert!((got[i] - want[i]).abs() <= 1e-5 * want[i].abs().max(1.0), "{isa:?} n={n} k={k} m={m} {i}: {} vs {}", got[i], want[i]);
+                }
             }
-        }
-        // int8 activations: within a few percent of the fp32 product.
-        for (mi, row) in x.chunks_exact(k).enumerate() {
-            for nn in 0..n {
-                let exact: f32 = (0..k)
-                    .map(|j| (f32::from(codes[nn * k + j]) - 128.0) * scales[nn * (k / BLOCK) + j / BLOCK] * row[j])
-                    .sum();
-                let scale: f32 = (0..k).map(|j| (f32::from(codes[nn * k + j]) - 128.0).abs() * scales[nn * (k / BLOCK) + j / BLOCK] * row[j].abs()).sum();
-                assert!((want[mi * n + nn] - exact).abs() <= 0.02 * scale, "{mi} {nn}");
+            // int8 activations: within a few percent of the fp32 product.
+            for (mi, row) in x.chunks_exact(k).enumerate() {
+                for nn in 0..n {
+                    let exact: f32 = (0..k)
+                        .map(|j| (f32::from(codes[nn * k + j]) - 128.0) * scales[nn * (k / BLOCK) + j / BLOCK] * row[j])
+                        .sum();
+                    let scale: f32 = (0..k).map(|j| (f32::from(codes[nn * k + j]) - 128.0).abs() * scales[nn * (k / BLOCK) + j / BLOCK] * row[j].abs()).sum();
+                    assert!((want[mi * n + nn] - exact).abs() <= 0.02 * scale, "{mi} {nn}");
+                }
             }
         }
     }
