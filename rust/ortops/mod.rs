@@ -449,22 +449,9 @@ unsafe fn parallel<F: Fn(usize) + Sync>(api: Api, context: *mut OrtKernelContext
 /// cores, large enough that the per-task cost (an atomic claim and a call) stays negligible.
 const MIN_CHUNK: usize = 32;
 
-/// y[M, N] computed by `cols(x, y, range)` over disjoint column ranges on the intra-op pool: the split both
-/// fp32-activation linears (Q4Linear, Q8Linear) use.
+/// y[M, N] computed by `cols(x, y, range)` over at most `max_tasks` disjoint column ranges on the intra-op pool:
+/// the split the fp32-activation linears (Q4Linear, Q8Linear) use.
 unsafe fn split_columns<F: Fn(*const f32, *mut f32, Range<usize>) + Sync>(
-    api: Api,
-    context: *mut OrtKernelContext,
-    x: *const f32,
-    m: usize,
-    n: usize,
-    y: *mut f32,
-    cols: F,
-) -> Result<(), OrtStatusPtr> {
-    split_columns_in(api, context, (x, m, n, y), usize::MAX, cols)
-}
-
-/// `split_columns` in at most `max_tasks` column ranges.
-unsafe fn split_columns_in<F: Fn(*const f32, *mut f32, Range<usize>) + Sync>(
     api: Api,
     context: *mut OrtKernelContext,
     (x, m, n, y): (*const f32, usize, usize, *mut f32),
@@ -562,7 +549,7 @@ unsafe fn run_linear<F: Fn(*const f32, usize, *mut f32, Range<usize>) + Sync>(
         return Ok(());
     };
     // SAFETY (callers): each task writes its own columns of y; x and y have the sizes row_io checked.
-    split_columns(api, context, x.ptr(), m, shape.2, y, move |x, y, range| cols(x, m, y, range))
+    split_columns(api, context, (x.ptr(), m, shape.2, y), usize::MAX, move |x, y, range| cols(x, m, y, range))
 }
 
 /// Column ranges for `parallel`: at most `max_tasks` chunks of a multiple of 16 columns, at least `min`.

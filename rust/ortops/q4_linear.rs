@@ -16,7 +16,7 @@ use core::ffi::CStr;
 use ort_sys::{ONNXTensorElementDataType as T, OrtCustomOp, OrtKernelContext, OrtKernelInfo, OrtStatusPtr};
 
 use half::f16;
-use super::{attribute, block_weights, detect, linear_io, op, run_linear, split_columns_in, Api, BlockInputs, ByScale, Element, Kernel, ANY, FLOAT, UINT8};
+use super::{attribute, block_weights, detect, linear_io, op, run_linear, split_columns, Api, BlockInputs, ByScale, Element, Kernel, ANY, FLOAT, UINT8};
 use crate::kernels::q4::{matmul_cols, silu_mul, Isa, Q4Format, Q4Weights, Scale};
 use crate::kernels::q4x::{self, Q4Grouped, Terms};
 
@@ -88,7 +88,7 @@ impl Kernel for Q4Linear {
                 // ahead of its reads, so a range's first bytes wait (32-column tasks: ~18 GB/s on two threads, 128
                 // or more: 22-25 GB/s); four still let one core take three when the other is busy.
                 // SAFETY: column chunks are multiples of 16 (N is one too) and each task writes its own columns.
-                split_columns_in(api, context, (x.ptr(), m, n, y), 4, move |_, y, cols| unsafe { q4x::matmul_cols(w, terms, y, cols, isa) })
+                split_columns(api, context, (x.ptr(), m, n, y), 4, move |_, y, cols| unsafe { q4x::matmul_cols(w, terms, y, cols, isa) })
             }),
         }
     }
