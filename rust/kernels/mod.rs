@@ -120,6 +120,8 @@ macro_rules! x86_drivers {
 /// CPU features the integer kernels (q4x, q8planes) choose between.
 #[cfg(target_arch = "x86_64")]
 mod cpu {
+    use core::arch::x86_64::*;
+
     /// AVX-512 with byte operations and VNNI (`vpdpbusd`).
     pub(super) fn has_vnni() -> bool {
         is_x86_feature_detected!("avx512bw") && is_x86_feature_detected!("avx512vnni")
@@ -129,8 +131,28 @@ mod cpu {
     pub(super) fn has_avx2() -> bool {
         is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c")
     }
+
+    /// e^x, eight at a time: Cephes' single-precision polynomial (range reduction by ln 2 in two parts, degree-5
+    /// polynomial, 2^n by exponent bits), within 2 ulp; inputs are clamped to [-87.3, 88.4].
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn exp256(x: __m256) -> __m256 {
+        let x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.336_55)), _mm256_set1_ps(88.376_26));
+        let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+            _mm256_mul_ps(x, _mm256_set1_ps(core::f32::consts::LOG2_E)),
+        );
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), x);
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
+        let mut p = _mm256_set1_ps(1.987_569_1e-4);
+        for c in [1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 5.000_000_1e-1] {
+            p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+        }
+        let p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0)));
+        let scale = _mm256_slli_epi32::<23>(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)));
+        _mm256_mul_ps(p, _mm256_castsi256_ps(scale))
+    }
 }
 
+pub mod attention;
 pub mod q4;
 pub mod q4x;
 pub mod q8;

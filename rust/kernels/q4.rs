@@ -172,29 +172,13 @@ mod x86 {
         let one = _mm256_set1_ps(1.0);
         for i in (0..whole).step_by(8) {
             let g = _mm256_loadu_ps(gate.as_ptr().add(i));
-            let e = exp(_mm256_sub_ps(_mm256_setzero_ps(), g));
+            let e = super::super::cpu::exp256(_mm256_sub_ps(_mm256_setzero_ps(), g));
             let silu = _mm256_div_ps(g, _mm256_add_ps(one, e));
             _mm256_storeu_ps(out.as_mut_ptr().add(i), _mm256_mul_ps(silu, _mm256_loadu_ps(up.as_ptr().add(i))));
         }
         whole
     }
 
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn exp(x: __m256) -> __m256 {
-        let x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.336_55)), _mm256_set1_ps(88.376_26));
-        let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
-            _mm256_mul_ps(x, _mm256_set1_ps(core::f32::consts::LOG2_E)),
-        );
-        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), x);
-        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
-        let mut p = _mm256_set1_ps(1.987_569_1e-4);
-        for c in [1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 5.000_000_1e-1] {
-            p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
-        }
-        let p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0)));
-        let scale = _mm256_slli_epi32::<23>(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)));
-        _mm256_mul_ps(p, _mm256_castsi256_ps(scale))
-    }
 
     #[target_feature(enable = "avx512f")]
     unsafe fn tile512<S: Scale, const R: usize, const MC: usize, const OFF: bool>(t: Tile<S>) {

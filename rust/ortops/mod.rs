@@ -13,6 +13,8 @@
 //!   Q8HeadPlanes  a tied 8-bit LM head held as two 4-bit planes (kernels::q8planes): scored from the high
 //!                 plane, every row that could be the argmax recomputed exactly
 //!   Q8GatherPlanes  the embedding lookup on the same planes
+//!   GroupAttention  GroupQueryAttention's causal attention with rotary embeddings over a shared KV cache,
+//!                 per query without ONNX Runtime's per-head GEMMs (kernels::attention)
 //!   QkNorm        per-head RMS norms of the query and key heads of a packed QKV (Gemma 3's q_norm / k_norm)
 //!
 //! Each kernel reads its weights where the session keeps its constant initializers and splits output
@@ -29,6 +31,7 @@ macro_rules! by_scale {
     };
 }
 
+mod attention;
 mod q4_linear;
 mod q8_linear;
 mod q8_planes;
@@ -50,11 +53,12 @@ use crate::kernels::q4::Isa;
 pub const DOMAIN: &CStr = c"cheapest";
 const API_VERSION: u32 = 17;
 
-static OPS: [&OrtCustomOp; 6] = [&q4_linear::OP, &q8_linear::OP, &q8f_linear::OP, &q8_planes::HEAD, &q8_planes::GATHER, &qk_norm::OP];
+static OPS: [&OrtCustomOp; 7] = [&attention::OP, &q4_linear::OP, &q8_linear::OP, &q8f_linear::OP, &q8_planes::HEAD, &q8_planes::GATHER, &qk_norm::OP];
 
 const FLOAT: ONNXTensorElementDataType = ONNXTensorElementDataType::ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
 const UINT8: ONNXTensorElementDataType = ONNXTensorElementDataType::ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
 const INT8: ONNXTensorElementDataType = ONNXTensorElementDataType::ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8;
+const INT32: ONNXTensorElementDataType = ONNXTensorElementDataType::ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32;
 const INT64: ONNXTensorElementDataType = ONNXTensorElementDataType::ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64;
 const FLOAT16: ONNXTensorElementDataType = ONNXTensorElementDataType::ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
 /// An input declared with this type takes any element type; the kernel checks what it got (block scales: fp32
@@ -170,6 +174,8 @@ trait Kernel: Sized {
     /// Element types of the inputs; those from index `REQUIRED_INPUTS` on are optional.
     const INPUTS: &'static [ONNXTensorElementDataType];
     const REQUIRED_INPUTS: usize;
+    /// Outputs, all float and required.
+    const OUTPUTS: usize = 1;
 
     unsafe fn new(api: Api, info: *const OrtKernelInfo) -> Result<Self, OrtStatusPtr>;
     unsafe fn compute(&self, context: *mut OrtKernelContext) -> Result<(), OrtStatusPtr>;
@@ -184,7 +190,7 @@ const fn op<K: Kernel>() -> OrtCustomOp {
         GetInputType: Some(input_type::<K>),
         GetInputTypeCount: Some(input_count::<K>),
         GetOutputType: Some(output_type),
-        GetOutputTypeCount: Some(one_output),
+        GetOutputTypeCount: Some(output_count::<K>),
         KernelCompute: None,
         KernelDestroy: Some(destroy::<K>),
         GetInputCharacteristic: Some(input_characteristic::<K>),
@@ -222,8 +228,8 @@ unsafe extern "system" fn output_type(_: *const OrtCustomOp, _: usize) -> ONNXTe
     FLOAT
 }
 
-unsafe extern "system" fn one_output(_: *const OrtCustomOp) -> usize {
-    1
+unsafe extern "system" fn output_count<K: Kernel>(_: *const OrtCustomOp) -> usize {
+    K::OUTPUTS
 }
 
 unsafe extern "system" fn input_characteristic<K: Kernel>(

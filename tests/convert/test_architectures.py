@@ -136,7 +136,7 @@ def test_qk_norm_fuses_to_the_same_bits(tmp_path_factory: pytest.TempPathFactory
     assert [n.op_type for n in without.graph.node].count("QkNorm") == 0
     assert np.array_equal(logits(with_qk), logits(without))
 
-@pytest.mark.parametrize("graph", ["model.onnx", "model_fp32.onnx"])
+@pytest.mark.parametrize("graph", ["model.onnx", "model_cpu.onnx", "model_fp32.onnx"])
 def test_engine_greedy_past_the_window(windowed: tuple[str, Path, Path], graph: str) -> None:
     """Greedy decoding through the engine's KV cache (shared buffer / concatenating) equals recomputing the
     whole sequence in numpy at every step; two prompts share the batch."""

@@ -15,6 +15,8 @@
   * the per-head query and key norms of a packed QKV (Gemma 3's q_norm / k_norm: a Split, four Reshapes and two
     SimplifiedLayerNormalization a layer) by one `cheapest.QkNorm`, GroupQueryAttention then reading the packed
     QKV (rust/ortops/qk_norm.rs: the same bits as the nodes it replaces);
+  * every GroupQueryAttention on a packed QKV with rotary embeddings by `cheapest.GroupAttention` (the same
+    inputs, outputs and semantics, computed per query: rust/ortops/attention.rs);
   * a large 8-bit LM head (PLANES_MIN_WEIGHTS) the fused graph scores with int8 activations and rescores exactly
     in fp32 (MatMulNBits at accuracy_level 4, TopK, GatherBlockQuantized, MatMul, ScatterElements), with its embedding's
     GatherBlockQuantized on the same codes, by `cheapest.Q8HeadPlanes` and `cheapest.Q8GatherPlanes` over the
@@ -503,6 +505,28 @@ def _qk_norm(g: _Graph, gqa: onnx.NodeProto) -> tuple[_Rewrite, str] | None:
     return _Rewrite([split, *q_nodes, *k_nodes], node, []), packed
 
 
+_ATTENTION_ATTRS = {"num_heads", "kv_num_heads", "do_rotary", "rotary_interleaved", "local_window_size", "scale",
+                    "softcap", "smooth_softmax"}
+
+
+def _group_attention(gqa: onnx.NodeProto) -> _Rewrite | None:
+    """A GroupQueryAttention on a packed QKV with rotary embeddings (halves not interleaved), no softcap and the
+    plain softmax -> `cheapest.GroupAttention` on the same inputs and outputs (rust/ortops/attention.rs)."""
+    if gqa.op_type != "GroupQueryAttention" or gqa.domain != MS_DOMAIN or len(gqa.input) != 9 or len(gqa.output) != 3:
+        return None
+    a = _attrs(gqa)
+    if (set(a) - _ATTENTION_ATTRS or a.get("do_rotary") != 1 or a.get("rotary_interleaved", 0) != 0
+            or a.get("softcap", 0.0) != 0.0 or a.get("smooth_softmax", 0) != 0):
+        return None
+    qkv, key, value, *rest = gqa.input
+    if key or value or not all(rest):
+        return None
+    kept = {name: a[name] for name in ("num_heads", "kv_num_heads", "scale", "local_window_size") if name in a}
+    node = helper.make_node("GroupAttention", [qkv, *rest], list(gqa.output), name=gqa.name, domain=CHEAPEST_DOMAIN,
+                            **kept)
+    return _Rewrite([gqa], node, [])
+
+
 def cpu_graph(model: onnx.ModelProto, planes_min_weights: int = PLANES_MIN_WEIGHTS) -> onnx.ModelProto:
     """Rewrite `model` (the fused graph) in place for the CPU provider and return it. A tied 8-bit LM head of at
     least `planes_min_weights` weights is scored from two planes, a smaller one with int8 activations."""
@@ -535,11 +559,13 @@ def cpu_graph(model: onnx.ModelProto, planes_min_weights: int = PLANES_MIN_WEIGH
             fused.append(found_qk[0])
             node.input[0], node.input[1], node.input[2] = found_qk[1], "", ""  # packed QKV
     _apply(model, fused)
+    _apply(model, [r for node in model.graph.node if (r := _group_attention(node)) is not None])
     used = {i for node in model.graph.node for i in node.input}
     for i in reversed(range(len(model.graph.initializer))):
         if model.graph.initializer[i].name not in used:
             del model.graph.initializer[i]
-    if rewrites and not any(o.domain == CHEAPEST_DOMAIN for o in model.opset_import):
+    custom = any(n.domain == CHEAPEST_DOMAIN for n in model.graph.node)
+    if custom and not any(o.domain == CHEAPEST_DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(CHEAPEST_DOMAIN, 1))
     return model
 

@@ -1,7 +1,7 @@
 """Reads a model directory (cheapest.model_layout) and opens it on the best execution provider.
 
 Directories written by `cheapest model convert` say in config.json how each graph must be driven; exports made
-elsewhere are inspected instead (a GroupQueryAttention node means a right-padded shared KV buffer, anything
+elsewhere are inspected instead (a GroupQueryAttention or cheapest.GroupAttention node means a right-padded shared KV buffer, anything
 else a plain concatenating cache). On the CPU provider the directory's onnx/model_cpu.onnx is served where
 present: the same graph with the core's custom operators, whose library is the core's extension module itself,
 registered on every session.
@@ -126,9 +126,9 @@ def served_graph(model_dir: str | os.PathLike[str], providers: Sequence[str]) ->
     return None
 
 
-def _graph_has_op(graph_path: Path, op_type: str) -> bool:
+def _graph_has_op(graph_path: Path, *op_types: str) -> bool:
     model = onnx.load(str(graph_path), load_external_data=False)
-    return any(node.op_type == op_type for node in model.graph.node)
+    return any(node.op_type in op_types for node in model.graph.node)
 
 
 def read_model_dir(model_dir: str | os.PathLike[str], *, graph: str | None = None) -> ModelSpec:
@@ -168,7 +168,8 @@ def _kv_layout(graphs: dict[str, GraphContract], model_dir: Path, graph_path: Pa
     declared = graphs.get(graph_path.relative_to(model_dir).as_posix())
     if declared is not None:
         return "shared_buffer" if declared.kv_padding == "right" else "concat"
-    return "shared_buffer" if _graph_has_op(graph_path, "GroupQueryAttention") else "concat"
+    # GroupAttention: the core's operator with GroupQueryAttention's cache semantics (rust/ortops/attention.rs).
+    return "shared_buffer" if _graph_has_op(graph_path, "GroupQueryAttention", "GroupAttention") else "concat"
 
 
 # --- tokenizer ------------------------------------------------------------------------------------------------
