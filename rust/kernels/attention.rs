@@ -85,6 +85,8 @@ mod x86 {
 
     /// Values of `out` accumulated at once in the weighted sum of V (eight registers of eight).
     const CHUNK: usize = 64;
+    /// Keys whose value rows (up to 32 KiB of Gemma 3's 256-value rows) every chunk of a wide row passes over in turn.
+    const KEY_BLOCK: usize = 32;
 
     #[target_feature(enable = "avx2,fma")]
     unsafe fn hsum(v: __m256) -> f32 {
@@ -140,6 +142,13 @@ mod x86 {
         let mut i = 0;
         while i + 8 <= n {
             let rows = kp.add((keys.start + i) * d);
+            // The block after next, asked for now: the hardware prefetcher alone left the first loads waiting.
+            let ahead = rows.wrapping_add(16 * d);
+            let mut off = 0;
+            while off < 8 * d {
+                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(off).cast());
+                off += 16;
+            }
             for (h, m) in vmax.iter_mut().enumerate().take(heads) {
                 let s = _mm256_mul_ps(vscale, eight_scores(qp.add(h * d), rows, d));
                 _mm256_storeu_ps(sp.add(h * stride + i), s);
@@ -173,23 +182,33 @@ mod x86 {
             let sum: f32 = scores[h * stride..h * stride + n].iter().sum();
             let inv = _mm256_set1_ps(1.0 / sum);
             let op = out.as_mut_ptr().add(h * d);
-            let mut c0 = 0;
-            while c0 + CHUNK <= d {
-                weighted_rows::<{ CHUNK / 8 }>(e, vp.add(c0), d, keys.clone(), inv, op.add(c0));
-                c0 += CHUNK;
-            }
-            while c0 < d {
-                weighted_rows::<1>(e, vp.add(c0), d, keys.clone(), inv, op.add(c0));
-                c0 += 8;
+            // Rows wider than one chunk of sums: the keys in blocks that stay in L1 while every chunk of the rows
+            // passes over them, the sums kept in `out` between blocks (the same additions in the same order).
+            let block = if d > CHUNK { KEY_BLOCK } else { n };
+            let mut b0 = 0;
+            while b0 < n {
+                let part = keys.start + b0..keys.start + (b0 + block).min(n);
+                let (first, scale) = (b0 == 0, if b0 + block >= n { inv } else { _mm256_set1_ps(1.0) });
+                let mut c0 = 0;
+                while c0 + CHUNK <= d {
+                    weighted_rows::<{ CHUNK / 8 }>(e.add(b0), vp.add(c0), d, part.clone(), first, scale, op.add(c0));
+                    c0 += CHUNK;
+                }
+                while c0 < d {
+                    weighted_rows::<1>(e.add(b0), vp.add(c0), d, part.clone(), first, scale, op.add(c0));
+                    c0 += 8;
+                }
+                b0 += block;
             }
         }
     }
 
-    /// out[0..8 W] = inv * sum_i e[i] V[keys.start + i][0..8 W], the W vectors of sums in registers.
+    /// out[0..8 W] = scale * (out or 0 when `first`) + sum_i e[i] V[keys.start + i][0..8 W]), the W vectors of sums
+    /// in registers.
     #[target_feature(enable = "avx2,fma")]
     #[inline]
-    unsafe fn weighted_rows<const W: usize>(e: *const f32, v: *const f32, d: usize, keys: Range<usize>, inv: __m256, out: *mut f32) {
-        let mut acc = [_mm256_setzero_ps(); W];
+    unsafe fn weighted_rows<const W: usize>(e: *const f32, v: *const f32, d: usize, keys: Range<usize>, first: bool, scale: __m256, out: *mut f32) {
+        let mut acc: [__m256; W] = core::array::from_fn(|r| if first { _mm256_setzero_ps() } else { _mm256_loadu_ps(out.add(8 * r)) });
         for (i, j) in keys.enumerate() {
             let w = _mm256_broadcast_ss(&*e.add(i));
             let row = v.add(j * d);
@@ -198,7 +217,7 @@ mod x86 {
             }
         }
         for (r, a) in acc.iter().enumerate() {
-            _mm256_storeu_ps(out.add(8 * r), _mm256_mul_ps(*a, inv));
+            _mm256_storeu_ps(out.add(8 * r), _mm256_mul_ps(*a, scale));
         }
     }
 }
@@ -222,7 +241,7 @@ mod tests {
         let mut rng = Lcg(7);
         // Head sizes with and without a partial chunk of 16 and of 64; key ranges of 1, a few, and not a
         // multiple of 8, starting past 0 (a sliding window).
-        for (d, rows, keys) in [(64, 40, 0..37), (8, 5, 0..1), (24, 20, 3..20), (256, 30, 10..30), (72, 9, 0..9), (64, 300, 5..300), (32, 16, 0..16)] {
+        for (d, rows, keys) in [(64, 40, 0..37), (8, 5, 0..1), (24, 20, 3..20), (256, 30, 10..30), (72, 9, 0..9), (64, 300, 5..300), (32, 16, 0..16), (256, 100, 3..100), (136, 70, 0..65)] {
             let q: Vec<f32> = (0..d).map(|_| rng.float()).collect();
             let k: Vec<f32> = (0..rows * d).map(|_| rng.float() * 3.0).collect();
             let v: Vec<f32> = (0..rows * d).map(|_| rng.float()).collect();
