@@ -156,6 +156,7 @@ pub mod attention;
 pub mod q4;
 pub mod q4x;
 pub mod q8;
+pub mod q8g;
 pub mod q8planes;
 pub mod q8f;
 

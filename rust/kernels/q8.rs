@@ -31,9 +31,9 @@ impl<'a> Q8Weights<'a> {
 
 /// One row of x quantized per block: int8 values, their scales and `-128 * sum(xq)` per block.
 pub struct QuantizedRow {
-    values: Vec<i8>,
-    scales: Vec<f32>,
-    corrections: Vec<i32>,
+    pub(super) values: Vec<i8>,
+    pub(super) scales: Vec<f32>,
+    pub(super) corrections: Vec<i32>,
 }
 
 impl QuantizedRow {

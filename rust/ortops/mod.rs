@@ -8,7 +8,9 @@
 //!
 //! Operators (CPU execution provider):
 //!   Q4Linear      fp32 x times a 4-bit block-quantized weight (kernels::q4), optionally SwiGLU on x first
-//!   Q8LinearInt8  x rounded to int8 per block times an 8-bit weight (kernels::q8): an LM head's scoring pass
+//!   Q8LinearInt8  x rounded to int8 per block times an 8-bit weight (kernels::q8, or kernels::q8g in row
+//!                 groups of 16): an LM head's scoring pass
+//!   Q8GatherGrouped  the embedding lookup and the rescored rows on the grouped layout
 //!   Q8Linear      fp32 x times an 8-bit block-quantized weight (kernels::q8f): Q5_0, Q8_0, Q6_K ... tensors
 //!   Q8HeadPlanes  a tied 8-bit LM head held as two 4-bit planes (kernels::q8planes): scored from the high
 //!                 plane, every row that could be the argmax recomputed exactly
@@ -53,7 +55,7 @@ use crate::kernels::q4::Isa;
 pub const DOMAIN: &CStr = c"cheapest";
 const API_VERSION: u32 = 17;
 
-static OPS: [&OrtCustomOp; 7] = [&attention::OP, &q4_linear::OP, &q8_linear::OP, &q8f_linear::OP, &q8_planes::HEAD, &q8_planes::GATHER, &qk_norm::OP];
+static OPS: [&OrtCustomOp; 8] = [&attention::OP, &q4_linear::OP, &q8_linear::OP, &q8_linear::GATHER, &q8f_linear::OP, &q8_planes::HEAD, &q8_planes::GATHER, &qk_norm::OP];
 
 const FLOAT: ONNXTensorElementDataType = ONNXTensorElementDataType::ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
 const UINT8: ONNXTensorElementDataType = ONNXTensorElementDataType::ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;

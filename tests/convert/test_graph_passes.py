@@ -275,6 +275,37 @@ def test_tied_8bit_head_reads_two_planes_and_keeps_the_exact_argmax(n: int, k: i
         assert best == int(np.argmax(before[b, 0])) or abs(exact[b, best] - exact[b].max()) <= 2 * tol[b].max()
 
 
+@pytest.mark.parametrize(("n", "k"), [(320, 96), (1024, 576)])
+def test_tied_int8_head_in_row_groups_of_16(n: int, k: int) -> None:
+    """A head whose N is a multiple of 16 keeps the int8 pass, on its codes re-laid in row groups of 16 (one
+    Q8LinearInt8 with layout=1; both gathers Q8GatherGrouped on the same bytes): the embedding rows and the
+    rescored rows are GatherBlockQuantized's bits, the scores within int8 rounding of ONNX Runtime's, and the
+    best row the exact product's."""
+    rng = np.random.default_rng(n + k)
+    lin = random_8bit_linear(rng, n, k, BLOCK, False)
+    x = rng.standard_normal((3, 1, k), dtype=np.float32)
+    ids = rng.integers(0, n, (2, 5), dtype=np.int64)
+    feeds = {"ids": ids, "x": x}
+    rows_before, before = ort.InferenceSession(rescored_head_model(lin).SerializeToString(),
+                                               session_options(2)).run(["rows", "y"], feeds)
+    rewritten = cpu_graph(rescored_head_model(lin))
+    kinds = [(n.op_type, _attrs_of(n).get("layout")) for n in rewritten.graph.node if n.domain == CHEAPEST_DOMAIN]
+    assert sorted(kinds, key=str) == [("Q8GatherGrouped", None), ("Q8GatherGrouped", None), ("Q8LinearInt8", 1)]
+    stored = {t.name: onnx.numpy_helper.to_array(t) for t in rewritten.graph.initializer}
+    assert sum(a.nbytes for a in stored.values() if a.dtype == np.uint8) == lin.codes.nbytes  # stored once
+    rows, got = ort.InferenceSession(rewritten.SerializeToString(), session_options(2)).run(["rows", "y"], feeds)
+    assert np.array_equal(rows, rows_before)
+    w = lin.dequantize().astype(np.float64)
+    exact = x[:, 0].astype(np.float64) @ w.T
+    magnitude = np.abs(x[:, 0].astype(np.float64)) @ np.abs(w).T
+    assert np.all(np.abs(got[:, 0] - before[:, 0]) <= 0.01 * magnitude)
+    assert np.array_equal(np.argmax(got[:, 0], axis=-1), np.argmax(exact, axis=-1))
+
+
+def _attrs_of(node: onnx.NodeProto) -> dict:
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
 def test_scales_too_wide_for_a_tile_stay_fp32() -> None:
     """fp16 scales are widened a tile at a time (K/32 * row group of them at most, WIDE_VALUES): a wider matrix
     keeps fp32 scales, which the kernel reads in place, instead of failing to load."""
