@@ -212,6 +212,10 @@ mod x86 {
         for (i, j) in keys.enumerate() {
             let w = _mm256_broadcast_ss(&*e.add(i));
             let row = v.add(j * d);
+            let ahead = row.wrapping_add(8 * d);
+            for l in 0..W.div_ceil(2) {
+                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(16 * l).cast());
+            }
             for (r, a) in acc.iter_mut().enumerate() {
                 *a = _mm256_fmadd_ps(w, _mm256_loadu_ps(row.add(8 * r)), *a);
             }
