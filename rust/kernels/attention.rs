@@ -46,7 +46,7 @@ pub fn attend(q: &[f32], heads: usize, k: &[f32], v: &[f32], keys: Range<usize>,
     #[cfg(target_arch = "x86_64")]
     if d % 8 == 0 && heads <= x86::MAX_HEADS && super::cpu::has_avx2() {
         // SAFETY: the features were just detected; rows and scratch sizes checked above.
-        unsafe { x86::attend(q, heads, k, v, keys, scale, scores, out) };
+        unsafe { x86::attend(q, heads, k, v, keys, scale, scores, out, std::arch::is_x86_feature_detected!("avx512f")) };
         return;
     }
     for ((qh, oh), sh) in q.chunks_exact(d).zip(out.chunks_exact_mut(d)).zip(scores.chunks_exact_mut(stride)) {
@@ -131,13 +131,14 @@ mod x86 {
 
     #[target_feature(enable = "avx2,fma")]
     #[allow(clippy::too_many_arguments)]
-    pub(super) unsafe fn attend(q: &[f32], heads: usize, k: &[f32], v: &[f32], keys: Range<usize>, scale: f32, scores: &mut [f32], out: &mut [f32]) {
+    pub(super) unsafe fn attend(q: &[f32], heads: usize, k: &[f32], v: &[f32], keys: Range<usize>, scale: f32, scores: &mut [f32], out: &mut [f32], wide: bool) {
         let d = q.len() / heads;
         let n = keys.len();
         let stride = n.next_multiple_of(8);
         let (qp, kp, vp, sp) = (q.as_ptr(), k.as_ptr(), v.as_ptr(), scores.as_mut_ptr());
         let vscale = _mm256_set1_ps(scale);
         let mut vmax = [_mm256_set1_ps(f32::NEG_INFINITY); MAX_HEADS];
+        let mut inv = [0f32; MAX_HEADS];
         // Blocks of eight keys, each read once and scored against every head while in L1.
         let mut i = 0;
         while i + 8 <= n {
@@ -180,11 +181,39 @@ mod x86 {
                 i += 8;
             }
             let sum: f32 = scores[h * stride..h * stride + n].iter().sum();
-            let inv = _mm256_set1_ps(1.0 / sum);
+            inv[h] = 1.0 / sum;
+        }
+        // Rows wider than one chunk of sums: the keys in blocks that stay in L1 while every chunk of the rows
+        // passes over them, the sums kept in `out` between blocks (the same additions in the same order).
+        let block = if d > CHUNK { KEY_BLOCK } else { n };
+        if wide && d % CHUNK == 0 && heads <= WIDE_HEADS {
+            // Every head at once: each value row read once for all of them (the same additions per element).
+            let mut b0 = 0;
+            while b0 < n {
+                let part = keys.start + b0..keys.start + (b0 + block).min(n);
+                let last = b0 + block >= n;
+                let mut c0 = 0;
+                while c0 < d {
+                    let (e, v, o) = (sp.add(b0).cast_const(), vp.add(c0), out.as_mut_ptr().add(c0));
+                    let args = (e, stride, v, d, part.clone(), b0 == 0, last, &inv, o);
+                    match heads {
+                        1 => weighted_rows512::<1>(args),
+                        2 => weighted_rows512::<2>(args),
+                        3 => weighted_rows512::<3>(args),
+                        4 => weighted_rows512::<4>(args),
+                        5 => weighted_rows512::<5>(args),
+                        _ => weighted_rows512::<6>(args),
+                    }
+                    c0 += CHUNK;
+                }
+                b0 += block;
+            }
+            return;
+        }
+        for h in 0..heads {
+            let e = sp.add(h * stride);
+            let inv = _mm256_set1_ps(inv[h]);
             let op = out.as_mut_ptr().add(h * d);
-            // Rows wider than one chunk of sums: the keys in blocks that stay in L1 while every chunk of the rows
-            // passes over them, the sums kept in `out` between blocks (the same additions in the same order).
-            let block = if d > CHUNK { KEY_BLOCK } else { n };
             let mut b0 = 0;
             while b0 < n {
                 let part = keys.start + b0..keys.start + (b0 + block).min(n);
@@ -199,6 +228,43 @@ mod x86 {
                     c0 += 8;
                 }
                 b0 += block;
+            }
+        }
+    }
+
+    /// Query heads the AVX-512 weighted sum takes at once: four registers of sums each, 24 in all.
+    pub(super) const WIDE_HEADS: usize = 6;
+
+    /// Arguments of `weighted_rows512`: exponentials (head h's at h * stride), value rows from chunk start, row
+    /// length, keys, first block, last block, 1 / sum per head, out from chunk start (head h's at h * d).
+    type WideArgs<'a> = (*const f32, usize, *const f32, usize, Range<usize>, bool, bool, &'a [f32; MAX_HEADS], *mut f32);
+
+    /// For H heads, out[h][0..64] = (out[h] or 0 when first) + sum_i e[h][i] V[keys.start + i][0..64], scaled by
+    /// 1 / sum on the last block: one load of each value row for every head. Per element the additions are those
+    /// of `weighted_rows` (in key order, one fused multiply-add each), so the bits are the same.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn weighted_rows512<const H: usize>((e, stride, v, d, keys, first, last, inv, out): WideArgs) {
+        let mut acc: [[__m512; 4]; H] = core::array::from_fn(|h| {
+            core::array::from_fn(|r| if first { _mm512_setzero_ps() } else { _mm512_loadu_ps(out.add(h * d + 16 * r)) })
+        });
+        for (i, j) in keys.enumerate() {
+            let row = v.add(j * d);
+            for l in 0..4 {
+                _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(8 * d + 16 * l).cast());
+            }
+            let vr: [__m512; 4] = core::array::from_fn(|r| _mm512_loadu_ps(row.add(16 * r)));
+            for (h, a) in acc.iter_mut().enumerate() {
+                let w = _mm512_set1_ps(*e.add(h * stride + i));
+                for (x, y) in a.iter_mut().zip(vr) {
+                    *x = _mm512_fmadd_ps(w, y, *x);
+                }
+            }
+        }
+        for (h, a) in acc.iter().enumerate() {
+            let scale = _mm512_set1_ps(if last { inv[h] } else { 1.0 });
+            for (r, x) in a.iter().enumerate() {
+                _mm512_storeu_ps(out.add(h * d + 16 * r), _mm512_mul_ps(*x, scale));
             }
         }
     }
@@ -277,6 +343,28 @@ mod tests {
                 attend(&q[h * d..(h + 1) * d], 1, &k, &v, keys.clone(), 0.1, &mut scores, &mut alone);
                 assert_eq!(alone, together[h * d..(h + 1) * d], "heads={heads} h={h}");
             }
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn the_avx512_weighted_sum_gives_the_avx2_bits() {
+        if !(std::arch::is_x86_feature_detected!("avx512f") && crate::kernels::cpu::has_avx2()) {
+            return;
+        }
+        let mut rng = Lcg(13);
+        for (heads, d, rows, keys) in [(3, 64, 70, 0..70), (4, 256, 90, 5..90), (6, 128, 20, 0..13), (1, 64, 9, 2..9)] {
+            let q: Vec<f32> = (0..heads * d).map(|_| rng.float()).collect();
+            let k: Vec<f32> = (0..rows * d).map(|_| rng.float() * 2.0).collect();
+            let v: Vec<f32> = (0..rows * d).map(|_| rng.float()).collect();
+            let run = |wide: bool| {
+                let mut scores = vec![0.0; heads * keys.len().next_multiple_of(8)];
+                let mut out = vec![f32::NAN; heads * d];
+                // SAFETY: the features were just detected; sizes as `attend` sets them.
+                unsafe { x86::attend(&q, heads, &k, &v, keys.clone(), 0.1, &mut scores, &mut out, wide) };
+                out.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+            };
+            assert_eq!(run(true), run(false), "heads={heads} d={d}");
         }
     }
 
