@@ -440,6 +440,33 @@ unsafe fn row_io(
     Ok((x_data.cast::<f32>().cast_const(), m, y_data.cast::<f32>()))
 }
 
+/// Output 0 = the rows `row(id, out)` writes for each id of input 0 (int64, any shape): [ids.., k]; an id outside
+/// 0..n is refused by name. The embedding lookups of the heads stored in the core's layouts.
+unsafe fn gather_rows(api: Api, context: *mut OrtKernelContext, op: &str, (n, k): (usize, usize), row: impl Fn(usize, &mut [f32])) -> Result<(), OrtStatusPtr> {
+    let mut ids: *const OrtValue = ptr::null();
+    api.check((api.get().KernelContext_GetInput)(context, 0, &mut ids))?;
+    let mut dims = shape(api, ids)?;
+    let count: usize = dims.iter().map(|&d| d.max(0) as usize).product();
+    dims.push(k as i64);
+    let mut out: *mut OrtValue = ptr::null_mut();
+    api.check((api.get().KernelContext_GetOutput)(context, 0, dims.as_ptr(), dims.len(), &mut out))?;
+    if count == 0 {
+        return Ok(());
+    }
+    let (mut id_data, mut out_data): (*mut c_void, *mut c_void) = (ptr::null_mut(), ptr::null_mut());
+    api.check((api.get().GetTensorMutableData)(ids.cast_mut(), &mut id_data))?;
+    api.check((api.get().GetTensorMutableData)(out, &mut out_data))?;
+    let ids = core::slice::from_raw_parts(id_data.cast::<i64>(), count);
+    let rows = core::slice::from_raw_parts_mut(out_data.cast::<f32>(), count * k);
+    for (&id, out) in ids.iter().zip(rows.chunks_exact_mut(k)) {
+        let Some(id) = usize::try_from(id).ok().filter(|&i| i < n) else {
+            return Err(api.error(&format!("{op}: an id is outside 0..{n}")));
+        };
+        row(id, out);
+    }
+    Ok(())
+}
+
 /// Runs `task(i)` for i in 0..tasks on the session's intra-op pool (inline when there is one task).
 unsafe fn parallel<F: Fn(usize) + Sync>(api: Api, context: *mut OrtKernelContext, tasks: usize, task: F) -> Result<(), OrtStatusPtr> {
     unsafe extern "C" fn trampoline<F: Fn(usize) + Sync>(data: *mut c_void, i: usize) {

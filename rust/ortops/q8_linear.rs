@@ -13,12 +13,11 @@
 //! GatherBlockQuantized gives them). Inputs: ids int64 (any shape), codes, scales as above; attributes K, N;
 //! output float [ids.., K].
 
-use core::ffi::{c_void, CStr};
-use core::ptr;
+use core::ffi::CStr;
 
-use ort_sys::{ONNXTensorElementDataType as T, OrtCustomOp, OrtKernelContext, OrtKernelInfo, OrtStatusPtr, OrtValue};
+use ort_sys::{ONNXTensorElementDataType as T, OrtCustomOp, OrtKernelContext, OrtKernelInfo, OrtStatusPtr};
 
-use super::{attribute, block_weights, column_chunks, detect, op, parallel, row_io, shape, Api, BlockInputs, Kernel, SharedOut, FLOAT, INT64, UINT8};
+use super::{attribute, block_weights, column_chunks, detect, gather_rows, op, parallel, row_io, Api, BlockInputs, Kernel, SharedOut, FLOAT, INT64, UINT8};
 use crate::kernels::q4::Isa;
 use crate::kernels::q8::{self, Q8Weights, QuantizedRow};
 use crate::kernels::q8g::{self, Q8Grouped};
@@ -104,28 +103,7 @@ impl Kernel for Q8GatherGrouped {
     }
 
     unsafe fn compute(&self, context: *mut OrtKernelContext) -> Result<(), OrtStatusPtr> {
-        let (api, w) = (self.api, &self.weights);
-        let mut ids: *const OrtValue = ptr::null();
-        api.check((api.get().KernelContext_GetInput)(context, 0, &mut ids))?;
-        let mut dims = shape(api, ids)?;
-        let count: usize = dims.iter().map(|&d| d.max(0) as usize).product();
-        dims.push(w.k() as i64);
-        let mut out: *mut OrtValue = ptr::null_mut();
-        api.check((api.get().KernelContext_GetOutput)(context, 0, dims.as_ptr(), dims.len(), &mut out))?;
-        if count == 0 {
-            return Ok(());
-        }
-        let (mut id_data, mut out_data): (*mut c_void, *mut c_void) = (ptr::null_mut(), ptr::null_mut());
-        api.check((api.get().GetTensorMutableData)(ids.cast_mut(), &mut id_data))?;
-        api.check((api.get().GetTensorMutableData)(out, &mut out_data))?;
-        let ids = core::slice::from_raw_parts(id_data.cast::<i64>(), count);
-        let rows = core::slice::from_raw_parts_mut(out_data.cast::<f32>(), count * w.k());
-        for (&id, row) in ids.iter().zip(rows.chunks_exact_mut(w.k())) {
-            let Some(id) = usize::try_from(id).ok().filter(|&i| i < w.n()) else {
-                return Err(api.error(&format!("Q8GatherGrouped: an id is outside 0..{}", w.n())));
-            };
-            w.row(id, row);
-        }
-        Ok(())
+        let w = &self.weights;
+        gather_rows(self.api, context, "Q8GatherGrouped", (w.n(), w.k()), |id, row| w.row(id, row))
     }
 }

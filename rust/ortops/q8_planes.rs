@@ -12,15 +12,14 @@
 //! Attributes: K, N (int).
 //! Output:  float [.., N] (head) or [.., K] (gather).
 
-use core::ffi::{c_void, CStr};
-use core::ptr;
+use core::ffi::CStr;
 use core::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use half::f16;
-use ort_sys::{ONNXTensorElementDataType as T, OrtCustomOp, OrtKernelContext, OrtKernelInfo, OrtStatusPtr, OrtValue};
+use ort_sys::{ONNXTensorElementDataType as T, OrtCustomOp, OrtKernelContext, OrtKernelInfo, OrtStatusPtr};
 
-use super::{column_chunks, constant, dims, detect, op, parallel, row_io, shape, Api, ByScale, Element, Kernel, SharedIn, SharedOut, ANY, FLOAT, INT64, UINT8};
+use super::{column_chunks, constant, dims, detect, gather_rows, op, parallel, row_io, Api, ByScale, Element, Kernel, SharedIn, SharedOut, ANY, FLOAT, INT64, UINT8};
 use crate::kernels::q8planes::{coarse_cols, CoarseRow, exact_cols, exact_pass, Isa, Planes, Scale};
 
 pub(super) static HEAD: OrtCustomOp = op::<Q8HeadPlanes>();
@@ -143,28 +142,6 @@ impl Kernel for Q8GatherPlanes {
 
 impl Q8GatherPlanes {
     unsafe fn run<S: Scale>(&self, w: &Planes<'static, S>, context: *mut OrtKernelContext) -> Result<(), OrtStatusPtr> {
-        let api = self.api;
-        let mut ids: *const OrtValue = ptr::null();
-        api.check((api.get().KernelContext_GetInput)(context, 0, &mut ids))?;
-        let mut dims = shape(api, ids)?;
-        let count: usize = dims.iter().map(|&d| d.max(0) as usize).product();
-        dims.push(w.k() as i64);
-        let mut out: *mut OrtValue = ptr::null_mut();
-        api.check((api.get().KernelContext_GetOutput)(context, 0, dims.as_ptr(), dims.len(), &mut out))?;
-        if count == 0 {
-            return Ok(());
-        }
-        let (mut id_data, mut out_data): (*mut c_void, *mut c_void) = (ptr::null_mut(), ptr::null_mut());
-        api.check((api.get().GetTensorMutableData)(ids.cast_mut(), &mut id_data))?;
-        api.check((api.get().GetTensorMutableData)(out, &mut out_data))?;
-        let ids = core::slice::from_raw_parts(id_data.cast::<i64>(), count);
-        let rows = core::slice::from_raw_parts_mut(out_data.cast::<f32>(), count * w.k());
-        for (&id, row) in ids.iter().zip(rows.chunks_exact_mut(w.k())) {
-            let Some(id) = usize::try_from(id).ok().filter(|&i| i < w.n()) else {
-                return Err(api.error(&format!("Q8GatherPlanes: an id is outside 0..{}", w.n())));
-            };
-            w.row(id, row);
-        }
-        Ok(())
+        gather_rows(self.api, context, "Q8GatherPlanes", (w.n(), w.k()), |id, row| w.row(id, row))
     }
 }
