@@ -64,11 +64,9 @@ class Step:
         self.session = ort.InferenceSession(model.SerializeToString(), session_options(2),
                                             providers=["CPUExecutionProvider"])
         rng = np.random.default_rng(seed)
-        shape = self.session.get_inputs()[3].shape
-        heads = int(shape[1]) if isinstance(shape[1], int) else 0
-        dim = int(shape[3])
+        _, kv_heads, _, dim = self.session.get_inputs()[3].shape  # [batch, kv heads, CAPACITY, dim]
         width = self.session.get_inputs()[0].shape[2]
-        self.buffers = [rng.standard_normal((batch, heads, CAPACITY, dim), dtype=np.float32)
+        self.buffers = [rng.standard_normal((batch, kv_heads, CAPACITY, dim), dtype=np.float32)
                         for _ in range(2 * LAYERS)]
         self.binding = self.session.io_binding()
         self.binding.bind_cpu_input("qkv", rng.standard_normal((batch, 1, int(width)), dtype=np.float32))

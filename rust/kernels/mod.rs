@@ -117,7 +117,7 @@ macro_rules! x86_drivers {
     };
 }
 
-/// CPU features the integer kernels (q4x, q8planes) choose between.
+/// CPU features the kernels choose between, and the vector exponential (SwiGLU, attention) they share.
 #[cfg(target_arch = "x86_64")]
 mod cpu {
     use core::arch::x86_64::*;

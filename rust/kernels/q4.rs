@@ -179,7 +179,6 @@ mod x86 {
         whole
     }
 
-
     #[target_feature(enable = "avx512f")]
     unsafe fn tile512<S: Scale, const R: usize, const MC: usize, const OFF: bool>(t: Tile<S>) {
         let Tile { w, x, y, n0 } = t;
@@ -267,7 +266,6 @@ mod tests {
     use super::super::testing::{assert_columns_compose, assert_every_isa, assert_same_every_isa, Lcg};
     use super::*;
     use half::f16;
-
 
     struct Case {
         codes: Vec<u8>,

@@ -541,7 +541,6 @@ mod tests {
     use super::*;
     use half::f16;
 
-
     /// Rows of x with the shapes activations take: mostly small values, a few large ones per block, zeros,
     /// a block of all zeros and values at exact halves of the term steps.
     fn activations(m: usize, k: usize, seed: u64) -> Vec<f32> {

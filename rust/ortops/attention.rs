@@ -21,12 +21,12 @@
 //!          (int, -1 or absent: none).
 //! Outputs: float [B, S, H D], present_key and present_value float [B, G, max(C, total), D].
 
-use core::ffi::{c_void, CStr};
+use core::ffi::CStr;
 use core::ptr;
 
-use ort_sys::{ONNXTensorElementDataType as T, OrtCustomOp, OrtKernelContext, OrtKernelInfo, OrtStatusPtr, OrtValue};
+use ort_sys::{ONNXTensorElementDataType as T, OrtCustomOp, OrtKernelContext, OrtKernelInfo, OrtStatusPtr};
 
-use super::{attribute, op, parallel, shape, Api, Kernel, SharedIn, SharedOut, FLOAT, INT32};
+use super::{attribute, input, op, output, parallel, Api, Kernel, SharedIn, SharedOut, FLOAT, INT32};
 use crate::kernels::attention::{attend, rotate};
 
 pub(super) static OP: OrtCustomOp = op::<GroupAttention>();
@@ -71,13 +71,13 @@ impl Kernel for GroupAttention {
     unsafe fn compute(&self, context: *mut OrtKernelContext) -> Result<(), OrtStatusPtr> {
         let api = self.api;
         let err = |what: &str| api.error(&format!("{NAME}: {what}"));
-        let (qkv, qd) = input(api, context, 0)?;
-        let (past_k, kd) = input(api, context, 1)?;
-        let (past_v, vd) = input(api, context, 2)?;
-        let (seqlens, sd) = input(api, context, 3)?;
-        let (total, td) = input(api, context, 4)?;
-        let (cos, cd) = input(api, context, 5)?;
-        let (sin, nd) = input(api, context, 6)?;
+        let (qkv, qd) = input(api, context, 0, NAME)?;
+        let (past_k, kd) = input(api, context, 1, NAME)?;
+        let (past_v, vd) = input(api, context, 2, NAME)?;
+        let (seqlens, sd) = input(api, context, 3, NAME)?;
+        let (total, td) = input(api, context, 4, NAME)?;
+        let (cos, cd) = input(api, context, 5, NAME)?;
+        let (sin, nd) = input(api, context, 6, NAME)?;
         let (h, g) = (self.heads, self.kv_heads);
         let [b, s, width] = dims::<3>(&qd).ok_or_else(|| err("qkv must be [batch, sequence, (num_heads + 2 kv_num_heads) head_size]"))?;
         if width % (h + 2 * g) != 0 {
@@ -181,29 +181,6 @@ impl Kernel for GroupAttention {
             }
         })
     }
-}
-
-/// Input `index`: its data and dimensions.
-unsafe fn input(api: Api, context: *mut OrtKernelContext, index: usize) -> Result<(*mut c_void, Vec<i64>), OrtStatusPtr> {
-    let mut value: *const OrtValue = ptr::null();
-    api.check((api.get().KernelContext_GetInput)(context, index, &mut value))?;
-    if value.is_null() {
-        return Err(api.error(&format!("{NAME}: input {index} is missing")));
-    }
-    let dims = shape(api, value)?;
-    let mut data: *mut c_void = ptr::null_mut();
-    api.check((api.get().GetTensorMutableData)(value.cast_mut(), &mut data))?;
-    Ok((data, dims))
-}
-
-/// Output `index` with dimensions `dims`: its data.
-unsafe fn output(api: Api, context: *mut OrtKernelContext, index: usize, dims: &[usize]) -> Result<*mut c_void, OrtStatusPtr> {
-    let dims: Vec<i64> = dims.iter().map(|&v| v as i64).collect();
-    let mut value: *mut OrtValue = ptr::null_mut();
-    api.check((api.get().KernelContext_GetOutput)(context, index, dims.as_ptr(), dims.len(), &mut value))?;
-    let mut data: *mut c_void = ptr::null_mut();
-    api.check((api.get().GetTensorMutableData)(value, &mut data))?;
-    Ok(data)
 }
 
 /// Dimensions of rank N, none negative.

@@ -440,24 +440,42 @@ unsafe fn row_io(
     Ok((x_data.cast::<f32>().cast_const(), m, y_data.cast::<f32>()))
 }
 
+/// Input `index`: its data and dimensions (`op` names the operator if it is missing).
+unsafe fn input(api: Api, context: *mut OrtKernelContext, index: usize, op: &str) -> Result<(*mut c_void, Vec<i64>), OrtStatusPtr> {
+    let mut value: *const OrtValue = ptr::null();
+    api.check((api.get().KernelContext_GetInput)(context, index, &mut value))?;
+    if value.is_null() {
+        return Err(api.error(&format!("{op}: input {index} is missing")));
+    }
+    let dims = shape(api, value)?;
+    let mut data: *mut c_void = ptr::null_mut();
+    api.check((api.get().GetTensorMutableData)(value.cast_mut(), &mut data))?;
+    Ok((data, dims))
+}
+
+/// Output `index` with dimensions `dims`: its data.
+unsafe fn output(api: Api, context: *mut OrtKernelContext, index: usize, dims: &[usize]) -> Result<*mut c_void, OrtStatusPtr> {
+    let dims: Vec<i64> = dims.iter().map(|&v| v as i64).collect();
+    let mut value: *mut OrtValue = ptr::null_mut();
+    api.check((api.get().KernelContext_GetOutput)(context, index, dims.as_ptr(), dims.len(), &mut value))?;
+    let mut data: *mut c_void = ptr::null_mut();
+    api.check((api.get().GetTensorMutableData)(value, &mut data))?;
+    Ok(data)
+}
+
 /// Output 0 = the rows `row(id, out)` writes for each id of input 0 (int64, any shape): [ids.., k]; an id outside
 /// 0..n is refused by name. The embedding lookups of the heads stored in the core's layouts.
 unsafe fn gather_rows(api: Api, context: *mut OrtKernelContext, op: &str, (n, k): (usize, usize), row: impl Fn(usize, &mut [f32])) -> Result<(), OrtStatusPtr> {
-    let mut ids: *const OrtValue = ptr::null();
-    api.check((api.get().KernelContext_GetInput)(context, 0, &mut ids))?;
-    let mut dims = shape(api, ids)?;
+    let (ids, dims) = input(api, context, 0, op)?;
     let count: usize = dims.iter().map(|&d| d.max(0) as usize).product();
-    dims.push(k as i64);
-    let mut out: *mut OrtValue = ptr::null_mut();
-    api.check((api.get().KernelContext_GetOutput)(context, 0, dims.as_ptr(), dims.len(), &mut out))?;
+    let mut out_dims: Vec<usize> = dims.iter().map(|&d| d.max(0) as usize).collect();
+    out_dims.push(k);
+    let out = output(api, context, 0, &out_dims)?;
     if count == 0 {
         return Ok(());
     }
-    let (mut id_data, mut out_data): (*mut c_void, *mut c_void) = (ptr::null_mut(), ptr::null_mut());
-    api.check((api.get().GetTensorMutableData)(ids.cast_mut(), &mut id_data))?;
-    api.check((api.get().GetTensorMutableData)(out, &mut out_data))?;
-    let ids = core::slice::from_raw_parts(id_data.cast::<i64>(), count);
-    let rows = core::slice::from_raw_parts_mut(out_data.cast::<f32>(), count * k);
+    let ids = core::slice::from_raw_parts(ids.cast::<i64>(), count);
+    let rows = core::slice::from_raw_parts_mut(out.cast::<f32>(), count * k);
     for (&id, out) in ids.iter().zip(rows.chunks_exact_mut(k)) {
         let Some(id) = usize::try_from(id).ok().filter(|&i| i < n) else {
             return Err(api.error(&format!("{op}: an id is outside 0..{n}")));

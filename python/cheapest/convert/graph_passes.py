@@ -330,15 +330,34 @@ def _q8_linear(g: _Graph, q: onnx.NodeProto) -> _Rewrite | None:
     return _Rewrite(replaced, node, inits)
 
 
-def _q8_linear_int8(g: _Graph, q: onnx.NodeProto) -> _Rewrite | None:
+def _int8_scored(q: onnx.NodeProto) -> tuple[int, int] | None:
+    """(K, N) of an 8-bit MatMulNBits at accuracy_level 4 (x rounded to int8 per block) without zero points, g_idx
+    or bias inputs, else None."""
     a = _attrs(q)
-    if a.get("bits") != 8 or a.get("block_size") != BLOCK or a.get("accuracy_level", 0) != 4:
+    if a.get("bits") != 8 or a.get("block_size") != BLOCK or a.get("accuracy_level", 0) != 4 or len(q.input) != 3:
         return None
-    if len(q.input) != 3 or q.input[1] not in g.initializers or q.input[2] not in g.initializers:
-        return None  # zero points, g_idx or bias inputs
+    return int(a["K"]), int(a["N"])
+
+
+def _int8_head(g: _Graph, q: onnx.NodeProto) -> tuple[int, int, np.ndarray, np.ndarray] | None:
+    """K, N, the uint8 codes and the fp32 scales [N, K/32] of such a MatMulNBits on constant initializers."""
+    shape = _int8_scored(q)
+    codes, scales = g.array(q.input[1]), g.array(q.input[2])
+    if shape is None or codes is None or scales is None or codes.dtype != np.uint8:
+        return None
+    k, n = shape
+    if codes.size != n * k:
+        return None
+    return k, n, codes, scales.reshape(n, k // BLOCK).astype(np.float32)
+
+
+def _q8_linear_int8(g: _Graph, q: onnx.NodeProto) -> _Rewrite | None:
+    shape = _int8_scored(q)
+    if shape is None or q.input[1] not in g.initializers or q.input[2] not in g.initializers:
+        return None
     scales = _same_data(g, q.input[2])  # the kernel reads values, not shapes: share the embedding's copy
     node = helper.make_node("Q8LinearInt8", [q.input[0], q.input[1], scales], list(q.output), name=q.name,
-                            domain=CHEAPEST_DOMAIN, K=int(a["K"]), N=int(a["N"]))
+                            domain=CHEAPEST_DOMAIN, K=shape[0], N=shape[1])
     return _Rewrite([q], node, [])
 
 
@@ -390,17 +409,13 @@ def _embedding_gather(g: _Graph, node: onnx.NodeProto, scales: np.ndarray) -> bo
 def _head_planes(g: _Graph, q: onnx.NodeProto, min_weights: int) -> list[_Rewrite] | None:
     """The rescored 8-bit head (of at least `min_weights` weights) and its embedding's gathers -> Q8HeadPlanes and
     Q8GatherPlanes on two planes."""
-    a = _attrs(q)
-    if a.get("bits") != 8 or a.get("block_size") != BLOCK or a.get("accuracy_level", 0) != 4 or len(q.input) != 3:
+    found = _int8_head(g, q)
+    if found is None or found[0] * found[1] < min_weights:
         return None
-    if int(a["K"]) * int(a["N"]) < min_weights:
-        return None
+    k, n, codes, scales = found
     head = _rescored_head(g, q)
-    codes, scales = g.array(q.input[1]), g.array(q.input[2])
-    if head is None or codes is None or scales is None or codes.dtype != np.uint8:
+    if head is None:
         return None
-    k, n = int(a["K"]), int(a["N"])
-    scales = scales.reshape(n, k // BLOCK).astype(np.float32)
     gathers = [u for u in g.consumers[q.input[1]] if u is not q and u is not head[2]]
     if not all(_embedding_gather(g, u, scales) for u in gathers):
         return None
@@ -427,14 +442,10 @@ def _head_grouped(g: _Graph, q: onnx.NodeProto) -> list[_Rewrite] | None:
     GROUP_ROWS and whose codes are otherwise read only by gathers with its scales (the tied embedding, the rescored
     rows) -> `Q8LinearInt8` with layout=1 and `Q8GatherGrouped` on the codes and scales re-laid in row groups of 16
     (rust/kernels/q8g.rs: one lane per row; the same bytes, stored once)."""
-    a = _attrs(q)
-    if a.get("bits") != 8 or a.get("block_size") != BLOCK or a.get("accuracy_level", 0) != 4 or len(q.input) != 3:
+    found = _int8_head(g, q)
+    if found is None or found[1] % GROUP_ROWS:
         return None
-    k, n = int(a["K"]), int(a["N"])
-    codes, scales = g.array(q.input[1]), g.array(q.input[2])
-    if n % GROUP_ROWS or codes is None or scales is None or codes.dtype != np.uint8 or codes.size != n * k:
-        return None
-    scales = scales.reshape(n, k // BLOCK).astype(np.float32)
+    k, n, codes, scales = found
     gathers = [u for u in g.consumers[q.input[1]] if u is not q]
     if not all(_embedding_gather(g, u, scales) and u.input[0] == q.input[1] for u in gathers):
         return None

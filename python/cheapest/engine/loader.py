@@ -1,8 +1,8 @@
 """Reads a model directory (cheapest.model_layout) and opens it on the best execution provider.
 
 Directories written by `cheapest model convert` say in config.json how each graph must be driven; exports made
-elsewhere are inspected instead (a GroupQueryAttention or cheapest.GroupAttention node means a right-padded shared KV buffer, anything
-else a plain concatenating cache). On the CPU provider the directory's onnx/model_cpu.onnx is served where
+elsewhere are inspected instead (a GroupQueryAttention or cheapest.GroupAttention node means a right-padded shared
+KV buffer, anything else a plain concatenating cache). On the CPU provider the directory's onnx/model_cpu.onnx is served where
 present: the same graph with the core's custom operators, whose library is the core's extension module itself,
 registered on every session.
 
