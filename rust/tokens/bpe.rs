@@ -134,13 +134,22 @@ fn is_false(v: Option<&Value>) -> bool {
 }
 
 impl FastBpe {
+    /// Whether a tokenizer whose parts other than the model serialize to
+    /// `json` (normalizer, truncation, padding, pre_tokenizer, post_processor)
+    /// can take the fast path at all: checked before the model, whose
+    /// serialization is the whole vocabulary and merge list.
+    pub fn may_take(json: &Value) -> bool {
+        is_null_or(json.get("normalizer"), |_| false)
+            && is_null_or(json.get("truncation"), |_| false)
+            && is_null_or(json.get("padding"), |_| false)
+            && json.get("pre_tokenizer").and_then(pre_tokenizer_shape).is_some()
+            && post_processor_shape(json.get("post_processor")).is_some()
+    }
+
     /// `json` is the crate's own serialization of the loaded tokenizer (so
     /// defaults are filled in and duplicate merges already resolved).
     pub fn from_tokenizer(tk: &tokenizers::Tokenizer, json: &Value) -> Option<FastBpe> {
-        if !is_null_or(json.get("normalizer"), |_| false)
-            || !is_null_or(json.get("truncation"), |_| false)
-            || !is_null_or(json.get("padding"), |_| false)
-        {
+        if !Self::may_take(json) {
             return None;
         }
         let digits = pre_tokenizer_shape(json.get("pre_tokenizer")?)?;

@@ -581,3 +581,28 @@ def test_base_model_without_chat_template(tiny_model_dir: Path, tmp_path: Path) 
 
 def test_chat_model_has_a_chat_template(engine: OnnxEngine) -> None:
     assert engine.has_chat_template is True
+
+
+def test_long_prefill_hands_freed_heap_back(tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A prefill of at least TRIM_AFTER_TOKENS tokens ends with malloc_trim (the pool threads' heaps keep a long
+    prompt's freed scratch otherwise); a shorter one does not pay for it, and the logits are the same either way."""
+    from cheapest.engine import runner as runner_module
+
+    calls: list[int] = []
+    real = runner_module.release_freed_heap
+    monkeypatch.setattr(runner_module, "release_freed_heap", lambda: (calls.append(1), real())[1])
+    monkeypatch.setattr(runner_module, "TRIM_AFTER_TOKENS", 24)
+    eng = load_engine(tiny_model_dir, threads=2, max_batch=2)
+    try:
+        run = eng._runner  # type: ignore[attr-defined]
+        ids = _prompt(eng, "a prompt long enough to cross the threshold, twice over " * 2)
+        assert len(ids) >= 24
+        short = run.prefill(0, ids[:12])
+        assert calls == []
+        longer = run.prefill_many(0, [ids[:12], ids[:12]])  # 2 rows x 12 tokens: the batch counts
+        assert calls == [1]
+        np.testing.assert_array_equal(longer[0], short)
+        run.prefill(1, ids)
+        assert calls == [1, 1]
+    finally:
+        asyncio.run(eng.close())

@@ -103,7 +103,16 @@ def build_tokenizer(data: TokenizerData) -> Tokenizer:
 
 
 def tokenizer_json(data: TokenizerData) -> str:
-    return build_tokenizer(data).to_str(pretty=True)
+    """The tokenizer.json, its merges written as "left right" strings where no part holds a space (the format
+    the tokenizers library reads as well as pairs): loading Gemma 3's 513k merges as pairs peaked at ~350 MiB
+    and left ~96 MiB resident, as strings ~160 MiB and ~91 MiB."""
+    text = build_tokenizer(data).to_str(pretty=True)
+    tree = json.loads(text)
+    merges = tree["model"].get("merges") or []
+    if not all(isinstance(pair, list) and len(pair) == 2 and " " not in pair[0] + pair[1] for pair in merges):
+        return text
+    tree["model"]["merges"] = [f"{left} {right}" for left, right in merges]
+    return json.dumps(tree, ensure_ascii=False, indent=2)
 
 
 def _token(data: TokenizerData, idx: int | None) -> str | None:
