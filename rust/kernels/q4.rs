@@ -215,9 +215,10 @@ mod x86 {
                 }
             }
         }
+        let sums = super::super::cpu::tile_sums(&acc);
         for mi in 0..MC {
             for r in 0..R {
-                *y.add(mi * w.n + n0 + r) = _mm512_reduce_add_ps(acc[mi][r]);
+                *y.add(mi * w.n + n0 + r) = sums[mi * R + r];
             }
         }
     }

@@ -127,9 +127,10 @@ mod x86 {
                 }
             }
         }
-        for (mi, a) in acc.iter().enumerate() {
-            for (r, v) in a.iter().enumerate() {
-                *y.add(mi * w.n + n0 + r) = _mm512_reduce_add_ps(*v);
+        let sums = super::super::cpu::tile_sums(&acc);
+        for mi in 0..MC {
+            for r in 0..R {
+                *y.add(mi * w.n + n0 + r) = sums[mi * R + r];
             }
         }
     }

@@ -286,6 +286,7 @@ unsafe fn portable<S: Scale>(w: &Planes<S>, xs: &[CoarseRow], out: Out, cols: Ra
 mod x86 {
     use super::{CoarseRow, Out, Planes, Scale, BLOCK, GROUP, GROUP_BYTES};
     pub(super) use super::super::cpu::{has_avx2, has_vnni};
+    use super::super::cpu::sum16;
     use core::arch::x86_64::*;
     use core::ops::Range;
 
@@ -381,9 +382,18 @@ mod x86 {
                 }
             }
         }
+        // The 2 * R * MC sums in one tree (`sum16`): coarse (mi, r) in lane mi * R + r, its bound 8 lanes on.
+        let mut acc = [_mm512_setzero_ps(); 16];
         for r in 0..R {
             for mi in 0..MC {
-                out.put(w.n, m0 + mi, n0 + r, _mm512_reduce_add_ps(coarse[r][mi]), _mm512_reduce_add_ps(bound[r][mi]));
+                (acc[mi * R + r], acc[8 + mi * R + r]) = (coarse[r][mi], bound[r][mi]);
+            }
+        }
+        let mut sums = [0f32; 16];
+        _mm512_storeu_ps(sums.as_mut_ptr(), sum16(acc));
+        for r in 0..R {
+            for mi in 0..MC {
+                out.put(w.n, m0 + mi, n0 + r, sums[mi * R + r], sums[8 + mi * R + r]);
             }
         }
     }
