@@ -105,11 +105,19 @@ mod x86 {
         let mut bufs = [MaybeUninit::<[f32; WIDE_VALUES]>::uninit(); 2];
         let (codes, scales, offsets, base) = t.arrays::<R>(&mut bufs);
         let codes = codes.cast::<i8>();
+        // A tile of fewer rows than the converter's row groups (8) reads one line in every few of its blocks' bytes,
+        // too sparse a stream for the hardware prefetcher (batch-8 steps stalled on these loads): such a tile asks
+        // for its own lines two row groups ahead. A whole group's tile (decode) streams on its own.
+        let sparse = R < w.format.group;
+        let ahead = 2 * w.format.group * w.k;
         let mut acc = [[_mm512_setzero_ps(); R]; MC];
         for b in 0..nb {
             let mut wv = [[_mm512_setzero_ps(); V]; R];
             for r in 0..R {
                 let block = base[r] + b * w.format.group;
+                if sparse {
+                    _mm_prefetch::<_MM_HINT_T0>(codes.add(block * bs).wrapping_add(ahead).cast());
+                }
                 let d = _mm512_set1_ps(*scales.at(block));
                 for (v, slot) in wv[r].iter_mut().enumerate() {
                     let c = _mm512_cvtepi8_epi32(_mm_loadu_si128(codes.add(block * bs + 16 * v).cast()));

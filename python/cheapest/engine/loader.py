@@ -254,9 +254,10 @@ class TextTokenizer:
 
 def release_freed_heap() -> None:
     """Hand heap memory freed while loading back to the OS. glibc's malloc keeps freed blocks for reuse, and
-    parsing a large tokenizer.json (Gemma 3's 33 MB peaks at ~300 MiB) would leave ~190 MiB of them resident for
-    the worker's life (measured: 317 -> 124 MiB anonymous after Gemma 3's tokenizer). No-op where the C library
-    has no malloc_trim."""
+    parsing a large tokenizer.json (Gemma 3's peaks at ~160 MiB, ~350 with its merges written as pairs) would leave
+    most of that resident for the worker's life (measured with pairs: 317 -> 124 MiB anonymous after Gemma 3's
+    tokenizer). Also called after long prefills (runner.TRIM_AFTER_TOKENS). No-op where the C library has no
+    malloc_trim."""
     try:
         trim = ctypes.CDLL(None).malloc_trim
     except (OSError, AttributeError):
