@@ -486,14 +486,27 @@ pub fn best_coarse(y: &[f32]) -> Vec<usize> {
     let mut best: Vec<usize> = (0..keep).collect();
     let lowest = |best: &[usize]| (0..best.len()).fold(0, |l, i| if y[best[i]] < y[best[l]] { i } else { l });
     let mut low = lowest(&best);
-    for (n, &v) in y.iter().enumerate().skip(keep) {
-        if v > y[best[low]] {
-            best[low] = n;
-            low = lowest(&best);
+    // Element by element, a row enters when it beats the lowest kept one. That floor only rises, so a chunk with no
+    // element above the floor at its start changes nothing and is skipped after one vectorizable comparison
+    // (the rows of a step rarely enter past the first few thousand).
+    let mut start = keep;
+    for chunk in y[keep..].chunks(SCAN_CHUNK) {
+        let floor = y[best[low]];
+        if chunk.iter().fold(false, |any, &v| any | (v > floor)) {
+            for (i, &v) in chunk.iter().enumerate() {
+                if v > y[best[low]] {
+                    best[low] = start + i;
+                    low = lowest(&best);
+                }
+            }
         }
+        start += chunk.len();
     }
     best
 }
+
+/// Coarse logits `best_coarse` compares with its floor at once.
+const SCAN_CHUNK: usize = 32;
 
 /// The exact pass for one row of x over its coarse logits `y` and upper bounds `upper` (both N values):
 /// recomputes the `RESCORE` best coarse rows, then (via `rest`) every row whose upper bound reaches their
@@ -609,6 +622,28 @@ mod tests {
                 mag += s.abs() * 360.5 * (l1 + err);
             }
             (exact, coarse, bound, mag)
+        }
+    }
+
+    #[test]
+    fn best_coarse_keeps_what_the_element_by_element_scan_keeps() {
+        fn plain(y: &[f32]) -> Vec<usize> {
+            let keep = RESCORE.min(y.len());
+            let mut best: Vec<usize> = (0..keep).collect();
+            let lowest = |best: &[usize]| (0..best.len()).fold(0, |l, i| if y[best[i]] < y[best[l]] { i } else { l });
+            let mut low = lowest(&best);
+            for (n, &v) in y.iter().enumerate().skip(keep) {
+                if v > y[best[low]] {
+                    best[low] = n;
+                    low = lowest(&best);
+                }
+            }
+            best
+        }
+        for (len, seed) in [(10, 1), (64, 2), (65, 3), (1000, 4), (4099, 5), (262_144, 6)] {
+            // Coarse steps of 1/8 make ties common; a rising tail makes late rows enter.
+            let y: Vec<f32> = (0..len).map(|i| (noise(seed, i) * 40.0).round() / 8.0 + if i % 997 == 0 { i as f32 * 1e-3 } else { 0.0 }).collect();
+            assert_eq!(best_coarse(&y), plain(&y), "len {len}");
         }
     }
 
