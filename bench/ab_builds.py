@@ -1,4 +1,4 @@
-"""Two builds of the core's operator library, one process: decode steps of the same model through each, alternating.
+"""Two builds of the core's operator library (or two conversions of a model), one process: decode steps, alternating.
 
     make build && cp python/cheapest_core/_cheapest_core.abi3.so /tmp/lib-b.so     # the change
     git stash && make build && cp python/cheapest_core/_cheapest_core.abi3.so /tmp/lib-a.so && git stash pop
@@ -11,6 +11,8 @@ move it, so separate processes cannot tell them apart. Here one session per buil
 the library: ONNX Runtime loads a custom-op library per path) decodes the same prompts with `rows` rows; the
 sessions take turns, `steps` greedy steps a round, and each round reports its 10th percentile step time. The two
 must produce the same tokens (asserted), so a kernel change that alters results cannot pass as a speed-up.
+`--model-dir-b` gives B another conversion of the model (a graph pass against the graph without it; the same
+library twice then, e.g. `--lib-a python/cheapest_core/_cheapest_core.abi3.so --lib-b <a copy of it>`).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model-dir", type=Path, required=True)
+    parser.add_argument("--model-dir-b", type=Path, help="B's model directory (default: --model-dir)")
     parser.add_argument("--lib-a", type=Path, required=True)
     parser.add_argument("--lib-b", type=Path, required=True)
     parser.add_argument("--rows", type=int, default=8)
@@ -40,11 +43,11 @@ def main() -> None:
     from cheapest.engine.loader import load_tokenizer, read_model_dir
     from cheapest.engine.runner import SharedBufferKv
 
-    spec = read_model_dir(args.model_dir, graph="model_cpu.onnx")
     tokenizer = load_tokenizer(args.model_dir)
     prompts = [tokenizer.encode(f"Tell me story number {i} about a lighthouse keeper.") for i in range(args.rows)]
     runners: dict[str, SharedBufferKv] = {}
-    for tag, lib in (("A", args.lib_a), ("B", args.lib_b)):
+    for tag, lib, model_dir in (("A", args.lib_a, args.model_dir), ("B", args.lib_b, args.model_dir_b or args.model_dir)):
+        spec = read_model_dir(model_dir, graph="model_cpu.onnx")
         opts = ort.SessionOptions()
         opts.intra_op_num_threads, opts.inter_op_num_threads = args.threads, 1
         opts.register_custom_ops_library(str(lib.resolve()))

@@ -176,8 +176,9 @@ trait Kernel: Sized {
     /// Element types of the inputs; those from index `REQUIRED_INPUTS` on are optional.
     const INPUTS: &'static [ONNXTensorElementDataType];
     const REQUIRED_INPUTS: usize;
-    /// Outputs, all float and required.
+    /// Outputs, all float; those from index `REQUIRED_OUTPUTS` on are optional.
     const OUTPUTS: usize = 1;
+    const REQUIRED_OUTPUTS: usize = Self::OUTPUTS;
 
     unsafe fn new(api: Api, info: *const OrtKernelInfo) -> Result<Self, OrtStatusPtr>;
     unsafe fn compute(&self, context: *mut OrtKernelContext) -> Result<(), OrtStatusPtr>;
@@ -196,7 +197,7 @@ const fn op<K: Kernel>() -> OrtCustomOp {
         KernelCompute: None,
         KernelDestroy: Some(destroy::<K>),
         GetInputCharacteristic: Some(input_characteristic::<K>),
-        GetOutputCharacteristic: Some(output_characteristic),
+        GetOutputCharacteristic: Some(output_characteristic::<K>),
         GetInputMemoryType: Some(input_memory),
         GetVariadicInputMinArity: Some(one),
         GetVariadicInputHomogeneity: Some(one),
@@ -245,8 +246,12 @@ unsafe extern "system" fn input_characteristic<K: Kernel>(
     }
 }
 
-unsafe extern "system" fn output_characteristic(_: *const OrtCustomOp, _: usize) -> OrtCustomOpInputOutputCharacteristic {
-    OrtCustomOpInputOutputCharacteristic::INPUT_OUTPUT_REQUIRED
+unsafe extern "system" fn output_characteristic<K: Kernel>(_: *const OrtCustomOp, index: usize) -> OrtCustomOpInputOutputCharacteristic {
+    if index >= K::REQUIRED_OUTPUTS {
+        OrtCustomOpInputOutputCharacteristic::INPUT_OUTPUT_OPTIONAL
+    } else {
+        OrtCustomOpInputOutputCharacteristic::INPUT_OUTPUT_REQUIRED
+    }
 }
 
 unsafe extern "system" fn input_memory(_: *const OrtCustomOp, _: usize) -> OrtMemType {
@@ -571,7 +576,7 @@ unsafe fn linear_io(
     context: *mut OrtKernelContext,
     op: &str,
     (width, k, n): (usize, usize, usize),
-    activate: Option<fn(&[f32], usize, &mut [f32])>,
+    activate: Option<&dyn Fn(&[f32], usize, &mut [f32])>,
 ) -> Result<Option<(LinearInput, usize, *mut f32)>, OrtStatusPtr> {
     let (x, m, y) = row_io(api, context, width, n, op)?;
     if m == 0 {
@@ -595,7 +600,7 @@ unsafe fn run_linear<F: Fn(*const f32, usize, *mut f32, Range<usize>) + Sync>(
     context: *mut OrtKernelContext,
     op: &str,
     shape: (usize, usize, usize),
-    activate: Option<fn(&[f32], usize, &mut [f32])>,
+    activate: Option<&dyn Fn(&[f32], usize, &mut [f32])>,
     cols: F,
 ) -> Result<(), OrtStatusPtr> {
     let Some((x, m, y)) = linear_io(api, context, op, shape, activate)? else {

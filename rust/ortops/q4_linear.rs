@@ -9,14 +9,19 @@
 //!          blocks of that many rows interleaved, see kernels::q4), layout (int, default 0: kernels::q4's rows
 //!          with fp32 multiply-adds; 1: kernels::q4x's groups of 16 rows, x as block integers and integer dot
 //!          products, N a multiple of 16; row_group is then ignored).
-//! Output:  Y float [.., N].
+//!          With `epsilon` (float) the node also takes skip float [.., K] (input 4, the input's shape) and
+//!          gamma float [K] (input 5) and is ONNX Runtime's SkipSimplifiedLayerNormalization folded in before the
+//!          product: s = X + skip, X' = s / sqrt(sum(s * s) / K + epsilon) * gamma, Y = X' · Wᵀ, with the sum of
+//!          squares taken in ONNX Runtime's order (one element at a time, each square rounded before it is
+//!          added), so X' has its bits (tested). Output 1 (optional) is s, the residual stream.
+//! Output:  Y float [.., N]; with `epsilon`, optionally s float [.., K].
 
 use core::ffi::CStr;
 
 use ort_sys::{ONNXTensorElementDataType as T, OrtCustomOp, OrtKernelContext, OrtKernelInfo, OrtStatusPtr};
 
 use half::f16;
-use super::{attribute, block_weights, detect, linear_io, op, run_linear, split_columns, Api, BlockInputs, ByScale, Element, Kernel, ANY, FLOAT, UINT8};
+use super::{attribute, block_weights, detect, input, linear_io, op, output, run_linear, split_columns, Api, BlockInputs, ByScale, Element, Kernel, ANY, FLOAT, UINT8};
 use crate::kernels::q4::{matmul_cols, silu_mul, Isa, Q4Format, Q4Weights, Scale};
 use crate::kernels::q4x::{self, Q4Grouped, Terms};
 
@@ -26,6 +31,8 @@ struct Q4Linear {
     api: Api,
     weights: Layout,
     swiglu: bool,
+    /// Set: a SkipSimplifiedLayerNormalization with this epsilon is folded in (module docs).
+    epsilon: Option<f32>,
     isa: Isa,
 }
 
@@ -48,8 +55,10 @@ unsafe fn grouped<S: Scale + Element>(api: Api, info: *const OrtKernelInfo, zero
 
 impl Kernel for Q4Linear {
     const NAME: &'static CStr = c"Q4Linear";
-    const INPUTS: &'static [T] = &[FLOAT, UINT8, ANY, ANY];
+    const INPUTS: &'static [T] = &[FLOAT, UINT8, ANY, ANY, FLOAT, FLOAT];
     const REQUIRED_INPUTS: usize = 3;
+    const OUTPUTS: usize = 2;
+    const REQUIRED_OUTPUTS: usize = 1;
 
     unsafe fn new(api: Api, info: *const OrtKernelInfo) -> Result<Self, OrtStatusPtr> {
         let zero_point = attribute(api, info, c"zero_point", Some(8))?;
@@ -63,12 +72,46 @@ impl Kernel for Q4Linear {
             1 => Layout::Grouped(ByScale::load(api, info, "Q4Linear", || grouped(api, info, zero_point), || grouped(api, info, zero_point))?),
             _ => return Err(api.error("Q4Linear: layout must be 0 or 1")),
         };
-        Ok(Q4Linear { api, weights, swiglu, isa: detect() })
+        let mut epsilon = 0f32;
+        let status = (api.get().KernelInfoGetAttribute_float)(info, c"epsilon".as_ptr(), &mut epsilon);
+        let epsilon = if status.0.is_null() {
+            Some(epsilon)
+        } else {
+            (api.get().ReleaseStatus)(status.0);
+            None
+        };
+        if swiglu && epsilon.is_some() {
+            return Err(api.error("Q4Linear: swiglu and a folded norm (epsilon) cannot be combined"));
+        }
+        Ok(Q4Linear { api, weights, swiglu, epsilon, isa: detect() })
     }
 
     unsafe fn compute(&self, context: *mut OrtKernelContext) -> Result<(), OrtStatusPtr> {
         let (api, isa, swiglu) = (self.api, self.isa, self.swiglu);
-        let activate = |k: usize| if swiglu { (2 * k, Some(silu_mul as fn(&[f32], usize, &mut [f32]))) } else { (k, None) };
+        let k = match &self.weights {
+            Layout::Rows(w) => by_scale!(w, |w| w.k()),
+            Layout::Grouped(w) => by_scale!(w, |w| w.k()),
+        };
+        let norm = match self.epsilon {
+            Some(epsilon) => Some(SkipNorm::inputs(api, context, k, epsilon)?),
+            None => None,
+        };
+        let fold = |x: &[f32], k: usize, out: &mut [f32]| {
+            if let Some(norm) = &norm {
+                // SAFETY: `inputs` checked skip's and the residual output's sizes against x's.
+                unsafe { norm.apply(x, k, out) }
+            }
+        };
+        let folded: &dyn Fn(&[f32], usize, &mut [f32]) = &fold;
+        let activate = |k: usize| -> (usize, Option<&dyn Fn(&[f32], usize, &mut [f32])>) {
+            if swiglu {
+                (2 * k, Some(&silu_mul))
+            } else if norm.is_some() {
+                (k, Some(folded))
+            } else {
+                (k, None)
+            }
+        };
         match &self.weights {
             Layout::Rows(weights) => by_scale!(weights, |w| {
                 let (k, n) = (w.k(), w.n());
@@ -90,6 +133,62 @@ impl Kernel for Q4Linear {
                 // SAFETY: column chunks are multiples of 16 (N is one too) and each task writes its own columns.
                 split_columns(api, context, (x.ptr(), m, n, y), 4, move |_, y, cols| unsafe { q4x::matmul_cols(w, terms, y, cols, isa) })
             }),
+        }
+    }
+}
+
+/// A folded SkipSimplifiedLayerNormalization's other inputs and its residual output for one call.
+struct SkipNorm {
+    skip: *const f32,
+    gamma: *const f32,
+    /// Output 1 (s = x + skip), or null when the node does not ask for it.
+    residual: *mut f32,
+    epsilon: f32,
+}
+
+impl SkipNorm {
+    unsafe fn inputs(api: Api, context: *mut OrtKernelContext, k: usize, epsilon: f32) -> Result<SkipNorm, OrtStatusPtr> {
+        let (_, x_dims) = input(api, context, 0, "Q4Linear")?;
+        let (skip, skip_dims) = input(api, context, 4, "Q4Linear")?;
+        let (gamma, gamma_dims) = input(api, context, 5, "Q4Linear")?;
+        if skip_dims != x_dims || x_dims.last().copied() != Some(k as i64) {
+            return Err(api.error(&format!("Q4Linear: skip must have the input's shape [.., {k}]")));
+        }
+        if gamma_dims.iter().product::<i64>() != k as i64 {
+            return Err(api.error(&format!("Q4Linear: gamma must hold {k} values")));
+        }
+        let mut outputs = 0usize;
+        api.check((api.get().KernelContext_GetOutputCount)(context, &mut outputs))?;
+        let residual = if outputs > 1 {
+            let dims: Vec<usize> = x_dims.iter().map(|&d| d.max(0) as usize).collect();
+            output(api, context, 1, &dims)?.cast::<f32>()
+        } else {
+            core::ptr::null_mut()
+        };
+        Ok(SkipNorm { skip: skip.cast::<f32>().cast_const(), gamma: gamma.cast::<f32>().cast_const(), residual, epsilon })
+    }
+
+    /// out = the normalized rows of x + skip (x [M, k]), and the residual output = x + skip where asked for.
+    ///
+    /// # Safety
+    /// skip (and the residual output) hold x.len() values and gamma k, as `inputs` checked.
+    unsafe fn apply(&self, x: &[f32], k: usize, out: &mut [f32]) {
+        let skip = core::slice::from_raw_parts(self.skip, x.len());
+        let gamma = core::slice::from_raw_parts(self.gamma, k);
+        for (row, ((xr, sr), or)) in x.chunks_exact(k).zip(skip.chunks_exact(k)).zip(out.chunks_exact_mut(k)).enumerate() {
+            let mut squares = 0f32;
+            for ((o, &a), &b) in or.iter_mut().zip(xr).zip(sr) {
+                let v = a + b;
+                *o = v;
+                squares += v * v; // rounded, then added: ONNX Runtime's loop (no fused multiply-add)
+            }
+            if !self.residual.is_null() {
+                core::slice::from_raw_parts_mut(self.residual.add(row * k), k).copy_from_slice(or);
+            }
+            let scale = (squares / k as f32 + self.epsilon).sqrt();
+            for (o, &g) in or.iter_mut().zip(gamma) {
+                *o = *o / scale * g;
+            }
         }
     }
 }

@@ -182,6 +182,49 @@ def test_swiglu_moves_into_the_down_projection() -> None:
     assert_close(before, act @ w.T, magnitude * 10)
 
 
+def skip_norm_model(lin: BlockLinear, *, residual_read: bool) -> onnx.ModelProto:
+    """The fused graph's pre-norm: SkipSimplifiedLayerNormalization(x, skip, gamma) into a linear, its residual sum
+    read further on (an output here) or not at all."""
+    g = GraphBuilder("prenorm")
+    x = g.input("x", FLOAT, ["batch", "seq", lin.k])
+    skip = g.input("skip", FLOAT, ["batch", "seq", lin.k])
+    gamma = g.weight("gamma", (np.linspace(0.5, 1.5, lin.k) * np.resize([1.0, -0.75], lin.k)).astype(np.float32))
+    normed, _, _, residual = g.ops("SkipSimplifiedLayerNormalization", [x, skip, gamma], outputs=4, domain=MS_DOMAIN,
+                                   epsilon=1e-5)
+    g.op("Identity", [_linear(g, normed, lin, "proj", 0)], output="y")
+    if residual_read:
+        g.op("Identity", [residual], output="sum")
+        g.output("sum", FLOAT, ["batch", "seq", lin.k])
+    return _model(g, lin.k, lin.n)
+
+
+@pytest.mark.parametrize(("n", "k", "q4_1"), [(48, 576, False), (64, 96, True), (40, 64, True)])
+@pytest.mark.parametrize("residual_read", [True, False])
+def test_skip_norm_folds_into_the_following_q4_linear_with_the_same_bits(n: int, k: int, q4_1: bool,
+                                                                         residual_read: bool) -> None:
+    """One Q4Linear where there were a SkipSimplifiedLayerNormalization and a Q4Linear, and the same bits: the
+    normalized rows are ONNX Runtime's (its sum of squares in its order), so y and the residual sum are equal to
+    the unfolded pair's, for one row and several, grouped (N % 16 == 0) and row layouts."""
+    rng = np.random.default_rng(n + k)
+    lin = random_linear(rng, n, k, q4_1)
+    folded = cpu_graph(skip_norm_model(lin, residual_read=residual_read))
+    assert ops(folded) == ["Q4Linear", "Identity"] + (["Identity"] if residual_read else [])
+    assert [a.f for a in folded.graph.node[0].attribute if a.name == "epsilon"] == [pytest.approx(1e-5)]
+    assert len(folded.graph.node[0].output) == (2 if residual_read else 1)
+    unfolded = cpu_graph(skip_norm_model(lin, residual_read=residual_read), fold_norms=False)  # ONNX Runtime's norm
+    assert ops(unfolded)[:2] == ["SkipSimplifiedLayerNormalization", "Q4Linear"]
+    names = ["y", "sum"] if residual_read else ["y"]
+    for shape in [(1, 1), (2, 5), (8, 1)]:
+        feeds = {"x": (rng.standard_normal((*shape, k)) * 3).astype(np.float32),
+                 "skip": (rng.standard_normal((*shape, k)) * 5).astype(np.float32)}
+        got = ort.InferenceSession(folded.SerializeToString(), session_options(2),
+                                   providers=["CPUExecutionProvider"]).run(names, feeds)
+        want = ort.InferenceSession(unfolded.SerializeToString(), session_options(2),
+                                    providers=["CPUExecutionProvider"]).run(names, feeds)
+        for a, b in zip(got, want):
+            assert np.array_equal(np.asarray(a).view(np.uint32), np.asarray(b).view(np.uint32))
+
+
 def test_unrecognised_nodes_are_left_alone() -> None:
     """accuracy_level 4 asks for int8 activations: the pass keeps ONNX Runtime's operator for it."""
     rng = np.random.default_rng(3)

@@ -573,9 +573,39 @@ def _group_attention(gqa: onnx.NodeProto) -> _Rewrite | None:
     return _Rewrite([gqa], node, [])
 
 
-def cpu_graph(model: onnx.ModelProto, planes_min_weights: int = PLANES_MIN_WEIGHTS) -> onnx.ModelProto:
+def _skip_norm(g: _Graph, linear: onnx.NodeProto) -> _Rewrite | None:
+    """A SkipSimplifiedLayerNormalization (no bias, gamma an initializer of K values, its normalized output read
+    only by `linear`, a Q4Linear without swiglu) folded into that Q4Linear: inputs [x, codes, scales, offsets,
+    skip, gamma], attribute epsilon, outputs [y, the norm's residual sum where the graph reads it]. A step runs
+    one node instead of two (rust/ortops/q4_linear.rs; the same bits)."""
+    a = _attrs(linear)
+    norm = g.made_by(linear.input[0], "SkipSimplifiedLayerNormalization")
+    if (norm is None or norm.domain != MS_DOMAIN or a.get("swiglu", 0) or "epsilon" in a or len(norm.input) != 3
+            or "epsilon" not in _attrs(norm)):
+        return None
+    k = int(a["K"])
+    gamma = g.array(norm.input[2])
+    if gamma is None or gamma.dtype != np.float32 or gamma.size != k or g.only_consumer(norm.output[0]) is not linear:
+        return None
+    outputs = list(norm.output) + [""] * (4 - len(norm.output))
+    if any(name and g.consumers.get(name) for name in outputs[1:3]) or norm.input[1] in g.initializers:
+        return None  # mean / inverse std read, or a constant skip (broadcast): left to ONNX Runtime
+    order = {_key(n): i for i, n in enumerate(g.graph.node)}
+    if outputs[3] and any(order[_key(user)] < order[_key(linear)] for user in g.consumers.get(outputs[3], [])):
+        return None  # the residual is read before the linear, where the folded node will stand
+    weights = list(linear.input[1:4]) + [""] * (4 - len(linear.input))
+    node = helper.make_node("Q4Linear", [norm.input[0], *weights[:3], norm.input[1], norm.input[2]],
+                            [linear.output[0]] + ([outputs[3]] if outputs[3] and g.consumers.get(outputs[3]) else []),
+                            name=linear.name, domain=CHEAPEST_DOMAIN, **a,
+                            epsilon=float(_attrs(norm)["epsilon"]))
+    return _Rewrite([norm, linear], node, [])
+
+
+def cpu_graph(model: onnx.ModelProto, planes_min_weights: int = PLANES_MIN_WEIGHTS, *,
+              fold_norms: bool = True) -> onnx.ModelProto:
     """Rewrite `model` (the fused graph) in place for the CPU provider and return it. A tied 8-bit LM head of at
-    least `planes_min_weights` weights is scored from two planes, a smaller one with int8 activations."""
+    least `planes_min_weights` weights is scored from two planes, a smaller one with int8 activations;
+    `fold_norms=False` leaves the norms before the linears to ONNX Runtime (to measure and test the fold)."""
     g = _Graph(model.graph)
     rewrites: list[_Rewrite] = []
     for node in list(model.graph.node):
@@ -606,6 +636,10 @@ def cpu_graph(model: onnx.ModelProto, planes_min_weights: int = PLANES_MIN_WEIGH
             node.input[0], node.input[1], node.input[2] = found_qk[1], "", ""  # packed QKV
     _apply(model, fused)
     _apply(model, [r for node in model.graph.node if (r := _group_attention(node)) is not None])
+    if fold_norms:
+        g = _Graph(model.graph)
+        _apply(model, [r for node in model.graph.node
+                       if node.op_type == "Q4Linear" and node.domain == CHEAPEST_DOMAIN and (r := _skip_norm(g, node))])
     used = {i for node in model.graph.node for i in node.input}
     for i in reversed(range(len(model.graph.initializer))):
         if model.graph.initializer[i].name not in used:
