@@ -503,6 +503,81 @@ unsafe fn parallel<F: Fn(usize) + Sync>(api: Api, context: *mut OrtKernelContext
     api.check((api.get().KernelContext_ParallelFor)(context, trampoline::<F>, tasks, 0, data))
 }
 
+/// A SkipSimplifiedLayerNormalization folded into the linear after it (Q4Linear, Q8Linear): its other inputs and
+/// its residual output for one call. The sum of squares is taken as ONNX Runtime's kernel takes it (one element at
+/// a time, each square rounded before it is added), so the normalized rows have its bits.
+struct SkipNorm {
+    skip: *const f32,
+    gamma: *const f32,
+    /// Output 1 (s = x + skip), or null when the node does not ask for it.
+    residual: *mut f32,
+    epsilon: f32,
+}
+
+impl SkipNorm {
+    /// The node's `epsilon` attribute: present where a norm is folded in.
+    unsafe fn epsilon(api: Api, info: *const OrtKernelInfo) -> Option<f32> {
+        let mut epsilon = 0f32;
+        let status = (api.get().KernelInfoGetAttribute_float)(info, c"epsilon".as_ptr(), &mut epsilon);
+        if status.0.is_null() {
+            Some(epsilon)
+        } else {
+            (api.get().ReleaseStatus)(status.0);
+            None
+        }
+    }
+
+    /// This call's skip (input 4), gamma (input 5) and residual output (output 1, where the node has it) for a
+    /// linear of K = `k` whose node folds a norm (`epsilon`), else None.
+    unsafe fn of_call(api: Api, context: *mut OrtKernelContext, op: &str, k: usize, epsilon: Option<f32>) -> Result<Option<SkipNorm>, OrtStatusPtr> {
+        let Some(epsilon) = epsilon else {
+            return Ok(None);
+        };
+        let (_, x_dims) = input(api, context, 0, op)?;
+        let (skip, skip_dims) = input(api, context, 4, op)?;
+        let (gamma, gamma_dims) = input(api, context, 5, op)?;
+        if skip_dims != x_dims || x_dims.last().copied() != Some(k as i64) {
+            return Err(api.error(&format!("{op}: skip must have the input's shape [.., {k}]")));
+        }
+        if gamma_dims.iter().product::<i64>() != k as i64 {
+            return Err(api.error(&format!("{op}: gamma must hold {k} values")));
+        }
+        let mut outputs = 0usize;
+        api.check((api.get().KernelContext_GetOutputCount)(context, &mut outputs))?;
+        let residual = if outputs > 1 {
+            let dims: Vec<usize> = x_dims.iter().map(|&d| d.max(0) as usize).collect();
+            output(api, context, 1, &dims)?.cast::<f32>()
+        } else {
+            core::ptr::null_mut()
+        };
+        Ok(Some(SkipNorm { skip: skip.cast::<f32>().cast_const(), gamma: gamma.cast::<f32>().cast_const(), residual, epsilon }))
+    }
+
+    /// out = the normalized rows of x + skip (x [M, k]), and the residual output = x + skip where asked for.
+    ///
+    /// # Safety
+    /// skip (and the residual output) hold x.len() values and gamma k, as `inputs` checked.
+    unsafe fn apply(&self, x: &[f32], k: usize, out: &mut [f32]) {
+        let skip = core::slice::from_raw_parts(self.skip, x.len());
+        let gamma = core::slice::from_raw_parts(self.gamma, k);
+        for (row, ((xr, sr), or)) in x.chunks_exact(k).zip(skip.chunks_exact(k)).zip(out.chunks_exact_mut(k)).enumerate() {
+            let mut squares = 0f32;
+            for ((o, &a), &b) in or.iter_mut().zip(xr).zip(sr) {
+                let v = a + b;
+                *o = v;
+                squares += v * v; // rounded, then added: ONNX Runtime's loop (no fused multiply-add)
+            }
+            if !self.residual.is_null() {
+                core::slice::from_raw_parts_mut(self.residual.add(row * k), k).copy_from_slice(or);
+            }
+            let scale = (squares / k as f32 + self.epsilon).sqrt();
+            for (o, &g) in or.iter_mut().zip(gamma) {
+                *o = *o / scale * g;
+            }
+        }
+    }
+}
+
 /// Output columns per parallel task of an fp32-activation linear, at least: small enough to balance two busy
 /// cores, large enough that the per-task cost (an atomic claim and a call) stays negligible.
 const MIN_CHUNK: usize = 32;
@@ -554,6 +629,9 @@ impl<A, B> ByScale<A, B> {
     }
 }
 
+/// What a linear does to its input rows first: x[M, width] -> [M, k] (SwiGLU, a folded norm).
+type Activate<'a> = &'a dyn Fn(&[f32], usize, &mut [f32]);
+
 /// A linear's input: input 0 as stored, or what `activate` made of it.
 enum LinearInput {
     Stored(*const f32),
@@ -576,7 +654,7 @@ unsafe fn linear_io(
     context: *mut OrtKernelContext,
     op: &str,
     (width, k, n): (usize, usize, usize),
-    activate: Option<&dyn Fn(&[f32], usize, &mut [f32])>,
+    activate: Option<Activate<'_>>,
 ) -> Result<Option<(LinearInput, usize, *mut f32)>, OrtStatusPtr> {
     let (x, m, y) = row_io(api, context, width, n, op)?;
     if m == 0 {
@@ -600,7 +678,7 @@ unsafe fn run_linear<F: Fn(*const f32, usize, *mut f32, Range<usize>) + Sync>(
     context: *mut OrtKernelContext,
     op: &str,
     shape: (usize, usize, usize),
-    activate: Option<&dyn Fn(&[f32], usize, &mut [f32])>,
+    activate: Option<Activate<'_>>,
     cols: F,
 ) -> Result<(), OrtStatusPtr> {
     let Some((x, m, y)) = linear_io(api, context, op, shape, activate)? else {

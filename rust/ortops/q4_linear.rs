@@ -21,7 +21,7 @@ use core::ffi::CStr;
 use ort_sys::{ONNXTensorElementDataType as T, OrtCustomOp, OrtKernelContext, OrtKernelInfo, OrtStatusPtr};
 
 use half::f16;
-use super::{attribute, block_weights, detect, input, linear_io, op, output, run_linear, split_columns, Api, BlockInputs, ByScale, Element, Kernel, ANY, FLOAT, UINT8};
+use super::{attribute, block_weights, detect, linear_io, op, run_linear, split_columns, Api, BlockInputs, ByScale, Element, Activate, Kernel, SkipNorm, ANY, FLOAT, UINT8};
 use crate::kernels::q4::{matmul_cols, silu_mul, Isa, Q4Format, Q4Weights, Scale};
 use crate::kernels::q4x::{self, Q4Grouped, Terms};
 
@@ -72,14 +72,7 @@ impl Kernel for Q4Linear {
             1 => Layout::Grouped(ByScale::load(api, info, "Q4Linear", || grouped(api, info, zero_point), || grouped(api, info, zero_point))?),
             _ => return Err(api.error("Q4Linear: layout must be 0 or 1")),
         };
-        let mut epsilon = 0f32;
-        let status = (api.get().KernelInfoGetAttribute_float)(info, c"epsilon".as_ptr(), &mut epsilon);
-        let epsilon = if status.0.is_null() {
-            Some(epsilon)
-        } else {
-            (api.get().ReleaseStatus)(status.0);
-            None
-        };
+        let epsilon = SkipNorm::epsilon(api, info);
         if swiglu && epsilon.is_some() {
             return Err(api.error("Q4Linear: swiglu and a folded norm (epsilon) cannot be combined"));
         }
@@ -92,18 +85,15 @@ impl Kernel for Q4Linear {
             Layout::Rows(w) => by_scale!(w, |w| w.k()),
             Layout::Grouped(w) => by_scale!(w, |w| w.k()),
         };
-        let norm = match self.epsilon {
-            Some(epsilon) => Some(SkipNorm::inputs(api, context, k, epsilon)?),
-            None => None,
-        };
+        let norm = SkipNorm::of_call(api, context, "Q4Linear", k, self.epsilon)?;
         let fold = |x: &[f32], k: usize, out: &mut [f32]| {
             if let Some(norm) = &norm {
-                // SAFETY: `inputs` checked skip's and the residual output's sizes against x's.
+                // SAFETY: `of_call` checked skip's and the residual output's sizes against x's.
                 unsafe { norm.apply(x, k, out) }
             }
         };
-        let folded: &dyn Fn(&[f32], usize, &mut [f32]) = &fold;
-        let activate = |k: usize| -> (usize, Option<&dyn Fn(&[f32], usize, &mut [f32])>) {
+        let folded: Activate = &fold;
+        let activate = |k: usize| -> (usize, Option<Activate>) {
             if swiglu {
                 (2 * k, Some(&silu_mul))
             } else if norm.is_some() {
@@ -133,62 +123,6 @@ impl Kernel for Q4Linear {
                 // SAFETY: column chunks are multiples of 16 (N is one too) and each task writes its own columns.
                 split_columns(api, context, (x.ptr(), m, n, y), 4, move |_, y, cols| unsafe { q4x::matmul_cols(w, terms, y, cols, isa) })
             }),
-        }
-    }
-}
-
-/// A folded SkipSimplifiedLayerNormalization's other inputs and its residual output for one call.
-struct SkipNorm {
-    skip: *const f32,
-    gamma: *const f32,
-    /// Output 1 (s = x + skip), or null when the node does not ask for it.
-    residual: *mut f32,
-    epsilon: f32,
-}
-
-impl SkipNorm {
-    unsafe fn inputs(api: Api, context: *mut OrtKernelContext, k: usize, epsilon: f32) -> Result<SkipNorm, OrtStatusPtr> {
-        let (_, x_dims) = input(api, context, 0, "Q4Linear")?;
-        let (skip, skip_dims) = input(api, context, 4, "Q4Linear")?;
-        let (gamma, gamma_dims) = input(api, context, 5, "Q4Linear")?;
-        if skip_dims != x_dims || x_dims.last().copied() != Some(k as i64) {
-            return Err(api.error(&format!("Q4Linear: skip must have the input's shape [.., {k}]")));
-        }
-        if gamma_dims.iter().product::<i64>() != k as i64 {
-            return Err(api.error(&format!("Q4Linear: gamma must hold {k} values")));
-        }
-        let mut outputs = 0usize;
-        api.check((api.get().KernelContext_GetOutputCount)(context, &mut outputs))?;
-        let residual = if outputs > 1 {
-            let dims: Vec<usize> = x_dims.iter().map(|&d| d.max(0) as usize).collect();
-            output(api, context, 1, &dims)?.cast::<f32>()
-        } else {
-            core::ptr::null_mut()
-        };
-        Ok(SkipNorm { skip: skip.cast::<f32>().cast_const(), gamma: gamma.cast::<f32>().cast_const(), residual, epsilon })
-    }
-
-    /// out = the normalized rows of x + skip (x [M, k]), and the residual output = x + skip where asked for.
-    ///
-    /// # Safety
-    /// skip (and the residual output) hold x.len() values and gamma k, as `inputs` checked.
-    unsafe fn apply(&self, x: &[f32], k: usize, out: &mut [f32]) {
-        let skip = core::slice::from_raw_parts(self.skip, x.len());
-        let gamma = core::slice::from_raw_parts(self.gamma, k);
-        for (row, ((xr, sr), or)) in x.chunks_exact(k).zip(skip.chunks_exact(k)).zip(out.chunks_exact_mut(k)).enumerate() {
-            let mut squares = 0f32;
-            for ((o, &a), &b) in or.iter_mut().zip(xr).zip(sr) {
-                let v = a + b;
-                *o = v;
-                squares += v * v; // rounded, then added: ONNX Runtime's loop (no fused multiply-add)
-            }
-            if !self.residual.is_null() {
-                core::slice::from_raw_parts_mut(self.residual.add(row * k), k).copy_from_slice(or);
-            }
-            let scale = (squares / k as f32 + self.epsilon).sqrt();
-            for (o, &g) in or.iter_mut().zip(gamma) {
-                *o = *o / scale * g;
-            }
         }
     }
 }

@@ -198,21 +198,25 @@ def skip_norm_model(lin: BlockLinear, *, residual_read: bool) -> onnx.ModelProto
     return _model(g, lin.k, lin.n)
 
 
-@pytest.mark.parametrize(("n", "k", "q4_1"), [(48, 576, False), (64, 96, True), (40, 64, True)])
+@pytest.mark.parametrize(("n", "k", "kind"), [(48, 576, "q4_0"), (64, 96, "q4_1"), (40, 64, "q4_1"), (48, 640, "q5_0"),
+                                              (24, 96, "q6_k")])
 @pytest.mark.parametrize("residual_read", [True, False])
-def test_skip_norm_folds_into_the_following_q4_linear_with_the_same_bits(n: int, k: int, q4_1: bool,
-                                                                         residual_read: bool) -> None:
-    """One Q4Linear where there were a SkipSimplifiedLayerNormalization and a Q4Linear, and the same bits: the
-    normalized rows are ONNX Runtime's (its sum of squares in its order), so y and the residual sum are equal to
-    the unfolded pair's, for one row and several, grouped (N % 16 == 0) and row layouts."""
+def test_skip_norm_folds_into_the_following_linear_with_the_same_bits(n: int, k: int, kind: str,
+                                                                      residual_read: bool) -> None:
+    """One Q4Linear (or Q8Linear) where there were a SkipSimplifiedLayerNormalization and the linear, and the same
+    bits: the normalized rows are ONNX Runtime's (its sum of squares in its order), so y and the residual sum are
+    equal to the unfolded pair's, for one row and several, grouped (N % 16 == 0) and row layouts, 8-bit codes in
+    blocks of 32 and 16."""
     rng = np.random.default_rng(n + k)
-    lin = random_linear(rng, n, k, q4_1)
+    lin = (random_linear(rng, n, k, kind == "q4_1") if kind.startswith("q4")
+           else random_8bit_linear(rng, n, k, 16 if kind == "q6_k" else 32, False))
     folded = cpu_graph(skip_norm_model(lin, residual_read=residual_read))
-    assert ops(folded) == ["Q4Linear", "Identity"] + (["Identity"] if residual_read else [])
+    linear = "Q4Linear" if kind.startswith("q4") else "Q8Linear"
+    assert ops(folded) == [linear, "Identity"] + (["Identity"] if residual_read else [])
     assert [a.f for a in folded.graph.node[0].attribute if a.name == "epsilon"] == [pytest.approx(1e-5)]
     assert len(folded.graph.node[0].output) == (2 if residual_read else 1)
     unfolded = cpu_graph(skip_norm_model(lin, residual_read=residual_read), fold_norms=False)  # ONNX Runtime's norm
-    assert ops(unfolded)[:2] == ["SkipSimplifiedLayerNormalization", "Q4Linear"]
+    assert ops(unfolded)[:2] == ["SkipSimplifiedLayerNormalization", linear]
     names = ["y", "sum"] if residual_read else ["y"]
     for shape in [(1, 1), (2, 5), (8, 1)]:
         feeds = {"x": (rng.standard_normal((*shape, k)) * 3).astype(np.float32),

@@ -38,7 +38,7 @@ from .graph_reference import build_reference_graph
 from .tokenizer_build import tokenizer_config_json, tokenizer_json
 
 # Bump whenever the output for the same GGUF changes: `model pull` reconverts when it differs.
-CONVERTER_VERSION = "17"
+CONVERTER_VERSION = "18"
 
 
 def graph_contracts(accuracy_level: int) -> dict[str, GraphContract]:

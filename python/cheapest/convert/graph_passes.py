@@ -575,9 +575,9 @@ def _group_attention(gqa: onnx.NodeProto) -> _Rewrite | None:
 
 def _skip_norm(g: _Graph, linear: onnx.NodeProto) -> _Rewrite | None:
     """A SkipSimplifiedLayerNormalization (no bias, gamma an initializer of K values, its normalized output read
-    only by `linear`, a Q4Linear without swiglu) folded into that Q4Linear: inputs [x, codes, scales, offsets,
-    skip, gamma], attribute epsilon, outputs [y, the norm's residual sum where the graph reads it]. A step runs
-    one node instead of two (rust/ortops/q4_linear.rs; the same bits)."""
+    only by `linear`, a Q4Linear without swiglu or a Q8Linear) folded into that linear: inputs [x, codes, scales,
+    offsets, skip, gamma], attribute epsilon, outputs [y, the norm's residual sum where the graph reads it]. A step
+    runs one node instead of two (rust/ortops/q4_linear.rs; the same bits)."""
     a = _attrs(linear)
     norm = g.made_by(linear.input[0], "SkipSimplifiedLayerNormalization")
     if (norm is None or norm.domain != MS_DOMAIN or a.get("swiglu", 0) or "epsilon" in a or len(norm.input) != 3
@@ -594,7 +594,7 @@ def _skip_norm(g: _Graph, linear: onnx.NodeProto) -> _Rewrite | None:
     if outputs[3] and any(order[_key(user)] < order[_key(linear)] for user in g.consumers.get(outputs[3], [])):
         return None  # the residual is read before the linear, where the folded node will stand
     weights = list(linear.input[1:4]) + [""] * (4 - len(linear.input))
-    node = helper.make_node("Q4Linear", [norm.input[0], *weights[:3], norm.input[1], norm.input[2]],
+    node = helper.make_node(linear.op_type, [norm.input[0], *weights[:3], norm.input[1], norm.input[2]],
                             [linear.output[0]] + ([outputs[3]] if outputs[3] and g.consumers.get(outputs[3]) else []),
                             name=linear.name, domain=CHEAPEST_DOMAIN, **a,
                             epsilon=float(_attrs(norm)["epsilon"]))
@@ -639,7 +639,8 @@ def cpu_graph(model: onnx.ModelProto, planes_min_weights: int = PLANES_MIN_WEIGH
     if fold_norms:
         g = _Graph(model.graph)
         _apply(model, [r for node in model.graph.node
-                       if node.op_type == "Q4Linear" and node.domain == CHEAPEST_DOMAIN and (r := _skip_norm(g, node))])
+                       if node.op_type in ("Q4Linear", "Q8Linear") and node.domain == CHEAPEST_DOMAIN
+                       and (r := _skip_norm(g, node))])
     used = {i for node in model.graph.node for i in node.input}
     for i in reversed(range(len(model.graph.initializer))):
         if model.graph.initializer[i].name not in used:
