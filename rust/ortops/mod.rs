@@ -7,7 +7,8 @@
 //! ONNX Runtime 1.17 or newer).
 //!
 //! Operators (CPU execution provider):
-//!   Q4Linear      fp32 x times a 4-bit block-quantized weight (kernels::q4), optionally SwiGLU on x first
+//!   Q4Linear      fp32 x times a 4-bit block-quantized weight (kernels::q4), optionally SwiGLU on x first or
+//!                 a SkipSimplifiedLayerNormalization folded in (`SkipNorm`, as Q8Linear)
 //!   Q8LinearInt8  x rounded to int8 per block times an 8-bit weight (kernels::q8, or kernels::q8g in row
 //!                 groups of 16): an LM head's scoring pass
 //!   Q8GatherGrouped  the embedding lookup and the rescored rows on the grouped layout
