@@ -554,10 +554,16 @@ impl SkipNorm {
         Ok(Some(SkipNorm { skip: skip.cast::<f32>().cast_const(), gamma: gamma.cast::<f32>().cast_const(), residual, epsilon }))
     }
 
+    /// `apply` as a linear's activation (`run_linear` / `linear_io` call it on this call's input 0).
+    fn activation(&self) -> impl Fn(&[f32], usize, &mut [f32]) + '_ {
+        // SAFETY: the linear passes its input 0, whose shape `of_call` checked skip's and the residual's against.
+        move |x, k, out| unsafe { self.apply(x, k, out) }
+    }
+
     /// out = the normalized rows of x + skip (x [M, k]), and the residual output = x + skip where asked for.
     ///
     /// # Safety
-    /// skip (and the residual output) hold x.len() values and gamma k, as `inputs` checked.
+    /// skip (and the residual output) hold x.len() values and gamma k, as `of_call` checked for input 0.
     unsafe fn apply(&self, x: &[f32], k: usize, out: &mut [f32]) {
         let skip = core::slice::from_raw_parts(self.skip, x.len());
         let gamma = core::slice::from_raw_parts(self.gamma, k);

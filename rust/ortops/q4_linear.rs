@@ -86,20 +86,12 @@ impl Kernel for Q4Linear {
             Layout::Grouped(w) => by_scale!(w, |w| w.k()),
         };
         let norm = SkipNorm::of_call(api, context, "Q4Linear", k, self.epsilon)?;
-        let fold = |x: &[f32], k: usize, out: &mut [f32]| {
-            if let Some(norm) = &norm {
-                // SAFETY: `of_call` checked skip's and the residual output's sizes against x's.
-                unsafe { norm.apply(x, k, out) }
-            }
-        };
-        let folded: Activate = &fold;
+        let fold = norm.as_ref().map(SkipNorm::activation);
         let activate = |k: usize| -> (usize, Option<Activate>) {
             if swiglu {
                 (2 * k, Some(&silu_mul))
-            } else if norm.is_some() {
-                (k, Some(folded))
             } else {
-                (k, None)
+                (k, fold.as_ref().map(|f| f as Activate))
             }
         };
         match &self.weights {

@@ -57,14 +57,8 @@ impl Kernel for Q8Linear {
         by_scale!(&self.weights, |w| {
             let (k, n) = (w.k(), w.n());
             let norm = SkipNorm::of_call(api, context, "Q8Linear", k, self.epsilon)?;
-            let fold = |x: &[f32], k: usize, out: &mut [f32]| {
-                if let Some(norm) = &norm {
-                    // SAFETY: `of_call` checked skip's and the residual output's sizes against x's.
-                    unsafe { norm.apply(x, k, out) }
-                }
-            };
-            let folded: Activate = &fold;
-            let activate = if norm.is_some() { Some(folded) } else { None };
+            let fold = norm.as_ref().map(SkipNorm::activation);
+            let activate = fold.as_ref().map(|f| f as Activate);
             run_linear(api, context, "Q8Linear", (k, k, n), activate, move |x, m, y, cols| unsafe { matmul_cols(w, x, m, y, cols, isa) })
         })
     }

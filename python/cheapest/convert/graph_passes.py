@@ -573,7 +573,7 @@ def _group_attention(gqa: onnx.NodeProto) -> _Rewrite | None:
     return _Rewrite([gqa], node, [])
 
 
-def _skip_norm(g: _Graph, linear: onnx.NodeProto) -> _Rewrite | None:
+def _skip_norm(g: _Graph, order: dict[tuple[str, ...], int], linear: onnx.NodeProto) -> _Rewrite | None:
     """A SkipSimplifiedLayerNormalization (no bias, gamma an initializer of K values, its normalized output read
     only by `linear`, a Q4Linear without swiglu or a Q8Linear) folded into that linear: inputs [x, codes, scales,
     offsets, skip, gamma], attribute epsilon, outputs [y, the norm's residual sum where the graph reads it]. A step
@@ -590,12 +590,12 @@ def _skip_norm(g: _Graph, linear: onnx.NodeProto) -> _Rewrite | None:
     outputs = list(norm.output) + [""] * (4 - len(norm.output))
     if any(name and g.consumers.get(name) for name in outputs[1:3]) or norm.input[1] in g.initializers:
         return None  # mean / inverse std read, or a constant skip (broadcast): left to ONNX Runtime
-    order = {_key(n): i for i, n in enumerate(g.graph.node)}
-    if outputs[3] and any(order[_key(user)] < order[_key(linear)] for user in g.consumers.get(outputs[3], [])):
+    readers = g.consumers.get(outputs[3], []) if outputs[3] else []
+    if any(order[_key(user)] < order[_key(linear)] for user in readers):
         return None  # the residual is read before the linear, where the folded node will stand
     weights = list(linear.input[1:4]) + [""] * (4 - len(linear.input))
     node = helper.make_node(linear.op_type, [norm.input[0], *weights[:3], norm.input[1], norm.input[2]],
-                            [linear.output[0]] + ([outputs[3]] if outputs[3] and g.consumers.get(outputs[3]) else []),
+                            [linear.output[0]] + ([outputs[3]] if readers else []),
                             name=linear.name, domain=CHEAPEST_DOMAIN, **a,
                             epsilon=float(_attrs(norm)["epsilon"]))
     return _Rewrite([norm, linear], node, [])
@@ -638,9 +638,10 @@ def cpu_graph(model: onnx.ModelProto, planes_min_weights: int = PLANES_MIN_WEIGH
     _apply(model, [r for node in model.graph.node if (r := _group_attention(node)) is not None])
     if fold_norms:
         g = _Graph(model.graph)
+        order = {_key(n): i for i, n in enumerate(model.graph.node)}
         _apply(model, [r for node in model.graph.node
                        if node.op_type in ("Q4Linear", "Q8Linear") and node.domain == CHEAPEST_DOMAIN
-                       and (r := _skip_norm(g, node))])
+                       and (r := _skip_norm(g, order, node))])
     used = {i for node in model.graph.node for i in node.input}
     for i in reversed(range(len(model.graph.initializer))):
         if model.graph.initializer[i].name not in used:
