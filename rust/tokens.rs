@@ -13,6 +13,11 @@
 //!   per-call cache of words borrowed from the text (no allocation per word).
 //!   Equality with the crate and with the Python package is proven by tests,
 //!   not assumed.
+//! - SentencePiece-style BPE (Gemma 3, the Llama 2 family: a normalizer that
+//!   writes spaces as `▁`, no pre-tokenizer, byte fallback) is read by
+//!   `SpmBpe` without the crate at all: the crate's maps of owned strings held
+//!   ~91 MiB for Gemma 3's vocabulary, `SpmBpe`'s arena and sorted merge
+//!   table ~13 MiB. Same ids and text, proven by tests.
 //! - Large texts are cut where pieces always break (after a newline or tab
 //!   before a non-space) and the parts are counted on rayon's pool; batches
 //!   go to the pool when their total size pays for the hand-off.
@@ -28,8 +33,10 @@ use std::sync::Arc;
 
 mod bpe;
 mod pretok;
+mod spm;
 
 use bpe::{FastBpe, Segment};
+use spm::SpmBpe;
 
 /// A tokenizer file is invalid, or ids are out of range. Messages never
 /// contain the text being counted, encoded or decoded.
@@ -101,11 +108,22 @@ impl TokenBytes {
     }
 }
 
+/// Where the vocabulary lives: the crate (with the byte-level fast path
+/// beside it where it applies), or `SpmBpe` alone.
+enum Backend {
+    Crate(tokenizers::Tokenizer),
+    Spm(SpmBpe),
+}
+
 pub struct Tokenizer {
-    inner: tokenizers::Tokenizer,
+    backend: Backend,
     fast: Option<FastBpe>,
     token_bytes: Option<TokenBytes>,
     vocab_size: usize,
+    /// The decoder has a ByteFallback step: a run of `<0xHH>` tokens decodes
+    /// as a whole (one U+FFFD per byte when the run is not UTF-8), so the
+    /// incremental decoder never ends a window inside one.
+    byte_fallback: bool,
 }
 
 /// Per-call cache of words (borrowed from the text) -> their ids.
@@ -160,6 +178,17 @@ fn json_error(what: &str, e: &serde_json::Error) -> TokenizerError {
 impl Tokenizer {
     /// Loads a tokenizer.json given as a string.
     pub fn from_str(json: &str) -> Result<Tokenizer, TokenizerError> {
+        if let Some(spm) = SpmBpe::from_json(json) {
+            let vocab_size = spm.vocab_size();
+            let byte_fallback = spm.byte_fallback_decoder();
+            return Ok(Tokenizer { backend: Backend::Spm(spm), fast: None, token_bytes: None, vocab_size, byte_fallback });
+        }
+        Self::from_str_with_crate(json)
+    }
+
+    /// Loads a tokenizer.json with the `tokenizers` crate whatever its shape
+    /// (the tests' reference for the paths that do without it).
+    pub fn from_str_with_crate(json: &str) -> Result<Tokenizer, TokenizerError> {
         // The crate reports syntax and schema errors as serde_json errors.
         let inner: tokenizers::Tokenizer = json.parse().map_err(|e: tokenizers::Error| {
             let what = "tokenizer.json is not valid JSON or not a tokenizer the tokenizers crate can load";
@@ -206,12 +235,20 @@ impl Tokenizer {
             TokenBytes::build(&inner, max_id)
         });
         let vocab_size = inner.get_vocab_size(true);
-        Tokenizer { inner, fast, token_bytes, vocab_size }
+        let byte_fallback = serde_json::to_string(&inner.get_decoder()).is_ok_and(|d| d.contains("\"ByteFallback\""));
+        Tokenizer { backend: Backend::Crate(inner), fast, token_bytes, vocab_size, byte_fallback }
     }
 
-    /// Whether counting and encoding use the exact byte-level BPE fast path.
+    /// Whether counting and encoding use one of the exact fast paths (the
+    /// byte-level BPE beside the crate, or the SentencePiece BPE instead of it).
     pub fn fast_path(&self) -> bool {
-        self.fast.is_some()
+        self.fast.is_some() || matches!(self.backend, Backend::Spm(_))
+    }
+
+    /// Whether the `tokenizers` crate holds the vocabulary (false when the
+    /// SentencePiece path does without it).
+    pub fn uses_crate(&self) -> bool {
+        matches!(self.backend, Backend::Crate(_))
     }
 
     pub fn vocab_size(&self) -> usize {
@@ -219,11 +256,17 @@ impl Tokenizer {
     }
 
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
-        self.inner.token_to_id(token)
+        match &self.backend {
+            Backend::Crate(inner) => inner.token_to_id(token),
+            Backend::Spm(spm) => spm.token_to_id(token),
+        }
     }
 
     pub fn id_to_token(&self, id: u32) -> Option<String> {
-        self.inner.id_to_token(id)
+        match &self.backend {
+            Backend::Crate(inner) => inner.id_to_token(id),
+            Backend::Spm(spm) => spm.id_to_token(id).map(str::to_string),
+        }
     }
 
     /// `len(encode(text))` with special tokens added, as the Python package's
@@ -286,9 +329,19 @@ impl Tokenizer {
     }
 
     fn crate_encode(&self, text: &str, add_special_tokens: bool) -> Vec<u32> {
+        let inner = match &self.backend {
+            Backend::Crate(inner) => inner,
+            Backend::Spm(spm) => {
+                let (pre, post) = spm.special_ids(add_special_tokens);
+                let mut out = pre.to_vec();
+                spm.encode_into(text, &mut out);
+                out.extend_from_slice(post);
+                return out;
+            }
+        };
         // The crate fails only on configurations (e.g. a missing unk token),
         // never on text; its message is dropped as it may quote the input.
-        match self.inner.encode_fast(text, add_special_tokens) {
+        match inner.encode_fast(text, add_special_tokens) {
             Ok(enc) => enc.get_ids().to_vec(),
             Err(_) => Vec::new(),
         }
@@ -296,9 +349,10 @@ impl Tokenizer {
 
     fn check_ids(&self, ids: &[u32]) -> Result<(), TokenizerError> {
         for &id in ids {
-            let known = match &self.token_bytes {
-                Some(tb) => tb.get(id).is_some(),
-                None => self.inner.id_to_token(id).is_some(),
+            let known = match (&self.token_bytes, &self.backend) {
+                (Some(tb), _) => tb.get(id).is_some(),
+                (None, Backend::Crate(inner)) => inner.id_to_token(id).is_some(),
+                (None, Backend::Spm(spm)) => (id as usize) < spm.vocab_size(),
             };
             if !known {
                 return Err(TokenizerError(format!(
@@ -312,9 +366,12 @@ impl Tokenizer {
 
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String, TokenizerError> {
         self.check_ids(ids)?;
-        self.inner
-            .decode(ids, skip_special_tokens)
-            .map_err(|_| TokenizerError("the tokenizer's decoder failed".into()))
+        match &self.backend {
+            Backend::Crate(inner) => inner
+                .decode(ids, skip_special_tokens)
+                .map_err(|_| TokenizerError("the tokenizer's decoder failed".into())),
+            Backend::Spm(spm) => Ok(spm.decode(ids, skip_special_tokens)),
+        }
     }
 
     /// A streaming decoder: see `IncrementalDecoder`.
@@ -432,6 +489,13 @@ impl IncrementalDecoder {
     }
 
     fn window(&mut self, last: bool) -> Result<String, TokenizerError> {
+        if !last && self.tk.byte_fallback {
+            // A byte token may be followed by more of its run: wait for the run's end.
+            let byte = self.ids.last().and_then(|&id| self.tk.id_to_token(id)).is_some_and(|t| spm::is_byte_token(&t));
+            if byte {
+                return Ok(String::new());
+            }
+        }
         let before = self.tk.decode(&self.ids[self.prefix..self.read], self.skip_special_tokens)?;
         let now = self.tk.decode(&self.ids[self.prefix..], self.skip_special_tokens)?;
         if now.len() > before.len() && (last || !now.ends_with('\u{FFFD}')) {

@@ -81,3 +81,36 @@ def smollm2_tokenizer_path() -> Path | None:
     root = Path(__file__).resolve().parent.parent / ".data" / "models"
     found = sorted(root.glob("SmolLM2*/tokenizer.json"))
     return found[0] if found else None
+
+
+SPM_CONTROL = ["<start_of_turn>", "<end_of_turn>"]
+
+
+@cache
+def spm_tokenizer_json(add_space_prefix: bool = False, vocab_size: int = 6_000) -> str:
+    """A Gemma-shaped SentencePiece BPE tokenizer.json, written by the converter itself
+    (`cheapest.convert.tokenizer_build.tokenizer_json`, the `llama` tokenizer model) from pieces trained here:
+    spaces as "▁", no pre-tokenizer (merges cross spaces), the 256 <0xNN> byte pieces, control tokens and a
+    user-defined one, <bos> before a sequence."""
+    from tokenizers import normalizers
+
+    from cheapest.convert.gguf_reader import TokenizerData
+
+    rng = random.Random(11)
+    corpus = python_source(400_000).splitlines(keepends=True)
+    corpus += [generated_text(rng, rng.randint(1, 30)) for _ in range(6_000)]
+    trainer_tok = Tokenizer(models.BPE())
+    trainer_tok.normalizer = normalizers.Replace(" ", "\u2581")
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False)
+    trainer_tok.train_from_iterator(corpus, trainer=trainer)
+    vocab = trainer_tok.get_vocab()
+    pieces = sorted((p for p in vocab if not (len(p) == 6 and p.startswith("<0x"))), key=vocab.__getitem__)
+    head = ["<pad>", "<eos>", "<bos>", "<unk>", *SPM_CONTROL, "<tool>"]
+    tokens = head + [f"<0x{b:02X}>" for b in range(256)] + pieces
+    types = [3, 3, 3, 2, 3, 3, 4] + [6] * 256 + [1] * len(pieces)
+    data = TokenizerData(model="llama", pre="default", tokens=tokens, token_types=types, merges=[], scores=None,
+                         bos_token_id=2, eos_token_id=1, unk_token_id=3, pad_token_id=0, add_bos_token=True,
+                         add_eos_token=False, add_space_prefix=add_space_prefix, chat_template=None)
+    from cheapest.convert.tokenizer_build import tokenizer_json
+
+    return tokenizer_json(data)

@@ -54,12 +54,24 @@ pub enum Segment<'t> {
 
 /// Cuts added tokens out of a text exactly like the crate's
 /// `AddedVocabulary::extract_and_normalize` without a normalizer.
-struct AddedSplitter {
+pub(super) struct AddedSplitter {
     raw: Option<(AhoCorasick, Vec<u32>)>,
     normalized: Option<(AhoCorasick, Vec<u32>)>,
 }
 
 impl AddedSplitter {
+    /// The splitter of these (content, id) tokens, matched on the raw text
+    /// and on the normalized text; `None` when a set cannot be built.
+    pub(super) fn new(raw: &[(String, u32)], normalized: &[(String, u32)]) -> Option<AddedSplitter> {
+        let with_ids = |tokens: &[(String, u32)]| -> Option<Option<(AhoCorasick, Vec<u32>)>> {
+            if tokens.is_empty() {
+                return Some(None);
+            }
+            Some(Some((Self::build(tokens)?, tokens.iter().map(|t| t.1).collect())))
+        };
+        Some(AddedSplitter { raw: with_ids(raw)?, normalized: with_ids(normalized)? })
+    }
+
     fn build(tokens: &[(String, u32)]) -> Option<AhoCorasick> {
         if tokens.is_empty() {
             return None;
@@ -84,7 +96,7 @@ impl AddedSplitter {
         }
     }
 
-    fn split<'t>(&self, text: &'t str, out: &mut dyn FnMut(Segment<'t>)) {
+    pub(super) fn split<'t>(&self, text: &'t str, out: &mut dyn FnMut(Segment<'t>)) {
         match (&self.raw, &self.normalized) {
             (None, None) => {
                 if !text.is_empty() {
@@ -122,7 +134,7 @@ pub struct FastBpe {
     suffix: Vec<u32>,
 }
 
-fn is_null_or(v: Option<&Value>, ok: impl Fn(&Value) -> bool) -> bool {
+pub(super) fn is_null_or(v: Option<&Value>, ok: impl Fn(&Value) -> bool) -> bool {
     match v {
         None | Some(Value::Null) => true,
         Some(v) => ok(v),
@@ -226,13 +238,7 @@ impl FastBpe {
                 raw.push((tok.content, id));
             }
         }
-        let added = AddedSplitter {
-            raw: AddedSplitter::build(&raw).map(|ac| (ac, raw.iter().map(|t| t.1).collect())),
-            normalized: AddedSplitter::build(&normalized).map(|ac| (ac, normalized.iter().map(|t| t.1).collect())),
-        };
-        if (!raw.is_empty() && added.raw.is_none()) || (!normalized.is_empty() && added.normalized.is_none()) {
-            return None;
-        }
+        let added = AddedSplitter::new(&raw, &normalized)?;
         Some(FastBpe {
             classes: pretok::classes(),
             digits,
@@ -304,7 +310,7 @@ impl FastBpe {
             return;
         }
         if n >= HEAP_MERGE_MIN {
-            let merged = self.merge_heap(&out[start..]);
+            let merged = merge_heap(&out[start..], |a, b| self.merge_of(a, b));
             out.truncate(start);
             out.extend(merged);
         } else {
@@ -349,49 +355,50 @@ impl FastBpe {
         }
         ids.truncate(start + n);
     }
+}
 
-    /// The same merge order with a priority queue of (rank, position), for
-    /// long words; stale entries are skipped as in the crate.
-    fn merge_heap(&self, syms: &[u32]) -> Vec<u32> {
-        let n = syms.len();
-        let mut id = syms.to_vec();
-        let mut next: Vec<usize> = (1..=n).collect();
-        let mut prev: Vec<usize> = (0..n).map(|i| i.wrapping_sub(1)).collect();
-        let mut alive = vec![true; n];
-        let mut heap = BinaryHeap::with_capacity(n);
-        for i in 0..n - 1 {
-            if let Some((rank, new_id)) = self.merge_of(id[i], id[i + 1]) {
-                heap.push(Reverse((rank, i, new_id)));
-            }
+/// The same merge order with a priority queue of (rank, position), for
+/// long words; stale entries are skipped as in the crate (`Word::merge_all`).
+/// `merge_of(left, right)` is a pair's (rank, merged id).
+pub(super) fn merge_heap(syms: &[u32], merge_of: impl Fn(u32, u32) -> Option<(u32, u32)>) -> Vec<u32> {
+    let n = syms.len();
+    let mut id = syms.to_vec();
+    let mut next: Vec<usize> = (1..=n).collect();
+    let mut prev: Vec<usize> = (0..n).map(|i| i.wrapping_sub(1)).collect();
+    let mut alive = vec![true; n];
+    let mut heap = BinaryHeap::with_capacity(n);
+    for i in 0..n - 1 {
+        if let Some((rank, new_id)) = merge_of(id[i], id[i + 1]) {
+            heap.push(Reverse((rank, i, new_id)));
         }
-        while let Some(Reverse((_, pos, new_id))) = heap.pop() {
-            if !alive[pos] || next[pos] >= n {
-                continue;
-            }
-            let right = next[pos];
-            if self.merge_of(id[pos], id[right]).map(|m| m.1) != Some(new_id) {
-                continue;
-            }
-            id[pos] = new_id;
-            alive[right] = false;
-            next[pos] = next[right];
-            if next[pos] < n {
-                prev[next[pos]] = pos;
-            }
-            if prev[pos] < n {
-                let p = prev[pos];
-                if let Some((rank, nid)) = self.merge_of(id[p], id[pos]) {
-                    heap.push(Reverse((rank, p, nid)));
-                }
-            }
-            if next[pos] < n {
-                if let Some((rank, nid)) = self.merge_of(id[pos], id[next[pos]]) {
-                    heap.push(Reverse((rank, pos, nid)));
-                }
-            }
-        }
-        (0..n).filter(|i| alive[*i]).map(|i| id[i]).collect()
     }
+    while let Some(Reverse((_, pos, new_id))) = heap.pop() {
+        if !alive[pos] || next[pos] >= n {
+            continue;
+        }
+        let right = next[pos];
+        if merge_of(id[pos], id[right]).map(|m| m.1) != Some(new_id) {
+            continue;
+        }
+        id[pos] = new_id;
+        alive[right] = false;
+        next[pos] = next[right];
+        if next[pos] < n {
+            prev[next[pos]] = pos;
+        }
+        if prev[pos] < n {
+            let p = prev[pos];
+            if let Some((rank, nid)) = merge_of(id[p], id[pos]) {
+                heap.push(Reverse((rank, p, nid)));
+            }
+        }
+        if next[pos] < n {
+            if let Some((rank, nid)) = merge_of(id[pos], id[next[pos]]) {
+                heap.push(Reverse((rank, pos, nid)));
+            }
+        }
+    }
+    (0..n).filter(|i| alive[*i]).map(|i| id[i]).collect()
 }
 
 /// `None` unless the pre-tokenizer is ByteLevel (no prefix space, GPT-2
@@ -422,7 +429,7 @@ fn pre_tokenizer_shape(pt: &Value) -> Option<Digits> {
 }
 
 /// The ids a post-processor puts before and after a single sequence.
-fn post_processor_shape(pp: Option<&Value>) -> Option<(Vec<u32>, Vec<u32>)> {
+pub(super) fn post_processor_shape(pp: Option<&Value>) -> Option<(Vec<u32>, Vec<u32>)> {
     let pp = match pp {
         None | Some(Value::Null) => return Some((vec![], vec![])),
         Some(v) => v,

@@ -237,3 +237,195 @@ fn errors_name_no_text() {
     assert!(!err.0.contains("canary"), "{err}");
     assert!(Tokenizer::from_file(Path::new("/nonexistent/tokenizer.json")).is_err());
 }
+
+// --- the SentencePiece BPE path (no crate at run time) ---------------------------------------------
+
+/// A Gemma-shaped tokenizer: spaces normalized to `▁`, no pre-tokenizer (a
+/// segment is one word, merges cross spaces), byte fallback tokens, added
+/// tokens at their vocabulary ids, `<s>` before a sequence, the Llama 2
+/// decoder chain. Trained on `corpus()`; returned as a JSON tree.
+fn spm_json() -> serde_json::Value {
+    static JSON: OnceLock<String> = OnceLock::new();
+    let text = JSON.get_or_init(|| {
+        use tokenizers::normalizers::replace::Replace;
+        let mut tk: TokenizerImpl<ModelWrapper, NormalizerWrapper, PreTokenizerWrapper, PostProcessorWrapper, DecoderWrapper> =
+            TokenizerBuilder::new()
+                .with_model(BPE::default().into())
+                .with_normalizer(Some(Replace::new(" ", "▁").unwrap().into()))
+                .build()
+                .unwrap();
+        let specials: Vec<AddedToken> =
+            ["<unk>", "<s>", "<|im_start|>", "<|im_end|>"].iter().map(|t| AddedToken::from(t.to_string(), true)).collect();
+        let mut trainer: TrainerWrapper =
+            BpeTrainerBuilder::new().vocab_size(1200).show_progress(false).special_tokens(specials).build().into();
+        tk.train(&mut trainer, corpus().into_iter().take(3000)).unwrap();
+        let mut json: serde_json::Value = serde_json::from_str(&tk.to_string(false).unwrap()).unwrap();
+        let vocab = json["model"]["vocab"].as_object_mut().unwrap();
+        let mut next = vocab.len() as u64;
+        for b in 0..256 {
+            let token = format!("<0x{b:02X}>");
+            if !vocab.contains_key(&token) {
+                vocab.insert(token, next.into());
+                next += 1;
+            }
+        }
+        // A user-defined (not special) added token that is also a vocabulary entry.
+        vocab.insert("<tool>".into(), next.into());
+        json["added_tokens"].as_array_mut().unwrap().push(serde_json::json!({
+            "id": next, "content": "<tool>", "single_word": false, "lstrip": false, "rstrip": false,
+            "normalized": false, "special": false}));
+        for t in json["added_tokens"].as_array_mut().unwrap() {
+            t["normalized"] = false.into();
+        }
+        json["model"]["unk_token"] = "<unk>".into();
+        json["model"]["byte_fallback"] = true.into();
+        json["model"]["fuse_unk"] = true.into();
+        json["normalizer"] = serde_json::json!({"type": "Sequence", "normalizers": [
+            {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}]});
+        json["post_processor"] = serde_json::json!({
+            "type": "TemplateProcessing",
+            "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                     {"SpecialToken": {"id": "<s>", "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
+            "special_tokens": {"<s>": {"id": "<s>", "ids": [1], "tokens": ["<s>"]}}
+        });
+        json["decoder"] = serde_json::json!({"type": "Sequence", "decoders": [
+            {"type": "Replace", "pattern": {"String": "▁"}, "content": " "},
+            {"type": "ByteFallback"}, {"type": "Fuse"}, {"type": "Strip", "content": " ", "start": 1, "stop": 0}]});
+        json.to_string()
+    });
+    serde_json::from_str(text).unwrap()
+}
+
+/// Ours (the SentencePiece path, asserted) against the crate on the same
+/// file: ids with and without the post-processor, counts, decoding (both
+/// ways, incremental too) of real and random ids, vocabulary lookups.
+fn assert_spm_exact(json: &serde_json::Value, rounds: usize) {
+    let text = json.to_string();
+    let ours = Arc::new(Tokenizer::from_str(&text).unwrap());
+    assert!(!ours.uses_crate() && ours.fast_path());
+    let crate_tk = Tokenizer::from_str_with_crate(&text).unwrap();
+    assert!(crate_tk.uses_crate());
+    let theirs: tokenizers::Tokenizer = text.parse().unwrap();
+    assert_eq!(ours.vocab_size(), theirs.get_vocab_size(true));
+    for id in 0..ours.vocab_size() as u32 + 2 {
+        let token = theirs.id_to_token(id);
+        assert_eq!(ours.id_to_token(id), token);
+        if let Some(t) = token {
+            assert_eq!(ours.token_to_id(&t), theirs.token_to_id(&t));
+        }
+    }
+    let mut rng = Rng(0x5b);
+    let vocab = ours.vocab_size() as u64;
+    for round in 0..rounds {
+        let text = if round % 7 == 6 { POOL[rng.below(POOL.len())].repeat(1 + rng.below(60)) } else { random_text(&mut rng, 12) };
+        for special in [true, false] {
+            assert_eq!(ours.encode(&text, special), reference(&theirs, &text, special), "{text:?}");
+        }
+        assert_eq!(ours.count(&text), reference(&theirs, &text, true).len(), "{text:?}");
+        let ids: Vec<u32> = if round % 2 == 0 {
+            reference(&theirs, &text, true)
+        } else {
+            (0..rng.below(12)).map(|_| (rng.next() % vocab) as u32).collect()
+        };
+        for skip in [false, true] {
+            let want = theirs.decode(&ids, skip).unwrap();
+            assert_eq!(ours.decode(&ids, skip).unwrap(), want, "{ids:?}");
+            let mut dec = ours.decoder(skip);
+            let mut got: String = ids.iter().map(|&id| dec.push(id).unwrap()).collect();
+            got.push_str(&dec.flush().unwrap());
+            assert_eq!(got, want, "{ids:?}");
+        }
+    }
+    let long: String = corpus().concat();
+    assert_eq!(ours.encode(&long, true), reference(&theirs, &long, true));
+}
+
+#[test]
+fn sentencepiece_path_is_exact_without_the_crate() {
+    assert_spm_exact(&spm_json(), 6000);
+}
+
+#[test]
+fn sentencepiece_variants_are_exact() {
+    // A space prefix (Prepend runs on each segment between added tokens).
+    let mut json = spm_json();
+    json["normalizer"]["normalizers"]
+        .as_array_mut()
+        .unwrap()
+        .insert(0, serde_json::json!({"type": "Prepend", "prepend": "▁"}));
+    assert_spm_exact(&json, 1500);
+    // The legacy merge form ("left right", after a "#version" line); a pair listed twice keeps its last rank.
+    let mut json = spm_json();
+    let merges = json["model"]["merges"].as_array().unwrap().clone();
+    let mut lines: Vec<serde_json::Value> = vec!["#version: 0.2".into()];
+    lines.extend(merges.iter().map(|m| format!("{} {}", m[0].as_str().unwrap(), m[1].as_str().unwrap()).into()));
+    lines.push(lines[1].clone());
+    json["model"]["merges"] = lines.into();
+    assert_spm_exact(&json, 1500);
+    // Without byte fallback: unknown characters become `<unk>`, fused or not.
+    for fuse in [true, false] {
+        let mut json = spm_json();
+        json["model"]["byte_fallback"] = false.into();
+        json["model"]["fuse_unk"] = fuse.into();
+        assert_spm_exact(&json, 1500);
+    }
+    // Some byte tokens missing: a character needing one is unknown, and a
+    // pending unknown token is written after the byte tokens that follow it.
+    let mut json = spm_json();
+    let vocab = json["model"]["vocab"].as_object_mut().unwrap();
+    let mut ids: Vec<(String, u64)> = vocab.iter().map(|(k, v)| (k.clone(), v.as_u64().unwrap())).collect();
+    ids.sort_by_key(|e| e.1);
+    let gone: Vec<String> = ["<0x80>", "<0x98>", "<0xF0>"].iter().map(|s| s.to_string()).collect();
+    vocab.clear();
+    let mut next = 0u64;
+    let mut renumber = std::collections::HashMap::new();
+    for (tok, id) in ids {
+        if !gone.contains(&tok) {
+            vocab.insert(tok, next.into());
+            renumber.insert(id, next);
+            next += 1;
+        }
+    }
+    for t in json["added_tokens"].as_array_mut().unwrap() {
+        t["id"] = renumber[&t["id"].as_u64().unwrap()].into();
+    }
+    assert_spm_exact(&json, 3000);
+}
+
+#[test]
+fn sentencepiece_shape_refusals_fall_back_to_the_crate() {
+    let shapes: [(&str, serde_json::Value); 5] = [
+        ("pre_tokenizer", serde_json::json!({"type": "Metaspace", "replacement": "▁", "prepend_scheme": "always", "split": true})),
+        ("normalizer", serde_json::json!({"type": "NFKC"})),
+        ("decoder", serde_json::json!({"type": "Metaspace", "replacement": "▁", "prepend_scheme": "always", "split": true})),
+        ("truncation", serde_json::json!({"direction": "Right", "max_length": 8, "strategy": "LongestFirst", "stride": 0})),
+        ("model", serde_json::Value::Null),
+    ];
+    for (key, value) in shapes {
+        let mut json = spm_json();
+        if key == "model" {
+            json["model"]["dropout"] = 0.5.into();
+        } else {
+            json[key] = value;
+        }
+        let text = json.to_string();
+        let ours = Tokenizer::from_str(&text).unwrap();
+        assert!(ours.uses_crate(), "{key}");
+        let theirs: tokenizers::Tokenizer = text.parse().unwrap();
+        if key != "model" {
+            for t in ["Hello  World 123", "", "<|im_start|>user\nhi 日本"] {
+                assert_eq!(ours.encode(t, true), reference(&theirs, t, true), "{key}");
+            }
+        }
+    }
+    // An added token that is not its vocabulary entry, or a normalized one.
+    let mut json = spm_json();
+    json["added_tokens"][1]["normalized"] = true.into();
+    assert!(Tokenizer::from_str(&json.to_string()).unwrap().uses_crate());
+    // Invalid files are still reported by the crate.
+    let mut json = spm_json();
+    json["model"]["merges"][0] = serde_json::json!(["not-a-token", "x"]);
+    assert!(Tokenizer::from_str(&json.to_string()).is_err());
+}
+

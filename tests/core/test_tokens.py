@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from cheapest_core import IncrementalDecoder, Tokenizer, TokenizerError
 from tokenizer_corpus import FRAGMENTS, SPECIAL_TOKENS, generated_text, python_source, smollm2_tokenizer_path
-from tokenizer_corpus import trained_tokenizer_json
+from tokenizer_corpus import SPM_CONTROL, spm_tokenizer_json, trained_tokenizer_json
 
 class Pair(tuple[Tokenizer, tokenizers.Tokenizer]):
     """Ours and the reference, loaded from the same tokenizer.json (short repr for failure reports)."""
@@ -49,7 +49,25 @@ def smollm2() -> Pair:
     return Pair.load("SmolLM2", path.read_text(encoding="utf-8"))
 
 
-@pytest.fixture(scope="module", params=["trained", "smollm2"])
+@pytest.fixture(scope="module")
+def spm_plain() -> Pair:
+    """SentencePiece BPE as the converter writes it (Gemma 3's shape): read without the crate."""
+    return Pair.load("SentencePiece", spm_tokenizer_json(add_space_prefix=False))
+
+
+@pytest.fixture(scope="module")
+def spm_prefixed() -> Pair:
+    """The same with a space prefix (Llama 2's shape: Prepend("▁") before each segment)."""
+    return Pair.load("SentencePiece+prefix", spm_tokenizer_json(add_space_prefix=True))
+
+
+@pytest.fixture(scope="module", params=["spm_plain", "spm_prefixed"])
+def spm(request: pytest.FixtureRequest) -> Pair:
+    value: Pair = request.getfixturevalue(request.param)
+    return value
+
+
+@pytest.fixture(scope="module", params=["trained", "smollm2", "spm_plain", "spm_prefixed"])
 def pair(request: pytest.FixtureRequest) -> Pair:
     value: Pair = request.getfixturevalue(request.param)
     return value
@@ -101,6 +119,29 @@ def test_count_batch(pair: Pair) -> None:
     large = [python_source(300_000), *small]  # large enough to go to the thread pool
     for batch in ([], ["one"], small, large):
         assert ours.count_batch(batch) == [len(e.ids) for e in ref.encode_batch(batch)]
+
+
+def test_sentencepiece_path_decodes_and_looks_up_like_the_package(spm: Pair) -> None:
+    ours, ref = spm
+    assert ours.vocab_size == ref.get_vocab_size()
+    for tid in range(ours.vocab_size):
+        token = ref.id_to_token(tid)
+        assert ours.id_to_token(tid) == token
+        assert ours.token_to_id(token) == tid
+    assert ours.id_to_token(ours.vocab_size) is None and ours.token_to_id("no such piece") is None
+    rng = random.Random(5)
+    texts = [generated_text(rng, 25) for _ in range(300)]
+    texts += [f"{SPM_CONTROL[0]}user\n{t}{SPM_CONTROL[1]}<tool>" for t in texts[:50]]
+    for text in texts:
+        ids = ours.encode(text)
+        assert ids == ref.encode(text).ids
+        random_ids = [rng.randrange(ours.vocab_size) for _ in range(rng.randint(0, 12))]
+        for some in (ids, random_ids, [*ids[:3], 300, 301, *ids[3:]]):  # <0x..> runs that are not UTF-8
+            for skip in (False, True):
+                want = ref.decode(some, skip_special_tokens=skip)
+                assert ours.decode(some, skip_special_tokens=skip) == want
+                dec = ours.decoder(skip_special_tokens=skip)
+                assert "".join(dec.push(i) for i in some) + dec.flush() == want
 
 
 def test_special_tokens_are_single_ids(trained: Pair) -> None:

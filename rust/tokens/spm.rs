@@ -1,0 +1,611 @@
+//! The exact, compact path for SentencePiece-style BPE tokenizers: the shape
+//! the converter writes for GGUF's `llama` tokenizer model (Gemma 3, the
+//! Llama 2 family) and Hugging Face's own files of that family.
+//!
+//! Why it exists: the `tokenizers` crate keeps Gemma 3's 262,144 tokens and
+//! 513,511 merges in hash maps of owned strings (vocab, reverse vocab, merge
+//! map, added-vocabulary tries): ~91 MiB resident for one worker, a quarter
+//! of the whole loaded model. Here the vocabulary is one byte arena with
+//! offsets and a hash table of ids into it, and the merges a table sorted by
+//! left id: ~13 MiB, and it loads in a fraction of the time. When this path
+//! takes a file the crate is not loaded at all.
+//!
+//! `SpmBpe::from_json` accepts only a shape it fully reproduces: normalizer
+//! none, `Prepend` or `Replace` with a string pattern (alone or in a
+//! Sequence); no pre-tokenizer; a BPE model without dropout, subword
+//! prefix/suffix or `ignore_merges`, with dense ids; added tokens that are
+//! vocabulary entries at their own ids, unnormalized, without
+//! strip/single-word rules; post-processor none or a single-sequence
+//! TemplateProcessing; a decoder chain of `Replace` (string pattern),
+//! `ByteFallback`, `Fuse` and `Strip` (start only); no truncation or padding.
+//! Anything else returns `None` and the caller loads the crate.
+//!
+//! What it computes is what the crate computes, step for step: added tokens
+//! are cut out of the raw text (leftmost-longest), each remaining segment is
+//! normalized, becomes one word of characters (a character missing from the
+//! vocabulary becomes its `<0xHH>` byte tokens, or the unknown token, as in
+//! the crate's `BPE::merge_word`, quirks included), and the word is merged by
+//! lowest rank, leftmost first (`merge_heap`, the crate's `Word::merge_all`).
+//! Decoding applies the decoder chain to the tokens' strings as the crate's
+//! decoders do. Equality with the crate and with the Python package is
+//! proven by tests (rust/tokens/tests.rs, tests/core/test_tokens.py, and on
+//! Gemma 3's own file in tests/engine/test_gemma3.py).
+use hashbrown::HashTable;
+use rustc_hash::{FxHashSet, FxHasher};
+use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use serde_json::Value;
+use std::borrow::Cow;
+use std::fmt;
+use std::hash::Hasher;
+
+use super::bpe::{merge_heap, post_processor_shape, AddedSplitter, Segment};
+
+/// A normalizer step, applied to each segment between added tokens.
+enum Norm {
+    /// `Prepend`: put this before a non-empty segment.
+    Prepend(String),
+    /// `Replace` with a string pattern: every non-overlapping occurrence.
+    Replace(String, String),
+}
+
+/// A decoder step over the tokens' strings (the crate's `decode_chain`).
+enum Dec {
+    Replace(String, String),
+    ByteFallback,
+    Fuse,
+    /// `Strip(content, start, 0)`: up to `start` leading `content` characters.
+    Strip(char, usize),
+}
+
+pub struct SpmBpe {
+    /// Every token's text, id after id.
+    arena: Vec<u8>,
+    /// Token `id` is `arena[offsets[id]..offsets[id + 1]]`.
+    offsets: Vec<u32>,
+    /// Ids, hashed by their token's text.
+    index: HashTable<u32>,
+    /// Ids of the one-byte (ASCII) tokens, `NONE` when missing.
+    ascii: [u32; 128],
+    /// The merges, grouped by left id (`merge_start[left]..merge_start[left + 1]`) and sorted by right id.
+    merge_start: Vec<u32>,
+    merge_right: Vec<u32>,
+    /// (rank, merged id) of each merge.
+    merge_to: Vec<(u32, u32)>,
+    /// `byte_fallback`: each byte's `<0xHH>` token, `NONE` when missing.
+    byte_ids: Option<Box<[u32; 256]>>,
+    unk: Option<u32>,
+    fuse_unk: bool,
+    normalizer: Vec<Norm>,
+    decoder: Vec<Dec>,
+    added: AddedSplitter,
+    special: FxHashSet<u32>,
+    prefix: Vec<u32>,
+    suffix: Vec<u32>,
+}
+
+const NONE: u32 = u32::MAX;
+
+fn hash(s: &[u8]) -> u64 {
+    let mut h = FxHasher::default();
+    h.write(s);
+    h.finish()
+}
+
+// --- the file, read without the crate --------------------------------------------------------------
+
+/// The parts of a tokenizer.json that decide the shape; the model stays raw
+/// until the shape is known.
+#[derive(Deserialize)]
+struct Shape<'a> {
+    #[serde(default)]
+    normalizer: Value,
+    #[serde(default)]
+    pre_tokenizer: Value,
+    #[serde(default)]
+    post_processor: Value,
+    #[serde(default)]
+    decoder: Value,
+    #[serde(default)]
+    truncation: Value,
+    #[serde(default)]
+    padding: Value,
+    #[serde(default)]
+    added_tokens: Vec<AddedToken>,
+    #[serde(borrow)]
+    model: &'a RawValue,
+}
+
+#[derive(Deserialize)]
+struct AddedToken {
+    id: u32,
+    content: String,
+    #[serde(default)]
+    single_word: bool,
+    #[serde(default)]
+    lstrip: bool,
+    #[serde(default)]
+    rstrip: bool,
+    #[serde(default)]
+    normalized: bool,
+    #[serde(default)]
+    special: bool,
+}
+
+#[derive(Deserialize)]
+struct Model<'a> {
+    #[serde(rename = "type", default)]
+    kind: Option<Cow<'a, str>>,
+    #[serde(default)]
+    dropout: Option<f64>,
+    #[serde(default)]
+    unk_token: Option<String>,
+    #[serde(default)]
+    continuing_subword_prefix: Option<String>,
+    #[serde(default)]
+    end_of_word_suffix: Option<String>,
+    #[serde(default)]
+    fuse_unk: Option<bool>,
+    #[serde(default)]
+    byte_fallback: Option<bool>,
+    #[serde(default)]
+    ignore_merges: Option<bool>,
+    #[serde(borrow)]
+    vocab: Entries<'a>,
+    #[serde(borrow)]
+    merges: Vec<Merge<'a>>,
+}
+
+/// A JSON object's entries in file order (the vocabulary: token -> id),
+/// borrowed from the file where no escape forces a copy.
+struct Entries<'a>(Vec<(Cow<'a, str>, u64)>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for Entries<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> Visitor<'de> for V<'a> {
+            type Value = Entries<'a>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an object of token -> id")
+            }
+            fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<Entries<'a>, M::Error> {
+                let mut out = Vec::with_capacity(map.size_hint().unwrap_or(0));
+                while let Some((k, v)) = map.next_entry::<Cow<'a, str>, u64>()? {
+                    out.push((k, v));
+                }
+                Ok(Entries(out))
+            }
+        }
+        d.deserialize_map(V(std::marker::PhantomData))
+    }
+}
+
+/// One merge: `"left right"` (the legacy string form) or `["left", "right"]`.
+enum Merge<'a> {
+    Line(Cow<'a, str>),
+    Pair(Cow<'a, str>, Cow<'a, str>),
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for Merge<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> Visitor<'de> for V<'a> {
+            type Value = Merge<'a>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a merge")
+            }
+            fn visit_borrowed_str<E: de::Error>(self, s: &'de str) -> Result<Merge<'a>, E> {
+                Ok(Merge::Line(Cow::Borrowed(s)))
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<Merge<'a>, E> {
+                Ok(Merge::Line(Cow::Owned(s.to_owned())))
+            }
+            fn visit_seq<S: SeqAccess<'de>>(self, mut seq: S) -> Result<Merge<'a>, S::Error> {
+                let a: Cow<'a, str> = seq.next_element()?.ok_or_else(|| de::Error::invalid_length(0, &self))?;
+                let b: Cow<'a, str> = seq.next_element()?.ok_or_else(|| de::Error::invalid_length(1, &self))?;
+                if seq.next_element::<de::IgnoredAny>()?.is_some() {
+                    return Err(de::Error::invalid_length(3, &self));
+                }
+                Ok(Merge::Pair(a, b))
+            }
+        }
+        d.deserialize_any(V(std::marker::PhantomData))
+    }
+}
+
+/// `Replace`'s string pattern and content, `None` for a regex pattern.
+fn replace_of(v: &Value) -> Option<(String, String)> {
+    let pattern = v.get("pattern")?.get("String")?.as_str()?;
+    let content = v.get("content")?.as_str()?;
+    (!pattern.is_empty()).then(|| (pattern.to_string(), content.to_string()))
+}
+
+/// A step list: the value itself, or a Sequence's items under `key`.
+fn steps<'v>(v: &'v Value, key: &str) -> Option<Vec<&'v Value>> {
+    if v.get("type")?.as_str()? == "Sequence" {
+        Some(v.get(key)?.as_array()?.iter().collect())
+    } else {
+        Some(vec![v])
+    }
+}
+
+fn normalizer_shape(v: &Value) -> Option<Vec<Norm>> {
+    if v.is_null() {
+        return Some(vec![]);
+    }
+    steps(v, "normalizers")?
+        .into_iter()
+        .map(|n| match n.get("type")?.as_str()? {
+            "Prepend" => Some(Norm::Prepend(n.get("prepend")?.as_str()?.to_string())),
+            "Replace" => replace_of(n).map(|(p, c)| Norm::Replace(p, c)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn decoder_shape(v: &Value) -> Option<Vec<Dec>> {
+    steps(v, "decoders")?
+        .into_iter()
+        .map(|d| match d.get("type")?.as_str()? {
+            "Replace" => replace_of(d).map(|(p, c)| Dec::Replace(p, c)),
+            "ByteFallback" => Some(Dec::ByteFallback),
+            "Fuse" => Some(Dec::Fuse),
+            "Strip" => {
+                let mut content = d.get("content")?.as_str()?.chars();
+                let c = content.next()?;
+                let start = usize::try_from(d.get("start")?.as_u64()?).ok()?;
+                (content.next().is_none() && d.get("stop")?.as_u64()? == 0).then_some(Dec::Strip(c, start))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+impl SpmBpe {
+    /// The tokenizer in `json` when it has the shape this path reproduces;
+    /// `None` otherwise (and for anything invalid: the crate then loads the
+    /// file and reports what is wrong).
+    pub fn from_json(json: &str) -> Option<SpmBpe> {
+        let shape: Shape = serde_json::from_str(json).ok()?;
+        if !shape.pre_tokenizer.is_null() || !shape.truncation.is_null() || !shape.padding.is_null() {
+            return None;
+        }
+        let normalizer = normalizer_shape(&shape.normalizer)?;
+        let decoder = decoder_shape(&shape.decoder)?;
+        let (prefix, suffix) = post_processor_shape(Some(&shape.post_processor))?;
+        // Cheap checks on the model before its vocabulary is read.
+        let model: Model = serde_json::from_str(shape.model.get()).ok()?;
+        if model.kind.as_deref() != Some("BPE")
+            || model.dropout.is_some_and(|d| d != 0.0)
+            || model.continuing_subword_prefix.is_some()
+            || model.end_of_word_suffix.is_some()
+            || model.ignore_merges == Some(true)
+        {
+            return None;
+        }
+        let mut spm = Self::vocabulary(&model.vocab.0)?;
+        drop(model.vocab);
+        spm.merges(&model.merges)?;
+        drop(model.merges);
+        if let Some(unk) = &model.unk_token {
+            spm.unk = Some(spm.lookup(unk.as_bytes())?);
+        }
+        spm.fuse_unk = model.fuse_unk.unwrap_or(false);
+        if model.byte_fallback == Some(true) {
+            let mut ids = Box::new([NONE; 256]);
+            for (b, id) in ids.iter_mut().enumerate() {
+                // The crate's own spelling of a byte token.
+                *id = spm.lookup(format!("<{b:#04X}>").as_bytes()).unwrap_or(NONE);
+            }
+            spm.byte_ids = Some(ids);
+        }
+        let mut raw = Vec::with_capacity(shape.added_tokens.len());
+        let mut contents = FxHashSet::default();
+        for t in shape.added_tokens {
+            if t.single_word || t.lstrip || t.rstrip || t.normalized || t.content.is_empty()
+                || spm.lookup(t.content.as_bytes()) != Some(t.id)
+                || !contents.insert(t.id)
+            {
+                return None;
+            }
+            if t.special {
+                spm.special.insert(t.id);
+            }
+            raw.push((t.content, t.id));
+        }
+        spm.added = AddedSplitter::new(&raw, &[])?;
+        let vocab = spm.offsets.len() as u64 - 1;
+        if prefix.iter().chain(&suffix).any(|&id| id as u64 >= vocab) {
+            return None;
+        }
+        spm.normalizer = normalizer;
+        spm.decoder = decoder;
+        spm.prefix = prefix;
+        spm.suffix = suffix;
+        Some(spm)
+    }
+
+    /// The arena and index of a vocabulary whose ids are exactly 0..n, each
+    /// token once; `None` otherwise.
+    fn vocabulary(entries: &[(Cow<'_, str>, u64)]) -> Option<SpmBpe> {
+        let n = entries.len();
+        let mut by_id: Vec<u32> = vec![NONE; n];
+        for (i, (_, id)) in entries.iter().enumerate() {
+            let slot = by_id.get_mut(usize::try_from(*id).ok()?)?;
+            if *slot != NONE {
+                return None;
+            }
+            *slot = i as u32;
+        }
+        let total: usize = entries.iter().map(|(t, _)| t.len()).sum();
+        let mut arena = Vec::with_capacity(total);
+        let mut offsets = Vec::with_capacity(n + 1);
+        offsets.push(0u32);
+        for &i in &by_id {
+            arena.extend_from_slice(entries[i as usize].0.as_bytes());
+            offsets.push(u32::try_from(arena.len()).ok()?);
+        }
+        let mut spm = SpmBpe {
+            arena,
+            offsets,
+            index: HashTable::with_capacity(n),
+            ascii: [NONE; 128],
+            merge_start: Vec::new(),
+            merge_right: Vec::new(),
+            merge_to: Vec::new(),
+            byte_ids: None,
+            unk: None,
+            fuse_unk: false,
+            normalizer: Vec::new(),
+            decoder: Vec::new(),
+            added: AddedSplitter::new(&[], &[])?,
+            special: FxHashSet::default(),
+            prefix: Vec::new(),
+            suffix: Vec::new(),
+        };
+        for id in 0..n as u32 {
+            let text = spm.text(id);
+            if spm.lookup(text).is_some() {
+                return None; // the same token twice
+            }
+            let (h, ascii) = (hash(text), (text.len() == 1 && text[0] < 128).then(|| text[0]));
+            let (arena, offsets) = (&spm.arena, &spm.offsets);
+            spm.index.insert_unique(h, id, |&other| {
+                hash(&arena[offsets[other as usize] as usize..offsets[other as usize + 1] as usize])
+            });
+            if let Some(b) = ascii {
+                spm.ascii[b as usize] = id;
+            }
+        }
+        Some(spm)
+    }
+
+    /// The merge table, as the crate builds its merge map: rank is the
+    /// position in the list (after `#version` lines for the string form), a
+    /// pair listed twice keeps its last rank, and every part and every
+    /// joined pair must be a token.
+    fn merges(&mut self, merges: &[Merge<'_>]) -> Option<()> {
+        let strings = merges.iter().all(|m| matches!(m, Merge::Line(_)));
+        if !strings && !merges.iter().all(|m| matches!(m, Merge::Pair(..))) {
+            return None;
+        }
+        let mut table: Vec<(u32, u32, u32, u32)> = Vec::with_capacity(merges.len());
+        let mut joined = Vec::new();
+        let lines = merges.iter().filter(|m| !matches!(m, Merge::Line(l) if l.starts_with("#version")));
+        for (rank, m) in lines.enumerate() {
+            let (a, b) = match m {
+                Merge::Line(l) => {
+                    let mut parts = l.split(' ');
+                    let (a, b) = (parts.next()?, parts.next()?);
+                    if parts.next().is_some() {
+                        return None;
+                    }
+                    (a, b)
+                }
+                Merge::Pair(a, b) => (a.as_ref(), b.as_ref()),
+            };
+            joined.clear();
+            joined.extend_from_slice(a.as_bytes());
+            joined.extend_from_slice(b.as_bytes());
+            let (a, b, to) = (self.lookup(a.as_bytes())?, self.lookup(b.as_bytes())?, self.lookup(&joined)?);
+            table.push((a, b, u32::try_from(rank).ok()?, to));
+        }
+        table.sort_unstable();
+        // Sorted by rank within a pair: the last of each run is the last listed.
+        table.dedup_by(|later, earlier| {
+            let same = (later.0, later.1) == (earlier.0, earlier.1);
+            if same {
+                *earlier = *later;
+            }
+            same
+        });
+        let n = self.offsets.len() - 1;
+        self.merge_start = Vec::with_capacity(n + 1);
+        self.merge_right = table.iter().map(|m| m.1).collect();
+        self.merge_to = table.iter().map(|m| (m.2, m.3)).collect();
+        let mut at = 0;
+        for left in 0..=n as u32 {
+            while at < table.len() && table[at].0 < left {
+                at += 1;
+            }
+            self.merge_start.push(at as u32);
+        }
+        Some(())
+    }
+
+    fn text(&self, id: u32) -> &[u8] {
+        &self.arena[self.offsets[id as usize] as usize..self.offsets[id as usize + 1] as usize]
+    }
+
+    fn lookup(&self, text: &[u8]) -> Option<u32> {
+        self.index.find(hash(text), |&id| self.text(id) == text).copied()
+    }
+
+    #[inline]
+    fn merge_of(&self, a: u32, b: u32) -> Option<(u32, u32)> {
+        let range = self.merge_start[a as usize] as usize..self.merge_start[a as usize + 1] as usize;
+        let at = self.merge_right[range.clone()].binary_search(&b).ok()?;
+        Some(self.merge_to[range.start + at])
+    }
+
+    // --- encoding ---------------------------------------------------------------------------------
+
+    pub fn vocab_size(&self) -> usize {
+        self.offsets.len() - 1
+    }
+
+    pub fn special_ids(&self, add_special_tokens: bool) -> (&[u32], &[u32]) {
+        if add_special_tokens {
+            (&self.prefix, &self.suffix)
+        } else {
+            (&[], &[])
+        }
+    }
+
+    /// The ids of `text` without the post-processor's, appended to `out`.
+    pub fn encode_into(&self, text: &str, out: &mut Vec<u32>) {
+        self.added.split(text, &mut |seg| match seg {
+            Segment::Added(id) => out.push(id),
+            Segment::Text(t) => self.encode_segment(t, out),
+        })
+    }
+
+    fn normalize<'t>(&self, text: &'t str) -> Cow<'t, str> {
+        let mut s = Cow::Borrowed(text);
+        for step in &self.normalizer {
+            match step {
+                Norm::Prepend(p) if !s.is_empty() => s = Cow::Owned(format!("{p}{s}")),
+                Norm::Prepend(_) => {}
+                Norm::Replace(pattern, content) => {
+                    if s.contains(pattern.as_str()) {
+                        s = Cow::Owned(s.replace(pattern.as_str(), content));
+                    }
+                }
+            }
+        }
+        s
+    }
+
+    fn encode_segment(&self, text: &str, out: &mut Vec<u32>) {
+        let word = self.normalize(text);
+        let start = out.len();
+        // The crate's `merge_word`: a pending unknown token is written
+        // before the next known character, but not before byte tokens.
+        let mut unk: Option<u32> = None;
+        for (i, c) in word.char_indices() {
+            let ch = &word.as_bytes()[i..i + c.len_utf8()];
+            let id = if ch.len() == 1 { Some(self.ascii[ch[0] as usize]).filter(|&id| id != NONE) } else { self.lookup(ch) };
+            if let Some(id) = id {
+                out.extend(unk.take());
+                out.push(id);
+                continue;
+            }
+            if let Some(bytes) = &self.byte_ids {
+                if ch.iter().all(|&b| bytes[b as usize] != NONE) {
+                    out.extend(ch.iter().map(|&b| bytes[b as usize]));
+                    continue;
+                }
+            }
+            if let Some(unk_id) = self.unk {
+                if !(unk.is_some() && self.fuse_unk) {
+                    out.extend(unk.replace(unk_id));
+                }
+            }
+        }
+        out.extend(unk);
+        if out.len() - start >= 2 {
+            let merged = merge_heap(&out[start..], |a, b| self.merge_of(a, b));
+            out.truncate(start);
+            out.extend(merged);
+        }
+    }
+
+    // --- vocabulary and decoding ------------------------------------------------------------------
+
+    /// Whether the decoder chain has a ByteFallback step.
+    pub fn byte_fallback_decoder(&self) -> bool {
+        self.decoder.iter().any(|d| matches!(d, Dec::ByteFallback))
+    }
+
+    pub fn token_to_id(&self, token: &str) -> Option<u32> {
+        self.lookup(token.as_bytes())
+    }
+
+    pub fn id_to_token(&self, id: u32) -> Option<&str> {
+        if (id as usize) < self.vocab_size() {
+            // The arena holds whole tokens, each from a JSON string.
+            std::str::from_utf8(self.text(id)).ok()
+        } else {
+            None
+        }
+    }
+
+    /// The crate's `Tokenizer::decode` for known ids: the tokens' strings
+    /// (special ones dropped when asked) through the decoder chain, joined.
+    pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> String {
+        let mut tokens: Vec<String> = ids
+            .iter()
+            .filter(|id| !(skip_special_tokens && self.special.contains(id)))
+            .filter_map(|&id| self.id_to_token(id).map(str::to_string))
+            .collect();
+        for step in &self.decoder {
+            tokens = match step {
+                Dec::Replace(pattern, content) => {
+                    tokens.into_iter().map(|t| t.replace(pattern.as_str(), content)).collect()
+                }
+                Dec::ByteFallback => byte_fallback(tokens),
+                Dec::Fuse => vec![tokens.concat()],
+                Dec::Strip(c, start) => tokens
+                    .into_iter()
+                    .map(|t| {
+                        let cut: usize = t.chars().take(*start).take_while(|x| x == c).map(char::len_utf8).sum();
+                        t[cut..].to_string()
+                    })
+                    .collect(),
+            };
+        }
+        tokens.concat()
+    }
+}
+
+/// The byte a `<0xHH>` token stands for, as the crate's ByteFallback reads it.
+fn byte_of(token: &str) -> Option<u8> {
+    if token.len() == 6 && token.starts_with("<0x") && token.ends_with('>') {
+        token.get(3..5).and_then(|h| u8::from_str_radix(h, 16).ok())
+    } else {
+        None
+    }
+}
+
+/// Whether ByteFallback decodes this token as a byte.
+pub fn is_byte_token(token: &str) -> bool {
+    byte_of(token).is_some()
+}
+
+/// The crate's `ByteFallback::decode_chain`: runs of `<0xHH>` tokens become
+/// their bytes' text, or one U+FFFD per byte when not valid UTF-8.
+fn byte_fallback(tokens: Vec<String>) -> Vec<String> {
+    let mut out = Vec::with_capacity(tokens.len());
+    let mut bytes: Vec<u8> = Vec::new();
+    let flush = |bytes: &mut Vec<u8>, out: &mut Vec<String>| {
+        if bytes.is_empty() {
+            return;
+        }
+        match String::from_utf8(std::mem::take(bytes)) {
+            Ok(s) => out.push(s),
+            Err(e) => out.extend(std::iter::repeat_n("\u{FFFD}".to_string(), e.as_bytes().len())),
+        }
+    };
+    for t in tokens {
+        match byte_of(&t) {
+            Some(b) => bytes.push(b),
+            None => {
+                flush(&mut bytes, &mut out);
+                out.push(t);
+            }
+        }
+    }
+    flush(&mut bytes, &mut out);
+    out
+}
