@@ -88,7 +88,9 @@ class Tokenizer:
     def vocab_size(self) -> int: ...
     @property
     def fast_path(self) -> bool:
-        """True when counting uses the exact byte-level BPE fast path."""
+        """True when counting uses one of the exact fast paths (byte-level BPE as in GPT-2 and SmolLM2, or
+        SentencePiece BPE as in Gemma 3 and Llama 2, read without the ``tokenizers`` crate) rather than the
+        crate."""
 
 @final
 class IncrementalDecoder:

@@ -111,8 +111,8 @@ impl PyTokenizer {
         self.inner.vocab_size()
     }
 
-    /// True when counting uses the exact byte-level BPE fast path rather than
-    /// the `tokenizers` crate.
+    /// True when counting uses one of the exact fast paths (byte-level BPE, or
+    /// SentencePiece BPE read without the crate) rather than the `tokenizers` crate.
     #[getter]
     fn fast_path(&self) -> bool {
         self.inner.fast_path()
