@@ -374,6 +374,18 @@ impl Tokenizer {
         }
     }
 
+    /// The bytes one token stands for in decoded text (what logprobs report per token), where the tokenizer says
+    /// so exactly: byte-level BPE (the bytes its characters map back to, special tokens as their text) and the
+    /// SentencePiece path (`SpmBpe::token_bytes`). `Ok(None)` for other shapes; an error for an unknown id.
+    pub fn token_bytes(&self, id: u32) -> Result<Option<Vec<u8>>, TokenizerError> {
+        self.check_ids(&[id])?;
+        Ok(match (&self.token_bytes, &self.backend) {
+            (Some(tb), _) => tb.get(id).map(|(bytes, _)| bytes.to_vec()),
+            (None, Backend::Spm(spm)) => spm.token_bytes(id),
+            (None, Backend::Crate(_)) => None,
+        })
+    }
+
     /// A streaming decoder: see `IncrementalDecoder`.
     pub fn decoder(self: &Arc<Self>, skip_special_tokens: bool) -> IncrementalDecoder {
         IncrementalDecoder {

@@ -5,7 +5,7 @@
 //! borrowed as `PyBackedStr`s so it can be counted on rayon's threads.
 use pyo3::prelude::*;
 use pyo3::pybacked::PyBackedStr;
-use pyo3::types::PyString;
+use pyo3::types::{PyBytes, PyString};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -99,6 +99,13 @@ impl PyTokenizer {
 
     fn id_to_token(&self, id: i64) -> Option<String> {
         u32::try_from(id).ok().and_then(|id| self.inner.id_to_token(id))
+    }
+
+    /// The bytes one token stands for in decoded text, where the tokenizer's shape says so exactly (byte-level
+    /// BPE, SentencePiece BPE); None for other shapes.
+    fn token_bytes<'py>(&self, py: Python<'py>, id: i64) -> PyResult<Option<Bound<'py, PyBytes>>> {
+        let id = ids_u32(vec![id], self.inner.vocab_size())?[0];
+        Ok(self.inner.token_bytes(id).map_err(err)?.map(|b| PyBytes::new(py, &b)))
     }
 
     #[pyo3(signature = (skip_special_tokens = false))]

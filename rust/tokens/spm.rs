@@ -541,6 +541,25 @@ impl SpmBpe {
         }
     }
 
+    /// The bytes token `id` stands for on its own: its string through the decoder's per-token steps (`Replace`,
+    /// and `ByteFallback`, which makes a `<0xHH>` token its byte); `Fuse` joins and `Strip` trims the whole
+    /// text, so neither applies to one token. `None` for an unknown id.
+    pub fn token_bytes(&self, id: u32) -> Option<Vec<u8>> {
+        let mut token = self.id_to_token(id)?.to_string();
+        for step in &self.decoder {
+            match step {
+                Dec::Replace(pattern, content) => token = token.replace(pattern.as_str(), content),
+                Dec::ByteFallback => {
+                    if let Some(b) = byte_of(&token) {
+                        return Some(vec![b]);
+                    }
+                }
+                Dec::Fuse | Dec::Strip(..) => {}
+            }
+        }
+        Some(token.into_bytes())
+    }
+
     /// The crate's `Tokenizer::decode` for known ids: the tokens' strings
     /// (special ones dropped when asked) through the decoder chain, joined.
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> String {

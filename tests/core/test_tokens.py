@@ -144,6 +144,20 @@ def test_sentencepiece_path_decodes_and_looks_up_like_the_package(spm: Pair) -> 
                 assert "".join(dec.push(i) for i in some) + dec.flush() == want
 
 
+def test_token_bytes_concatenate_to_the_decoded_text(pair: Pair) -> None:
+    """Each token's bytes (what logprobs report) joined are the text `decode` gives (SentencePiece's decoder
+    strips one leading space of a whole text, not of a token)."""
+    ours, ref = pair
+    rng = random.Random(8)
+    for _ in range(300):
+        ids = ours.encode(generated_text(rng, 20))
+        joined = b"".join(ours.token_bytes(i) or b"?" for i in ids).decode()
+        want = ref.decode(ids, skip_special_tokens=False)
+        assert joined == want or (pair.name == "SentencePiece+prefix" and joined == " " + want)
+    with pytest.raises(TokenizerError):
+        ours.token_bytes(ours.vocab_size)
+
+
 def test_special_tokens_are_single_ids(trained: Pair) -> None:
     ours, ref = trained
     for special in SPECIAL_TOKENS:
@@ -287,6 +301,7 @@ def test_other_shapes_use_the_crate_exactly(wordpiece_like: Pair, text: str) -> 
     assert ours.count_batch([text, text]) == [len(ids)] * 2
     expected = ref.decode(ids, skip_special_tokens=False)  # the package's default is True
     assert ours.decode(ids) == expected
+    assert all(ours.token_bytes(i) is None for i in ids)  # no exact per-token bytes: the engine asks llguidance
     dec = ours.decoder()
     assert "".join(dec.push(i) for i in ids) + dec.flush() == expected
 

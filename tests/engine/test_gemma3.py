@@ -79,10 +79,35 @@ def test_greedy_continuation_through_the_engine(gemma3_dir: Path) -> None:
     try:
         assert engine.model_id == "gemma-3-270m" and engine.has_chat_template is False
         deltas, _ = asyncio.run(collect_generation(engine, FRANCE_IDS, SamplingParams(max_tokens=10,
-                                                                                      temperature=0.0)))
+                                                                                      temperature=0.0, logprobs=2)))
+        # Logprobs take each token's bytes from the core tokenizer: llguidance's view of the vocabulary
+        # (~2 s and ~140 MiB for Gemma's) is never built.
+        assert not engine._grammars._started
     finally:
         asyncio.run(engine.close())
     assert "".join(d.text for d in deltas).startswith(FRANCE_CONTINUATION)
+    tokens = [t for d in deltas for t in d.logprobs]
+    assert b"".join(t.utf8 for t in tokens).decode().startswith(FRANCE_CONTINUATION)
+    assert all(len(t.top) == 2 and t.logprob <= 0 for t in tokens)
+
+
+def test_token_bytes_of_every_token(gemma3_dir: Path) -> None:
+    """Each token's bytes (logprobs' `bytes`): a <0xNN> byte token its byte, any other its decoded text;
+    llguidance's decode_bytes agrees on all 262,144 but <0xFF> (llguidance keeps byte 0xFF as its marker of
+    special tokens and answers b"" for it)."""
+    import llguidance
+
+    path = gemma3_dir / "tokenizer.json"
+    ours, ref = Tokenizer.from_file(path), tokenizers.Tokenizer.from_file(str(path))
+    ll = llguidance.LLTokenizer(path.read_text(encoding="utf-8"), n_vocab=ours.vocab_size)
+    for tid in range(ours.vocab_size):
+        token = ref.id_to_token(tid)
+        if len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
+            want = bytes([int(token[3:5], 16)])
+        else:
+            want = ref.decode([tid], skip_special_tokens=False).encode()
+        assert ours.token_bytes(tid) == want, tid
+        assert want == ll.decode_bytes([tid]) or token == "<0xFF>", tid
 
 
 @pytest.mark.parametrize("graph", ["model.onnx", "model_cpu.onnx"])

@@ -52,6 +52,7 @@ class Tokenizer(Protocol):
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str: ...
     def decoder(self, skip_special_tokens: bool = False) -> IncrementalDecoder: ...
+    def token_bytes(self, id: int) -> bytes | None: ...
 
 
 @dataclass(frozen=True)
@@ -217,6 +218,9 @@ class _HfTokenizer:
 
     def decoder(self, skip_special_tokens: bool = False) -> IncrementalDecoder:
         return _TextDiffDecoder(self._tok, skip_special_tokens)
+
+    def token_bytes(self, id: int) -> bytes | None:
+        return None  # the package has no exact per-token bytes: the engine asks llguidance
 
 
 class _AddedToken(msgspec.Struct):

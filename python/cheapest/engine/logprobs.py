@@ -2,8 +2,9 @@
 temperature, top_p, penalties, biases and grammar masks), the chosen token's logprob and the k most likely
 tokens, each with its text and UTF-8 bytes.
 
-A token's bytes come from the vocabulary (llguidance's view of tokenizer.json decodes each token alone); a
-token that is part of a multi-byte character is shown the way OpenAI shows it, its bytes escaped (`\\xe2`).
+A token's bytes come from the vocabulary (the core tokenizer's `token_bytes`, or llguidance's view of
+tokenizer.json for shapes the core cannot answer exactly); a token that is part of a multi-byte character is
+shown the way OpenAI shows it, its bytes escaped (`\\xe2`).
 """
 
 from __future__ import annotations

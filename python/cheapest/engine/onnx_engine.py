@@ -122,7 +122,15 @@ class OnnxEngine:
         self._scheduler = Scheduler(runner, spec.model_id)
         self._grammars = GrammarCompiler(spec.model_dir / TOKENIZER, spec.vocab_size, sorted(spec.eos_token_ids))
         self._eos_token = min(spec.eos_token_ids, default=0)
-        self._texts = TokenTexts(lambda token: self._grammars.tokenizer.decode_bytes([token]))
+        self._texts = TokenTexts(self._token_bytes)
+        self._own_token_bytes = spec.vocab_size > 0 and tokenizer.token_bytes(0) is not None
+
+    def _token_bytes(self, token: int) -> bytes:
+        """One token's bytes for logprobs: the core tokenizer's own (byte-level and SentencePiece BPE), so a
+        logprobs request does not build llguidance's view of the vocabulary (Gemma 3: ~2 s and ~140 MiB);
+        llguidance's for other tokenizer shapes."""
+        raw = self.tokenizer.token_bytes(token)
+        return raw if raw is not None else self._grammars.tokenizer.decode_bytes([token])
 
     # --- text ---------------------------------------------------------------------------------------------------
 
@@ -213,7 +221,7 @@ class OnnxEngine:
             loop.call_soon_threadsafe(queue.put_nowait, item)  # RuntimeError once the loop is gone: dropped
 
         budget = min(params.max_tokens, self.context_length - len(prompt_ids))
-        if params.logprobs is not None or params.grammar is not None:
+        if params.grammar is not None or (params.logprobs is not None and not self._own_token_bytes):
             await self._grammars.ready()  # built on first use; the scheduler thread must not wait for it
         texts = self._texts if params.logprobs is not None else None
         seqs: list[BatchSequence] = []
