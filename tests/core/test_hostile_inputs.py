@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import cheapest_core as core
-from tokenizer_corpus import trained_tokenizer_json
+from tokenizer_corpus import spm_tokenizer_json, trained_tokenizer_json
 
 HOSTILE = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
@@ -38,9 +38,10 @@ def each(*calls: Callable[[], object]) -> None:
         answers(call)
 
 
-@pytest.fixture(scope="module")
-def tokenizer() -> core.Tokenizer:
-    return core.Tokenizer.from_str(trained_tokenizer_json())
+@pytest.fixture(scope="module", params=["byte-level", "sentencepiece"])
+def tokenizer(request: pytest.FixtureRequest) -> core.Tokenizer:
+    """Both fast paths: byte-level BPE beside the crate, SentencePiece BPE without it."""
+    return core.Tokenizer.from_str(trained_tokenizer_json() if request.param == "byte-level" else spm_tokenizer_json())
 
 
 @HOSTILE
@@ -57,7 +58,8 @@ def test_tokenizer(tokenizer: core.Tokenizer, text: str, batch: list[str], ids: 
                    flag: bool) -> None:
     each(lambda: tokenizer.count(text), lambda: tokenizer.count_batch(batch), lambda: tokenizer.encode(text, flag),
          lambda: tokenizer.decode(ids, flag), lambda: tokenizer.token_to_id(text),
-         lambda: tokenizer.id_to_token(one), lambda: core.Tokenizer.from_str(text))
+         lambda: tokenizer.id_to_token(one), lambda: tokenizer.token_bytes(one),
+         lambda: core.Tokenizer.from_str(text))
     decoder = tokenizer.decoder(flag)
     each(lambda: decoder.push(one), lambda: decoder.push_many(ids), decoder.flush)
 

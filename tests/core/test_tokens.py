@@ -306,6 +306,50 @@ def test_other_shapes_use_the_crate_exactly(wordpiece_like: Pair, text: str) -> 
     assert "".join(dec.push(i) for i in ids) + dec.flush() == expected
 
 
+def test_damaged_sentencepiece_files_load_through_the_crate_or_fail_cleanly() -> None:
+    """Every part the SentencePiece path reads, damaged: the file is then refused by that path and loaded (or
+    refused, with a TokenizerError) by the crate, never a panic; what loads still equals the package."""
+    import json
+
+    base = json.loads(spm_tokenizer_json())
+    first_merge = base["model"]["merges"][0]
+    damage: list[tuple[str, Callable[[dict], None]]] = [
+        ("vocab id gap", lambda t: t["model"]["vocab"].update({"<pad>": 10**6})),
+        ("duplicate id", lambda t: t["model"]["vocab"].update({"<pad>": 1})),
+        ("negative id", lambda t: t["model"]["vocab"].update({"<pad>": -1})),
+        ("merge of unknown", lambda t: t["model"]["merges"].insert(0, "zzqq ▁▁▁▁x")),
+        ("three-part merge", lambda t: t["model"]["merges"].insert(0, first_merge + " x")),
+        ("mixed merge forms", lambda t: t["model"]["merges"].insert(0, ["a", "b"])),
+        ("added id mismatch", lambda t: t["added_tokens"][0].update({"id": 5})),
+        ("empty added", lambda t: t["added_tokens"][0].update({"content": ""})),
+        ("unknown unk", lambda t: t["model"].update({"unk_token": "no such piece"})),
+        ("regex replace", lambda t: t["normalizer"].update({"normalizers": [
+            {"type": "Replace", "pattern": {"Regex": " +"}, "content": "\u2581"}]})),
+        ("empty pattern", lambda t: t["decoder"]["decoders"][0]["pattern"].update({"String": ""})),
+        ("strip stop", lambda t: t["decoder"]["decoders"].append({"type": "Strip", "content": " ", "start": 0,
+                                                                  "stop": 1})),
+        ("huge strip", lambda t: t["decoder"]["decoders"].append({"type": "Strip", "content": " ",
+                                                                  "start": 2**62, "stop": 0})),
+        ("template id", lambda t: t["post_processor"]["special_tokens"]["<bos>"].update({"ids": [10**9]})),
+        ("no model type", lambda t: t["model"].pop("type")),
+    ]
+    for name, harm in damage:
+        tree = json.loads(json.dumps(base))
+        harm(tree)
+        text = json.dumps(tree)
+        try:
+            ours = Tokenizer.from_str(text)
+        except TokenizerError:
+            with pytest.raises(Exception):  # noqa: B017 - the package refuses it too, in its own words
+                tokenizers.Tokenizer.from_str(text)
+            continue
+        ref = tokenizers.Tokenizer.from_str(text)
+        for sample in ("Hello  world <start_of_turn>日本 😀", ""):
+            assert ours.encode(sample) == ref.encode(sample).ids, name
+            ids = [i for i in ref.encode(sample).ids if i < ours.vocab_size]  # ours refuses unknown ids, by name
+            assert ours.decode(ids) == ref.decode(ids, skip_special_tokens=False), name
+
+
 # --- errors never quote the text ------------------------------------------------------------------
 
 CANARY = "canary-3f1c-secret"
