@@ -274,7 +274,7 @@ impl SpmBpe {
         let normalizer = normalizer_shape(&shape.normalizer)?;
         let decoder = decoder_shape(&shape.decoder)?;
         let (prefix, suffix) = post_processor_shape(Some(&shape.post_processor))?;
-        // Cheap checks on the model before its vocabulary is read.
+        // The model: its options first, then the vocabulary and merges (borrowed from the file where no escape forces a copy).
         let model: Model = serde_json::from_str(shape.model.get()).ok()?;
         if model.kind.as_deref() != Some("BPE")
             || model.dropout.is_some_and(|d| d != 0.0)
