@@ -306,3 +306,29 @@ async def collect_generation(eng: Any, ids: list[int], params: Any) -> tuple[lis
             return deltas, item
         deltas.append(item)
     raise AssertionError("no Finish")
+
+
+def assert_grammar_view_is_llguidances(tokenizer_path: Path, texts: Sequence[str]) -> None:
+    """The engine's llguidance view built from the core tokenizer (grammar.py `_CoreVocabulary`) against the one
+    llguidance builds from tokenizer.json itself: every token's bytes and special flag, and tokenization."""
+    import json
+
+    import llguidance
+    from cheapest_core import Tokenizer
+
+    from cheapest.engine.grammar import _CoreVocabulary
+
+    core = Tokenizer.from_file(tokenizer_path)
+    config = json.loads((tokenizer_path.parent / "config.json").read_text())
+    eos = config["eos_token_id"] if isinstance(config["eos_token_id"], list) else [config["eos_token_id"]]
+    vocabulary = _CoreVocabulary.of(core, tokenizer_path, eos)
+    assert vocabulary is not None
+    ours = llguidance.LLTokenizer(llguidance.TokenizerWrapper(vocabulary), n_vocab=core.vocab_size, eos_token=eos)
+    theirs = llguidance.LLTokenizer(tokenizer_path.read_text(encoding="utf-8"), n_vocab=core.vocab_size,
+                                    eos_token=eos)
+    assert ours.vocab_size == theirs.vocab_size and ours.eos_tokens == theirs.eos_tokens
+    for tid in range(core.vocab_size):
+        assert ours.decode_bytes([tid]) == theirs.decode_bytes([tid]), tid
+        assert ours.is_special_token(tid) == theirs.is_special_token(tid), tid
+    for text in texts:
+        assert ours.tokenize_str(text) == theirs.tokenize_str(text)

@@ -16,7 +16,9 @@ import numpy as np
 import pytest
 
 from cheapest.engine.chat import ChatTemplate, tool_call_text
-from cheapest.engine.grammar import MaskWorker
+from cheapest_core import Tokenizer
+
+from cheapest.engine.grammar import MaskWorker, _CoreVocabulary
 from cheapest.engine.onnx_engine import OnnxEngine, load_engine
 from cheapest.engine.sampling import Sampler
 from cheapest.engine.types import Delta, Finish, GrammarError, SamplingParams
@@ -44,6 +46,28 @@ def _run(eng: OnnxEngine, ids: list[int], params: SamplingParams) -> dict[int, t
 
 def _prompt(eng: OnnxEngine) -> list[int]:
     return eng.encode(eng.render_chat([("user", "hello there")]))
+
+
+@pytest.mark.parametrize("spm", [False, True], ids=["byte-level", "sentencepiece"])
+def test_grammar_view_from_the_core_tokenizer(spm: bool, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """llguidance's view of the vocabulary, built from the core tokenizer's token bytes and encoder, is the one
+    it reads from tokenizer.json (tiny models of both tokenizer kinds; Gemma 3's in tests/engine/test_gemma3.py)."""
+    from fixtures_model import assert_grammar_view_is_llguidances, write_tiny_gguf
+
+    from cheapest.convert.converter import convert
+
+    root = tmp_path_factory.mktemp("grammar-view")
+    model_dir = root / "model"
+    convert(write_tiny_gguf(root / "tiny.gguf", spm=spm), model_dir)
+    texts = ["Hello world", "  two  spaces", "{\"a\": [1, 2]}", "héllo 😀", ""]
+    if spm:  # the tiny SentencePiece vocabulary prepends a space: llguidance reads that tokenizer.json itself
+        assert _CoreVocabulary.of(Tokenizer.from_file(model_dir / "tokenizer.json"), model_dir / "tokenizer.json",
+                                  [2]) is None
+        data = json.loads((model_dir / "tokenizer.json").read_text())
+        data["normalizer"] = {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}  # Gemma's shape
+        data["decoder"]["decoders"] = data["decoder"]["decoders"][:3]  # no Strip of the prefix
+        (model_dir / "tokenizer.json").write_text(json.dumps(data))
+    assert_grammar_view_is_llguidances(model_dir / "tokenizer.json", texts)
 
 
 def test_n_sequences_share_one_prefill(engine: OnnxEngine) -> None:

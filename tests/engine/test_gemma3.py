@@ -74,6 +74,16 @@ def test_core_tokenizer_is_the_packages_without_its_memory(gemma3_dir: Path) -> 
     assert held < 40, f"the loaded tokenizer holds {held:.1f} MiB"
 
 
+def test_grammar_view_from_the_core_tokenizer(gemma3_dir: Path) -> None:
+    """llguidance's view of Gemma's 262,144 tokens built from the core tokenizer (no second copy of the
+    vocabulary in the tokenizers crate) is the one llguidance reads from tokenizer.json."""
+    from fixtures_model import assert_grammar_view_is_llguidances
+
+    rng = random.Random(4)
+    assert_grammar_view_is_llguidances(gemma3_dir / "tokenizer.json",
+                                       [FRANCE, '{"name": "Ada", "age": 36}', *(generated_text(rng, 20) for _ in range(50))])
+
+
 def test_greedy_continuation_through_the_engine(gemma3_dir: Path) -> None:
     engine = load_engine(gemma3_dir, threads=2)
     try:

@@ -3,10 +3,15 @@ next token masks of a batch off the critical path.
 
 llguidance (the grammar engine llama.cpp, vLLM and ONNX Runtime GenAI use) takes Lark grammars with JSON
 Schemas embedded (`%json {...}`); its matchers consume tokens and write bitmasks of the tokens allowed next
-(one bit per vocabulary entry, 32 to an int32). Its tokenizer view (`LLTokenizer`) is built once per model from
-tokenizer.json, when the first request needs it (a grammar or logprobs), in a thread of its own: it costs
-~0.3 s and ~35 MiB resident for SmolLM2's 49k vocabulary, ~3 s and ~185 MiB for Gemma 3's 262k, which a worker
-that never sees such a request never pays. Callers on the event loop wait for it with `await ready()`.
+(one bit per vocabulary entry, 32 to an int32). Its tokenizer view (`LLTokenizer`) is built once per model,
+when the first request with a grammar needs it, in a thread of its own, which a worker that never sees such a
+request never pays; callers on the event loop wait for it with `await ready()`. Where the core tokenizer knows
+each token's bytes (byte-level and SentencePiece BPE: `Tokenizer.token_bytes`) the view is built from those and
+the core's own encoder (`_CoreVocabulary`, through llguidance's `TokenizerWrapper`), the same view its
+tokenizer.json reader builds (every token's bytes and special flag compared in tests) without loading a second
+copy of the vocabulary in the `tokenizers` crate: Gemma 3's first grammar request takes ~1.0 s and ~124 MiB
+resident that way, ~2.0 s and ~204 MiB from tokenizer.json (`bench/bench_first_requests.py`; SmolLM2's 49k
+tokens: ~0.15 s and ~20 MiB against ~0.2 s and ~30 MiB). Other tokenizers are read from tokenizer.json.
 
 Why a worker thread: a decode step's token N is known before the step's model run starts, and the mask for the
 logits that run produces depends only on tokens up to N. So while ONNX Runtime runs the step (it releases the
@@ -27,11 +32,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import llguidance
+import msgspec
 import numpy as np
 from llguidance.numpy import (
     allocate_token_bitmask, consume_token_par, fill_next_token_bitmask, fill_next_token_bitmask_par,
 )
 
+from cheapest.engine.loader import Tokenizer
 from cheapest.engine.types import Grammar, GrammarError
 
 # Bounds on the work one grammar may cause (llguidance's defaults are for trusted grammars; these are a
@@ -49,12 +56,65 @@ class LlgGrammar(Grammar):
         self.serialized = serialized
 
 
+class _AddedToken(msgspec.Struct):
+    id: int
+    content: str
+    special: bool = False
+
+
+class _AddedTokens(msgspec.Struct):
+    added_tokens: list[_AddedToken] = []
+
+
+class _CoreVocabulary:
+    """What llguidance's `TokenizerWrapper` reads, from the core tokenizer: every token's bytes, the ids it treats
+    as special (as its tokenizer.json reader does, toktrie_hf_tokenizers: added tokens marked special or written
+    `<...>`), EOS, and the encoder (no BOS; added tokens in the text are recognized, as the `tokenizers` crate
+    does). Tested to build the same view as that reader on the tiny models of both kinds and on Gemma 3."""
+
+    def __init__(self, core: Tokenizer, tokens: list[bytes], added: list[int], eos: int) -> None:
+        self.tokens = tokens
+        self.special_token_ids = added
+        self.eos_token_id = eos
+        self.bos_token_id = None
+        self._core = core
+
+    def __call__(self, text: bytes) -> list[int]:
+        return self._core.encode(text.decode("utf-8"), add_special_tokens=False)
+
+    @classmethod
+    def of(cls, core: Tokenizer, path: Path, eos: list[int]) -> _CoreVocabulary | None:
+        """None where the core cannot give every token's bytes (the crate's other shapes), there is no EOS, or the
+        encoder adds to a text (a SentencePiece space prefix: llguidance's own reader strips it from the pieces
+        of text it tokenizes mid-generation, a plain encoder would not)."""
+        if not eos:
+            return None
+        for probe in ("a", "Hello world", " x"):
+            ids = core.encode(probe, add_special_tokens=False)
+            if b"".join(core.token_bytes(i) or b"\0" for i in ids) != probe.encode():
+                return None
+        tokens: list[bytes] = []
+        while True:
+            try:
+                raw = core.token_bytes(len(tokens))
+            except ValueError:  # TokenizerError: past the vocabulary
+                break
+            if raw is None:
+                return None
+            tokens.append(raw)
+        added = msgspec.json.decode(path.read_bytes(), type=_AddedTokens).added_tokens
+        special = sorted(t.id for t in added if t.special or (t.content.startswith("<") and t.content.endswith(">")))
+        return cls(core, tokens, special, eos[0])
+
+
 class GrammarCompiler:
     """One model's llguidance tokenizer (built on first use) and the grammars compiled against it."""
 
-    def __init__(self, tokenizer_path: Path, vocab_size: int, eos_token_ids: Sequence[int]) -> None:
+    def __init__(self, tokenizer_path: Path, vocab_size: int, eos_token_ids: Sequence[int],
+                 core: Tokenizer | None = None) -> None:
         self.vocab_size = vocab_size
         self._path = tokenizer_path
+        self._core = core
         self._eos = sorted(eos_token_ids)
         self._tokenizer: llguidance.LLTokenizer | None = None
         self._failed = False
@@ -77,9 +137,14 @@ class GrammarCompiler:
 
     def _build(self) -> None:
         try:
-            tokenizer_json = self._path.read_text(encoding="utf-8")
-            self._tokenizer = llguidance.LLTokenizer(tokenizer_json, n_vocab=self.vocab_size,
-                                                     eos_token=self._eos or None)
+            vocabulary = None if self._core is None else _CoreVocabulary.of(self._core, self._path, self._eos)
+            if vocabulary is not None:
+                self._tokenizer = llguidance.LLTokenizer(llguidance.TokenizerWrapper(vocabulary), n_vocab=self.vocab_size,
+                                                         eos_token=self._eos)
+            else:
+                tokenizer_json = self._path.read_text(encoding="utf-8")
+                self._tokenizer = llguidance.LLTokenizer(tokenizer_json, n_vocab=self.vocab_size,
+                                                         eos_token=self._eos or None)
         except Exception:  # noqa: BLE001 - a tokenizer llguidance cannot read: constrained requests are refused
             self._failed = True
         finally:

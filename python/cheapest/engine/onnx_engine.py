@@ -120,7 +120,8 @@ class OnnxEngine:
         self.has_chat_template = chat_template is not None or ChatTemplate.present(spec.tokenizer_config)
         self._text = TextTokenizer(spec.model_dir / TOKENIZER) if self.has_chat_template else None
         self._scheduler = Scheduler(runner, spec.model_id)
-        self._grammars = GrammarCompiler(spec.model_dir / TOKENIZER, spec.vocab_size, sorted(spec.eos_token_ids))
+        self._grammars = GrammarCompiler(spec.model_dir / TOKENIZER, spec.vocab_size, sorted(spec.eos_token_ids),
+                                         tokenizer)
         self._eos_token = min(spec.eos_token_ids, default=0)
         self._texts = TokenTexts(self._token_bytes)
         self._own_token_bytes = spec.vocab_size > 0 and tokenizer.token_bytes(0) is not None
