@@ -9,8 +9,8 @@ request never pays; callers on the event loop wait for it with `await ready()`. 
 each token's bytes (byte-level and SentencePiece BPE: `Tokenizer.token_bytes`) the view is built from those and
 the core's own encoder (`_CoreVocabulary`, through llguidance's `TokenizerWrapper`), the same view its
 tokenizer.json reader builds (every token's bytes and special flag compared in tests) without loading a second
-copy of the vocabulary in the `tokenizers` crate: Gemma 3's first grammar request takes ~1.0 s and ~124 MiB
-resident that way, ~2.0 s and ~204 MiB from tokenizer.json (`bench/bench_first_requests.py`; SmolLM2's 49k
+copy of the vocabulary in the `tokenizers` crate: Gemma 3's first grammar request takes ~1.0-1.2 s and ~114 MiB
+resident that way, ~2.0-2.3 s and ~204 MiB from tokenizer.json (`bench/bench_first_requests.py`; SmolLM2's 49k
 tokens: ~0.15 s and ~20 MiB against ~0.2 s and ~30 MiB). Other tokenizers are read from tokenizer.json.
 
 Why a worker thread: a decode step's token N is known before the step's model run starts, and the mask for the
@@ -139,8 +139,10 @@ class GrammarCompiler:
         try:
             vocabulary = None if self._core is None else _CoreVocabulary.of(self._core, self._path, self._eos)
             if vocabulary is not None:
-                self._tokenizer = llguidance.LLTokenizer(llguidance.TokenizerWrapper(vocabulary), n_vocab=self.vocab_size,
-                                                         eos_token=self._eos)
+                wrapper = llguidance.TokenizerWrapper(vocabulary)
+                self._tokenizer = llguidance.LLTokenizer(wrapper, n_vocab=self.vocab_size, eos_token=self._eos)
+                # llguidance copied every token's bytes into its trie; the lists (~15 MiB for Gemma 3) can go.
+                wrapper.tokens = vocabulary.tokens = []
             else:
                 tokenizer_json = self._path.read_text(encoding="utf-8")
                 self._tokenizer = llguidance.LLTokenizer(tokenizer_json, n_vocab=self.vocab_size,
