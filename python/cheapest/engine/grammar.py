@@ -32,13 +32,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import llguidance
-import msgspec
 import numpy as np
 from llguidance.numpy import (
     allocate_token_bitmask, consume_token_par, fill_next_token_bitmask, fill_next_token_bitmask_par,
 )
 
-from cheapest.engine.loader import Tokenizer
+from cheapest.engine.loader import AddedTokens, Tokenizer
 from cheapest.engine.types import Grammar, GrammarError
 
 # Bounds on the work one grammar may cause (llguidance's defaults are for trusted grammars; these are a
@@ -54,16 +53,6 @@ class LlgGrammar(Grammar):
 
     def __init__(self, serialized: str) -> None:
         self.serialized = serialized
-
-
-class _AddedToken(msgspec.Struct):
-    id: int
-    content: str
-    special: bool = False
-
-
-class _AddedTokens(msgspec.Struct):
-    added_tokens: list[_AddedToken] = []
 
 
 class _CoreVocabulary:
@@ -102,7 +91,7 @@ class _CoreVocabulary:
             if raw is None:
                 return None
             tokens.append(raw)
-        added = msgspec.json.decode(path.read_bytes(), type=_AddedTokens).added_tokens
+        added = AddedTokens.read(path)
         special = sorted(t.id for t in added if t.special or (t.content.startswith("<") and t.content.endswith(">")))
         return cls(core, tokens, special, eos[0])
 

@@ -223,13 +223,20 @@ class _HfTokenizer:
         return None  # the package has no exact per-token bytes: the engine asks llguidance
 
 
-class _AddedToken(msgspec.Struct):
+class AddedToken(msgspec.Struct):
+    """One of tokenizer.json's `added_tokens`, the fields the engine reads."""
+
     id: int
+    content: str = ""
     special: bool = False
 
 
-class _AddedTokens(msgspec.Struct):
-    added_tokens: list[_AddedToken] = []
+class AddedTokens(msgspec.Struct):
+    added_tokens: list[AddedToken] = []
+
+    @classmethod
+    def read(cls, path: Path) -> list[AddedToken]:
+        return msgspec.json.decode(path.read_bytes(), type=cls).added_tokens
 
 
 class TextTokenizer:
@@ -242,7 +249,7 @@ class TextTokenizer:
         self._path = path
         self._tok: Any = None
         self._lock = threading.Lock()
-        added = msgspec.json.decode(path.read_bytes(), type=_AddedTokens).added_tokens
+        added = AddedTokens.read(path)
         self.special_ids = frozenset(t.id for t in added if t.special)
 
     def encode(self, text: str) -> list[int]:
