@@ -32,6 +32,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 mod bpe;
+mod file;
 mod pretok;
 mod spm;
 
@@ -178,7 +179,7 @@ fn json_error(what: &str, e: &serde_json::Error) -> TokenizerError {
 impl Tokenizer {
     /// Loads a tokenizer.json given as a string.
     pub fn from_str(json: &str) -> Result<Tokenizer, TokenizerError> {
-        if let Some(spm) = SpmBpe::from_json(json) {
+        if let Some(spm) = file::File::parse(json).and_then(|f| SpmBpe::from_file(&f)) {
             let vocab_size = spm.vocab_size();
             let byte_fallback = spm.byte_fallback_decoder();
             return Ok(Tokenizer { backend: Backend::Spm(spm), fast: None, token_bytes: None, vocab_size, byte_fallback });

@@ -30,17 +30,12 @@
 //! decoders do. Equality with the crate and with the Python package is
 //! proven by tests (rust/tokens/tests.rs, tests/core/test_tokens.py, and on
 //! Gemma 3's own file in tests/engine/test_gemma3.py).
-use hashbrown::HashTable;
-use rustc_hash::{FxHashSet, FxHasher};
-use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
-use serde::Deserialize;
-use serde_json::value::RawValue;
+use rustc_hash::FxHashSet;
 use serde_json::Value;
 use std::borrow::Cow;
-use std::fmt;
-use std::hash::Hasher;
 
 use super::bpe::{merge_heap, post_processor_shape, AddedSplitter, Segment};
+use super::file::{merge_list, File, Merge, Vocab, NONE};
 
 /// A normalizer step, applied to each segment between added tokens.
 enum Norm {
@@ -60,12 +55,7 @@ enum Dec {
 }
 
 pub struct SpmBpe {
-    /// Every token's text, id after id.
-    arena: Vec<u8>,
-    /// Token `id` is `arena[offsets[id]..offsets[id + 1]]`.
-    offsets: Vec<u32>,
-    /// Ids, hashed by their token's text.
-    index: HashTable<u32>,
+    vocab: Vocab,
     /// Ids of the one-byte (ASCII) tokens, `NONE` when missing.
     ascii: [u32; 128],
     /// The merges, grouped by left id (`merge_start[left]..merge_start[left + 1]`) and sorted by right id.
@@ -83,135 +73,6 @@ pub struct SpmBpe {
     special: FxHashSet<u32>,
     prefix: Vec<u32>,
     suffix: Vec<u32>,
-}
-
-const NONE: u32 = u32::MAX;
-
-fn hash(s: &[u8]) -> u64 {
-    let mut h = FxHasher::default();
-    h.write(s);
-    h.finish()
-}
-
-// --- the file, read without the crate --------------------------------------------------------------
-
-/// The parts of a tokenizer.json that decide the shape; the model stays raw
-/// until the shape is known.
-#[derive(Deserialize)]
-struct Shape<'a> {
-    #[serde(default)]
-    normalizer: Value,
-    #[serde(default)]
-    pre_tokenizer: Value,
-    #[serde(default)]
-    post_processor: Value,
-    #[serde(default)]
-    decoder: Value,
-    #[serde(default)]
-    truncation: Value,
-    #[serde(default)]
-    padding: Value,
-    #[serde(default)]
-    added_tokens: Vec<AddedToken>,
-    #[serde(borrow)]
-    model: &'a RawValue,
-}
-
-#[derive(Deserialize)]
-struct AddedToken {
-    id: u32,
-    content: String,
-    #[serde(default)]
-    single_word: bool,
-    #[serde(default)]
-    lstrip: bool,
-    #[serde(default)]
-    rstrip: bool,
-    #[serde(default)]
-    normalized: bool,
-    #[serde(default)]
-    special: bool,
-}
-
-#[derive(Deserialize)]
-struct Model<'a> {
-    #[serde(rename = "type", default)]
-    kind: Option<Cow<'a, str>>,
-    #[serde(default)]
-    dropout: Option<f64>,
-    #[serde(default)]
-    unk_token: Option<String>,
-    #[serde(default)]
-    continuing_subword_prefix: Option<String>,
-    #[serde(default)]
-    end_of_word_suffix: Option<String>,
-    #[serde(default)]
-    fuse_unk: Option<bool>,
-    #[serde(default)]
-    byte_fallback: Option<bool>,
-    #[serde(default)]
-    ignore_merges: Option<bool>,
-    #[serde(borrow)]
-    vocab: Entries<'a>,
-    #[serde(borrow)]
-    merges: Vec<Merge<'a>>,
-}
-
-/// A JSON object's entries in file order (the vocabulary: token -> id),
-/// borrowed from the file where no escape forces a copy.
-struct Entries<'a>(Vec<(Cow<'a, str>, u64)>);
-
-impl<'de: 'a, 'a> Deserialize<'de> for Entries<'a> {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V<'a>(std::marker::PhantomData<&'a ()>);
-        impl<'de: 'a, 'a> Visitor<'de> for V<'a> {
-            type Value = Entries<'a>;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("an object of token -> id")
-            }
-            fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<Entries<'a>, M::Error> {
-                let mut out = Vec::with_capacity(map.size_hint().unwrap_or(0));
-                while let Some((k, v)) = map.next_entry::<Cow<'a, str>, u64>()? {
-                    out.push((k, v));
-                }
-                Ok(Entries(out))
-            }
-        }
-        d.deserialize_map(V(std::marker::PhantomData))
-    }
-}
-
-/// One merge: `"left right"` (the legacy string form) or `["left", "right"]`.
-enum Merge<'a> {
-    Line(Cow<'a, str>),
-    Pair(Cow<'a, str>, Cow<'a, str>),
-}
-
-impl<'de: 'a, 'a> Deserialize<'de> for Merge<'a> {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V<'a>(std::marker::PhantomData<&'a ()>);
-        impl<'de: 'a, 'a> Visitor<'de> for V<'a> {
-            type Value = Merge<'a>;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a merge")
-            }
-            fn visit_borrowed_str<E: de::Error>(self, s: &'de str) -> Result<Merge<'a>, E> {
-                Ok(Merge::Line(Cow::Borrowed(s)))
-            }
-            fn visit_str<E: de::Error>(self, s: &str) -> Result<Merge<'a>, E> {
-                Ok(Merge::Line(Cow::Owned(s.to_owned())))
-            }
-            fn visit_seq<S: SeqAccess<'de>>(self, mut seq: S) -> Result<Merge<'a>, S::Error> {
-                let a: Cow<'a, str> = seq.next_element()?.ok_or_else(|| de::Error::invalid_length(0, &self))?;
-                let b: Cow<'a, str> = seq.next_element()?.ok_or_else(|| de::Error::invalid_length(1, &self))?;
-                if seq.next_element::<de::IgnoredAny>()?.is_some() {
-                    return Err(de::Error::invalid_length(3, &self));
-                }
-                Ok(Merge::Pair(a, b))
-            }
-        }
-        d.deserialize_any(V(std::marker::PhantomData))
-    }
 }
 
 /// `Replace`'s string pattern and content, `None` for a regex pattern.
@@ -266,16 +127,14 @@ impl SpmBpe {
     /// The tokenizer in `json` when it has the shape this path reproduces;
     /// `None` otherwise (and for anything invalid: the crate then loads the
     /// file and reports what is wrong).
-    pub fn from_json(json: &str) -> Option<SpmBpe> {
-        let shape: Shape = serde_json::from_str(json).ok()?;
+    pub fn from_file(file: &File<'_>) -> Option<SpmBpe> {
+        let (shape, model) = (&file.shape, &file.model);
         if !shape.pre_tokenizer.is_null() || !shape.truncation.is_null() || !shape.padding.is_null() {
             return None;
         }
         let normalizer = normalizer_shape(&shape.normalizer)?;
         let decoder = decoder_shape(&shape.decoder)?;
         let (prefix, suffix) = post_processor_shape(Some(&shape.post_processor))?;
-        // The model: its options first, then the vocabulary and merges (borrowed from the file where no escape forces a copy).
-        let model: Model = serde_json::from_str(shape.model.get()).ok()?;
         if model.kind.as_deref() != Some("BPE")
             || model.dropout.is_some_and(|d| d != 0.0)
             || model.continuing_subword_prefix.is_some()
@@ -284,10 +143,8 @@ impl SpmBpe {
         {
             return None;
         }
-        let mut spm = Self::vocabulary(&model.vocab.0)?;
-        drop(model.vocab);
+        let mut spm = Self::over(Vocab::new(&model.vocab.0)?)?;
         spm.merges(&model.merges)?;
-        drop(model.merges);
         if let Some(unk) = &model.unk_token {
             spm.unk = Some(spm.lookup(unk.as_bytes())?);
         }
@@ -302,7 +159,7 @@ impl SpmBpe {
         }
         let mut raw = Vec::with_capacity(shape.added_tokens.len());
         let mut contents = FxHashSet::default();
-        for t in shape.added_tokens {
+        for t in &shape.added_tokens {
             if t.single_word || t.lstrip || t.rstrip || t.normalized || t.content.is_empty()
                 || spm.lookup(t.content.as_bytes()) != Some(t.id)
                 || !contents.insert(t.id)
@@ -312,11 +169,10 @@ impl SpmBpe {
             if t.special {
                 spm.special.insert(t.id);
             }
-            raw.push((t.content, t.id));
+            raw.push((t.content.clone(), t.id));
         }
         spm.added = AddedSplitter::new(&raw, &[])?;
-        let vocab = spm.offsets.len() as u64 - 1;
-        if prefix.iter().chain(&suffix).any(|&id| id as u64 >= vocab) {
+        if prefix.iter().chain(&suffix).any(|&id| id as usize >= spm.vocab.len()) {
             return None;
         }
         spm.normalizer = normalizer;
@@ -326,31 +182,19 @@ impl SpmBpe {
         Some(spm)
     }
 
-    /// The arena and index of a vocabulary whose ids are exactly 0..n, each
-    /// token once; `None` otherwise.
-    fn vocabulary(entries: &[(Cow<'_, str>, u64)]) -> Option<SpmBpe> {
-        let n = entries.len();
-        let mut by_id: Vec<u32> = vec![NONE; n];
-        for (i, (_, id)) in entries.iter().enumerate() {
-            let slot = by_id.get_mut(usize::try_from(*id).ok()?)?;
-            if *slot != NONE {
-                return None;
+    /// An empty tokenizer over `vocab`, its one-byte tokens indexed.
+    fn over(vocab: Vocab) -> Option<SpmBpe> {
+        let mut ascii = [NONE; 128];
+        for id in 0..vocab.len() as u32 {
+            if let [b] = vocab.text(id) {
+                if *b < 128 {
+                    ascii[*b as usize] = id;
+                }
             }
-            *slot = i as u32;
         }
-        let total: usize = entries.iter().map(|(t, _)| t.len()).sum();
-        let mut arena = Vec::with_capacity(total);
-        let mut offsets = Vec::with_capacity(n + 1);
-        offsets.push(0u32);
-        for &i in &by_id {
-            arena.extend_from_slice(entries[i as usize].0.as_bytes());
-            offsets.push(u32::try_from(arena.len()).ok()?);
-        }
-        let mut spm = SpmBpe {
-            arena,
-            offsets,
-            index: HashTable::with_capacity(n),
-            ascii: [NONE; 128],
+        Some(SpmBpe {
+            vocab,
+            ascii,
             merge_start: Vec::new(),
             merge_right: Vec::new(),
             merge_to: Vec::new(),
@@ -363,54 +207,13 @@ impl SpmBpe {
             special: FxHashSet::default(),
             prefix: Vec::new(),
             suffix: Vec::new(),
-        };
-        for id in 0..n as u32 {
-            let text = spm.text(id);
-            if spm.lookup(text).is_some() {
-                return None; // the same token twice
-            }
-            let (h, ascii) = (hash(text), (text.len() == 1 && text[0] < 128).then(|| text[0]));
-            let (arena, offsets) = (&spm.arena, &spm.offsets);
-            spm.index.insert_unique(h, id, |&other| {
-                hash(&arena[offsets[other as usize] as usize..offsets[other as usize + 1] as usize])
-            });
-            if let Some(b) = ascii {
-                spm.ascii[b as usize] = id;
-            }
-        }
-        Some(spm)
+        })
     }
 
-    /// The merge table, as the crate builds its merge map: rank is the
-    /// position in the list (after `#version` lines for the string form), a
-    /// pair listed twice keeps its last rank, and every part and every
-    /// joined pair must be a token.
+    /// The merges (`file::merge_list`) sorted by (left, right) for lookup; a
+    /// pair listed twice keeps its last rank, as the crate's map does.
     fn merges(&mut self, merges: &[Merge<'_>]) -> Option<()> {
-        let strings = merges.iter().all(|m| matches!(m, Merge::Line(_)));
-        if !strings && !merges.iter().all(|m| matches!(m, Merge::Pair(..))) {
-            return None;
-        }
-        let mut table: Vec<(u32, u32, u32, u32)> = Vec::with_capacity(merges.len());
-        let mut joined = Vec::new();
-        let lines = merges.iter().filter(|m| !matches!(m, Merge::Line(l) if l.starts_with("#version")));
-        for (rank, m) in lines.enumerate() {
-            let (a, b) = match m {
-                Merge::Line(l) => {
-                    let mut parts = l.split(' ');
-                    let (a, b) = (parts.next()?, parts.next()?);
-                    if parts.next().is_some() {
-                        return None;
-                    }
-                    (a, b)
-                }
-                Merge::Pair(a, b) => (a.as_ref(), b.as_ref()),
-            };
-            joined.clear();
-            joined.extend_from_slice(a.as_bytes());
-            joined.extend_from_slice(b.as_bytes());
-            let (a, b, to) = (self.lookup(a.as_bytes())?, self.lookup(b.as_bytes())?, self.lookup(&joined)?);
-            table.push((a, b, u32::try_from(rank).ok()?, to));
-        }
+        let mut table = merge_list(merges, &self.vocab)?;
         table.sort_unstable();
         // Sorted by rank within a pair: the last of each run is the last listed.
         table.dedup_by(|later, earlier| {
@@ -420,7 +223,7 @@ impl SpmBpe {
             }
             same
         });
-        let n = self.offsets.len() - 1;
+        let n = self.vocab.len();
         self.merge_start = Vec::with_capacity(n + 1);
         self.merge_right = table.iter().map(|m| m.1).collect();
         self.merge_to = table.iter().map(|m| (m.2, m.3)).collect();
@@ -434,12 +237,8 @@ impl SpmBpe {
         Some(())
     }
 
-    fn text(&self, id: u32) -> &[u8] {
-        &self.arena[self.offsets[id as usize] as usize..self.offsets[id as usize + 1] as usize]
-    }
-
     fn lookup(&self, text: &[u8]) -> Option<u32> {
-        self.index.find(hash(text), |&id| self.text(id) == text).copied()
+        self.vocab.lookup(text)
     }
 
     #[inline]
@@ -452,7 +251,7 @@ impl SpmBpe {
     // --- encoding ---------------------------------------------------------------------------------
 
     pub fn vocab_size(&self) -> usize {
-        self.offsets.len() - 1
+        self.vocab.len()
     }
 
     pub fn special_ids(&self, add_special_tokens: bool) -> (&[u32], &[u32]) {
@@ -533,12 +332,7 @@ impl SpmBpe {
     }
 
     pub fn id_to_token(&self, id: u32) -> Option<&str> {
-        if (id as usize) < self.vocab_size() {
-            // The arena holds whole tokens, each from a JSON string.
-            std::str::from_utf8(self.text(id)).ok()
-        } else {
-            None
-        }
+        self.vocab.token(id)
     }
 
     /// The bytes token `id` stands for on its own: its string through the decoder's per-token steps (`Replace`,
