@@ -1,9 +1,11 @@
 //! Token counting, encoding and decoding for Hugging Face `tokenizer.json`s.
 //!
 //! Why it is built this way (the performance decisions, in one place):
-//! - The `tokenizers` crate loads every tokenizer.json and stays the
-//!   reference: anything the fast path does not fully support goes to it, and
-//!   `decode` always uses it.
+//! - The `tokenizers` crate stays the reference: tests compare every fast
+//!   path with it, and it loads anything the fast paths do not fully support.
+//!   Where a fast path takes a file (`tokens/file.rs` reads it with serde) the
+//!   crate is not loaded at all: its maps of owned strings held ~91 MiB for
+//!   Gemma 3's vocabulary and ~12 MiB for SmolLM2's.
 //! - Counting is the per-request hot path (admission needs the prompt's
 //!   count before anything runs), and the crate spends most of its time on
 //!   offsets, normalized-string bookkeeping and a backtracking regex. For the
@@ -12,7 +14,9 @@
 //!   (`pretok`), merge ranks in an FxHash map keyed by the id pair, and a
 //!   per-call cache of words borrowed from the text (no allocation per word).
 //!   Equality with the crate and with the Python package is proven by tests,
-//!   not assumed.
+//!   not assumed. With a ByteLevel decoder and its added tokens in the
+//!   vocabulary it decodes too (each token's bytes, joined, as lossy UTF-8)
+//!   and the vocabulary is the arena of `tokens/file.rs`.
 //! - SentencePiece-style BPE (Gemma 3, the Llama 2 family: a normalizer that
 //!   writes spaces as `▁`, no pre-tokenizer, byte fallback) is read by
 //!   `SpmBpe` without the crate at all: the crate's maps of owned strings held
@@ -100,6 +104,29 @@ impl TokenBytes {
         out
     }
 
+    /// The same table from a vocabulary read without the crate (`FastBpe::from_file`), `special` the ids of
+    /// the special added tokens.
+    fn from_vocab(vocab: &file::Vocab, special: &rustc_hash::FxHashSet<u32>) -> TokenBytes {
+        let c2b = bpe::char_to_byte();
+        let n = vocab.len();
+        let mut out = TokenBytes {
+            offsets: Vec::with_capacity(n + 1),
+            bytes: Vec::new(),
+            present: vec![true; n],
+            special: (0..n as u32).map(|id| special.contains(&id)).collect(),
+        };
+        out.offsets.push(0);
+        for id in 0..n as u32 {
+            let token = vocab.token(id).unwrap_or_default();
+            match bpe::token_bytes(token, &c2b) {
+                Some(b) => out.bytes.extend(b),
+                None => out.bytes.extend(token.as_bytes()),
+            }
+            out.offsets.push(out.bytes.len() as u32);
+        }
+        out
+    }
+
     fn get(&self, id: u32) -> Option<(&[u8], bool)> {
         let i = id as usize;
         if !*self.present.get(i)? {
@@ -110,10 +137,12 @@ impl TokenBytes {
 }
 
 /// Where the vocabulary lives: the crate (with the byte-level fast path
-/// beside it where it applies), or `SpmBpe` alone.
+/// beside it where it applies), `SpmBpe` alone, or (byte-level BPE read
+/// without the crate) a vocabulary beside `FastBpe` and `TokenBytes`.
 enum Backend {
     Crate(tokenizers::Tokenizer),
     Spm(SpmBpe),
+    Vocab(file::Vocab),
 }
 
 pub struct Tokenizer {
@@ -179,10 +208,18 @@ fn json_error(what: &str, e: &serde_json::Error) -> TokenizerError {
 impl Tokenizer {
     /// Loads a tokenizer.json given as a string.
     pub fn from_str(json: &str) -> Result<Tokenizer, TokenizerError> {
-        if let Some(spm) = file::File::parse(json).and_then(|f| SpmBpe::from_file(&f)) {
-            let vocab_size = spm.vocab_size();
-            let byte_fallback = spm.byte_fallback_decoder();
-            return Ok(Tokenizer { backend: Backend::Spm(spm), fast: None, token_bytes: None, vocab_size, byte_fallback });
+        if let Some(file) = file::File::parse(json) {
+            if let Some(spm) = SpmBpe::from_file(&file) {
+                let vocab_size = spm.vocab_size();
+                let byte_fallback = spm.byte_fallback_decoder();
+                return Ok(Tokenizer { backend: Backend::Spm(spm), fast: None, token_bytes: None, vocab_size, byte_fallback });
+            }
+            if let Some((fast, vocab, special)) = FastBpe::from_file(&file) {
+                let token_bytes = Some(TokenBytes::from_vocab(&vocab, &special));
+                let vocab_size = vocab.len();
+                let backend = Backend::Vocab(vocab);
+                return Ok(Tokenizer { backend, fast: Some(fast), token_bytes, vocab_size, byte_fallback: false });
+            }
         }
         Self::from_str_with_crate(json)
     }
@@ -260,6 +297,7 @@ impl Tokenizer {
         match &self.backend {
             Backend::Crate(inner) => inner.token_to_id(token),
             Backend::Spm(spm) => spm.token_to_id(token),
+            Backend::Vocab(vocab) => vocab.lookup(token.as_bytes()),
         }
     }
 
@@ -267,6 +305,7 @@ impl Tokenizer {
         match &self.backend {
             Backend::Crate(inner) => inner.id_to_token(id),
             Backend::Spm(spm) => spm.id_to_token(id).map(str::to_string),
+            Backend::Vocab(vocab) => vocab.token(id).map(str::to_string),
         }
     }
 
@@ -339,6 +378,7 @@ impl Tokenizer {
                 out.extend_from_slice(post);
                 return out;
             }
+            Backend::Vocab(_) => return Vec::new(), // never: this backend always has the fast path
         };
         // The crate fails only on configurations (e.g. a missing unk token),
         // never on text; its message is dropped as it may quote the input.
@@ -353,7 +393,7 @@ impl Tokenizer {
             let known = match (&self.token_bytes, &self.backend) {
                 (Some(tb), _) => tb.get(id).is_some(),
                 (None, Backend::Crate(inner)) => inner.id_to_token(id).is_some(),
-                (None, Backend::Spm(spm)) => (id as usize) < spm.vocab_size(),
+                (None, Backend::Spm(_) | Backend::Vocab(_)) => (id as usize) < self.vocab_size,
             };
             if !known {
                 return Err(TokenizerError(format!(
@@ -372,6 +412,18 @@ impl Tokenizer {
                 .decode(ids, skip_special_tokens)
                 .map_err(|_| TokenizerError("the tokenizer's decoder failed".into())),
             Backend::Spm(spm) => Ok(spm.decode(ids, skip_special_tokens)),
+            Backend::Vocab(_) => {
+                // The crate's ByteLevel decoder: every token's bytes joined, as lossy UTF-8.
+                let mut bytes = Vec::new();
+                for &id in ids {
+                    if let Some((b, special)) = self.token_bytes.as_ref().and_then(|tb| tb.get(id)) {
+                        if !(special && skip_special_tokens) {
+                            bytes.extend_from_slice(b);
+                        }
+                    }
+                }
+                Ok(String::from_utf8_lossy(&bytes).into_owned())
+            }
         }
     }
 
@@ -383,7 +435,7 @@ impl Tokenizer {
         Ok(match (&self.token_bytes, &self.backend) {
             (Some(tb), _) => tb.get(id).map(|(bytes, _)| bytes.to_vec()),
             (None, Backend::Spm(spm)) => spm.token_bytes(id),
-            (None, Backend::Crate(_)) => None,
+            (None, Backend::Crate(_) | Backend::Vocab(_)) => None,
         })
     }
 

@@ -1,6 +1,9 @@
 //! The exact fast path for GPT-2-style byte-level BPE tokenizers.
 //!
-//! `FastBpe::from_tokenizer` accepts only a tokenizer.json shape it fully
+//! `FastBpe::from_file` (the file read without the crate; also needs a
+//! ByteLevel decoder and every added token in the vocabulary) and
+//! `FastBpe::from_tokenizer` (beside the crate) accept only a tokenizer.json
+//! shape they fully
 //! reproduces (no normalizer; pre-tokenizer ByteLevel(add_prefix_space=false,
 //! use_regex=true), optionally after Digits; a BPE model without dropout,
 //! subword prefix/suffix, with all 256 byte symbols; added tokens without
@@ -13,11 +16,12 @@
 //! the rest is pre-tokenized (see `pretok`), and every piece is merged by
 //! lowest merge rank, leftmost first, like the crate's `Word::merge_all`.
 use aho_corasick::{AhoCorasick, AhoCorasickBuilder, MatchKind};
-use rustc_hash::FxHashMap;
+use rustc_hash::{FxHashMap, FxHashSet};
 use serde_json::Value;
 use std::collections::BinaryHeap;
 use std::cmp::Reverse;
 
+use super::file::{merge_list, File, Vocab};
 use super::pretok::{self, Classes, Digits};
 
 /// GPT-2's byte -> printable character table (`bytes_to_unicode`).
@@ -156,6 +160,74 @@ impl FastBpe {
             && is_null_or(json.get("padding"), |_| false)
             && json.get("pre_tokenizer").and_then(pre_tokenizer_shape).is_some()
             && post_processor_shape(json.get("post_processor")).is_some()
+    }
+
+    /// The fast path read from the file itself, with its vocabulary, so that
+    /// the crate need not be loaded at all: where `may_take` allows it, the
+    /// decoder is ByteLevel (decoding is then each token's bytes, joined, as
+    /// lossy UTF-8: `TokenBytes`) and every added token is the vocabulary's
+    /// token at its own id. Returns the fast path, the vocabulary and the ids
+    /// of the special added tokens.
+    pub fn from_file(file: &File<'_>) -> Option<(FastBpe, Vocab, FxHashSet<u32>)> {
+        let (shape, model) = (&file.shape, &file.model);
+        let parts = serde_json::json!({
+            "normalizer": shape.normalizer, "truncation": shape.truncation, "padding": shape.padding,
+            "pre_tokenizer": shape.pre_tokenizer, "post_processor": shape.post_processor,
+        });
+        if !Self::may_take(&parts) || shape.decoder.get("type").and_then(Value::as_str) != Some("ByteLevel") {
+            return None;
+        }
+        let digits = pre_tokenizer_shape(&shape.pre_tokenizer)?;
+        let (prefix, suffix) = post_processor_shape(Some(&shape.post_processor))?;
+        if model.kind.as_deref() != Some("BPE")
+            || model.dropout.is_some_and(|d| d != 0.0)
+            || model.continuing_subword_prefix.as_deref().is_some_and(|p| !p.is_empty())
+            || model.end_of_word_suffix.as_deref().is_some_and(|p| !p.is_empty())
+        {
+            return None;
+        }
+        let vocab = Vocab::new(&model.vocab.0)?;
+        let b2c = byte_to_char();
+        let mut byte_id = [MISSING; 256];
+        for (b, id) in byte_id.iter_mut().enumerate() {
+            *id = vocab.lookup(b2c[b].to_string().as_bytes()).unwrap_or(MISSING);
+        }
+        // As in `from_tokenizer`: missing bytes are dropped only without an unk token and byte fallback.
+        let missing = byte_id.contains(&MISSING);
+        if missing && (model.unk_token.is_some() || model.byte_fallback == Some(true)) {
+            return None;
+        }
+        let mut merges = FxHashMap::default();
+        merges.reserve(model.merges.len());
+        for (a, b, rank, to) in merge_list(&model.merges, &vocab)? {
+            merges.insert((a as u64) << 32 | b as u64, (rank, to)); // a pair listed twice keeps its last rank
+        }
+        let whole_words = (model.ignore_merges == Some(true)).then(|| {
+            let c2b = char_to_byte();
+            (0..vocab.len() as u32)
+                .filter_map(|id| Some((token_bytes(vocab.token(id)?, &c2b)?, id)))
+                .collect::<FxHashMap<_, _>>()
+        });
+        let (mut raw, mut normalized, mut special) = (vec![], vec![], FxHashSet::default());
+        let mut ids = FxHashSet::default();
+        for t in &shape.added_tokens {
+            if t.single_word || t.lstrip || t.rstrip || t.content.is_empty()
+                || vocab.lookup(t.content.as_bytes()) != Some(t.id)
+                || !ids.insert(t.id)
+            {
+                return None;
+            }
+            if t.special {
+                special.insert(t.id);
+            }
+            if t.normalized { &mut normalized } else { &mut raw }.push((t.content.clone(), t.id));
+        }
+        if prefix.iter().chain(&suffix).any(|&id| id as usize >= vocab.len()) {
+            return None;
+        }
+        let added = AddedSplitter::new(&raw, &normalized)?;
+        let fast = FastBpe { classes: pretok::classes(), digits, added, byte_id, missing, merges, whole_words, prefix, suffix };
+        Some((fast, vocab, special))
     }
 
     /// `json` is the crate's own serialization of the loaded tokenizer (so

@@ -93,7 +93,7 @@ fn reference(tk: &tokenizers::Tokenizer, text: &str, special: bool) -> Vec<u32> 
 #[test]
 fn fast_path_is_taken_and_exact_on_random_text() {
     let (ours, theirs) = both(trained_json());
-    assert!(ours.fast_path());
+    assert!(ours.fast_path() && !ours.uses_crate());
     let mut rng = Rng(42);
     for _ in 0..20_000 {
         let text = random_text(&mut rng, 10);
@@ -129,6 +129,42 @@ fn large_texts_counted_in_parallel_parts_agree() {
     let batch = vec![text.as_str(), "", "hello 123", &text[..1000]];
     let counts: Vec<usize> = batch.iter().map(|t| reference(&theirs, t, true).len()).collect();
     assert_eq!(ours.count_batch(&batch), counts);
+}
+
+#[test]
+fn byte_level_without_the_crate_and_beside_it_agree() {
+    // The same file through the path that reads it itself and through the crate-backed one (an added token
+    // outside the vocabulary keeps the crate): same ids, text and lookups.
+    let (own, theirs) = both(trained_json());
+    assert!(!own.uses_crate());
+    let mut json: serde_json::Value = serde_json::from_str(trained_json()).unwrap();
+    let next = own.vocab_size() as u64;
+    json["added_tokens"].as_array_mut().unwrap().push(serde_json::json!({
+        "id": next, "content": "<extra>", "single_word": false, "lstrip": false, "rstrip": false,
+        "normalized": false, "special": true}));
+    let beside = Tokenizer::from_str(&json.to_string()).unwrap();
+    assert!(beside.uses_crate() && beside.fast_path());
+    let crate_only = Tokenizer::from_str_with_crate(trained_json()).unwrap();
+    let mut rng = Rng(21);
+    for _ in 0..3000 {
+        let text = random_text(&mut rng, 10);
+        let ids = own.encode(&text, true);
+        assert_eq!(ids, reference(&theirs, &text, true), "{text:?}");
+        assert_eq!(beside.encode(&text, true), ids, "{text:?}");
+        for skip in [false, true] {
+            let want = theirs.decode(&ids, skip).unwrap();
+            assert_eq!(own.decode(&ids, skip).unwrap(), want);
+            assert_eq!(crate_only.decode(&ids, skip).unwrap(), want);
+        }
+    }
+    for id in 0..own.vocab_size() as u32 + 1 {
+        let token = theirs.id_to_token(id);
+        assert_eq!(own.id_to_token(id), token);
+        if let Some(t) = token {
+            assert_eq!(own.token_to_id(&t), theirs.token_to_id(&t));
+        }
+    }
+    assert_eq!(own.vocab_size(), theirs.get_vocab_size(true));
 }
 
 #[test]
@@ -191,7 +227,7 @@ fn unsupported_shapes_fall_back_to_the_crate() {
     let mut json: serde_json::Value = serde_json::from_str(trained_json()).unwrap();
     json["normalizer"] = serde_json::json!({"type": "Lowercase"});
     let (ours, theirs) = both(&json.to_string());
-    assert!(!ours.fast_path());
+    assert!(!ours.fast_path() && ours.uses_crate());
     for text in ["Hello World 123", "", "<|im_start|>user\nHI"] {
         assert_eq!(ours.encode(text, true), reference(&theirs, text, true));
         assert_eq!(ours.count(text), reference(&theirs, text, true).len());
