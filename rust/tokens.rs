@@ -18,10 +18,9 @@
 //!   vocabulary it decodes too (each token's bytes, joined, as lossy UTF-8)
 //!   and the vocabulary is the arena of `tokens/file.rs`.
 //! - SentencePiece-style BPE (Gemma 3, the Llama 2 family: a normalizer that
-//!   writes spaces as `▁`, no pre-tokenizer, byte fallback) is read by
-//!   `SpmBpe` without the crate at all: the crate's maps of owned strings held
-//!   ~91 MiB for Gemma 3's vocabulary, `SpmBpe`'s arena and sorted merge
-//!   table ~13 MiB. Same ids and text, proven by tests.
+//!   writes spaces as `▁`, no pre-tokenizer, byte fallback) is `SpmBpe`: the
+//!   arena and a merge table sorted by left id (~13 MiB for Gemma 3). Same ids
+//!   and text as the crate, proven by tests.
 //! - Large texts are cut where pieces always break (after a newline or tab
 //!   before a non-space) and the parts are counted on rayon's pool; batches
 //!   go to the pool when their total size pays for the hand-off.
@@ -30,7 +29,6 @@
 //!   decoders re-decode a short window of ids.
 use rayon::prelude::*;
 use rustc_hash::FxHashMap;
-use serde_json::Value;
 use std::fmt;
 use std::path::Path;
 use std::sync::Arc;
@@ -74,15 +72,9 @@ struct TokenBytes {
 }
 
 impl TokenBytes {
-    fn build(tk: &tokenizers::Tokenizer, max_id: u32) -> TokenBytes {
+    /// The table of ids 0..n, `token(id)` giving each present id's string and whether it is special.
+    fn collect<'v>(n: usize, token: impl Fn(u32) -> Option<(std::borrow::Cow<'v, str>, bool)>) -> TokenBytes {
         let c2b = bpe::char_to_byte();
-        let specials: std::collections::HashSet<String> = tk
-            .get_added_tokens_decoder()
-            .into_values()
-            .filter(|t| t.special)
-            .map(|t| t.content)
-            .collect();
-        let n = max_id as usize + 1;
         let mut out = TokenBytes {
             offsets: Vec::with_capacity(n + 1),
             bytes: Vec::new(),
@@ -91,9 +83,8 @@ impl TokenBytes {
         };
         out.offsets.push(0);
         for id in 0..n {
-            if let Some(token) = tk.id_to_token(id as u32) {
-                out.present[id] = true;
-                out.special[id] = specials.contains(&token);
+            if let Some((token, special)) = token(id as u32) {
+                (out.present[id], out.special[id]) = (true, special);
                 match bpe::token_bytes(&token, &c2b) {
                     Some(b) => out.bytes.extend(b),
                     None => out.bytes.extend(token.as_bytes()),
@@ -104,27 +95,20 @@ impl TokenBytes {
         out
     }
 
-    /// The same table from a vocabulary read without the crate (`FastBpe::from_file`), `special` the ids of
-    /// the special added tokens.
+    /// The crate's tokens up to `max_id` (special: the content of a special added token, as the crate decides).
+    fn build(tk: &tokenizers::Tokenizer, max_id: u32) -> TokenBytes {
+        let specials: std::collections::HashSet<String> =
+            tk.get_added_tokens_decoder().into_values().filter(|t| t.special).map(|t| t.content).collect();
+        TokenBytes::collect(max_id as usize + 1, |id| {
+            let token = tk.id_to_token(id)?;
+            let special = specials.contains(&token);
+            Some((token.into(), special))
+        })
+    }
+
+    /// A vocabulary read without the crate (`FastBpe::from_file`), `special` the ids of the special added tokens.
     fn from_vocab(vocab: &file::Vocab, special: &rustc_hash::FxHashSet<u32>) -> TokenBytes {
-        let c2b = bpe::char_to_byte();
-        let n = vocab.len();
-        let mut out = TokenBytes {
-            offsets: Vec::with_capacity(n + 1),
-            bytes: Vec::new(),
-            present: vec![true; n],
-            special: (0..n as u32).map(|id| special.contains(&id)).collect(),
-        };
-        out.offsets.push(0);
-        for id in 0..n as u32 {
-            let token = vocab.token(id).unwrap_or_default();
-            match bpe::token_bytes(token, &c2b) {
-                Some(b) => out.bytes.extend(b),
-                None => out.bytes.extend(token.as_bytes()),
-            }
-            out.offsets.push(out.bytes.len() as u32);
-        }
-        out
+        TokenBytes::collect(vocab.len(), |id| Some((vocab.token(id)?.into(), special.contains(&id))))
     }
 
     fn get(&self, id: u32) -> Option<(&[u8], bool)> {
@@ -235,7 +219,8 @@ impl Tokenizer {
                 None => TokenizerError(what.into()),
             }
         })?;
-        Ok(Self::from_crate(inner))
+        let fast = file::File::parse(json).and_then(|f| FastBpe::beside(&f, &inner));
+        Ok(Self::from_crate(inner, fast))
     }
 
     /// Loads a tokenizer.json file.
@@ -245,25 +230,7 @@ impl Tokenizer {
         Self::from_str(&json)
     }
 
-    fn from_crate(inner: tokenizers::Tokenizer) -> Tokenizer {
-        // The shape is read from the crate's serialization, the model's part
-        // (every token and merge) only where the other parts allow the fast
-        // path: for Gemma 3's 262k tokens and 513k merges that serialization
-        // took ~1.3 s and ~60 MiB of peak memory, for nothing.
-        let part = |v: Result<Value, serde_json::Error>| v.unwrap_or(Value::Null);
-        let mut shape = serde_json::Map::new();
-        shape.insert("normalizer".into(), part(serde_json::to_value(inner.get_normalizer())));
-        shape.insert("pre_tokenizer".into(), part(serde_json::to_value(inner.get_pre_tokenizer())));
-        shape.insert("post_processor".into(), part(serde_json::to_value(inner.get_post_processor())));
-        shape.insert("truncation".into(), part(serde_json::to_value(inner.get_truncation())));
-        shape.insert("padding".into(), part(serde_json::to_value(inner.get_padding())));
-        let mut shape = Value::Object(shape);
-        let fast = if FastBpe::may_take(&shape) {
-            shape["model"] = part(serde_json::to_value(inner.get_model()));
-            FastBpe::from_tokenizer(&inner, &shape)
-        } else {
-            None
-        };
+    fn from_crate(inner: tokenizers::Tokenizer, fast: Option<FastBpe>) -> Tokenizer {
         let byte_level_decoder = serde_json::to_value(inner.get_decoder())
             .ok()
             .and_then(|json| json.get("type")?.as_str().map(|t| t == "ByteLevel"))
@@ -278,13 +245,13 @@ impl Tokenizer {
     }
 
     /// Whether counting and encoding use one of the exact fast paths (the
-    /// byte-level BPE beside the crate, or the SentencePiece BPE instead of it).
+    /// byte-level BPE, with or without the crate, or the SentencePiece BPE).
     pub fn fast_path(&self) -> bool {
         self.fast.is_some() || matches!(self.backend, Backend::Spm(_))
     }
 
-    /// Whether the `tokenizers` crate holds the vocabulary (false when the
-    /// SentencePiece path does without it).
+    /// Whether the `tokenizers` crate holds the vocabulary (false when a fast
+    /// path read the file without it).
     pub fn uses_crate(&self) -> bool {
         matches!(self.backend, Backend::Crate(_))
     }
@@ -368,6 +335,8 @@ impl Tokenizer {
         out
     }
 
+    /// Ids of the whole text where there is no byte-level fast path: the
+    /// SentencePiece path's, or the crate's.
     fn crate_encode(&self, text: &str, add_special_tokens: bool) -> Vec<u32> {
         let inner = match &self.backend {
             Backend::Crate(inner) => inner,
@@ -437,6 +406,14 @@ impl Tokenizer {
             (None, Backend::Spm(spm)) => spm.token_bytes(id),
             (None, Backend::Crate(_) | Backend::Vocab(_)) => None,
         })
+    }
+
+    /// Whether ByteFallback decodes token `id` as a byte (`<0xHH>`).
+    fn is_byte_token(&self, id: u32) -> bool {
+        match &self.backend {
+            Backend::Spm(spm) => spm.id_to_token(id).is_some_and(spm::is_byte_token),
+            _ => self.id_to_token(id).is_some_and(|t| spm::is_byte_token(&t)),
+        }
     }
 
     /// A streaming decoder: see `IncrementalDecoder`.
@@ -556,8 +533,7 @@ impl IncrementalDecoder {
     fn window(&mut self, last: bool) -> Result<String, TokenizerError> {
         if !last && self.tk.byte_fallback {
             // A byte token may be followed by more of its run: wait for the run's end.
-            let byte = self.ids.last().and_then(|&id| self.tk.id_to_token(id)).is_some_and(|t| spm::is_byte_token(&t));
-            if byte {
+            if self.ids.last().is_some_and(|&id| self.tk.is_byte_token(id)) {
                 return Ok(String::new());
             }
         }

@@ -1,9 +1,9 @@
 //! The exact fast path for GPT-2-style byte-level BPE tokenizers.
 //!
-//! `FastBpe::from_file` (the file read without the crate; also needs a
-//! ByteLevel decoder and every added token in the vocabulary) and
-//! `FastBpe::from_tokenizer` (beside the crate) accept only a tokenizer.json
-//! shape they fully
+//! `FastBpe::from_file` (the crate not loaded at all; also needs a ByteLevel
+//! decoder and every added token in the vocabulary) and `FastBpe::beside`
+//! (beside the crate) read the file themselves and accept only a shape they
+//! fully
 //! reproduces (no normalizer; pre-tokenizer ByteLevel(add_prefix_space=false,
 //! use_regex=true), optionally after Digits; a BPE model without dropout,
 //! subword prefix/suffix, with all 256 byte symbols; added tokens without
@@ -138,43 +138,34 @@ pub struct FastBpe {
     suffix: Vec<u32>,
 }
 
-pub(super) fn is_null_or(v: Option<&Value>, ok: impl Fn(&Value) -> bool) -> bool {
-    match v {
-        None | Some(Value::Null) => true,
-        Some(v) => ok(v),
-    }
-}
-
 fn is_false(v: Option<&Value>) -> bool {
     matches!(v, None | Some(Value::Bool(false)))
 }
 
 impl FastBpe {
-    /// Whether a tokenizer whose parts other than the model serialize to
-    /// `json` (normalizer, truncation, padding, pre_tokenizer, post_processor)
-    /// can take the fast path at all: checked before the model, whose
-    /// serialization is the whole vocabulary and merge list.
-    pub fn may_take(json: &Value) -> bool {
-        is_null_or(json.get("normalizer"), |_| false)
-            && is_null_or(json.get("truncation"), |_| false)
-            && is_null_or(json.get("padding"), |_| false)
-            && json.get("pre_tokenizer").and_then(pre_tokenizer_shape).is_some()
-            && post_processor_shape(json.get("post_processor")).is_some()
+    /// The fast path read from the file itself, with its vocabulary, so that
+    /// the crate need not be loaded at all: where the decoder is ByteLevel
+    /// (decoding is then each token's bytes, joined, as lossy UTF-8:
+    /// `TokenBytes`) and every added token is the vocabulary's token at its
+    /// own id. Returns the fast path, the vocabulary and the ids of the special
+    /// added tokens.
+    pub fn from_file(file: &File<'_>) -> Option<(FastBpe, Vocab, FxHashSet<u32>)> {
+        if file.shape.decoder.get("type").and_then(Value::as_str) != Some("ByteLevel") {
+            return None;
+        }
+        Self::read(file, None)
     }
 
-    /// The fast path read from the file itself, with its vocabulary, so that
-    /// the crate need not be loaded at all: where `may_take` allows it, the
-    /// decoder is ByteLevel (decoding is then each token's bytes, joined, as
-    /// lossy UTF-8: `TokenBytes`) and every added token is the vocabulary's
-    /// token at its own id. Returns the fast path, the vocabulary and the ids
-    /// of the special added tokens.
-    pub fn from_file(file: &File<'_>) -> Option<(FastBpe, Vocab, FxHashSet<u32>)> {
+    /// The fast path beside the crate's `tk`, loaded from the same file (any
+    /// decoder; added tokens may lie outside the model's vocabulary, at the
+    /// ids the crate gave them).
+    pub fn beside(file: &File<'_>, tk: &tokenizers::Tokenizer) -> Option<FastBpe> {
+        Self::read(file, Some(tk)).map(|(fast, _, _)| fast)
+    }
+
+    fn read(file: &File<'_>, beside: Option<&tokenizers::Tokenizer>) -> Option<(FastBpe, Vocab, FxHashSet<u32>)> {
         let (shape, model) = (&file.shape, &file.model);
-        let parts = serde_json::json!({
-            "normalizer": shape.normalizer, "truncation": shape.truncation, "padding": shape.padding,
-            "pre_tokenizer": shape.pre_tokenizer, "post_processor": shape.post_processor,
-        });
-        if !Self::may_take(&parts) || shape.decoder.get("type").and_then(Value::as_str) != Some("ByteLevel") {
+        if !shape.normalizer.is_null() || !shape.truncation.is_null() || !shape.padding.is_null() {
             return None;
         }
         let digits = pre_tokenizer_shape(&shape.pre_tokenizer)?;
@@ -187,12 +178,17 @@ impl FastBpe {
             return None;
         }
         let vocab = Vocab::new(&model.vocab.0)?;
+        if beside.is_none() && !vocab.dense() {
+            return None; // the vocabulary is the tokenizer's: every id must have a token
+        }
         let b2c = byte_to_char();
         let mut byte_id = [MISSING; 256];
         for (b, id) in byte_id.iter_mut().enumerate() {
             *id = vocab.lookup(b2c[b].to_string().as_bytes()).unwrap_or(MISSING);
         }
-        // As in `from_tokenizer`: missing bytes are dropped only without an unk token and byte fallback.
+        // A byte without a token is dropped by the crate when there is no
+        // unk token and no byte fallback (SmolLM2 lacks 21, e.g. 0x04, 0xF5):
+        // do the same; with either of those, leave it to the crate.
         let missing = byte_id.contains(&MISSING);
         if missing && (model.unk_token.is_some() || model.byte_fallback == Some(true)) {
             return None;
@@ -211,10 +207,11 @@ impl FastBpe {
         let (mut raw, mut normalized, mut special) = (vec![], vec![], FxHashSet::default());
         let mut ids = FxHashSet::default();
         for t in &shape.added_tokens {
-            if t.single_word || t.lstrip || t.rstrip || t.content.is_empty()
-                || vocab.lookup(t.content.as_bytes()) != Some(t.id)
-                || !ids.insert(t.id)
-            {
+            let id = match beside {
+                None => vocab.lookup(t.content.as_bytes()),
+                Some(tk) => tk.token_to_id(&t.content),
+            };
+            if t.single_word || t.lstrip || t.rstrip || t.content.is_empty() || id != Some(t.id) || !ids.insert(t.id) {
                 return None;
             }
             if t.special {
@@ -222,106 +219,12 @@ impl FastBpe {
             }
             if t.normalized { &mut normalized } else { &mut raw }.push((t.content.clone(), t.id));
         }
-        if prefix.iter().chain(&suffix).any(|&id| id as usize >= vocab.len()) {
+        if beside.is_none() && prefix.iter().chain(&suffix).any(|&id| id as usize >= vocab.len()) {
             return None;
         }
         let added = AddedSplitter::new(&raw, &normalized)?;
         let fast = FastBpe { classes: pretok::classes(), digits, added, byte_id, missing, merges, whole_words, prefix, suffix };
         Some((fast, vocab, special))
-    }
-
-    /// `json` is the crate's own serialization of the loaded tokenizer (so
-    /// defaults are filled in and duplicate merges already resolved).
-    pub fn from_tokenizer(tk: &tokenizers::Tokenizer, json: &Value) -> Option<FastBpe> {
-        if !Self::may_take(json) {
-            return None;
-        }
-        let digits = pre_tokenizer_shape(json.get("pre_tokenizer")?)?;
-        let (prefix, suffix) = post_processor_shape(json.get("post_processor"))?;
-
-        let model = json.get("model")?;
-        if model.get("type")?.as_str()? != "BPE"
-            || !is_null_or(model.get("dropout"), |d| d.as_f64() == Some(0.0))
-            || !is_null_or(model.get("continuing_subword_prefix"), |p| p.as_str() == Some(""))
-            || !is_null_or(model.get("end_of_word_suffix"), |p| p.as_str() == Some(""))
-        {
-            return None;
-        }
-        let vocab: FxHashMap<&str, u32> = model
-            .get("vocab")?
-            .as_object()?
-            .iter()
-            .map(|(k, v)| Some((k.as_str(), u32::try_from(v.as_u64()?).ok()?)))
-            .collect::<Option<_>>()?;
-        let b2c = byte_to_char();
-        let mut byte_id = [MISSING; 256];
-        for b in 0..256 {
-            if let Some(id) = vocab.get(b2c[b].to_string().as_str()) {
-                byte_id[b] = *id;
-            }
-        }
-        // A byte without a token is dropped by the crate when there is no
-        // unk token and no byte fallback (SmolLM2 lacks 21, e.g. 0x04, 0xF5):
-        // do the same; with either of those, leave it to the crate.
-        let missing = byte_id.contains(&MISSING);
-        if missing
-            && (!is_null_or(model.get("unk_token"), |_| false) || model.get("byte_fallback").and_then(Value::as_bool) != Some(false))
-        {
-            return None;
-        }
-        let mut merges = FxHashMap::default();
-        merges.reserve(vocab.len());
-        let mut joined = String::new();
-        for (rank, pair) in model.get("merges")?.as_array()?.iter().enumerate() {
-            let (a, b) = match pair {
-                Value::String(s) => s.split_once(' ')?,
-                Value::Array(v) if v.len() == 2 => (v[0].as_str()?, v[1].as_str()?),
-                _ => return None,
-            };
-            joined.clear();
-            joined.push_str(a);
-            joined.push_str(b);
-            let key = (*vocab.get(a)? as u64) << 32 | *vocab.get(b)? as u64;
-            merges.insert(key, (rank as u32, *vocab.get(joined.as_str())?));
-        }
-        let whole_words = if model.get("ignore_merges").and_then(Value::as_bool) == Some(true) {
-            let c2b = char_to_byte();
-            Some(
-                vocab
-                    .iter()
-                    .filter_map(|(tok, id)| Some((token_bytes(tok, &c2b)?, *id)))
-                    .collect(),
-            )
-        } else {
-            None
-        };
-
-        let mut raw = vec![];
-        let mut normalized = vec![];
-        let mut contents = std::collections::HashSet::new();
-        for (id, tok) in tk.get_added_tokens_decoder() {
-            if tok.single_word || tok.lstrip || tok.rstrip || tok.content.is_empty() || !contents.insert(tok.content.clone())
-            {
-                return None;
-            }
-            if tok.normalized {
-                normalized.push((tok.content, id));
-            } else {
-                raw.push((tok.content, id));
-            }
-        }
-        let added = AddedSplitter::new(&raw, &normalized)?;
-        Some(FastBpe {
-            classes: pretok::classes(),
-            digits,
-            added,
-            byte_id,
-            missing,
-            merges,
-            whole_words,
-            prefix,
-            suffix,
-        })
     }
 
     pub fn special_ids(&self, add_special_tokens: bool) -> (&[u32], &[u32]) {

@@ -157,24 +157,29 @@ fn hash(s: &[u8]) -> u64 {
     h.finish()
 }
 
-/// A vocabulary whose ids are exactly 0..n, each token once: every token's
-/// text in one arena, and the ids in a hash table keyed by that text.
+/// A vocabulary of distinct tokens with ids below n (`dense` when every id in
+/// 0..n has one): every token's text in one arena, and the ids in a hash table
+/// keyed by that text.
 pub(super) struct Vocab {
-    /// Every token's text, id after id.
+    /// Every token's text, id after id (nothing for an id without a token).
     arena: Vec<u8>,
     /// Token `id` is `arena[offsets[id]..offsets[id + 1]]`.
     offsets: Vec<u32>,
+    /// Which ids have a token.
+    present: Vec<bool>,
     /// Ids, hashed by their token's text.
     index: HashTable<u32>,
 }
 
 impl Vocab {
-    /// `None` unless the ids are 0..n with no gap and no token twice.
+    /// `None` for a token listed twice, an id given twice, or ids so sparse
+    /// that a table by id would be mostly holes.
     pub(super) fn new(entries: &[(Cow<'_, str>, u64)]) -> Option<Vocab> {
-        let n = entries.len();
+        let n = entries.iter().map(|(_, id)| id.saturating_add(1)).max().unwrap_or(0);
+        let n = usize::try_from(n).ok().filter(|&n| n <= 2 * entries.len() + 1024)?;
         let mut by_id: Vec<u32> = vec![NONE; n];
         for (i, (_, id)) in entries.iter().enumerate() {
-            let slot = by_id.get_mut(usize::try_from(*id).ok()?)?;
+            let slot = &mut by_id[*id as usize];
             if *slot != NONE {
                 return None;
             }
@@ -185,11 +190,14 @@ impl Vocab {
         let mut offsets = Vec::with_capacity(n + 1);
         offsets.push(0u32);
         for &i in &by_id {
-            arena.extend_from_slice(entries[i as usize].0.as_bytes());
+            if i != NONE {
+                arena.extend_from_slice(entries[i as usize].0.as_bytes());
+            }
             offsets.push(u32::try_from(arena.len()).ok()?);
         }
-        let mut vocab = Vocab { arena, offsets, index: HashTable::with_capacity(n) };
-        for id in 0..n as u32 {
+        let present = by_id.iter().map(|&i| i != NONE).collect();
+        let mut vocab = Vocab { arena, offsets, present, index: HashTable::with_capacity(entries.len()) };
+        for id in (0..n as u32).filter(|&id| vocab.present[id as usize]) {
             let text = vocab.text(id);
             if vocab.lookup(text).is_some() {
                 return None; // the same token twice
@@ -203,18 +211,23 @@ impl Vocab {
         Some(vocab)
     }
 
+    /// Every id in 0..len() has a token.
+    pub(super) fn dense(&self) -> bool {
+        self.index.len() == self.len()
+    }
+
     pub(super) fn len(&self) -> usize {
         self.offsets.len() - 1
     }
 
-    /// Token `id`'s text (`id` < `len()`).
+    /// Token `id`'s text (`id` < `len()`; empty for an id without a token).
     pub(super) fn text(&self, id: u32) -> &[u8] {
         &self.arena[self.offsets[id as usize] as usize..self.offsets[id as usize + 1] as usize]
     }
 
     /// Token `id`'s text as a string, `None` past the vocabulary.
     pub(super) fn token(&self, id: u32) -> Option<&str> {
-        if (id as usize) < self.len() {
+        if self.present.get(id as usize).copied().unwrap_or(false) {
             // The arena holds whole tokens, each from a JSON string.
             std::str::from_utf8(self.text(id)).ok()
         } else {

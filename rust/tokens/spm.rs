@@ -143,7 +143,7 @@ impl SpmBpe {
         {
             return None;
         }
-        let mut spm = Self::over(Vocab::new(&model.vocab.0)?)?;
+        let mut spm = Self::over(Some(Vocab::new(&model.vocab.0)?).filter(Vocab::dense)?)?;
         spm.merges(&model.merges)?;
         if let Some(unk) = &model.unk_token {
             spm.unk = Some(spm.lookup(unk.as_bytes())?);
