@@ -24,6 +24,7 @@ use pyo3::prelude::*;
 fn _cheapest_core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     py::errors::register(m)?;
+    py::engine::register(m)?;
     py::keys::register(m)?;
     py::tokens::register(m)?;
     py::ratelimit::register(m)?;

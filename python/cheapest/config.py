@@ -148,6 +148,7 @@ class EngineSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     chat_templates: dict[str, str] = {}
     model_threads: int = 0  # ONNX Runtime intra-op threads (0 = its default)
     model_spin_us: int = 50  # µs idle ORT pool threads spin before sleeping (0 = never)
+    model_huge_pages: bool = True  # weights copied into transparent huge pages (false: workers share the file's)
     model_options: dict[str, str | int | float | bool] = {}
 
     def __post_init__(self) -> None:

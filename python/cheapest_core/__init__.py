@@ -1,6 +1,7 @@
 """cheapest_core: the per-request hot work of cheapest, in Rust.
 
-API keys, token counting, rate limiting, SSE framing, stop strings and sampling. Every name is
+API keys, token counting, rate limiting, SSE framing, stop strings and sampling (and the switch for
+the model operators' huge-page weights). Every name is
 re-exported from the compiled extension ``cheapest_core._cheapest_core``; ``_cheapest_core.pyi``
 documents them.
 """
@@ -25,9 +26,11 @@ from cheapest_core._cheapest_core import (
     check_key,
     generate_key,
     hash_key,
+    huge_page_weights,
     json_escape,
     key_hint,
     key_kind,
+    set_huge_page_weights,
     verify_key,
 )
 

@@ -26,9 +26,11 @@ __all__ = [
     "check_key",
     "generate_key",
     "hash_key",
+    "huge_page_weights",
     "json_escape",
     "key_hint",
     "key_kind",
+    "set_huge_page_weights",
     "verify_key",
 ]
 
@@ -218,3 +220,11 @@ class Sampler:
         """``log_softmax(logits)[token]`` and the ``top_n`` most likely ``(id, logprob)``, best first:
         the raw distribution (before temperature, top_k, top_p and the mask), as OpenAI reports.
         A ``-inf`` logit gives ``-inf``."""
+
+# --- ONNX Runtime operators (ortops) ----------------------------------------------
+def set_huge_page_weights(on: bool) -> None:
+    """Whether the core's operators created from now on copy their weights into transparent huge pages
+    (process-wide; faster decode, but worker processes no longer share the model file's pages)."""
+
+def huge_page_weights() -> bool:
+    """Whether weights are copied into huge pages: asked for, and the kernel's THP mode allows it."""

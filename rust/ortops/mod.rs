@@ -35,6 +35,7 @@ macro_rules! by_scale {
 }
 
 mod attention;
+mod pages;
 mod q4_linear;
 mod q8_linear;
 mod q8_planes;
@@ -52,6 +53,8 @@ use ort_sys::{
 };
 
 use crate::kernels::q4::Isa;
+
+pub use pages::{active as huge_pages_active, set_enabled as set_huge_pages};
 
 pub const DOMAIN: &CStr = c"cheapest";
 const API_VERSION: u32 = 17;
@@ -277,23 +280,29 @@ unsafe extern "system" fn create<K: Kernel>(
     info: *const OrtKernelInfo,
     kernel: *mut *mut c_void,
 ) -> OrtStatusPtr {
-    match K::new(Api(&*api), info) {
-        Ok(k) => {
-            *kernel = Box::into_raw(Box::new(k)).cast();
+    match pages::collect(|| K::new(Api(&*api), info)) {
+        (Ok(kernel_), pinned) => {
+            *kernel = Box::into_raw(Box::new(Built { kernel: kernel_, _pinned: pinned })).cast();
             OrtStatusPtr(ptr::null_mut())
         }
-        Err(status) => status,
+        (Err(status), _) => status,
     }
+}
+
+/// A kernel with the huge-page chunks its weights were copied into (pages.rs), released with it.
+struct Built<K> {
+    kernel: K,
+    _pinned: Vec<std::sync::Arc<pages::Chunk>>,
 }
 
 unsafe extern "system" fn destroy<K: Kernel>(kernel: *mut c_void) {
     if !kernel.is_null() {
-        drop(Box::from_raw(kernel.cast::<K>()));
+        drop(Box::from_raw(kernel.cast::<Built<K>>()));
     }
 }
 
 unsafe extern "system" fn compute<K: Kernel>(kernel: *mut c_void, context: *mut OrtKernelContext) -> OrtStatusPtr {
-    match (*kernel.cast::<K>()).compute(context) {
+    match (*kernel.cast::<Built<K>>()).kernel.compute(context) {
         Ok(()) => OrtStatusPtr(ptr::null_mut()),
         Err(status) => status,
     }
@@ -389,8 +398,14 @@ unsafe fn constant<T: Element>(api: Api, info: *const OrtKernelInfo, index: usiz
     if data.align_offset(core::mem::align_of::<T>()) != 0 {
         return Err(api.error(&format!("{op}: initializer {index} is not aligned for its element type")));
     }
-    // SAFETY: the session owns the initializer for at least the kernel's life.
-    Ok(Some(core::slice::from_raw_parts(data.cast::<T>(), elements)))
+    // SAFETY: the session owns the initializer for at least the kernel's life; a copy in huge pages lives as long
+    // as the kernel being built (pages::collect in `create`).
+    let src = core::slice::from_raw_parts(data.cast::<T>(), elements);
+    let bytes = core::slice::from_raw_parts(data.cast::<u8>().cast_const(), core::mem::size_of_val(src));
+    Ok(Some(match pages::copy(bytes) {
+        Some(copy) => core::slice::from_raw_parts(copy.cast::<T>(), elements),
+        None => src,
+    }))
 }
 
 unsafe fn element_type(api: Api, value: *const OrtValue) -> Result<ONNXTensorElementDataType, OrtStatusPtr> {

@@ -1,4 +1,5 @@
 //! PyO3 wrappers: argument conversion, GIL release and error mapping only.
+pub mod engine;
 pub mod errors;
 pub mod keys;
 pub mod ratelimit;

@@ -24,7 +24,7 @@ SAMPLE: dict[str, Any] = {
     "data_dir": "/srv/cheapest", "lmdb_map_size": 1 << 26, "ratelimit_capacity": 1024,
     "key_pepper": "p" * 24, "usage_flush_interval": 0.5, "retention_interval": 60.0,
     "store_url": "postgresql://cheapest@db.example.test/cheapest", "limiter_url": "redis://cache.example.test:6379/0",
-    "model_backend": "fixed_engine:load", "model_dir": "/srv/models/M", "model_threads": 2, "model_spin_us": 0,
+    "model_backend": "fixed_engine:load", "model_dir": "/srv/models/M", "model_threads": 2, "model_spin_us": 0, "model_huge_pages": False,
     "default_plan": "pro", "stripe_secret_key": "sk_test_x", "stripe_webhook_secret": "whsec_x",
     "stripe_api_base": "http://127.0.0.1:1", "public_url": "https://example.test",
     "stripe_success_url": "https://example.test/ok", "stripe_cancel_url": "https://example.test/no",

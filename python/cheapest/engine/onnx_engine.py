@@ -263,15 +263,17 @@ class OnnxEngine:
 def load_engine(model_dir: str | os.PathLike[str], *, threads: int | None = None,
                 providers: Sequence[str] | None = None, max_batch: int | None = None,
                 graph: str | None = None, spin_us: int = SPIN_US, chat_templates: Mapping[str, str] | None = None,
-                shared_arena: bool = False, **runner_options: Any) -> OnnxEngine:
+                shared_arena: bool = False, huge_pages: bool = True, **runner_options: Any) -> OnnxEngine:
     """Open a model directory. `graph` picks a file under onnx/ (default: the served graph,
     model_cpu.onnx on the CPU provider where the directory has it, else model.onnx).
     `spin_us`: how long idle ONNX Runtime pool threads spin before sleeping (0 = never spin; see loader.py).
     `chat_templates`: model id -> a chat template replacing the model's own (or standing in for a missing one).
-    `shared_arena`: the session allocates from the process's one CPU arena (several models in one process)."""
+    `shared_arena`: the session allocates from the process's one CPU arena (several models in one process).
+    `huge_pages`: the core's operators copy their weights into transparent huge pages (loader.session_options)."""
     chosen = choose_providers(providers)
     spec = read_model_dir(model_dir, graph=graph or served_graph(model_dir, chosen))
-    session = open_session(spec, threads=threads, providers=chosen, spin_us=spin_us, shared_arena=shared_arena)
+    session = open_session(spec, threads=threads, providers=chosen, spin_us=spin_us, shared_arena=shared_arena,
+                           huge_pages=huge_pages)
     provider = session.get_providers()[0]
     try:
         runner: KvRunner
