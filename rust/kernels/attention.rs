@@ -139,15 +139,25 @@ mod x86 {
         let vscale = _mm256_set1_ps(scale);
         let mut vmax = [_mm256_set1_ps(f32::NEG_INFINITY); MAX_HEADS];
         let mut inv = [0f32; MAX_HEADS];
+        // The first keys' and values' lines, which the loop's own prefetches (16 rows ahead) never ask for.
+        let mut off = 0;
+        while off < 16.min(n) * d {
+            _mm_prefetch::<_MM_HINT_T0>(kp.add(keys.start * d + off).cast());
+            _mm_prefetch::<_MM_HINT_T1>(vp.add(keys.start * d + off).cast());
+            off += 16;
+        }
         // Blocks of eight keys, each read once and scored against every head while in L1.
         let mut i = 0;
         while i + 8 <= n {
             let rows = kp.add((keys.start + i) * d);
             // The block after next, asked for now: the hardware prefetcher alone left the first loads waiting.
             let ahead = rows.wrapping_add(16 * d);
+            // The same keys' value rows, for the weighted sum after the scores: both streams in flight at once.
+            let values = vp.add((keys.start + i) * d).wrapping_add(16 * d);
             let mut off = 0;
             while off < 8 * d {
                 _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(off).cast());
+                _mm_prefetch::<_MM_HINT_T1>(values.wrapping_add(off).cast());
                 off += 16;
             }
             for (h, m) in vmax.iter_mut().enumerate().take(heads) {
