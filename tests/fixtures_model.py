@@ -332,3 +332,61 @@ def assert_grammar_view_is_llguidances(tokenizer_path: Path, texts: Sequence[str
         assert ours.is_special_token(tid) == theirs.is_special_token(tid), tid
     for text in texts:
         assert ours.tokenize_str(text) == theirs.tokenize_str(text)
+
+
+_PAGES_PROBE = """
+import hashlib, json, sys
+import numpy as np
+import cheapest_core
+from cheapest.engine.onnx_engine import load_engine
+eng = load_engine(sys.argv[1], threads=2, huge_pages=sys.argv[2] == "1")
+run = eng._runner
+story = eng.tokenizer.encode("Once upon a time, in a small village by the sea, there lived a young girl who")
+logits = [np.asarray(run.prefill(0, story), dtype=np.float32)]
+logits += [np.asarray(run.decode([int(np.argmax(logits[-1]))])[0], dtype=np.float32) for _ in range(3)]
+token = int(np.argmax(logits[-1]))
+for _ in range(80):  # the head's exact pass rescores hundreds of rows a step: their pages must not come back twice
+    token = int(np.argmax(run.decode([token])[0]))
+fields, mapped, current = {}, 0, ""
+for line in open("/proc/self/smaps"):
+    head = line.split()
+    if head and "-" in head[0] and len(head) >= 5:
+        current = head[-1] if len(head) >= 6 else ""
+    elif head and head[0] == "Rss:" and current.endswith(".onnx_data"):
+        mapped += int(head[1])
+for line in open("/proc/self/smaps_rollup"):
+    name, _, value = line.partition(":")
+    if value.strip().endswith("kB"):
+        fields[name] = int(value.split()[0])
+print(json.dumps({"logits": hashlib.sha256(b"".join(x.tobytes() for x in logits)).hexdigest(),
+                  "active": cheapest_core.huge_page_weights(), "rss_kb": fields["Rss"],
+                  "anon_huge_kb": fields["AnonHugePages"], "mapped_kb": mapped}))
+"""
+
+
+def assert_huge_page_weights(model_dir: Path) -> None:
+    """A model served with its weights copied into huge pages (rust/ortops/pages.rs) against the mapped file, each
+    in a fresh process: the same logits bit for bit; the copy resident in huge pages and the file's pages dropped,
+    and resident memory after 84 steps within 16 MiB of the mapped run's."""
+    import json
+    import subprocess
+    import sys
+
+    def probe(huge: bool) -> dict[str, object]:
+        out = subprocess.run([sys.executable, "-c", _PAGES_PROBE, str(model_dir), "1" if huge else "0"],
+                             capture_output=True, text=True, timeout=300, check=True)
+        return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+
+    mapped, copied = probe(False), probe(True)
+    assert copied["logits"] == mapped["logits"]
+    assert mapped["active"] is False
+    weights_kb = (model_dir / "onnx" / "model_cpu.onnx_data").stat().st_size // 1024
+    assert int(mapped["mapped_kb"]) > weights_kb // 2, mapped  # read in place: the file's pages are resident
+    if not copied["active"]:
+        pytest.skip("this kernel gives no transparent huge pages (THP 'never'): weights stay mapped")
+    # (numpy puts arrays of 4 MiB or more, such as Gemma's logits, in huge pages too, in both runs)
+    assert int(copied["anon_huge_kb"]) - int(mapped["anon_huge_kb"]) > weights_kb // 2, (copied, mapped)
+    # The session's pages of them were dropped (what stays mapped: initializers ONNX Runtime's own nodes read, and
+    # the pages of rows read from sparse inputs, such as Gemma's low plane).
+    assert int(mapped["mapped_kb"]) - int(copied["mapped_kb"]) > weights_kb // 3, (copied, mapped)
+    assert int(copied["rss_kb"]) < int(mapped["rss_kb"]) + 16 * 1024, (copied, mapped)

@@ -183,6 +183,9 @@ trait Kernel: Sized {
     /// Outputs, all float; those from index `REQUIRED_OUTPUTS` on are optional.
     const OUTPUTS: usize = 1;
     const REQUIRED_OUTPUTS: usize = Self::OUTPUTS;
+    /// Constant inputs read a few rows at a time (embedding gathers, rescored rows), left where the session keeps
+    /// them: copied into huge pages (pages.rs) they would all be resident, mapped only the rows read are.
+    const SPARSE_INPUTS: &'static [usize] = &[];
 
     unsafe fn new(api: Api, info: *const OrtKernelInfo) -> Result<Self, OrtStatusPtr>;
     unsafe fn compute(&self, context: *mut OrtKernelContext) -> Result<(), OrtStatusPtr>;
@@ -280,7 +283,7 @@ unsafe extern "system" fn create<K: Kernel>(
     info: *const OrtKernelInfo,
     kernel: *mut *mut c_void,
 ) -> OrtStatusPtr {
-    match pages::collect(|| K::new(Api(&*api), info)) {
+    match pages::collect(K::SPARSE_INPUTS, || K::new(Api(&*api), info)) {
         (Ok(kernel_), pinned) => {
             *kernel = Box::into_raw(Box::new(Built { kernel: kernel_, _pinned: pinned })).cast();
             OrtStatusPtr(ptr::null_mut())
@@ -402,7 +405,7 @@ unsafe fn constant<T: Element>(api: Api, info: *const OrtKernelInfo, index: usiz
     // as the kernel being built (pages::collect in `create`).
     let src = core::slice::from_raw_parts(data.cast::<T>(), elements);
     let bytes = core::slice::from_raw_parts(data.cast::<u8>().cast_const(), core::mem::size_of_val(src));
-    Ok(Some(match pages::copy(bytes) {
+    Ok(Some(match pages::copy(bytes, index) {
         Some(copy) => core::slice::from_raw_parts(copy.cast::<T>(), elements),
         None => src,
     }))

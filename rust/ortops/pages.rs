@@ -17,7 +17,9 @@
 //! that weights of a few hundred KiB still share 2 MiB pages; only the pages written become resident. A kernel
 //! holds the chunks its copies live in (`collect` around its construction), and a chunk is unmapped when the
 //! last kernel holding it is destroyed. A second kernel reading the same initializer (a tied embedding and LM
-//! head) gets the first one's copy, after checking that the bytes are equal.
+//! head) gets the first one's copy, after checking that the bytes are equal. Inputs a kernel reads a few rows at
+//! a time (`Kernel::SPARSE_INPUTS`: an embedding's gathers, the rows an LM head rescores) are not copied: mapped,
+//! only the pages of rows read become resident (Gemma 3's low plane is 84 MB, of which a step reads ~64 rows).
 
 use std::cell::RefCell;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -90,25 +92,29 @@ static ARENA: Mutex<Arena> = Mutex::new(Arena { open: Weak::new(), used: 0, copi
 thread_local! {
     /// The chunks the kernel under construction on this thread copied into (`collect`).
     static HELD: RefCell<Option<Vec<Arc<Chunk>>>> = const { RefCell::new(None) };
+    /// Its inputs read a few rows at a time, which stay where they are.
+    static SPARSE: core::cell::Cell<&'static [usize]> = const { core::cell::Cell::new(&[]) };
 }
 
 /// Runs `build` (a kernel's construction) and returns its result with the chunks its copies live in, which the
-/// kernel must hold for as long as it uses them.
-pub(super) fn collect<R>(build: impl FnOnce() -> R) -> (R, Vec<Arc<Chunk>>) {
+/// kernel must hold for as long as it uses them. Inputs in `sparse` are never copied.
+pub(super) fn collect<R>(sparse: &'static [usize], build: impl FnOnce() -> R) -> (R, Vec<Arc<Chunk>>) {
     let outer = HELD.with(|h| h.borrow_mut().replace(Vec::new()));
+    let outer_sparse = SPARSE.replace(sparse);
     let result = build();
+    SPARSE.set(outer_sparse);
     let held = HELD.with(|h| std::mem::replace(&mut *h.borrow_mut(), outer)).unwrap_or_default();
     (result, held)
 }
 
-/// A copy of `src` in huge-page memory, valid while the kernel being built (`collect`) lives; None where copies
-/// are off, unavailable, outside `collect`, `src` is small, or the memory could not be mapped (the caller then
-/// reads `src` where it is).
+/// A copy of `src` (the kernel's input `index`) in huge-page memory, valid while the kernel being built (`collect`)
+/// lives; None where copies are off, unavailable, outside `collect`, the input is sparse, `src` is small, or the
+/// memory could not be mapped (the caller then reads `src` where it is).
 ///
 /// # Safety
 /// `src` is readable for its length, and nothing writes it during the call.
-pub(super) unsafe fn copy(src: &[u8]) -> Option<*const u8> {
-    if src.len() < MIN_BYTES || !active() || HELD.with(|h| h.borrow().is_none()) {
+pub(super) unsafe fn copy(src: &[u8], index: usize) -> Option<*const u8> {
+    if src.len() < MIN_BYTES || !active() || HELD.with(|h| h.borrow().is_none()) || SPARSE.get().contains(&index) {
         return None;
     }
     let mut arena = ARENA.lock().unwrap_or_else(|e| e.into_inner());
@@ -195,7 +201,7 @@ mod tests {
             return;
         }
         let (a, b) = (bytes(MIN_BYTES * 3 + 5, 1), bytes(MIN_BYTES, 2));
-        let ((pa, pb), held) = collect(|| unsafe { (copy(&a).unwrap(), copy(&b).unwrap()) });
+        let ((pa, pb), held) = collect(&[], || unsafe { (copy(&a, 1).unwrap(), copy(&b, 2).unwrap()) });
         assert_ne!(pa, a.as_ptr());
         unsafe {
             assert_eq!(core::slice::from_raw_parts(pa, a.len()), &a[..]);
@@ -205,11 +211,11 @@ mod tests {
         assert_eq!(pb as usize % ALIGN, 0);
         assert!(!held.is_empty());
         // The same source again, for another kernel: the same copy.
-        let (again, held2) = collect(|| unsafe { copy(&a).unwrap() });
+        let (again, held2) = collect(&[], || unsafe { copy(&a, 1).unwrap() });
         assert_eq!(again, pa);
         drop((held, held2));
         // Every holder gone: the chunk is unmapped and a copy of the same source is made afresh.
-        let (fresh, _held) = collect(|| unsafe { copy(&a).unwrap() });
+        let (fresh, _held) = collect(&[], || unsafe { copy(&a, 1).unwrap() });
         unsafe { assert_eq!(core::slice::from_raw_parts(fresh, a.len()), &a[..]) };
     }
 
@@ -219,9 +225,9 @@ mod tests {
             return;
         }
         let mut a = bytes(MIN_BYTES, 3);
-        let (first, held) = collect(|| unsafe { copy(&a).unwrap() });
+        let (first, held) = collect(&[], || unsafe { copy(&a, 1).unwrap() });
         a[100] ^= 0xff;
-        let (second, held2) = collect(|| unsafe { copy(&a).unwrap() });
+        let (second, held2) = collect(&[], || unsafe { copy(&a, 1).unwrap() });
         assert_ne!(first, second);
         unsafe { assert_eq!(core::slice::from_raw_parts(second, a.len()), &a[..]) };
         drop((held, held2));
@@ -230,9 +236,12 @@ mod tests {
     #[test]
     fn small_sources_and_calls_outside_a_kernel_are_left_alone() {
         let small = bytes(MIN_BYTES - 1, 4);
-        let (none, held) = collect(|| unsafe { copy(&small) });
+        let (none, held) = collect(&[], || unsafe { copy(&small, 1) });
         assert!(none.is_none() && held.is_empty());
         let big = bytes(MIN_BYTES, 5);
-        assert!(unsafe { copy(&big) }.is_none(), "outside collect nothing holds a copy");
+        assert!(unsafe { copy(&big, 1) }.is_none(), "outside collect nothing holds a copy");
+        let (sparse, held) = collect(&[2], || unsafe { (copy(&big, 2), copy(&big, 1).is_some() || !available()) });
+        assert!(sparse.0.is_none() && sparse.1, "a sparse input stays where it is; the others are copied");
+        drop(held);
     }
 }

@@ -94,6 +94,8 @@ struct Q8GatherGrouped {
 }
 
 impl Kernel for Q8GatherGrouped {
+    // No sparse inputs: its codes are the head's, which reads them whole every step, and the rows it rescores
+    // (hundreds a step, SmolLM2) soon touch every page; reading the head's huge-page copy keeps one copy resident.
     const NAME: &'static CStr = c"Q8GatherGrouped";
     const INPUTS: &'static [T] = &[INT64, UINT8, FLOAT];
     const REQUIRED_INPUTS: usize = 3;

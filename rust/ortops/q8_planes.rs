@@ -59,6 +59,8 @@ struct Q8HeadPlanes {
 }
 
 impl Kernel for Q8HeadPlanes {
+    /// The low plane: read only for the rows the exact pass recomputes (~64 a step).
+    const SPARSE_INPUTS: &'static [usize] = &[2];
     const NAME: &'static CStr = c"Q8HeadPlanes";
     const INPUTS: &'static [T] = &[FLOAT, UINT8, UINT8, ANY];
     const REQUIRED_INPUTS: usize = 4;
@@ -127,6 +129,7 @@ struct Q8GatherPlanes {
 }
 
 impl Kernel for Q8GatherPlanes {
+    const SPARSE_INPUTS: &'static [usize] = &[1, 2, 3];
     const NAME: &'static CStr = c"Q8GatherPlanes";
     const INPUTS: &'static [T] = &[INT64, UINT8, UINT8, ANY];
     const REQUIRED_INPUTS: usize = 4;

@@ -141,3 +141,12 @@ def test_fused_logits_match_the_fp32_graph(gemma3_dir: Path, graph: str) -> None
 def test_licence_ships_with_the_model(gemma3_dir: Path) -> None:
     assert "Gemma Terms of Use" in (gemma3_dir / "GEMMA_TERMS.html").read_text(errors="replace")
     assert "GEMMA_TERMS.html" in (gemma3_dir / "cheapest_manifest.json").read_text()
+
+
+def test_huge_page_weights_leave_the_sparse_planes_mapped(gemma3_dir: Path) -> None:
+    """Gemma's weights in huge pages (rust/ortops/pages.rs), except what is read a few rows at a time: the head's
+    low plane (rescored rows) and the embedding's gathers stay mapped, so resident memory after 84 steps is
+    the mapped run's (within 16 MiB) and the logits are the same bits."""
+    from fixtures_model import assert_huge_page_weights
+
+    assert_huge_page_weights(gemma3_dir)

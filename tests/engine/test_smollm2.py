@@ -88,53 +88,12 @@ def test_reference_graph_gives_the_same_answer(smollm2_dir: Path) -> None:
         asyncio.run(eng.close())
 
 
-_PAGES_PROBE = """
-import hashlib, json, sys
-import numpy as np
-import cheapest_core
-from cheapest.engine.onnx_engine import load_engine
-eng = load_engine(sys.argv[1], threads=2, huge_pages=sys.argv[2] == "1")
-run = eng._runner
-logits = [np.asarray(run.prefill(0, list(range(100, 140))), dtype=np.float32)]
-logits += [np.asarray(run.decode([int(np.argmax(logits[-1]))])[0], dtype=np.float32) for _ in range(3)]
-fields, mapped, current = {}, 0, ""
-for line in open("/proc/self/smaps"):
-    head = line.split()
-    if head and "-" in head[0] and len(head) >= 5:
-        current = head[-1] if len(head) >= 6 else ""
-    elif head and head[0] == "Rss:" and current.endswith(".onnx_data"):
-        mapped += int(head[1])
-for line in open("/proc/self/smaps_rollup"):
-    name, _, value = line.partition(":")
-    if value.strip().endswith("kB"):
-        fields[name] = int(value.split()[0])
-print(json.dumps({"logits": hashlib.sha256(b"".join(x.tobytes() for x in logits)).hexdigest(),
-                  "active": cheapest_core.huge_page_weights(), "rss_kb": fields["Rss"],
-                  "anon_huge_kb": fields["AnonHugePages"], "mapped_kb": mapped}))
-"""
-
 
 def test_huge_page_weights_give_the_same_logits_from_one_resident_copy(smollm2_dir: Path) -> None:
     """The core's operators copy their weights into transparent huge pages and drop the session's mapping of the
     model file (rust/ortops/pages.rs): the same logits bit for bit as reading the mapped file, and resident
-    memory still holds one copy of the weights (fresh processes, so each measures its own)."""
-    import json
-    import subprocess
-    import sys
+    memory still holds one copy of the weights after 84 steps (fresh processes, so each measures its own); the
+    tied head's rescored rows read its copy, not the file's pages again."""
+    from fixtures_model import assert_huge_page_weights
 
-    def probe(huge: bool) -> dict[str, object]:
-        out = subprocess.run([sys.executable, "-c", _PAGES_PROBE, str(smollm2_dir), "1" if huge else "0"],
-                             capture_output=True, text=True, timeout=300, check=True)
-        return dict(json.loads(out.stdout.strip().splitlines()[-1]))
-
-    mapped, copied = probe(False), probe(True)
-    assert copied["logits"] == mapped["logits"]
-    assert mapped["active"] is False and mapped["anon_huge_kb"] == 0
-    weights_kb = (smollm2_dir / "onnx" / "model_cpu.onnx_data").stat().st_size // 1024
-    assert int(mapped["mapped_kb"]) > weights_kb // 2, mapped  # read in place: the file's pages are resident
-    if not copied["active"]:
-        pytest.skip("this kernel gives no transparent huge pages (THP 'never'): weights stay mapped")
-    assert int(copied["anon_huge_kb"]) > weights_kb // 2, copied
-    # The session's pages of them were dropped (what stays mapped: initializers read by ONNX Runtime's own nodes).
-    assert int(copied["mapped_kb"]) < int(mapped["mapped_kb"]) // 5, (copied, mapped)
-    assert int(copied["rss_kb"]) < int(mapped["rss_kb"]) + 16 * 1024, (copied, mapped)
+    assert_huge_page_weights(smollm2_dir)
