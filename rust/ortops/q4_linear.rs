@@ -26,7 +26,6 @@ use crate::kernels::q4::{matmul_cols, silu_mul, Isa, Q4Format, Q4Weights, Scale}
 use crate::kernels::q4x::{self, Q4Grouped, Terms};
 
 pub(super) static OP: OrtCustomOp = op::<Q4Linear>();
-static TASKS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
 
 struct Q4Linear {
     api: Api,
@@ -114,7 +113,7 @@ impl Kernel for Q4Linear {
                 // ahead of its reads, so a range's first bytes wait (32-column tasks: ~18 GB/s on two threads, 128
                 // or more: 22-25 GB/s); four still let one core take three when the other is busy.
                 // SAFETY: column chunks are multiples of 16 (N is one too) and each task writes its own columns.
-                split_columns(api, context, (x.ptr(), m, n, y), if m >= 2 { *TASKS.get_or_init(|| std::env::var("Q4_TASKS").ok().and_then(|v| v.parse().ok()).unwrap_or(4)) } else { 4 }, move |_, y, cols| unsafe { q4x::matmul_cols(w, terms, y, cols, isa) })
+                split_columns(api, context, (x.ptr(), m, n, y), 4, move |_, y, cols| unsafe { q4x::matmul_cols(w, terms, y, cols, isa) })
             }),
         }
     }
