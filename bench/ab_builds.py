@@ -13,6 +13,13 @@ sessions take turns, `steps` greedy steps a round, and each round reports its 10
 must produce the same tokens (asserted), so a kernel change that alters results cannot pass as a speed-up.
 `--model-dir-b` gives B another conversion of the model (a graph pass against the graph without it; the same
 library twice then, e.g. `--lib-a python/cheapest_core/_cheapest_core.abi3.so --lib-b <a copy of it>`).
+`--huge-pages-a off` (or `-b`) reads that session's weights from the mapped model file instead of copies in
+transparent huge pages (rust/ortops/pages.rs); it switches the library the `cheapest_core` package imported, so
+give that one's path (both builds may be the same file: the setting is read as each session's kernels are made):
+
+    .venv/bin/python bench/ab_builds.py --model-dir .data/models/SmolLM2-135M-Instruct --rows 1 \
+        --lib-a python/cheapest_core/_cheapest_core.abi3.so --lib-b python/cheapest_core/_cheapest_core.abi3.so \
+        --huge-pages-a off
 """
 
 from __future__ import annotations
@@ -38,6 +45,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--huge-pages-a", choices=("on", "off"), default="on")
+    parser.add_argument("--huge-pages-b", choices=("on", "off"), default="on")
     args = parser.parse_args()
     sys.path.insert(0, str(REPO / "python"))
     from cheapest.engine.loader import load_tokenizer, read_model_dir
@@ -45,8 +54,16 @@ def main() -> None:
 
     tokenizer = load_tokenizer(args.model_dir)
     prompts = [tokenizer.encode(f"Tell me story number {i} about a lighthouse keeper.") for i in range(args.rows)]
+    import cheapest_core
+
+    imported = Path(cheapest_core._cheapest_core.__file__).resolve()
     runners: dict[str, SharedBufferKv] = {}
-    for tag, lib, model_dir in (("A", args.lib_a, args.model_dir), ("B", args.lib_b, args.model_dir_b or args.model_dir)):
+    builds = (("A", args.lib_a, args.model_dir, args.huge_pages_a), ("B", args.lib_b, args.model_dir_b or args.model_dir,
+                                                                       args.huge_pages_b))
+    for tag, lib, model_dir, huge in builds:
+        if huge == "off" and lib.resolve() != imported:
+            parser.error(f"--huge-pages-{tag.lower()} off switches only {imported}; give it as --lib-{tag.lower()}")
+        cheapest_core.set_huge_page_weights(huge == "on")
         spec = read_model_dir(model_dir, graph="model_cpu.onnx")
         opts = ort.SessionOptions()
         opts.intra_op_num_threads, opts.inter_op_num_threads = args.threads, 1
