@@ -102,15 +102,16 @@ def test_until_disconnected_returns_the_work_or_stops_it() -> None:
 
 
 def test_engine_backends_are_factories_named_by_the_settings(monkeypatch: pytest.MonkeyPatch) -> None:
-    """"onnx" loads the model directory with the configured threads and spin; "module:callable" is imported."""
+    """"onnx" loads the model directory with the configured threads, spin and huge-page weights; "module:callable"
+    is imported."""
     import cheapest.engine.onnx_engine as onnx  # loads ONNX Runtime: only here
 
     seen: list[tuple[object, ...]] = []
-    monkeypatch.setattr(onnx, "load_engine", lambda model_dir, threads, spin_us, chat_templates, shared_arena:
-                        seen.append((model_dir, threads, spin_us, chat_templates, shared_arena)))
+    monkeypatch.setattr(onnx, "load_engine", lambda model_dir, threads, spin_us, chat_templates, shared_arena,
+                        huge_pages: seen.append((model_dir, threads, spin_us, chat_templates, shared_arena, huge_pages)))
     settings = EngineSettings(model_dir="/m", model_threads=3, model_spin_us=0, chat_templates={"m": "{{ 1 }}"})
     assert engine_factory(settings) is load_onnx_engine
     load_onnx_engine(settings, lambda route: None)
-    load_onnx_engine(msgspec.structs.replace(settings, models=["/m", "/n"]), lambda route: None)
-    assert seen == [("/m", 3, 0, {"m": "{{ 1 }}"}, False), ("/m", 3, 0, {"m": "{{ 1 }}"}, True)]
+    load_onnx_engine(msgspec.structs.replace(settings, models=["/m", "/n"], model_huge_pages=False), lambda route: None)
+    assert seen == [("/m", 3, 0, {"m": "{{ 1 }}"}, False, True), ("/m", 3, 0, {"m": "{{ 1 }}"}, True, False)]
     assert engine_factory(EngineSettings(model_backend="fixed_engine:load")) is fixed_engine.load

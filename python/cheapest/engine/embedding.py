@@ -88,7 +88,7 @@ class EmbeddingEngine:
     provider: str
 
     def __init__(self, model_dir: str | os.PathLike[str], *, threads: int | None = None, spin_us: int = SPIN_US,
-                 shared_arena: bool = False, providers: Sequence[str] | None = None) -> None:
+                 shared_arena: bool = False, providers: Sequence[str] | None = None, huge_pages: bool = True) -> None:
         model_dir = Path(model_dir)
         try:
             config = msgspec.json.decode((model_dir / CONFIG).read_bytes(), type=_EncoderConfig)
@@ -109,7 +109,8 @@ class EmbeddingEngine:
         try:
             self._session = ort.InferenceSession(
                 str(graph), providers=chosen,
-                sess_options=session_options(threads, spin_us=spin_us, shared_arena=shared_arena and chosen == [CPU]))
+                sess_options=session_options(threads, spin_us=spin_us, shared_arena=shared_arena and chosen == [CPU],
+                                             huge_pages=huge_pages))
         except Exception as e:  # ORT's own exception types
             raise EngineError("the embedding graph could not be loaded") from e
         self.provider = self._session.get_providers()[0]

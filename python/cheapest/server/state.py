@@ -48,7 +48,8 @@ def load_onnx_engine(settings: EngineSettings, add_route: AddRoute) -> Engine | 
 
     if is_embedding_model(settings.model_dir):
         return EmbeddingEngine(settings.model_dir, threads=settings.model_threads or None,
-                               spin_us=settings.model_spin_us, shared_arena=len(settings.models) > 1)
+                               spin_us=settings.model_spin_us, shared_arena=len(settings.models) > 1,
+                               huge_pages=settings.model_huge_pages)
     return load_engine(settings.model_dir, threads=settings.model_threads or None, spin_us=settings.model_spin_us,
                        chat_templates=settings.chat_templates, shared_arena=len(settings.models) > 1,
                        huge_pages=settings.model_huge_pages)
