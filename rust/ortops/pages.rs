@@ -4,8 +4,8 @@
 //!
 //! Why. A decode step streams every weight once: SmolLM2-135M's ~100 MB is ~24,000 pages of 4 KiB, each a TLB
 //! miss and, under a hypervisor, a two-level page walk; in 2 MiB pages it is ~50. Measured on this project's
-//! 2-core KVM box (bench/bench_inference.py has the whole-model figures): a SmolLM2 batch-1 step 7.1 -> 6.1 ms,
-//! Gemma 3 270M's 9.6 -> 8.7 ms, SmolLM2 at batch 8 13.4 -> 12.8 ms.
+//! 2-core KVM box (`bench/ab_builds.py --huge-pages-a off`, the two sessions alternating in one process): a
+//! SmolLM2 batch-1 step 6.95 -> 5.90 ms, at batch 8 16.37 -> 15.06 ms, Gemma 3 270M's batch 1 9.75 -> 8.87 ms.
 //!
 //! What it costs. Resident memory stays one copy (the session's pages go back to the page cache, which is not
 //! resident memory, and from there to whoever needs it); worker processes no longer share one physical copy of
