@@ -1,9 +1,8 @@
 """cheapest_core: the per-request hot work of cheapest, in Rust.
 
 API keys, token counting, rate limiting, SSE framing, stop strings and sampling (and the switch for
-the model operators' huge-page weights). Every name is
-re-exported from the compiled extension ``cheapest_core._cheapest_core``; ``_cheapest_core.pyi``
-documents them.
+the model operators' huge-page weights). Every name is re-exported from the compiled extension
+``cheapest_core._cheapest_core``; ``_cheapest_core.pyi`` documents them.
 """
 
 from cheapest_core import _cheapest_core

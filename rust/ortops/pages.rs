@@ -32,7 +32,7 @@ const CHUNK: usize = 64 << 20;
 /// A transparent huge page (x86-64, aarch64 with 4 KiB base pages).
 const HUGE: usize = 2 << 20;
 /// Initializers smaller than this stay where the session keeps them (norm weights and the like).
-pub(super) const MIN_BYTES: usize = 64 << 10;
+const MIN_BYTES: usize = 64 << 10;
 /// Alignment of each copy within its chunk (a cache line).
 const ALIGN: usize = 64;
 
@@ -53,7 +53,8 @@ fn available() -> bool {
     static MODE: OnceLock<bool> = OnceLock::new();
     *MODE.get_or_init(|| {
         cfg!(target_os = "linux")
-            && std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled").is_ok_and(|mode| !mode.contains("[never]"))
+            && std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
+                .is_ok_and(|mode| !mode.contains("[never]"))
     })
 }
 
@@ -119,13 +120,13 @@ pub(super) unsafe fn copy(src: &[u8], index: usize) -> Option<*const u8> {
     }
     let mut arena = ARENA.lock().unwrap_or_else(|e| e.into_inner());
     let key = (src.as_ptr() as usize, src.len());
-    if let Some((chunk, offset)) = arena.copies.iter().find(|(k, _, _)| *k == key).and_then(|(_, c, o)| Some((c.upgrade()?, *o))) {
+    let made = arena.copies.iter().find(|(k, _, _)| *k == key).and_then(|(_, c, o)| Some((c.upgrade()?, *o)));
+    if let Some((chunk, offset)) = made {
         let at = chunk.base().add(offset);
         if core::slice::from_raw_parts(at, src.len()) == src {
             drop(arena);
             release(src); // the comparison read the session's pages back in
-            HELD.with(|h| h.borrow_mut().as_mut().map(|v| v.push(chunk)));
-            return Some(at.cast_const());
+            return Some(hold(chunk, at));
         }
     }
     let size = src.len().next_multiple_of(ALIGN);
@@ -146,8 +147,13 @@ pub(super) unsafe fn copy(src: &[u8], index: usize) -> Option<*const u8> {
     arena.copies.push((key, Arc::downgrade(&chunk), offset));
     drop(arena);
     release(src);
+    Some(hold(chunk, at))
+}
+
+/// `at`, in `chunk`, for the kernel under construction, which now holds the chunk.
+fn hold(chunk: Arc<Chunk>, at: *mut u8) -> *const u8 {
     HELD.with(|h| h.borrow_mut().as_mut().map(|v| v.push(chunk)));
-    Some(at.cast_const())
+    at.cast_const()
 }
 
 /// Drops this process's mapping of the whole pages inside `src` (`MADV_DONTNEED`) where every one of them is a
@@ -161,7 +167,8 @@ fn release(src: &[u8]) {
     #[cfg(target_os = "linux")]
     {
         const PAGE: usize = 4096;
-        let (start, end) = ((src.as_ptr() as usize).next_multiple_of(PAGE), (src.as_ptr() as usize + src.len()) / PAGE * PAGE);
+        let (first, past) = (src.as_ptr() as usize, src.as_ptr() as usize + src.len());
+        let (start, end) = (first.next_multiple_of(PAGE), past / PAGE * PAGE);
         if end > start && file_pages(start / PAGE, end / PAGE) {
             // SAFETY: whole pages that are all the file's own (checked above): dropped, they read back the same.
             unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED) };

@@ -70,23 +70,17 @@ pub(super) struct AddedToken {
     pub(super) special: bool,
 }
 
+/// (A missing optional field reads as None: serde's own rule for `Option`.)
 #[derive(Deserialize)]
 pub(super) struct Model<'a> {
     #[serde(rename = "type", default)]
     pub(super) kind: Option<Cow<'a, str>>,
-    #[serde(default)]
     pub(super) dropout: Option<f64>,
-    #[serde(default)]
     pub(super) unk_token: Option<String>,
-    #[serde(default)]
     pub(super) continuing_subword_prefix: Option<String>,
-    #[serde(default)]
     pub(super) end_of_word_suffix: Option<String>,
-    #[serde(default)]
     pub(super) fuse_unk: Option<bool>,
-    #[serde(default)]
     pub(super) byte_fallback: Option<bool>,
-    #[serde(default)]
     pub(super) ignore_merges: Option<bool>,
     #[serde(borrow)]
     pub(super) vocab: Entries<'a>,

@@ -374,8 +374,8 @@ def _register_core_ops(opts: ort.SessionOptions, huge_pages: bool) -> None:
     `huge_pages` (process-wide, for the operators the next session creates): each copies its weights out of the
     session's mapping of the model file into transparent huge pages (rust/ortops/pages.rs). A decode step reads
     every weight once, and in 4 KiB pages that is one TLB miss per page: SmolLM2's batch-1 step took 6.95 ms
-    mapped and 5.90 ms copied, Gemma 3's 9.75 and 8.87 ms (2-core KVM box, bench/ab_builds.py). Resident memory stays one copy; only
-    workers on one host no longer share the file's pages, each holds its own."""
+    mapped and 5.90 ms copied, Gemma 3's 9.75 and 8.87 ms (2-core KVM box, bench/ab_builds.py). Resident memory
+    stays one copy; only workers on one host no longer share the file's pages, each holds its own."""
     try:
         from cheapest_core import _cheapest_core
     except ImportError:
